@@ -1,0 +1,38 @@
+"""netmend: repair a trained PyTorch classifier from a set of its failures.
+
+1. :func:`identify` scores every training example for how much it caused the failures
+   (positive = harmful) and selects the causes;
+2. :func:`treat` makes a repaired copy that forgets them;
+3. :func:`evaluate` measures the repair on failures it never saw.
+
+:func:`repair` runs 1 and 2 in one call. The input model is never modified.
+"""
+
+from .api import (
+    DEFAULT_IDENTIFY,
+    DEFAULT_TREAT,
+    Culprits,
+    Identification,
+    RepairResult,
+    evaluate,
+    identify,
+    repair,
+    treat,
+)
+from .training import TrainConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_IDENTIFY",
+    "DEFAULT_TREAT",
+    "Culprits",
+    "Identification",
+    "RepairResult",
+    "TrainConfig",
+    "__version__",
+    "evaluate",
+    "identify",
+    "repair",
+    "treat",
+]

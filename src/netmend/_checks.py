@@ -1,0 +1,180 @@
+"""Input conversion and validation shared by every stage.
+
+Every user-facing entry point funnels its inputs through :func:`as_tensors` and
+:func:`check_model`, so a malformed input fails once, early, with a message that
+says what to do. Validation raises :class:`ValueError` / :class:`TypeError`, never
+``assert`` (which vanishes under ``python -O``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+
+DataLike = Union[Dataset, DataLoader, Sequence[Any]]
+"""A ``Dataset`` yielding ``(x, y)``, a non-shuffled ``DataLoader``, or a pair ``(X, y)``."""
+
+
+def _to_tensor(a: Any, name: str) -> torch.Tensor:
+    if isinstance(a, torch.Tensor):
+        return a.detach()
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(a))
+    try:
+        return torch.as_tensor(np.asarray(a))
+    except Exception as exc:  # pragma: no cover - message path
+        raise TypeError(f"{name}: cannot convert {type(a).__name__} to a tensor") from exc
+
+
+def as_tensors(
+    data: DataLike, name: str = "data", allow_empty: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Materialise ``data`` as a pair of tensors ``(X, y)``.
+
+    Args:
+        data: a ``Dataset`` yielding ``(x, y)``; a ``DataLoader`` over one (it must not
+            shuffle: scores are returned in dataset order); or a pair ``(X, y)`` of tensors
+            or numpy arrays with ``X`` of shape ``[N, ...]`` and ``y`` of shape ``[N]``.
+        name: how the data is named in error messages ("train", "failures", ...).
+        allow_empty: accept ``N == 0``.
+
+    Returns:
+        ``X`` with shape ``[N, ...]`` (floating point) and ``y`` with shape ``[N]`` (int64).
+
+    Raises:
+        ValueError: mismatched lengths, NaN/inf inputs, non-integer labels, empty data.
+        TypeError: an unsupported container.
+    """
+    if isinstance(data, DataLoader):
+        if not isinstance(data.sampler, SequentialSampler):
+            raise ValueError(
+                f"{name}: the DataLoader shuffles or samples ({type(data.sampler).__name__}); "
+                "netmend returns one score per example in dataset order, so pass the Dataset "
+                "itself or a DataLoader built with shuffle=False."
+            )
+        xs, ys = [], []
+        for batch in data:
+            if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+                raise TypeError(f"{name}: each batch must be (x, y); got {type(batch).__name__}")
+            xs.append(_to_tensor(batch[0], name))
+            ys.append(_to_tensor(batch[1], name))
+        X = torch.cat(xs) if xs else torch.empty(0)
+        y = torch.cat(ys) if ys else torch.empty(0, dtype=torch.long)
+    elif isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, Dataset):
+        X, y = _to_tensor(data[0], name), _to_tensor(data[1], name)
+    elif isinstance(data, Dataset):
+        n = len(data)  # type: ignore[arg-type]
+        if n == 0:
+            X, y = torch.empty(0), torch.empty(0, dtype=torch.long)
+        else:
+            loader = DataLoader(data, batch_size=1024, shuffle=False)
+            return as_tensors(loader, name=name, allow_empty=allow_empty)
+    else:
+        raise TypeError(
+            f"{name}: expected a torch Dataset yielding (x, y), a DataLoader, or a pair (X, y) "
+            f"of tensors/arrays; got {type(data).__name__}"
+        )
+    if y.ndim != 1:
+        raise ValueError(f"{name}: labels must have shape [N]; got shape {tuple(y.shape)}")
+    if X.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"{name}: inputs and labels have different lengths ({X.shape[0]} vs {y.shape[0]}); "
+            "pass one label per input"
+        )
+    if X.shape[0] == 0 and not allow_empty:
+        raise ValueError(f"{name} is empty: pass at least one example")
+    if y.is_floating_point():
+        if not torch.all(y == torch.round(y)):
+            raise ValueError(f"{name}: labels must be integer class indices, not probabilities")
+        y = y.long()
+    y = y.long()
+    if not X.is_floating_point():
+        X = X.float()
+    if not torch.isfinite(X).all():
+        bad = int((~torch.isfinite(X)).reshape(X.shape[0], -1).any(1).sum())
+        raise ValueError(
+            f"{name}: {bad} input(s) contain NaN or inf; clean or drop them before calling netmend"
+        )
+    return X, y
+
+
+def check_labels(y: torch.Tensor, num_classes: int, name: str) -> None:
+    """Raise if any label lies outside ``[0, num_classes)``."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(
+            f"{name}: labels must lie in [0, {num_classes}) for a model with {num_classes} "
+            f"outputs; found labels in [{int(y.min())}, {int(y.max())}]"
+        )
+
+
+_STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.AlphaDropout)
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise if ``model`` would give different outputs on two passes over the same data.
+
+    A model in train mode with dropout or BatchNorm changes its outputs (and, for BatchNorm,
+    its running statistics) at every call, which makes scores meaningless.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("model has no trainable parameters (requires_grad=True): nothing to score")
+    stochastic = [
+        n for n, m in model.named_modules() if isinstance(m, _STOCHASTIC) and m.training
+    ]
+    if stochastic:
+        raise ValueError(
+            f"model is in train mode with dropout/BatchNorm layers ({', '.join(stochastic[:3])}); "
+            "their outputs change between passes. Call model.eval() before netmend."
+        )
+
+
+def num_classes_of(model: nn.Module, X: torch.Tensor, device: torch.device) -> int:
+    """Number of outputs of ``model`` (its logits' last dimension) on one input."""
+    with torch.no_grad():
+        out = model(X[:1].to(device))
+    if out.ndim != 2:
+        raise ValueError(
+            f"model output must be logits of shape [batch, classes]; got shape {tuple(out.shape)}"
+        )
+    return int(out.shape[1])
+
+
+def check_failures(
+    model: nn.Module, Xf: torch.Tensor, yf: torch.Tensor, device: torch.device, batch_size: int
+) -> torch.Tensor:
+    """Check that the failures are failures; return a boolean mask of the ones the model gets wrong.
+
+    Raises:
+        ValueError: the model already classifies every "failure" correctly.
+    """
+    from .training import predict  # local: training imports this module
+
+    pred = predict(model, Xf, device=device, batch_size=batch_size)
+    wrong = pred != yf
+    if not bool(wrong.any()):
+        raise ValueError(
+            "the model already classifies every example of the failure set correctly: there is "
+            "nothing to repair. Pass inputs the model gets wrong, with their correct labels."
+        )
+    if not bool(wrong.all()):
+        warnings.warn(
+            f"{int((~wrong).sum())} of {len(yf)} failure examples are already classified "
+            "correctly; they are kept (they still say what the model should do).",
+            stacklevel=3,
+        )
+    return wrong
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None``/"auto" picks CUDA when available, otherwise CPU."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)

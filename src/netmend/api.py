@@ -1,0 +1,348 @@
+"""The public entry points: ``identify``, ``treat``, ``evaluate`` and the one-call ``repair``.
+
+Sign convention: every score is the cause score ``r(z)`` of Tanno et al. (2022),
+**positive = harmful** (fitting the failures lowers the likelihood of ``z``).
+The user's model is never modified: all work happens on copies or functionally.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import identification, treatment
+from ._checks import (
+    DataLike,
+    as_tensors,
+    check_failures,
+    check_labels,
+    check_model,
+    num_classes_of,
+    resolve_device,
+)
+from .evaluation import FailureSplit, accuracies
+from .functional import FunctionalModel
+from .identification.base import Context
+from .training import TrainConfig
+
+DEFAULT_IDENTIFY = "ewc"
+DEFAULT_TREAT = "finetune"
+DEFAULT_L2 = 1e-3
+
+
+class Culprits(NamedTuple):
+    """The training examples most to blame for one failure, most harmful first.
+
+    Attributes:
+        indices: training indices ``[n]``.
+        scores: their per-failure cause scores ``[n]`` (positive = harmful to that failure).
+    """
+
+    indices: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass
+class Identification:
+    """Result of :func:`identify`.
+
+    Attributes:
+        method: the identification method's name.
+        scores: ``[N]`` float64 cause scores, positive = harmful.
+        causes: selected training indices, int64, most harmful first.
+        seconds: wall time of scoring.
+        info: method diagnostics (e.g. the EWC fit record).
+        fisher: summed diagonal empirical Fisher over the training set ``[P]``, if computed
+            (pass it to :func:`treat` to avoid recomputing it).
+    """
+
+    method: str
+    scores: np.ndarray
+    causes: np.ndarray
+    seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
+    fisher: torch.Tensor | None = None
+    _per_failure: np.ndarray | Callable[[], np.ndarray] | None = field(default=None, repr=False)
+
+    @property
+    def per_failure(self) -> np.ndarray:
+        """``[N, M]`` per-failure cause scores (positive = harmful to failure ``i``).
+
+        Computed on first access (one more pass over the training set) and kept.
+        """
+        if self._per_failure is None:
+            raise ValueError(f"method {self.method!r} gives no per-failure scores")
+        if callable(self._per_failure):
+            self._per_failure = self._per_failure()
+        return self._per_failure
+
+    def culprits(self, i: int, n: int = 5) -> Culprits:
+        """The ``n`` training examples most to blame for failure ``i`` (index into the failures).
+
+        Summed scores can hide what holds failure by failure (an example may harm one failure
+        and help another); this is the per-failure view.
+        """
+        pf = self.per_failure
+        if not -pf.shape[1] <= i < pf.shape[1]:
+            raise IndexError(f"failure index {i} out of range for {pf.shape[1]} failures")
+        col = pf[:, i]
+        n = min(n, col.shape[0])
+        top = np.argpartition(-col, n - 1)[:n] if n < col.shape[0] else np.arange(col.shape[0])
+        top = top[np.argsort(-col[top], kind="stable")]
+        return Culprits(top.astype(np.int64), col[top].astype(np.float64))
+
+
+@dataclass
+class RepairResult:
+    """Result of :func:`repair`.
+
+    Attributes:
+        model: the repaired copy (the input model is untouched).
+        identification: the full identification result.
+        treatment: the treatment's name.
+        seconds: wall time per stage (``identify``, ``treat``).
+    """
+
+    model: nn.Module
+    identification: Identification
+    treatment: str
+    seconds: dict[str, float]
+
+    @property
+    def scores(self) -> np.ndarray:
+        """``[N]`` cause scores, positive = harmful."""
+        return self.identification.scores
+
+    @property
+    def causes(self) -> np.ndarray:
+        """Training indices of the causes, most harmful first."""
+        return self.identification.causes
+
+    def culprits(self, i: int, n: int = 5) -> Culprits:
+        """The ``n`` training examples most to blame for failure ``i``, with their scores."""
+        return self.identification.culprits(i, n)
+
+
+def _prepare(
+    model: nn.Module, train: DataLike, device: torch.device
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
+    check_model(model)
+    X, y = as_tensors(train, "train")
+    work = _private_copy(model, device)
+    classes = num_classes_of(work, X, device)
+    check_labels(y, classes, "train")
+    return work, X, y, classes
+
+
+def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(device).eval()
+
+
+def identify(
+    model: nn.Module,
+    train: DataLike,
+    failures: DataLike,
+    method: str = DEFAULT_IDENTIFY,
+    k: int | float | str | None = None,
+    *,
+    l2: float = DEFAULT_L2,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    chunk_size: int = 256,
+    progress: bool = True,
+    fisher: torch.Tensor | None = None,
+    **options: Any,
+) -> Identification:
+    """Score every training example for how much it caused the failures.
+
+    Args:
+        model: a classifier ``nn.Module`` returning logits ``[B, C]`` (not modified).
+        train: the training set (``Dataset`` of ``(x, y)``, unshuffled ``DataLoader``, or
+            ``(X, y)``), ``N`` examples.
+        failures: inputs the model gets wrong, with their **correct** labels, ``M`` examples.
+        method: a registered method: "ewc" (EWC-influence, default), "linear", "loss",
+            "random" (see ``netmend.identification.available()``).
+        k: how to select causes: an int (top-k), a fraction of ``N``, "positive" (``r > 0``)
+            or ``None``/"auto" (default: mirrored-FDR threshold at 10%, see
+            :func:`netmend.identification.auto_threshold`).
+        l2: ``lambda`` of the penalty ``(lambda/2)||theta - theta_hat||^2`` (also the damping
+            of the Fisher); must be > 0.
+        seed: seeds anything random.
+        device: "cpu", "cuda", or "auto" (CUDA when available).
+        chunk_size: examples per batched pass (does not change the scores).
+        progress: show progress bars.
+        fisher: a precomputed summed diagonal Fisher ``[P]`` (from an earlier result).
+        **options: method options (e.g. ``steps`` for "ewc", ``curvature`` for "linear").
+
+    Returns:
+        An :class:`Identification`; ``scores`` are ``[N]``, positive = harmful.
+
+    Raises:
+        ValueError: malformed inputs (NaN, mismatched shapes, labels out of range, empty
+            failures, failures the model already gets right, a stochastic model in train mode).
+    """
+    if not l2 > 0:
+        raise ValueError(f"l2 must be > 0 (it damps a near-singular Fisher); got {l2}")
+    fn = identification.get(method)
+    dev = resolve_device(device)
+    work, X, y, classes = _prepare(model, train, dev)
+    Xf, yf = as_tensors(failures, "failures")
+    if Xf.shape[1:] != X.shape[1:]:
+        raise ValueError(
+            f"failures have input shape {tuple(Xf.shape[1:])} but train has {tuple(X.shape[1:])}"
+        )
+    check_labels(yf, classes, "failures")
+    X, Xf = X.to(work_dtype(work)), Xf.to(work_dtype(work))
+    check_failures(work, Xf, yf, dev, 1024)
+    torch.manual_seed(seed)
+    ctx = Context(
+        FunctionalModel.of(work), X, y, Xf, yf, dev, chunk_size, progress, seed, l2, options,
+        fisher,
+    )
+    t0 = time.perf_counter()
+    out = fn(ctx)
+    seconds = time.perf_counter() - t0
+    scores = np.asarray(out.scores, dtype=np.float64)
+    if scores.shape != (X.shape[0],):
+        raise RuntimeError(f"method {method!r} returned scores of shape {scores.shape}")
+    if not np.isfinite(scores).all():
+        raise RuntimeError(
+            f"method {method!r} produced non-finite scores; increase l2 (now {l2}) or check the "
+            "model's outputs for overflow"
+        )
+    return Identification(
+        method, scores, identification.select(scores, k), seconds, out.info,
+        ctx.fisher.cpu() if ctx.fisher is not None else None, out.per_failure,
+    )
+
+
+def work_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of the model's parameters (inputs are cast to it)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def treat(
+    model: nn.Module,
+    train: DataLike,
+    causes: np.ndarray | torch.Tensor | list[int],
+    method: str = DEFAULT_TREAT,
+    *,
+    l2: float = DEFAULT_L2,
+    train_config: TrainConfig | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = "auto",
+    chunk_size: int = 256,
+    progress: bool = True,
+    fisher: torch.Tensor | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Make a repaired copy of ``model`` that forgets (or is retrained without) ``causes``.
+
+    Args:
+        model: the classifier to repair (not modified).
+        train: the training set it was trained on, ``N`` examples.
+        causes: training indices to forget.
+        method: "finetune" (default), "newton", "ewc" or "retrain".
+        l2: ``lambda`` (penalty towards ``theta_hat`` and Fisher damping), > 0.
+        train_config: the recipe the model was trained with (used by "retrain"; "finetune"
+            uses a shortened copy). Default: :class:`TrainConfig()`.
+        seed, device, chunk_size, progress, fisher: as in :func:`identify`.
+        **options: treatment options (e.g. ``epochs`` for "finetune", ``step_size`` for "newton").
+
+    Returns:
+        A new ``nn.Module`` in eval mode.
+    """
+    if not l2 > 0:
+        raise ValueError(f"l2 must be > 0; got {l2}")
+    fn = treatment.get(method)
+    dev = resolve_device(device)
+    work, X, y, _ = _prepare(model, train, dev)
+    X = X.to(work_dtype(work))
+    idx = torch.as_tensor(np.asarray(causes, dtype=np.int64).reshape(-1))
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= X.shape[0]):
+        raise ValueError(f"causes must be training indices in [0, {X.shape[0]})")
+    if idx.numel() == 0:
+        raise ValueError("no causes to treat: the identification selected none (try a larger k)")
+    torch.manual_seed(seed)
+    ctx = treatment.TreatContext(
+        work, FunctionalModel.of(work), X, y, torch.unique(idx), dev, chunk_size, progress, seed,
+        l2, train_config or TrainConfig(), fisher, options,
+    )
+    return fn(ctx)
+
+
+def evaluate(
+    model: nn.Module,
+    test: DataLike,
+    split: FailureSplit | None = None,
+    device: str | torch.device | None = "auto",
+) -> dict[str, float]:
+    """Accuracies of ``model`` on the test set and, given a :class:`FailureSplit`, on the
+    query failures, held-out failures and examples the original model got right."""
+    X, y = as_tensors(test, "test")
+    dev = resolve_device(device)
+    return accuracies(_private_copy(model, dev), X.to(work_dtype(model)), y, split, dev)
+
+
+_identify, _treat = identify, treat  # repair()'s arguments shadow these names
+
+
+def repair(
+    model: nn.Module,
+    train: DataLike,
+    failures: DataLike,
+    identify: str = DEFAULT_IDENTIFY,
+    treat: str = DEFAULT_TREAT,
+    k: int | float | str | None = None,
+    seed: int = 0,
+    *,
+    l2: float = DEFAULT_L2,
+    train_config: TrainConfig | None = None,
+    device: str | torch.device | None = "auto",
+    chunk_size: int = 256,
+    progress: bool = True,
+    identify_options: dict[str, Any] | None = None,
+    treat_options: dict[str, Any] | None = None,
+) -> RepairResult:
+    """Find the training examples behind ``failures`` and return a repaired copy of ``model``.
+
+    The default pipeline is EWC-influence identification with the automatic cause threshold,
+    then fine-tuning on the training set without the causes.
+
+    Args:
+        model: classifier returning logits (not modified).
+        train: training set, ``N`` examples.
+        failures: inputs the model gets wrong, with their correct labels.
+        identify: identification method name. treat: treatment name.
+        k: cause selection (see :func:`identify`).
+        seed: seeds everything random (same seed, same result).
+        l2, train_config, device, chunk_size, progress: see :func:`identify` / :func:`treat`.
+        identify_options, treat_options: method-specific options.
+
+    Returns:
+        A :class:`RepairResult` with ``scores`` (``[N]``, positive = harmful), ``causes``,
+        ``model`` (the repaired copy) and ``culprits(i, n)``.
+    """
+    common = dict(l2=l2, seed=seed, device=device, chunk_size=chunk_size, progress=progress)
+    ident = _identify(
+        model, train, failures, identify, k, **common, **(identify_options or {})
+    )
+    t0 = time.perf_counter()
+    repaired = _treat(
+        model, train, ident.causes, treat, train_config=train_config, fisher=ident.fisher,
+        **common, **(treat_options or {}),
+    )
+    return RepairResult(
+        repaired, ident, treat, {"identify": ident.seconds, "treat": time.perf_counter() - t0}
+    )

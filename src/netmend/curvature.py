@@ -1,0 +1,328 @@
+"""Curvature: the diagonal empirical Fisher, Fisher- and GGN-vector products, and damped solves.
+
+Scaling convention (the trap of mean- vs sum-reduced losses): every curvature here is the
+**sum** over a set of examples, matching summed log-likelihoods. The paper's penalty
+``(N/2) (theta - theta_hat)^T F_mean (theta - theta_hat)`` is therefore
+``1/2 (theta - theta_hat)^T F_sum (theta - theta_hat)`` with ``F_sum = N * F_mean``.
+
+A :class:`Curvature` is the damped operator ``A = C_sum + damping * I`` with
+``C_sum`` one of
+
+* ``"diag"``: the diagonal of the empirical Fisher, ``sum_n g_n * g_n``;
+* ``"fisher"``: the full empirical Fisher ``sum_n g_n g_n^T`` (products by forward + reverse
+  mode, solves by conjugate gradients);
+* ``"ggn"``: the generalised Gauss-Newton ``sum_n J_n^T H_n J_n`` (the true Fisher of the
+  model's predictive distribution; equal to the Hessian for a linear softmax model).
+
+``g_n = grad log p(y_n|x_n, theta)``, ``J_n`` the Jacobian of the logits, ``H_n`` the
+Hessian of the cross-entropy in the logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.func import jvp, vjp
+from tqdm.auto import tqdm
+
+from .functional import FunctionalModel, chunks
+
+CurvatureKind = Literal["diag", "fisher", "ggn"]
+CURVATURE_KINDS: tuple[str, ...] = ("diag", "fisher", "ggn")
+
+
+def _layer_slices(fm: FunctionalModel) -> dict[str, dict[str, slice]] | None:
+    """For each Linear/Conv2d module, where its weight and bias sit in the flat vector.
+
+    Returns ``None`` when some trainable parameter belongs to another kind of layer (or a
+    Conv2d with groups/non-zero padding mode), in which case the generic vmap path is used.
+    """
+    modules = dict(fm.module.named_modules())
+    out: dict[str, dict[str, slice]] = {}
+    i = 0
+    for name, shape in zip(fm.names, fm.shapes):
+        k = shape.numel()
+        mod_name, _, leaf = name.rpartition(".")
+        m = modules.get(mod_name)
+        ok = isinstance(m, nn.Linear) or (
+            isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+            and not isinstance(m.padding, str)
+        )
+        if not ok or leaf not in ("weight", "bias"):
+            return None
+        out.setdefault(mod_name, {})[leaf] = slice(i, i + k)
+        i += k
+    return out
+
+
+def _hook_pass(
+    fm: FunctionalModel,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layers: dict[str, dict[str, slice]],
+) -> list[tuple[nn.Module, dict[str, slice], torch.Tensor, torch.Tensor]]:
+    """One forward/backward over a chunk; per layer its input ``a`` and output gradient ``d``.
+
+    Convolution inputs are returned unfolded (``a`` ``[B, in*k*k, L]``, ``d`` ``[B, out, L]``)
+    and linear layers on extra positions flattened to ``[B, S, in]``/``[B, S, out]``, so that
+    the per-example weight gradient of ``log p(y_n|x_n)`` is ``d_n a_n^T`` in every case.
+    """
+    modules = dict(fm.module.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in layers:
+
+        def hook(mod: nn.Module, inp: tuple, out: torch.Tensor, name: str = name) -> None:
+            inputs[name] = inp[0].detach()
+            outputs[name] = out
+
+        handles.append(modules[name].register_forward_hook(hook))
+    try:
+        ll = fm.ll(theta.detach().requires_grad_(True), x, y)
+    finally:
+        for h in handles:
+            h.remove()
+    names = list(layers)
+    deltas = torch.autograd.grad(ll.sum(), [outputs[n] for n in names], allow_unused=True)
+    out = []
+    for name, d in zip(names, deltas):
+        m, a = modules[name], inputs[name]
+        if d is None:
+            d = torch.zeros_like(outputs[name])
+        if isinstance(m, nn.Conv2d):
+            a = torch.nn.functional.unfold(
+                a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+            )
+            d = d.reshape(d.shape[0], d.shape[1], -1)
+        elif a.ndim > 2:
+            a = a.reshape(a.shape[0], -1, a.shape[-1])
+            d = d.reshape(d.shape[0], -1, d.shape[-1])
+        out.append((m, layers[name], a, d.detach()))
+    return out
+
+
+def _sq_grads_by_hooks(
+    fm: FunctionalModel,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layers: dict[str, dict[str, slice]],
+) -> torch.Tensor:
+    """``sum_n g_n**2`` over one chunk, from layer inputs and output gradients.
+
+    For a linear layer the per-example weight gradient is ``d_n a_n^T``, so the sum of its
+    squares is ``(d**2)^T (a**2)``: one matmul, no per-example gradient is formed.
+    """
+    total = torch.zeros_like(theta)
+    for m, sl, a, d in _hook_pass(fm, theta, x, y, layers):
+        if isinstance(m, nn.Linear) and a.ndim == 2:
+            total[sl["weight"]] = ((d * d).T @ (a * a)).reshape(-1)
+            if "bias" in sl:
+                total[sl["bias"]] = (d * d).sum(0)
+            continue
+        gw, gb = _layer_grads(m, a, d)
+        total[sl["weight"]] = (gw * gw).sum(0).reshape(-1)
+        if "bias" in sl:
+            total[sl["bias"]] = (gb * gb).sum(0)
+    return total.detach()
+
+
+def _layer_grads(m: nn.Module, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example weight ``[B, out, in']`` and bias ``[B, out]`` gradients of one layer."""
+    if a.ndim == 2:
+        return torch.einsum("bo,bi->boi", d, a), d
+    if isinstance(m, nn.Conv2d):  # a [B, in*k*k, L], d [B, out, L]
+        return torch.bmm(d, a.transpose(1, 2)), d.sum(2)
+    return torch.einsum("bso,bsi->boi", d, a), d.sum(1)  # Linear on [B, S, *]
+
+
+def per_example_grads(
+    fm: FunctionalModel, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """Per-example gradients of ``log p(y_n|x_n, theta)`` for one chunk, ``[B, P]``.
+
+    Uses layer hooks (one batched backward plus a per-layer product) when every trainable
+    parameter sits in a Linear/Conv2d layer, and ``torch.func.vmap`` otherwise.
+    """
+    layers = _layer_slices(fm)
+    if layers is None:
+        return fm.per_example_grads(theta, x, y).detach()
+    G = torch.zeros(x.shape[0], theta.numel(), dtype=theta.dtype, device=theta.device)
+    for m, sl, a, d in _hook_pass(fm, theta, x, y, layers):
+        gw, gb = _layer_grads(m, a, d)
+        G[:, sl["weight"]] = gw.reshape(x.shape[0], -1)
+        if "bias" in sl:
+            G[:, sl["bias"]] = gb
+    return G
+
+
+def fisher_diag_sum(
+    fm: FunctionalModel,
+    theta: torch.Tensor,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    chunk_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    method: Literal["auto", "hooks", "vmap"] = "auto",
+) -> torch.Tensor:
+    """Diagonal of the empirical Fisher summed over the set: ``sum_n g_n**2``, shape ``[P]``.
+
+    ``g_n = grad log p(y_n|x_n, theta)``. Two exact implementations:
+
+    * ``"hooks"`` (used by ``"auto"`` when every trainable parameter is in an ``nn.Linear``
+      or ``nn.Conv2d``): one ordinary forward/backward per chunk plus a matmul per layer, so
+      it costs about one training epoch;
+    * ``"vmap"``: per-example gradients with ``torch.func.vmap``, any architecture.
+
+    Neither holds ``[N, P]`` in memory, and the result does not depend on ``chunk_size``
+    (per-example squares, not squared batch means).
+    """
+    device = torch.device(device)
+    theta = theta.to(device)
+    layers = _layer_slices(fm) if method in ("auto", "hooks") else None
+    if method == "hooks" and layers is None:
+        raise ValueError("method='hooks' needs every trainable parameter in a Linear/Conv2d layer")
+    if layers is None:
+        chunk_size = min(chunk_size, 32)  # vmap is fastest on small chunks (cache-bound)
+    total = torch.zeros_like(theta)
+    for s in tqdm(
+        list(chunks(X.shape[0], chunk_size)), desc="fisher", disable=not progress, leave=False
+    ):
+        x, t = X[s].to(device), y[s].to(device)
+        if layers is not None:
+            total += _sq_grads_by_hooks(fm, theta, x, t, layers)
+        else:
+            g = fm.per_example_grads(theta, x, t)
+            total += (g * g).sum(0)
+    return total.detach()
+
+
+def cg(
+    matvec: Callable[[torch.Tensor], torch.Tensor],
+    b: torch.Tensor,
+    tol: float = 1e-6,
+    maxiter: int = 100,
+    x0: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Conjugate gradients for ``A x = b`` with symmetric positive definite ``A``.
+
+    Args:
+        matvec: ``v -> A v``.
+        b: right-hand side ``[P]``.
+        tol: stop when ``||r|| <= tol * ||b||``.
+        maxiter: most iterations.
+        x0: starting point (zeros by default).
+
+    Returns:
+        The solution ``[P]`` and the number of iterations used.
+    """
+    x = torch.zeros_like(b) if x0 is None else x0.clone()
+    r = b - matvec(x) if x0 is not None else b.clone()
+    p = r.clone()
+    rs = torch.dot(r, r)
+    bnorm = torch.linalg.vector_norm(b)
+    if float(bnorm) == 0.0:
+        return x, 0
+    for it in range(1, maxiter + 1):
+        Ap = matvec(p)
+        pAp = torch.dot(p, Ap)
+        if float(pAp) <= 0:
+            raise ValueError(
+                "conjugate gradients met a direction of non-positive curvature; increase damping"
+            )
+        alpha = rs / pAp
+        x = x + alpha * p
+        r = r - alpha * Ap
+        rs_new = torch.dot(r, r)
+        if float(torch.sqrt(rs_new)) <= tol * float(bnorm):
+            return x, it
+        p = r + (rs_new / rs) * p
+        rs = rs_new
+    return x, maxiter
+
+
+@dataclass
+class Curvature:
+    """The damped curvature ``A = C_sum + damping * I`` at ``theta`` over the set ``(X, y)``.
+
+    Attributes:
+        kind: "diag", "fisher" or "ggn" (see the module docstring).
+        fm: the functional model; theta: where the curvature is taken ``[P]``.
+        X, y: the examples the curvature sums over.
+        damping: added to the diagonal; must be > 0 (the empirical Fisher of a network is
+            near-singular, and an undamped solve would blow up along its null space).
+        diag: for kind "diag", the summed diagonal ``[P]`` (computed when not given).
+        chunk_size, device: streaming settings.
+        cg_tol, cg_maxiter: conjugate-gradient settings for "fisher" and "ggn".
+    """
+
+    kind: str
+    fm: FunctionalModel
+    theta: torch.Tensor
+    X: torch.Tensor
+    y: torch.Tensor
+    damping: float
+    diag: torch.Tensor | None = None
+    chunk_size: int = 256
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    cg_tol: float = 1e-6
+    cg_maxiter: int = 100
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in CURVATURE_KINDS:
+            raise ValueError(f"unknown curvature {self.kind!r}; choose one of {CURVATURE_KINDS}")
+        if not self.damping > 0:
+            raise ValueError(
+                f"damping must be > 0 (got {self.damping}); the Fisher is near-singular"
+            )
+        self.theta = self.theta.to(self.device)
+        if self.kind == "diag" and self.diag is None:
+            self.diag = fisher_diag_sum(
+                self.fm, self.theta, self.X, self.y, self.chunk_size, self.device, self.progress
+            )
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """``A v`` for ``v`` of shape ``[P]``."""
+        v = v.to(self.device)
+        if self.kind == "diag":
+            assert self.diag is not None  # set in __post_init__ (internal invariant)
+            return (self.diag.to(self.device) + self.damping) * v
+        out = self.damping * v
+        for s in chunks(self.X.shape[0], self.chunk_size):
+            x, t = self.X[s].to(self.device), self.y[s].to(self.device)
+            if self.kind == "fisher":
+                _, gv = self.fm.ll_jvp(self.theta, v, x, t)  # [b] = g_n . v
+                out = out + self.fm.ll_vjp(self.theta, gv, x, t)  # sum_n g_n (g_n . v)
+            else:
+                out = out + self._ggn_chunk(v, x)
+        return out
+
+    def _ggn_chunk(self, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        def f(t: torch.Tensor) -> torch.Tensor:
+            return self.fm.logits(t, x)
+
+        z, jv = jvp(f, (self.theta,), (v,))
+        p = torch.softmax(z.detach(), dim=1)
+        hjv = p * jv - p * (p * jv).sum(1, keepdim=True)  # (diag(p) - p p^T) J v
+        _, pull = vjp(f, self.theta)
+        return pull(hjv.detach())[0].detach()
+
+    def solve(self, b: torch.Tensor) -> torch.Tensor:
+        """``A^{-1} b`` for ``b`` of shape ``[P]`` (``[P, m]`` allowed for "diag")."""
+        b = b.to(self.device)
+        if self.kind == "diag":
+            assert self.diag is not None
+            d = self.diag.to(self.device) + self.damping
+            return b / (d if b.ndim == 1 else d[:, None])
+        if b.ndim != 1:
+            return torch.stack([self.solve(b[:, j]) for j in range(b.shape[1])], 1)
+        x, _ = cg(self.matvec, b, tol=self.cg_tol, maxiter=self.cg_maxiter)
+        return x

@@ -1,0 +1,20 @@
+"""Cause identification: one score per training example, positive = harmful.
+
+Methods are registered by name (``netmend.identify.available()``); a new method is one file
+with a function decorated by :func:`register`.
+"""
+
+from __future__ import annotations
+
+from . import baselines, ewc, linear  # noqa: F401  (registers the methods)
+from .base import Context, MethodOutput, auto_threshold, available, get, register, select
+
+__all__ = [
+    "Context",
+    "MethodOutput",
+    "auto_threshold",
+    "available",
+    "get",
+    "register",
+    "select",
+]

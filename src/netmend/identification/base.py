@@ -1,0 +1,193 @@
+"""Shared machinery of cause identification: the context, the registry, the result, selection.
+
+Sign convention, everywhere: a score is the cause score ``r(z)`` of Tanno et al. (2022),
+**positive = harmful**: ``r(z) > 0`` means that making the model fit the failures lowers the
+likelihood of training example ``z``, i.e. ``z`` conflicts with the failures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..curvature import Curvature, fisher_diag_sum, per_example_grads
+from ..functional import FunctionalModel, chunks, summed_grad
+
+
+@dataclass
+class Context:
+    """Everything an identification method may use, with shared work computed once.
+
+    Attributes:
+        fm: the model, functionally (the user's model is never modified).
+        X, y: the training set ``[N, ...]``, ``[N]``.
+        Xq, yq: the query failures ``[M, ...]``, ``[M]`` (the only failures a method may see).
+        device, chunk_size, progress, seed: run settings.
+        l2: the ``lambda`` of the paper's penalty ``(lambda/2)||theta - theta_hat||^2``; it also
+            damps the diagonal Fisher.
+        options: method-specific keyword options.
+    """
+
+    fm: FunctionalModel
+    X: torch.Tensor
+    y: torch.Tensor
+    Xq: torch.Tensor
+    yq: torch.Tensor
+    device: torch.device
+    chunk_size: int = 256
+    progress: bool = True
+    seed: int = 0
+    l2: float = 1e-3
+    options: dict[str, Any] = field(default_factory=dict)
+    fisher: torch.Tensor | None = None  # summed diagonal empirical Fisher [P], lazily computed
+
+    @property
+    def N(self) -> int:
+        return int(self.X.shape[0])
+
+    @property
+    def theta(self) -> torch.Tensor:
+        return self.fm.theta.to(self.device)
+
+    def fisher_diag(self) -> torch.Tensor:
+        """The summed diagonal empirical Fisher over the training set at ``theta_hat`` ``[P]``."""
+        if self.fisher is None:
+            self.fisher = fisher_diag_sum(
+                self.fm, self.theta, self.X, self.y, self.chunk_size, self.device, self.progress
+            )
+        return self.fisher.to(self.device)
+
+    def diag_curvature(self) -> Curvature:
+        """``F_sum + l2 * I`` (diagonal), the EWC penalty's curvature."""
+        return Curvature(
+            "diag", self.fm, self.theta, self.X, self.y, self.l2, diag=self.fisher_diag(),
+            device=self.device,
+        )
+
+    def failure_grad(self, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """``grad log p(F_q | theta)``, summed over the query failures, ``[P]``."""
+        t = self.theta if theta is None else theta
+        return summed_grad(self.fm, t, self.Xq, self.yq, self.chunk_size, self.device)
+
+    def per_failure_scores(self, precond: Curvature) -> np.ndarray:
+        """Linearised per-failure cause scores, ``[N, M]`` float32, positive = harmful.
+
+        ``S[n, i] = -g_n^T A^{-1} g_{f_i}``: the first-order drop in ``log p(z_n)`` when the
+        parameters take one preconditioned step (``A``) towards fitting failure ``i`` alone.
+        Streams per-example gradients of the training set in chunks (``[chunk, P]`` at most).
+        """
+        theta = self.theta
+        Gq = per_example_grads(self.fm, theta, self.Xq.to(self.device), self.yq.to(self.device))
+        V = precond.solve(Gq.T.contiguous())  # [P, M]
+        out = np.empty((self.N, Gq.shape[0]), dtype=np.float32)
+        from tqdm.auto import tqdm
+
+        for s in tqdm(
+            list(chunks(self.N, self.chunk_size)), desc="culprits", disable=not self.progress,
+            leave=False,
+        ):
+            G = per_example_grads(self.fm, theta, self.X[s].to(self.device), self.y[s].to(self.device))
+            out[s] = (-(G @ V)).cpu().numpy()
+        return out
+
+
+@dataclass
+class MethodOutput:
+    """What a registered method returns: the scores ``[N]`` and, optionally, per-failure scores.
+
+    ``per_failure`` is ``[N, M]`` (positive = harmful to failure ``i``) or a zero-argument
+    callable computing it lazily (it costs one more pass over the training set).
+    """
+
+    scores: np.ndarray
+    per_failure: np.ndarray | Callable[[], np.ndarray] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+Method = Callable[[Context], MethodOutput]
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(name: str) -> Callable[[Method], Method]:
+    """Register an identification method under ``name`` (a decorator).
+
+    A method is a function ``(Context) -> MethodOutput`` whose scores are positive = harmful.
+    """
+
+    def deco(fn: Method) -> Method:
+        if name in _REGISTRY:
+            raise ValueError(f"an identification method named {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Method:
+    """The registered method ``name``; raises with the list of known names otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown identification method {name!r}; choose one of {available()}")
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    """Names of the registered identification methods."""
+    return sorted(_REGISTRY)
+
+
+def select(scores: np.ndarray, k: int | float | str | None) -> np.ndarray:
+    """Choose the causes from cause scores (positive = harmful), most harmful first.
+
+    Args:
+        scores: ``[N]`` cause scores.
+        k: an int: the top ``k``; a float in (0, 1): that fraction of the training set;
+            ``"positive"``: every example with ``r > 0``; ``None`` or ``"auto"``: the
+            automatic rule of :func:`auto_threshold`.
+
+    Returns:
+        Training indices, int64, sorted by decreasing score.
+    """
+    order = np.argsort(-scores, kind="stable")
+    if k is None or k == "auto":
+        t = auto_threshold(scores)
+        return order[scores[order] > t]
+    if k == "positive":
+        return order[scores[order] > 0]
+    if isinstance(k, float) and not isinstance(k, bool):
+        if not 0 < k < 1:
+            raise ValueError(f"a fractional k must lie in (0, 1); got {k}")
+        k = int(round(k * len(scores)))
+    if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
+        if k < 0:
+            raise ValueError(f"k must be >= 0; got {k}")
+        return order[: int(k)]
+    raise ValueError(f"k must be an int, a fraction, 'positive', 'auto' or None; got {k!r}")
+
+
+def auto_threshold(scores: np.ndarray, fdr: float = 0.1) -> float:
+    """The automatic cause threshold: the smallest ``t > 0`` whose mirrored FDR is <= ``fdr``.
+
+    Scores of examples unrelated to the failures scatter symmetrically around zero (they are
+    differences of two nearby log-likelihoods), so the count below ``-t`` estimates how many
+    examples above ``+t`` are there by chance (the target-decoy estimate). Harmful examples
+    are the excess on the positive side. Examples that the failures *support* also score
+    negative, which only makes the estimate conservative. Chosen from the scores, which depend
+    on the query failures only.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.sort(s[s > 0])
+    if pos.size == 0:
+        return float("inf")
+    neg = np.sort(-s[s < 0])  # magnitudes of negative scores, ascending
+    # For each candidate t = pos[j]: #pos >= t is pos.size - j, #neg >= t by binary search.
+    n_above = pos.size - np.arange(pos.size)
+    n_mirror = neg.size - np.searchsorted(neg, pos, side="left")
+    ok = n_mirror / n_above <= fdr
+    if not ok.any():
+        return float("inf")
+    j = int(np.argmax(ok))
+    return float(np.nextafter(pos[j], -np.inf))

@@ -1,0 +1,50 @@
+"""Linear influence: one Fisher-preconditioned natural-gradient step towards the failures.
+
+``theta_+F ~= theta_hat + gamma * A^{-1} g_F`` with ``g_F = grad log p(F_q|theta_hat)``
+(summed) and ``A = F_sum + lambda I`` the damped curvature, so to first order
+
+    r(z) = log p(z|theta_hat) - log p(z|theta_+F) = -gamma * g_z^T A^{-1} g_F,
+
+positive = harmful. ``A`` is the diagonal empirical Fisher (``curvature="diag"``, default),
+or the full empirical Fisher / GGN solved by conjugate gradients (``"fisher"``, ``"ggn"``).
+``g_z^T v`` for every training example comes from one forward-mode (jvp) pass.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..curvature import Curvature
+from ..functional import stream
+from .base import Context, MethodOutput, register
+
+
+def curvature_for(ctx: Context, kind: str) -> Curvature:
+    """The damped curvature ``A`` of kind "diag", "fisher" or "ggn" over the training set."""
+    if kind == "diag":
+        return ctx.diag_curvature()
+    return Curvature(
+        kind, ctx.fm, ctx.theta, ctx.X, ctx.y, ctx.l2, chunk_size=ctx.chunk_size,
+        device=ctx.device, cg_tol=float(ctx.options.get("cg_tol", 1e-6)),
+        cg_maxiter=int(ctx.options.get("cg_maxiter", 100)),
+    )
+
+
+@register("linear")
+def linear_influence(ctx: Context) -> MethodOutput:
+    """Cause scores ``r(z) = -gamma g_z^T A^{-1} g_F``, ``[N]``, positive = harmful.
+
+    Options: ``curvature`` ("diag"), ``gamma`` (1.0), ``cg_tol``, ``cg_maxiter``.
+    """
+    gamma = float(ctx.options.get("gamma", 1.0))
+    A = curvature_for(ctx, str(ctx.options.get("curvature", "diag")))
+    v = A.solve(ctx.failure_grad())  # [P]
+    theta = ctx.theta
+
+    def directional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ctx.fm.ll_jvp(theta, v, x, t)[1]
+
+    gv = stream(ctx.X, ctx.y, directional, max(ctx.chunk_size, 512), ctx.device, ctx.progress, "linear")
+    scores = (-gamma * gv).double().numpy()
+    return MethodOutput(scores=np.asarray(scores), per_failure=lambda: ctx.per_failure_scores(A))

@@ -1,0 +1,129 @@
+"""A small, seeded trainer and batched prediction helpers.
+
+The trainer is what the demo, the ``finetune``/``retrain`` treatments and the tests use.
+It is deterministic given ``seed`` (the shuffling uses its own generator).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train (or fine-tune) a classifier.
+
+    Attributes:
+        epochs: passes over the training data.
+        batch_size: examples per optimiser step.
+        lr: Adam learning rate.
+        weight_decay: L2 coefficient added to the mean loss (``weight_decay/2 * ||theta||^2``).
+    """
+
+    epochs: float = 3.0
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"invalid TrainConfig {self}: epochs, batch_size, lr must be > 0")
+
+
+def fit(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    config: TrainConfig = TrainConfig(),
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    desc: str = "train",
+) -> nn.Module:
+    """Train ``model`` in place with Adam on mean cross-entropy and return it.
+
+    Args:
+        model: classifier returning logits ``[B, C]``.
+        X: inputs ``[N, ...]``; y: labels ``[N]``.
+        config: epochs (fractions allowed), batch size, learning rate, weight decay.
+        seed: seeds the shuffling order.
+        device: where to train.
+        progress: show a tqdm bar.
+        desc: the bar's label.
+    """
+    device = torch.device(device)
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n = X.shape[0]
+    steps = max(1, int(round(config.epochs * n / config.batch_size)))
+    order = torch.empty(0, dtype=torch.long)
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    pos = 0
+    for _ in bar:
+        if pos + config.batch_size > order.numel():
+            order = torch.cat([order[pos:], torch.randperm(n, generator=gen)])
+            pos = 0
+        idx = order[pos : pos + config.batch_size]
+        pos += config.batch_size
+        xb, yb = X[idx].to(device), y[idx].to(device)
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def logits(
+    model: nn.Module, X: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 1024
+) -> torch.Tensor:
+    """Logits ``[N, C]`` of ``model`` on ``X`` (on CPU), computed in batches without gradients."""
+    device = torch.device(device)
+    out = [model(X[i : i + batch_size].to(device)).cpu() for i in range(0, X.shape[0], batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def predict(
+    model: nn.Module, X: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 1024
+) -> torch.Tensor:
+    """Predicted classes ``[N]`` (int64, CPU)."""
+    return logits(model, X, device, batch_size).argmax(1)
+
+
+def accuracy(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, device: torch.device | str = "cpu"
+) -> float:
+    """Share of ``X`` that ``model`` classifies as ``y`` (nan for an empty set)."""
+    if y.numel() == 0:
+        return float("nan")
+    return float((predict(model, X, device) == y).float().mean())
+
+
+def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
+    """A deep copy of ``model`` with every parameter re-initialised (for retraining).
+
+    Every submodule that owns parameters must define ``reset_parameters()`` (all torch
+    layers do); otherwise retraining from scratch is not defined and this raises.
+    """
+    clone = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    for name, m in clone.named_modules():
+        own = list(m.parameters(recurse=False))
+        if not own:
+            continue
+        reset = getattr(m, "reset_parameters", None)
+        if reset is None:
+            raise ValueError(
+                f"cannot re-initialise submodule {name!r} ({type(m).__name__}): it has no "
+                "reset_parameters(); pass model_factory= to build a fresh model for retraining"
+            )
+        reset()
+    return clone

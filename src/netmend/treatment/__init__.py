@@ -1,0 +1,12 @@
+"""Treatments: each returns a new, repaired model (the input model is never modified).
+
+Registered by name (``netmend.treat.available()``); a new treatment is one function
+decorated by :func:`register`.
+"""
+
+from __future__ import annotations
+
+from . import methods  # noqa: F401  (registers the treatments)
+from .base import TreatContext, available, get, register
+
+__all__ = ["TreatContext", "available", "get", "register"]

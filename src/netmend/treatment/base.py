@@ -1,0 +1,105 @@
+"""Shared machinery of treatments: the context and the registry.
+
+A treatment takes the original model and the identified causes ``C`` (training indices) and
+returns a **new** model; the user's model is never modified.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..curvature import fisher_diag_sum
+from ..functional import FunctionalModel
+from ..training import TrainConfig
+
+
+@dataclass
+class TreatContext:
+    """Everything a treatment may use.
+
+    Attributes:
+        model: the original model (read-only: copy it before changing anything).
+        fm: the same model, functionally; ``fm.theta`` is ``theta_hat``.
+        X, y: the training set ``[N, ...]``, ``[N]``.
+        causes: indices of the causes ``C`` (int64, ``[K]``).
+        device, chunk_size, progress, seed: run settings.
+        l2: ``lambda``, the L2 penalty towards ``theta_hat`` (also the damping).
+        train_config: the recipe used to (re)train the model; fine-tuning scales it down.
+        fisher: the summed diagonal empirical Fisher over the whole training set, if known.
+        options: method-specific keyword options.
+    """
+
+    model: nn.Module
+    fm: FunctionalModel
+    X: torch.Tensor
+    y: torch.Tensor
+    causes: torch.Tensor
+    device: torch.device
+    chunk_size: int = 256
+    progress: bool = True
+    seed: int = 0
+    l2: float = 1e-3
+    train_config: TrainConfig = field(default_factory=TrainConfig)
+    fisher: torch.Tensor | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def keep(self) -> torch.Tensor:
+        """Boolean mask ``[N]`` of the retained examples ``D \\ C``."""
+        mask = torch.ones(self.X.shape[0], dtype=torch.bool)
+        mask[self.causes] = False
+        return mask
+
+    def retained_fisher(self) -> torch.Tensor:
+        """Summed diagonal empirical Fisher over ``D \\ C`` ``[P]`` (the full one minus ``C``'s)."""
+        theta = self.fm.theta.to(self.device)
+        kw = dict(chunk_size=self.chunk_size, device=self.device)
+        if self.fisher is None:
+            keep = self.keep
+            return fisher_diag_sum(self.fm, theta, self.X[keep], self.y[keep], **kw)
+        removed = fisher_diag_sum(self.fm, theta, self.X[self.causes], self.y[self.causes], **kw)
+        return (self.fisher.to(self.device) - removed).clamp_min(0)
+
+    def model_at(self, theta: torch.Tensor) -> nn.Module:
+        """A deep copy of the model with its trainable parameters set to ``theta`` ``[P]``."""
+        new = copy.deepcopy(self.model)
+        params = self.fm.unflatten(theta.detach().to(self.fm.theta.device))
+        with torch.no_grad():
+            for name, p in new.named_parameters():
+                if name in params:
+                    p.copy_(params[name])
+        return new.eval()
+
+
+Treatment = Callable[[TreatContext], nn.Module]
+_REGISTRY: dict[str, Treatment] = {}
+
+
+def register(name: str) -> Callable[[Treatment], Treatment]:
+    """Register a treatment ``(TreatContext) -> new nn.Module`` under ``name``."""
+
+    def deco(fn: Treatment) -> Treatment:
+        if name in _REGISTRY:
+            raise ValueError(f"a treatment named {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return deco
+
+
+def get(name: str) -> Treatment:
+    """The registered treatment ``name``; raises with the list of known names otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown treatment {name!r}; choose one of {available()}")
+    return _REGISTRY[name]
+
+
+def available() -> list[str]:
+    """Names of the registered treatments."""
+    return sorted(_REGISTRY)

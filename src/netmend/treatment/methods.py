@@ -1,0 +1,116 @@
+"""The paper's treatments: fine-tune without C, Newton removal, EWC deletion, retrain."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..curvature import Curvature
+from ..functional import summed_grad
+from ..optim import preconditioned_ascent
+from ..training import fit, fresh_copy
+from .base import TreatContext, register
+
+
+@register("finetune")
+def finetune(ctx: TreatContext) -> nn.Module:
+    """Fine-tune a copy of the model, from ``theta_hat``, on ``D \\ C``.
+
+    Options: ``epochs`` (1.0), ``lr`` (half the training rate), ``batch_size``.
+    """
+    cfg = dataclasses.replace(
+        ctx.train_config,
+        epochs=float(ctx.options.get("epochs", 1.0)),
+        lr=float(ctx.options.get("lr", ctx.train_config.lr / 2)),
+        batch_size=int(ctx.options.get("batch_size", ctx.train_config.batch_size)),
+    )
+    keep = ctx.keep
+    model = copy.deepcopy(ctx.model)
+    return fit(model, ctx.X[keep], ctx.y[keep], cfg, ctx.seed, ctx.device, ctx.progress, "finetune")
+
+
+@register("retrain")
+def retrain(ctx: TreatContext) -> nn.Module:
+    """Retrain from a fresh initialisation on ``D \\ C`` with the training recipe (the reference).
+
+    Options: ``model_factory`` (a zero-argument callable returning a new, untrained model;
+    by default every layer of a copy is re-initialised with ``reset_parameters()``).
+    """
+    factory = ctx.options.get("model_factory")
+    model = factory() if factory is not None else fresh_copy(ctx.model, ctx.seed)
+    keep = ctx.keep
+    return fit(
+        model, ctx.X[keep], ctx.y[keep], ctx.train_config, ctx.seed, ctx.device, ctx.progress,
+        "retrain",
+    )
+
+
+@register("newton")
+def newton(ctx: TreatContext) -> nn.Module:
+    """One damped, Fisher-preconditioned Newton removal step.
+
+    The summed objective ``L(theta) = sum_{n in D} loss_n + (lambda/2)||theta||^2`` is at its
+    optimum at ``theta_hat``; removing ``C`` and taking one Newton step on what remains gives
+
+        theta_new = theta_hat + eta * A^{-1} sum_{c in C} grad loss_c(theta_hat),
+
+    with ``A = curvature of D \\ C + lambda I``. The step moves **up** the loss of ``C``
+    (to first order the loss of ``C`` grows by ``eta * g_C^T A^{-1} g_C >= 0``).
+
+    Options: ``step_size`` eta (1.0), ``curvature`` ("diag", "fisher" or "ggn"),
+    ``damping`` (extra diagonal damping on top of lambda, 0), ``cg_maxiter`` (100).
+    """
+    eta = float(ctx.options.get("step_size", 1.0))
+    kind = str(ctx.options.get("curvature", "diag"))
+    damping = ctx.l2 + float(ctx.options.get("damping", 0.0))
+    theta = ctx.fm.theta.to(ctx.device)
+    keep = ctx.keep
+    diag = ctx.retained_fisher() if kind == "diag" else None
+    A = Curvature(
+        kind, ctx.fm, theta, ctx.X[keep], ctx.y[keep], damping, diag=diag,
+        chunk_size=ctx.chunk_size, device=ctx.device,
+        cg_maxiter=int(ctx.options.get("cg_maxiter", 100)),
+    )
+    # grad of the summed *loss* of C is minus the gradient of its log-likelihood
+    g_loss = -summed_grad(ctx.fm, theta, ctx.X[ctx.causes], ctx.y[ctx.causes], ctx.chunk_size, ctx.device)
+    return ctx.model_at(theta + eta * A.solve(g_loss))
+
+
+@register("ewc")
+def ewc_deletion(ctx: TreatContext) -> nn.Module:
+    """EWC deletion: maximise the loss of ``C`` under the EWC penalty of what is retained.
+
+        J(theta) = sum_{c in C} min(loss_c(theta), cap)
+                   - 1/2 (theta - theta_hat)^T F_sum(D \\ C) (theta - theta_hat)
+                   - (lambda/2) ||theta - theta_hat||^2
+
+    Left alone, ``-log p(C|theta)`` is unbounded above; three things bound it: the cap on each
+    example's loss (default ``2 log(classes)``: forget a label, do not learn its opposite),
+    ``lambda > 0``, and monotone backtracked steps (see :mod:`netmend.optim`).
+
+    Options: ``steps`` (10), ``step_size`` (1.0), ``cap``.
+    """
+    theta0 = ctx.fm.theta.to(ctx.device)
+    Xc, yc = ctx.X[ctx.causes].to(ctx.device), ctx.y[ctx.causes].to(ctx.device)
+    with torch.no_grad():
+        classes = ctx.fm.logits(theta0, Xc[:1]).shape[1]
+    cap = float(ctx.options.get("cap", 2 * math.log(classes)))
+    chunk = max(ctx.chunk_size, 1024)
+
+    def gain(theta: torch.Tensor) -> torch.Tensor:
+        total = theta.new_zeros(())
+        for i in range(0, Xc.shape[0], chunk):
+            z = ctx.fm.logits(theta, Xc[i : i + chunk])
+            total = total + F.cross_entropy(z, yc[i : i + chunk], reduction="none").clamp(max=cap).sum()
+        return total
+
+    theta, _ = preconditioned_ascent(
+        gain, theta0, ctx.retained_fisher() + ctx.l2,
+        steps=int(ctx.options.get("steps", 10)), step_size=float(ctx.options.get("step_size", 1.0)),
+    )
+    return ctx.model_at(theta)
