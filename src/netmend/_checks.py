@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
-DataLike = Union[Dataset, DataLoader, Sequence[Any]]
+DataLike = Union[Dataset, DataLoader, Sequence[Any]]  # noqa: UP007 (a runtime alias)
 """A ``Dataset`` yielding ``(x, y)``, a non-shuffled ``DataLoader``, or a pair ``(X, y)``."""
 
 
@@ -57,6 +57,11 @@ def as_tensors(
                 f"{name}: the DataLoader shuffles or samples ({type(data.sampler).__name__}); "
                 "netmend returns one score per example in dataset order, so pass the Dataset "
                 "itself or a DataLoader built with shuffle=False."
+            )
+        if data.drop_last:
+            raise ValueError(
+                f"{name}: the DataLoader drops its last batch (drop_last=True), so some examples "
+                "would get no score; build it with drop_last=False or pass the Dataset"
             )
         xs, ys = [], []
         for batch in data:
@@ -126,9 +131,7 @@ def check_model(model: nn.Module) -> None:
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameters (requires_grad=True): nothing to score")
-    stochastic = [
-        n for n, m in model.named_modules() if isinstance(m, _STOCHASTIC) and m.training
-    ]
+    stochastic = [n for n, m in model.named_modules() if isinstance(m, _STOCHASTIC) and m.training]
     if stochastic:
         raise ValueError(
             f"model is in train mode with dropout/BatchNorm layers ({', '.join(stochastic[:3])}); "
@@ -177,4 +180,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"auto" picks CUDA when available, otherwise CPU."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r} was asked for but CUDA is not available here; use device='cpu' "
+            "or 'auto'"
+        )
+    return dev

@@ -7,7 +7,9 @@ The user's model is never modified: all work happens on copies or functionally.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -33,7 +35,7 @@ from .training import TrainConfig
 
 DEFAULT_IDENTIFY = "ewc"
 DEFAULT_TREAT = "finetune"
-DEFAULT_L2 = 1e-3
+DEFAULT_L2 = "auto"
 
 
 class Culprits(NamedTuple):
@@ -135,6 +137,7 @@ def _prepare(
     check_model(model)
     X, y = as_tensors(train, "train")
     work = _private_copy(model, device)
+    X = X.to(work_dtype(work))
     classes = num_classes_of(work, X, device)
     check_labels(y, classes, "train")
     return work, X, y, classes
@@ -153,7 +156,7 @@ def identify(
     method: str = DEFAULT_IDENTIFY,
     k: int | float | str | None = None,
     *,
-    l2: float = DEFAULT_L2,
+    l2: float | str = DEFAULT_L2,
     seed: int = 0,
     device: str | torch.device | None = "auto",
     chunk_size: int = 256,
@@ -171,10 +174,12 @@ def identify(
         method: a registered method: "ewc" (EWC-influence, default), "linear", "loss",
             "random" (see ``netmend.identification.available()``).
         k: how to select causes: an int (top-k), a fraction of ``N``, "positive" (``r > 0``)
-            or ``None``/"auto" (default: mirrored-FDR threshold at 10%, see
-            :func:`netmend.identification.auto_threshold`).
+            or ``None``/"auto" (default): the K on which two random halves of the failures
+            agree best (:func:`netmend.identification.reproducible_k`; it scores the training
+            set twice more, and needs at least 4 failures).
         l2: ``lambda`` of the penalty ``(lambda/2)||theta - theta_hat||^2`` (also the damping
-            of the Fisher); must be > 0.
+            of the Fisher): a positive number, or "auto" (default) for ``1e4`` times the mean
+            diagonal of the summed Fisher (see :func:`netmend.identification.base.resolve_l2`).
         seed: seeds anything random.
         device: "cpu", "cuda", or "auto" (CUDA when available).
         chunk_size: examples per batched pass (does not change the scores).
@@ -189,8 +194,6 @@ def identify(
         ValueError: malformed inputs (NaN, mismatched shapes, labels out of range, empty
             failures, failures the model already gets right, a stochastic model in train mode).
     """
-    if not l2 > 0:
-        raise ValueError(f"l2 must be > 0 (it damps a near-singular Fisher); got {l2}")
     fn = identification.get(method)
     dev = resolve_device(device)
     work, X, y, classes = _prepare(model, train, dev)
@@ -204,24 +207,73 @@ def identify(
     check_failures(work, Xf, yf, dev, 1024)
     torch.manual_seed(seed)
     ctx = Context(
-        FunctionalModel.of(work), X, y, Xf, yf, dev, chunk_size, progress, seed, l2, options,
+        FunctionalModel.of(work),
+        X,
+        y,
+        Xf,
+        yf,
+        dev,
+        chunk_size,
+        progress,
+        seed,
+        l2,
+        options,
         fisher,
     )
     t0 = time.perf_counter()
     out = fn(ctx)
-    seconds = time.perf_counter() - t0
-    scores = np.asarray(out.scores, dtype=np.float64)
-    if scores.shape != (X.shape[0],):
+    scores = _checked_scores(out.scores, X.shape[0], method, ctx.l2)
+    info = dict(out.info, l2=float(ctx.l2))
+    if k is None or k == "auto":
+        causes, info["auto_k"] = _auto_causes(fn, ctx, scores, method, seed)
+    else:
+        causes = identification.select(scores, k)
+    return Identification(
+        method,
+        scores,
+        causes,
+        time.perf_counter() - t0,
+        info,
+        ctx.fisher.cpu() if ctx.fisher is not None else None,
+        out.per_failure,
+    )
+
+
+def _checked_scores(raw: np.ndarray, n: int, method: str, l2: float | str) -> np.ndarray:
+    scores = np.asarray(raw, dtype=np.float64)
+    if scores.shape != (n,):
         raise RuntimeError(f"method {method!r} returned scores of shape {scores.shape}")
     if not np.isfinite(scores).all():
         raise RuntimeError(
             f"method {method!r} produced non-finite scores; increase l2 (now {l2}) or check the "
             "model's outputs for overflow"
         )
-    return Identification(
-        method, scores, identification.select(scores, k), seconds, out.info,
-        ctx.fisher.cpu() if ctx.fisher is not None else None, out.per_failure,
-    )
+    return scores
+
+
+def _auto_causes(
+    fn: Callable[[Context], identification.MethodOutput],
+    ctx: Context,
+    scores: np.ndarray,
+    method: str,
+    seed: int,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Top-K causes with K from the agreement of two random halves of the query failures."""
+    m = ctx.Xq.shape[0]
+    positive = identification.select(scores, "positive")
+    if m < 4:
+        warnings.warn(
+            f"only {m} failures: too few to choose K from two halves; selecting r > 0",
+            stacklevel=3,
+        )
+        return positive, {"rule": "positive", "k": int(positive.size)}
+    perm = torch.from_numpy(np.random.default_rng(seed).permutation(m))
+    halves = []
+    for part in (perm[: m // 2], perm[m // 2 :]):
+        sub = dataclasses.replace(ctx, Xq=ctx.Xq[part], yq=ctx.yq[part], progress=False)
+        halves.append(_checked_scores(fn(sub).scores, scores.shape[0], method, ctx.l2))
+    k, excess = identification.reproducible_k(halves[0], halves[1], max_k=positive.size)
+    return positive[:k], {"rule": "reproducible", "k": k, "excess_agreement": excess}
 
 
 def work_dtype(model: nn.Module) -> torch.dtype:
@@ -238,7 +290,7 @@ def treat(
     causes: np.ndarray | torch.Tensor | list[int],
     method: str = DEFAULT_TREAT,
     *,
-    l2: float = DEFAULT_L2,
+    l2: float | str = DEFAULT_L2,
     train_config: TrainConfig | None = None,
     seed: int = 0,
     device: str | torch.device | None = "auto",
@@ -254,7 +306,8 @@ def treat(
         train: the training set it was trained on, ``N`` examples.
         causes: training indices to forget.
         method: "finetune" (default), "newton", "ewc" or "retrain".
-        l2: ``lambda`` (penalty towards ``theta_hat`` and Fisher damping), > 0.
+        l2: ``lambda`` (penalty towards ``theta_hat`` and Fisher damping): > 0, or "auto"
+            (as in :func:`identify`; used by "newton" and "ewc").
         train_config: the recipe the model was trained with (used by "retrain"; "finetune"
             uses a shortened copy). Default: :class:`TrainConfig()`.
         seed, device, chunk_size, progress, fisher: as in :func:`identify`.
@@ -263,8 +316,6 @@ def treat(
     Returns:
         A new ``nn.Module`` in eval mode.
     """
-    if not l2 > 0:
-        raise ValueError(f"l2 must be > 0; got {l2}")
     fn = treatment.get(method)
     dev = resolve_device(device)
     work, X, y, _ = _prepare(model, train, dev)
@@ -276,8 +327,19 @@ def treat(
         raise ValueError("no causes to treat: the identification selected none (try a larger k)")
     torch.manual_seed(seed)
     ctx = treatment.TreatContext(
-        work, FunctionalModel.of(work), X, y, torch.unique(idx), dev, chunk_size, progress, seed,
-        l2, train_config or TrainConfig(), fisher, options,
+        work,
+        FunctionalModel.of(work),
+        X,
+        y,
+        torch.unique(idx),
+        dev,
+        chunk_size,
+        progress,
+        seed,
+        l2,
+        train_config or TrainConfig(),
+        fisher,
+        options,
     )
     return fn(ctx)
 
@@ -307,7 +369,7 @@ def repair(
     k: int | float | str | None = None,
     seed: int = 0,
     *,
-    l2: float = DEFAULT_L2,
+    l2: float | str = DEFAULT_L2,
     train_config: TrainConfig | None = None,
     device: str | torch.device | None = "auto",
     chunk_size: int = 256,
@@ -334,14 +396,18 @@ def repair(
         A :class:`RepairResult` with ``scores`` (``[N]``, positive = harmful), ``causes``,
         ``model`` (the repaired copy) and ``culprits(i, n)``.
     """
-    common = dict(l2=l2, seed=seed, device=device, chunk_size=chunk_size, progress=progress)
-    ident = _identify(
-        model, train, failures, identify, k, **common, **(identify_options or {})
-    )
+    common: dict[str, Any] = dict(l2=l2, seed=seed, device=device, chunk_size=chunk_size, progress=progress)
+    ident = _identify(model, train, failures, identify, k, **common, **(identify_options or {}))
     t0 = time.perf_counter()
     repaired = _treat(
-        model, train, ident.causes, treat, train_config=train_config, fisher=ident.fisher,
-        **common, **(treat_options or {}),
+        model,
+        train,
+        ident.causes,
+        treat,
+        train_config=train_config,
+        fisher=ident.fisher,
+        **common,
+        **(treat_options or {}),
     )
     return RepairResult(
         repaired, ident, treat, {"identify": ident.seconds, "treat": time.perf_counter() - t0}

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 PAPER_PAIRS: dict[tuple[int, int], float] = {(1, 7): 0.4, (6, 9): 0.3}
-"""The MNIST corruption of Tanno et al. (2022): 1<->7 flipped with probability 0.4, 6<->9 with 0.3."""
+"""The paper's MNIST corruption: 1<->7 flipped with probability 0.4, 6<->9 with 0.3."""
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def pair_flips(
     pairs: Mapping[tuple[int, int], float] = PAPER_PAIRS,
     seed: int = 0,
 ) -> Corruption:
-    """Swap labels within class pairs: each ``a`` becomes ``b`` (and ``b`` becomes ``a``) with ``p``.
+    """Swap labels within class pairs: ``a`` becomes ``b`` (and ``b`` becomes ``a``) with ``p``.
 
     Args:
         y: clean labels ``[N]``.
@@ -78,9 +78,7 @@ def symmetric_flips(
     return _result(orig, new)
 
 
-def transition_flips(
-    y: torch.Tensor | np.ndarray, T: np.ndarray, seed: int = 0
-) -> Corruption:
+def transition_flips(y: torch.Tensor | np.ndarray, T: np.ndarray, seed: int = 0) -> Corruption:
     """Draw each new label from row ``T[y]`` of a class-transition matrix.
 
     Args:

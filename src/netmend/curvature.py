@@ -42,6 +42,9 @@ def _layer_slices(fm: FunctionalModel) -> dict[str, dict[str, slice]] | None:
     Conv2d with groups/non-zero padding mode), in which case the generic vmap path is used.
     """
     modules = dict(fm.module.named_modules())
+    owners = [n for n, _ in fm.module.named_parameters(remove_duplicate=False)]
+    if len(owners) != len(list(fm.module.parameters())):
+        return None  # a parameter shared by two modules: only vmap sums its gradients right
     out: dict[str, dict[str, slice]] = {}
     i = 0
     for name, shape in zip(fm.names, fm.shapes):
@@ -49,14 +52,22 @@ def _layer_slices(fm: FunctionalModel) -> dict[str, dict[str, slice]] | None:
         mod_name, _, leaf = name.rpartition(".")
         m = modules.get(mod_name)
         ok = isinstance(m, nn.Linear) or (
-            isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+            isinstance(m, nn.Conv2d)
+            and m.groups == 1
+            and m.padding_mode == "zeros"
             and not isinstance(m.padding, str)
         )
         if not ok or leaf not in ("weight", "bias"):
             return None
         out.setdefault(mod_name, {})[leaf] = slice(i, i + k)
         i += k
+    if any("weight" not in sl for sl in out.values()):
+        return None  # a frozen weight with a trainable bias
     return out
+
+
+class _HookFallback(Exception):
+    """The hook path cannot serve this model (a layer ran twice in one forward)."""
 
 
 def _hook_pass(
@@ -79,6 +90,8 @@ def _hook_pass(
     for name in layers:
 
         def hook(mod: nn.Module, inp: tuple, out: torch.Tensor, name: str = name) -> None:
+            if name in outputs:
+                raise _HookFallback(name)
             inputs[name] = inp[0].detach()
             outputs[name] = out
 
@@ -97,7 +110,11 @@ def _hook_pass(
             d = torch.zeros_like(outputs[name])
         if isinstance(m, nn.Conv2d):
             a = torch.nn.functional.unfold(
-                a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+                a,
+                m.kernel_size,
+                dilation=m.dilation,
+                padding=m.padding,  # type: ignore[arg-type]  # str padding excluded above
+                stride=m.stride,
             )
             d = d.reshape(d.shape[0], d.shape[1], -1)
         elif a.ndim > 2:
@@ -133,7 +150,9 @@ def _sq_grads_by_hooks(
     return total.detach()
 
 
-def _layer_grads(m: nn.Module, a: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _layer_grads(
+    m: nn.Module, a: torch.Tensor, d: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example weight ``[B, out, in']`` and bias ``[B, out]`` gradients of one layer."""
     if a.ndim == 2:
         return torch.einsum("bo,bi->boi", d, a), d
@@ -154,7 +173,11 @@ def per_example_grads(
     if layers is None:
         return fm.per_example_grads(theta, x, y).detach()
     G = torch.zeros(x.shape[0], theta.numel(), dtype=theta.dtype, device=theta.device)
-    for m, sl, a, d in _hook_pass(fm, theta, x, y, layers):
+    try:
+        passes = _hook_pass(fm, theta, x, y, layers)
+    except _HookFallback:
+        return fm.per_example_grads(theta, x, y).detach()
+    for m, sl, a, d in passes:
         gw, gb = _layer_grads(m, a, d)
         G[:, sl["weight"]] = gw.reshape(x.shape[0], -1)
         if "bias" in sl:
@@ -197,8 +220,14 @@ def fisher_diag_sum(
     ):
         x, t = X[s].to(device), y[s].to(device)
         if layers is not None:
-            total += _sq_grads_by_hooks(fm, theta, x, t, layers)
-        else:
+            try:
+                total += _sq_grads_by_hooks(fm, theta, x, t, layers)
+                continue
+            except _HookFallback:
+                if method == "hooks":
+                    raise ValueError("method='hooks' cannot serve a layer called twice") from None
+                layers = None
+        if layers is None:
             g = fm.per_example_grads(theta, x, t)
             total += (g * g).sum(0)
     return total.detach()
@@ -309,10 +338,11 @@ class Curvature:
         def f(t: torch.Tensor) -> torch.Tensor:
             return self.fm.logits(t, x)
 
-        z, jv = jvp(f, (self.theta,), (v,))
+        res = jvp(f, (self.theta,), (v,))
+        z, jv = res[0], res[1]
         p = torch.softmax(z.detach(), dim=1)
         hjv = p * jv - p * (p * jv).sum(1, keepdim=True)  # (diag(p) - p p^T) J v
-        _, pull = vjp(f, self.theta)
+        pull = vjp(f, self.theta)[1]
         return pull(hjv.detach())[0].detach()
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:

@@ -48,12 +48,15 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),  # protocol 5
+        ("numpy._core.numeric", "_frombuffer"),
+        ("_codecs", "encode"),  # protocols 0-2 store bytes through it
     }
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
-            if name == "_reconstruct":  # numpy.core became numpy._core in numpy 2
-                return np.ndarray.__reduce__(np.zeros(0))[0]
+            if module.startswith("numpy.core") and hasattr(np, "_core"):
+                module = "numpy._core" + module[len("numpy.core") :]  # renamed in numpy 2
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays allowed")
 

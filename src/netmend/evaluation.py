@@ -104,8 +104,9 @@ def identification_metrics(
         and, with ``per_failure``, ``culprit_precision_at_5`` (mean over failures of the share
         of each failure's top culprits that are corrupted).
     """
-    mask = np.asarray(corrupted.cpu().numpy() if isinstance(corrupted, torch.Tensor) else corrupted,
-                      dtype=bool)
+    mask = np.asarray(
+        corrupted.cpu().numpy() if isinstance(corrupted, torch.Tensor) else corrupted, dtype=bool
+    )
     scores = np.asarray(scores, dtype=np.float64)
     n_bad = int(mask.sum())
     hits = int(mask[causes].sum()) if len(causes) else 0
@@ -119,6 +120,7 @@ def identification_metrics(
         else float("nan"),
     }
     if per_failure is not None:
-        top = np.argpartition(-per_failure, n_culprits, axis=0)[:n_culprits]  # [n, M]
+        n = min(n_culprits, per_failure.shape[0])
+        top = np.argpartition(-per_failure, n - 1, axis=0)[:n]  # [n, M]
         out["culprit_precision_at_5"] = float(mask[top].mean())
     return out

@@ -86,14 +86,15 @@ class FunctionalModel:
         ``(g.v)_n = grad log p(y_n|x_n, theta) . v``, from one forward-mode pass (no per-example
         gradients are formed).
         """
-        out, tangent = jvp(lambda t: self.ll(t, x, y), (theta,), (v,))
+        res = jvp(lambda t: self.ll(t, x, y), (theta,), (v,))
+        out, tangent = res[0], res[1]
         return out.detach(), tangent.detach()
 
     def ll_vjp(
         self, theta: torch.Tensor, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor
     ) -> torch.Tensor:
         """``sum_n u_n grad log p(y_n|x_n, theta)``, shape ``[P]`` (one backward pass)."""
-        _, pull = vjp(lambda t: self.ll(t, x, y), theta)
+        pull = vjp(lambda t: self.ll(t, x, y), theta)[1]
         return pull(u)[0].detach()
 
 

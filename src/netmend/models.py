@@ -19,6 +19,10 @@ class SmallCNN(nn.Module):
 
     def __init__(self, num_classes: int = 10, side: int = 28) -> None:
         super().__init__()
+        if side < 16:
+            raise ValueError(
+                f"SmallCNN needs images of side >= 16 (two 5x5 convs, two pools); got {side}"
+            )
         self.side = side
         self.features = nn.Sequential(
             nn.Conv2d(1, 16, 5),

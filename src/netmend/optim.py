@@ -21,6 +21,7 @@ def preconditioned_ascent(
     steps: int = 30,
     step_size: float = 1.0,
     tol: float = 1e-6,
+    accept: Callable[[torch.Tensor], bool] | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Maximise ``J(theta) = gain(theta) - 1/2 (theta-theta0)^T diag(A) (theta-theta0)``.
 
@@ -32,6 +33,8 @@ def preconditioned_ascent(
         step_size: initial step on ``A^{-1} grad J``; halved on each rejection (down to 1e-4),
             doubled back (up to its initial value) after each success.
         tol: stop when an accepted step improves ``J`` by less than ``tol * |J|``.
+        accept: optional trust region: a candidate ``theta`` is refused (and the step halved)
+            unless ``accept(theta)`` is true.
 
     Returns:
         The maximiser found and a record (objective and gain at start and end, steps, distance).
@@ -55,7 +58,7 @@ def preconditioned_ascent(
         while eta >= 1e-4:
             cand = theta + eta * g / A
             Jc, gc, Gc = evaluate(cand)
-            if Jc > J:
+            if Jc > J and (accept is None or accept(cand)):
                 accepted = True
                 break
             eta /= 2

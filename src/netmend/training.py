@@ -24,16 +24,20 @@ class TrainConfig:
         batch_size: examples per optimiser step.
         lr: Adam learning rate.
         weight_decay: L2 coefficient added to the mean loss (``weight_decay/2 * ||theta||^2``).
+        optimizer: "adam" or "sgd" (SGD with momentum 0.9).
     """
 
     epochs: float = 3.0
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "adam"
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"invalid TrainConfig {self}: epochs, batch_size, lr must be > 0")
+        if self.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {self.optimizer!r}")
 
 
 def fit(
@@ -59,7 +63,13 @@ def fit(
     """
     device = torch.device(device)
     model.to(device).train()
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    opt: torch.optim.Optimizer
+    if config.optimizer == "sgd":
+        opt = torch.optim.SGD(
+            model.parameters(), lr=config.lr, momentum=0.9, weight_decay=config.weight_decay
+        )
+    else:
+        opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n = X.shape[0]
     steps = max(1, int(round(config.epochs * n / config.batch_size)))

@@ -7,14 +7,14 @@ with a function decorated by :func:`register`.
 from __future__ import annotations
 
 from . import baselines, ewc, linear  # noqa: F401  (registers the methods)
-from .base import Context, MethodOutput, auto_threshold, available, get, register, select
+from .base import Context, MethodOutput, available, get, register, reproducible_k, select
 
 __all__ = [
     "Context",
     "MethodOutput",
-    "auto_threshold",
     "available",
     "get",
     "register",
+    "reproducible_k",
     "select",
 ]

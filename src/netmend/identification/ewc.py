@@ -17,6 +17,8 @@ from ``theta_hat`` with unit step size is exactly the ``linear`` method's step.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -42,7 +44,7 @@ def fit_theta_plus_f(
     return preconditioned_ascent(
         lambda t: ctx.fm.ll(t, Xq, yq).sum(),  # summed: same scale as the N-scaled penalty
         ctx.theta,
-        ctx.fisher_diag() + ctx.l2,
+        ctx.fisher_diag() + float(ctx.l2),
         steps=steps,
         step_size=step_size,
     )
@@ -57,10 +59,11 @@ def ewc_influence(ctx: Context) -> MethodOutput:
     :meth:`Context.per_failure_scores`): a separate fit per failure would cost a pass each.
     """
     theta_f, info = fit_theta_plus_f(
-        ctx, steps=int(ctx.options.get("steps", 30)),
+        ctx,
+        steps=int(ctx.options.get("steps", 30)),
         step_size=float(ctx.options.get("step_size", 1.0)),
     )
-    kw = dict(chunk_size=max(ctx.chunk_size, 1024), device=ctx.device, progress=ctx.progress)
+    kw: dict[str, Any] = dict(chunk_size=max(ctx.chunk_size, 1024), device=ctx.device, progress=ctx.progress)
     before = log_likelihoods(ctx.fm, ctx.theta, ctx.X, ctx.y, **kw)
     after = log_likelihoods(ctx.fm, theta_f, ctx.X, ctx.y, **kw)
     scores = (before - after).double().numpy()

@@ -25,8 +25,15 @@ def curvature_for(ctx: Context, kind: str) -> Curvature:
     if kind == "diag":
         return ctx.diag_curvature()
     return Curvature(
-        kind, ctx.fm, ctx.theta, ctx.X, ctx.y, ctx.l2, chunk_size=ctx.chunk_size,
-        device=ctx.device, cg_tol=float(ctx.options.get("cg_tol", 1e-6)),
+        kind,
+        ctx.fm,
+        ctx.theta,
+        ctx.X,
+        ctx.y,
+        float(ctx.l2),
+        chunk_size=ctx.chunk_size,
+        device=ctx.device,
+        cg_tol=float(ctx.options.get("cg_tol", 1e-6)),
         cg_maxiter=int(ctx.options.get("cg_maxiter", 100)),
     )
 
@@ -45,6 +52,8 @@ def linear_influence(ctx: Context) -> MethodOutput:
     def directional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return ctx.fm.ll_jvp(theta, v, x, t)[1]
 
-    gv = stream(ctx.X, ctx.y, directional, max(ctx.chunk_size, 512), ctx.device, ctx.progress, "linear")
+    gv = stream(
+        ctx.X, ctx.y, directional, max(ctx.chunk_size, 512), ctx.device, ctx.progress, "linear"
+    )
     scores = (-gamma * gv).double().numpy()
     return MethodOutput(scores=np.asarray(scores), per_failure=lambda: ctx.per_failure_scores(A))

@@ -44,10 +44,48 @@ class TreatContext:
     chunk_size: int = 256
     progress: bool = True
     seed: int = 0
-    l2: float = 1e-3
+    l2: float | str = "auto"
     train_config: TrainConfig = field(default_factory=TrainConfig)
     fisher: torch.Tensor | None = None
     options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.l2, str) and self.l2 != "auto":
+            raise ValueError(f"l2 must be a positive number or 'auto'; got {self.l2!r}")
+        if not isinstance(self.l2, str) and not self.l2 > 0:
+            raise ValueError(f"l2 must be > 0; got {self.l2}")
+
+    def penalty_l2(self) -> float:
+        """``lambda`` as a number ("auto" is resolved against the full training-set Fisher)."""
+        from ..identification.base import resolve_l2
+
+        def full() -> torch.Tensor:
+            if self.fisher is None:
+                self.fisher = fisher_diag_sum(
+                    self.fm,
+                    self.fm.theta.to(self.device),
+                    self.X,
+                    self.y,
+                    self.chunk_size,
+                    self.device,
+                    self.progress,
+                )
+            return self.fisher
+
+        return resolve_l2(self.l2, full)
+
+    def retained_loss(self, sample: int = 2048) -> Callable[[torch.Tensor], float]:
+        """``theta -> mean loss`` on a fixed, seeded sample of the retained data ``D \\ C``."""
+        keep = torch.nonzero(self.keep).squeeze(1)
+        gen = torch.Generator().manual_seed(self.seed)
+        idx = keep[torch.randperm(keep.numel(), generator=gen)[:sample]]
+        x, t = self.X[idx].to(self.device), self.y[idx].to(self.device)
+
+        def loss(theta: torch.Tensor) -> float:
+            with torch.no_grad():
+                return float(-self.fm.ll(theta.to(self.device), x, t).mean())
+
+        return loss
 
     @property
     def keep(self) -> torch.Tensor:
@@ -59,7 +97,7 @@ class TreatContext:
     def retained_fisher(self) -> torch.Tensor:
         """Summed diagonal empirical Fisher over ``D \\ C`` ``[P]`` (the full one minus ``C``'s)."""
         theta = self.fm.theta.to(self.device)
-        kw = dict(chunk_size=self.chunk_size, device=self.device)
+        kw: dict[str, Any] = dict(chunk_size=self.chunk_size, device=self.device)
         if self.fisher is None:
             keep = self.keep
             return fisher_diag_sum(self.fm, theta, self.X[keep], self.y[keep], **kw)

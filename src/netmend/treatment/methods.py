@@ -21,13 +21,15 @@ from .base import TreatContext, register
 def finetune(ctx: TreatContext) -> nn.Module:
     """Fine-tune a copy of the model, from ``theta_hat``, on ``D \\ C``.
 
-    Options: ``epochs`` (1.0), ``lr`` (half the training rate), ``batch_size``.
+    Options: ``epochs`` (0.5), ``lr`` (a tenth of the training rate: a small step keeps
+    what the model got right), ``optimizer`` (as trained), ``batch_size``.
     """
     cfg = dataclasses.replace(
         ctx.train_config,
-        epochs=float(ctx.options.get("epochs", 1.0)),
-        lr=float(ctx.options.get("lr", ctx.train_config.lr / 2)),
+        epochs=float(ctx.options.get("epochs", 0.5)),
+        lr=float(ctx.options.get("lr", ctx.train_config.lr / 10)),
         batch_size=int(ctx.options.get("batch_size", ctx.train_config.batch_size)),
+        optimizer=str(ctx.options.get("optimizer", ctx.train_config.optimizer)),
     )
     keep = ctx.keep
     model = copy.deepcopy(ctx.model)
@@ -45,9 +47,39 @@ def retrain(ctx: TreatContext) -> nn.Module:
     model = factory() if factory is not None else fresh_copy(ctx.model, ctx.seed)
     keep = ctx.keep
     return fit(
-        model, ctx.X[keep], ctx.y[keep], ctx.train_config, ctx.seed, ctx.device, ctx.progress,
+        model,
+        ctx.X[keep],
+        ctx.y[keep],
+        ctx.train_config,
+        ctx.seed,
+        ctx.device,
+        ctx.progress,
         "retrain",
     )
+
+
+def _guarded_step(
+    ctx: TreatContext, theta0: torch.Tensor, direction: torch.Tensor, eta: float | str
+) -> tuple[torch.Tensor, float]:
+    """``theta0 + eta * direction`` with ``eta`` bounded by the retained data's loss.
+
+    A number is used as given. "auto" takes the largest ``eta = 2^j`` (``j`` from -10 to 20)
+    whose mean loss on a sample of ``D \\ C`` rises by at most ``max_retained_increase``
+    (option, default 0.02 nats): a one-step removal from a diagonal curvature can overshoot
+    by orders of magnitude, and the retained data says how far the step is safe.
+    """
+    if not isinstance(eta, str):
+        return theta0 + eta * direction, float(eta)
+    tol = float(ctx.options.get("max_retained_increase", 0.02))
+    loss = ctx.retained_loss()
+    base = loss(theta0)
+    best = 0.0
+    for j in range(-10, 21):
+        cand = 2.0**j
+        if loss(theta0 + cand * direction) - base > tol:
+            break
+        best = cand
+    return theta0 + best * direction, best
 
 
 @register("newton")
@@ -62,23 +94,35 @@ def newton(ctx: TreatContext) -> nn.Module:
     with ``A = curvature of D \\ C + lambda I``. The step moves **up** the loss of ``C``
     (to first order the loss of ``C`` grows by ``eta * g_C^T A^{-1} g_C >= 0``).
 
-    Options: ``step_size`` eta (1.0), ``curvature`` ("diag", "fisher" or "ggn"),
-    ``damping`` (extra diagonal damping on top of lambda, 0), ``cg_maxiter`` (100).
+    Options: ``step_size`` eta (a number, or "auto", the default: the largest power of two
+    that keeps the retained loss within ``max_retained_increase``), ``curvature`` ("diag",
+    "fisher" or "ggn"), ``damping`` (extra diagonal damping on top of lambda, 0), ``cg_tol``,
+    ``cg_maxiter``.
     """
-    eta = float(ctx.options.get("step_size", 1.0))
     kind = str(ctx.options.get("curvature", "diag"))
-    damping = ctx.l2 + float(ctx.options.get("damping", 0.0))
+    damping = ctx.penalty_l2() + float(ctx.options.get("damping", 0.0))
     theta = ctx.fm.theta.to(ctx.device)
     keep = ctx.keep
     diag = ctx.retained_fisher() if kind == "diag" else None
     A = Curvature(
-        kind, ctx.fm, theta, ctx.X[keep], ctx.y[keep], damping, diag=diag,
-        chunk_size=ctx.chunk_size, device=ctx.device,
+        kind,
+        ctx.fm,
+        theta,
+        ctx.X[keep],
+        ctx.y[keep],
+        damping,
+        diag=diag,
+        chunk_size=ctx.chunk_size,
+        device=ctx.device,
+        cg_tol=float(ctx.options.get("cg_tol", 1e-6)),
         cg_maxiter=int(ctx.options.get("cg_maxiter", 100)),
     )
     # grad of the summed *loss* of C is minus the gradient of its log-likelihood
-    g_loss = -summed_grad(ctx.fm, theta, ctx.X[ctx.causes], ctx.y[ctx.causes], ctx.chunk_size, ctx.device)
-    return ctx.model_at(theta + eta * A.solve(g_loss))
+    g_loss = -summed_grad(
+        ctx.fm, theta, ctx.X[ctx.causes], ctx.y[ctx.causes], ctx.chunk_size, ctx.device
+    )
+    new, _ = _guarded_step(ctx, theta, A.solve(g_loss), ctx.options.get("step_size", "auto"))
+    return ctx.model_at(new)
 
 
 @register("ewc")
@@ -89,11 +133,13 @@ def ewc_deletion(ctx: TreatContext) -> nn.Module:
                    - 1/2 (theta - theta_hat)^T F_sum(D \\ C) (theta - theta_hat)
                    - (lambda/2) ||theta - theta_hat||^2
 
-    Left alone, ``-log p(C|theta)`` is unbounded above; three things bound it: the cap on each
+    Left alone, ``-log p(C|theta)`` is unbounded above; four things bound it: the cap on each
     example's loss (default ``2 log(classes)``: forget a label, do not learn its opposite),
-    ``lambda > 0``, and monotone backtracked steps (see :mod:`netmend.optim`).
+    ``lambda > 0``, monotone backtracked steps (see :mod:`netmend.optim`), and a trust
+    region: a step is refused if the mean loss on a sample of the retained data rises by more
+    than ``max_retained_increase`` (default 0.02 nats) over ``theta_hat``.
 
-    Options: ``steps`` (10), ``step_size`` (1.0), ``cap``.
+    Options: ``steps`` (10), ``step_size`` (1.0), ``cap``, ``max_retained_increase``.
     """
     theta0 = ctx.fm.theta.to(ctx.device)
     Xc, yc = ctx.X[ctx.causes].to(ctx.device), ctx.y[ctx.causes].to(ctx.device)
@@ -101,16 +147,24 @@ def ewc_deletion(ctx: TreatContext) -> nn.Module:
         classes = ctx.fm.logits(theta0, Xc[:1]).shape[1]
     cap = float(ctx.options.get("cap", 2 * math.log(classes)))
     chunk = max(ctx.chunk_size, 1024)
+    tol = float(ctx.options.get("max_retained_increase", 0.02))
+    retained = ctx.retained_loss()
+    base = retained(theta0)
 
     def gain(theta: torch.Tensor) -> torch.Tensor:
         total = theta.new_zeros(())
         for i in range(0, Xc.shape[0], chunk):
             z = ctx.fm.logits(theta, Xc[i : i + chunk])
-            total = total + F.cross_entropy(z, yc[i : i + chunk], reduction="none").clamp(max=cap).sum()
+            ce = F.cross_entropy(z, yc[i : i + chunk], reduction="none")
+            total = total + ce.clamp(max=cap).sum()
         return total
 
     theta, _ = preconditioned_ascent(
-        gain, theta0, ctx.retained_fisher() + ctx.l2,
-        steps=int(ctx.options.get("steps", 10)), step_size=float(ctx.options.get("step_size", 1.0)),
+        gain,
+        theta0,
+        ctx.retained_fisher() + ctx.penalty_l2(),
+        steps=int(ctx.options.get("steps", 10)),
+        step_size=float(ctx.options.get("step_size", 1.0)),
+        accept=lambda t: retained(t) - base <= tol,
     )
     return ctx.model_at(theta)

