@@ -290,7 +290,7 @@ def test_registry(monkeypatch, blobs, blobs_logreg, failset):
     def const(ctx):
         return ident_base.MethodOutput(scores=np.arange(ctx.N, dtype=np.float64) - 3)
 
-    monkeypatch.setitem(ident_base._REGISTRY, "const-test", const)
+    monkeypatch.setitem(ident_base._REGISTRY._items, "const-test", const)
     ident = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "const-test", k=2, **RUN)
     N = blobs.X.shape[0]
     np.testing.assert_array_equal(ident.causes, [N - 1, N - 2])
@@ -298,12 +298,14 @@ def test_registry(monkeypatch, blobs, blobs_logreg, failset):
         _ = ident.per_failure
 
     monkeypatch.setitem(
-        ident_base._REGISTRY, "bad-shape", lambda ctx: ident_base.MethodOutput(np.zeros(3))
+        ident_base._REGISTRY._items, "bad-shape", lambda ctx: ident_base.MethodOutput(np.zeros(3))
     )
     with pytest.raises(RuntimeError, match="shape"):
         netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "bad-shape", k=2, **RUN)
     monkeypatch.setitem(
-        ident_base._REGISTRY, "nan", lambda ctx: ident_base.MethodOutput(np.full(ctx.N, np.nan))
+        ident_base._REGISTRY._items,
+        "nan",
+        lambda ctx: ident_base.MethodOutput(np.full(ctx.N, np.nan)),
     )
     with pytest.raises(RuntimeError, match="non-finite"):
         netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "nan", k=2, **RUN)
@@ -523,7 +525,7 @@ def test_identify_auto_k_scores_two_disjoint_halves(monkeypatch, blobs, blobs_lo
         s[block] += 10
         return ident_base.MethodOutput(scores=s)
 
-    monkeypatch.setitem(ident_base._REGISTRY, "spy-test", spy)
+    monkeypatch.setitem(ident_base._REGISTRY._items, "spy-test", spy)
     Xf, yf = failset
     ident = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "spy-test", **RUN)
     assert len(seen) == 3
@@ -553,7 +555,7 @@ def test_identify_auto_k_is_capped_at_positive_scores(monkeypatch, blobs, blobs_
             s[: n_pos["value"]] = 1 + np.arange(n_pos["value"])[::-1]
         return ident_base.MethodOutput(scores=s)
 
-    monkeypatch.setitem(ident_base._REGISTRY, "capped-test", method)
+    monkeypatch.setitem(ident_base._REGISTRY._items, "capped-test", method)
     ident = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "capped-test", **RUN)
     assert ident.info["auto_k"]["k"] <= 15
     assert max(ident.info["auto_k"]["excess_agreement"]) == 15

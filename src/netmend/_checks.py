@@ -51,6 +51,10 @@ def as_tensors(
         ValueError: mismatched lengths, NaN/inf inputs, non-integer labels, empty data.
         TypeError: an unsupported container.
     """
+    from .datasets import Split
+
+    if isinstance(data, Split):
+        return as_tensors((data.X, data.y), name=name, allow_empty=allow_empty)
     if isinstance(data, DataLoader):
         if not isinstance(data.sampler, SequentialSampler):
             raise ValueError(

@@ -396,7 +396,9 @@ def repair(
         A :class:`RepairResult` with ``scores`` (``[N]``, positive = harmful), ``causes``,
         ``model`` (the repaired copy) and ``culprits(i, n)``.
     """
-    common: dict[str, Any] = dict(l2=l2, seed=seed, device=device, chunk_size=chunk_size, progress=progress)
+    common: dict[str, Any] = dict(
+        l2=l2, seed=seed, device=device, chunk_size=chunk_size, progress=progress
+    )
     ident = _identify(model, train, failures, identify, k, **common, **(identify_options or {}))
     t0 = time.perf_counter()
     repaired = _treat(

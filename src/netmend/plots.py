@@ -24,6 +24,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def _image(x: torch.Tensor) -> np.ndarray:
     a = x.detach().cpu().float().numpy()
     if a.ndim == 3 and a.shape[0] in (1, 3):
@@ -81,12 +90,7 @@ def culprit_grid(
             ax.set_xticks([])
             ax.set_yticks([])
     fig.suptitle("Failures and the training examples most to blame (red frame = corrupted)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def accuracy_bars(result: dict[str, Any], path: str | Path) -> Path:
@@ -125,12 +129,7 @@ def accuracy_bars(result: dict[str, Any], path: str | Path) -> Path:
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
     fig.suptitle("Accuracy after each repair (* = netmend.repair default; grey = references)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def demo_plots(

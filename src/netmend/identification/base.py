@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._registry import Registry
 from ..curvature import Curvature, fisher_diag_sum, per_example_grads
 from ..functional import FunctionalModel, chunks, summed_grad
 
@@ -144,7 +145,7 @@ class MethodOutput:
 
 
 Method = Callable[[Context], MethodOutput]
-_REGISTRY: dict[str, Method] = {}
+_REGISTRY: Registry[Method] = Registry("identification method")
 
 
 def register(name: str) -> Callable[[Method], Method]:
@@ -152,26 +153,17 @@ def register(name: str) -> Callable[[Method], Method]:
 
     A method is a function ``(Context) -> MethodOutput`` whose scores are positive = harmful.
     """
-
-    def deco(fn: Method) -> Method:
-        if name in _REGISTRY:
-            raise ValueError(f"an identification method named {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return _REGISTRY.register(name)
 
 
 def get(name: str) -> Method:
-    """The registered method ``name``; raises with the list of known names otherwise."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown identification method {name!r}; choose one of {available()}")
-    return _REGISTRY[name]
+    """The registered identification method ``name`` (raises listing the known ones)."""
+    return _REGISTRY.get(name)
 
 
 def available() -> list[str]:
     """Names of the registered identification methods."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.available()
 
 
 def select(scores: np.ndarray, k: int | float | str | None) -> np.ndarray:

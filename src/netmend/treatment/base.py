@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._registry import Registry
 from ..curvature import fisher_diag_sum
 from ..functional import FunctionalModel
 from ..training import TrainConfig
@@ -116,28 +117,19 @@ class TreatContext:
 
 
 Treatment = Callable[[TreatContext], nn.Module]
-_REGISTRY: dict[str, Treatment] = {}
+_REGISTRY: Registry[Treatment] = Registry("treatment")
 
 
 def register(name: str) -> Callable[[Treatment], Treatment]:
     """Register a treatment ``(TreatContext) -> new nn.Module`` under ``name``."""
-
-    def deco(fn: Treatment) -> Treatment:
-        if name in _REGISTRY:
-            raise ValueError(f"a treatment named {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return deco
+    return _REGISTRY.register(name)
 
 
 def get(name: str) -> Treatment:
     """The registered treatment ``name``; raises with the list of known names otherwise."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown treatment {name!r}; choose one of {available()}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def available() -> list[str]:
     """Names of the registered treatments."""
-    return sorted(_REGISTRY)
+    return _REGISTRY.available()
