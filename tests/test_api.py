@@ -194,3 +194,14 @@ def test_evaluate_matches_manual_accuracies(blobs, blobs_logreg, failures_for):
 def test_defaults_are_registered():
     assert netmend.DEFAULT_IDENTIFY in netmend.identification.available()
     assert netmend.DEFAULT_TREAT in netmend.treatment.available()
+
+
+def test_fisher_of_another_model_is_refused(blobs, blobs_logreg, failures_for):
+    failures = (blobs.Xf, failures_for(blobs_logreg, blobs.Xf, blobs.classes))
+    wrong = torch.ones(7, dtype=torch.float64)
+    with pytest.raises(ValueError, match="fisher has shape"):
+        netmend.identify(
+            blobs_logreg, (blobs.X, blobs.y), failures, "ewc", k=2, fisher=wrong, **RUN
+        )
+    with pytest.raises(ValueError, match="fisher has shape"):
+        netmend.treat(blobs_logreg, (blobs.X, blobs.y), [0], "newton", fisher=wrong, **RUN)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import netmend
 from netmend import TrainConfig
@@ -300,7 +301,7 @@ def test_finetune_is_fit_on_retained_data(ref, blobs, blobs_logreg):
         blobs_logreg, (blobs.X, blobs.y), causes, "finetune", train_config=cfg, seed=3, **RUN
     )
     keep = np.setdiff1d(np.arange(len(blobs.y)), causes)
-    short = dataclasses.replace(cfg, epochs=0.5, lr=cfg.lr / 10)  # half an epoch, a tenth of lr
+    short = dataclasses.replace(cfg, epochs=0.5, lr=cfg.lr / 10, average_tail=0.5)  # tail-averaged
     Xk, yk = blobs.X[keep], blobs.y[keep]
     expected = fit(copy.deepcopy(blobs_logreg), Xk, yk, short, 3, "cpu", False)
     torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=0, atol=0)
@@ -318,7 +319,7 @@ def test_finetune_is_fit_on_retained_data(ref, blobs, blobs_logreg):
         batch_size=8,
         **RUN,
     )
-    short2 = dataclasses.replace(cfg, epochs=0.5, lr=0.01, batch_size=8)
+    short2 = dataclasses.replace(cfg, epochs=0.5, lr=0.01, batch_size=8, average_tail=0.5)
     expected2 = fit(copy.deepcopy(blobs_logreg), Xk, yk, short2, 3, "cpu", False)
     torch.testing.assert_close(ref.flat_params(new2), ref.flat_params(expected2), rtol=0, atol=0)
 
@@ -333,7 +334,7 @@ def test_finetune_optimizer(ref, blobs, blobs_logreg):
         copy.deepcopy(blobs_logreg),
         Xk,
         yk,
-        dataclasses.replace(sgd_cfg, epochs=0.5, lr=cfg.lr / 10),
+        dataclasses.replace(sgd_cfg, epochs=0.5, lr=cfg.lr / 10, average_tail=0.5),
         3,
         "cpu",
         False,
@@ -482,3 +483,25 @@ def test_treat_leaves_input_model_untouched(ref, blobs, blobs_logreg, method, op
 
 def test_treat_registry():
     assert {"finetune", "newton", "ewc", "retrain"} <= set(treat_available())
+
+
+def test_tail_averaging_returns_the_mean_of_the_last_iterates():
+    """fit(average_tail=a) equals the mean of the parameters after each of the last a*steps."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 3, dtype=torch.float64), torch.randint(0, 2, (64,))
+    cfg = TrainConfig(epochs=2.0, batch_size=16, lr=0.05)  # 8 steps
+    ref = nn.Linear(3, 2).double()
+    init = copy.deepcopy(ref.state_dict())
+    iterates = []
+    for n in range(1, 9):  # the last-iterate trajectory, step by step, from the same start
+        m = nn.Linear(3, 2).double()
+        m.load_state_dict(init)
+        fit(m, X, y, dataclasses.replace(cfg, epochs=n * 16 / 64), seed=0, progress=False)
+        iterates.append(torch.cat([p.detach().reshape(-1) for p in m.parameters()]))
+    m = nn.Linear(3, 2).double()
+    m.load_state_dict(init)
+    fit(m, X, y, dataclasses.replace(cfg, average_tail=0.5), seed=0, progress=False)
+    got = torch.cat([p.detach().reshape(-1) for p in m.parameters()])
+    torch.testing.assert_close(got, torch.stack(iterates[4:]).mean(0))
+    with pytest.raises(ValueError, match="average_tail"):
+        TrainConfig(average_tail=1.0)

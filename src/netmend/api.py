@@ -205,9 +205,11 @@ def identify(
     check_labels(yf, classes, "failures")
     X, Xf = X.to(work_dtype(work)), Xf.to(work_dtype(work))
     check_failures(work, Xf, yf, dev, 1024)
+    fm = FunctionalModel.of(work)
+    _check_fisher(fisher, fm)
     torch.manual_seed(seed)
     ctx = Context(
-        FunctionalModel.of(work),
+        fm,
         X,
         y,
         Xf,
@@ -237,6 +239,14 @@ def identify(
         ctx.fisher.cpu() if ctx.fisher is not None else None,
         out.per_failure,
     )
+
+
+def _check_fisher(fisher: torch.Tensor | None, fm: FunctionalModel) -> None:
+    if fisher is not None and tuple(fisher.shape) != (fm.num_params,):
+        raise ValueError(
+            f"fisher has shape {tuple(fisher.shape)} but the model has {fm.num_params} trainable "
+            "parameters: pass the Fisher computed for this model (Identification.fisher)"
+        )
 
 
 def _checked_scores(raw: np.ndarray, n: int, method: str, l2: float | str) -> np.ndarray:
@@ -325,10 +335,12 @@ def treat(
         raise ValueError(f"causes must be training indices in [0, {X.shape[0]})")
     if idx.numel() == 0:
         raise ValueError("no causes to treat: the identification selected none (try a larger k)")
+    fm = FunctionalModel.of(work)
+    _check_fisher(fisher, fm)
     torch.manual_seed(seed)
     ctx = treatment.TreatContext(
         work,
-        FunctionalModel.of(work),
+        fm,
         X,
         y,
         torch.unique(idx),

@@ -25,6 +25,9 @@ class TrainConfig:
         lr: Adam learning rate.
         weight_decay: L2 coefficient added to the mean loss (``weight_decay/2 * ||theta||^2``).
         optimizer: "adam" or "sgd" (SGD with momentum 0.9).
+        average_tail: return the mean of the parameters over this final share of the steps
+            (Polyak-Ruppert tail averaging; 0 returns the last iterate). The last iterate of a
+            short fine-tune is noisy; the average keeps what the model already got right.
     """
 
     epochs: float = 3.0
@@ -32,10 +35,13 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     optimizer: str = "adam"
+    average_tail: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"invalid TrainConfig {self}: epochs, batch_size, lr must be > 0")
+        if not 0 <= self.average_tail < 1:
+            raise ValueError(f"average_tail must lie in [0, 1); got {self.average_tail}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd'; got {self.optimizer!r}")
 
@@ -76,7 +82,9 @@ def fit(
     order = torch.empty(0, dtype=torch.long)
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     pos = 0
-    for _ in bar:
+    start_avg = steps - int(config.average_tail * steps) if config.average_tail > 0 else steps
+    avg = [torch.zeros_like(p) for p in model.parameters()] if start_avg < steps else []
+    for step in bar:
         if pos + config.batch_size > order.numel():
             order = torch.cat([order[pos:], torch.randperm(n, generator=gen)])
             pos = 0
@@ -87,6 +95,14 @@ def fit(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if step >= start_avg:
+            with torch.no_grad():
+                for a, p in zip(avg, model.parameters()):
+                    a.add_(p, alpha=1.0 / (steps - start_avg))
+    if avg:
+        with torch.no_grad():
+            for a, p in zip(avg, model.parameters()):
+                p.copy_(a)
     model.eval()
     return model
 

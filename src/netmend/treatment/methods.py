@@ -30,6 +30,7 @@ def finetune(ctx: TreatContext) -> nn.Module:
         lr=float(ctx.options.get("lr", ctx.train_config.lr / 10)),
         batch_size=int(ctx.options.get("batch_size", ctx.train_config.batch_size)),
         optimizer=str(ctx.options.get("optimizer", ctx.train_config.optimizer)),
+        average_tail=float(ctx.options.get("average_tail", 0.5)),
     )
     keep = ctx.keep
     model = copy.deepcopy(ctx.model)
