@@ -584,3 +584,13 @@ def test_identify_auto_k_with_too_few_failures_selects_positive(blobs, blobs_log
     with pytest.warns(UserWarning, match="only 3 failures"):
         three = netmend.identify(blobs_logreg, (blobs.X, blobs.y), (Xf, yf), "ewc", **RUN)
     assert three.info["auto_k"]["rule"] == "positive"
+
+
+def test_random_baseline_does_not_replay_the_corruption_stream(blobs, blobs_logreg, failset):
+    """Seeded corruptions draw from default_rng(seed); the random baseline must not reuse it
+    (it once did, ranking every flipped label last: AUROC 0.125 on MNIST)."""
+    ident = netmend.identify(
+        blobs_logreg, (blobs.X, blobs.y), failset, "random", k=2, seed=0, **RUN
+    )
+    u = np.random.default_rng(0).random(len(ident.scores))
+    assert abs(np.corrcoef(ident.scores, u)[0, 1]) < 0.3

@@ -190,7 +190,7 @@ def fisher_diag_sum(
     theta: torch.Tensor,
     X: torch.Tensor,
     y: torch.Tensor,
-    chunk_size: int = 256,
+    chunk_size: int = 128,
     device: torch.device | str = "cpu",
     progress: bool = False,
     method: Literal["auto", "hooks", "vmap"] = "auto",
@@ -299,7 +299,7 @@ class Curvature:
     y: torch.Tensor
     damping: float
     diag: torch.Tensor | None = None
-    chunk_size: int = 256
+    chunk_size: int = 128
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cg_tol: float = 1e-6
     cg_maxiter: int = 100

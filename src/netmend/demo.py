@@ -112,7 +112,7 @@ def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, A
         FunctionalModel.of(model).theta.to(device),
         train.X,
         corruption.labels,
-        256,
+        128,
         device,
         progress,
     ).cpu()

@@ -61,7 +61,7 @@ class Context:
     Xq: torch.Tensor
     yq: torch.Tensor
     device: torch.device
-    chunk_size: int = 256
+    chunk_size: int = 128
     progress: bool = True
     seed: int = 0
     l2: float | str = "auto"

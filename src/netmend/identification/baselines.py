@@ -31,7 +31,9 @@ def self_loss(ctx: Context) -> MethodOutput:
 @register("random")
 def random_scores(ctx: Context) -> MethodOutput:
     """Uniform random scores in [-1, 1) from ``ctx.seed``: the chance reference."""
-    rng = np.random.default_rng(ctx.seed)
+    # a stream of its own: np.random.default_rng(seed) alone would replay the very draws that
+    # seeded corruptions (netmend.corrupt) made, and rank the flipped examples last
+    rng = np.random.default_rng([ctx.seed, 0x52414E44])
     m = ctx.Xq.shape[0]
     return MethodOutput(
         scores=rng.uniform(-1, 1, size=ctx.N),

@@ -42,7 +42,7 @@ class TreatContext:
     y: torch.Tensor
     causes: torch.Tensor
     device: torch.device
-    chunk_size: int = 256
+    chunk_size: int = 128
     progress: bool = True
     seed: int = 0
     l2: float | str = "auto"
