@@ -119,6 +119,7 @@ def test_frozen_weight_trainable_bias(ref):
     assert fm.names == ["0.bias", "2.weight", "2.bias"]
     assert _layer_slices(fm) is None
     expected = ref.loop_grads(model, X, y)
+    torch.testing.assert_close(fm.per_example_grads(fm.theta, X, y), expected, **TOL)
     torch.testing.assert_close(hook_grads(fm, fm.theta, X, y), expected, **TOL)
     for cs in (1, 4):
         got = fisher_diag_sum(fm, fm.theta, X, y, chunk_size=cs)
@@ -152,7 +153,9 @@ class _Tied(nn.Module):
 
 
 @pytest.mark.parametrize("cls", [_Twice, _Tied])
-def test_vmap_path_handles_weight_sharing(ref, cls):
+def test_hook_path_handles_weight_sharing(ref, cls):
+    """A module called twice, or a Parameter shared by two modules: the vmap path is right, and
+    the hook path falls back to it, for per-example gradients and the diagonal Fisher alike."""
     torch.manual_seed(15)
     model = cls().double()
     g = torch.Generator().manual_seed(16)
@@ -160,18 +163,6 @@ def test_vmap_path_handles_weight_sharing(ref, cls):
     fm = FunctionalModel.of(model)
     expected = ref.loop_grads(model, X, y)
     torch.testing.assert_close(fm.per_example_grads(fm.theta, X, y), expected, **TOL)
-
-
-@pytest.mark.parametrize("cls", [_Twice, _Tied])
-def test_hook_path_handles_weight_sharing(ref, cls):
-    """A module called twice, or a Parameter shared by two modules: the hook path falls back
-    to vmap, for per-example gradients and for the diagonal Fisher alike."""
-    torch.manual_seed(15)
-    model = cls().double()
-    g = torch.Generator().manual_seed(16)
-    X, y = _rand(6, g)
-    fm = FunctionalModel.of(model)
-    expected = ref.loop_grads(model, X, y)
     torch.testing.assert_close(hook_grads(fm, fm.theta, X, y), expected, **TOL)
     for cs in (1, 4, 100):
         got = fisher_diag_sum(fm, fm.theta, X, y, chunk_size=cs)

@@ -75,22 +75,17 @@ def _model_at(ref, theta, d=3, classes=3):
     return ref.set_flat_params(LogisticRegression(d, classes).double(), theta).eval()
 
 
+def _treated(ref, model, s, method="newton", **kw):
+    """Flat parameters of ``netmend.treat(model, (s.X, s.y), s.causes, method, **kw)``."""
+    return ref.flat_params(netmend.treat(model, (s.X, s.y), s.causes, method, **kw, **RUN))
+
+
 def test_newton_ggn_lands_near_exact_retraining(ref, spec):
     """For logistic regression the GGN is the exact Hessian of the summed objective
     sum CE + (l2/2)|theta|^2 (bias included): one Newton step from theta_hat nearly reaches
     the retrained optimum."""
     model = _model_at(ref, spec.theta_hat)
-    new = netmend.treat(
-        model,
-        (spec.X, spec.y),
-        spec.causes,
-        "newton",
-        l2=spec.l2,
-        curvature="ggn",
-        step_size=1.0,
-        **RUN,
-    )
-    theta_new = ref.flat_params(new)
+    theta_new = _treated(ref, model, spec, l2=spec.l2, curvature="ggn", step_size=1.0)
     before = float((spec.theta_hat - spec.theta_retrained).norm())
     after = float((theta_new - spec.theta_retrained).norm())
     assert before > 1e-3
@@ -103,17 +98,7 @@ def test_newton_diag_moves_towards_retraining(ref, spec):
     """The diagonal empirical Fisher is a crude Hessian: the step points the right way and raises
     the loss of C; with strong regularisation (A ~ l2 I dominates) it also lands closer."""
     model = _model_at(ref, spec.theta_hat)
-    new = netmend.treat(
-        model,
-        (spec.X, spec.y),
-        spec.causes,
-        "newton",
-        l2=spec.l2,
-        curvature="diag",
-        step_size=1.0,
-        **RUN,
-    )
-    theta_new = ref.flat_params(new)
+    theta_new = _treated(ref, model, spec, l2=spec.l2, curvature="diag", step_size=1.0)
     step = theta_new - spec.theta_hat
     true = spec.theta_retrained - spec.theta_hat
     cos = float(step @ true / (step.norm() * true.norm()))
@@ -145,18 +130,8 @@ def test_newton_step_matches_dense_formula(ref, weak, kind):
     g_loss = -ref.loop_grads(model, s.X[s.causes], s.y[s.causes]).sum(0)
     eta = 0.7
     expected = s.theta_hat + eta * torch.linalg.solve(A, g_loss)
-    new = netmend.treat(
-        model,
-        (s.X, s.y),
-        s.causes,
-        "newton",
-        l2=s.l2,
-        curvature=kind,
-        step_size=eta,
-        damping=0.05,
-        **RUN,
-    )
-    torch.testing.assert_close(ref.flat_params(new), expected, rtol=1e-6, atol=1e-8)
+    new = _treated(ref, model, s, l2=s.l2, curvature=kind, step_size=eta, damping=0.05)
+    torch.testing.assert_close(new, expected, rtol=1e-6, atol=1e-8)
 
 
 def test_newton_with_precomputed_fisher_matches(ref, weak):
@@ -212,19 +187,15 @@ def test_newton_auto_step_keeps_retained_loss_within_tolerance(ref, weak):
     retained = _mean_loss(ref, s, s.keep)
     loss_c = _mean_loss(ref, s, s.causes)
     base = retained(s.theta_hat)
-    unit = ref.flat_params(
-        netmend.treat(model, (s.X, s.y), s.causes, "newton", l2=s.l2, step_size=1.0, **RUN)
-    )
+    unit = _treated(ref, model, s, l2=s.l2, step_size=1.0)
     direction = unit - s.theta_hat
-    default = netmend.treat(model, (s.X, s.y), s.causes, "newton", l2=s.l2, **RUN)
+    default = _treated(ref, model, s, l2=s.l2)
     etas = []
     for tol in (0.01, 0.02, 0.2):
         opts = {} if tol == 0.02 else {"max_retained_increase": tol}
-        new = ref.flat_params(
-            netmend.treat(model, (s.X, s.y), s.causes, "newton", l2=s.l2, **opts, **RUN)
-        )
+        new = _treated(ref, model, s, l2=s.l2, **opts)
         if tol == 0.02:
-            torch.testing.assert_close(new, ref.flat_params(default), rtol=0, atol=0)
+            torch.testing.assert_close(new, default, rtol=0, atol=0)
         step = new - s.theta_hat
         eta = float(step @ direction / (direction @ direction))
         torch.testing.assert_close(step, eta * direction, rtol=1e-9, atol=1e-12)
@@ -237,7 +208,7 @@ def test_newton_auto_step_keeps_retained_loss_within_tolerance(ref, weak):
         etas.append(eta)
     assert etas[0] <= etas[1] <= etas[2] and etas[0] < etas[2]  # monotone in the tolerance
     assert etas[1] > 1  # here the unit step is too timid: "auto" removes more of C
-    assert loss_c(ref.flat_params(default)) > loss_c(unit)
+    assert loss_c(default) > loss_c(unit)
 
 
 def test_treat_auto_l2_is_ratio_times_mean_fisher_diag(ref, weak):

@@ -7,6 +7,7 @@ The user's model is never modified: all work happens on copies or functionally.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 import warnings
@@ -144,8 +145,6 @@ def _prepare(
 
 
 def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
-    import copy
-
     return copy.deepcopy(model).to(device).eval()
 
 

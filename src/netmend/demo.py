@@ -107,9 +107,10 @@ def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, A
         return accuracies(m, test.X, test.y, split, device)
 
     t0 = time.perf_counter()
+    fm = FunctionalModel.of(model)
     fisher = fisher_diag_sum(
-        FunctionalModel.of(model),
-        FunctionalModel.of(model).theta.to(device),
+        fm,
+        fm.theta.to(device),
         train.X,
         corruption.labels,
         128,
@@ -152,7 +153,7 @@ def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, A
             ident.causes,
             treat_name,
             train_config=recipe,
-            **{k: v for k, v in common.items()},
+            **common,
             **extra,
         )
         seconds = time.perf_counter() - t + ident.seconds

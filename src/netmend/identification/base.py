@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .._registry import Registry
 from ..curvature import Curvature, fisher_diag_sum, per_example_grads
@@ -116,8 +117,6 @@ class Context:
         Gq = per_example_grads(self.fm, theta, self.Xq.to(self.device), self.yq.to(self.device))
         V = precond.solve(Gq.T.contiguous())  # [P, M]
         out = np.empty((self.N, Gq.shape[0]), dtype=np.float32)
-        from tqdm.auto import tqdm
-
         for s in tqdm(
             list(chunks(self.N, self.chunk_size)),
             desc="culprits",
