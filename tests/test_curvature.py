@@ -163,7 +163,7 @@ def test_curvature_solve_matches_dense(logreg4, data4, ref, kind):
 def test_curvature_rejects_bad_kind_and_damping(logreg4, data4):
     fm = FunctionalModel.of(logreg4)
     with pytest.raises(ValueError, match="unknown curvature"):
-        Curvature("hessian", fm, fm.theta, data4.X, data4.y, 1.0)
+        Curvature("kronecker", fm, fm.theta, data4.X, data4.y, 1.0)
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="damping must be > 0"):
             Curvature("fisher", fm, fm.theta, data4.X, data4.y, bad)

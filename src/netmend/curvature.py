@@ -12,7 +12,15 @@ A :class:`Curvature` is the damped operator ``A = C_sum + damping * I`` with
 * ``"fisher"``: the full empirical Fisher ``sum_n g_n g_n^T`` (products by forward + reverse
   mode, solves by conjugate gradients);
 * ``"ggn"``: the generalised Gauss-Newton ``sum_n J_n^T H_n J_n`` (the true Fisher of the
-  model's predictive distribution; equal to the Hessian for a linear softmax model).
+  model's predictive distribution; equal to the Hessian for a linear softmax model);
+* ``"kfac"``, ``"ekfac"``: Kronecker-factored approximations of a Fisher, block diagonal per
+  Linear/Conv2d layer (see :mod:`netmend.kfac`, which also says which Fisher, ``fisher_type``,
+  and why); products and damped solves are exact for the approximation (in its eigenbasis);
+* ``"hessian"``: the exact Hessian of the summed negative log-likelihood
+  ``-sum_n log p(y_n|x_n, theta)``, by forward-over-reverse Hessian-vector products
+  (``torch.func``), solved by conjugate gradients. Away from a minimum (and often at a
+  network's approximate one) it is **indefinite**: the damping must exceed its most negative
+  eigenvalue for the solve to exist, and CG raises when it meets non-positive curvature.
 
 ``g_n = grad log p(y_n|x_n, theta)``, ``J_n`` the Jacobian of the logits, ``H_n`` the
 Hessian of the cross-entropy in the logits.
@@ -22,17 +30,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
-from torch.func import jvp, vjp
-from tqdm.auto import tqdm
+from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
 
+from .cache import map_chunks, tensor_hash
 from .functional import FunctionalModel, chunks
 
-CurvatureKind = Literal["diag", "fisher", "ggn"]
-CURVATURE_KINDS: tuple[str, ...] = ("diag", "fisher", "ggn")
+if TYPE_CHECKING:
+    from .kfac import KroneckerFactors
+
+CurvatureKind = Literal["diag", "fisher", "ggn", "kfac", "ekfac", "hessian"]
+CURVATURE_KINDS: tuple[str, ...] = ("diag", "fisher", "ggn", "kfac", "ekfac", "hessian")
 
 
 def _layer_slices(fm: FunctionalModel) -> dict[str, dict[str, slice]] | None:
@@ -70,18 +81,17 @@ class _HookFallback(Exception):
     """The hook path cannot serve this model (a layer ran twice in one forward)."""
 
 
-def _hook_pass(
+def _hook_forward(
     fm: FunctionalModel,
     theta: torch.Tensor,
     x: torch.Tensor,
-    y: torch.Tensor,
     layers: dict[str, dict[str, slice]],
-) -> list[tuple[nn.Module, dict[str, slice], torch.Tensor, torch.Tensor]]:
-    """One forward/backward over a chunk; per layer its input ``a`` and output gradient ``d``.
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One forward over a chunk with hooks: the logits ``[B, C]``, each layer's input and output.
 
-    Convolution inputs are returned unfolded (``a`` ``[B, in*k*k, L]``, ``d`` ``[B, out, L]``)
-    and linear layers on extra positions flattened to ``[B, S, in]``/``[B, S, out]``, so that
-    the per-example weight gradient of ``log p(y_n|x_n)`` is ``d_n a_n^T`` in every case.
+    The outputs stay in the autograd graph (``theta`` is made a leaf that requires grad), so
+    :func:`_hook_deltas` can pull any cotangent of the logits back to them, as many times as
+    needed, without a second forward.
     """
     modules = dict(fm.module.named_modules())
     inputs: dict[str, torch.Tensor] = {}
@@ -97,10 +107,60 @@ def _hook_pass(
 
         handles.append(modules[name].register_forward_hook(hook))
     try:
-        ll = fm.ll(theta.detach().requires_grad_(True), x, y)
+        logits = fm.logits(theta.detach().requires_grad_(True), x)
     finally:
         for h in handles:
             h.remove()
+    return logits, inputs, outputs
+
+
+def _hook_deltas(
+    logits: torch.Tensor,
+    outputs: dict[str, torch.Tensor],
+    names: list[str],
+    cotangent: torch.Tensor,
+    retain_graph: bool = False,
+) -> list[torch.Tensor]:
+    """Gradients of ``sum(cotangent * logits)`` w.r.t. each layer's output (zeros if unused).
+
+    With ``cotangent = onehot(y) - softmax(logits)`` these are the output gradients of
+    ``log p(y_n|x_n)``, one row per example.
+    """
+    deltas = torch.autograd.grad(
+        logits, [outputs[n] for n in names], cotangent, retain_graph=retain_graph, allow_unused=True
+    )
+    return [
+        (torch.zeros_like(outputs[n]) if d is None else d).detach() for n, d in zip(names, deltas)
+    ]
+
+
+def _unfold_input(m: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
+    """Patches of a Conv2d input, ``[B, in*kh*kw, L]`` (the order of ``weight.view(out, -1)``)."""
+    return torch.nn.functional.unfold(
+        a,
+        m.kernel_size,
+        dilation=m.dilation,
+        padding=m.padding,  # type: ignore[arg-type]  # str padding excluded by _layer_slices
+        stride=m.stride,
+    )
+
+
+def _hook_pass(
+    fm: FunctionalModel,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    layers: dict[str, dict[str, slice]],
+) -> list[tuple[nn.Module, dict[str, slice], torch.Tensor, torch.Tensor]]:
+    """One forward/backward over a chunk; per layer its input ``a`` and output gradient ``d``.
+
+    Convolution inputs are returned unfolded (``a`` ``[B, in*k*k, L]``, ``d`` ``[B, out, L]``)
+    and linear layers on extra positions flattened to ``[B, S, in]``/``[B, S, out]``, so that
+    the per-example weight gradient of ``log p(y_n|x_n)`` is ``d_n a_n^T`` in every case.
+    """
+    modules = dict(fm.module.named_modules())
+    logits, inputs, outputs = _hook_forward(fm, theta, x, layers)
+    ll = -torch.nn.functional.cross_entropy(logits, y, reduction="none")
     names = list(layers)
     deltas = torch.autograd.grad(ll.sum(), [outputs[n] for n in names], allow_unused=True)
     out = []
@@ -109,13 +169,7 @@ def _hook_pass(
         if d is None:
             d = torch.zeros_like(outputs[name])
         if isinstance(m, nn.Conv2d):
-            a = torch.nn.functional.unfold(
-                a,
-                m.kernel_size,
-                dilation=m.dilation,
-                padding=m.padding,  # type: ignore[arg-type]  # str padding excluded above
-                stride=m.stride,
-            )
+            a = _unfold_input(m, a)
             d = d.reshape(d.shape[0], d.shape[1], -1)
         elif a.ndim > 2:
             a = a.reshape(a.shape[0], -1, a.shape[-1])
@@ -214,22 +268,31 @@ def fisher_diag_sum(
         raise ValueError("method='hooks' needs every trainable parameter in a Linear/Conv2d layer")
     if layers is None:
         chunk_size = min(chunk_size, 32)  # vmap is fastest on small chunks (cache-bound)
-    total = torch.zeros_like(theta)
-    for s in tqdm(
-        list(chunks(X.shape[0], chunk_size)), desc="fisher", disable=not progress, leave=False
-    ):
+    state = {"layers": layers}
+
+    def chunk_sum(s: slice) -> torch.Tensor:  # sum_n g_n**2 over one chunk, [P]
         x, t = X[s].to(device), y[s].to(device)
-        if layers is not None:
+        if state["layers"] is not None:
             try:
-                total += _sq_grads_by_hooks(fm, theta, x, t, layers)
-                continue
+                return _sq_grads_by_hooks(fm, theta, x, t, state["layers"])
             except _HookFallback:
                 if method == "hooks":
                     raise ValueError("method='hooks' cannot serve a layer called twice") from None
-                layers = None
-        if layers is None:
-            g = fm.per_example_grads(theta, x, t)
-            total += (g * g).sum(0)
+                state["layers"] = None
+        g = fm.per_example_grads(theta, x, t)
+        return (g * g).sum(0)
+
+    # resumable inside identify(..., cache_dir=...): see netmend.cache.map_chunks
+    total = map_chunks(
+        X.shape[0],
+        chunk_size,
+        chunk_sum,
+        desc="fisher",
+        reduce="sum",
+        init=torch.zeros_like(theta),
+        progress=progress,
+        fingerprint=lambda: f"{method}:{tensor_hash(theta)}",
+    )
     return total.detach()
 
 
@@ -277,19 +340,68 @@ def cg(
     return x, maxiter
 
 
+def dense_curvature(
+    fm: FunctionalModel,
+    theta: torch.Tensor,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    kind: str,
+    chunk_size: int = 128,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """The undamped curvature ``C_sum`` as a dense ``[P, P]`` matrix (for small models).
+
+    ``kind`` is "fisher" (``sum_n g_n g_n^T``), "ggn" (``sum_n J_n^T (diag(p_n) - p_n p_n^T)
+    J_n``) or "hessian" (of the summed negative log-likelihood). Built chunk by chunk
+    (``[chunk, C, P]`` Jacobians at most), so it costs one pass instead of one pass per
+    conjugate-gradient iteration; worth it while ``P^2`` floats fit comfortably in memory.
+    """
+    if kind not in ("fisher", "ggn", "hessian"):
+        raise ValueError(f"a dense curvature is 'fisher', 'ggn' or 'hessian'; got {kind!r}")
+    theta = theta.detach().to(device)
+    P = theta.numel()
+    out = torch.zeros(P, P, dtype=theta.dtype, device=device)
+
+    def logits_one(t: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+        return fm.logits(t, xi.unsqueeze(0)).squeeze(0)
+
+    for s in chunks(X.shape[0], chunk_size):
+        x, t = X[s].to(device), y[s].to(device)
+        if kind == "fisher":
+            G = per_example_grads(fm, theta, x, t)  # [b, P]
+            out += G.T @ G
+        elif kind == "ggn":
+            J = vmap(jacrev(logits_one), in_dims=(None, 0))(theta, x)  # [b, C, P]
+            p = torch.softmax(fm.logits(theta, x).detach(), dim=1)  # [b, C]
+            Jp = torch.einsum("bc,bcp->bp", p, J)
+            out += torch.einsum("bc,bcp,bcq->pq", p, J, J) - Jp.T @ Jp
+        else:
+
+            def nll(th: torch.Tensor, x: torch.Tensor = x, t: torch.Tensor = t) -> torch.Tensor:
+                return -fm.ll(th, x, t).sum()
+
+            out += hessian(nll)(theta).detach()
+    return out
+
+
 @dataclass
 class Curvature:
     """The damped curvature ``A = C_sum + damping * I`` at ``theta`` over the set ``(X, y)``.
 
     Attributes:
-        kind: "diag", "fisher" or "ggn" (see the module docstring).
+        kind: "diag", "fisher", "ggn", "kfac", "ekfac" or "hessian" (see the module docstring).
         fm: the functional model; theta: where the curvature is taken ``[P]``.
         X, y: the examples the curvature sums over.
         damping: added to the diagonal; must be > 0 (the empirical Fisher of a network is
             near-singular, and an undamped solve would blow up along its null space).
         diag: for kind "diag", the summed diagonal ``[P]`` (computed when not given).
         chunk_size, device: streaming settings.
-        cg_tol, cg_maxiter: conjugate-gradient settings for "fisher" and "ggn".
+        cg_tol, cg_maxiter: conjugate-gradient settings for "fisher", "ggn" and "hessian".
+        fisher_type: for "kfac"/"ekfac": "empirical", "sampled" or "exact" (``None``: the
+            default of :mod:`netmend.kfac`, "sampled").
+        mc_samples, seed: sampled labels per example and their seed (``fisher_type="sampled"``).
+        factors: for "kfac"/"ekfac", precomputed :class:`netmend.kfac.KroneckerFactors` (e.g.
+            loaded from a cache; computed when not given).
     """
 
     kind: str
@@ -304,6 +416,10 @@ class Curvature:
     cg_tol: float = 1e-6
     cg_maxiter: int = 100
     progress: bool = False
+    fisher_type: str | None = None
+    mc_samples: int = 1
+    seed: int = 0
+    factors: KroneckerFactors | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in CURVATURE_KINDS:
@@ -317,6 +433,29 @@ class Curvature:
             self.diag = fisher_diag_sum(
                 self.fm, self.theta, self.X, self.y, self.chunk_size, self.device, self.progress
             )
+        if self.kind in ("kfac", "ekfac"):
+            from .kfac import DEFAULT_FISHER_TYPE, kronecker_factors
+
+            if self.factors is None:
+                self.factors = kronecker_factors(
+                    self.fm,
+                    self.theta,
+                    self.X,
+                    self.y,
+                    self.kind,
+                    self.fisher_type or DEFAULT_FISHER_TYPE,
+                    self.mc_samples,
+                    self.seed,
+                    self.chunk_size,
+                    self.device,
+                    self.progress,
+                )
+            elif self.factors.kind != self.kind or self.factors.num_params != self.fm.num_params:
+                raise ValueError(
+                    f"the given factors are {self.factors.kind!r} for {self.factors.num_params} "
+                    f"parameters, not {self.kind!r} for {self.fm.num_params}: recompute them"
+                )
+            self.factors = self.factors.to(self.device)
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
         """``A v`` for ``v`` of shape ``[P]``."""
@@ -324,12 +463,16 @@ class Curvature:
         if self.kind == "diag":
             assert self.diag is not None  # set in __post_init__ (internal invariant)
             return (self.diag.to(self.device) + self.damping) * v
+        if self.factors is not None:
+            return self.factors.matvec(v) + self.damping * v
         out = self.damping * v
         for s in chunks(self.X.shape[0], self.chunk_size):
             x, t = self.X[s].to(self.device), self.y[s].to(self.device)
             if self.kind == "fisher":
                 _, gv = self.fm.ll_jvp(self.theta, v, x, t)  # [b] = g_n . v
                 out = out + self.fm.ll_vjp(self.theta, gv, x, t)  # sum_n g_n (g_n . v)
+            elif self.kind == "hessian":
+                out = out + self._hessian_chunk(v, x, t)
             else:
                 out = out + self._ggn_chunk(v, x)
         return out
@@ -345,9 +488,35 @@ class Curvature:
         pull = vjp(f, self.theta)[1]
         return pull(hjv.detach())[0].detach()
 
+    def _hessian_chunk(self, v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``H v`` of ``-sum log p(t|x)`` over one chunk (forward-over-reverse)."""
+
+        def nll(th: torch.Tensor) -> torch.Tensor:
+            return -self.fm.ll(th, x, t).sum()
+
+        return jvp(grad(nll), (self.theta,), (v,))[1].detach()
+
+    def quadratic(self, v: torch.Tensor) -> torch.Tensor:
+        """``v^T C_sum v``, the undamped curvature's quadratic form (a scalar) for ``v`` ``[P]``.
+
+        Differentiable in ``v`` for "diag", "kfac" and "ekfac" (the EWC penalty's kinds).
+        """
+        v = v.to(self.device)
+        if self.kind == "diag":
+            assert self.diag is not None
+            return (self.diag.to(self.device) * v * v).sum()
+        if self.factors is not None:
+            return self.factors.quadratic(v)
+        return torch.dot(v, self.matvec(v.detach()) - self.damping * v.detach())
+
     def solve(self, b: torch.Tensor) -> torch.Tensor:
-        """``A^{-1} b`` for ``b`` of shape ``[P]`` (``[P, m]`` allowed for "diag")."""
+        """``A^{-1} b`` for ``b`` of shape ``[P]`` or ``[P, m]``.
+
+        Exact for "diag", "kfac" and "ekfac"; conjugate gradients (column by column) otherwise.
+        """
         b = b.to(self.device)
+        if self.factors is not None:
+            return self.factors.solve(b, self.damping)
         if self.kind == "diag":
             assert self.diag is not None
             d = self.diag.to(self.device) + self.damping

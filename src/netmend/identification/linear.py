@@ -6,7 +6,9 @@
     r(z) = log p(z|theta_hat) - log p(z|theta_+F) = -gamma * g_z^T A^{-1} g_F,
 
 positive = harmful. ``A`` is the diagonal empirical Fisher (``curvature="diag"``, default),
-or the full empirical Fisher / GGN solved by conjugate gradients (``"fisher"``, ``"ggn"``).
+the full empirical Fisher / GGN / Hessian solved by conjugate gradients (``"fisher"``,
+``"ggn"``, ``"hessian"``), or a Kronecker-factored Fisher solved exactly (``"kfac"``,
+``"ekfac"``; sampled-label Fisher by default, see :mod:`netmend.kfac`).
 ``g_z^T v`` for every training example comes from one forward-mode (jvp) pass.
 """
 
@@ -21,7 +23,11 @@ from .base import Context, MethodOutput, register
 
 
 def curvature_for(ctx: Context, kind: str) -> Curvature:
-    """The damped curvature ``A`` of kind "diag", "fisher" or "ggn" over the training set."""
+    """The damped curvature ``A`` of kind ``kind`` (see :data:`netmend.curvature.CURVATURE_KINDS`).
+
+    Options read from ``ctx.options``: ``cg_tol``, ``cg_maxiter`` (CG kinds), ``fisher_type``
+    and ``mc_samples`` ("kfac"/"ekfac"; sampled labels are seeded with ``ctx.seed``).
+    """
     if kind == "diag":
         return ctx.diag_curvature()
     return Curvature(
@@ -30,11 +36,15 @@ def curvature_for(ctx: Context, kind: str) -> Curvature:
         ctx.theta,
         ctx.X,
         ctx.y,
-        float(ctx.l2),
+        ctx.lam(),
         chunk_size=ctx.chunk_size,
         device=ctx.device,
         cg_tol=float(ctx.options.get("cg_tol", 1e-6)),
         cg_maxiter=int(ctx.options.get("cg_maxiter", 100)),
+        progress=ctx.progress,
+        fisher_type=ctx.options.get("fisher_type"),
+        mc_samples=int(ctx.options.get("mc_samples", 1)),
+        seed=ctx.seed,
     )
 
 
@@ -42,7 +52,8 @@ def curvature_for(ctx: Context, kind: str) -> Curvature:
 def linear_influence(ctx: Context) -> MethodOutput:
     """Cause scores ``r(z) = -gamma g_z^T A^{-1} g_F``, ``[N]``, positive = harmful.
 
-    Options: ``curvature`` ("diag"), ``gamma`` (1.0), ``cg_tol``, ``cg_maxiter``.
+    Options: ``curvature`` ("diag"; or "fisher", "ggn", "hessian", "kfac", "ekfac"), ``gamma``
+    (1.0), ``cg_tol``, ``cg_maxiter``, ``fisher_type`` and ``mc_samples`` (Kronecker kinds).
     """
     gamma = float(ctx.options.get("gamma", 1.0))
     A = curvature_for(ctx, str(ctx.options.get("curvature", "diag")))

@@ -12,6 +12,7 @@ from torch import nn
 
 from ..curvature import Curvature
 from ..functional import summed_grad
+from ..kfac import EWC_FISHER_TYPE
 from ..optim import preconditioned_ascent
 from ..training import fit, fresh_copy
 from .base import TreatContext, register
@@ -97,8 +98,9 @@ def newton(ctx: TreatContext) -> nn.Module:
 
     Options: ``step_size`` eta (a number, or "auto", the default: the largest power of two
     that keeps the retained loss within ``max_retained_increase``), ``curvature`` ("diag",
-    "fisher" or "ggn"), ``damping`` (extra diagonal damping on top of lambda, 0), ``cg_tol``,
-    ``cg_maxiter``.
+    "fisher", "ggn", "hessian", "kfac" or "ekfac"), ``damping`` (extra diagonal damping on top
+    of lambda, 0), ``cg_tol``, ``cg_maxiter``, ``fisher_type`` and ``mc_samples`` (Kronecker
+    kinds; sampled-label Fisher by default, see :mod:`netmend.kfac`).
     """
     kind = str(ctx.options.get("curvature", "diag"))
     damping = ctx.penalty_l2() + float(ctx.options.get("damping", 0.0))
@@ -117,6 +119,10 @@ def newton(ctx: TreatContext) -> nn.Module:
         device=ctx.device,
         cg_tol=float(ctx.options.get("cg_tol", 1e-6)),
         cg_maxiter=int(ctx.options.get("cg_maxiter", 100)),
+        progress=ctx.progress,
+        fisher_type=ctx.options.get("fisher_type"),
+        mc_samples=int(ctx.options.get("mc_samples", 1)),
+        seed=ctx.seed,
     )
     # grad of the summed *loss* of C is minus the gradient of its log-likelihood
     g_loss = -summed_grad(
@@ -140,8 +146,21 @@ def ewc_deletion(ctx: TreatContext) -> nn.Module:
     region: a step is refused if the mean loss on a sample of the retained data rises by more
     than ``max_retained_increase`` (default 0.02 nats) over ``theta_hat``.
 
-    Options: ``steps`` (10), ``step_size`` (1.0), ``cap``, ``max_retained_increase``.
+    ``F_sum(D \\ C)`` is the diagonal empirical Fisher (``curvature="diag"``, default) or a
+    Kronecker-factored one (``"kfac"``, ``"ekfac"``; empirical Fisher by default, option
+    ``fisher_type``), whose penalty is the exact Kronecker quadratic form. The ascent is then
+    preconditioned by that form's diagonal plus lambda: :func:`preconditioned_ascent` takes a
+    diagonal, so its diagonal penalty is cancelled inside the gain and the objective is exactly
+    ``J`` above.
+
+    Options: ``steps`` (10), ``step_size`` (1.0), ``cap``, ``max_retained_increase``,
+    ``curvature``, ``fisher_type``, ``mc_samples``.
     """
+    kind = str(ctx.options.get("curvature", "diag"))
+    if kind not in ("diag", "kfac", "ekfac"):
+        raise ValueError(
+            f"unknown curvature {kind!r} for the ewc treatment; choose 'diag', 'kfac' or 'ekfac'"
+        )
     theta0 = ctx.fm.theta.to(ctx.device)
     Xc, yc = ctx.X[ctx.causes].to(ctx.device), ctx.y[ctx.causes].to(ctx.device)
     with torch.no_grad():
@@ -160,10 +179,34 @@ def ewc_deletion(ctx: TreatContext) -> nn.Module:
             total = total + ce.clamp(max=cap).sum()
         return total
 
+    objective, precond = gain, ctx.retained_fisher() if kind == "diag" else None
+    if precond is None:
+        keep = ctx.keep
+        K = Curvature(
+            kind,
+            ctx.fm,
+            theta0,
+            ctx.X[keep],
+            ctx.y[keep],
+            ctx.penalty_l2(),
+            chunk_size=ctx.chunk_size,
+            device=ctx.device,
+            progress=ctx.progress,
+            fisher_type=ctx.options.get("fisher_type", EWC_FISHER_TYPE),
+            mc_samples=int(ctx.options.get("mc_samples", 1)),
+            seed=ctx.seed,
+        )
+        precond = K.factors.diagonal()  # type: ignore[union-attr]  # set for Kronecker kinds
+
+        def objective(theta: torch.Tensor) -> torch.Tensor:
+            # - 1/2 d^T F d, with the ascent's own - 1/2 d^T diag(F) d added back
+            d = theta - theta0
+            return gain(theta) - 0.5 * K.quadratic(d) + 0.5 * (precond * d * d).sum()
+
     theta, _ = preconditioned_ascent(
-        gain,
+        objective,
         theta0,
-        ctx.retained_fisher() + ctx.penalty_l2(),
+        precond + ctx.penalty_l2(),
         steps=int(ctx.options.get("steps", 10)),
         step_size=float(ctx.options.get("step_size", 1.0)),
         accept=lambda t: retained(t) - base <= tol,
