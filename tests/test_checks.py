@@ -209,17 +209,17 @@ def test_l2_must_be_positive(setup, l2):
 
 def test_unknown_method_names(setup):
     model, train, fail = setup
-    msg = r"unknown identification method 'tracin'; choose one of \["
+    msg = r"unknown identification method 'no_such_method'; choose one of \["
     with pytest.raises(ValueError, match=msg):
-        netmend.identify(model, train, fail, method="tracin", **RUN)
+        netmend.identify(model, train, fail, method="no_such_method", **RUN)
     with pytest.raises(ValueError, match="unknown treatment 'prune'; choose one of"):
         netmend.treat(model, train, [0], method="prune", **RUN)
     with pytest.raises(ValueError, match="unknown identification method"):
-        netmend.repair(model, train, fail, identify="tracin", **RUN)
+        netmend.repair(model, train, fail, identify="no_such_method", **RUN)
     with pytest.raises(ValueError, match="unknown treatment"):
         netmend.repair(model, train, fail, treat="prune", k=2, **RUN)
     with pytest.raises(ValueError, match="unknown curvature"):
-        netmend.treat(model, train, [0], method="newton", curvature="kfac", **RUN)
+        netmend.treat(model, train, [0], method="newton", curvature="kronecker", **RUN)
 
 
 def test_bad_k(setup):

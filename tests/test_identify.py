@@ -90,7 +90,7 @@ def test_linear_gamma_scales_scores(blobs, blobs_logreg, failset):
 def test_linear_unknown_curvature_raises(blobs, blobs_logreg, failset):
     with pytest.raises(ValueError, match="unknown curvature"):
         netmend.identify(
-            blobs_logreg, (blobs.X, blobs.y), failset, "linear", k=3, curvature="kfac", **RUN
+            blobs_logreg, (blobs.X, blobs.y), failset, "linear", k=3, curvature="kronecker", **RUN
         )
 
 
@@ -285,7 +285,7 @@ def test_registry(monkeypatch, blobs, blobs_logreg, failset):
     with pytest.raises(ValueError, match="already registered"):
         register("ewc")(lambda ctx: None)
     with pytest.raises(ValueError, match="unknown identification method.*ewc"):
-        ident_base.get("influence")
+        ident_base.get("no_such_method")
 
     def const(ctx):
         return ident_base.MethodOutput(scores=np.arange(ctx.N, dtype=np.float64) - 3)

@@ -7,6 +7,7 @@ It is deterministic given ``seed`` (the shuffling uses its own generator).
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +56,7 @@ def fit(
     device: torch.device | str = "cpu",
     progress: bool = True,
     desc: str = "train",
+    callback: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with Adam on mean cross-entropy and return it.
 
@@ -66,6 +68,9 @@ def fit(
         device: where to train.
         progress: show a tqdm bar.
         desc: the bar's label.
+        callback: called as ``callback(step, model)`` after every optimiser step (``step``
+            from 0); e.g. :class:`netmend.identification.tracin.Checkpoints` keeps TracIn
+            checkpoints. It must not modify the model.
     """
     device = torch.device(device)
     model.to(device).train()
@@ -95,6 +100,8 @@ def fit(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if callback is not None:
+            callback(step, model)
         if step >= start_avg:
             with torch.no_grad():
                 for a, p in zip(avg, model.parameters()):

@@ -6,7 +6,17 @@ with a function decorated by :func:`register`.
 
 from __future__ import annotations
 
-from . import baselines, ewc, linear  # noqa: F401  (registers the methods)
+from . import (  # noqa: F401  (registers the methods)
+    baselines,
+    ewc,
+    graddot,
+    influence,
+    linear,
+    shapley,
+    shapley_mc,
+    tracin,
+    trak,
+)
 from .base import Context, MethodOutput, available, get, register, reproducible_k, select
 
 __all__ = [

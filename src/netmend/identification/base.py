@@ -52,7 +52,8 @@ class Context:
         Xq, yq: the query failures ``[M, ...]``, ``[M]`` (the only failures a method may see).
         device, chunk_size, progress, seed: run settings.
         l2: the ``lambda`` of the paper's penalty ``(lambda/2)||theta - theta_hat||^2``; it also
-            damps the diagonal Fisher.
+            damps the diagonal Fisher. A number, or "auto" until a method asks for it through
+            :meth:`lam`.
         options: method-specific keyword options.
     """
 
@@ -70,7 +71,17 @@ class Context:
     fisher: torch.Tensor | None = None  # summed diagonal empirical Fisher [P], lazily computed
 
     def __post_init__(self) -> None:
-        self.l2 = resolve_l2(self.l2, self.fisher_diag)
+        if not isinstance(self.l2, str):
+            self.l2 = resolve_l2(self.l2, self.fisher_diag)  # validates a number
+        elif self.l2 != "auto":
+            resolve_l2(self.l2, self.fisher_diag)  # raises with the accepted values
+
+    def lam(self) -> float:
+        """``lambda`` as a number; ``l2="auto"`` is resolved (computing the Fisher) on first use,
+        so methods that never use ``lambda`` (Shapley, TracIn, ...) never pay for the Fisher."""
+        if isinstance(self.l2, str):
+            self.l2 = resolve_l2(self.l2, self.fisher_diag)
+        return float(self.l2)
 
     @property
     def N(self) -> int:
@@ -96,7 +107,7 @@ class Context:
             self.theta,
             self.X,
             self.y,
-            float(self.l2),
+            self.lam(),
             diag=self.fisher_diag(),
             device=self.device,
         )

@@ -44,7 +44,7 @@ def fit_theta_plus_f(
     return preconditioned_ascent(
         lambda t: ctx.fm.ll(t, Xq, yq).sum(),  # summed: same scale as the N-scaled penalty
         ctx.theta,
-        ctx.fisher_diag() + float(ctx.l2),
+        ctx.fisher_diag() + ctx.lam(),
         steps=steps,
         step_size=step_size,
     )

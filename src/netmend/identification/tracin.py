@@ -1,0 +1,101 @@
+"""TracIn (Pruthi, Liu, Kale & Sundararajan 2020), TracInCP over saved checkpoints.
+
+**Sign.** TracInCP(z, f) = sum_t eta_t grad L(theta_t, z) . grad L(theta_t, f) approximates
+how much the SGD steps on ``z`` *lowered* the loss of ``f`` over training: positive TracIn
+means a proponent (helpful). With ``g = grad log p = -grad L`` the dot product is the same,
+and the cause score is its negative,
+
+    r(z) = -sum_t eta_t g_z(theta_t)^T g_F(theta_t),        positive = harmful
+
+(an opponent: its training steps raised the failures' loss). ``g_F`` is summed over the
+query failures. Self-influence (``target="self"``) is ``sum_t eta_t ||g_z(theta_t)||^2``,
+positive = suspicious (the paper's mislabel detector).
+
+Checkpoints: pass ``checkpoints=[state_dict or nn.Module, ...]`` (same architecture as the
+model) and ``lrs`` (a number or one per checkpoint; default 1). :class:`Checkpoints` is a
+``netmend.training.fit(callback=...)`` that keeps them while training. Without checkpoints
+the final model alone is used (then TracIn equals ``grad_dot`` times ``lrs``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .base import Context, MethodOutput, register
+from .influence import (
+    check_options,
+    checkpoint_lrs,
+    checkpoint_thetas,
+    failure_grads,
+    grad_rows,
+    option_target,
+    out_dtype,
+)
+
+
+class Checkpoints:
+    """A ``fit(..., callback=...)`` that keeps a copy of the parameters every ``every`` steps.
+
+    Attributes:
+        every: keep a checkpoint after every ``every``-th optimiser step (1-based count).
+        states: the kept ``state_dict`` copies, oldest first (pass as ``checkpoints=``).
+    """
+
+    def __init__(self, every: int = 1) -> None:
+        if every < 1:
+            raise ValueError(f"every must be >= 1; got {every}")
+        self.every = every
+        self.states: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        if (step + 1) % self.every == 0:
+            self.states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+
+def neg_dot(V: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``G -> -G V`` (``V`` ``[P]`` or ``[P, M]``)."""
+    return lambda G: -(G @ V)
+
+
+@register("tracin")
+def tracin(ctx: Context) -> MethodOutput:
+    """TracInCP cause scores ``r(z) = -sum_t eta_t g_z(theta_t)^T g_F(theta_t)`` ``[N]``,
+    positive = harmful.
+
+    Options: ``checkpoints`` (list of state_dicts / modules; default: the final model only),
+    ``lrs`` (learning rate per checkpoint or one number; default 1.0), ``target``
+    ("failures" or "self": ``sum_t eta_t ||g_z(theta_t)||^2``, positive = suspicious).
+    Per-failure scores ``[N, M]``: ``-sum_t eta_t g_z(theta_t)^T g_{f_i}(theta_t)``.
+    One pass over the training set per checkpoint.
+    """
+    check_options(ctx, ("checkpoints", "lrs", "target"), "tracin")
+    target = option_target(ctx, "tracin")
+    thetas = checkpoint_thetas(ctx, ctx.options.get("checkpoints"))
+    lrs = checkpoint_lrs(ctx.options.get("lrs"), len(thetas))
+    sc = torch.zeros(ctx.N, dtype=torch.float64)
+    for t, (theta, lr) in enumerate(zip(thetas, lrs)):
+        desc = f"tracin {t + 1}/{len(thetas)}"
+        if target == "self":
+            sc += lr * grad_rows(ctx, theta, lambda G: (G * G).sum(1), desc).double()
+        else:
+            gF = ctx.failure_grad(theta)
+            sc += lr * grad_rows(ctx, theta, neg_dot(gF), desc).double()
+
+    def per_failure() -> np.ndarray:
+        total: torch.Tensor | None = None
+        for theta, lr in zip(thetas, lrs):
+            Gf = failure_grads(ctx, theta)
+            part = lr * grad_rows(ctx, theta, neg_dot(Gf.T), "culprits")
+            total = part if total is None else total + part
+        assert total is not None  # at least one checkpoint (checked above)
+        return total.numpy().astype(out_dtype(ctx))
+
+    return MethodOutput(
+        scores=sc.numpy(),
+        per_failure=per_failure,
+        info={"target": target, "checkpoints": len(thetas), "lrs": lrs},
+    )

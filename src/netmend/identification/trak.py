@@ -1,0 +1,237 @@
+"""TRAK (Park, Georgiev, Ilyas, Leclerc & Madry 2023): attribution by randomly projected gradients.
+
+For each model (the final one, or each of an ensemble of ``checkpoints``) TRAK linearises the
+model output ``m(x, y; theta) = logit_y - logsumexp_{j != y} logit_j`` (the margin; for
+softmax cross-entropy ``log p_y = log sigmoid(m)``), projects its per-example gradients to
+``k`` dimensions with a random matrix ``R`` ``[P, k]``, ``phi(x, y) = R^T grad m``, and scores
+
+    tau(f, z) = phi_f^T (Phi^T Phi + lambda I)^{-1} phi_z (1 - p_z),
+
+with ``Phi`` ``[N, k]`` the training features and ``1 - p_z = sigmoid(-m_z)`` TRAK's
+reweighting for cross-entropy (``Q``). Over an ensemble the kernel part and the ``1 - p``
+are averaged separately, as in TRAK's Algorithm 1 (no soft-thresholding).
+
+**Sign.** ``tau(f, z) > 0`` means training on ``z`` raised the failure's margin for its
+correct label (a proponent). Since ``(1 - p_z) grad m_z = g_z = grad log p(z)``, ``tau`` is
+``phi_f^T K^{-1} R^T g_z``: an influence function with a Gauss-Newton-like curvature, whose
+Koh & Liang sign makes ``tau > 0`` helpful. The cause score is its negative, summed over
+the failures: ``r(z) = -sum_i tau(f_i, z)``, positive = harmful. Self-influence
+(``target="self"``) is ``tau(z, z) = phi_z^T K^{-1} phi_z (1 - p_z) >= 0``, positive =
+suspicious.
+
+**Projection.** ``R`` has i.i.d. ``N(0, 1/k)`` entries, generated in blocks of parameter rows
+from ``numpy.random.SeedSequence([seed, checkpoint, block])``: deterministic given the seed,
+identical on every device and for every ``chunk_size``. It is kept in memory only when
+``P * k <= CACHE_ELEMENTS``; otherwise each chunk regenerates it block by block, so no
+``[P, k]`` matrix (and never ``[N, P]``) is held. ``Phi`` ``[N, k]`` is held, one model at a
+time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch.func import grad, vmap
+from tqdm.auto import tqdm
+
+from ..functional import chunks
+from .base import Context, MethodOutput, register
+from .influence import check_options, checkpoint_thetas, option_target, out_dtype
+
+BLOCK_ELEMENTS = 2**20
+"""Entries of ``R`` generated at once (``BLOCK_ELEMENTS // k`` parameter rows per block)."""
+CACHE_ELEMENTS = 2**25
+"""``R`` is kept whole when ``P * k`` is at most this (256 MiB in float64)."""
+MAX_UNPROJECTED = 8192
+"""``projection="none"`` holds ``[N, P]`` features and a ``[P, P]`` kernel: small models only."""
+AUTO_RIDGE_RATIO = 1e-2
+"""``ridge="auto"``: ``lambda = AUTO_RIDGE_RATIO * trace(Phi^T Phi) / k``."""
+
+
+class GaussianProjection:
+    """The seeded random projection ``G -> G R``, ``R`` ``[P, k]`` with ``N(0, 1/k)`` entries.
+
+    Args:
+        num_params: ``P``; dim: ``k``; seed: any sequence of ints (e.g. ``[seed, checkpoint]``).
+        dtype, device: of the projected gradients.
+        cache: keep ``R`` whole (default: when ``P * k <= CACHE_ELEMENTS``).
+    """
+
+    def __init__(
+        self,
+        num_params: int,
+        dim: int,
+        seed: list[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        cache: bool | None = None,
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"proj_dim must be >= 1; got {dim}")
+        self.P, self.k, self.seed = num_params, dim, list(seed)
+        self.dtype, self.device = dtype, device
+        self.rows = max(1, BLOCK_ELEMENTS // dim)
+        if cache is None:
+            cache = num_params * dim <= CACHE_ELEMENTS
+        self.full = torch.cat([self.block(b) for b in range(self.num_blocks)]) if cache else None
+
+    @property
+    def num_blocks(self) -> int:
+        return math.ceil(self.P / self.rows)
+
+    def block(self, b: int) -> torch.Tensor:
+        """Rows ``[b * rows, (b + 1) * rows)`` of ``R``."""
+        lo, hi = b * self.rows, min((b + 1) * self.rows, self.P)
+        state = np.random.SeedSequence([*self.seed, b]).generate_state(2, dtype=np.uint32)
+        gen = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+        R = torch.randn(hi - lo, self.k, generator=gen, dtype=torch.float64)
+        return (R / math.sqrt(self.k)).to(self.dtype).to(self.device)
+
+    def __call__(self, G: torch.Tensor) -> torch.Tensor:
+        """``G R`` for ``G`` ``[B, P]``: ``[B, k]``."""
+        if self.full is not None:
+            return G @ self.full
+        out = torch.zeros(G.shape[0], self.k, dtype=G.dtype, device=G.device)
+        for b in range(self.num_blocks):
+            out += G[:, b * self.rows : min((b + 1) * self.rows, self.P)] @ self.block(b)
+        return out
+
+    def matrix(self) -> torch.Tensor:
+        """``R`` ``[P, k]`` (for tests and small models)."""
+        return (
+            self.full
+            if self.full is not None
+            else torch.cat([self.block(b) for b in range(self.num_blocks)])
+        )
+
+
+def margins_and_grads(
+    ctx: Context, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Margins ``m = logit_y - logsumexp_{j != y} logit_j`` ``[B]`` and their per-example
+    gradients ``[B, P]`` (``torch.func.vmap``), for one chunk."""
+    fm = ctx.fm
+
+    def margin(t: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        z = fm.logits(t, xi.unsqueeze(0)).squeeze(0)
+        mask = torch.arange(z.shape[0], device=z.device) == yi
+        zy = torch.where(mask, z, torch.zeros_like(z)).sum()
+        others = torch.where(mask, torch.full_like(z, -math.inf), z)
+        return zy - torch.logsumexp(others, 0)
+
+    G = vmap(grad(margin), in_dims=(None, 0, 0))(theta, x, y).detach()
+    with torch.no_grad():
+        m = vmap(margin, in_dims=(None, 0, 0))(theta, x, y)
+    return m, G
+
+
+def features(
+    ctx: Context,
+    theta: torch.Tensor,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    project: GaussianProjection | None,
+    desc: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """TRAK features ``phi = R^T grad m`` ``[n, k]`` and ``1 - p = sigmoid(-m)`` ``[n]``,
+    streamed in chunks of ``ctx.chunk_size``; on ``ctx.device``."""
+    phis, ws = [], []
+    for s in tqdm(
+        list(chunks(X.shape[0], ctx.chunk_size)), desc=desc, disable=not ctx.progress, leave=False
+    ):
+        m, G = margins_and_grads(ctx, theta, X[s].to(ctx.device), y[s].to(ctx.device))
+        phis.append(project(G) if project is not None else G)
+        ws.append(torch.sigmoid(-m))
+    return torch.cat(phis), torch.cat(ws)
+
+
+@register("trak")
+def trak(ctx: Context) -> MethodOutput:
+    """TRAK cause scores ``r(z) = -sum_i tau(f_i, z)`` ``[N]``, positive = harmful.
+
+    Options:
+        proj_dim: ``k``, the projection's dimension (default 1024).
+        projection: "auto" (default: a Gaussian projection when ``P > proj_dim``, none
+            otherwise, since projecting to ``k >= P`` dimensions gains nothing), "gaussian"
+            or "none" (exact gradients; ``P <= 8192``).
+        ridge: ``lambda``, "auto" (default): ``1e-2 * trace(Phi^T Phi) / k``, one percent of
+            the kernel's mean eigenvalue, which keeps the solve finite when ``Phi^T Phi`` is
+            singular (``k > N``, dead units) and leaves well-determined directions alone;
+            or a float >= 0 (0 is TRAK's own default: beware a singular kernel).
+        proj_seed: seed of the projection (default: the identification's ``seed``); checkpoint
+            ``t`` uses ``[proj_seed, t]``.
+        checkpoints: ensemble of models (state_dicts / modules of the same architecture;
+            default: the final model alone).
+        target: "failures" (default) or "self" (``tau(z, z)``, positive = suspicious).
+
+    Per-failure scores ``[N, M]``: ``-tau(f_i, z)`` (against the failures whatever the target).
+    """
+    o = ctx.options
+    check_options(
+        ctx, ("proj_dim", "projection", "ridge", "proj_seed", "checkpoints", "target"), "trak"
+    )
+    target = option_target(ctx, "trak")
+    thetas = checkpoint_thetas(ctx, o.get("checkpoints"))
+    k = int(o.get("proj_dim", 1024))
+    if k < 1:
+        raise ValueError(f"proj_dim must be >= 1; got {k}")
+    mode = o.get("projection", "auto")
+    if mode not in ("auto", "gaussian", "none"):
+        raise ValueError(f"projection must be 'auto', 'gaussian' or 'none'; got {mode!r}")
+    P = ctx.fm.num_params
+    if mode == "auto":
+        mode = "gaussian" if k < P else "none"
+    if mode == "none" and P > MAX_UNPROJECTED:
+        raise ValueError(
+            f"projection='none' needs P <= {MAX_UNPROJECTED} parameters (the model has {P}); "
+            "use projection='gaussian' with a proj_dim"
+        )
+    ridge = o.get("ridge", "auto")
+    if not (ridge == "auto" or (isinstance(ridge, (int, float)) and ridge >= 0)):
+        raise ValueError(f"ridge must be 'auto' or a number >= 0; got {ridge!r}")
+    seed = int(o.get("proj_seed", ctx.seed))
+    T = len(thetas)
+    kern = torch.zeros(ctx.N, ctx.Xq.shape[0], dtype=ctx.theta.dtype)  # mean phi_z K^-1 phi_f
+    kern_self = torch.zeros(ctx.N, dtype=ctx.theta.dtype)
+    wbar = torch.zeros(ctx.N, dtype=ctx.theta.dtype)
+    lambdas = []
+    for t, theta in enumerate(thetas):
+        proj = (
+            GaussianProjection(P, k, [seed, t], theta.dtype, ctx.device)
+            if mode == "gaussian"
+            else None
+        )
+        Phi, w = features(ctx, theta, ctx.X, ctx.y, proj, f"trak {t + 1}/{T}")
+        PhiF, _ = features(ctx, theta, ctx.Xq, ctx.yq, proj, "trak failures")
+        K = Phi.T @ Phi
+        dim = K.shape[0]
+        lam = AUTO_RIDGE_RATIO * float(torch.trace(K)) / dim if ridge == "auto" else float(ridge)
+        if ridge == "auto" and not lam > 0:
+            lam = 1.0  # every feature is zero: any ridge gives zero scores
+        lambdas.append(lam)
+        K = K + lam * torch.eye(dim, dtype=K.dtype, device=K.device)
+        L, info = torch.linalg.cholesky_ex(K)
+        if int(info) != 0:
+            raise ValueError(
+                "TRAK's kernel Phi^T Phi + ridge*I is singular; use ridge='auto' or a ridge > 0"
+            )
+        kern += (Phi @ torch.cholesky_solve(PhiF.T, L)).cpu() / T
+        if target == "self":
+            kern_self += (Phi * torch.cholesky_solve(Phi.T, L).T).sum(1).cpu() / T
+        wbar += w.cpu() / T
+        del Phi
+    per_failure = -(wbar[:, None] * kern)
+    scores = wbar * kern_self if target == "self" else per_failure.sum(1)
+    return MethodOutput(
+        scores=scores.double().numpy(),
+        per_failure=per_failure.numpy().astype(out_dtype(ctx)),
+        info={
+            "target": target,
+            "projection": mode,
+            "proj_dim": k if mode == "gaussian" else P,
+            "ridge": lambdas,
+            "checkpoints": T,
+        },
+    )
