@@ -105,12 +105,28 @@ def as_tensors(
     y = y.long()
     if not X.is_floating_point():
         X = X.float()
-    if not torch.isfinite(X).all():
-        bad = int((~torch.isfinite(X)).reshape(X.shape[0], -1).any(1).sum())
+    bad = _nonfinite_rows(X)
+    if bad:
         raise ValueError(
             f"{name}: {bad} input(s) contain NaN or inf; clean or drop them before calling netmend"
         )
     return X, y
+
+
+def _nonfinite_rows(X: torch.Tensor, block_elements: int = 1 << 20) -> int:
+    """Number of examples of ``X`` ``[N, ...]`` with a NaN or inf, checked block by block.
+
+    ``torch.isfinite`` of the whole set would allocate ``[N, ...]`` temporaries (a float
+    ``abs`` and two masks, about 1.7x the data); blocks keep the extra memory constant.
+    """
+    if X.shape[0] == 0:
+        return 0
+    rows = max(1, block_elements // max(1, X[0].numel()))
+    bad = 0
+    for i in range(0, X.shape[0], rows):
+        block = X[i : i + rows]
+        bad += int((~torch.isfinite(block)).reshape(block.shape[0], -1).any(1).sum())
+    return bad
 
 
 def check_labels(y: torch.Tensor, num_classes: int, name: str) -> None:

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
-from tqdm.auto import tqdm
+
+from .cache import map_chunks, tensor_hash
 
 
 @dataclass
@@ -112,15 +113,21 @@ def stream(
     device: torch.device,
     progress: bool = False,
     desc: str = "",
+    fingerprint: Callable[[], str] | None = None,
 ) -> torch.Tensor:
-    """Apply ``fn(x_chunk, y_chunk) -> [b, ...]`` over the data in chunks; concatenate on CPU."""
-    outs = [
-        fn(X[s].to(device), y[s].to(device)).detach().cpu()
-        for s in tqdm(
-            list(chunks(X.shape[0], chunk_size)), desc=desc, disable=not progress, leave=False
-        )
-    ]
-    return torch.cat(outs)
+    """Apply ``fn(x_chunk, y_chunk) -> [b, ...]`` over the data in chunks; concatenate on CPU.
+
+    Resumable: inside ``netmend.identify(..., cache_dir=...)`` the completed chunks are
+    checkpointed and a rerun skips them (see :func:`netmend.cache.map_chunks`, which also
+    explains ``fingerprint``, an optional name of ``fn``'s other inputs).
+    """
+
+    def one(s: slice) -> torch.Tensor:
+        return fn(X[s].to(device), y[s].to(device)).detach().cpu()
+
+    return map_chunks(
+        X.shape[0], chunk_size, one, desc=desc, progress=progress, fingerprint=fingerprint
+    )
 
 
 def log_likelihoods(
@@ -136,7 +143,16 @@ def log_likelihoods(
     device = torch.device(device)
     theta = theta.to(device)
     with torch.no_grad():
-        return stream(X, y, lambda x, t: fm.ll(theta, x, t), chunk_size, device, progress, "ll")
+        return stream(
+            X,
+            y,
+            lambda x, t: fm.ll(theta, x, t),
+            chunk_size,
+            device,
+            progress,
+            "ll",
+            fingerprint=lambda: tensor_hash(theta),
+        )
 
 
 def summed_grad(

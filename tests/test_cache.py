@@ -1,0 +1,346 @@
+"""Saved, resumable runs (netmend.cache): reuse, refusal, atomic writes, kill-and-resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import netmend
+import netmend.cache as nc
+from netmend.models import MLP
+
+DT = torch.float64
+RUN = dict(progress=False, device="cpu", chunk_size=16)
+WORKER = Path(__file__).with_name("_cache_worker.py")
+
+
+@pytest.fixture
+def problem(blobs):
+    torch.manual_seed(0)
+    model = MLP(2, 3, hidden=(8,)).double().eval()
+    Xf = torch.cat([blobs.Xf, blobs.X[:5]])
+    with torch.no_grad():
+        yf = (model(Xf).argmax(1) + 1) % 3
+    return model, (blobs.X, blobs.y), (Xf, yf)
+
+
+def _counting(monkeypatch):
+    """Count the calls of every identification method (patched into identify's lookup)."""
+    calls: list[str] = []
+    get = netmend.identification.get
+
+    def counted(name):
+        fn = get(name)
+
+        def wrapped(ctx):
+            calls.append(name)
+            return fn(ctx)
+
+        return wrapped
+
+    monkeypatch.setattr(netmend.api.identification, "get", counted)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["ewc", "linear"])
+def test_rerun_reuses_fisher_and_scores_without_scoring(tmp_path, problem, monkeypatch, method):
+    model, train, failures = problem
+    plain = netmend.identify(model, train, failures, method, **RUN)
+    calls = _counting(monkeypatch)
+    first = netmend.identify(model, train, failures, method, cache_dir=tmp_path, **RUN)
+    assert calls == [method] * 3  # all failures, then the two halves of the automatic k
+    assert first.info["cache"]["examples_computed"] > 0
+    calls.clear()
+    second = netmend.identify(model, train, failures, method, cache_dir=tmp_path, **RUN)
+    assert calls == []  # nothing scored
+    assert second.info["cache"]["examples_computed"] == 0
+    assert second.info["cache"]["results_reused"] == ["call0", "call1", "call2"]
+    for r in (first, second):  # bit-for-bit the uncached result
+        np.testing.assert_array_equal(r.scores, plain.scores)
+        np.testing.assert_array_equal(r.causes, plain.causes)
+        assert torch.equal(r.fisher, plain.fisher)
+    if method == "ewc":
+        assert torch.equal(second.info["theta_plus_f"], plain.info["theta_plus_f"])
+        assert second.info["steps"] == plain.info["steps"]
+    # per-failure scores: computed once (rerunning the method lazily), then read back
+    np.testing.assert_array_equal(second.per_failure, plain.per_failure)
+    third = netmend.identify(model, train, failures, method, cache_dir=tmp_path, **RUN)
+    calls.clear()
+    np.testing.assert_array_equal(third.per_failure, plain.per_failure)
+    assert calls == []
+
+
+def test_settings_that_do_not_change_scores_may_change(tmp_path, problem, monkeypatch):
+    model, train, failures = problem
+    base = netmend.identify(model, train, failures, k=3, cache_dir=tmp_path, **RUN)
+    calls = _counting(monkeypatch)
+    other = netmend.identify(
+        model, train, failures, k="positive", cache_dir=tmp_path, progress=False, chunk_size=7
+    )
+    assert calls == []
+    np.testing.assert_array_equal(other.scores, base.scores)
+    np.testing.assert_array_equal(
+        other.causes, netmend.identification.select(base.scores, "positive")
+    )
+
+
+def _variants(model, train, failures):
+    """Each key field changed alone: (field named in the error, identify kwargs)."""
+    (X, y), (Xf, yf) = train, failures
+    moved = MLP(2, 3, hidden=(8,)).double().eval()
+    moved.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        moved.net[1].bias[0] += 1e-9
+    y2 = y.clone()
+    y2[0] = (y2[0] + 1) % 3
+    X2 = X.clone()
+    X2[3, 1] += 1e-12
+    Xf2 = Xf.clone()
+    Xf2[0, 0] += 1e-9
+    return [
+        ("model", dict(model=moved)),
+        ("train", dict(train=(X, y2))),
+        ("train", dict(train=(X2, y))),
+        ("failures", dict(failures=(Xf2, yf))),
+        ("method", dict(method="linear")),
+        ("options", dict(steps=5)),
+        ("l2", dict(l2=3.0)),
+        ("seed", dict(seed=1)),
+        ("dtype", dict(model=MLP(2, 3, hidden=(8,)).eval())),
+        ("fisher", dict(fisher=torch.ones(sum(p.numel() for p in model.parameters()), dtype=DT))),
+    ]
+
+
+def test_changed_settings_are_refused_naming_the_field(tmp_path, problem, monkeypatch):
+    model, train, failures = problem
+    netmend.identify(model, train, failures, k=3, cache_dir=tmp_path, **RUN)
+    stored = sorted(os.listdir(tmp_path))
+    base = dict(model=model, train=train, failures=failures, method="ewc")
+    for field, change in _variants(model, train, failures):
+        kw = {**base, **change}
+        if field == "dtype":  # a float32 model: the failures must stay failures for it
+            m32 = kw["model"]
+            m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        with pytest.raises(ValueError, match=rf"different settings: .*\b{field} ") as err:
+            netmend.identify(cache_dir=tmp_path, k=3, **RUN, **kw)
+        msg = str(err.value)
+        assert "another cache_dir" in msg and "overwrite_cache=True" in msg
+        assert sorted(os.listdir(tmp_path)) == stored  # nothing written, nothing mixed
+    monkeypatch.setattr(netmend, "__version__", "99.0")
+    with pytest.raises(ValueError, match="netmend_version"):
+        netmend.identify(model, train, failures, k=3, cache_dir=tmp_path, **RUN)
+
+
+def test_overwrite_replaces_and_foreign_directories_are_refused(tmp_path, problem):
+    model, train, failures = problem
+    netmend.identify(model, train, failures, k=3, cache_dir=tmp_path, **RUN)
+    plain = netmend.identify(model, train, failures, "linear", k=3, **RUN)
+    res = netmend.identify(
+        model, train, failures, "linear", k=3, cache_dir=tmp_path, overwrite_cache=True, **RUN
+    )
+    np.testing.assert_array_equal(res.scores, plain.scores)
+    assert res.info["cache"]["results_reused"] == []
+    assert json.loads((tmp_path / "settings.json").read_text())["method"] == "linear"
+    assert not any("ewc" in p.name for p in tmp_path.iterdir())
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        netmend.identify(model, train, failures, k=3, cache_dir=foreign, **RUN)
+    with pytest.raises(ValueError, match="did not write"):
+        netmend.identify(
+            model, train, failures, k=3, cache_dir=foreign, overwrite_cache=True, **RUN
+        )
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "r.safetensors"
+    old = {"value": torch.arange(5.0)}
+    nc.save_tensors(path, old, {"done": 5})
+    real = nc.save_file
+
+    def dies_midway(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        with open(filename, "r+b") as f:  # half a file on disk, then the process "dies"
+            f.truncate(os.path.getsize(filename) // 2)
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(nc, "save_file", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        nc.save_tensors(path, {"value": torch.arange(1000.0)}, {"done": 1000})
+    tensors, meta = nc.load_tensors(path)
+    assert torch.equal(tensors["value"], old["value"]) and meta == {"done": 5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.safetensors"]  # no temporary left
+    monkeypatch.setattr(nc, "save_file", real)
+
+    seen = []
+
+    def watch(tensors, filename, metadata=None):  # while writing, the final name is the old file
+        seen.append(nc.load_tensors(path)[1])
+        assert Path(filename).parent == path.parent and Path(filename) != path
+        real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(nc, "save_file", watch)
+    nc.save_tensors(path, {"value": torch.arange(3.0)}, {"done": 3})
+    assert seen == [{"done": 5}] and nc.load_tensors(path)[1] == {"done": 3}
+
+
+@pytest.mark.parametrize("reduce", ["cat", "sum"])
+@pytest.mark.parametrize("resume_chunk", [5, 3])
+def test_map_chunks_resumes_after_an_interruption(tmp_path, reduce, resume_chunk):
+    """Interrupted after 3 chunks: the rerun computes only the rest; same chunking, same bits."""
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(23, 4, generator=g, dtype=DT)
+    kw = dict(desc="t", reduce=reduce, init=torch.zeros(4, dtype=DT) if reduce == "sum" else None)
+
+    def fn(s):
+        return (data[s].exp() * 1.7).sum(0) if reduce == "sum" else (data[s].exp() * 1.7)
+
+    straight = nc.map_chunks(23, 5, fn, **kw)
+    run = nc.RunCache(tmp_path, {"k": 1}, checkpoint_seconds=0.0)
+    seen: list[int] = []
+
+    def fails_at_4th(s):
+        if len(seen) == 3:
+            raise RuntimeError("interrupted")
+        seen.append(s.start)
+        return fn(s)
+
+    with run.activated("x"), pytest.raises(RuntimeError):
+        nc.map_chunks(23, 5, fails_at_4th, **kw)
+    rerun = nc.RunCache(tmp_path, {"k": 1})
+    starts: list[int] = []
+
+    def record(s):
+        starts.append(s.start)
+        return fn(s)
+
+    with rerun.activated("x"):
+        out = nc.map_chunks(23, resume_chunk, record, **kw)
+    assert starts[0] == 15 and len(starts) == len(range(15, 23, resume_chunk))
+    assert rerun.passes == [{"label": "pass.x.000.t", "skipped": 15, "computed": 8}]
+    if resume_chunk == 5:
+        assert torch.equal(out, straight)
+    else:  # another chunk size resumes at the same example; equal up to rounding
+        torch.testing.assert_close(out, straight, rtol=1e-14, atol=0)
+    with nc.RunCache(tmp_path, {"k": 1}).activated("x"):  # finished: nothing computed
+        again = nc.map_chunks(23, 5, lambda s: pytest.fail("recomputed"), **kw)
+    assert torch.equal(again, out)
+
+
+def test_checkpoint_with_other_inputs_is_discarded(tmp_path):
+    with nc.RunCache(tmp_path, {"k": 1}).activated("x"):
+        nc.map_chunks(4, 2, lambda s: torch.ones(s.stop - s.start), fingerprint=lambda: "a")
+    with nc.RunCache(tmp_path, {"k": 1}).activated("x"), pytest.warns(UserWarning, match="other"):
+        out = nc.map_chunks(4, 2, lambda s: torch.zeros(s.stop - s.start), fingerprint=lambda: "b")
+    assert torch.equal(out, torch.zeros(4))
+
+
+def test_hashes_see_values_not_layout():
+    a = torch.randn(7, 5, dtype=DT)
+    assert nc.tensor_hash(a.T) == nc.tensor_hash(a.T.contiguous())
+    assert nc.tensor_hash(a) != nc.tensor_hash(a.T.contiguous())  # shape is part of it
+    b = a.clone()
+    b[6, 4] = torch.nextafter(b[6, 4], torch.tensor(np.inf, dtype=DT))
+    assert nc.tensor_hash(a) != nc.tensor_hash(b)
+    assert nc.tensor_hash(a, block_bytes=16) == nc.tensor_hash(a)
+    assert nc.jsonable({"w": a})["w"] == {"tensor": nc.tensor_hash(a)}
+
+
+def test_identify_is_deterministic_given_seed(problem):
+    model, train, failures = problem
+    a = netmend.identify(model, train, failures, "random", seed=3, **RUN)
+    b = netmend.identify(model, train, failures, "random", seed=3, **RUN)
+    c = netmend.identify(model, train, failures, "random", seed=4, **RUN)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.causes, b.causes)
+    assert not np.array_equal(a.scores, c.scores)
+    d = netmend.identify(model, train, failures, seed=3, **RUN)
+    e = netmend.identify(model, train, failures, seed=3, **RUN)
+    np.testing.assert_array_equal(d.scores, e.scores)
+    np.testing.assert_array_equal(d.causes, e.causes)
+
+
+def _load_worker():
+    spec = importlib.util.spec_from_file_location("_cache_worker", WORKER)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _partial_passes(cache_dir: Path) -> dict[str, dict]:
+    out = {}
+    for p in cache_dir.glob("pass.*.safetensors"):
+        try:
+            meta = nc.load_tensors(p)[1]
+        except Exception:  # noqa: BLE001 - atomic writes: cannot happen; fail loudly below
+            raise AssertionError(f"unreadable checkpoint {p.name}") from None
+        out[p.name] = meta
+    return out
+
+
+def test_killed_run_resumes_with_identical_scores(tmp_path):
+    """SIGKILL a real process in the middle of a pass; the rerun skips the finished chunks."""
+    worker = _load_worker()
+    cache_dir = tmp_path / "run"
+    env = dict(os.environ, NETMEND_TEST_SLEEP="0.15", PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), str(cache_dir), str(tmp_path / "out")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    target = "pass.call0.001.ll.safetensors"  # the EWC's first log-likelihood pass (3 chunks)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            metas = _partial_passes(cache_dir) if cache_dir.exists() else {}
+            if target in metas and not metas[target]["complete"]:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, f"worker ended first: {proc.stderr.read().decode()[-2000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    metas = _partial_passes(cache_dir)
+    assert metas["pass.call0.000.fisher.safetensors"]["complete"]
+    done = metas[target]["done"]
+    assert 0 < done < worker.N and not (tmp_path / "out").exists()
+
+    model, train, failures = worker.problem()
+    kw = dict(chunk_size=worker.CHUNK, progress=False, device="cpu")
+    resumed = netmend.identify(model, train, failures, "ewc", cache_dir=cache_dir, **kw)
+    plain = netmend.identify(model, train, failures, "ewc", **kw)
+    np.testing.assert_array_equal(resumed.scores, plain.scores)
+    np.testing.assert_array_equal(resumed.causes, plain.causes)
+    assert torch.equal(resumed.fisher, plain.fisher)
+    passes = {p["label"]: p for p in resumed.info["cache"]["passes"]}
+    assert passes["pass.call0.000.fisher"] == {
+        "label": "pass.call0.000.fisher", "skipped": worker.N, "computed": 0
+    }  # fmt: skip
+    assert passes["pass.call0.001.ll"]["skipped"] == done
+    assert passes["pass.call0.002.ll"]["skipped"] == 0
+
+
+def test_repair_passes_cache_dir_to_identify(tmp_path, problem):
+    model, train, failures = problem
+    kw = dict(identify="linear", treat="newton", k=3, **RUN)
+    a = netmend.repair(model, train, failures, cache_dir=tmp_path, **kw)
+    b = netmend.repair(model, train, failures, cache_dir=tmp_path, **kw)
+    assert a.identification.info["cache"]["results_reused"] == []
+    assert b.identification.info["cache"]["results_reused"] == ["call0"]
+    np.testing.assert_array_equal(a.scores, b.scores)
