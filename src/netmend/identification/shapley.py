@@ -1,0 +1,386 @@
+"""Data-Shapley cause identification: exact KNN-Shapley on the model's embeddings.
+
+A training example's *value* is its Shapley value in the game "accuracy on the failures (and,
+optionally, on a trusted clean validation set) of a K-nearest-neighbour classifier trained on a
+subset of the training set", with the classifier working on the model's penultimate-layer
+embeddings. An example that lowers that accuracy on average over all subsets (a mislabelled
+point next to a failure) has a **negative** value, so the cause score is ``r = -value``:
+**positive = harmful**, and the causes are simply the examples with ``r > 0`` (no K to choose;
+these methods set ``MethodOutput.info["default_k"] = "positive"``).
+
+The utility (Jia et al. 2019, "Efficient task-specific data valuation for nearest neighbor
+algorithms", Theorem 1) of a subset ``S`` for one test point ``(x_t, y_t)`` is
+
+    u_t(S) = (1/K) * #{the min(K, |S|) nearest neighbours of x_t in S with label y_t},
+
+``u_t(empty) = 0``; ties in distance are broken by training index (a stable sort). For this game
+the exact Shapley values need one sort per test point (``O(N log N)``):
+
+    s_(N) = 1[y_(N) = y_t] * min(K, N) / (N K)
+    s_(i) = s_(i+1) + (1[y_(i) = y_t] - 1[y_(i+1) = y_t]) / K * min(K, i) / i,
+
+where ``(i)`` is the i-th nearest training point. (Jia et al. state ``s_(N) = 1[.]/N``, which
+assumes ``N >= K``; ``min(K, N)/(N K)`` is the value for any ``K``.)
+
+The whole game is ``U(S) = mean_{failures} u_t(S) + valid_weight * mean_{valid} u_t(S)``; a
+Shapley value is linear in the game, so values of ``U`` are the same combination of the
+per-test-point values, and they sum to ``U(full) - U(empty)`` (efficiency).
+
+The Monte-Carlo estimators on the same game (truncated Monte-Carlo Shapley, Data Banzhaf) are in
+:mod:`netmend.identification.shapley_mc`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._checks import as_tensors, check_labels
+from ..functional import chunks
+from .base import Context, MethodOutput, register
+
+DEFAULT_K = 5
+"""Neighbours of the KNN utility. K = 5 is the common default (scikit-learn's, Jia et al.'s
+experiments use 1-10): K = 1 makes the value of a point depend on a single neighbour of each
+failure (noisy, many exact zeros), while a large K spreads the blame for a failure over points
+far from it, towards the class prior."""
+
+METRICS = ("euclidean", "cosine")
+
+Embed = Callable[[torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+def _last_linear(model: nn.Module, x: torch.Tensor) -> nn.Linear:
+    """The ``nn.Linear`` that the forward pass calls last (the classification head)."""
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layer whose input could serve as the "
+            "embedding; pass embed= a callable mapping inputs [B, ...] to features [B, D] "
+            "(or embed='input' to use the flattened inputs)"
+        )
+    called: list[nn.Linear] = []
+    handles = [m.register_forward_pre_hook(lambda mod, _inp: called.append(mod)) for m in linears]
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    if not called:
+        raise ValueError(
+            f"the forward pass of {type(model).__name__} calls none of its nn.Linear layers; "
+            "pass embed= a callable mapping inputs [B, ...] to features [B, D]"
+        )
+    return called[-1]
+
+
+def penultimate_embeddings(
+    model: nn.Module,
+    X: torch.Tensor,
+    chunk_size: int = 512,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> torch.Tensor:
+    """The input of the model's last-called ``nn.Linear`` for every example, ``[N, D]`` on CPU.
+
+    A forward pre-hook records the head's input chunk by chunk; it is removed afterwards (the
+    model is otherwise untouched; netmend passes its private copy).
+
+    Raises:
+        ValueError: the model has no ``nn.Linear`` (pass ``embed=`` instead).
+    """
+    device = torch.device(device)
+    head = _last_linear(model, X[:1].to(device))
+    store: list[torch.Tensor] = []
+
+    def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        store.append(inputs[0].detach().reshape(inputs[0].shape[0], -1).cpu())
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for s in tqdm(
+                list(chunks(X.shape[0], chunk_size)),
+                desc="embed",
+                disable=not progress,
+                leave=False,
+            ):
+                model(X[s].to(device))
+    finally:
+        handle.remove()
+    return torch.cat(store)
+
+
+def _embedder(ctx: Context) -> Callable[[torch.Tensor], torch.Tensor]:
+    embed = ctx.options.get("embed")
+    chunk = max(ctx.chunk_size, 512)
+    if embed is None:
+        model = ctx.fm.module
+        return lambda X: penultimate_embeddings(model, X, chunk, ctx.device, ctx.progress)
+    if isinstance(embed, str):
+        if embed != "input":
+            raise ValueError(f"embed must be None, 'input' or a callable; got {embed!r}")
+        return lambda X: X.reshape(X.shape[0], -1)
+    if not callable(embed):
+        raise ValueError(f"embed must be None, 'input' or a callable; got {type(embed).__name__}")
+
+    def run(X: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            outs = [torch.as_tensor(embed(X[s].to(ctx.device))) for s in chunks(X.shape[0], chunk)]
+        E = torch.cat([o.detach().reshape(o.shape[0], -1).cpu() for o in outs])
+        if E.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"embed returned {E.shape[0]} rows for {X.shape[0]} inputs; it must map a batch "
+                "[B, ...] to features [B, D]"
+            )
+        return E
+
+    return run
+
+
+# ----------------------------------------------------------------------------- the KNN game
+
+
+@dataclass
+class KNNGame:
+    """The KNN-utility game of a training set against a set of test points.
+
+    Attributes:
+        E: training embeddings ``[N, D]``; y: training labels ``[N]``.
+        Et: test embeddings ``[T, D]`` (failures first, then validation points); yt: ``[T]``.
+        weights: ``[T]`` float64, ``U(S) = sum_t weights[t] * u_t(S)``.
+        num_failures: ``M``, the first ``M`` test points are the query failures.
+        K: neighbours; metric: "euclidean" or "cosine".
+    """
+
+    E: torch.Tensor
+    y: torch.Tensor
+    Et: torch.Tensor
+    yt: torch.Tensor
+    weights: np.ndarray
+    num_failures: int
+    K: int
+    metric: str
+
+    def distances(self, t: slice) -> torch.Tensor:
+        """Distances of test points ``t`` to every training point, ``[len(t), N]``."""
+        return pairwise_distances(self.Et[t], self.E, self.metric)
+
+
+def pairwise_distances(A: torch.Tensor, B: torch.Tensor, metric: str) -> torch.Tensor:
+    """``[len(A), len(B)]`` Euclidean or cosine (``1 - cos``) distances."""
+    if metric == "euclidean":
+        return torch.cdist(A, B)
+    if metric == "cosine":
+        a = A / A.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        b = B / B.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return 1.0 - a @ b.T
+    raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
+
+
+def knn_shapley_from_distances(
+    D: torch.Tensor, y_train: torch.Tensor, y_test: torch.Tensor, K: int
+) -> torch.Tensor:
+    """Exact KNN-Shapley values of every training point for every test point, ``[T, N]``.
+
+    Jia et al. (2019), Theorem 1, vectorised over test points: one stable sort per row, then the
+    recursion as a reversed cumulative sum. Ties in distance are broken by training index.
+    These are *values* (positive = helpful); row ``t`` sums to ``u_t(full)``.
+
+    Args:
+        D: distances ``[T, N]`` of the test points to the training points.
+        y_train: ``[N]`` labels; y_test: ``[T]`` labels.
+        K: neighbours (any ``K >= 1``, also ``K > N``).
+    """
+    T, N = D.shape
+    dt = D.dtype if D.is_floating_point() else torch.float64
+    order = torch.argsort(D, dim=1, stable=True)  # [T, N], nearest first
+    match = (y_train.to(D.device)[order] == y_test.to(D.device)[:, None]).to(dt)
+    i = torch.arange(1, N, device=D.device, dtype=dt)  # ranks 1 .. N-1
+    coef = torch.clamp(i, max=K) / (i * K)
+    step = (match[:, :-1] - match[:, 1:]) * coef  # [T, N-1]: s_(i) - s_(i+1)
+    last = match[:, -1] * (min(K, N) / (N * K))  # [T]
+    s = torch.empty_like(match)
+    s[:, -1] = last
+    s[:, :-1] = last[:, None] + step.flip(1).cumsum(1).flip(1)
+    return torch.empty_like(s).scatter_(1, order, s)
+
+
+def knn_banzhaf_from_distances(
+    D: torch.Tensor, y_train: torch.Tensor, y_test: torch.Tensor, K: int
+) -> torch.Tensor:
+    """Exact Banzhaf values of every training point in the KNN game of each test point, ``[T, N]``.
+
+    The closed form behind :func:`netmend.identification.shapley_mc.msr_banzhaf` on this game.
+    With the training points sorted by distance (``(i)``: the i-th nearest, ties by index) and
+    the other points each in the subset with probability 1/2, adding ``(i)`` changes ``u_t``
+    only if fewer than ``K`` nearer points are present (probability
+    ``F(i-1) = P(Bin(i-1, 1/2) <= K-1)``); it then evicts ``(j), j > i``, when ``(j)`` is present
+    with exactly ``K-1`` of the other ``j-2`` nearer points (probability ``p(j-2) / 2``,
+    ``p(n) = P(Bin(n, 1/2) = K-1)``):
+
+        b_(i) = (1[y_(i) = y_t] F(i-1) - sum_{j > i} 1[y_(j) = y_t] p(j-2) / 2) / K.
+
+    One sort and a reversed cumulative sum per test point, ``O(N log N)``.
+    """
+    T, N = D.shape
+    dt = D.dtype if D.is_floating_point() else torch.float64
+    order = torch.argsort(D, dim=1, stable=True)
+    match = (y_train.to(D.device)[order] == y_test.to(D.device)[:, None]).to(dt)
+    n = torch.arange(N, device=D.device, dtype=torch.float64)  # 0 .. N-1
+    q = torch.arange(K, device=D.device, dtype=torch.float64)  # 0 .. K-1
+    # log P(Bin(n, 1/2) = q) for every n and q <= K-1 (zero where q > n)
+    logp = (
+        torch.lgamma(n[:, None] + 1)
+        - torch.lgamma(q[None] + 1)
+        - torch.lgamma((n[:, None] - q[None]).clamp_min(0) + 1)
+        - n[:, None] * math.log(2.0)
+    )
+    pmf = torch.where(q[None] <= n[:, None], logp.exp(), torch.zeros(()).to(logp))
+    F = pmf.sum(1).clamp(max=1.0).to(dt)  # F[n] = P(Bin(n, 1/2) <= K-1)
+    p_last = pmf[:, K - 1].to(dt)  # p[n] = P(Bin(n, 1/2) = K-1)
+    evict = torch.zeros_like(match)  # evict[:, i] = sum_{j > i} m_(j) p(j-2) / 2 (0-based j)
+    if N > 1:
+        term = match[:, 1:] * p_last[: N - 1] / 2  # j = 1 .. N-1 (0-based), j-2 -> j-1
+        evict[:, :-1] = term.flip(1).cumsum(1).flip(1)
+    b = (match * F - evict) / K
+    return torch.empty_like(b).scatter_(1, order, b)
+
+
+def knn_utility_from_distances(
+    D: torch.Tensor, y_train: torch.Tensor, y_test: torch.Tensor, K: int
+) -> torch.Tensor:
+    """``u_t(full)`` for every test point ``[T]``: the fraction of its ``K`` nearest training
+    points that carry its label (divided by ``K`` even when ``N < K``)."""
+    order = torch.argsort(D, dim=1, stable=True)[:, :K]
+    return (y_train.to(D.device)[order] == y_test.to(D.device)[:, None]).double().sum(1) / K
+
+
+def knn_shapley_values(
+    game: KNNGame, device: torch.device | str = "cpu", kind: str = "shapley"
+) -> np.ndarray:
+    """Per-test-point exact KNN-Shapley (or, ``kind="banzhaf"``, KNN-Banzhaf) values ``[N, T]``
+    float64 (positive = helpful).
+
+    Streams the test points in chunks so that at most ``~2^22`` distances are held at once;
+    ``O(T N (D + log N))`` time.
+    """
+    exact = knn_banzhaf_from_distances if kind == "banzhaf" else knn_shapley_from_distances
+    N, T = game.E.shape[0], game.Et.shape[0]
+    device = torch.device(device)
+    E, y = game.E.to(device), game.y.to(device)
+    out = np.empty((N, T), dtype=np.float64)
+    rows = max(1, (1 << 22) // max(N, 1))
+    for s in chunks(T, rows):
+        D = pairwise_distances(game.Et[s].to(device), E, game.metric)
+        out[:, s] = exact(D, y, game.yt[s], game.K).double().T.cpu().numpy()
+    return out
+
+
+# ----------------------------------------------------------------------------- options
+
+
+def _int_option(ctx: Context, name: str, default: int, low: int = 1) -> int:
+    v = ctx.options.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {v!r}")
+    return int(v)
+
+
+def _float_option(ctx: Context, name: str, default: float, low: float = 0.0) -> float:
+    v = ctx.options.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{name} must be a number >= {low}; got {v!r}")
+    if not (np.isfinite(v) and v >= low):
+        raise ValueError(f"{name} must be a finite number >= {low}; got {v!r}")
+    return float(v)
+
+
+def check_options(ctx: Context, known: set[str]) -> None:
+    """Raise on an option the method does not know (a typo would otherwise be ignored)."""
+    unknown = set(ctx.options) - known
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; this method takes {sorted(known)}")
+
+
+GAME_OPTIONS = {"K", "metric", "valid", "valid_weight", "embed"}
+
+
+def build_game(ctx: Context) -> KNNGame:
+    """The KNN game of ``ctx``: embeddings of the training set, the failures and ``valid``.
+
+    Options read: ``K``, ``metric``, ``valid`` (an ``(Xv, yv)`` pair or dataset of clean
+    examples with correct labels), ``valid_weight`` (weight of the validation accuracy against
+    the failures' accuracy, default 1.0), ``embed``.
+    """
+    K = _int_option(ctx, "K", DEFAULT_K)
+    metric = ctx.options.get("metric", "euclidean")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
+    valid_weight = _float_option(ctx, "valid_weight", 1.0)
+    embed = _embedder(ctx)
+    M = int(ctx.Xq.shape[0])
+    Xt, yt = ctx.Xq, ctx.yq
+    weights = np.full(M, 1.0 / M)
+    valid = ctx.options.get("valid")
+    if valid is not None:
+        Xv, yv = as_tensors(valid, "valid")
+        if Xv.shape[1:] != ctx.X.shape[1:]:
+            raise ValueError(
+                f"valid has input shape {tuple(Xv.shape[1:])} but train has "
+                f"{tuple(ctx.X.shape[1:])}: pass valid=(Xv, yv) with inputs like the training set"
+            )
+        with torch.no_grad():
+            classes = int(ctx.fm.module(ctx.X[:1].to(ctx.device)).shape[-1])
+        check_labels(yv, classes, "valid")
+        Xt = torch.cat([Xt, Xv.to(ctx.X.dtype)])
+        yt = torch.cat([yt, yv.to(ctx.yq.dtype)])
+        weights = np.concatenate([weights, np.full(Xv.shape[0], valid_weight / Xv.shape[0])])
+    E = embed(ctx.X)
+    Et = embed(Xt)
+    if E.shape[0] != ctx.N or Et.shape[1] != E.shape[1]:
+        raise ValueError("embed must map every input batch [B, ...] to features [B, D]")
+    return KNNGame(E, ctx.y.cpu(), Et, yt.cpu(), weights, M, K, metric)
+
+
+def game_output(game: KNNGame, values: np.ndarray, info: dict[str, Any]) -> MethodOutput:
+    """Scores ``-values @ weights`` ``[N]`` and per-failure scores ``-values[:, :M]`` ``[N, M]``
+    (both positive = harmful) from per-test-point values ``[N, T]``."""
+    M = game.num_failures
+    scores = -(values @ game.weights)
+    info = dict(info, default_k="positive", K=game.K, metric=game.metric)
+    info["num_harmful"] = int((scores > 0).sum())
+    pf = (-values[:, :M]).astype(np.float32)
+    return MethodOutput(scores=scores, per_failure=pf, info=info)
+
+
+@register("knn_shapley")
+def knn_shapley(ctx: Context) -> MethodOutput:
+    """Exact KNN-Shapley cause scores ``r = -value``, ``[N]``, positive = harmful.
+
+    The value is the Shapley value of the training example in the game "KNN accuracy on the
+    failures (+ ``valid_weight`` x accuracy on ``valid``)" on the model's penultimate-layer
+    embeddings. Per-failure scores ``[N, M]`` are minus the values for each failure alone.
+    Select causes with ``k="positive"`` (the default for this method, see ``info["default_k"]``).
+
+    Options: ``K`` (5), ``metric`` ("euclidean" | "cosine"), ``valid`` (None; ``(Xv, yv)``),
+    ``valid_weight`` (1.0), ``embed`` (None = input of the last ``nn.Linear``; "input"; or a
+    callable ``[B, ...] -> [B, D]``).
+
+    Cost: ``O(T N (D + log N))`` for ``T`` failures + validation points, memory ``O(N T)``.
+    """
+    check_options(ctx, GAME_OPTIONS)
+    game = build_game(ctx)
+    values = knn_shapley_values(game, ctx.device)
+    return game_output(game, values, {"estimator": "exact"})
