@@ -34,6 +34,12 @@ class TreatContext:
         train_config: the recipe used to (re)train the model; fine-tuning scales it down.
         fisher: the summed diagonal empirical Fisher over the whole training set, if known.
         options: method-specific keyword options.
+        failures: the query failures ``(X_F [M, ...], y_F [M])`` with their correct labels, if
+            known (treatments that adapt to the failures fit ``theta_+F`` from them).
+        theta_plus_f: the failure-adapted parameters ``theta_+F`` ``[P]`` (the EWC fit of
+            :func:`netmend.identification.ewc.fit_theta_plus_f`), if known.
+        record: what the treatment did, filled in by the treatment (e.g. how far "align" moved
+            each cause, which labels "relabel" changed); :func:`netmend.treat` hands it back.
     """
 
     model: nn.Module
@@ -49,6 +55,9 @@ class TreatContext:
     train_config: TrainConfig = field(default_factory=TrainConfig)
     fisher: torch.Tensor | None = None
     options: dict[str, Any] = field(default_factory=dict)
+    failures: tuple[torch.Tensor, torch.Tensor] | None = None
+    theta_plus_f: torch.Tensor | None = None
+    record: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.l2, str) and self.l2 != "auto":
