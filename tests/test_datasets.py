@@ -182,3 +182,90 @@ def test_load_mnist_full():
     assert float(train.X.min()) >= 0.0 and float(train.X.max()) < 1.0
     counts = torch.bincount(train.y, minlength=10)
     assert int(counts.min()) > 5000  # roughly balanced, not a truncated file
+
+
+# --- Fashion-MNIST (idx files) ------------------------------------------------------------------
+
+
+def _idx_bytes(a: np.ndarray, code: int = 0x08) -> bytes:
+    """An idx file as the MNIST format specifies it, written independently of the reader."""
+    header = bytes([0, 0, code, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+    dtype = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}[code]
+    return header + a.astype(dtype).tobytes()
+
+
+def _write_fashion(root, n_train=7, n_test=3, gz=True):
+    rng = np.random.default_rng(0)
+    parts = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        parts[prefix] = (images, labels)
+        for kind, arr in (("images-idx3", images), ("labels-idx1", labels)):
+            name = root / (f"{prefix}-{kind}-ubyte" + (".gz" if gz else ""))
+            data = _idx_bytes(arr)
+            name.write_bytes(gzip.compress(data) if gz else data)
+    return parts
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_load_fashion_mnist_parses_idx(tmp_path, gz):
+    parts = _write_fashion(tmp_path, gz=gz)
+    train, test = datasets.load_fashion_mnist(tmp_path)
+    assert train.X.shape == (7, 1, 28, 28) and test.X.shape == (3, 1, 28, 28)
+    assert train.X.dtype == torch.float32 and train.y.dtype == torch.int64
+    np.testing.assert_allclose(train.X[:, 0].numpy() * 255, parts["train"][0], atol=1e-4)
+    np.testing.assert_array_equal(train.y.numpy(), parts["train"][1])
+    np.testing.assert_array_equal(test.y.numpy(), parts["t10k"][1])
+
+
+@pytest.mark.parametrize("code", [0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E])
+def test_read_idx_types(tmp_path, code):
+    a = (np.arange(24).reshape(2, 3, 4) - (0 if code == 0x08 else 7)) * (0.5 if code > 0x0C else 1)
+    (tmp_path / "a.idx").write_bytes(_idx_bytes(a, code))
+    out = datasets.read_idx(tmp_path / "a.idx")
+    assert out.shape == (2, 3, 4) and out.dtype.isnative
+    np.testing.assert_array_equal(out, a)
+
+
+def test_read_idx_rejects_bad_files(tmp_path):
+    good = _idx_bytes(np.zeros((4, 28, 28), dtype=np.uint8))
+    cases = {
+        "magic": (b"\x01" + good[1:], "bad magic number"),
+        "code": (good[:2] + b"\x07" + good[3:], "unknown idx type code 0x07"),
+        "short": (good[:-5], "truncated or corrupted"),
+        "long": (good + b"\x00", "truncated or corrupted"),
+    }
+    for name, (data, match) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=match):
+            datasets.read_idx(tmp_path / name)
+
+
+def test_load_fashion_mnist_checks_shapes(tmp_path):
+    _write_fashion(tmp_path, gz=False)
+    # labels that do not match the images in number
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(_idx_bytes(np.zeros(2, dtype=np.uint8)))
+    with pytest.raises(ValueError, match="expected 3 uint8 labels"):
+        datasets.load_fashion_mnist(tmp_path)
+    # images of the wrong size
+    (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx_bytes(np.zeros((2, 8, 8), np.uint8)))
+    with pytest.raises(ValueError, match=r"expected uint8 images \[N, 28, 28\]"):
+        datasets.load_fashion_mnist(tmp_path)
+
+
+def test_missing_fashion_mnist_says_how_to_install(tmp_path):
+    with pytest.raises(DatasetMissingError, match="sudo apt-get install dataset-fashion-mnist"):
+        datasets.load_fashion_mnist(tmp_path / "nowhere")
+
+
+@pytest.mark.skipif(
+    not (datasets.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").exists(),
+    reason="dataset-fashion-mnist not installed",
+)
+def test_load_fashion_mnist_full():
+    train, test = datasets.load_fashion_mnist()
+    assert train.X.shape == (60000, 1, 28, 28) and test.X.shape == (10000, 1, 28, 28)
+    np.testing.assert_array_equal(torch.bincount(train.y).numpy(), 6000)
+    np.testing.assert_array_equal(torch.bincount(test.y).numpy(), 1000)
+    assert float(train.X.min()) == 0.0 and float(train.X.max()) == 1.0

