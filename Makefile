@@ -27,4 +27,20 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 	$(BIN)/mypy
 
-.PHONY: install demo test lint
+# Peer attribution libraries (kronfluence, dattri, Captum) live in their own venv: they are
+# benchmark-only. torch first (CPU pin), then netmend, then the frozen peer closure --no-deps.
+PEERS    ?= .venv-peers
+PEERS_REQ = benchmarks/requirements-peers.txt
+
+$(PEERS)/.installed: pyproject.toml $(PEERS_REQ)
+	$(PY) -m venv $(PEERS)
+	$(PEERS)/bin/pip install --quiet --upgrade pip
+	$(PEERS)/bin/pip install --quiet "$(TORCH)"
+	$(PEERS)/bin/pip install --quiet --no-deps -r $(PEERS_REQ)
+	$(PEERS)/bin/pip install --quiet --no-deps -e .
+	touch $@
+
+peers: $(PEERS)/.installed
+	$(PEERS)/bin/python benchmarks/peers.py
+
+.PHONY: install demo test lint peers

@@ -20,6 +20,7 @@ from .api import (
     treat,
 )
 from .training import TrainConfig
+from .validation import validate
 
 __version__ = "0.1.0"
 
@@ -35,4 +36,5 @@ __all__ = [
     "identify",
     "repair",
     "treat",
+    "validate",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import identification, treatment
+from . import cache, identification, treatment
 from ._checks import (
     DataLike,
     as_tensors,
@@ -110,12 +111,15 @@ class RepairResult:
         identification: the full identification result.
         treatment: the treatment's name.
         seconds: wall time per stage (``identify``, ``treat``).
+        treatment_info: the treatment's record (see the ``record`` argument of :func:`treat`;
+            empty for treatments that record nothing).
     """
 
     model: nn.Module
     identification: Identification
     treatment: str
     seconds: dict[str, float]
+    treatment_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def scores(self) -> np.ndarray:
@@ -161,6 +165,8 @@ def identify(
     chunk_size: int = 128,
     progress: bool = True,
     fisher: torch.Tensor | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    overwrite_cache: bool = False,
     **options: Any,
 ) -> Identification:
     """Score every training example for how much it caused the failures.
@@ -170,12 +176,16 @@ def identify(
         train: the training set (``Dataset`` of ``(x, y)``, unshuffled ``DataLoader``, or
             ``(X, y)``), ``N`` examples.
         failures: inputs the model gets wrong, with their **correct** labels, ``M`` examples.
-        method: a registered method: "ewc" (EWC-influence, default), "linear", "loss",
-            "random" (see ``netmend.identification.available()``).
+        method: a registered method (``netmend.identification.available()``): "ewc"
+            (EWC-influence, default), "linear"; the influence family "influence", "ekfac",
+            "tracin", "grad_dot", "grad_cos", "trak"; Data Shapley "knn_shapley",
+            "tmc_shapley", "banzhaf"; baselines "loss", "random".
         k: how to select causes: an int (top-k), a fraction of ``N``, "positive" (``r > 0``)
             or ``None``/"auto" (default): the K on which two random halves of the failures
             agree best (:func:`netmend.identification.reproducible_k`; it scores the training
-            set twice more, and needs at least 4 failures).
+            set twice more, and needs at least 4 failures). For the Data-Shapley methods
+            ("knn_shapley", "tmc_shapley", "banzhaf") ``None`` means "positive": every example
+            of negative value, with no K to choose.
         l2: ``lambda`` of the penalty ``(lambda/2)||theta - theta_hat||^2`` (also the damping
             of the Fisher): a positive number, or "auto" (default) for ``1e4`` times the mean
             diagonal of the summed Fisher (see :func:`netmend.identification.base.resolve_l2`).
@@ -184,14 +194,23 @@ def identify(
         chunk_size: examples per batched pass (does not change the scores).
         progress: show progress bars.
         fisher: a precomputed summed diagonal Fisher ``[P]`` (from an earlier result).
+        cache_dir: a directory in which to save this run (see :mod:`netmend.cache`): the
+            Fisher, every pass over the training set (checkpointed while it runs) and the
+            scores. Rerunning with the same settings reuses them, and resumes an interrupted
+            run where it stopped, with bit-for-bit the same scores. ``chunk_size``, ``device``,
+            ``progress`` and ``k`` may change between runs; any other setting may not.
+        overwrite_cache: replace a ``cache_dir`` that holds a run with other settings
+            (otherwise that raises ``ValueError``).
         **options: method options (e.g. ``steps`` for "ewc", ``curvature`` for "linear").
 
     Returns:
-        An :class:`Identification`; ``scores`` are ``[N]``, positive = harmful.
+        An :class:`Identification`; ``scores`` are ``[N]``, positive = harmful. With a
+        ``cache_dir``, ``info["cache"]`` says what was reused and what was computed.
 
     Raises:
         ValueError: malformed inputs (NaN, mismatched shapes, labels out of range, empty
-            failures, failures the model already gets right, a stochastic model in train mode).
+            failures, failures the model already gets right, a stochastic model in train mode);
+            a ``cache_dir`` holding a run with other settings.
     """
     fn = identification.get(method)
     dev = resolve_device(device)
@@ -207,28 +226,26 @@ def identify(
     fm = FunctionalModel.of(work)
     _check_fisher(fisher, fm)
     torch.manual_seed(seed)
-    ctx = Context(
-        fm,
-        X,
-        y,
-        Xf,
-        yf,
-        dev,
-        chunk_size,
-        progress,
-        seed,
-        l2,
-        options,
-        fisher,
-    )
+    run = None
+    if cache_dir is not None:
+        key = cache.run_settings(work, (X, y), (Xf, yf), method, options, l2, seed, fisher)
+        run = cache.RunCache(cache_dir, key, overwrite=overwrite_cache)
+        fn = cache.cached_method(fn, run)
+    with cache.activated(run, "setup"):
+        ctx = Context(fm, X, y, Xf, yf, dev, chunk_size, progress, seed, l2, options, fisher)
     t0 = time.perf_counter()
     out = fn(ctx)
     scores = _checked_scores(out.scores, X.shape[0], method, ctx.l2)
-    info = dict(out.info, l2=float(ctx.l2))
-    if k is None or k == "auto":
+    info = dict(out.info, l2=None if isinstance(ctx.l2, str) else float(ctx.l2))
+    if (k is None or k == "auto") and out.info.get("default_k") == "positive":
+        causes = identification.select(scores, "positive")  # valued methods: no K to choose
+        info["auto_k"] = {"rule": "positive", "k": int(causes.size)}
+    elif k is None or k == "auto":
         causes, info["auto_k"] = _auto_causes(fn, ctx, scores, method, seed)
     else:
         causes = identification.select(scores, k)
+    if run is not None:
+        info["cache"] = run.summary()
     return Identification(
         method,
         scores,
@@ -306,6 +323,9 @@ def treat(
     chunk_size: int = 128,
     progress: bool = True,
     fisher: torch.Tensor | None = None,
+    failures: DataLike | None = None,
+    theta_plus_f: torch.Tensor | None = None,
+    record: dict[str, Any] | None = None,
     **options: Any,
 ) -> nn.Module:
     """Make a repaired copy of ``model`` that forgets (or is retrained without) ``causes``.
@@ -314,12 +334,20 @@ def treat(
         model: the classifier to repair (not modified).
         train: the training set it was trained on, ``N`` examples.
         causes: training indices to forget.
-        method: "finetune" (default), "newton", "ewc" or "retrain".
+        method: "finetune" (default), "newton", "ewc", "retrain", "align" or "relabel".
         l2: ``lambda`` (penalty towards ``theta_hat`` and Fisher damping): > 0, or "auto"
             (as in :func:`identify`; used by "newton" and "ewc").
         train_config: the recipe the model was trained with (used by "retrain"; "finetune"
             uses a shortened copy). Default: :class:`TrainConfig()`.
         seed, device, chunk_size, progress, fisher: as in :func:`identify`.
+        failures: the query failures (inputs with their correct labels). "align" and "relabel"
+            fit the failure-adapted model ``theta_+F`` from them when ``theta_plus_f`` is not
+            given; the other treatments ignore them.
+        theta_plus_f: the failure-adapted parameters ``theta_+F`` ``[P]``, e.g.
+            ``Identification.info["theta_plus_f"]`` of the "ewc" identification.
+        record: a dict that the treatment fills in place with what it did ("align": how far
+            each cause moved, its energy and label before and after; "relabel": which labels
+            changed). Left untouched by treatments that record nothing.
         **options: treatment options (e.g. ``epochs`` for "finetune", ``step_size`` for "newton").
 
     Returns:
@@ -327,7 +355,7 @@ def treat(
     """
     fn = treatment.get(method)
     dev = resolve_device(device)
-    work, X, y, _ = _prepare(model, train, dev)
+    work, X, y, classes = _prepare(model, train, dev)
     X = X.to(work_dtype(work))
     idx = torch.as_tensor(np.asarray(causes, dtype=np.int64).reshape(-1))
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= X.shape[0]):
@@ -336,6 +364,22 @@ def treat(
         raise ValueError("no causes to treat: the identification selected none (try a larger k)")
     fm = FunctionalModel.of(work)
     _check_fisher(fisher, fm)
+    fail = None
+    if failures is not None:
+        Xf, yf = as_tensors(failures, "failures")
+        if Xf.shape[1:] != X.shape[1:]:
+            raise ValueError(
+                f"failures have input shape {tuple(Xf.shape[1:])} but train has "
+                f"{tuple(X.shape[1:])}"
+            )
+        check_labels(yf, classes, "failures")
+        fail = (Xf.to(X.dtype), yf)
+    if theta_plus_f is not None and tuple(theta_plus_f.shape) != (fm.num_params,):
+        raise ValueError(
+            f"theta_plus_f has shape {tuple(theta_plus_f.shape)} but the model has "
+            f"{fm.num_params} trainable parameters: pass Identification.info['theta_plus_f'] "
+            "of an 'ewc' identification of this model"
+        )
     torch.manual_seed(seed)
     ctx = treatment.TreatContext(
         work,
@@ -351,8 +395,13 @@ def treat(
         train_config or TrainConfig(),
         fisher,
         options,
+        failures=fail,
+        theta_plus_f=None if theta_plus_f is None else theta_plus_f.detach().to(X.dtype),
     )
-    return fn(ctx)
+    out = fn(ctx)
+    if record is not None:
+        record.update(ctx.record)
+    return out
 
 
 def evaluate(
@@ -387,11 +436,14 @@ def repair(
     progress: bool = True,
     identify_options: dict[str, Any] | None = None,
     treat_options: dict[str, Any] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
 ) -> RepairResult:
     """Find the training examples behind ``failures`` and return a repaired copy of ``model``.
 
     The default pipeline is EWC-influence identification with the automatic cause threshold,
-    then fine-tuning on the training set without the causes.
+    then fine-tuning on the training set without the causes. The treatment is given the
+    failures and the identification's ``theta_+F`` (``info["theta_plus_f"]``, when the method
+    fits one), which "align" and "relabel" use; its record is ``treatment_info``.
 
     Args:
         model: classifier returning logits (not modified).
@@ -402,6 +454,7 @@ def repair(
         seed: seeds everything random (same seed, same result).
         l2, train_config, device, chunk_size, progress: see :func:`identify` / :func:`treat`.
         identify_options, treat_options: method-specific options.
+        cache_dir: save (and reuse, or resume) the identification there (see :func:`identify`).
 
     Returns:
         A :class:`RepairResult` with ``scores`` (``[N]``, positive = harmful), ``causes``,
@@ -410,8 +463,10 @@ def repair(
     common: dict[str, Any] = dict(
         l2=l2, seed=seed, device=device, chunk_size=chunk_size, progress=progress
     )
-    ident = _identify(model, train, failures, identify, k, **common, **(identify_options or {}))
+    opts = dict(identify_options or {}, cache_dir=cache_dir)
+    ident = _identify(model, train, failures, identify, k, **common, **opts)
     t0 = time.perf_counter()
+    record: dict[str, Any] = {}
     repaired = _treat(
         model,
         train,
@@ -419,9 +474,16 @@ def repair(
         treat,
         train_config=train_config,
         fisher=ident.fisher,
+        failures=failures,
+        theta_plus_f=ident.info.get("theta_plus_f"),
+        record=record,
         **common,
         **(treat_options or {}),
     )
     return RepairResult(
-        repaired, ident, treat, {"identify": ident.seconds, "treat": time.perf_counter() - t0}
+        repaired,
+        ident,
+        treat,
+        {"identify": ident.seconds, "treat": time.perf_counter() - t0},
+        record,
     )

@@ -1,0 +1,192 @@
+"""The ground-truth validation harness: exact refits, the sign convention, the metrics, the CLI.
+
+A small digits problem (300 training examples, logistic regression) is built once; its
+leave-one-out effects are checked against an independent exact refit (L-BFGS then dense
+Newton, from conftest), its metrics against oracles built from the measured effects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from netmend import cli, validation
+from netmend.validation import LogregSolver, ground_truth, make_problem, score_quality
+
+N_TRAIN = 300
+
+
+@pytest.fixture(scope="module")
+def problem() -> validation.Problem:
+    return make_problem(n_train=N_TRAIN, seed=0)
+
+
+@pytest.fixture(scope="module")
+def gt(problem) -> validation.GroundTruth:
+    return ground_truth(problem, n_subsets=24, seed=0, progress=False)
+
+
+def _objective_grad_norm(problem, model, keep: np.ndarray) -> float:
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).requires_grad_(True)
+    (g,) = torch.autograd.grad(problem.objective(torch.from_numpy(keep).double())(theta), theta)
+    return float(g.norm())
+
+
+def test_training_and_retraining_are_converged(problem):
+    assert problem.model.linear.weight.dtype == torch.float64 and not problem.model.training
+    full = np.ones(problem.N, dtype=bool)
+    assert _objective_grad_norm(problem, problem.model, full) < 1e-8
+    keep = np.random.default_rng(0).random(problem.N) < 0.6
+    new = problem.retrain(keep)
+    assert _objective_grad_norm(problem, new, keep) < 1e-8
+    # the retrained model differs from the original (the objective changed) ...
+    assert not torch.allclose(new.linear.weight, problem.model.linear.weight)
+    # ... and indices select the same subset as the mask
+    again = problem.retrain(np.flatnonzero(keep))
+    torch.testing.assert_close(again.linear.weight, new.linear.weight, rtol=0, atol=1e-10)
+
+
+def test_loo_matches_exact_refit(problem, gt, ref):
+    base = problem.query_loss(problem.model)
+    for j in (57,):
+        i = int(gt.loo_idx[j])
+        keep = np.ones(problem.N, dtype=bool)
+        keep[i] = False
+        theta = ref.fit_logreg_exact(problem.X[keep], problem.y[keep], 10, problem.l2)
+        exact = problem.module_at(theta)
+        effect = base - problem.query_loss(exact)
+        np.testing.assert_allclose(gt.loo_effect[j], effect, rtol=1e-6, atol=1e-9)
+        # retrain() agrees with the exact optimum too
+        torch.testing.assert_close(
+            problem.retrain(keep).linear.weight, exact.linear.weight, rtol=0, atol=1e-8
+        )
+    # the effects are far above the optimisation noise floor
+    assert gt.noise_floor < 1e-3 * np.median(np.abs(gt.loo_effect))
+    assert gt.max_grad_norm < 1e-8
+
+
+def test_loo_oracle_and_reversed(problem, gt):
+    q = score_quality(problem, gt, gt.loo_effect)
+    assert q["spearman_loo"] == pytest.approx(1.0, abs=1e-12)
+    assert score_quality(problem, gt, -gt.loo_effect)["spearman_loo"] == pytest.approx(-1.0)
+
+
+def test_lds_random_oracle_and_sign(problem, gt):
+    rng = np.random.default_rng(0)
+    M = gt.lds_loss.shape[1]
+    rand = score_quality(problem, gt, rng.normal(size=problem.N), rng.normal(size=(problem.N, M)))
+    assert abs(rand["lds"]) < 0.15
+    # a linear datamodel fitted to the subset losses: loss(S) = a + sum_{z in S} beta_z, so
+    # removing z changes the loss by -beta_z and beta is the (positive = harmful) score
+    A = np.hstack([np.ones((gt.lds_masks.shape[0], 1)), gt.lds_masks.astype(float)])
+    beta = np.linalg.lstsq(A, gt.lds_loss, rcond=None)[0][1:]  # [N, M]
+    good = score_quality(problem, gt, beta.sum(1), beta)
+    assert good["lds"] > 0.95
+    assert score_quality(problem, gt, -beta.sum(1), -beta)["lds"] < -0.95
+    # the actual LOO effects predict subset retraining well too (out of sample)
+    loo = score_quality(problem, gt, gt.loo_effect, gt.loo_effect_per_failure)
+    assert loo["lds"] > 0.3
+
+
+def test_planted_conflicting_example_is_harmful(problem):
+    # a copy of a query failure's input with the label the model wrongly predicts
+    x = problem.Xq[:1]
+    wrong = problem.model(x).argmax(1)
+    X = torch.cat([problem.X, x])
+    y = torch.cat([problem.y, wrong])
+    planted = dataclasses.replace(
+        problem,
+        X=X,
+        y=y,
+        corrupted=np.append(problem.corrupted, True),
+        _fm=None,
+        _solver=LogregSolver(X, y, 10, problem.l2),
+    )
+    planted.model = planted.retrain(np.ones(len(y), dtype=bool))
+    planted._fm = None
+    g = ground_truth(planted, n_subsets=0, progress=False)
+    row = int(np.flatnonzero(g.loo_idx == len(y) - 1)[0])
+    assert g.loo_effect[row] > 0  # removing it lowers the summed query-failure loss
+    own = g.loo_effect_per_failure[:, 0]  # the failure it was copied from
+    assert own[row] > 0 and (own > own[row]).sum() <= 2  # among its worst culprits
+
+
+def test_influence_ggn_tracks_loo(problem, gt):
+    import netmend
+
+    ident = netmend.identify(
+        problem.model,
+        (problem.X, problem.y),
+        (problem.Xq, problem.yq),
+        method="linear",
+        k=10,
+        l2=problem.l2,
+        curvature="ggn",
+        cg_tol=1e-8,
+        cg_maxiter=300,
+        progress=False,
+        device="cpu",
+    )
+    q = score_quality(problem, gt, ident.scores)
+    assert q["spearman_loo"] > 0.8
+
+
+def test_deterministic_given_seed(problem, gt):
+    again = make_problem(n_train=N_TRAIN, seed=0)
+    torch.testing.assert_close(again.model.linear.weight, problem.model.linear.weight)
+    assert torch.equal(again.y, problem.y) and torch.equal(again.yq, problem.yq)
+    g2 = ground_truth(again, n_loo=20, n_subsets=4, seed=0, progress=False)
+    g3 = ground_truth(again, n_loo=20, n_subsets=4, seed=0, progress=False)
+    assert np.array_equal(g2.loo_idx, g3.loo_idx) and np.array_equal(g2.lds_masks, g3.lds_masks)
+    np.testing.assert_array_equal(g2.loo_effect, g3.loo_effect)
+    np.testing.assert_array_equal(g2.lds_loss, g3.lds_loss)
+    other = make_problem(n_train=N_TRAIN, seed=1)
+    assert not np.array_equal(other.corrupted, problem.corrupted)
+
+
+def test_validate_report_and_errors(problem, gt):
+    rep = validation.validate(
+        ["loss", "random", "no-such-method"],
+        problem=problem,
+        gt=gt,
+        counterfactual_repeats=3,
+        progress=False,
+    )
+    assert rep["k"] == int(problem.corrupted.sum())
+    assert "error" in rep["methods"]["no-such-method"]
+    loss, rand = rep["methods"]["loss"], rep["methods"]["random"]
+    # self-loss finds flipped labels; random scores do not
+    assert loss["auroc"] > 0.8 and abs(rand["auroc"] - 0.5) < 0.1
+    assert loss["precision_at_k"] > 2 * problem.corrupted.mean()
+    cf = rep["counterfactual"]
+    # removing every corrupted label helps the test set; removing top self-loss beats random
+    assert cf["references"]["ref:corrupted"]["delta_test_acc_vs_random"] > 0
+    assert loss["counterfactual"]["delta_test_loss_vs_random"] < 0
+    assert rep["references"]["loo_oracle"]["spearman_loo"] == pytest.approx(1.0)
+    json.dumps(rep)  # JSON-ready
+    assert "| loss |" in validation.table(rep)
+
+
+def test_bad_input_raises(problem, gt):
+    with pytest.raises(ValueError, match="shape"):
+        score_quality(problem, gt, np.zeros(problem.N + 1))
+    with pytest.raises(ValueError, match="per_failure"):
+        score_quality(problem, gt, np.zeros(problem.N), np.zeros((problem.N, 1000)))
+    with pytest.raises(ValueError, match="model"):
+        make_problem(model="resnet")
+    with pytest.raises(ValueError, match="keep"):
+        problem.retrain(np.array([problem.N + 5]))
+
+
+def test_cli_validate_quick(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    argv = ["validate", "--quick", "--methods", "loss,random", "--json", str(out)]
+    assert cli.main([*argv, "--no-progress"]) == 0
+    rep = json.loads(out.read_text())
+    assert set(rep["methods"]) == {"loss", "random"}
+    assert np.isfinite(rep["methods"]["loss"]["spearman_loo"])
+    assert "| method |" in capsys.readouterr().out
