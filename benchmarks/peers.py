@@ -659,7 +659,9 @@ def specs(damping: float) -> list[Spec]:
     d = {"damping": damping}
     nm = netmend_spec
     return [
-        nm("netmend influence hessian/cg", "influence", "influence-cg",
+        nm("netmend influence hessian", "influence", "influence-cg",
+           {"curvature": "hessian", **d}, {}),  # solver "auto": dense Cholesky at this P
+        nm("netmend influence hessian/cg", "influence", "influence-cg-only",
            {"curvature": "hessian", "solver": "cg", "cg_tol": CG_TOL, "cg_maxiter": CG_MAXITER,
             **d}, {}, per_failure=False),
         dattri_if_spec("cg", "influence-cg"),

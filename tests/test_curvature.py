@@ -138,8 +138,9 @@ def test_cg_zero_rhs_and_indefinite():
         cg(lambda v: B @ v, torch.tensor([1.0, 1.0], dtype=DT))
 
 
+@pytest.mark.parametrize("solver", ["cg", "dense"])
 @pytest.mark.parametrize("kind", ["diag", "fisher", "ggn"])
-def test_curvature_solve_matches_dense(logreg4, data4, ref, kind):
+def test_curvature_solve_matches_dense(logreg4, data4, ref, kind, solver):
     fm = FunctionalModel.of(logreg4)
     P = fm.num_params
     damping = 0.05
@@ -153,7 +154,9 @@ def test_curvature_solve_matches_dense(logreg4, data4, ref, kind):
         A_dense = torch.autograd.functional.hessian(loss, fm.theta.clone()) + damping * torch.eye(
             P, dtype=DT
         )
-    A = Curvature(kind, fm, fm.theta, data4.X, data4.y, damping, cg_tol=1e-13, cg_maxiter=500)
+    A = Curvature(
+        kind, fm, fm.theta, data4.X, data4.y, damping, cg_tol=1e-13, cg_maxiter=500, solver=solver
+    )
     b = torch.randn(P, dtype=DT)
     torch.testing.assert_close(A.solve(b), torch.linalg.solve(A_dense, b), rtol=1e-8, atol=1e-10)
     B = torch.randn(P, 3, dtype=DT)
@@ -162,6 +165,8 @@ def test_curvature_solve_matches_dense(logreg4, data4, ref, kind):
 
 def test_curvature_rejects_bad_kind_and_damping(logreg4, data4):
     fm = FunctionalModel.of(logreg4)
+    with pytest.raises(ValueError, match="solver must be"):
+        Curvature("ggn", fm, fm.theta, data4.X, data4.y, 1.0, solver="lu")
     with pytest.raises(ValueError, match="unknown curvature"):
         Curvature("kronecker", fm, fm.theta, data4.X, data4.y, 1.0)
     for bad in (0.0, -1.0, float("nan")):

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
-from torch.func import grad, hessian, jacrev, jvp, vjp, vmap
+from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from .cache import map_chunks, tensor_hash
 from .functional import FunctionalModel, chunks
@@ -44,6 +44,10 @@ if TYPE_CHECKING:
 
 CurvatureKind = Literal["diag", "fisher", "ggn", "kfac", "ekfac", "hessian"]
 CURVATURE_KINDS: tuple[str, ...] = ("diag", "fisher", "ggn", "kfac", "ekfac", "hessian")
+
+DENSE_MAX_PARAMS = 4096
+"""Solves of "fisher", "ggn" and "hessian" build the dense ``[P, P]`` matrix and factorise it
+when ``P`` is at most this (one pass instead of one per CG iteration and right-hand side)."""
 
 
 def _layer_slices(fm: FunctionalModel) -> dict[str, dict[str, slice]] | None:
@@ -374,13 +378,14 @@ def dense_curvature(
             J = vmap(jacrev(logits_one), in_dims=(None, 0))(theta, x)  # [b, C, P]
             p = torch.softmax(fm.logits(theta, x).detach(), dim=1)  # [b, C]
             Jp = torch.einsum("bc,bcp->bp", p, J)
-            out += torch.einsum("bc,bcp,bcq->pq", p, J, J) - Jp.T @ Jp
+            Jf = J.flatten(0, 1)  # [b*C, P]
+            out += (Jf * p.reshape(-1, 1)).T @ Jf - Jp.T @ Jp
         else:
 
             def nll(th: torch.Tensor, x: torch.Tensor = x, t: torch.Tensor = t) -> torch.Tensor:
                 return -fm.ll(th, x, t).sum()
 
-            out += hessian(nll)(theta).detach()
+            out += jacrev(jacrev(nll))(theta).detach()  # reverse-over-reverse: fastest here
     return out
 
 
@@ -397,6 +402,10 @@ class Curvature:
         diag: for kind "diag", the summed diagonal ``[P]`` (computed when not given).
         chunk_size, device: streaming settings.
         cg_tol, cg_maxiter: conjugate-gradient settings for "fisher", "ggn" and "hessian".
+        solver: how "fisher", "ggn" and "hessian" are solved: "auto" (default: "dense" when
+            ``P <= DENSE_MAX_PARAMS``, else "cg"), "dense" (the ``[P, P]`` matrix from
+            :func:`dense_curvature`, one pass, Cholesky; raises if not positive definite) or
+            "cg" (conjugate gradients, one pass per iteration).
         fisher_type: for "kfac"/"ekfac": "empirical", "sampled" or "exact" (``None``: the
             default of :mod:`netmend.kfac`, "sampled").
         mc_samples, seed: sampled labels per example and their seed (``fisher_type="sampled"``).
@@ -420,8 +429,12 @@ class Curvature:
     mc_samples: int = 1
     seed: int = 0
     factors: KroneckerFactors | None = None
+    solver: str = "auto"
+    _chol: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        if self.solver not in ("auto", "dense", "cg"):
+            raise ValueError(f"solver must be 'auto', 'dense' or 'cg'; got {self.solver!r}")
         if self.kind not in CURVATURE_KINDS:
             raise ValueError(f"unknown curvature {self.kind!r}; choose one of {CURVATURE_KINDS}")
         if not self.damping > 0:
@@ -521,6 +534,25 @@ class Curvature:
             assert self.diag is not None
             d = self.diag.to(self.device) + self.damping
             return b / (d if b.ndim == 1 else d[:, None])
+        dense = self.solver == "dense" or (
+            self.solver == "auto" and self.fm.num_params <= DENSE_MAX_PARAMS
+        )
+        if dense:
+            if self._chol is None:
+                C = dense_curvature(
+                    self.fm, self.theta, self.X, self.y, self.kind, self.chunk_size, self.device
+                )
+                C.diagonal().add_(self.damping)
+                chol, bad = torch.linalg.cholesky_ex(C)
+                if int(bad) != 0:
+                    raise ValueError(
+                        f"the damped {self.kind} curvature is not positive definite (damping "
+                        f"{self.damping:g}); increase damping, or use 'ggn' (always PSD)"
+                    )
+                self._chol = chol
+            return torch.cholesky_solve(b[:, None] if b.ndim == 1 else b, self._chol).reshape(
+                b.shape
+            )
         if b.ndim != 1:
             return torch.stack([self.solve(b[:, j]) for j in range(b.shape[1])], 1)
         x, _ = cg(self.matvec, b, tol=self.cg_tol, maxiter=self.cg_maxiter)

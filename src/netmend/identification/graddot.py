@@ -21,6 +21,7 @@ import torch
 
 from .base import Context, MethodOutput, register
 from .influence import check_options, failure_grads, grad_rows, option_target, out_dtype
+from .tracin import EAGER_PER_FAILURE, per_failure_pass
 
 
 def unit_rows(G: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,13 @@ def grad_dot(ctx: Context) -> MethodOutput:
     check_options(ctx, ("target",), "grad_dot")
     target = option_target(ctx, "grad_dot")
     theta = ctx.theta
+    if target == "failures" and ctx.N * ctx.Xq.shape[0] <= EAGER_PER_FAILURE:
+        per = per_failure_pass(ctx, [theta], [1.0], "grad_dot")  # one pass gives both
+        return MethodOutput(
+            scores=per.double().sum(1).numpy(),
+            per_failure=per.numpy().astype(out_dtype(ctx)),
+            info={"target": target},
+        )
     if target == "self":
         sc = grad_rows(ctx, theta, lambda G: (G * G).sum(1), "grad_dot")
     else:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..curvature import Curvature, cg, dense_curvature, per_example_grads
+from ..curvature import DENSE_MAX_PARAMS, Curvature, cg, dense_curvature, per_example_grads
 from ..functional import chunks
 from .base import Context, MethodOutput, register
 
@@ -44,9 +44,6 @@ AUTO_DAMPING_RATIO = 0.1
 DIRECT_KINDS = ("diag", "kfac", "ekfac")
 """Curvatures solved directly (``Curvature.solve``); the others are solved iteratively."""
 
-DENSE_MAX_PARAMS = 4096
-"""``solver="auto"`` builds the dense curvature and factorises it when ``P`` is at most this
-(one pass and one Cholesky instead of a pass per CG iteration and per right-hand side)."""
 
 SOLVERS = ("auto", "dense", "cg", "lissa")
 
@@ -511,9 +508,10 @@ def influence(ctx: Context) -> MethodOutput:
         solver: "auto" (default): "dense" for models of at most ``DENSE_MAX_PARAMS``
             parameters (the damped ``[P, P]`` matrix built in one pass and Cholesky-factorised;
             exact, and all right-hand sides solved at once), else "cg" (conjugate gradients,
-            ``cg_tol`` 1e-8 relative residual, ``cg_maxiter`` 300); or "lissa" (``lissa_depth`` "auto": enough steps for a
-            contraction of 1e-6, at most ``lissa_max_depth`` 10000; ``lissa_scale`` "auto":
-            1.5 x the power-iteration estimate of ``A``'s largest eigenvalue;
+            ``cg_tol`` 1e-8 relative residual, ``cg_maxiter`` 300); or "lissa"
+            (``lissa_depth`` "auto": enough steps for a contraction of 1e-6, at most
+            ``lissa_max_depth`` 10000; ``lissa_scale`` "auto": 1.5 x the power-iteration
+            estimate of ``A``'s largest eigenvalue;
             ``lissa_repeats`` 1; ``lissa_batch`` 128 examples per stochastic curvature product,
             full batch when >= N; seeded by ``seed``).
         damping: "auto" (default): 0.1 x the mean diagonal of the summed empirical Fisher

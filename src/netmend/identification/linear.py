@@ -25,7 +25,8 @@ from .base import Context, MethodOutput, register
 def curvature_for(ctx: Context, kind: str) -> Curvature:
     """The damped curvature ``A`` of kind ``kind`` (see :data:`netmend.curvature.CURVATURE_KINDS`).
 
-    Options read from ``ctx.options``: ``cg_tol``, ``cg_maxiter`` (CG kinds), ``fisher_type``
+    Options read from ``ctx.options``: ``solver`` ("auto": dense Cholesky for small models,
+    else CG; "dense"; "cg"), ``cg_tol``, ``cg_maxiter`` (CG kinds), ``fisher_type``
     and ``mc_samples`` ("kfac"/"ekfac"; sampled labels are seeded with ``ctx.seed``).
     """
     if kind == "diag":
@@ -45,6 +46,7 @@ def curvature_for(ctx: Context, kind: str) -> Curvature:
         fisher_type=ctx.options.get("fisher_type"),
         mc_samples=int(ctx.options.get("mc_samples", 1)),
         seed=ctx.seed,
+        solver=str(ctx.options.get("solver", "auto")),
     )
 
 

@@ -61,6 +61,26 @@ def neg_dot(V: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda G: -(G @ V)
 
 
+EAGER_PER_FAILURE = 2**24
+"""When ``N * M`` is at most this, the ``[N, M]`` per-failure scores are computed in the same
+pass as the summed scores (which are their row sums), instead of in a second, lazy pass."""
+
+
+def per_failure_pass(
+    ctx: Context, thetas: list[torch.Tensor], lrs: list[float], desc: str
+) -> torch.Tensor:
+    """``-sum_t eta_t G_t Gf_t^T``: per-failure gradient-dot scores ``[N, M]``, one pass per
+    checkpoint (``G_t`` the training gradients, ``Gf_t`` the failures', at ``theta_t``)."""
+    total: torch.Tensor | None = None
+    for theta, lr in zip(thetas, lrs):
+        Gf = failure_grads(ctx, theta)
+        part = lr * grad_rows(ctx, theta, neg_dot(Gf.T), desc)
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("at least one checkpoint is needed")
+    return total
+
+
 @register("tracin")
 def tracin(ctx: Context) -> MethodOutput:
     """TracInCP cause scores ``r(z) = -sum_t eta_t g_z(theta_t)^T g_F(theta_t)`` ``[N]``,
@@ -76,6 +96,13 @@ def tracin(ctx: Context) -> MethodOutput:
     target = option_target(ctx, "tracin")
     thetas = checkpoint_thetas(ctx, ctx.options.get("checkpoints"))
     lrs = checkpoint_lrs(ctx.options.get("lrs"), len(thetas))
+    if target == "failures" and ctx.N * ctx.Xq.shape[0] <= EAGER_PER_FAILURE:
+        per = per_failure_pass(ctx, thetas, lrs, "tracin")  # one pass gives both
+        return MethodOutput(
+            scores=per.double().sum(1).numpy(),
+            per_failure=per.numpy().astype(out_dtype(ctx)),
+            info={"target": target, "checkpoints": len(thetas), "lrs": lrs},
+        )
     sc = torch.zeros(ctx.N, dtype=torch.float64)
     for t, (theta, lr) in enumerate(zip(thetas, lrs)):
         desc = f"tracin {t + 1}/{len(thetas)}"
@@ -86,13 +113,7 @@ def tracin(ctx: Context) -> MethodOutput:
             sc += lr * grad_rows(ctx, theta, neg_dot(gF), desc).double()
 
     def per_failure() -> np.ndarray:
-        total: torch.Tensor | None = None
-        for theta, lr in zip(thetas, lrs):
-            Gf = failure_grads(ctx, theta)
-            part = lr * grad_rows(ctx, theta, neg_dot(Gf.T), "culprits")
-            total = part if total is None else total + part
-        assert total is not None  # at least one checkpoint (checked above)
-        return total.numpy().astype(out_dtype(ctx))
+        return per_failure_pass(ctx, thetas, lrs, "culprits").numpy().astype(out_dtype(ctx))
 
     return MethodOutput(
         scores=sc.numpy(),

@@ -99,7 +99,8 @@ def newton(ctx: TreatContext) -> nn.Module:
     Options: ``step_size`` eta (a number, or "auto", the default: the largest power of two
     that keeps the retained loss within ``max_retained_increase``), ``curvature`` ("diag",
     "fisher", "ggn", "hessian", "kfac" or "ekfac"), ``damping`` (extra diagonal damping on top
-    of lambda, 0), ``cg_tol``, ``cg_maxiter``, ``fisher_type`` and ``mc_samples`` (Kronecker
+    of lambda, 0), ``solver`` ("auto", "dense", "cg"), ``cg_tol``, ``cg_maxiter``,
+    ``fisher_type`` and ``mc_samples`` (Kronecker
     kinds; sampled-label Fisher by default, see :mod:`netmend.kfac`).
     """
     kind = str(ctx.options.get("curvature", "diag"))
@@ -123,6 +124,7 @@ def newton(ctx: TreatContext) -> nn.Module:
         fisher_type=ctx.options.get("fisher_type"),
         mc_samples=int(ctx.options.get("mc_samples", 1)),
         seed=ctx.seed,
+        solver=str(ctx.options.get("solver", "auto")),
     )
     # grad of the summed *loss* of C is minus the gradient of its log-likelihood
     g_loss = -summed_grad(
