@@ -313,6 +313,8 @@ def netmend_spec(
     def run(bench: Bench) -> Outcome:
         p = bench.problem
         opts = dict(options)
+        if opts.get("chunk_size") == "N":  # the peers it is compared with use one batch of N
+            opts["chunk_size"] = int(p.X.shape[0])
         if method == "tracin":
             opts.update(checkpoints=bench.checkpoints, lrs=bench.lrs)
         t0 = time.perf_counter()
@@ -677,13 +679,14 @@ def specs(damping: float) -> list[Spec]:
         nm("netmend linear diag", "linear", "diagonal", {"curvature": "diag", "l2": damping},
            {}),  # l2 is identify's keyword: the damping of the diagonal Fisher
         kronfluence_spec("diagonal", "diagonal"),
-        nm("netmend tracin", "tracin", "tracin", {}, {"checkpoints": CKPT_EPOCHS}),
+        nm("netmend tracin", "tracin", "tracin", {"chunk_size": 256},
+           {"checkpoints": CKPT_EPOCHS}),  # Captum's batch
         dattri_tracin_spec("tracin", "tracin"),
         captum_tracin_spec("tracin"),
-        nm("netmend grad_dot", "grad_dot", "grad_dot", {}, {}),
+        nm("netmend grad_dot", "grad_dot", "grad_dot", {"chunk_size": 256}, {}),
         dattri_tracin_spec("grad_dot", "grad_dot"),
         kronfluence_spec("identity", "grad_dot"),
-        nm("netmend grad_cos", "grad_cos", "grad_cos", {}, {}),
+        nm("netmend grad_cos", "grad_cos", "grad_cos", {"chunk_size": 256}, {}),
         dattri_tracin_spec("grad_cos", "grad_cos"),
         nm("netmend trak", "trak", "trak",
            {"proj_dim": TRAK_DIM, "projection": "gaussian", "ridge": 0.0}, {}),
