@@ -594,3 +594,21 @@ def test_random_baseline_does_not_replay_the_corruption_stream(blobs, blobs_logr
     )
     u = np.random.default_rng(0).random(len(ident.scores))
     assert abs(np.corrcoef(ident.scores, u)[0, 1]) < 0.3
+
+
+def test_auto_l2_is_resolved_only_by_methods_that_use_it(blobs, blobs_logreg, failset, monkeypatch):
+    """l2="auto" costs a Fisher pass; a method that never uses lambda must not pay for it."""
+    import netmend.identification.base as base
+
+    calls = []
+    real = base.fisher_diag_sum
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(base, "fisher_diag_sum", counting)
+    dot = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "grad_dot", k=3, **RUN)
+    assert calls == [] and dot.fisher is None and dot.info["l2"] is None
+    ewc = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", k=3, **RUN)
+    assert calls == [1] and ewc.fisher is not None and ewc.info["l2"] > 0
