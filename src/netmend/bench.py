@@ -784,7 +784,7 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
 
 def write(result: dict[str, Any], out_dir: str | Path, with_plots: bool = True) -> list[Path]:
     """Write ``bench.json`` (atomically), ``bench.md`` and, with ``with_plots``, the PNGs."""
-    from .cli import write_json_atomic
+    from .cache import write_json_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -219,7 +219,11 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
         return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (not a dict)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (missing parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
     def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2)
@@ -291,7 +295,7 @@ class RunCache:
                 )
             if others:
                 self.clear()
-            _write_json(self.path / SETTINGS_FILE, self.settings)
+            write_json_atomic(self.path / SETTINGS_FILE, self.settings)
 
     def _stored_settings(self) -> dict[str, Any] | None:
         f = self.path / SETTINGS_FILE

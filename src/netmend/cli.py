@@ -1,30 +1,13 @@
-"""Command line: ``netmend demo`` and ``netmend validate``."""
+"""Command line: ``netmend demo``, ``netmend validate`` and ``netmend bench``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-import tempfile
-from pathlib import Path
 from typing import Any
 
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from .cache import write_json_atomic
 
 
 def _demo(args: argparse.Namespace) -> int:

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .._registry import Registry
+from ..cache import tensor_hash
 from ..curvature import Curvature, fisher_diag_sum, per_example_grads
-from ..functional import FunctionalModel, chunks, summed_grad
+from ..functional import FunctionalModel, stream, summed_grad
 
 AUTO_L2_RATIO = 1e4
 """``l2="auto"`` sets ``lambda = AUTO_L2_RATIO * mean(diag F_sum)`` (see :func:`resolve_l2`)."""
@@ -40,6 +40,31 @@ def resolve_l2(l2: float | str, fisher_diag: Callable[[], torch.Tensor]) -> floa
     if not l2 > 0:
         raise ValueError(f"l2 must be > 0 (it damps a near-singular Fisher); got {l2}")
     return float(l2)
+
+
+def grad_rows(
+    ctx: Context,
+    theta: torch.Tensor,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    desc: str,
+    X: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``fn(G_chunk)`` over the training set (or ``(X, y)``), concatenated on CPU.
+
+    ``G_chunk`` ``[B, P]`` are the per-example gradients of ``log p(y_n|x_n, theta)`` of one
+    chunk of at most ``ctx.chunk_size`` examples; ``fn`` maps them to ``[B]`` or ``[B, M]``.
+    A :func:`netmend.functional.stream` pass, so it resumes inside a cached ``identify``.
+    """
+    X = ctx.X if X is None else X
+    y = ctx.y if y is None else y
+
+    def rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return fn(per_example_grads(ctx.fm, theta, x, t))
+
+    return stream(
+        X, y, rows, ctx.chunk_size, ctx.device, ctx.progress, desc, lambda: tensor_hash(theta)
+    )
 
 
 @dataclass
@@ -127,18 +152,7 @@ class Context:
         theta = self.theta
         Gq = per_example_grads(self.fm, theta, self.Xq.to(self.device), self.yq.to(self.device))
         V = precond.solve(Gq.T.contiguous())  # [P, M]
-        out = np.empty((self.N, Gq.shape[0]), dtype=np.float32)
-        for s in tqdm(
-            list(chunks(self.N, self.chunk_size)),
-            desc="culprits",
-            disable=not self.progress,
-            leave=False,
-        ):
-            G = per_example_grads(
-                self.fm, theta, self.X[s].to(self.device), self.y[s].to(self.device)
-            )
-            out[s] = (-(G @ V)).cpu().numpy()
-        return out
+        return grad_rows(self, theta, lambda G: -(G @ V), "culprits").numpy().astype(np.float32)
 
 
 @dataclass

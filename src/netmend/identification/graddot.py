@@ -19,8 +19,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Context, MethodOutput, register
-from .influence import check_options, failure_grads, grad_rows, option_target, out_dtype
+from .base import Context, MethodOutput, grad_rows, register
+from .influence import check_options, failure_grads, option_target, out_dtype
 from .tracin import EAGER_PER_FAILURE, per_failure_pass
 
 

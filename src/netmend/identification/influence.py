@@ -32,11 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..curvature import DENSE_MAX_PARAMS, Curvature, cg, dense_curvature, per_example_grads
+from ..curvature import DENSE_MAX_PARAMS, Curvature, cg, per_example_grads
 from ..functional import chunks
-from .base import Context, MethodOutput, register
+from .base import Context, MethodOutput, grad_rows, register
 
 AUTO_DAMPING_RATIO = 0.1
 """``damping="auto"`` is ``AUTO_DAMPING_RATIO * mean(diag F_sum)`` (kronfluence's heuristic)."""
@@ -78,30 +77,6 @@ def option_target(ctx: Context, method: str, self_ok: bool = True) -> str:
 def out_dtype(ctx: Context) -> type:
     """numpy dtype of per-failure matrices: float64 for float64 models, float32 otherwise."""
     return np.float64 if ctx.theta.dtype == torch.float64 else np.float32
-
-
-def grad_rows(
-    ctx: Context,
-    theta: torch.Tensor,
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    desc: str,
-    X: torch.Tensor | None = None,
-    y: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``fn(G_chunk)`` over the training set (or ``(X, y)``), concatenated on CPU.
-
-    ``G_chunk`` ``[B, P]`` are the per-example gradients of ``log p(y_n|x_n, theta)`` of one
-    chunk of at most ``ctx.chunk_size`` examples; ``fn`` maps them to ``[B]`` or ``[B, M]``.
-    """
-    X = ctx.X if X is None else X
-    y = ctx.y if y is None else y
-    outs = []
-    for s in tqdm(
-        list(chunks(X.shape[0], ctx.chunk_size)), desc=desc, disable=not ctx.progress, leave=False
-    ):
-        G = per_example_grads(ctx.fm, theta, X[s].to(ctx.device), y[s].to(ctx.device))
-        outs.append(fn(G).detach().cpu())
-    return torch.cat(outs)
 
 
 def failure_grads(ctx: Context, theta: torch.Tensor) -> torch.Tensor:
@@ -203,9 +178,10 @@ def build_curvature(
     damping: float,
     X: torch.Tensor | None = None,
     y: torch.Tensor | None = None,
+    solver: str = "auto",
 ) -> Curvature:
     """The damped curvature ``C_sum + damping * I`` of kind ``kind`` over ``(X, y)`` (default
-    the training set)."""
+    the training set); ``solver`` is :class:`Curvature`'s ("auto", "dense" or "cg")."""
     X = ctx.X if X is None else X
     y = ctx.y if y is None else y
     extra: dict[str, Any] = {}
@@ -223,6 +199,7 @@ def build_curvature(
         damping,
         chunk_size=ctx.chunk_size,
         device=ctx.device,
+        solver=solver,
         **extra,
     )
 
@@ -263,30 +240,19 @@ class InverseCurvature:
                 "'hessian' or 'fisher'"
             )
         self.ctx, self.kind, self.damping, self.solver = ctx, kind, damping, solver
-        self.A = build_curvature(ctx, kind, damping)
+        # dense and Kronecker kinds are solved by the Curvature itself (Cholesky / eigenbasis)
+        self.direct = kind in DIRECT_KINDS or solver == "dense"
+        self.A = build_curvature(ctx, kind, damping, solver="dense" if self.direct else "cg")
         self.cg_tol, self.cg_maxiter = cg_tol, cg_maxiter
         self.lissa_opts = dict(lissa or {})
         self.info: dict[str, Any] = {"curvature": kind, "damping": damping, "solver": solver}
         self._lissa_setup: tuple[float, int] | None = None
-        self._chol: torch.Tensor | None = None
-        if solver == "dense" and kind not in DIRECT_KINDS:
-            C = dense_curvature(ctx.fm, ctx.theta, ctx.X, ctx.y, kind, ctx.chunk_size, ctx.device)
-            C.diagonal().add_(damping)
-            chol, bad = torch.linalg.cholesky_ex(C)
-            if int(bad) != 0:
-                raise ValueError(
-                    f"the damped {kind} curvature is not positive definite (damping {damping:g});"
-                    " increase damping, or use curvature='ggn' (always positive semi-definite)"
-                )
-            self._chol = chol
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """``A^{-1} b`` for ``b`` ``[P]``."""
         b = b.to(self.ctx.device)
-        if self.kind in DIRECT_KINDS:
+        if self.direct:
             return self.A.solve(b)
-        if self._chol is not None:
-            return torch.cholesky_solve(b[:, None], self._chol)[:, 0]
         if self.solver == "cg":
             x, its = cg(self.A.matvec, b, tol=self.cg_tol, maxiter=self.cg_maxiter)
             self.info["cg_iterations"] = max(int(self.info.get("cg_iterations", 0)), its)
@@ -303,10 +269,8 @@ class InverseCurvature:
         """``A^{-1} B`` for ``B`` ``[P, m]``, column by column (each column as :meth:`solve`)."""
         if B.shape[1] == 0:
             return B.to(self.ctx.device)
-        if self.kind in DIRECT_KINDS:
+        if self.direct:
             return self.A.solve(B.to(self.ctx.device))
-        if self._chol is not None:
-            return torch.cholesky_solve(B.to(self.ctx.device), self._chol)
         return torch.stack([self.solve(B[:, j]) for j in range(B.shape[1])], 1)
 
     def _lissa(self, b: torch.Tensor) -> torch.Tensor:

@@ -25,13 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Context, MethodOutput, register
+from .base import Context, MethodOutput, grad_rows, register
 from .influence import (
     check_options,
     checkpoint_lrs,
     checkpoint_thetas,
     failure_grads,
-    grad_rows,
     option_target,
     out_dtype,
 )
