@@ -407,6 +407,51 @@ def test_to_from_tensors_round_trip(tiny_conv, conv_data, tmp_path):
         KroneckerFactors.from_tensors(tensors, {**meta, "format": "other"})
 
 
+# ----------------------------------------------------------------------------- subsampling
+
+
+def test_subsampled_factors_are_the_rescaled_factors_of_the_subsample(mlp4, data4):
+    """covariance_max_examples=n: A and the eigenbases are those of the n drawn rows, G is
+    rescaled by N/n; correction_max_examples=m: Lambda is the correction over the m drawn rows
+    (another draw) in that basis, rescaled by N/m. Checked against explicit subsets."""
+    from netmend.kfac import _subsample, eigencorrect
+
+    X, y = data4.X, data4.y
+    N, n, m = X.shape[0], 12, 17
+    sub = factors(mlp4, X, y, "ekfac", covariance_max_examples=n, correction_max_examples=m, seed=4)
+    assert (sub.num_examples, sub.covariance_examples, sub.correction_examples) == (N, n, m)
+    i1, i2 = _subsample(N, n, 4, 0, "c"), _subsample(N, m, 4, 1, "l")
+    assert i1 is not None and i2 is not None and not torch.equal(i1[:n], i2[:n])
+    part = factors(mlp4, X[i1], y[i1], "kfac")
+    fm = FunctionalModel.of(mlp4)
+    lam = eigencorrect(factors(mlp4, X[i1], y[i1], "kfac"), fm, fm.theta, X[i2], y[i2])
+    for ls, lp, ll in zip(sub.layers, part.layers, lam.layers):
+        close(ls.A, lp.A)
+        close(ls.G, lp.G * (N / n))
+        close(ls.eigenvalues, ll.eigenvalues * (N / m))
+    # at or above N: no subsample, the full factors exactly
+    full = factors(mlp4, X, y, "ekfac")
+    same = factors(mlp4, X, y, "ekfac", covariance_max_examples=N, correction_max_examples=99)
+    for a, b in zip(full.layers, same.layers):
+        close(a.eigenvalues, b.eigenvalues)
+    assert (same.covariance_examples, same.correction_examples) == (N, N)
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="covariance_max_examples"):
+            factors(mlp4, X, y, "kfac", covariance_max_examples=bad)
+
+
+def test_subsampled_ekfac_reaches_identify(blobs_mlp):
+    """The options reach the factors through identify (and change the scores)."""
+    b = blobs_mlp
+    kw = dict(k=5, progress=False, seed=0)
+    full = netmend.identify(b.model, (b.X, b.y), (b.Xf, b.yf), "ekfac", **kw)
+    sub = netmend.identify(
+        b.model, (b.X, b.y), (b.Xf, b.yf), "ekfac", correction_max_examples=20, **kw
+    )
+    assert not np.allclose(full.scores, sub.scores)
+    assert np.corrcoef(full.scores, sub.scores)[0, 1] > 0.5
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

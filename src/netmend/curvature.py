@@ -411,6 +411,9 @@ class Curvature:
         mc_samples, seed: sampled labels per example and their seed (``fisher_type="sampled"``).
         factors: for "kfac"/"ekfac", precomputed :class:`netmend.kfac.KroneckerFactors` (e.g.
             loaded from a cache; computed when not given).
+        covariance_max_examples, correction_max_examples: for "kfac"/"ekfac", estimate the
+            Kronecker factors / EK-FAC's eigenvalue correction on a seeded subsample of at most
+            this many examples (``None``: all; see :func:`netmend.kfac.kronecker_factors`).
     """
 
     kind: str
@@ -430,6 +433,8 @@ class Curvature:
     seed: int = 0
     factors: KroneckerFactors | None = None
     solver: str = "auto"
+    covariance_max_examples: int | None = None
+    correction_max_examples: int | None = None
     _chol: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -462,6 +467,8 @@ class Curvature:
                     self.chunk_size,
                     self.device,
                     self.progress,
+                    self.covariance_max_examples,
+                    self.correction_max_examples,
                 )
             elif self.factors.kind != self.kind or self.factors.num_params != self.fm.num_params:
                 raise ValueError(

@@ -190,6 +190,8 @@ def build_curvature(
     if kind in ("kfac", "ekfac"):
         extra.update(seed=ctx.seed, mc_samples=int(ctx.options.get("mc_samples", 1)))
         extra["fisher_type"] = ctx.options.get("fisher_type")
+        for key in ("covariance_max_examples", "correction_max_examples"):
+            extra[key] = ctx.options.get(key)
     return Curvature(
         kind,
         ctx.fm,
@@ -419,6 +421,8 @@ INFLUENCE_OPTIONS = (
     "lissa_batch",
     "fisher_type",
     "mc_samples",
+    "covariance_max_examples",
+    "correction_max_examples",
 )
 
 
@@ -484,6 +488,11 @@ def influence(ctx: Context) -> MethodOutput:
         fisher_type, mc_samples: for "kfac"/"ekfac", which Fisher the factors estimate
             (default: :data:`netmend.kfac.DEFAULT_FISHER_TYPE`, labels sampled from the model,
             ``mc_samples`` 1 per example, seeded by ``seed``); see :mod:`netmend.kfac`.
+        covariance_max_examples, correction_max_examples: for "kfac"/"ekfac", estimate the
+            factors / EK-FAC's eigenvalue correction on a seeded subsample of at most this
+            many training examples (default ``None``: all), like kronfluence's
+            ``covariance_max_examples`` / ``lambda_max_examples``; trades accuracy for time
+            (measured in ``benchmarks/ekfac_timing.py``).
         target: "failures" (default) or "self": self-influence ``g_z^T A^{-1} g_z`` (positive =
             suspicious, e.g. mislabelled; costs one solve per training example).
 

@@ -26,8 +26,9 @@ def curvature_for(ctx: Context, kind: str) -> Curvature:
     """The damped curvature ``A`` of kind ``kind`` (see :data:`netmend.curvature.CURVATURE_KINDS`).
 
     Options read from ``ctx.options``: ``solver`` ("auto": dense Cholesky for small models,
-    else CG; "dense"; "cg"), ``cg_tol``, ``cg_maxiter`` (CG kinds), ``fisher_type``
-    and ``mc_samples`` ("kfac"/"ekfac"; sampled labels are seeded with ``ctx.seed``).
+    else CG; "dense"; "cg"), ``cg_tol``, ``cg_maxiter`` (CG kinds), ``fisher_type``,
+    ``mc_samples``, ``covariance_max_examples`` and ``correction_max_examples``
+    ("kfac"/"ekfac"; sampled labels and subsamples are seeded with ``ctx.seed``).
     """
     if kind == "diag":
         return ctx.diag_curvature()
@@ -47,6 +48,8 @@ def curvature_for(ctx: Context, kind: str) -> Curvature:
         mc_samples=int(ctx.options.get("mc_samples", 1)),
         seed=ctx.seed,
         solver=str(ctx.options.get("solver", "auto")),
+        covariance_max_examples=ctx.options.get("covariance_max_examples"),
+        correction_max_examples=ctx.options.get("correction_max_examples"),
     )
 
 
@@ -65,8 +68,6 @@ def linear_influence(ctx: Context) -> MethodOutput:
     def directional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return ctx.fm.ll_jvp(theta, v, x, t)[1]
 
-    gv = stream(
-        ctx.X, ctx.y, directional, max(ctx.chunk_size, 512), ctx.device, ctx.progress, "linear"
-    )
+    gv = stream(ctx.X, ctx.y, directional, ctx.chunk_size, ctx.device, ctx.progress, "linear")
     scores = (-gamma * gv).double().numpy()
     return MethodOutput(scores=np.asarray(scores), per_failure=lambda: ctx.per_failure_scores(A))
