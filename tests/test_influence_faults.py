@@ -97,6 +97,17 @@ def test_no_batch_larger_than_chunk_size_reaches_the_model(dead_task, name, opts
     assert sizes and max(sizes) <= 7
 
 
+@pytest.mark.parametrize(
+    ("name", "opts"),
+    [("ewc", {}), ("linear", {}), ("linear", {"curvature": "ggn"}), ("loss", {})],
+    ids=["ewc", "linear", "linear-ggn", "loss"],
+)
+def test_paper_methods_honour_chunk_size_too(dead_task, name, opts):
+    """The forward-only passes of the older methods once ran at max(chunk_size, 512/1024)."""
+    _, _, sizes = run(dead_task, name, opts, 7)
+    assert sizes and max(sizes) <= 7
+
+
 @pytest.mark.parametrize(("name", "opts"), METHODS, ids=IDS)
 def test_scores_cover_every_training_example(dead_task, name, opts):
     r, pf, _ = run(dead_task, name, opts, 7)

@@ -19,7 +19,7 @@ def self_loss(ctx: Context) -> MethodOutput:
 
     Per-failure culprits are the same ranking for every failure (the method sees none).
     """
-    ll = log_likelihoods(ctx.fm, ctx.theta, ctx.X, ctx.y, max(ctx.chunk_size, 1024), ctx.device)
+    ll = log_likelihoods(ctx.fm, ctx.theta, ctx.X, ctx.y, ctx.chunk_size, ctx.device)
     scores = (-ll).double().numpy() - np.log(2.0)
     m = ctx.Xq.shape[0]
     return MethodOutput(

@@ -64,7 +64,7 @@ def ewc_influence(ctx: Context) -> MethodOutput:
         step_size=float(ctx.options.get("step_size", 1.0)),
     )
     kw: dict[str, Any] = dict(
-        chunk_size=max(ctx.chunk_size, 1024), device=ctx.device, progress=ctx.progress
+        chunk_size=ctx.chunk_size, device=ctx.device, progress=ctx.progress
     )
     before = log_likelihoods(ctx.fm, ctx.theta, ctx.X, ctx.y, **kw)
     after = log_likelihoods(ctx.fm, theta_f, ctx.X, ctx.y, **kw)
