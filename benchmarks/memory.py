@@ -15,6 +15,11 @@ settings (automatic ``l2`` and ``k``), on the CPU, one thread.
 The parent imports neither torch nor netmend and the preparation runs in a subprocess too:
 on Linux a child's ``ru_maxrss`` starts at its parent's resident size at ``fork`` (the
 kernel keeps the high-water mark across ``execve``), so a big parent would mask the peaks.
+
+Two storages of the same pixels: ``uint8`` (as MNIST ships and as torchvision keeps it; 47 MiB
+at 60k; netmend converts chunk by chunk and never holds a float copy) and ``float32`` (the
+pixels as floats, 180 MiB at 60k). The model starts with a fixed ``x / 255`` so both feed it
+the same values. ``--storages`` picks them (default both).
 """
 
 from __future__ import annotations
@@ -35,7 +40,25 @@ if TYPE_CHECKING:
 
 SIZES = (10_000, 30_000, 60_000)
 METHODS = ("ewc", "linear")
+STORAGES = ("uint8", "float32")
 FAILURES = 200
+
+
+def make_model() -> Any:
+    """The demo's SmallCNN behind a fixed ``x / 255`` (inputs are raw 0-255 pixel values)."""
+    from torch import nn
+
+    from netmend.models import SmallCNN
+
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = SmallCNN()
+
+        def forward(self, x: Any) -> Any:
+            return self.net(x / 255.0)
+
+    return Scaled()
 
 
 def _rss_mib() -> float:
@@ -67,7 +90,7 @@ def _read_rows(path: Path, n: int) -> torch.Tensor:
     return torch.from_numpy(rows)
 
 
-def child(scratch: Path, n: int, method: str) -> dict[str, Any]:
+def child(scratch: Path, n: int, method: str, storage: str = "uint8") -> dict[str, Any]:
     """One measurement in this (fresh) process."""
     import torch
 
@@ -75,11 +98,12 @@ def child(scratch: Path, n: int, method: str) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     import netmend
-    from netmend.models import SmallCNN
 
     X, y = _read_rows(scratch / "X.npy", n), _read_rows(scratch / "y.npy", n)
+    if storage == "float32":
+        X = X.float()
     fail = load_file(str(scratch / "failures.safetensors"))
-    model = SmallCNN()
+    model = make_model()
     model.load_state_dict(load_file(str(scratch / "model.safetensors")))
     model.eval()
     data_mib = (X.numel() * X.element_size() + y.numel() * y.element_size()) / 2**20
@@ -91,6 +115,7 @@ def child(scratch: Path, n: int, method: str) -> dict[str, Any]:
     peak = _peak_mib()
     return {
         "method": method,
+        "storage": storage,
         "train_examples": n,
         "dataset_mib": data_mib,
         "rss_before_identify_mib": base_rss,
@@ -110,21 +135,22 @@ def prepare(scratch: Path) -> dict[str, Any]:
 
     from netmend.datasets import load_mnist
     from netmend.demo import machine
-    from netmend.models import SmallCNN
     from netmend.training import TrainConfig, fit, predict
 
     torch.set_num_threads(1)
     train, test = load_mnist()
+    Xtr = (train.X[: max(SIZES)] * 255).round().to(torch.uint8)  # the pixels as MNIST ships them
+    Xte = (test.X * 255).round().to(torch.uint8)
     torch.manual_seed(0)
-    model = SmallCNN()
-    fit(model, train.X[:5000], train.y[:5000], TrainConfig(epochs=1.0), seed=0, progress=False)
+    model = make_model()
+    fit(model, Xtr[:5000], train.y[:5000], TrainConfig(epochs=1.0), seed=0, progress=False)
     model.eval()
-    wrong = torch.nonzero(predict(model, test.X) != test.y).squeeze(1)[:FAILURES]
+    wrong = torch.nonzero(predict(model, Xte) != test.y).squeeze(1)[:FAILURES]
     save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(scratch / "model.safetensors"))  # fmt: skip
-    np.save(scratch / "X.npy", train.X[: max(SIZES)].numpy())
+    np.save(scratch / "X.npy", Xtr.numpy())
     np.save(scratch / "y.npy", train.y[: max(SIZES)].numpy())
-    save_file({"X": test.X[wrong].contiguous(), "y": test.y[wrong].contiguous()},
+    save_file({"X": Xte[wrong].contiguous(), "y": test.y[wrong].contiguous()},
               str(scratch / "failures.safetensors"))  # fmt: skip
     return {
         "machine": {**machine(), "torch_threads": 1},
@@ -136,12 +162,14 @@ def prepare(scratch: Path) -> dict[str, Any]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/memory.json")
-    ap.add_argument("--child", nargs=3, metavar=("SCRATCH", "N", "METHOD"))
+    ap.add_argument("--child", nargs=4, metavar=("SCRATCH", "N", "METHOD", "STORAGE"))
     ap.add_argument("--prepare", metavar="SCRATCH")
+    ap.add_argument("--storages", nargs="+", default=list(STORAGES), choices=STORAGES)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args = ap.parse_args()
     if args.child:
-        scratch, n, method = args.child
-        print(json.dumps(child(Path(scratch), int(n), method)))
+        scratch, n, method, storage = args.child
+        print(json.dumps(child(Path(scratch), int(n), method, storage)))
         return
     if args.prepare:
         print(json.dumps(prepare(Path(args.prepare))))
@@ -156,22 +184,32 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         setup = fresh("--prepare", tmp)
-        for method in METHODS:
-            for n in SIZES:
-                runs.append(fresh("--child", tmp, str(n), method))
-                print(json.dumps(runs[-1]), flush=True)
+        for storage in args.storages:
+            for method in args.methods:
+                for n in SIZES:
+                    runs.append(fresh("--child", tmp, str(n), method, storage))
+                    print(json.dumps(runs[-1]), flush=True)
     summary = {}
-    for method in METHODS:
-        by_n = {r["train_examples"]: r for r in runs if r["method"] == method}
-        lo, hi = by_n[min(SIZES)], by_n[max(SIZES)]
-        summary[method] = {
-            "peak_ratio_60k_over_10k": hi["peak_mib"] / lo["peak_mib"],
-            "increment_ratio_60k_over_10k": hi["increment_mib"] / lo["increment_mib"],
-            "target_peak_ratio": 1.2,
-        }
+    for storage in args.storages:
+        for method in args.methods:
+            by_n = {
+                r["train_examples"]: r
+                for r in runs
+                if r["method"] == method and r["storage"] == storage
+            }
+            lo, hi = by_n[min(SIZES)], by_n[max(SIZES)]
+            summary[f"{method}/{storage}"] = {
+                "peak_ratio_60k_over_10k": hi["peak_mib"] / lo["peak_mib"],
+                "increment_ratio_60k_over_10k": hi["increment_mib"] / lo["increment_mib"],
+                "target_peak_ratio": 1.2,
+            }
     result = {
         "machine": setup.pop("machine"),
-        "setup": {**setup, "model": "SmallCNN, 1 epoch on 5k examples", "device": "cpu"},
+        "setup": {
+            **setup,
+            "model": "x / 255 then SmallCNN, 1 epoch on 5k examples",
+            "device": "cpu",
+        },
         "parent_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "runs": runs,
         "summary": summary,

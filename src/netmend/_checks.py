@@ -45,7 +45,11 @@ def as_tensors(
         allow_empty: accept ``N == 0``.
 
     Returns:
-        ``X`` with shape ``[N, ...]`` (floating point) and ``y`` with shape ``[N]`` (int64).
+        ``X`` with shape ``[N, ...]`` and ``y`` with shape ``[N]`` (int64). Floating inputs
+        keep their dtype; integer inputs (e.g. ``uint8`` images) too, and are converted to the
+        model's dtype one chunk at a time (:func:`netmend.functional.as_input`), so netmend
+        never holds a floating copy of the whole set (4x the memory of ``uint8``). Either way
+        the model sees ``x.to(its dtype)``: no rescaling is applied.
 
     Raises:
         ValueError: mismatched lengths, NaN/inf inputs, non-integer labels, empty data.
@@ -103,8 +107,10 @@ def as_tensors(
             raise ValueError(f"{name}: labels must be integer class indices, not probabilities")
         y = y.long()
     y = y.long()
-    if not X.is_floating_point():
-        X = X.float()
+    if X.is_complex():
+        raise ValueError(f"{name}: complex inputs are not supported; pass real-valued inputs")
+    if not X.is_floating_point():  # e.g. uint8 images: kept, converted chunk by chunk
+        return X, y
     bad = _nonfinite_rows(X)
     if bad:
         raise ValueError(
@@ -161,8 +167,10 @@ def check_model(model: nn.Module) -> None:
 
 def num_classes_of(model: nn.Module, X: torch.Tensor, device: torch.device) -> int:
     """Number of outputs of ``model`` (its logits' last dimension) on one input."""
+    from .functional import as_input, param_dtype
+
     with torch.no_grad():
-        out = model(X[:1].to(device))
+        out = model(as_input(X[:1].to(device), param_dtype(model)))
     if out.ndim != 2:
         raise ValueError(
             f"model output must be logits of shape [batch, classes]; got shape {tuple(out.shape)}"

@@ -20,6 +20,18 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from .cache import map_chunks, tensor_hash
 
 
+def as_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A chunk of inputs ready for the model: integer inputs (netmend keeps integer data such
+    as ``uint8`` images as they are, 4x smaller than a float copy) become ``dtype``; floating
+    inputs are returned unchanged."""
+    return x if x.is_floating_point() else x.to(dtype)
+
+
+def param_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of ``model``'s parameters (float32 if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 @dataclass
 class FunctionalModel:
     """A model split into its trainable parameters (as one flat vector) and everything else.
@@ -63,7 +75,7 @@ class FunctionalModel:
     def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, C]`` at flat parameters ``theta`` ``[P]``."""
         params = self.unflatten(theta)
-        return functional_call(self.module, (params, self.buffers), (x,))
+        return functional_call(self.module, (params, self.buffers), (as_input(x, theta.dtype),))
 
     def ll(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-example log-likelihood ``log p(y|x, theta)``, shape ``[B]``."""

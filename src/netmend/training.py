@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .functional import as_input, param_dtype
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -82,6 +84,7 @@ def fit(
     else:
         opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(seed)
+    dtype = param_dtype(model)
     n = X.shape[0]
     steps = max(1, int(round(config.epochs * n / config.batch_size)))
     order = torch.empty(0, dtype=torch.long)
@@ -95,7 +98,7 @@ def fit(
             pos = 0
         idx = order[pos : pos + config.batch_size]
         pos += config.batch_size
-        xb, yb = X[idx].to(device), y[idx].to(device)
+        xb, yb = as_input(X[idx].to(device), dtype), y[idx].to(device)
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,7 +123,11 @@ def logits(
 ) -> torch.Tensor:
     """Logits ``[N, C]`` of ``model`` on ``X`` (on CPU), computed in batches without gradients."""
     device = torch.device(device)
-    out = [model(X[i : i + batch_size].to(device)).cpu() for i in range(0, X.shape[0], batch_size)]
+    dt = param_dtype(model)
+    out = [
+        model(as_input(X[i : i + batch_size].to(device), dt)).cpu()
+        for i in range(0, X.shape[0], batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0)
 
 

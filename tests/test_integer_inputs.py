@@ -1,0 +1,79 @@
+"""Integer inputs (e.g. uint8 images) are kept integer and converted chunk by chunk.
+
+netmend must give exactly the results it gives on ``X.to(model dtype)`` for every
+identification method and treatment, without ever holding a floating copy of the whole set.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import netmend
+from netmend._checks import as_tensors
+from netmend.identification import available as identification_methods
+from netmend.models import MLP
+from netmend.training import TrainConfig, fit, predict
+from netmend.treatment import available as treatments
+
+RUN = dict(progress=False, device="cpu", seed=0)
+# options that keep the slow estimators small
+OPTIONS: dict[str, dict] = {
+    "tmc_shapley": {"max_permutations": 8, "n_jobs": 1},
+    "banzhaf": {"max_samples": 32},
+    "tracin": {},
+}
+
+
+@pytest.fixture(scope="module")
+def task():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, 17, (90, 6), generator=g, dtype=torch.uint8)  # digits-like pixel values
+    y = (X[:, :3].sum(1) > X[:, 3:].sum(1)).long() + (X[:, 0] > 12).long()
+    flip = torch.arange(0, 90, 9)
+    y[flip] = (y[flip] + 1) % 3  # some label noise, so there are failures
+    torch.manual_seed(0)
+    model = fit(MLP(6, 3, hidden=(8,)), X, y, TrainConfig(epochs=30, lr=1e-2), 0, progress=False)
+    Xt = torch.randint(0, 17, (60, 6), generator=g, dtype=torch.uint8)
+    yt = (Xt[:, :3].sum(1) > Xt[:, 3:].sum(1)).long() + (Xt[:, 0] > 12).long()
+    wrong = predict(model, Xt) != yt
+    assert int(wrong.sum()) >= 3
+    return model, X, y, Xt[wrong][:6], yt[wrong][:6]
+
+
+def test_as_tensors_keeps_integer_inputs_without_a_float_copy():
+    X = torch.randint(0, 255, (10, 3), dtype=torch.uint8)
+    Xo, _ = as_tensors((X, torch.zeros(10, dtype=torch.long)))
+    assert Xo.dtype == torch.uint8 and Xo.data_ptr() == X.data_ptr()
+    with pytest.raises(ValueError, match="complex"):
+        as_tensors((torch.zeros(2, 2, dtype=torch.complex64), torch.zeros(2, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("method", identification_methods())
+def test_identify_integer_inputs_equal_float_inputs(task, method):
+    model, X, y, Xf, yf = task
+    kw = dict(k=5, chunk_size=16, **OPTIONS.get(method, {}), **RUN)
+    if method == "tracin":
+        kw.update(checkpoints=[model], lrs=[1.0])
+    a = netmend.identify(model, (X, y), (Xf, yf), method, **kw)
+    b = netmend.identify(model, (X.float(), y), (Xf.float(), yf), method, **kw)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("treatment", treatments())
+def test_treat_integer_inputs_equal_float_inputs(task, treatment):
+    model, X, y, Xf, yf = task
+    causes = np.arange(0, 90, 9)
+    kw: dict = dict(**RUN)
+    if treatment in ("relabel", "align"):
+        kw["failures"] = (Xf, yf)
+    a = netmend.treat(model, (X, y), causes, treatment, **kw)
+    b = netmend.treat(
+        model, (X.float(), y), causes, treatment, **{**kw, **(
+            {"failures": (Xf.float(), yf)} if "failures" in kw else {})},
+    )  # fmt: skip
+    pa, pb = predict(a, X.float()), predict(b, X.float())
+    assert torch.equal(pa, pb)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
