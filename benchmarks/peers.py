@@ -94,6 +94,8 @@ LISSA_BATCH = 128
 CG_MAXITER = 100
 CG_TOL = 1e-8
 TIE = 1e-3  # quality differences below this count as equal (same algorithm, rounding)
+TRAK_SEEDS = (1, 2, 3, 4)  # more projection seeds for both TRAKs (seed 0 is the main row)
+SEEDS_PAIR = "trak-seeds"
 
 
 KNOWN_FAULTS = [
@@ -301,6 +303,7 @@ def netmend_spec(
     options: dict[str, Any],
     settings: dict[str, Any],
     per_failure: bool = True,
+    seed: int = 0,
 ) -> Spec:
     """A netmend method run through the public ``netmend.identify``.
 
@@ -323,7 +326,7 @@ def netmend_spec(
             (p.Xq, p.yq),
             method=method,
             k=int(p.corrupted.sum()),  # an int: no extra scoring for the automatic K
-            seed=0,
+            seed=seed,
             device="cpu",
             progress=False,
             **opts,
@@ -337,7 +340,7 @@ def netmend_spec(
         s = np.asarray(ident.scores, dtype=np.float64)
         return Outcome(s, pf, s, info)
 
-    settings = {"method": method, **options, **settings, "per_failure": per_failure}
+    settings = {"method": method, **options, **settings, "per_failure": per_failure, "seed": seed}
     return Spec(name, "netmend", pair, settings, run, method)
 
 
@@ -550,7 +553,7 @@ def dattri_tracin_spec(variant: str, pair: str) -> Spec:
     )
 
 
-def dattri_trak_spec(pair: str) -> Spec:
+def dattri_trak_spec(pair: str, seed: int = 0) -> Spec:
     """dattri ``TRAKAttributor`` (final model, ``TRAK_DIM`` Gaussian projection, ridge 0)."""
 
     def run(bench: Bench) -> Outcome:
@@ -568,7 +571,7 @@ def dattri_trak_spec(pair: str) -> Spec:
 
         att = TRAKAttributor(
             task, correct_probability_func=p_correct,
-            projector_kwargs={"proj_dim": TRAK_DIM, "proj_type": "normal", "proj_seed": 0},
+            projector_kwargs={"proj_dim": TRAK_DIM, "proj_type": "normal", "proj_seed": seed},
             device="cpu", regularization=0.0,
         )  # fmt: skip
         train, query = _loaders(bench, 256)
@@ -579,12 +582,13 @@ def dattri_trak_spec(pair: str) -> Spec:
         return Outcome(pf.sum(1), pf, raw.sum(1), {})
 
     return Spec(
-        "dattri TRAK",
+        "dattri TRAK" + (f" seed {seed}" if seed else ""),
         "dattri",
         pair,
-        {"proj_dim": TRAK_DIM, "proj_type": "normal", "regularization": 0.0, "checkpoints": 1},
+        {"proj_dim": TRAK_DIM, "proj_type": "normal", "regularization": 0.0, "checkpoints": 1,
+         "proj_seed": seed},
         run,
-    )
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- captum
@@ -673,6 +677,9 @@ def specs(damping: float) -> list[Spec]:
            per_failure=False),
         dattri_if_spec("lissa", "influence-lissa"),
         nm("netmend ekfac", "ekfac", "ekfac", d, {}),
+        # the exact expectation over labels instead of one sampled label per example (an option
+        # kronfluence does not have): no Monte-Carlo noise in the factors
+        nm("netmend ekfac exact-Fisher", "ekfac", "ekfac", {**d, "fisher_type": "exact"}, {}),
         kronfluence_spec("ekfac", "ekfac"),
         dattri_if_spec("ekfac", "ekfac"),
         nm("netmend linear diag", "linear", "diagonal", {"curvature": "diag", "l2": damping},
@@ -723,37 +730,63 @@ def ratio_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """netmend/peer for quality, peer_seconds/netmend_seconds for speed, per equivalent pair."""
     out = []
     for r in rows:
-        if r["library"] == "netmend":
+        if r["library"] == "netmend" or r["pair"] == SEEDS_PAIR:
             continue
         mine = [m for m in rows if m["library"] == "netmend" and m["pair"] == r["pair"]]
-        if not mine or "seconds" not in mine[0] or "seconds" not in r:
-            continue
-        n = mine[0]
-        q: dict[str, Any] = {}
-        both_pf = n["settings"].get("per_failure", True) and r.get("per_failure_given", True)
-        lds_key = "lds" if both_pf else "lds_summed"  # compare like with like
-        q["lds_variant"] = lds_key
-        for k in ("spearman_loo", "lds", "precision_at_k", "auroc", "culprit_precision_at_5"):
-            kk = lds_key if k == "lds" else k
-            a, b = n.get(kk, math.nan), r.get(kk, math.nan)
-            q[k] = a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
-        speed = r["seconds"] / n["seconds"]
-        summed = n.get("scores_seconds")
-        meets_quality = all(
-            n.get(k, math.nan) >= r.get(k, math.nan) - TIE
-            for k in ("spearman_loo", lds_key)
-            if math.isfinite(r.get(k, math.nan))
-        )
-        out.append(
-            {
-                "netmend": n["method"],
-                "peer": r["method"],
-                **q,
-                "speedup": speed,
-                "speedup_vs_summed_only": r["seconds"] / summed if summed else math.nan,
-                "meets_quality": bool(meets_quality),
-                "meets_speed": bool(speed >= 1.5),
+        out.extend(_ratio(n, r) for n in mine if "seconds" in n and "seconds" in r)
+    return out
+
+
+def _ratio(n: dict[str, Any], r: dict[str, Any]) -> dict[str, Any]:
+    """One netmend row against one peer row of the same pair."""
+    q: dict[str, Any] = {}
+    both_pf = n["settings"].get("per_failure", True) and r.get("per_failure_given", True)
+    lds_key = "lds" if both_pf else "lds_summed"  # compare like with like
+    q["lds_variant"] = lds_key
+    for k in ("spearman_loo", "lds", "precision_at_k", "auroc", "culprit_precision_at_5"):
+        kk = lds_key if k == "lds" else k
+        a, b = n.get(kk, math.nan), r.get(kk, math.nan)
+        q[k] = a / b if b and math.isfinite(a) and math.isfinite(b) else math.nan
+    speed = r["seconds"] / n["seconds"]
+    summed = n.get("scores_seconds")
+    meets_quality = all(
+        n.get(k, math.nan) >= r.get(k, math.nan) - TIE
+        for k in ("spearman_loo", lds_key)
+        if math.isfinite(r.get(k, math.nan))
+    )
+    return {
+        "netmend": n["method"],
+        "peer": r["method"],
+        **q,
+        "speedup": speed,
+        "speedup_vs_summed_only": r["seconds"] / summed if summed else math.nan,
+        "meets_quality": bool(meets_quality),
+        "meets_speed": bool(speed >= 1.5),
+    }
+
+
+def trak_seed_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard error of each TRAK's Spearman/LDS over its projection seeds."""
+    out: dict[str, Any] = {}
+    for lib in ("netmend", "dattri"):
+        rs = [
+            r
+            for r in rows
+            if r["library"] == lib
+            and r["pair"] in ("trak", SEEDS_PAIR)
+            and "trak" in r["method"].lower()
+        ]
+        for k in ("spearman_loo", "lds"):
+            v = np.array([r.get(k, math.nan) for r in rs], dtype=float)
+            out.setdefault(lib, {})[k] = {
+                "mean": float(np.nanmean(v)) if v.size else math.nan,
+                "se": float(np.nanstd(v, ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan,
+                "values": v.tolist(),
             }
+    if "netmend" in out and "dattri" in out:
+        out["meets_quality_on_means"] = all(
+            out["netmend"][k]["mean"] >= out["dattri"][k]["mean"] - TIE
+            for k in ("spearman_loo", "lds")
         )
     return out
 
@@ -812,6 +845,20 @@ def markdown(result: dict[str, Any]) -> str:
             f"{'yes' if q['meets_quality'] else 'NO'} | "
             f"{'yes' if q['meets_speed'] else 'NO'} |"
         )
+    ts = result.get("trak_over_projection_seeds") or {}
+    if "netmend" in ts and "dattri" in ts:
+        lines += [
+            "",
+            f"TRAK over projection seeds (0 and {', '.join(map(str, TRAK_SEEDS))}), mean ± s.e.: "
+            + "; ".join(
+                f"{lib} Spearman {ts[lib]['spearman_loo']['mean']:.3f} ± "
+                f"{ts[lib]['spearman_loo']['se']:.3f}, LDS {ts[lib]['lds']['mean']:.3f} ± "
+                f"{ts[lib]['lds']['se']:.3f}"
+                for lib in ("netmend", "dattri")
+            )
+            + f". netmend at least dattri on the means: "
+            f"{'yes' if ts.get('meets_quality_on_means') else 'NO'}.",
+        ]
     if result.get("peer_faults"):
         lines += ["", "Peer faults seen in this run:", ""]
         lines += [f"* {f}" for f in result["peer_faults"]]
@@ -851,6 +898,19 @@ def main() -> None:
             f"p@K={fmt(row.get('precision_at_k'))} {row.get('error', row.get('skipped', ''))[:80]}",
             flush=True,
         )
+    if not args.only or "trak" in args.only.split(","):
+        # TRAK is randomised (the projection): one seed each decides nothing, so compare the
+        # means over projection seeds
+        for sd in TRAK_SEEDS:
+            for spec in (
+                netmend_spec(f"netmend trak seed {sd}", "trak", SEEDS_PAIR,
+                             {"proj_dim": TRAK_DIM, "projection": "gaussian", "ridge": 0.0},
+                             {}, seed=sd),
+                dattri_trak_spec(SEEDS_PAIR, seed=sd),
+            ):  # fmt: skip
+                row = evaluate(bench, spec)
+                rows.append(row)
+                print(f"{row['method']:<34} lds={fmt(row.get('lds'))}", flush=True)
     if args.only and Path(args.json).exists():  # merge the rerun rows into the last result
         old = json.loads(Path(args.json).read_text())["methods"]
         new = {r["method"]: r for r in rows}
@@ -875,6 +935,7 @@ def main() -> None:
         },
         "methods": rows,
         "ratios": ratio_rows(rows),
+        "trak_over_projection_seeds": trak_seed_summary(rows),
         "known_peer_faults": KNOWN_FAULTS,
         "peer_faults": sorted(
             {f"{r['method']}: {f}" for r in rows if r["library"] != "netmend" for f in r["faults"]}
