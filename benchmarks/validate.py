@@ -1,7 +1,7 @@
 """Ground-truth validation of every identification method (``netmend.validate``).
 
 Usage: .venv/bin/python benchmarks/validate.py [--models logreg mlp] [--methods a b ...]
-       [--out benchmarks/validate.json] [--md benchmarks/validate.md]
+       [--ks 0.25 0.5 2] [--out benchmarks/validate.json] [--md benchmarks/validate.md]
 
 For each model on digits (20% symmetric label flips, float64, trained to convergence): the
 actual leave-one-out effect of every training example (logreg; a random 100 for the MLP) on
@@ -40,6 +40,13 @@ def main() -> None:
     ap.add_argument("--n-loo", type=int, help="LOO refits (default: all for logreg, 100 for mlp)")
     ap.add_argument("--skip", nargs="*", default=[], help="methods to leave out")
     ap.add_argument("--append", action="store_true", help="add to an existing --out/--md")
+    ap.add_argument(
+        "--ks",
+        nargs="*",
+        type=float,
+        default=[],
+        help="counterfactual curve: removal sizes as multiples of K, e.g. 0.25 0.5 2",
+    )
     ap.add_argument("--out", default="benchmarks/validate.json")
     ap.add_argument("--md", default="benchmarks/validate.md")
     args = ap.parse_args()
@@ -69,7 +76,11 @@ def main() -> None:
         gt = validation.ground_truth(
             problem, n_loo=args.n_loo, n_subsets=args.subsets, seed=0, progress=False
         )
-        report = validation.validate(methods, problem, gt, options=EXTRA, progress=False, seed=0)
+        n_bad = int(problem.corrupted.sum())
+        ks = [max(1, round(f * n_bad)) for f in args.ks] or None
+        report = validation.validate(
+            methods, problem, gt, options=EXTRA, progress=False, seed=0, counterfactual_ks=ks
+        )
         report["seconds_total"] = time.perf_counter() - t0
         report["methods_run"] = methods
         result["runs"][model] = report
@@ -92,6 +103,14 @@ def main() -> None:
             validation.table(report),
             "",
         ]
+        if "counterfactual_curve" in report:
+            md += [
+                "Counterfactual curve: Δ held-out failure accuracy vs random removal, by the "
+                "number of top-scored examples removed:",
+                "",
+                validation.curve_table(report),
+                "",
+            ]
         Path(args.md).write_text("\n".join(md))
         print("\n".join(md[-4:]), flush=True)
     result["done"] = True

@@ -171,6 +171,28 @@ def test_validate_report_and_errors(problem, gt):
     assert "| loss |" in validation.table(rep)
 
 
+def test_counterfactual_curve(problem, gt):
+    """At the main k the curve repeats the main counterfactual exactly; the LOO oracle's top-k'
+    beats random at every k'; a k' out of range is refused."""
+    k = int(problem.corrupted.sum())
+    ks = [k // 4, k, 2 * k]
+    rep = validation.validate(
+        ["loss"], problem=problem, gt=gt, counterfactual_repeats=3, progress=False,
+        counterfactual_ks=ks,
+    )  # fmt: skip
+    cur = rep["counterfactual_curve"]
+    assert cur["ks"] == sorted(ks)
+    at_k = cur["ks"].index(k)
+    want = rep["methods"]["loss"]["counterfactual"]["delta_heldout_acc_vs_random"]
+    assert cur["methods"]["loss"][at_k] == pytest.approx(want, abs=1e-12)
+    assert all(np.isfinite(cur["methods"]["loss"]))
+    assert min(cur["methods"]["ref:loo_topk"]) > 0
+    assert "k=" in validation.curve_table(rep)
+    with pytest.raises(ValueError, match="counterfactual_ks"):
+        validation.validate(["loss"], problem=problem, gt=gt, progress=False,
+                            counterfactual_ks=[problem.N])  # fmt: skip
+
+
 def test_bad_input_raises(problem, gt):
     with pytest.raises(ValueError, match="shape"):
         score_quality(problem, gt, np.zeros(problem.N + 1))

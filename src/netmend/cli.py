@@ -47,13 +47,20 @@ def _bench(args: argparse.Namespace) -> int:
         )
         if v is not None
     }
+    if args.cv_folds is not None:
+        chosen["cv_folds"] = args.cv_folds
     try:
         config = bench.BenchConfig.quick(**chosen) if args.quick else bench.BenchConfig(**chosen)
     except ValueError as exc:  # a bad suite, pipeline or reference name
         print(f"netmend: {exc}", file=sys.stderr)
         return 2
     try:
-        result = bench.run(config, args.device, progress=not args.no_progress)
+        result = bench.run(
+            config,
+            args.device,
+            progress=not args.no_progress,
+            on_suite=lambda partial: bench.write(partial, args.out, with_plots=False),
+        )
     except DatasetMissingError as exc:
         print(f"netmend: {exc}", file=sys.stderr)
         return 2
@@ -86,8 +93,12 @@ def _validate(args: argparse.Namespace) -> int:
         counterfactual_repeats=2 if quick else 5,
         progress=not args.no_progress,
         seed=args.seed,
+        counterfactual_ks=[int(c) for c in args.ks.split(",") if c] if args.ks else None,
     )
     print(validation.table(report))
+    if "counterfactual_curve" in report:
+        print("\nheld-out accuracy change vs random removal, by examples removed:\n")
+        print(validation.curve_table(report))
     if args.json:
         write_json_atomic(args.json, report)
         print(f"\nfigures written to {args.json}")
@@ -127,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--n-loo", type=int, help="examples with an exact LOO refit (default all)")
     v.add_argument("--subsets", type=int, help="random subsets for the LDS (default 100)")
     v.add_argument("--k", type=int, help="examples removed in the counterfactual test")
+    v.add_argument("--ks", help="more removal sizes for a counterfactual curve, e.g. 50,100,400")
     v.add_argument("--quick", action="store_true", help="300 training examples: a smoke run")
     v.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     v.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -144,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--references", nargs="*", metavar="REF", help="original retrain-clean cleanlab")
     b.add_argument("--seeds", nargs="+", type=int, metavar="S", help="one run per seed")
     b.add_argument("--out", metavar="DIR", default="bench-out", help="output folder")
+    b.add_argument(
+        "--cv-folds", type=int, metavar="K", help="cleanlab's cross-validation folds (5)"
+    )
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")

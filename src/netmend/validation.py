@@ -852,6 +852,7 @@ def validate(
     seed: int = 0,
     *,
     l2: float | str | None = None,
+    counterfactual_ks: list[int] | None = None,
 ) -> dict[str, Any]:
     """Score every identification method against retraining and the planted corruption.
 
@@ -870,6 +871,10 @@ def validate(
         l2: the ``l2`` passed to :func:`netmend.identify` unless a method's options set it:
             default the problem's training weight decay (so that curvature-based methods damp
             with the true objective's regulariser); "auto" for netmend's default.
+        counterfactual_ks: more removal sizes for the counterfactual test (e.g. ``[k // 4,
+            k // 2, 2 * k]``): each method's top-k' is removed and the model retrained, against
+            k' random removals, giving a curve of held-out accuracy change over k' (one
+            batched refit per k'). Reported as ``counterfactual_curve``.
 
     Returns:
         A JSON-ready dict: ``problem``, ``ground_truth`` (summary, with the noise floor),
@@ -899,6 +904,7 @@ def validate(
         "methods": {},
     }
     removals: dict[str, np.ndarray] = {}
+    order: dict[str, np.ndarray] = {}
     for label in labels:
         opts = dict(options.get(label, {}))
         name = str(opts.pop("method", label))
@@ -925,7 +931,8 @@ def validate(
                 pf = None
             entry["per_failure_seconds"] = time.perf_counter() - t0 if pf is not None else None
             entry.update(score_quality(problem, gt, ident.scores, pf))
-            removals[label] = np.argsort(-ident.scores, kind="stable")[:k]
+            order[label] = np.argsort(-ident.scores, kind="stable")
+            removals[label] = order[label][:k]
         except Exception as exc:  # recorded in the report, never hidden
             warnings.warn(f"method {label!r} failed: {exc!r}", stacklevel=2)
             entry["error"] = f"{type(exc).__name__}: {exc}"
@@ -941,11 +948,60 @@ def validate(
     cf["references"] = {n: cf["sets"][n] for n in refs}
     del cf["sets"]
     report["counterfactual"] = cf
+    if counterfactual_ks:
+        report["counterfactual_curve"] = _curve(
+            problem, gt, order, sorted({int(c) for c in counterfactual_ks} | {k}),
+            counterfactual_repeats, seed, progress,
+        )  # fmt: skip
     if gt.loo_idx.size == problem.N:  # the oracle's own figures, as an upper reference
         report["references"] = {
             "loo_oracle": score_quality(problem, gt, gt.loo_effect, gt.loo_effect_per_failure)
         }
     return report
+
+
+def _curve(
+    problem: Problem,
+    gt: GroundTruth,
+    order: dict[str, np.ndarray],
+    ks: list[int],
+    repeats: int,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Held-out accuracy change (vs random removal) after retraining without each method's
+    top-k', for every k' in ``ks``; the corrupted set's top-k' by LOO effect as a reference."""
+    bad = [c for c in ks if not 0 < c < problem.N]
+    if bad:
+        raise ValueError(f"counterfactual_ks must lie in [1, {problem.N - 1}]; got {bad}")
+    out: dict[str, Any] = {"ks": ks, "random": [], "methods": {n: [] for n in order}}
+    if gt.loo_idx.size == problem.N:
+        loo_order = gt.loo_idx[np.argsort(-gt.loo_effect, kind="stable")]
+        out["methods"]["ref:loo_topk"] = []
+    for c in ks:
+        sets = {n: o[:c] for n, o in order.items()}
+        if "ref:loo_topk" in out["methods"]:
+            sets["ref:loo_topk"] = loo_order[:c]
+        cf = counterfactual(problem, sets, c, repeats, seed, progress)
+        out["random"].append(cf["random"]["heldout_acc"]["mean"])
+        for n in out["methods"]:
+            out["methods"][n].append(cf["sets"][n]["delta_heldout_acc_vs_random"])
+    return out
+
+
+def curve_table(report: dict[str, Any]) -> str:
+    """The counterfactual curve of :func:`validate` as markdown (one row per method)."""
+    cur = report["counterfactual_curve"]
+    lines = [
+        "| method | " + " | ".join(f"k={c}" for c in cur["ks"]) + " |",
+        "|---|" + "---:|" * len(cur["ks"]),
+    ]
+    for n, v in cur["methods"].items():
+        lines.append(f"| {n} | " + " | ".join(f"{x:+.3f}" for x in v) + " |")
+    lines.append(
+        "| *random (Δ vs original)* | " + " | ".join(f"{x:+.3f}" for x in cur["random"]) + " |"
+    )
+    return "\n".join(lines)
 
 
 def _jsonable(obj: Any) -> Any:
