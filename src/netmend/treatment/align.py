@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional import FunctionalModel, chunks
+from ..functional import FunctionalModel, as_input, chunks
 from .adapted import (
     FINETUNE_OPTIONS,
     FIT_OPTIONS,
@@ -27,10 +27,10 @@ from .adapted import (
     check_temperature,
     finetune_layers,
     layer_names,
-    predictive,
     theta_plus_f,
 )
 from .base import TreatContext, register
+from .labels import LABEL_OPTIONS, check_min_confidence, check_source, label_distribution
 
 NORMS = ("linf", "l2")
 CLIPS = ("global", "feature", "none")
@@ -42,6 +42,7 @@ ALIGN_OPTIONS = (
     "clip",
     "temperature",
     "hard",
+    *LABEL_OPTIONS,
     *FINETUNE_OPTIONS,
     *FIT_OPTIONS,
 )
@@ -139,7 +140,7 @@ def align_inputs(
     hi_d = None if hi is None else hi.to(device)
     outs, traces = [], []
     for s in chunks(X0.shape[0], chunk_size):
-        x0 = X0[s].to(device)
+        x0 = as_input(X0[s].to(device), theta.dtype)  # integer inputs align as floats
         x = x0.clone()
         with torch.no_grad():
             e = energy(fm, theta, x)
@@ -165,22 +166,30 @@ def align_inputs(
     return torch.cat(outs), torch.cat(traces, dim=1)
 
 
-def input_range(X: torch.Tensor, clip: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The box inputs are kept in: the training data's overall min/max ("global"), each
-    feature's min/max ("feature", ``[...]``), or none ("none")."""
+def input_range(
+    X: torch.Tensor, clip: str, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The box inputs are kept in (as ``dtype``): the training data's overall min/max
+    ("global"), each feature's min/max ("feature", ``[...]``), or none ("none")."""
     if clip == "none":
         return None, None
     if clip == "global":
-        return X.min().reshape(()), X.max().reshape(())
-    return X.amin(0), X.amax(0)
+        return X.min().reshape(()).to(dtype), X.max().reshape(()).to(dtype)
+    return X.amin(0).to(dtype), X.amax(0).to(dtype)
 
 
 def auto_eps(X: torch.Tensor, norm: str, chunk_size: int = 4096) -> float:
     """``AUTO_EPS_FRACTION`` times the mean ``norm``-distance of training inputs to their mean."""
-    mean = X.mean(0, keepdim=True)
+    mean = sum(
+        (
+            as_input(X[s], torch.float64).sum(0, keepdim=True)
+            for s in chunks(X.shape[0], chunk_size)
+        ),
+        torch.zeros((1, *X.shape[1:]), dtype=torch.float64),
+    ) / max(X.shape[0], 1)
     total = 0.0
     for s in chunks(X.shape[0], chunk_size):
-        total += float(_norm(X[s] - mean, norm).sum())
+        total += float(_norm(as_input(X[s], torch.float64) - mean, norm).sum())
     return AUTO_EPS_FRACTION * total / max(X.shape[0], 1)
 
 
@@ -194,7 +203,10 @@ def align(ctx: TreatContext) -> nn.Module:
        ``steps`` projected, backtracked steps inside the ``eps``-ball around ``x_c`` and the
        training data's range (:func:`align_inputs`).
     3. Its label becomes ``softmax(f_{theta_+F}(x_aligned) / temperature)`` (or the one-hot
-       argmax when ``hard=True``).
+       argmax when ``hard=True``); with ``source="knn"`` or ``"deletion"`` it comes from that
+       label source instead (:mod:`netmend.treatment.labels`; "deletion" is asked about the
+       aligned input, "knn" votes on the original cause). An aligned cause whose confidence
+       (the label's maximum) is below ``min_confidence`` is left out.
     4. A copy of ``theta_hat`` is fine-tuned, ``layers`` only, on ``D \\ C`` (its labels) plus
        the aligned causes (their new labels) with the soft-target cross-entropy.
 
@@ -202,8 +214,10 @@ def align(ctx: TreatContext) -> nn.Module:
         steps (10), step_size ("auto": ``2.5 * eps / steps``), eps ("auto": 0.1 times the mean
         distance of the training inputs to their mean, in the chosen norm), norm ("linf" or
         "l2"), clip ("global": the training data's min/max; "feature": per feature; "none"),
-        temperature (1.0), hard (False), layers (``None``: the last ``nn.Linear``; an int
-        ``k``: the last ``k`` modules with parameters; a list of module names; "all"),
+        temperature (1.0), hard (False), source ("theta_plus_f"; or "knn" with neighbours (25)
+        and embed (None), or "deletion", as in "relabel"), min_confidence (0.0), layers
+        (``None``: the last ``nn.Linear``; an int ``k``: the last ``k`` modules with
+        parameters; a list of module names; "all"),
         epochs (0.5), lr (a tenth of the training rate), batch_size, optimizer, average_tail
         (0.5), fit_steps / fit_step_size (only when ``theta_+F`` is fitted here).
 
@@ -213,7 +227,8 @@ def align(ctx: TreatContext) -> nn.Module:
     input), ``energy_before`` / ``energy_after`` ``[K]``, ``energy_trace``
     ``[steps + 1, K]``, ``label_before`` ``[K]`` (the training label), ``label_after`` ``[K]``
     (argmax of the new label), ``soft_labels`` ``[K, classes]``, ``aligned`` ``[K, ...]``,
-    and the resolved ``eps``, ``step_size``, ``norm``, ``layers``.
+    ``confidence`` ``[K]``, ``dropped`` (bool ``[K]``), ``n_dropped``, ``source``, and the
+    resolved ``eps``, ``step_size``, ``norm``, ``layers``.
     """
     check_options(ctx, ALIGN_OPTIONS, "align")
     opts = ctx.options
@@ -236,11 +251,13 @@ def align(ctx: TreatContext) -> nn.Module:
         raise ValueError(f"step_size must be a positive number or 'auto'; got {step_opt!r}")
     temperature = check_temperature(opts.get("temperature", 1.0))
     hard = check_hard(opts.get("hard", False))
+    source = check_source(opts.get("source", "theta_plus_f"))
+    min_confidence = check_min_confidence(opts.get("min_confidence", 0.0))
     layers = layer_names(ctx.model, opts.get("layers"))
 
     theta_f = theta_plus_f(ctx)
     Xc, yc = ctx.X[ctx.causes], ctx.y[ctx.causes]
-    lo, hi = input_range(ctx.X, clip)
+    lo, hi = input_range(ctx.X, clip, ctx.fm.theta.dtype)
     aligned, trace = align_inputs(
         ctx.fm,
         theta_f,
@@ -254,19 +271,21 @@ def align(ctx: TreatContext) -> nn.Module:
         chunk_size=max(ctx.chunk_size, 1024),
         device=ctx.device,
     )
-    probs = predictive(ctx, theta_f, aligned, temperature)
+    probs = label_distribution(ctx, source, temperature, layers, X_model=aligned)
     classes = probs.shape[1]
-    new_hard = probs.argmax(1)
+    confidence, new_hard = probs.max(1)
+    dropped = confidence < min_confidence
+    used = ~dropped
     keep = ctx.keep
-    X_all = torch.cat([ctx.X[keep], aligned])
+    X_all = torch.cat([as_input(ctx.X[keep], aligned.dtype), aligned[used]])
     targets: torch.Tensor
     if hard:
-        targets = torch.cat([ctx.y[keep], new_hard])
+        targets = torch.cat([ctx.y[keep], new_hard[used]])
     else:
         onehot = torch.nn.functional.one_hot(ctx.y[keep], classes).to(probs.dtype)
-        targets = torch.cat([onehot, probs])
+        targets = torch.cat([onehot, probs[used]])
     model = finetune_layers(ctx, X_all, targets, layers, "align")
-    moved = aligned - Xc
+    moved = aligned - as_input(Xc, aligned.dtype)
     ctx.record.update(
         causes=ctx.causes.clone(),
         l2_moved=_norm(moved, "l2"),
@@ -278,6 +297,10 @@ def align(ctx: TreatContext) -> nn.Module:
         label_after=new_hard,
         soft_labels=probs,
         aligned=aligned,
+        confidence=confidence,
+        dropped=dropped,
+        n_dropped=int(dropped.sum()),
+        source=source,
         eps=eps,
         step_size=step_size,
         norm=norm,
