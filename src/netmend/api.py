@@ -31,7 +31,7 @@ from ._checks import (
     resolve_device,
 )
 from .evaluation import FailureSplit, accuracies
-from .functional import FunctionalModel
+from .functional import FunctionalModel, match_dtype, param_dtype
 from .identification.base import Context
 from .training import TrainConfig
 
@@ -142,7 +142,7 @@ def _prepare(
     check_model(model)
     X, y = as_tensors(train, "train")
     work = _private_copy(model, device)
-    X = X.to(work_dtype(work))
+    X = match_dtype(X, param_dtype(work))
     classes = num_classes_of(work, X, device)
     check_labels(y, classes, "train")
     return work, X, y, classes
@@ -221,7 +221,7 @@ def identify(
             f"failures have input shape {tuple(Xf.shape[1:])} but train has {tuple(X.shape[1:])}"
         )
     check_labels(yf, classes, "failures")
-    X, Xf = X.to(work_dtype(work)), Xf.to(work_dtype(work))
+    X, Xf = match_dtype(X, param_dtype(work)), match_dtype(Xf, param_dtype(work))
     check_failures(work, Xf, yf, dev, 1024)
     fm = FunctionalModel.of(work)
     _check_fisher(fisher, fm)
@@ -302,14 +302,6 @@ def _auto_causes(
     return positive[:k], {"rule": "reproducible", "k": k, "excess_agreement": excess}
 
 
-def work_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype of the model's parameters (inputs are cast to it)."""
-    for p in model.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.get_default_dtype()
-
-
 def treat(
     model: nn.Module,
     train: DataLike,
@@ -340,9 +332,10 @@ def treat(
         train_config: the recipe the model was trained with (used by "retrain"; "finetune"
             uses a shortened copy). Default: :class:`TrainConfig()`.
         seed, device, chunk_size, progress, fisher: as in :func:`identify`.
-        failures: the query failures (inputs with their correct labels). "align" and "relabel"
-            fit the failure-adapted model ``theta_+F`` from them when ``theta_plus_f`` is not
-            given; the other treatments ignore them.
+        failures: the query failures (inputs with their correct labels). "align" and
+            "relabel" with ``source="theta_plus_f"`` fit the failure-adapted model ``theta_+F``
+            from them when ``theta_plus_f`` is not given ("relabel"'s default source, "knn",
+            needs neither); the other treatments ignore them.
         theta_plus_f: the failure-adapted parameters ``theta_+F`` ``[P]``, e.g.
             ``Identification.info["theta_plus_f"]`` of the "ewc" identification.
         record: a dict that the treatment fills in place with what it did ("align": how far
@@ -356,7 +349,7 @@ def treat(
     fn = treatment.get(method)
     dev = resolve_device(device)
     work, X, y, classes = _prepare(model, train, dev)
-    X = X.to(work_dtype(work))
+    X = match_dtype(X, param_dtype(work))
     idx = torch.as_tensor(np.asarray(causes, dtype=np.int64).reshape(-1))
     if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= X.shape[0]):
         raise ValueError(f"causes must be training indices in [0, {X.shape[0]})")
@@ -373,7 +366,7 @@ def treat(
                 f"{tuple(X.shape[1:])}"
             )
         check_labels(yf, classes, "failures")
-        fail = (Xf.to(X.dtype), yf)
+        fail = (match_dtype(Xf, param_dtype(work)), yf)
     if theta_plus_f is not None and tuple(theta_plus_f.shape) != (fm.num_params,):
         raise ValueError(
             f"theta_plus_f has shape {tuple(theta_plus_f.shape)} but the model has "
@@ -414,7 +407,7 @@ def evaluate(
     query failures, held-out failures and examples the original model got right."""
     X, y = as_tensors(test, "test")
     dev = resolve_device(device)
-    return accuracies(_private_copy(model, dev), X.to(work_dtype(model)), y, split, dev)
+    return accuracies(_private_copy(model, dev), match_dtype(X, param_dtype(model)), y, split, dev)
 
 
 _identify, _treat = identify, treat  # repair()'s arguments shadow these names

@@ -28,8 +28,16 @@ def as_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def param_dtype(model: nn.Module) -> torch.dtype:
-    """The floating dtype of ``model``'s parameters (float32 if it has none)."""
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    """The floating dtype of ``model``'s parameters (torch's default if it has none)."""
+    return next(
+        (p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype()
+    )
+
+
+def match_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A whole data set for a model of ``dtype``: floating inputs cast to it (a no-op when they
+    match), integer inputs kept as they are (:func:`as_input` converts each chunk)."""
+    return X.to(dtype) if X.is_floating_point() else X
 
 
 @dataclass
