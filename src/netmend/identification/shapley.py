@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._checks import as_tensors, check_labels
-from ..functional import chunks
+from ..functional import as_input, chunks, param_dtype
 from .base import Context, MethodOutput, register
 
 DEFAULT_K = 5
@@ -101,7 +101,7 @@ def penultimate_embeddings(
         ValueError: the model has no ``nn.Linear`` (pass ``embed=`` instead).
     """
     device = torch.device(device)
-    head = _last_linear(model, X[:1].to(device))
+    head = _last_linear(model, as_input(X[:1].to(device), param_dtype(model)))
     store: list[torch.Tensor] = []
 
     def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -116,7 +116,7 @@ def penultimate_embeddings(
                 disable=not progress,
                 leave=False,
             ):
-                model(X[s].to(device))
+                model(as_input(X[s].to(device), param_dtype(model)))
     finally:
         handle.remove()
     return torch.cat(store)
@@ -131,13 +131,16 @@ def _embedder(ctx: Context) -> Callable[[torch.Tensor], torch.Tensor]:
     if isinstance(embed, str):
         if embed != "input":
             raise ValueError(f"embed must be None, 'input' or a callable; got {embed!r}")
-        return lambda X: X.reshape(X.shape[0], -1)
+        return lambda X: as_input(X, ctx.theta.dtype).reshape(X.shape[0], -1)
     if not callable(embed):
         raise ValueError(f"embed must be None, 'input' or a callable; got {type(embed).__name__}")
 
     def run(X: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            outs = [torch.as_tensor(embed(X[s].to(ctx.device))) for s in chunks(X.shape[0], chunk)]
+            outs = [
+                torch.as_tensor(embed(as_input(X[s].to(ctx.device), ctx.theta.dtype)))
+                for s in chunks(X.shape[0], chunk)
+            ]
         E = torch.cat([o.detach().reshape(o.shape[0], -1).cpu() for o in outs])
         if E.shape[0] != X.shape[0]:
             raise ValueError(
@@ -342,9 +345,11 @@ def build_game(ctx: Context) -> KNNGame:
                 f"{tuple(ctx.X.shape[1:])}: pass valid=(Xv, yv) with inputs like the training set"
             )
         with torch.no_grad():
-            classes = int(ctx.fm.module(ctx.X[:1].to(ctx.device)).shape[-1])
+            classes = int(ctx.fm.logits(ctx.theta, ctx.X[:1].to(ctx.device)).shape[-1])
         check_labels(yv, classes, "valid")
-        Xt = torch.cat([Xt, Xv.to(ctx.X.dtype)])
+        if Xv.dtype != Xt.dtype:  # e.g. uint8 failures, float valid: both as the model's dtype
+            Xt, Xv = as_input(Xt, ctx.theta.dtype), as_input(Xv, ctx.theta.dtype)
+        Xt = torch.cat([Xt, Xv.to(Xt.dtype)])
         yt = torch.cat([yt, yv.to(ctx.yq.dtype)])
         weights = np.concatenate([weights, np.full(Xv.shape[0], valid_weight / Xv.shape[0])])
     E = embed(ctx.X)
