@@ -77,3 +77,13 @@ def test_treat_integer_inputs_equal_float_inputs(task, treatment):
     assert torch.equal(pa, pb)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["knn_shapley", "tmc_shapley", "banzhaf"])
+def test_shapley_on_raw_integer_inputs(task, method):
+    """embed="input": the distances between integer pixels, exactly as between their floats."""
+    model, X, y, Xf, yf = task
+    kw = dict(k=5, embed="input", **OPTIONS.get(method, {}), **RUN)
+    a = netmend.identify(model, (X, y), (Xf, yf), method, **kw)
+    b = netmend.identify(model, (X.float(), y), (Xf.float(), yf), method, **kw)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-7)

@@ -292,7 +292,11 @@ def test_n_jobs_two_reproduces_itself_and_n_jobs_one():
 
 @pytest.mark.parametrize("method", ["knn_shapley", "tmc_shapley", "banzhaf"])
 def test_planted_mislabelled_points_get_positive_scores(blobs, blobs_logreg, method):
-    opts = {"tmc_shapley": dict(max_permutations=200), "banzhaf": dict(max_samples=4000)}
+    # se_z=0: scores = -value, so they equal the per-failure scores (test_shapley_select.py)
+    opts = {
+        "tmc_shapley": dict(max_permutations=200, se_z=0.0),
+        "banzhaf": dict(max_samples=4000, se_z=0.0),
+    }
     ident = netmend.identify(
         blobs_logreg,
         (blobs.X, blobs.y),
@@ -322,7 +326,7 @@ def test_knn_shapley_identify_matches_exact_game_and_efficiency(blobs, blobs_log
         yf = torch.cat([blobs.yf, (blobs_logreg(Xf[1:]).argmax(1) + 1) % 3])
     ident = netmend.identify(
         blobs_logreg, (blobs.X, blobs.y), (Xf, yf), method="knn_shapley", k="positive",
-        valid=(Xv, yv), valid_weight=0.5, K=4, **RUN,
+        valid=(Xv, yv), valid_weight=0.5, K=4, se_z=0.0, **RUN,  # se_z=0: scores = -value
     )  # fmt: skip
     # LogisticRegression: the head's input is the flattened input itself
     D = torch.cdist(torch.cat([Xf, Xv]), blobs.X)

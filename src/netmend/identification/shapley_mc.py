@@ -17,6 +17,12 @@ a :class:`SetUtility`: ``per_test(masks [B, N] bool) -> [B, T]`` utilities per t
   efficient (they do not sum to ``U(full) - U(empty)`` in general); they are the semivalue
   most robust to noise in ``U``.
 
+Selection (both): the estimators track the Monte-Carlo standard error of every value, and the
+registered methods' option ``se_z`` selects only the values below zero by more than ``se_z``
+standard errors (a point whose true value is ~0 has an estimate of random sign, so plain sign
+selection takes about half of them; see :func:`netmend.identification.shapley.with_se_z` and
+``benchmarks/shapley_k.py``).
+
 Stopping (both): after every block of ``block`` permutations / subsets, the running values
 ``v_t`` (combined with the weights, ``[N]``) are compared with those ``window`` draws earlier;
 the run stops when ``||v_t - v_{t-window}||_1 / ||v_t||_1 < tol`` (the L1 version of Ghorbani &
@@ -48,6 +54,7 @@ from tqdm.auto import tqdm
 from ..functional import chunks
 from .base import Context, MethodOutput, register
 from .shapley import (
+    DEFAULT_SE_Z,
     GAME_OPTIONS,
     KNNGame,
     _float_option,
@@ -57,6 +64,8 @@ from .shapley import (
     game_output,
     knn_shapley_values,
     pairwise_distances,
+    sampling_stderr,
+    with_se_z,
 )
 
 CHUNK_ELEMS = 1 << 22
@@ -187,6 +196,8 @@ class MCResult:
     Attributes:
         values: ``[N, T]`` float64 values per test point (positive = helpful).
         total: ``[N]`` ``values @ weights``, the values in the game ``U``.
+        stderr: ``[N]`` the Monte-Carlo standard error of ``total`` (see :func:`tmc_shapley`,
+            :func:`msr_banzhaf`); 0 where every draw gave the point the same marginal.
         draws: permutations (TMC) or subsets (Banzhaf) used.
         converged: whether the stopping criterion was met before the maximum.
         change: the last relative change ``||v_t - v_{t-window}||_1 / ||v_t||_1`` (nan if the
@@ -196,6 +207,7 @@ class MCResult:
 
     values: np.ndarray
     total: np.ndarray
+    stderr: np.ndarray
     draws: int
     converged: bool
     change: float
@@ -230,6 +242,7 @@ def _tmc_block(
     N, w = utility.num_points, utility.weights
     T = w.shape[0]
     acc = np.zeros((N, T))
+    sq = np.zeros(N)  # sum over permutations of the squared weighted marginal, for the SE
     cap = max(1, CHUNK_ELEMS // max(T * N, 1))
     fast = getattr(utility, "prefix_marginals", None)
     u_empty, u_full, tol, patience = p["u_empty"], p["u_full"], p["truncation_tol"], p["patience"]
@@ -242,6 +255,7 @@ def _tmc_block(
             hit = np.flatnonzero(_truncation_runs(np.abs(u - u_full) <= tol, 0) >= patience)
             stop = int(hit[0]) + 1 if hit.size else N
             acc[perm[:stop]] += marg[:stop]
+            sq[perm[:stop]] += (marg[:stop] @ w) ** 2
             evaluated += stop
             continue
         pos = np.empty(N, dtype=np.int64)
@@ -254,13 +268,15 @@ def _tmc_block(
             runs = _truncation_runs(np.abs(ut @ w - u_full) <= tol, run)
             hit = np.flatnonzero(runs >= patience)
             stop = int(hit[0]) + 1 if hit.size else end - start
-            acc[perm[start : start + stop]] += np.diff(np.vstack([prev[None], ut[:stop]]), axis=0)
+            d = np.diff(np.vstack([prev[None], ut[:stop]]), axis=0)
+            acc[perm[start : start + stop]] += d
+            sq[perm[start : start + stop]] += (d @ w) ** 2
             if hit.size:
                 start += stop
                 break
             prev, run, start, b = ut[-1], int(runs[-1]), end, min(cap, 2 * b)
         evaluated += start
-    return {"sum": acc, "n": size, "evaluated": evaluated}
+    return {"sum": acc, "sq": sq, "n": size, "evaluated": evaluated}
 
 
 def _banzhaf_block(
@@ -270,15 +286,43 @@ def _banzhaf_block(
     rng = _rng("banzhaf", seed, index)
     masks = rng.random((size, utility.num_points)) < 0.5
     ut = utility.per_test(masks)  # [size, T]
+    u2 = (ut @ utility.weights) ** 2  # [size] squared game utilities, for the SE
     return {
         "in_sum": masks.T.astype(np.float64) @ ut,  # [N, T]
         "in_n": masks.sum(0).astype(np.float64),  # [N]
         "all_sum": ut.sum(0),  # [T]
+        "in_sq": masks.T.astype(np.float64) @ u2,  # [N]
+        "all_sq": u2.sum(),
         "n": size,
     }
 
 
 _BLOCKS = {"tmc": _tmc_block, "banzhaf": _banzhaf_block}
+
+
+def _mean_se(total: np.ndarray, sq: np.ndarray, n: np.ndarray | float) -> np.ndarray:
+    """Squared standard error of a mean from the sum and the sum of squares of ``n`` draws
+    (sample variance with ``n - 1``; 0 where ``n < 2``)."""
+    n = np.asarray(n, dtype=np.float64)
+    var = np.maximum(sq - total**2 / np.maximum(n, 1), 0.0) / np.maximum(n - 1, 1)
+    return np.where(n > 1, var / np.maximum(n, 1), 0.0)
+
+
+def _tmc_stderr(acc: dict[str, Any], w: np.ndarray) -> np.ndarray:
+    """SE of the TMC value ``[N]``: the spread of the point's weighted marginal over the
+    permutations (a truncated permutation gives it marginal 0), divided by sqrt(draws)."""
+    return np.sqrt(_mean_se(acc["sum"] @ w, acc["sq"], acc["n"]))
+
+
+def _banzhaf_stderr(acc: dict[str, Any], w: np.ndarray) -> np.ndarray:
+    """SE of the MSR value ``[N]``, ``sqrt(var_in / n_in + var_out / n_out)``: the two-sample
+    standard error of ``mean U(S | i in S) - mean U(S | i not in S)`` (Wang & Jia 2023)."""
+    n_in = acc["in_n"]
+    n_out = acc["n"] - n_in
+    in_u = acc["in_sum"] @ w
+    out_u = float(acc["all_sum"] @ w) - in_u
+    var = _mean_se(in_u, acc["in_sq"], n_in) + _mean_se(out_u, acc["all_sq"] - acc["in_sq"], n_out)
+    return np.where((n_in > 0) & (n_out > 0), np.sqrt(var), 0.0)
 
 
 def _tmc_estimate(acc: dict[str, Any]) -> np.ndarray:
@@ -402,10 +446,12 @@ def _run(
     if acc is None:  # pragma: no cover - n_blocks >= 1
         raise RuntimeError("no Monte-Carlo block ran")
     values = estimate(acc)
+    stderr = (_tmc_stderr if kind == "tmc" else _banzhaf_stderr)(acc, utility.weights)
     info: dict[str, Any] = {}
     if kind == "tmc":
         info["evaluated_fraction"] = acc["evaluated"] / (acc["n"] * utility.num_points)
-    return MCResult(values, values @ utility.weights, int(acc["n"]), converged, change, info)
+    total = values @ utility.weights
+    return MCResult(values, total, stderr, int(acc["n"]), converged, change, info)
 
 
 # ----------------------------------------------------------------------------- public estimators
@@ -443,7 +489,9 @@ def tmc_shapley(
 
     Returns:
         An :class:`MCResult`; ``values`` ``[N, T]`` (positive = helpful). Each permutation's
-        marginals sum to ``U(full) - U(empty)`` within ``truncation_tol``.
+        marginals sum to ``U(full) - U(empty)`` within ``truncation_tol``. ``stderr`` ``[N]``:
+        the sample standard deviation of a point's marginal in ``U`` over the permutations
+        divided by ``sqrt(draws)``.
 
     Cost: ``O(N T)`` per prefix utility, so ``O(N^2 T)`` per untruncated permutation.
     """
@@ -500,7 +548,9 @@ def msr_banzhaf(
         block: subsets per block. n_jobs: processes. progress: progress bar.
 
     Returns:
-        An :class:`MCResult`; ``values`` ``[N, T]`` (positive = helpful).
+        An :class:`MCResult`; ``values`` ``[N, T]`` (positive = helpful). ``stderr`` ``[N]``:
+        ``sqrt(var_in / n_in + var_out / n_out)``, the two-sample standard error of the
+        difference of the means of ``U`` over the subsets with and without the point.
 
     Cost: ``O(N T)`` per subset.
     """
@@ -521,7 +571,7 @@ def msr_banzhaf(
 
 # ----------------------------------------------------------------------------- registered methods
 
-_RUN_OPTIONS = {"tol", "window", "block", "n_jobs"}
+_RUN_OPTIONS = {"tol", "window", "block", "n_jobs", "se_z"}
 
 
 def _common(ctx: Context, window: int, block: int) -> dict[str, Any]:
@@ -535,15 +585,25 @@ def _common(ctx: Context, window: int, block: int) -> dict[str, Any]:
     }
 
 
-def _mc_output(game: KNNGame, res: MCResult, estimator: str) -> MethodOutput:
+def _mc_output(game: KNNGame, res: MCResult, estimator: str, se_z: float) -> MethodOutput:
+    """Scores ``r = -value - se_z * SE`` ``[N]`` (positive = harmful), per-failure ``-values``.
+
+    ``SE = sqrt(SE_mc^2 + SE_test^2)``: the Monte-Carlo standard error (``MCResult.stderr``,
+    also in ``info["value_stderr_mc"]``) and the one over the sampling of the test points
+    (:func:`netmend.identification.shapley.sampling_stderr`). See
+    :func:`netmend.identification.shapley.with_se_z`.
+    """
     info = dict(
         res.info,
         estimator=estimator,
         draws=res.draws,
         converged=res.converged,
         change=res.change,
+        value_stderr_mc=res.stderr,
     )
-    return game_output(game, res.values, info)
+    out = game_output(game, res.values, info)
+    se = np.sqrt(res.stderr**2 + sampling_stderr(game, res.values) ** 2)
+    return with_se_z(out, se, se_z)
 
 
 @register("tmc_shapley")
@@ -557,7 +617,10 @@ def tmc_shapley_method(ctx: Context) -> MethodOutput:
     sampler works with any :class:`SetUtility`, see :func:`tmc_shapley`).
 
     Options: ``max_permutations`` (1000), ``tol`` (0.05), ``window`` (100), ``truncation_tol``
-    (1e-3), ``patience`` (5), ``block`` (10), ``n_jobs`` (1), plus the game's options.
+    (1e-3), ``patience`` (5), ``block`` (10), ``n_jobs`` (1), ``se_z``
+    (``DEFAULT_SE_Z["tmc_shapley"]``: the score is ``-value - se_z * SE``, so ``k=None``
+    selects the values below zero by more than ``se_z`` standard errors, Monte-Carlo and
+    test-point sampling combined, see :func:`_mc_output`), plus the game's options.
     """
     check_options(
         ctx, GAME_OPTIONS | _RUN_OPTIONS | {"max_permutations", "truncation_tol", "patience"}
@@ -570,7 +633,7 @@ def tmc_shapley_method(ctx: Context) -> MethodOutput:
         patience=_int_option(ctx, "patience", 5),
         **_common(ctx, 100, 10),
     )
-    return _mc_output(game, res, "tmc")
+    return _mc_output(game, res, "tmc", _float_option(ctx, "se_z", DEFAULT_SE_Z["tmc_shapley"]))
 
 
 @register("banzhaf")
@@ -583,8 +646,9 @@ def banzhaf_method(ctx: Context) -> MethodOutput:
 
     Options: ``estimator`` ("msr": the sampler; "exact": the closed form of the KNN game,
     :func:`netmend.identification.shapley.knn_banzhaf_from_distances`), ``max_samples``
-    (5000), ``tol`` (0.05), ``window`` (1000), ``block`` (100), ``n_jobs`` (1), plus the
-    game's options.
+    (5000), ``tol`` (0.05), ``window`` (1000), ``block`` (100), ``n_jobs`` (1), ``se_z``
+    (``DEFAULT_SE_Z["banzhaf"]``, ``["banzhaf_exact"]`` with "exact", whose ``SE`` is
+    the test-point sampling error alone; as in "tmc_shapley"), plus the game's options.
 
     In the KNN game only the ~2K nearest points of a test point have a sizeable Banzhaf value
     (a point matters only when fewer than K nearer ones are drawn); MSR noise gives the many
@@ -594,13 +658,16 @@ def banzhaf_method(ctx: Context) -> MethodOutput:
     estimator = ctx.options.get("estimator", "msr")
     if estimator not in ("msr", "exact"):
         raise ValueError(f"estimator must be 'msr' or 'exact'; got {estimator!r}")
+    key = "banzhaf_exact" if estimator == "exact" else "banzhaf"
+    se_z = _float_option(ctx, "se_z", DEFAULT_SE_Z[key])
     game = build_game(ctx)
     if estimator == "exact":
         values = knn_shapley_values(game, ctx.device, kind="banzhaf")
-        return game_output(game, values, {"estimator": "exact"})
+        out = game_output(game, values, {"estimator": "exact"})
+        return with_se_z(out, sampling_stderr(game, values), se_z)
     res = msr_banzhaf(
         KNNUtility(game),
         max_samples=_int_option(ctx, "max_samples", 5000),
         **_common(ctx, 1000, 100),
     )
-    return _mc_output(game, res, "banzhaf")
+    return _mc_output(game, res, "banzhaf", se_z)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..functional import as_input, chunks
-from ..identification.shapley import penultimate_embeddings
+from ..identification.shapley import embedder
 from ..training import logits
 from .adapted import finetune_layers, predictive, theta_plus_f
 from .base import TreatContext
@@ -124,42 +124,9 @@ def check_min_confidence(value: Any) -> float:
 
 def _embedder(ctx: TreatContext) -> Callable[[torch.Tensor], torch.Tensor]:
     """The embedding of the "knn" source: ``[n, ...] -> [n, D]`` on CPU."""
-    embed = ctx.options.get("embed")
-    chunk = max(ctx.chunk_size, 512)
-    dt = ctx.fm.theta.dtype
-    if embed is None:
-
-        def penultimate(X: torch.Tensor) -> torch.Tensor:
-            return torch.cat(
-                [
-                    penultimate_embeddings(ctx.model, as_input(X[s], dt), chunk, ctx.device)
-                    for s in chunks(X.shape[0], chunk)
-                ]
-            )
-
-        return penultimate
-    if isinstance(embed, str):
-        if embed != "input":
-            raise ValueError(f"embed must be None, 'input' or a callable; got {embed!r}")
-        return lambda X: X.reshape(X.shape[0], -1)  # integer pixels stay integer
-    if not callable(embed):
-        raise ValueError(f"embed must be None, 'input' or a callable; got {type(embed).__name__}")
-
-    def run(X: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            outs = [
-                torch.as_tensor(embed(as_input(X[s].to(ctx.device), dt)))
-                for s in chunks(X.shape[0], chunk)
-            ]
-        E = torch.cat([o.detach().reshape(o.shape[0], -1).cpu() for o in outs])
-        if E.shape[0] != X.shape[0]:
-            raise ValueError(
-                f"embed returned {E.shape[0]} rows for {X.shape[0]} inputs; it must map a batch "
-                "[B, ...] to features [B, D]"
-            )
-        return E
-
-    return run
+    return embedder(
+        ctx.options.get("embed"), ctx.model, ctx.fm.theta.dtype, ctx.chunk_size, ctx.device
+    )
 
 
 def label_distribution(
