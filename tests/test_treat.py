@@ -272,7 +272,10 @@ def test_finetune_is_fit_on_retained_data(ref, blobs, blobs_logreg):
         blobs_logreg, (blobs.X, blobs.y), causes, "finetune", train_config=cfg, seed=3, **RUN
     )
     keep = np.setdiff1d(np.arange(len(blobs.y)), causes)
-    short = dataclasses.replace(cfg, epochs=0.5, lr=cfg.lr / 10, average_tail=0.5)  # tail-averaged
+    # the default at the training rate, tail-averaged: max(one epoch, min(500, training steps)),
+    # here as many steps as training took (2 epochs of 126 examples at batch 16)
+    steps = round(2.0 * len(blobs.y) / 16)
+    short = dataclasses.replace(cfg, epochs=steps * 16 / len(keep), average_tail=0.5)
     Xk, yk = blobs.X[keep], blobs.y[keep]
     expected = fit(copy.deepcopy(blobs_logreg), Xk, yk, short, 3, "cpu", False)
     torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=0, atol=0)
@@ -305,7 +308,7 @@ def test_finetune_optimizer(ref, blobs, blobs_logreg):
         copy.deepcopy(blobs_logreg),
         Xk,
         yk,
-        dataclasses.replace(sgd_cfg, epochs=0.5, lr=cfg.lr / 10, average_tail=0.5),
+        dataclasses.replace(sgd_cfg, epochs=16 * 16 / len(keep), average_tail=0.5),  # 16 steps
         3,
         "cpu",
         False,
@@ -374,7 +377,7 @@ def test_fit_with_sgd_is_momentum_sgd(ref, blobs, blobs_logreg):
 def test_finetune_without_planted_points_fixes_the_failure(blobs, blobs_logreg):
     with torch.no_grad():
         assert int(blobs_logreg(blobs.Xf).argmax(1)) != int(blobs.yf)
-    cfg = TrainConfig(batch_size=32, lr=1.0)  # fine-tuning uses lr / 10
+    cfg = TrainConfig(batch_size=32, lr=0.1)
     new = netmend.treat(
         blobs_logreg,
         (blobs.X, blobs.y),

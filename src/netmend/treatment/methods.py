@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -14,26 +16,111 @@ from ..curvature import Curvature
 from ..functional import summed_grad
 from ..kfac import EWC_FISHER_TYPE
 from ..optim import preconditioned_ascent
-from ..training import fit, fresh_copy
+from ..training import TrainConfig, fit, fresh_copy
 from .base import TreatContext, register
+
+FINETUNE_MIN_STEPS = 500
+"""Fewest optimiser steps of a default "finetune" (see :func:`finetune_recipe`)."""
+
+
+def finetune_recipe(
+    train_config: TrainConfig,
+    n_train: int,
+    n_retained: int,
+    options: Mapping[str, Any] | None = None,
+) -> TrainConfig:
+    """The recipe of the "finetune" treatment: the training recipe, resized.
+
+    Default: the training learning rate and optimiser at a constant rate, the parameters
+    averaged over the last half of the steps (Polyak-Ruppert), and
+
+        steps = max(one epoch of D \\ C, min(FINETUNE_MIN_STEPS, steps the model trained for))
+
+    with the training batch size, the training length being ``train_config.epochs * N /
+    batch_size``. Small data gets up to 500 steps (the 1,348 digits trained for 40 epochs:
+    421 steps, i.e. as long as training); never more steps than training took, since a
+    fine-tune dearer than retraining is pointless; large data gets one epoch (60,000 MNIST
+    images: 469 steps, half of the demo's 2-epoch training).
+
+    Why steps at the training rate: a network forgets a memorised example only through the
+    gradients of the retained examples near it, and how far those move it is set by the
+    number of optimiser steps times the learning rate, not by how often each example is
+    seen. The former default, half an epoch at a tenth of the rate, is 5 steps at lr/10 on
+    the digits: with exactly the corrupted examples removed ("oracle-causes" of
+    ``netmend bench``: symmetric, pair, CIFAR-10N-worst, backdoor and noisy-input
+    corruption, seeds 0-2, MLP) it left the held-out failures at 0-6% accuracy against
+    34-73% for retraining on clean data, and test accuracy at 92.1-96.6%. This default
+    reaches 45-69% on the held-out failures and 97.0-97.8% test accuracy (retraining on
+    clean data: 97.3%). With the true causes removed, repair grows monotonically with the
+    steps (digits, failures repaired after 100/200/400 steps: 35/46/60%, test accuracy
+    96.0/96.7/97.3%); a linear or cosine decay of the rate to zero repaired less at the
+    same cost (53-54% at 400 steps) and never kept test accuracy better, so the rate is
+    constant. On MNIST (8,000 retained of 10,000, SmallCNN trained 2 epochs), 400 steps at
+    the training rate repaired 66-85% of the failures at 97.3-97.4% test accuracy; at a
+    tenth of it, 43-68% at 94.8-94.9%.
+
+    A long fine-tune follows the data it is given: when the causes hold many clean
+    examples of a few classes (e.g. ``knn_shapley``'s sign rule selects half of the
+    digits), it forgets those classes (digits test accuracy 58-62%, against 92-96% with
+    the former default). Such imprecise cause sets call for the "relabel" treatment or a
+    smaller ``k``, or a shorter fine-tune (``steps``/``epochs``).
+
+    Args:
+        train_config: the recipe the model was trained with.
+        n_train: ``N``, the size of the training set it was trained on.
+        n_retained: ``|D \\ C|``, the number of examples fine-tuned on.
+        options: ``steps`` (an exact number of optimiser steps), ``epochs`` (an exact number
+            of passes over ``D \\ C``, e.g. 0.5; with neither, the default above),
+            ``min_steps`` (the floor of the default, 500), ``lr`` (the training rate),
+            ``batch_size``, ``optimizer`` (as trained), ``average_tail`` (0.5).
+
+    Returns:
+        The :class:`TrainConfig` to pass to :func:`netmend.training.fit` on ``D \\ C``.
+
+    Raises:
+        ValueError: both ``steps`` and ``epochs`` are given, or either is not positive, or
+            ``D \\ C`` is empty.
+    """
+    opts = dict(options or {})
+    if n_retained <= 0:
+        raise ValueError("the causes cover the whole training set: nothing is left to fine-tune on")
+    if "steps" in opts and "epochs" in opts:
+        raise ValueError("give the finetune treatment 'steps' or 'epochs', not both")
+    batch = int(opts.get("batch_size", train_config.batch_size))
+    if "epochs" in opts:
+        epochs = float(opts["epochs"])
+    else:
+        if "steps" in opts:
+            steps = int(opts["steps"])
+        else:
+            trained = max(1, round(train_config.epochs * n_train / train_config.batch_size))
+            floor = min(int(opts.get("min_steps", FINETUNE_MIN_STEPS)), trained)
+            steps = max(floor, math.ceil(n_retained / batch))
+        if steps <= 0:
+            raise ValueError(f"finetune needs at least one step; got steps={steps}")
+        epochs = steps * batch / n_retained  # fit() rounds epochs * n / batch back to steps
+    return dataclasses.replace(
+        train_config,
+        epochs=epochs,
+        lr=float(opts.get("lr", train_config.lr)),
+        batch_size=batch,
+        optimizer=str(opts.get("optimizer", train_config.optimizer)),
+        average_tail=float(opts.get("average_tail", 0.5)),
+    )
 
 
 @register("finetune")
 def finetune(ctx: TreatContext) -> nn.Module:
     """Fine-tune a copy of the model, from ``theta_hat``, on ``D \\ C``.
 
-    Options: ``epochs`` (0.5), ``lr`` (a tenth of the training rate: a small step keeps
-    what the model got right), ``optimizer`` (as trained), ``batch_size``.
+    The recipe is :func:`finetune_recipe`: by default ``max(one epoch, min(500, the
+    training's steps))`` optimiser steps at the training learning rate, tail-averaged over
+    the last half (the reasons and the measurements behind them are in its docstring).
+    Options: ``steps`` or ``epochs``, ``min_steps``, ``lr``, ``batch_size``, ``optimizer``,
+    ``average_tail``.
     """
-    cfg = dataclasses.replace(
-        ctx.train_config,
-        epochs=float(ctx.options.get("epochs", 0.5)),
-        lr=float(ctx.options.get("lr", ctx.train_config.lr / 10)),
-        batch_size=int(ctx.options.get("batch_size", ctx.train_config.batch_size)),
-        optimizer=str(ctx.options.get("optimizer", ctx.train_config.optimizer)),
-        average_tail=float(ctx.options.get("average_tail", 0.5)),
-    )
     keep = ctx.keep
+    cfg = finetune_recipe(ctx.train_config, ctx.X.shape[0], int(keep.sum()), ctx.options)
     model = copy.deepcopy(ctx.model)
     return fit(model, ctx.X[keep], ctx.y[keep], cfg, ctx.seed, ctx.device, ctx.progress, "finetune")
 
