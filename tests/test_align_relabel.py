@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from netmend.models import MLP
 from netmend.training import fit, predict
 from netmend.treatment import available as treat_available
 from netmend.treatment.align import align_inputs, energy, energy_grad
+from netmend.treatment.methods import finetune_recipe
 
 DT = torch.float64
 RUN = dict(progress=False, device="cpu")
@@ -166,7 +166,7 @@ def test_align_fine_tunes_on_retained_plus_aligned_with_soft_targets(ref, blobs,
     keep = np.setdiff1d(np.arange(blobs.X.shape[0]), causes)
     X = torch.cat([blobs.X[keep], record["aligned"]])
     T = torch.cat([torch.eye(3, dtype=DT)[blobs.y[keep]], record["soft_labels"]])
-    cfg = dataclasses.replace(CFG, epochs=0.5, lr=CFG.lr / 10, average_tail=0.5)
+    cfg = finetune_recipe(CFG, blobs.X.shape[0], X.shape[0])  # the "finetune" default
     expected = fit(copy.deepcopy(blobs_logreg), X, T, cfg, 0, "cpu", False)
     torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=0, atol=0)
     # hard labels: the argmax of theta_+F at the aligned input
@@ -271,7 +271,7 @@ def test_relabel_changes_exactly_the_causes_theta_plus_f_disagrees_with(ref, blo
     # the fine-tune saw every training example with exactly these labels
     y_new = blobs.y.clone()
     y_new[c] = torch.where(expected_changed, pred_f[c], blobs.y[c])
-    cfg = dataclasses.replace(CFG, epochs=0.5, lr=CFG.lr / 10, average_tail=0.5)
+    cfg = finetune_recipe(CFG, blobs.X.shape[0], blobs.X.shape[0])
     expected = fit(copy.deepcopy(blobs_logreg), blobs.X, y_new, cfg, 0, "cpu", False)
     torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=0, atol=0)
 
@@ -303,7 +303,7 @@ def test_soft_relabel_uses_theta_plus_f_distribution(ref, blobs, blobs_logreg):
     torch.testing.assert_close(record["soft_labels"], probs, rtol=1e-12, atol=1e-14)
     T = torch.eye(3, dtype=DT)[blobs.y]
     T[c] = probs
-    cfg = dataclasses.replace(CFG, epochs=0.5, lr=CFG.lr / 10, average_tail=0.5)
+    cfg = finetune_recipe(CFG, blobs.X.shape[0], blobs.X.shape[0])
     expected = fit(copy.deepcopy(blobs_logreg), blobs.X, T, cfg, 0, "cpu", False)
     torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=0, atol=0)
 

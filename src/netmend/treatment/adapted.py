@@ -10,7 +10,6 @@ chooses the layers to fine-tune and runs the fine-tune with the other layers fro
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -21,7 +20,11 @@ from ..functional import chunks
 from ..training import TrainConfig, fit
 from .base import TreatContext
 
-FINETUNE_OPTIONS = ("epochs", "lr", "batch_size", "optimizer", "average_tail", "layers")
+RECIPE_OPTIONS = ("epochs", "lr", "batch_size", "optimizer", "average_tail", "min_steps")
+"""The options of "relabel"/"align" that size their fine-tune (``steps`` is not one of them:
+in "align" it counts energy steps)."""
+
+FINETUNE_OPTIONS = (*RECIPE_OPTIONS, "layers")
 """Options of the fine-tune shared by "align" and "relabel"."""
 
 FIT_OPTIONS = ("fit_steps", "fit_step_size")
@@ -165,17 +168,16 @@ def layer_names(model: nn.Module, layers: Any) -> list[str] | None:
     return names
 
 
-def finetune_config(ctx: TreatContext) -> TrainConfig:
-    """The fine-tune recipe: as the "finetune" treatment (0.5 epoch, a tenth of the training
-    learning rate, tail average over the last half), overridable by options."""
-    return dataclasses.replace(
-        ctx.train_config,
-        epochs=float(ctx.options.get("epochs", 0.5)),
-        lr=float(ctx.options.get("lr", ctx.train_config.lr / 10)),
-        batch_size=int(ctx.options.get("batch_size", ctx.train_config.batch_size)),
-        optimizer=str(ctx.options.get("optimizer", ctx.train_config.optimizer)),
-        average_tail=float(ctx.options.get("average_tail", 0.5)),
-    )
+def finetune_config(ctx: TreatContext, n_examples: int) -> TrainConfig:
+    """The fine-tune recipe on ``n_examples``: the "finetune" treatment's default
+    (:func:`netmend.treatment.methods.finetune_recipe`: at least one epoch and up to 500
+    optimiser steps at the training rate, tail-averaged), overridable by
+    :data:`RECIPE_OPTIONS`, so that deleting, relabelling and aligning differ in what they
+    train on, not for how long."""
+    from .methods import finetune_recipe  # local: methods registers treatments on import
+
+    opts = {k: ctx.options[k] for k in RECIPE_OPTIONS if k in ctx.options}
+    return finetune_recipe(ctx.train_config, int(ctx.X.shape[0]), n_examples, opts)
 
 
 def finetune_layers(
@@ -201,7 +203,7 @@ def finetune_layers(
         the original's (restored after training: tail averaging would otherwise round them),
         and every parameter keeps its original ``requires_grad``.
     """
-    cfg = finetune_config(ctx)
+    cfg = finetune_config(ctx, int(X.shape[0]))
     model = copy.deepcopy(ctx.model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     trained: set[str] = set()

@@ -218,8 +218,9 @@ def align(ctx: TreatContext) -> nn.Module:
         and embed (None), or "deletion", as in "relabel"), min_confidence (0.0), layers
         (``None``: the last ``nn.Linear``; an int ``k``: the last ``k`` modules with
         parameters; a list of module names; "all"),
-        epochs (0.5), lr (a tenth of the training rate), batch_size, optimizer, average_tail
-        (0.5), fit_steps / fit_step_size (only when ``theta_+F`` is fitted here).
+        the fine-tune's epochs, lr, batch_size, optimizer, average_tail, min_steps (default:
+        the "finetune" treatment's recipe, :func:`netmend.treatment.adapted.finetune_config`),
+        fit_steps / fit_step_size (only when ``theta_+F`` is fitted here).
 
     Record (``ctx.record``, CPU tensors, one entry per cause in
     ``ctx.causes`` order, i.e. sorted training indices): ``causes``

@@ -59,8 +59,9 @@ def relabel(ctx: TreatContext) -> nn.Module:
         source ("knn"), neighbours (25), embed (None), min_confidence (0.0: keep every
         cause), hard (True), temperature (1.0; model sources and soft labels only), layers
         ("all", as the "finetune" treatment; ``None`` for the last ``nn.Linear``, an int ``k``
-        or module names as in "align"), epochs (0.5), lr (a tenth of the training rate),
-        batch_size, optimizer, average_tail (0.5), fit_steps / fit_step_size (only when
+        or module names as in "align"), the fine-tune's epochs, lr, batch_size, optimizer,
+        average_tail, min_steps (default: the "finetune" treatment's recipe,
+        :func:`netmend.treatment.adapted.finetune_config`), fit_steps / fit_step_size (only when
         ``theta_+F`` is fitted here).
 
     Record (``ctx.record``, CPU tensors, one entry per cause in ``ctx.causes`` order, i.e.
