@@ -63,9 +63,7 @@ def ewc_influence(ctx: Context) -> MethodOutput:
         steps=int(ctx.options.get("steps", 30)),
         step_size=float(ctx.options.get("step_size", 1.0)),
     )
-    kw: dict[str, Any] = dict(
-        chunk_size=ctx.chunk_size, device=ctx.device, progress=ctx.progress
-    )
+    kw: dict[str, Any] = dict(chunk_size=ctx.chunk_size, device=ctx.device, progress=ctx.progress)
     before = log_likelihoods(ctx.fm, ctx.theta, ctx.X, ctx.y, **kw)
     after = log_likelihoods(ctx.fm, theta_f, ctx.X, ctx.y, **kw)
     scores = (before - after).double().numpy()
