@@ -536,7 +536,17 @@ def map_chunks(
     current = active()
     run, label, fp = None, "", ""
     done = 0
-    parts: list[torch.Tensor] = []
+    # "cat": one [n, ...] buffer filled chunk by chunk. Keeping the chunks' small outputs alive
+    # in a list between the passes' large transient buffers fragments the heap: glibc could
+    # then not give back 20-200 MiB after a 60k-example pass (benchmarks/memory.py).
+    buf: torch.Tensor | None = None
+
+    def put(start: int, t: torch.Tensor) -> None:
+        nonlocal buf
+        if buf is None:
+            buf = torch.empty((n, *t.shape[1:]), dtype=t.dtype)
+        buf[start : start + t.shape[0]] = t
+
     acc = init.clone() if init is not None else None
     if current is not None:
         run, scope = current
@@ -549,7 +559,7 @@ def map_chunks(
             if complete:
                 return value.to(acc.device) if acc is not None else value
             if reduce == "cat":
-                parts.append(value)
+                put(0, value)
             else:
                 acc = value.to(acc.device if acc is not None else value.device)
         else:
@@ -567,7 +577,7 @@ def map_chunks(
         for i in starts:
             r = fn(slice(i, min(i + chunk_size, n)))
             if reduce == "cat":
-                parts.append(r.detach().cpu())
+                put(i, r.detach().cpu())
             else:
                 assert acc is not None  # checked above (internal invariant)
                 acc += r.detach().to(acc.device)
@@ -580,11 +590,10 @@ def map_chunks(
                 run.checkpoint_chunks is not None and since >= run.checkpoint_chunks
             )
             if due and end < n:
-                if reduce == "cat" and len(parts) > 1:
-                    parts = [torch.cat(parts)]
-                _save_pass(run, label, n, end, chunk_size, reduce, fp, parts, acc, False)
+                part = [buf[:end]] if buf is not None else []
+                _save_pass(run, label, n, end, chunk_size, reduce, fp, part, acc, False)
                 last, since = time.monotonic(), 0
-    out = torch.cat(parts) if reduce == "cat" else acc
+    out = (buf if buf is not None else torch.empty(0)) if reduce == "cat" else acc
     assert out is not None
     if run is not None:
         _save_pass(run, label, n, n, chunk_size, reduce, fp, [out], out, True)
