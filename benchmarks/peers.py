@@ -96,6 +96,7 @@ CG_TOL = 1e-8
 TIE = 1e-3  # quality differences below this count as equal (same algorithm, rounding)
 TRAK_SEEDS = (1, 2, 3, 4)  # more projection seeds for both TRAKs (seed 0 is the main row)
 SEEDS_PAIR = "trak-seeds"
+TRAK_OPTIONS = {"proj_dim": TRAK_DIM, "projection": "gaussian", "ridge": 0.0}  # as dattri's
 
 
 KNOWN_FAULTS = [
@@ -694,8 +695,7 @@ def specs(damping: float) -> list[Spec]:
         kronfluence_spec("identity", "grad_dot"),
         nm("netmend grad_cos", "grad_cos", "grad_cos", {"chunk_size": 256}, {}),
         dattri_tracin_spec("grad_cos", "grad_cos"),
-        nm("netmend trak", "trak", "trak",
-           {"proj_dim": TRAK_DIM, "projection": "gaussian", "ridge": 0.0}, {}),
+        nm("netmend trak", "trak", "trak", TRAK_OPTIONS, {}),
         dattri_trak_spec("trak"),
     ]  # fmt: skip
 
@@ -903,9 +903,8 @@ def main() -> None:
         # means over projection seeds
         for sd in TRAK_SEEDS:
             for spec in (
-                netmend_spec(f"netmend trak seed {sd}", "trak", SEEDS_PAIR,
-                             {"proj_dim": TRAK_DIM, "projection": "gaussian", "ridge": 0.0},
-                             {}, seed=sd),
+                netmend_spec(f"netmend trak seed {sd}", "trak", SEEDS_PAIR, TRAK_OPTIONS, {},
+                             seed=sd),
                 dattri_trak_spec(SEEDS_PAIR, seed=sd),
             ):  # fmt: skip
                 row = evaluate(bench, spec)
