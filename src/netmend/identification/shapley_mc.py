@@ -62,9 +62,10 @@ from .shapley import (
     build_game,
     check_options,
     game_output,
-    knn_shapley_values,
+    knn_game_values,
     pairwise_distances,
-    sampling_stderr,
+    reduce_values,
+    sorted_matches,
     with_se_z,
 )
 
@@ -104,11 +105,11 @@ class KNNUtility:
         match = np.zeros((T, N + 1), dtype=bool)  # in rank order; column N: "no neighbour"
         for s in chunks(T, max(1, CHUNK_ELEMS // max(N, 1))):
             D = pairwise_distances(game.Et[s], game.E, game.metric)
-            order = torch.argsort(D, dim=1, stable=True)
+            order, m = sorted_matches(D, game.y, game.yt[s], game.excluded(s), torch.bool)
             r = torch.empty_like(order)
             r.scatter_(1, order, torch.arange(N).expand_as(order).contiguous())
             rank[s] = r.numpy()
-            match[s, :N] = (game.y[order] == game.yt[s, None]).numpy()
+            match[s, :N] = m.numpy()
         self.rank, self.match = rank, match
 
     @property
@@ -601,9 +602,9 @@ def _mc_output(game: KNNGame, res: MCResult, estimator: str, se_z: float) -> Met
         change=res.change,
         value_stderr_mc=res.stderr,
     )
-    out = game_output(game, res.values, info)
-    se = np.sqrt(res.stderr**2 + sampling_stderr(game, res.values) ** 2)
-    return with_se_z(out, se, se_z)
+    values = reduce_values(game, res.values)
+    out = game_output(game, values, info)
+    return with_se_z(out, np.sqrt(res.stderr**2 + values.stderr**2), se_z)
 
 
 @register("tmc_shapley")
@@ -662,9 +663,9 @@ def banzhaf_method(ctx: Context) -> MethodOutput:
     se_z = _float_option(ctx, "se_z", DEFAULT_SE_Z[key])
     game = build_game(ctx)
     if estimator == "exact":
-        values = knn_shapley_values(game, ctx.device, kind="banzhaf")
+        values = knn_game_values(game, ctx.device, kind="banzhaf")
         out = game_output(game, values, {"estimator": "exact"})
-        return with_se_z(out, sampling_stderr(game, values), se_z)
+        return with_se_z(out, values.stderr, se_z)
     res = msr_banzhaf(
         KNNUtility(game),
         max_samples=_int_option(ctx, "max_samples", 5000),
