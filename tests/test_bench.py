@@ -261,3 +261,61 @@ def test_cli_bench(monkeypatch, tmp_path, capsys):
     assert seen["config"].seeds == (3, 4)
     assert seen["config"].suites == bench.QUICK_SUITES
     assert json.loads((tmp_path / "bench.json").read_text())["results"] == []
+
+
+def test_parse_step_reads_options():
+    assert bench.parse_step("ewc") == ("ewc", {})
+    name, opts = bench.parse_step("knn_shapley[embed=input,se_z=1,valid=None,K=3,tol=0.5,x=True]")
+    assert name == "knn_shapley"
+    assert opts == {"embed": "input", "se_z": 1, "valid": None, "K": 3, "tol": 0.5, "x": True}
+    for bad in ("ewc[", "ewc[]", "ewc[l2]", "[K=3]"):
+        with pytest.raises(ValueError, match="METHOD\\[opt=value|method name"):
+            bench.parse_step(bad)
+    with pytest.raises(ValueError, match="METHOD"):
+        bench.BenchConfig(pipelines=("ewc[K=3/finetune",))
+    with pytest.raises(ValueError, match="IDENTIFY/TREAT"):
+        bench.BenchConfig(pipelines=("ewc[K=3]",))
+
+
+def test_pipeline_options_reach_identify_and_treat(monkeypatch):
+    from netmend import api
+
+    calls = []
+    real_identify = api.identify
+
+    def identify(model, train, failures, method, k=None, **kw):
+        calls.append(("identify", method, {k: v for k, v in kw.items() if k in ("K", "embed")}))
+        return real_identify(
+            model,
+            train,
+            failures,
+            "loss",
+            5,
+            **{k: v for k, v in kw.items() if k in ("seed", "device", "progress")},
+        )
+
+    def treat(model, train, causes, method, **kw):
+        calls.append(
+            ("treat", method, {k: v for k, v in kw.items() if k in ("neighbours", "epochs")})
+        )
+        return model
+
+    monkeypatch.setattr(api, "identify", identify)
+    monkeypatch.setattr(api, "treat", treat)
+    config = bench.BenchConfig(
+        suites=("digits/sym20",),
+        pipelines=(
+            "knn_shapley[K=3,embed=input]/relabel[neighbours=7,epochs=0.5]",
+            "knn_shapley/finetune",
+        ),
+        references=(),
+        treat_options={"relabel": {"neighbours": 9, "epochs": 2}},
+    )
+    res = bench.run(config, device="cpu")
+    assert [c["status"] for c in res["results"][0]["cells"]] == ["ok", "ok"]
+    assert calls == [
+        ("identify", "knn_shapley", {"K": 3, "embed": "input"}),
+        ("treat", "relabel", {"neighbours": 7, "epochs": 0.5}),  # the pipeline's options win
+        ("identify", "knn_shapley", {}),  # another spec: identified again, without options
+        ("treat", "finetune", {}),
+    ]

@@ -375,7 +375,8 @@ class BenchConfig:
 
     Attributes:
         suites: ``dataset/corruption`` names (a bare dataset name means all its corruptions).
-        pipelines: ``identify/treat`` names.
+        pipelines: ``identify/treat`` names; a step may carry options, ``method[opt=value,...]``
+            (e.g. ``knn_shapley[embed=input]/relabel[neighbours=20]``, see :func:`parse_step`).
         references: any of :data:`REFERENCES`.
         seeds: one suite instance per seed.
         cv_folds: folds of the cleanlab reference's cross-validation.
@@ -408,16 +409,58 @@ class BenchConfig:
 
 
 def parse_pipeline(name: str) -> tuple[str, str]:
-    """``"identify/treat"`` -> ``(identify, treat)`` (registration is checked at run time)."""
+    """``"identify/treat"`` -> ``(identify, treat)`` steps, each a :func:`parse_step` spec
+    (registration is checked at run time)."""
     parts = name.split("/")
     if len(parts) != 2 or not all(parts):
-        raise ValueError(f"a pipeline is written IDENTIFY/TREAT (e.g. ewc/finetune); got {name!r}")
+        raise ValueError(
+            f"a pipeline is written IDENTIFY/TREAT (e.g. ewc/finetune, "
+            f"knn_shapley[embed=input]/relabel); got {name!r}"
+        )
+    for part in parts:
+        parse_step(part)
     return parts[0], parts[1]
+
+
+def _option_value(text: str) -> Any:
+    low = text.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_step(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"method"`` or ``"method[opt=value,...]"`` -> ``(method, options)``.
+
+    Values are read as ``None``, booleans, integers or floats when they look like one, else
+    kept as strings: ``knn_shapley[embed=input,se_z=1]`` -> ``("knn_shapley", {"embed":
+    "input", "se_z": 1})``.
+    """
+    name, bracket, rest = spec.partition("[")
+    options: dict[str, Any] = {}
+    if bracket:
+        if not rest.endswith("]") or not rest[:-1]:
+            raise ValueError(f"write options as METHOD[opt=value,...]; got {spec!r}")
+        for item in rest[:-1].split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"write options as METHOD[opt=value,...]; got {spec!r}")
+            options[key.strip()] = _option_value(value.strip())
+    if not name:
+        raise ValueError(f"a step needs a method name; got {spec!r}")
+    return name, options
 
 
 def unavailable(pipeline: str) -> str | None:
     """Why ``pipeline`` cannot run here (an unregistered method), or ``None``."""
-    ident, treat = parse_pipeline(pipeline)
+    ident, treat = (parse_step(p)[0] for p in parse_pipeline(pipeline))
     why = []
     if ident not in identification.available():
         why.append(f"identification method {ident!r} is not registered")
@@ -466,11 +509,12 @@ def run_suite(
     idents: dict[str, api.Identification] = {}
     artifacts: dict[str, Any] = {"model": model, "split": split, "data": data, "causes": {}}
 
-    def identified(method: str) -> api.Identification:
-        if method not in idents:
+    def identified(spec: str) -> api.Identification:
+        if spec not in idents:
+            method, options = parse_step(spec)
             k = len(identified("ewc").causes) if method in FAILURE_BLIND else None
-            idents[method] = api.identify(model, noisy, (Xq, yq), method, k, **common)
-        return idents[method]
+            idents[spec] = api.identify(model, noisy, (Xq, yq), method, k, **common, **options)
+        return idents[spec]
 
     def ident_metrics(scores: np.ndarray, causes: np.ndarray) -> dict[str, Any]:
         m = identification_metrics(scores, causes, data.mask)
@@ -478,16 +522,17 @@ def run_suite(
 
     cells: list[dict[str, Any]] = []
     for name in config.pipelines:
-        ident_name, treat_name = parse_pipeline(name)
+        ident_spec, treat_spec = parse_pipeline(name)
+        ident_name, treat_name = parse_step(ident_spec)[0], parse_step(treat_spec)[0]
         cell: dict[str, Any] = {"pipeline": name, "kind": "pipeline"}
         reason = unavailable(name)
         if reason:
             cells.append({**cell, "status": "skipped", "reason": reason})
             continue
         try:
-            ident = identified(ident_name)
+            ident = identified(ident_spec)
             t = time.perf_counter()
-            options = dict(config.treat_options.get(treat_name, {}))
+            options = {**config.treat_options.get(treat_name, {}), **parse_step(treat_spec)[1]}
             if treat_name in ADAPTED and not {"epochs", "lr"} & set(options):
                 n = len(data.train)
                 sized = finetune_recipe(recipe, n, n, config.treat_options.get("finetune"))
@@ -1010,6 +1055,7 @@ __all__ = [
     "make_suite",
     "markdown",
     "parse_pipeline",
+    "parse_step",
     "paired_vs",
     "parse_suite",
     "plots",

@@ -152,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument("--quick", action="store_true", help="digits only, one seed: ~1 minute")
     b.add_argument("--suites", nargs="+", metavar="DATASET/CORRUPTION", help="e.g. digits/sym20")
-    b.add_argument("--pipelines", nargs="+", metavar="IDENTIFY/TREAT", help="e.g. ewc/finetune")
+    b.add_argument(
+        "--pipelines",
+        nargs="+",
+        metavar="IDENTIFY/TREAT",
+        help="e.g. ewc/finetune or knn_shapley[embed=input]/relabel",
+    )
     b.add_argument("--references", nargs="*", metavar="REF", help="original retrain-clean cleanlab")
     b.add_argument("--seeds", nargs="+", type=int, metavar="S", help="one run per seed")
     b.add_argument("--out", metavar="DIR", default="bench-out", help="output folder")
