@@ -16,7 +16,9 @@ are the test examples the model gets wrong; the query half
 (``netmend.evaluation.split_failures``) is what every method sees.
 
 Per identification method (``knn_shapley``, ``tmc_shapley``, ``banzhaf`` with the MSR
-sampler, and ``banzhaf`` with ``estimator="exact"``), without and with ``valid=``:
+sampler, and ``banzhaf`` with ``estimator="exact"``), valued against the failures with three
+validations (:data:`VALIDATION`): ``valid=None`` (the failures alone), ``valid="train"`` (the
+training set itself, leave-one-out: the default) and ``valid=`` the clean held-out set:
 
 * **sign selection** (``k=None``, no K): the examples of negative value, i.e. cause score
   ``r = -value > 0`` (``se_z=0``); and the standard-error rule ``se_z = z`` for ``z`` in
@@ -36,8 +38,8 @@ sampler, and ``banzhaf`` with ``estimator="exact"``), without and with ``valid=`
   is the figure's claim about *selection without K*.
 * **met (P & F1)**: met (own) and also F1 >= hindsight F1 - 0.05, so that a rule cannot meet
   the figure by selecting a handful of sure cases (a high ``z`` reaches any precision at a
-  negligible recall). The default ``se_z`` of each method is the smallest ``z`` with the most
-  with-valid cells meeting this (summary table at the end of the markdown).
+  negligible recall). The defaults ``se_z`` (``DEFAULT_SE_Z``) are read off the cells with
+  the default validation, ``train`` (summary tables at the end of the markdown).
 * **met (best)**: sign precision >= the hindsight precision of the best netmend ranking among
   ``loss`` and ``ewc`` - 0.05 ("best" = the one with the larger max-F1), which also charges
   the Shapley ranking for being worse than the best top-K ranking.
@@ -67,8 +69,11 @@ from netmend.training import fit
 SUITES = ("digits/sym20", "digits/pair", "digits/cifar10n-worst", "mnist/sym20")
 VALID = {"digits": 200, "mnist": 300}
 MARGIN = 0.05
+VALIDATION = ("none", "train", "clean")
+"""What the Shapley game is valued against besides the failures: nothing, the training set
+itself (leave-one-out, netmend's default ``valid="train"``), or the clean held-out set."""
 BASELINES = ("loss", "ewc")
-# (row name, method, options); every Shapley row is run without and with the valid set
+# (row name, method, options); every Shapley row is run with each of VALIDATION
 SHAPLEY: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("knn_shapley", "knn_shapley", {"se_z": 0.0}),
     ("tmc_shapley", "tmc_shapley", {"se_z": 0.0}),
@@ -144,8 +149,8 @@ def run_one(name: str, seed: int, zs: list[float]) -> dict[str, Any]:
     best_p = out["baselines"][best]["precision"]
     for row, method, opts in SHAPLEY:
         limits = MC_LIMITS.get(dataset, {}).get(method, {}) if "estimator" not in opts else {}
-        for with_valid in (False, True):
-            o = {**opts, **limits, **({"valid": valid} if with_valid else {})}
+        for mode in VALIDATION:
+            o = {**opts, **limits, "valid": {"none": None, "train": "train", "clean": valid}[mode]}
             ident = netmend.identify(model, (X, y), fail, method, k=None, **common, **o)
             value = -ident.scores  # se_z = 0: scores = -value
             own = hindsight(ident.scores, mask)
@@ -161,7 +166,7 @@ def run_one(name: str, seed: int, zs: list[float]) -> dict[str, Any]:
             out["rows"].append(
                 {
                     "method": row,
-                    "valid": with_valid,
+                    "valid": mode,
                     "selection": sel,
                     "hindsight": own,
                     "best_baseline": best,
@@ -193,11 +198,12 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Figure: sign-selection precision >= hindsight precision - {MARGIN}. Hindsight: the K "
         "maximising F1 against the true corruption mask, on the same scores (**own**) or on "
-        "the better of `loss`/`ewc` (**best**). Valid: a clean set held out of the training "
-        "data with true labels (200 digits / 300 MNIST examples). MC = tmc_shapley, banzhaf "
-        "(MSR). Rule `se_z=z`: value below zero by more than z standard errors (test-point "
-        "sampling + Monte-Carlo), `sign` = z 0. **met (P & F1)**: also F1 >= hindsight F1 - "
-        f"{MARGIN} (a high z reaches any precision at a negligible recall). "
+        "the better of `loss`/`ewc` (**best**). Valid: `none` (the failures alone), `train` (the "
+        "training set, leave-one-out: netmend's default) or `clean` (a clean set held out of "
+        "the training data with true labels, 200 digits / 300 MNIST examples). MC = "
+        "tmc_shapley, banzhaf (MSR). Rule `se_z=z`: value below zero by more than z standard "
+        "errors (test-point sampling + Monte-Carlo), `sign` = z 0. **met (P & F1)**: also "
+        f"F1 >= hindsight F1 - {MARGIN} (a high z reaches any precision at a negligible recall). "
         "Per cell: mean over seeds; met = seeds meeting the figure. "
         f"Machine: {m['processor']}, {m['cpus']} CPUs, {m['torch_threads']} torch thread, "
         f"torch {m['torch']}, GPU: {m['cuda'] or 'none'}.",
@@ -232,7 +238,7 @@ def markdown(result: dict[str, Any]) -> str:
                 return float(np.mean(vals)) if vals else float("nan")
 
             lines.append(
-                f"| {suite} | {method} | {'yes' if valid else 'no'} | {rule} "
+                f"| {suite} | {method} | {valid} | {rule} "
                 f"| {mean(lambda r, s: s['k']):.0f} | {_f(mean(lambda r, s: s['precision']))} "
                 f"| {_f(mean(lambda r, s: s['recall']))} | {_f(mean(lambda r, s: s['f1']))} "
                 f"| {mean(lambda r, s: r['hindsight']['k']):.0f} "
@@ -244,23 +250,29 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {_f(mean(lambda r, s: r['best_baseline_precision']))} "
                 f"| {sum(s['met_best'] for _, s in cells)}/{n} |"
             )
-    lines += [
-        "",
-        "Cells meeting the figure with a valid set, over all suites and seeds "
-        "(met (own) / met (P & F1)):",
-        "",
-        "| method | " + " | ".join(RULES) + " |",
-        "|---|" + "---|" * len(RULES),
-    ]
-    for method in dict.fromkeys(row["method"] for r in runs for row in r["rows"]):
-        mrows = [row for r in runs for row in r["rows"] if row["method"] == method and row["valid"]]
-        counts = []
-        for rule in RULES:
-            sel = [(row, row["selection"][rule]) for row in mrows if rule in row["selection"]]
-            own = sum(s["met_own"] for _, s in sel)
-            both = sum(_met_both(row, s) for row, s in sel)
-            counts.append(f"{own}/{len(sel)} / {both}/{len(sel)}")
-        lines.append(f"| {method} | " + " | ".join(counts) + " |")
+    for mode in VALIDATION:
+        lines += [
+            "",
+            f"Cells meeting the figure with validation `{mode}`, over all suites and seeds "
+            "(met (own) / met (P & F1)):",
+            "",
+            "| method | " + " | ".join(RULES) + " |",
+            "|---|" + "---|" * len(RULES),
+        ]
+        for method in dict.fromkeys(row["method"] for r in runs for row in r["rows"]):
+            mrows = [
+                row
+                for r in runs
+                for row in r["rows"]
+                if row["method"] == method and row["valid"] == mode
+            ]
+            counts = []
+            for rule in RULES:
+                sel = [(row, row["selection"][rule]) for row in mrows if rule in row["selection"]]
+                own = sum(s["met_own"] for _, s in sel)
+                both = sum(_met_both(row, s) for row, s in sel)
+                counts.append(f"{own}/{len(sel)} / {both}/{len(sel)}")
+            lines.append(f"| {method} | " + " | ".join(counts) + " |")
     lines += ["", "Per seed (hindsight of `loss` and `ewc`: K, precision):", ""]
     for r in runs:
         b = ", ".join(

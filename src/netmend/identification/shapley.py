@@ -30,9 +30,10 @@ By default (``valid="train"``) the validation points are a seeded draw of the tr
 itself, each left out of its own game (a null player there, :func:`sorted_matches`): a point
 whose label disagrees with its neighbourhood lowers their leave-one-out KNN accuracy and gets a
 negative value even far from every failure. Valued on the failures alone (``valid=None``),
-every point near a failure whose label differs from the failure's is "harmful": on the digits
-suites of ``netmend bench`` that selected 50-70% of the training set at a cause precision of
-0.13-0.24, against 0.54-0.88 with the default (``benchmarks/shapley_k.md``).
+every point near a failure whose label differs from the failure's is "harmful": on the
+label-noise suites of ``netmend bench`` on digits (sym20, pair, cifar10n-worst) that selected
+44-52% of the training set at a cause precision of 0.12-0.50; with the default, 12-34% at
+0.61-0.91 (``benchmarks/bench_digits``, ``benchmarks/shapley_k.md``).
 
 The Monte-Carlo estimators on the same game (truncated Monte-Carlo Shapley, Data Banzhaf) are in
 :mod:`netmend.identification.shapley_mc`.
@@ -569,13 +570,14 @@ def game_output(game: KNNGame, values: GameValues, info: dict[str, Any]) -> Meth
 DEFAULT_SE_Z = {"knn_shapley": 0.5, "tmc_shapley": 0.5, "banzhaf": 0.0, "banzhaf_exact": 1.0}
 """Default ``se_z`` per method (``"banzhaf_exact"``: "banzhaf" with ``estimator="exact"``), see
 :func:`with_se_z`. Chosen by ``benchmarks/shapley_k.py`` (digits sym20/pair/CIFAR-10N-worst
-and MNIST sym20, seeds 0-2, a clean validation set of 200/300 held-out examples): for each
-method the smallest ``z`` in {0, 0.5, 1, 2} with the most cells whose ``k=None`` selection is
-within 0.05, in both precision and F1, of the best K chosen with hindsight (the max-F1 top-K
-of the same scores). knn_shapley and tmc_shapley: 12/12 at 0.5 (sign: 10/12 and 8/12);
-exact Banzhaf: 12/12 at 1 (sign: 7/12); MSR Banzhaf: 5/12 at 0 and at 0.5, so 0 (its 5,000
-subsets leave the ranking itself poor; a larger ``z`` buys precision only by dropping most of
-the recall). A larger ``z`` raises precision further at a loss of recall."""
+and MNIST sym20, seeds 0-2, with the default ``valid="train"``), among ``z`` in {0, 0.5, 1, 2}:
+cells whose ``k=None`` selection is within 0.05 of the precision of the best K chosen with
+hindsight (the max-F1 top-K of the same scores), and of its F1 too. knn_shapley and
+tmc_shapley: 12/12 at 0.5, 11/12 also on F1 (sign: 9/12 and 8/12); exact Banzhaf: 12/12 at
+1 (7/12 also on F1; 0.5 gives 9/12 on both); MSR Banzhaf: 6/12 at 0 and at 0.5, so 0 (its
+5,000 subsets leave the ranking itself poor). With a clean validation set instead the same
+defaults meet 12/12, 12/12, 12/12 and 5/12. A larger ``z`` raises precision further at a loss
+of recall."""
 
 
 def sampling_stderr(game: KNNGame, values: np.ndarray) -> np.ndarray:
