@@ -4,18 +4,20 @@ Usage:
     .venv/bin/python benchmarks/bench.py --quick            # digits, one seed: ~1 minute on CPU
     .venv/bin/python benchmarks/bench.py --suites digits fashion --seeds 0 1 2
 
-The issue-4 matrix (one process per data set, each on one torch thread; on the shared
-two-core CPU digits took 12 minutes and MNIST / Fashion-MNIST about 75 minutes each,
-running side by side):
+The issue-4 matrix (one process per data set; on the shared two-core CPU, with the three data
+sets and ``benchmarks/shapley_k.py`` side by side, digits took about 60 minutes and MNIST /
+Fashion-MNIST about 35 minutes each):
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench.py --out benchmarks/bench_digits \
-        --suites digits/sym20 digits/pair digits/cifar10n-worst digits/backdoor \
-        digits/noisy-inputs --seeds 0 1 2 --no-plots --no-progress --pipelines \
-        ewc/finetune ewc/relabel knn_shapley/finetune knn_shapley/relabel loss/finetune
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench.py --out benchmarks/bench_mnist \
+    .venv/bin/netmend bench --out benchmarks/bench_digits --suites digits --seeds 0 1 2 \
+        --cv-folds 5 --pipelines ewc/finetune ewc/relabel knn_shapley/finetune \
+        knn_shapley/relabel "knn_shapley[embed=input]/finetune" \
+        "knn_shapley[embed=input]/relabel" loss/finetune
+    OMP_NUM_THREADS=1 .venv/bin/netmend bench --out benchmarks/bench_mnist \
         --suites mnist/sym20 mnist/pair mnist/cifar10n-worst mnist/backdoor \
-        mnist/noisy-inputs --seeds 0 1 2 --no-plots --no-progress --cv-folds 3 --pipelines \
-        ewc/finetune knn_shapley/finetune knn_shapley/relabel loss/finetune
+        mnist/noisy-inputs --seeds 0 1 2 --cv-folds 3 \
+        --references original finetune-only cleanlab --pipelines ewc/finetune \
+        knn_shapley/relabel "knn_shapley[embed=input]/finetune" \
+        "knn_shapley[embed=input]/relabel"
 
 (and the same with ``fashion``). ``bench.json`` and ``bench.md`` are rewritten after every
 suite, so a long run can be followed. ``bench.md`` opens with the issue-4 summary: per
