@@ -26,9 +26,11 @@ from netmend import identification, validation
 from netmend.cli import write_json_atomic
 from netmend.demo import machine
 
-# variants worth a row of their own: the exact-curvature influence functions
+# variants worth a row of their own: the exact-curvature influence functions, and KNN-Shapley
+# valued on the failures alone (the default also validates on the training set, leave-one-out)
 EXTRA: dict[str, dict[str, Any]] = {
     "linear-ggn": {"method": "linear", "curvature": "ggn", "cg_tol": 1e-10, "cg_maxiter": 1000},
+    "knn_shapley-failures": {"method": "knn_shapley", "valid": None},
 }
 
 
