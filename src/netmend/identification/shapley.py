@@ -111,10 +111,11 @@ def penultimate_embeddings(
     """
     device = torch.device(device)
     head = _last_linear(model, as_input(X[:1].to(device), param_dtype(model)))
-    store: list[torch.Tensor] = []
+    last: list[torch.Tensor] = []
+    out: torch.Tensor | None = None
 
     def hook(_mod: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        store.append(inputs[0].detach().reshape(inputs[0].shape[0], -1).cpu())
+        last[:] = [inputs[0].detach().reshape(inputs[0].shape[0], -1)]
 
     handle = head.register_forward_pre_hook(hook)
     try:
@@ -126,9 +127,15 @@ def penultimate_embeddings(
                 leave=False,
             ):
                 model(as_input(X[s].to(device), param_dtype(model)))
+                e = last[0]
+                if out is None:  # one [N, D] buffer, filled in place (no list of chunks)
+                    out = torch.empty((X.shape[0], e.shape[1]), dtype=e.dtype)
+                out[s] = e.cpu()
     finally:
         handle.remove()
-    return torch.cat(store)
+    if out is None:
+        raise ValueError("no examples to embed: X is empty")
+    return out
 
 
 def embedder(
