@@ -34,6 +34,58 @@ EXTRA: dict[str, dict[str, Any]] = {
 }
 
 
+HEADER = [
+    "# Identification methods against actual retraining (`benchmarks/validate.py`)",
+    "",
+    "digits, 20% symmetric label flips, float64 model trained to convergence "
+    "(L-BFGS, logreg polished by Newton). Scores positive = harmful. Spearman LOO: with "
+    "the actual leave-one-out effect on the query failures' summed loss; LDS: Park et al. "
+    "(2023), per failure, 100 random halves; precision@K/AUROC: vs the flipped labels; "
+    "counterfactual: change of held-out failure accuracy after retraining without the "
+    "method's top-K (K = number flipped), minus the mean over random K-removals.",
+    "",
+]
+
+
+def section(model: str, report: dict[str, Any]) -> list[str]:
+    """The markdown lines of one model's run."""
+    g = report["ground_truth"]
+    cf = report["counterfactual"]["random"]["heldout_acc"]
+    p = report["problem"]
+    lines = [
+        f"## {model}",
+        "",
+        f"N = {p['train']}, {p['corrupted']} flipped, {p['query_failures']} query / "
+        f"{p['heldout_failures']} held-out failures, {p['params']} parameters, l2 = {p['l2']}. "
+        f"LOO refits: {g['n_loo']} in {g['seconds']['loo']:.1f} s; median |LOO effect| "
+        f"{g['loo_abs_median']:.2e}, optimisation noise floor {g['noise_floor']:.1e} "
+        f"(ratio {g['noise_floor_over_median_loo']:.1e}); largest refit gradient norm "
+        f"{g['max_grad_norm']:.1e}. Random removal of K = {report['k']}: Δ held-out acc "
+        f"{cf['mean']:+.3f} ± {cf['sd']:.3f}.",
+        "",
+    ]
+    if report.get("note"):
+        lines += [report["note"], ""]
+    lines += [validation.table(report), ""]
+    if "counterfactual_curve" in report:
+        lines += [
+            "Counterfactual curve: Δ held-out failure accuracy vs random removal, by the "
+            "number of top-scored examples removed:",
+            "",
+            validation.curve_table(report),
+            "",
+        ]
+    return lines
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """``validate.md``: the header and every model's section."""
+    lines = list(HEADER)
+    for model, report in sorted(result["runs"].items()):
+        lines += section(model, report)
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["logreg", "mlp"])
@@ -41,7 +93,11 @@ def main() -> None:
     ap.add_argument("--subsets", type=int, default=100)
     ap.add_argument("--n-loo", type=int, help="LOO refits (default: all for logreg, 100 for mlp)")
     ap.add_argument("--skip", nargs="*", default=[], help="methods to leave out")
-    ap.add_argument("--append", action="store_true", help="add to an existing --out/--md")
+    ap.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start a new --out (by default the models not run now are kept from it)",
+    )
     ap.add_argument(
         "--ks",
         nargs="*",
@@ -57,21 +113,10 @@ def main() -> None:
         m for m in args.methods or [*identification.available(), *EXTRA] if m not in args.skip
     ]
     result: dict[str, Any] = {"machine": machine(), "methods": methods, "runs": {}}
-    if args.append and Path(args.out).exists():
-        result = json.loads(Path(args.out).read_text())
-    md = [
-        "# Identification methods against actual retraining (`benchmarks/validate.py`)",
-        "",
-        "digits, 20% symmetric label flips, float64 model trained to convergence "
-        "(L-BFGS, logreg polished by Newton). Scores positive = harmful. Spearman LOO: with "
-        "the actual leave-one-out effect on the query failures' summed loss; LDS: Park et al. "
-        "(2023), per failure, 100 random halves; precision@K/AUROC: vs the flipped labels; "
-        "counterfactual: change of held-out failure accuracy after retraining without the "
-        "method's top-K (K = number flipped), minus the mean over random K-removals.",
-        "",
-    ]
-    if args.append and Path(args.md).exists():
-        md = Path(args.md).read_text().rstrip("\n").split("\n") + [""]
+    if Path(args.out).exists() and not args.fresh:  # keep the models not rerun now
+        old = json.loads(Path(args.out).read_text())
+        result["runs"] = {m: r for m, r in old.get("runs", {}).items() if m not in args.models}
+        result["methods"] = list(dict.fromkeys([*old.get("methods", []), *methods]))
     for model in args.models:
         t0 = time.perf_counter()
         problem = validation.make_problem(model=model, seed=0)
@@ -85,36 +130,11 @@ def main() -> None:
         )
         report["seconds_total"] = time.perf_counter() - t0
         report["methods_run"] = methods
+        report["machine"] = machine()
         result["runs"][model] = report
         write_json_atomic(args.out, result)  # keep what is done if a later model fails
-        g = report["ground_truth"]
-        cf = report["counterfactual"]["random"]["heldout_acc"]
-        md += [
-            f"## {model}",
-            "",
-            f"N = {report['problem']['train']}, {report['problem']['corrupted']} flipped, "
-            f"{report['problem']['query_failures']} query / "
-            f"{report['problem']['heldout_failures']} held-out failures, "
-            f"{report['problem']['params']} parameters, l2 = {report['problem']['l2']}. "
-            f"LOO refits: {g['n_loo']} in {g['seconds']['loo']:.1f} s; median |LOO effect| "
-            f"{g['loo_abs_median']:.2e}, optimisation noise floor {g['noise_floor']:.1e} "
-            f"(ratio {g['noise_floor_over_median_loo']:.1e}); largest refit gradient norm "
-            f"{g['max_grad_norm']:.1e}. Random removal of K = {report['k']}: Δ held-out acc "
-            f"{cf['mean']:+.3f} ± {cf['sd']:.3f}.",
-            "",
-            validation.table(report),
-            "",
-        ]
-        if "counterfactual_curve" in report:
-            md += [
-                "Counterfactual curve: Δ held-out failure accuracy vs random removal, by the "
-                "number of top-scored examples removed:",
-                "",
-                validation.curve_table(report),
-                "",
-            ]
-        Path(args.md).write_text("\n".join(md))
-        print("\n".join(md[-4:]), flush=True)
+        Path(args.md).write_text(markdown(result))
+        print(section(model, report)[-2], flush=True)
     result["done"] = True
     write_json_atomic(args.out, result)
 
