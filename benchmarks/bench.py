@@ -19,7 +19,11 @@ Fashion-MNIST about 35 minutes each):
         knn_shapley/relabel "knn_shapley[embed=input]/finetune" \
         "knn_shapley[embed=input]/relabel"
 
-(and the same with ``fashion``). ``bench.json`` and ``bench.md`` are rewritten after every
+and the same with ``fashion``; the other five corruptions (``sym40 cifar10n-random1 occlusion
+outliers subgroup``) the same way into ``benchmarks/bench_mnist_more`` and
+``benchmarks/bench_fashion_more`` (about 13 minutes each, side by side).
+
+``bench.json`` and ``bench.md`` are rewritten after every
 suite, so a long run can be followed. ``bench.md`` opens with the issue-4 summary: per
 suite, the best netmend pipeline against cleanlab, as paired differences over the seeds.
 
