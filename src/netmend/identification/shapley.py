@@ -42,7 +42,7 @@ The Monte-Carlo estimators on the same game (truncated Monte-Carlo Shapley, Data
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -361,6 +361,20 @@ def knn_utility_from_distances(
     return match[:, :K].sum(1) / K
 
 
+def _value_chunks(
+    game: KNNGame, device: torch.device | str, kind: str, max_elems: int
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(s, values)`` for consecutive test points ``s``: their exact KNN-Shapley (or Banzhaf)
+    values ``[len(s), N]`` float64 on the CPU, at most ``max_elems`` distances at a time."""
+    exact = knn_banzhaf_from_distances if kind == "banzhaf" else knn_shapley_from_distances
+    N, T = game.E.shape[0], game.Et.shape[0]
+    device = torch.device(device)
+    E, y = game.E.to(device), game.y.to(device)
+    for s in chunks(T, max(1, max_elems // max(N, 1))):
+        D = pairwise_distances(game.Et[s].to(device), E, game.metric)
+        yield s, exact(D, y, game.yt[s], game.K, game.excluded(s)).double().cpu()
+
+
 def knn_shapley_values(
     game: KNNGame, device: torch.device | str = "cpu", kind: str = "shapley"
 ) -> np.ndarray:
@@ -370,15 +384,9 @@ def knn_shapley_values(
     Streams the test points in chunks so that at most ``~2^22`` distances are held at once;
     ``O(T N (D + log N))`` time.
     """
-    exact = knn_banzhaf_from_distances if kind == "banzhaf" else knn_shapley_from_distances
-    N, T = game.E.shape[0], game.Et.shape[0]
-    device = torch.device(device)
-    E, y = game.E.to(device), game.y.to(device)
-    out = np.empty((N, T), dtype=np.float64)
-    rows = max(1, (1 << 22) // max(N, 1))
-    for s in chunks(T, rows):
-        D = pairwise_distances(game.Et[s].to(device), E, game.metric)
-        out[:, s] = exact(D, y, game.yt[s], game.K, game.excluded(s)).double().T.cpu().numpy()
+    out = np.empty((game.E.shape[0], game.Et.shape[0]), dtype=np.float64)
+    for s, v in _value_chunks(game, device, kind, 1 << 22):
+        out[:, s] = v.T.numpy()
     return out
 
 
@@ -398,8 +406,9 @@ class GameValues:
     stderr: np.ndarray
 
 
-def _group_moments(game: KNNGame) -> list[tuple[int, int, float]]:
-    """``(lo, hi, W)`` per group of test points (failures, validation) and its total weight."""
+def _groups(game: KNNGame) -> list[tuple[int, int, float]]:
+    """``(lo, hi, W)``: the test points ``[lo, hi)`` of each group (failures, validation) and
+    the group's total weight ``W``."""
     M, T = game.num_failures, int(game.Et.shape[0])
     return [(lo, hi, float(np.sum(game.weights[lo:hi]))) for lo, hi in ((0, M), (M, T))]
 
@@ -423,20 +432,14 @@ def knn_game_values(
     Memory ``O(N M)`` plus one chunk of at most ``max_elems`` distances, whatever the number of
     validation points; the same numbers as :func:`reduce_values` of :func:`knn_shapley_values`.
     """
-    exact = knn_banzhaf_from_distances if kind == "banzhaf" else knn_shapley_from_distances
-    N, T, M = game.E.shape[0], game.Et.shape[0], game.num_failures
-    device = torch.device(device)
-    E, y = game.E.to(device), game.y.to(device)
+    N, M = game.E.shape[0], game.num_failures
     w = torch.as_tensor(game.weights, dtype=torch.float64)
     total = np.zeros(N)
     per_failure = np.empty((N, M))
-    groups = _group_moments(game)
+    groups = _groups(game)
     sums = [np.zeros(N) for _ in groups]
     sqs = [np.zeros(N) for _ in groups]
-    rows = max(1, max_elems // max(N, 1))
-    for s in chunks(T, rows):
-        D = pairwise_distances(game.Et[s].to(device), E, game.metric)
-        v = exact(D, y, game.yt[s], game.K, game.excluded(s)).double().cpu()  # [c, N]
+    for s, v in _value_chunks(game, device, kind, max_elems):  # v: [len(s), N]
         total += (w[s] @ v).numpy()
         lo, hi = s.start, s.stop
         if lo < M:
@@ -505,8 +508,8 @@ def build_game(ctx: Context) -> KNNGame:
       each left out of its own game (:func:`sorted_matches`). A point whose label disagrees
       with its neighbours' lowers their leave-one-out KNN accuracy, so it gets a negative value
       wherever it is, not only next to a failure: without this term every point next to a
-      failure but of another class than the failure's is "harmful" (on digits, over half the
-      training set with a 0.1-0.25 precision).
+      failure but of another class than the failure's is "harmful" (see the module
+      docstring for what that selects on digits).
     * an ``(Xv, yv)`` pair or dataset of trusted clean examples with correct labels;
     * ``None``: the failures alone.
     """
@@ -600,13 +603,10 @@ def sampling_stderr(game: KNNGame, values: np.ndarray) -> np.ndarray:
         game: the game (its ``weights`` and ``num_failures``).
         values: per-test-point values ``[N, T]`` (failures first, then validation points).
     """
-    M, T = game.num_failures, values.shape[1]
     var = np.zeros(values.shape[0])
-    for lo, hi in ((0, M), (M, T)):
-        if hi - lo < 2:
-            continue
-        W = float(np.sum(game.weights[lo:hi]))
-        var += W**2 * values[:, lo:hi].var(1, ddof=1) / (hi - lo)
+    for lo, hi, W in _groups(game):
+        if hi - lo >= 2:
+            var += W**2 * values[:, lo:hi].var(1, ddof=1) / (hi - lo)
     return np.sqrt(var)
 
 
