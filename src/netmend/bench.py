@@ -526,7 +526,8 @@ def run_suite(
     cells: list[dict[str, Any]] = []
     for name in config.pipelines:
         ident_spec, treat_spec = parse_pipeline(name)
-        ident_name, treat_name = parse_step(ident_spec)[0], parse_step(treat_spec)[0]
+        ident_name = parse_step(ident_spec)[0]
+        treat_name, treat_opts = parse_step(treat_spec)
         cell: dict[str, Any] = {"pipeline": name, "kind": "pipeline"}
         reason = unavailable(name)
         if reason:
@@ -535,7 +536,7 @@ def run_suite(
         try:
             ident = identified(ident_spec)
             t = time.perf_counter()
-            options = {**config.treat_options.get(treat_name, {}), **parse_step(treat_spec)[1]}
+            options = {**config.treat_options.get(treat_name, {}), **treat_opts}
             if treat_name in ADAPTED and not {"epochs", "lr"} & set(options):
                 n = len(data.train)
                 sized = finetune_recipe(recipe, n, n, config.treat_options.get("finetune"))
