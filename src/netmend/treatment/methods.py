@@ -60,10 +60,11 @@ def finetune_recipe(
     tenth of it, 43-68% at 94.8-94.9%.
 
     A long fine-tune follows the data it is given: when the causes hold many clean
-    examples of a few classes (e.g. ``knn_shapley``'s sign rule selects half of the
-    digits), it forgets those classes (digits test accuracy 58-62%, against 92-96% with
-    the former default). Such imprecise cause sets call for the "relabel" treatment or a
-    smaller ``k``, or a shorter fine-tune (``steps``/``epochs``).
+    examples of a few classes (e.g. ``knn_shapley`` valued on the failures alone,
+    ``valid=None``, selects half of the digits), it forgets those classes (digits test
+    accuracy 58-62%, against 92-96% with the former default). Such imprecise cause sets
+    call for the "relabel" treatment or a smaller ``k``, or a shorter fine-tune
+    (``steps``/``epochs``).
 
     Args:
         train_config: the recipe the model was trained with.
