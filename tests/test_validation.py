@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import netmend
 from netmend import cli, validation
 from netmend.validation import LogregSolver, ground_truth, make_problem, score_quality
 
@@ -172,8 +173,9 @@ def test_validate_report_and_errors(problem, gt):
 
 
 def test_counterfactual_curve(problem, gt):
-    """At the main k the curve repeats the main counterfactual exactly; the LOO oracle's top-k'
-    beats random at every k'; a k' out of range is refused."""
+    """At the main k the curve repeats the main counterfactual (reused, not refitted); at
+    another k' it equals a direct counterfactual of the method's top-k'; the LOO oracle's
+    top-k' beats random at every k'; a k' out of range is refused."""
     k = int(problem.corrupted.sum())
     ks = [k // 4, k, 2 * k]
     rep = validation.validate(
@@ -185,6 +187,15 @@ def test_counterfactual_curve(problem, gt):
     at_k = cur["ks"].index(k)
     want = rep["methods"]["loss"]["counterfactual"]["delta_heldout_acc_vs_random"]
     assert cur["methods"]["loss"][at_k] == pytest.approx(want, abs=1e-12)
+    loss = netmend.identify(
+        problem.model, (problem.X, problem.y), (problem.Xq, problem.yq), "loss", k=k,
+        l2=problem.l2, seed=0, progress=False, device="cpu",
+    )  # fmt: skip
+    top = np.argsort(-loss.scores, kind="stable")[: k // 4]
+    direct = validation.counterfactual(problem, {"loss": top}, k // 4, repeats=3)
+    assert cur["methods"]["loss"][0] == pytest.approx(
+        direct["sets"]["loss"]["delta_heldout_acc_vs_random"], abs=1e-12
+    )
     assert all(np.isfinite(cur["methods"]["loss"]))
     assert min(cur["methods"]["ref:loo_topk"]) > 0
     assert "k=" in validation.curve_table(rep)

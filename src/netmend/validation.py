@@ -942,17 +942,17 @@ def validate(
     if gt.loo_idx.size == problem.N:
         refs["ref:loo_topk"] = gt.loo_idx[np.argsort(-gt.loo_effect, kind="stable")[:k]]
     cf = counterfactual(problem, {**removals, **refs}, k, counterfactual_repeats, seed, progress)
+    if counterfactual_ks:  # the main k is already refitted: the curve reuses it
+        report["counterfactual_curve"] = _curve(
+            problem, gt, order, sorted({int(c) for c in counterfactual_ks} | {k}),
+            counterfactual_repeats, seed, progress, done={k: cf},
+        )  # fmt: skip
     for label, row in cf["sets"].items():
         if label in report["methods"]:
             report["methods"][label]["counterfactual"] = row
     cf["references"] = {n: cf["sets"][n] for n in refs}
     del cf["sets"]
     report["counterfactual"] = cf
-    if counterfactual_ks:
-        report["counterfactual_curve"] = _curve(
-            problem, gt, order, sorted({int(c) for c in counterfactual_ks} | {k}),
-            counterfactual_repeats, seed, progress,
-        )  # fmt: skip
     if gt.loo_idx.size == problem.N:  # the oracle's own figures, as an upper reference
         report["references"] = {
             "loo_oracle": score_quality(problem, gt, gt.loo_effect, gt.loo_effect_per_failure)
@@ -968,9 +968,15 @@ def _curve(
     repeats: int,
     seed: int,
     progress: bool,
+    done: dict[int, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Held-out accuracy change (vs random removal) after retraining without each method's
-    top-k', for every k' in ``ks``; the corrupted set's top-k' by LOO effect as a reference."""
+    top-k', for every k' in ``ks``; the corrupted set's top-k' by LOO effect as a reference.
+
+    ``done`` maps a k' to the :func:`counterfactual` report already computed for it with the
+    same removals (each method's top-k', the LOO top-k', the same seed and repeats), which is
+    used instead of refitting.
+    """
     bad = [c for c in ks if not 0 < c < problem.N]
     if bad:
         raise ValueError(f"counterfactual_ks must lie in [1, {problem.N - 1}]; got {bad}")
@@ -982,7 +988,7 @@ def _curve(
         sets = {n: o[:c] for n, o in order.items()}
         if "ref:loo_topk" in out["methods"]:
             sets["ref:loo_topk"] = loo_order[:c]
-        cf = counterfactual(problem, sets, c, repeats, seed, progress)
+        cf = (done or {}).get(c) or counterfactual(problem, sets, c, repeats, seed, progress)
         out["random"].append(cf["random"]["heldout_acc"]["mean"])
         for n in out["methods"]:
             out["methods"][n].append(cf["sets"][n]["delta_heldout_acc_vs_random"])
