@@ -53,16 +53,28 @@ from netmend.cli import main
 
 
 def summarize(dirs: list[str]) -> str:
-    """Each folder's summary (see ``netmend.bench.summary_markdown``), plots refreshed."""
+    """Each folder's summary (see ``netmend.bench.summary_markdown``), plots refreshed.
+
+    A suite run in several folders is summarised from the last one only (a rerun, e.g. after
+    the suite's definition changed); the earlier folder's section names it as superseded.
+    """
     from netmend import bench
 
+    results = {d: json.loads((Path(d) / "bench.json").read_text()) for d in dirs}
+    owner = {r["suite"]: d for d, result in results.items() for r in result["results"]}
     parts = []
-    for d in dirs:
-        result = json.loads((Path(d) / "bench.json").read_text())
+    for d, result in results.items():
         bench.write(result, d, with_plots=True)
-        suites = len({r["suite"] for r in result["results"]})
-        head = f"## {d}: {len(result['results'])} suite runs ({suites} suites)"
-        parts.append(head + "\n\n" + bench.summary_markdown(result))
+        own = [r for r in result["results"] if owner[r["suite"]] == d]
+        gone = sorted({r["suite"] for r in result["results"]} - {r["suite"] for r in own})
+        suites = len({r["suite"] for r in own})
+        head = f"## {d}: {len(own)} suite runs ({suites} suites)"
+        if gone:
+            head += f"\n\nSuperseded by a later folder: {', '.join(gone)}."
+        if own:
+            parts.append(head + "\n\n" + bench.summary_markdown({**result, "results": own}))
+        else:
+            parts.append(head + "\n")
     return "\n".join(parts)
 
 

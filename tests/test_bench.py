@@ -9,9 +9,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from netmend import bench, cli
-from netmend.corrupt import apply_trigger
+from netmend.corrupt import apply_trigger, subgroup_mask
 from netmend.evaluation import split_failures
 from netmend.training import fit, predict
 from netmend.treatment.methods import finetune_recipe
@@ -146,10 +147,24 @@ def test_backdoor_suite_failures_are_triggered_images():
     assert torch.equal(data.train.X[poisoned], apply_trigger(data.train.X[poisoned], patch, value))
 
 
-def test_subgroup_suite_retrains_on_the_full_set():
+def test_subgroup_suite_retrains_on_the_full_set_and_fails_on_the_subgroup():
+    """The clean reference has the dropped members back; the failures may come only from the
+    test members of the subgroup (class ``subgroup_class``, thinner than the threshold)."""
     data = bench.make_suite("digits/subgroup", seed=0)
     assert len(data.clean) == len(data.train) + data.info["dropped"] > len(data.train)
     assert data.mask.sum() == data.info["kept"] > 0
+    assert data.info["class"] == bench.DATASETS["digits"].subgroup_class
+    sub = subgroup_mask(data.test.X, data.test.y, data.info).numpy()
+    assert np.array_equal(data.pool, sub) and 0 < sub.sum() < len(sub)
+    # a model that always answers 0 gets every test example outside class 0 wrong; only the
+    # subgroup's count as failures
+    always0 = nn.Linear(data.test.X.shape[1], 10)
+    with torch.no_grad():
+        always0.weight.zero_()
+        always0.bias.copy_(torch.arange(10, 0, -1, dtype=torch.float32))
+    split = bench._split(always0, data, torch.device("cpu"))
+    got = np.sort(np.r_[split.query, split.heldout])
+    assert np.array_equal(got, np.flatnonzero(sub))
 
 
 def test_pr_curve_by_hand():
