@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
 
-from netmend.curvature import Curvature, cg, fisher_diag_sum
+from netmend.curvature import SOLVER_OPTIONS, Curvature, cg, fisher_diag_sum, solver_options
 from netmend.functional import FunctionalModel
 
 DT = torch.float64
@@ -172,3 +174,14 @@ def test_curvature_rejects_bad_kind_and_damping(logreg4, data4):
     for bad in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="damping must be > 0"):
             Curvature("fisher", fm, fm.theta, data4.X, data4.y, bad)
+
+
+def test_solver_options_default_to_the_curvature_defaults():
+    """A method given no solver options builds the same Curvature as one built with none;
+    given some, they arrive typed."""
+    defaults = {f.name: f.default for f in dataclasses.fields(Curvature)}
+    defaults = {k: v for k, v in defaults.items() if k in SOLVER_OPTIONS}
+    assert solver_options({}) == defaults and set(defaults) == set(SOLVER_OPTIONS)
+    got = solver_options({"cg_maxiter": "7", "cg_tol": "1e-3", "mc_samples": 2, "other": 1})
+    assert (got["cg_maxiter"], got["cg_tol"], got["mc_samples"]) == (7, 1e-3, 2)
+    assert "other" not in got

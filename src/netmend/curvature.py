@@ -28,9 +28,9 @@ Hessian of the cross-entropy in the logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -387,6 +387,37 @@ def dense_curvature(
 
             out += jacrev(jacrev(nll))(theta).detach()  # reverse-over-reverse: fastest here
     return out
+
+
+SOLVER_OPTIONS = (
+    "solver",
+    "cg_tol",
+    "cg_maxiter",
+    "fisher_type",
+    "mc_samples",
+    "covariance_max_examples",
+    "correction_max_examples",
+)
+"""The user options, shared by every method that solves with a :class:`Curvature`, that
+:func:`solver_options` turns into its keyword arguments."""
+
+
+def solver_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """:class:`Curvature` keyword arguments from a method's options (:data:`SOLVER_OPTIONS`).
+
+    Missing options take :class:`Curvature`'s defaults: ``solver`` "auto", ``cg_tol`` 1e-6,
+    ``cg_maxiter`` 100, ``fisher_type`` ``None``, ``mc_samples`` 1 and no subsampling
+    (``covariance_max_examples`` / ``correction_max_examples`` ``None``).
+    """
+    return {
+        "solver": str(options.get("solver", "auto")),
+        "cg_tol": float(options.get("cg_tol", 1e-6)),
+        "cg_maxiter": int(options.get("cg_maxiter", 100)),
+        "fisher_type": options.get("fisher_type"),
+        "mc_samples": int(options.get("mc_samples", 1)),
+        "covariance_max_examples": options.get("covariance_max_examples"),
+        "correction_max_examples": options.get("correction_max_examples"),
+    }
 
 
 @dataclass

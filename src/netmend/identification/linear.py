@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..curvature import Curvature
+from ..curvature import Curvature, solver_options
 from ..functional import stream
 from .base import Context, MethodOutput, register
 
@@ -41,15 +41,9 @@ def curvature_for(ctx: Context, kind: str) -> Curvature:
         ctx.lam(),
         chunk_size=ctx.chunk_size,
         device=ctx.device,
-        cg_tol=float(ctx.options.get("cg_tol", 1e-6)),
-        cg_maxiter=int(ctx.options.get("cg_maxiter", 100)),
         progress=ctx.progress,
-        fisher_type=ctx.options.get("fisher_type"),
-        mc_samples=int(ctx.options.get("mc_samples", 1)),
         seed=ctx.seed,
-        solver=str(ctx.options.get("solver", "auto")),
-        covariance_max_examples=ctx.options.get("covariance_max_examples"),
-        correction_max_examples=ctx.options.get("correction_max_examples"),
+        **solver_options(ctx.options),
     )
 
 

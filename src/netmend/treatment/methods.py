@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..curvature import Curvature
+from ..curvature import Curvature, solver_options
 from ..functional import summed_grad
 from ..kfac import EWC_FISHER_TYPE
 from ..optim import preconditioned_ascent
@@ -187,9 +187,10 @@ def newton(ctx: TreatContext) -> nn.Module:
     Options: ``step_size`` eta (a number, or "auto", the default: the largest power of two
     that keeps the retained loss within ``max_retained_increase``), ``curvature`` ("diag",
     "fisher", "ggn", "hessian", "kfac" or "ekfac"), ``damping`` (extra diagonal damping on top
-    of lambda, 0), ``solver`` ("auto", "dense", "cg"), ``cg_tol``, ``cg_maxiter``,
-    ``fisher_type`` and ``mc_samples`` (Kronecker
-    kinds; sampled-label Fisher by default, see :mod:`netmend.kfac`).
+    of lambda, 0), and the solver's options (:data:`netmend.curvature.SOLVER_OPTIONS`:
+    ``solver`` "auto"/"dense"/"cg", ``cg_tol``, ``cg_maxiter``; for the Kronecker kinds
+    ``fisher_type``, ``mc_samples`` and the subsample sizes ``covariance_max_examples``,
+    ``correction_max_examples``; sampled-label Fisher by default, see :mod:`netmend.kfac`).
     """
     kind = str(ctx.options.get("curvature", "diag"))
     damping = ctx.penalty_l2() + float(ctx.options.get("damping", 0.0))
@@ -206,13 +207,9 @@ def newton(ctx: TreatContext) -> nn.Module:
         diag=diag,
         chunk_size=ctx.chunk_size,
         device=ctx.device,
-        cg_tol=float(ctx.options.get("cg_tol", 1e-6)),
-        cg_maxiter=int(ctx.options.get("cg_maxiter", 100)),
         progress=ctx.progress,
-        fisher_type=ctx.options.get("fisher_type"),
-        mc_samples=int(ctx.options.get("mc_samples", 1)),
         seed=ctx.seed,
-        solver=str(ctx.options.get("solver", "auto")),
+        **solver_options(ctx.options),
     )
     # grad of the summed *loss* of C is minus the gradient of its log-likelihood
     g_loss = -summed_grad(
