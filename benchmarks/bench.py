@@ -21,7 +21,24 @@ Fashion-MNIST about 35 minutes each):
 
 and the same with ``fashion``; the other five corruptions (``sym40 cifar10n-random1 occlusion
 outliers subgroup``) the same way into ``benchmarks/bench_mnist_more`` and
-``benchmarks/bench_fashion_more`` (about 13 minutes each, side by side).
+``benchmarks/bench_fashion_more`` (about 13 minutes each, side by side). The subgroup suites,
+after their failures came to be drawn from the subgroup (3-5 minutes each):
+
+    .venv/bin/netmend bench --out benchmarks/bench_digits_subgroup --suites digits/subgroup \
+        --seeds 0 1 2 --cv-folds 5 --pipelines (the digits pipelines above)
+    .venv/bin/netmend bench --out benchmarks/bench_mnist_subgroup --suites mnist/subgroup \
+        --seeds 0 1 2 --cv-folds 3 --references original finetune-only cleanlab \
+        --pipelines (the MNIST pipelines above)
+
+the same with ``fashion``, and digits again with ``--seeds 3 4 5 6 7 8 9`` into
+``benchmarks/bench_digits_subgroup_seeds3-9``. The summary, with the later folders
+superseding the earlier runs of the same suite:
+
+    .venv/bin/python benchmarks/bench.py --summarize benchmarks/bench_digits \
+        benchmarks/bench_mnist benchmarks/bench_mnist_more benchmarks/bench_fashion \
+        benchmarks/bench_fashion_more benchmarks/bench_digits_subgroup \
+        benchmarks/bench_mnist_subgroup benchmarks/bench_fashion_subgroup \
+        --summary-out benchmarks/bench_summary.md
 
 ``bench.json`` and ``bench.md`` are rewritten after every
 suite, so a long run can be followed. ``bench.md`` opens with the issue-4 summary: per

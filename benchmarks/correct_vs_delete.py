@@ -18,7 +18,8 @@ remaining members of the under-represented subgroup (the examples a repair needs
 causes), so their clean share says little.
 
 Usage: ``python benchmarks/correct_vs_delete.py [DIR ...] [--json PATH] [--md PATH]``
-(default: the five ``benchmarks/bench_*`` directories of the README's table; seconds).
+(default: the ``benchmarks/bench_*`` directories of the README's table; a suite run in
+several is taken from the last; seconds).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ from netmend.cli import write_json_atomic
 
 HERE = Path(__file__).parent
 DEFAULT_DIRS = ("bench_digits", "bench_mnist", "bench_mnist_more", "bench_fashion",
-                "bench_fashion_more")  # fmt: skip
+                "bench_fashion_more", "bench_digits_subgroup", "bench_mnist_subgroup",
+                "bench_fashion_subgroup")  # fmt: skip
 LABEL_NOISE = ("sym20", "sym40", "pair", "cifar10n-random1", "cifar10n-worst")
 CLEAN_SHARE = 0.3
 
@@ -92,10 +94,12 @@ def main() -> None:
     args = ap.parse_args()
     records: list[dict[str, Any]] = []
     machines = {}
-    for d in args.dirs:
-        result = json.loads((Path(d) / "bench.json").read_text())
+    results = {d: json.loads((Path(d) / "bench.json").read_text()) for d in args.dirs}
+    owner = {r["suite"]: d for d, result in results.items() for r in result["results"]}
+    for d, result in results.items():  # a suite rerun in a later folder supersedes this one
         machines[Path(d).name] = result["machine"]
-        records += pairs(result)
+        own = [r for r in result["results"] if owner[r["suite"]] == d]
+        records += pairs({**result, "results": own})
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for p in records:
         groups.setdefault((p["suite"], p["identification"]), []).append(p)
