@@ -79,10 +79,12 @@ def summarize(dirs: list[str]) -> str:
 
     results = {d: json.loads((Path(d) / "bench.json").read_text()) for d in dirs}
     owner = {r["suite"]: d for d, result in results.items() for r in result["results"]}
-    parts = []
+    parts, met, total = [], 0, 0
     for d, result in results.items():
         bench.write(result, d, with_plots=True)
         own = [r for r in result["results"] if owner[r["suite"]] == d]
+        rows = bench.summary({**result, "results": own})
+        met, total = met + sum(r["met"] for r in rows), total + len(rows)
         gone = sorted({r["suite"] for r in result["results"]} - {r["suite"] for r in own})
         suites = len({r["suite"] for r in own})
         head = f"## {d}: {len(own)} suite runs ({suites} suites)"
@@ -92,7 +94,8 @@ def summarize(dirs: list[str]) -> str:
             parts.append(head + "\n\n" + bench.summary_markdown({**result, "results": own}))
         else:
             parts.append(head + "\n")
-    return "\n".join(parts)
+    top = f"# Best netmend pipeline vs cleanlab: met on {met} of {total} suites\n"
+    return "\n".join([top, *parts])
 
 
 if __name__ == "__main__":
