@@ -79,20 +79,19 @@ def summarize(dirs: list[str]) -> str:
     from netmend import bench
 
     results = {d: json.loads((Path(d) / "bench.json").read_text()) for d in dirs}
-    owner = {r["suite"]: d for d, result in results.items() for r in result["results"]}
     parts, met, total = [], 0, 0
-    for d, result in results.items():
-        bench.write(result, d, with_plots=True)
-        own = [r for r in result["results"] if owner[r["suite"]] == d]
-        rows = bench.summary({**result, "results": own})
+    for d, latest in bench.latest_runs(results).items():
+        bench.write(results[d], d, with_plots=True)
+        own = latest["results"]
+        rows = bench.summary(latest)
         met, total = met + sum(r["met"] for r in rows), total + len(rows)
-        gone = sorted({r["suite"] for r in result["results"]} - {r["suite"] for r in own})
+        gone = sorted({r["suite"] for r in results[d]["results"]} - {r["suite"] for r in own})
         suites = len({r["suite"] for r in own})
         head = f"## {d}: {len(own)} suite runs ({suites} suites)"
         if gone:
             head += f"\n\nSuperseded by a later folder: {', '.join(gone)}."
         if own:
-            parts.append(head + "\n\n" + bench.summary_markdown({**result, "results": own}))
+            parts.append(head + "\n\n" + bench.summary_markdown(latest))
         else:
             parts.append(head + "\n")
     top = f"# Best netmend pipeline vs cleanlab: met on {met} of {total} suites\n"

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from netmend.bench import _mean_se
+from netmend.bench import latest_runs, mean_se
 from netmend.cli import write_json_atomic
 
 HERE = Path(__file__).parent
@@ -72,8 +72,8 @@ def tally(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Relabel vs delete on held-out failures over the records with clean share >= 0.3."""
     d = np.array([p["heldout_diff"] for p in records if p["clean_share"] >= CLEAN_SHARE])
     t = np.array([p["test_diff"] for p in records if p["clean_share"] >= CLEAN_SHARE])
-    mean, se = _mean_se(d) if d.size else (float("nan"), float("nan"))
-    tmean, tse = _mean_se(t) if t.size else (float("nan"), float("nan"))
+    mean, se = mean_se(d) if d.size else (float("nan"), float("nan"))
+    tmean, tse = mean_se(t) if t.size else (float("nan"), float("nan"))
     return {
         "pairs": int(d.size),
         "relabel_better": int((d > 0).sum()),
@@ -95,11 +95,9 @@ def main() -> None:
     records: list[dict[str, Any]] = []
     machines = {}
     results = {d: json.loads((Path(d) / "bench.json").read_text()) for d in args.dirs}
-    owner = {r["suite"]: d for d, result in results.items() for r in result["results"]}
-    for d, result in results.items():  # a suite rerun in a later folder supersedes this one
-        machines[Path(d).name] = result["machine"]
-        own = [r for r in result["results"] if owner[r["suite"]] == d]
-        records += pairs({**result, "results": own})
+    for d, latest in latest_runs(results).items():  # a later folder's rerun supersedes
+        machines[Path(d).name] = latest["machine"]
+        records += pairs(latest)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for p in records:
         groups.setdefault((p["suite"], p["identification"]), []).append(p)
@@ -109,7 +107,7 @@ def main() -> None:
         row["clean_share"] = float(np.mean([p["clean_share"] for p in ps]))
         row["k"] = float(np.mean([p["k"] for p in ps]))
         for key in ("heldout_diff", "test_diff"):
-            row[key], row[f"{key}_se"] = _mean_se([p[key] for p in ps])
+            row[key], row[f"{key}_se"] = mean_se([p[key] for p in ps])
         rows.append(row)
     noise = [p for p in records if p["suite"].split("/")[1] in LABEL_NOISE]
     out = {

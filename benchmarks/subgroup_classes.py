@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from netmend.bench import DATASETS, NUM_CLASSES, _subset
+from netmend.bench import DATASETS, NUM_CLASSES, SUBGROUP_KEEP, _subset
 from netmend.cli import write_json_atomic
 from netmend.corrupt import selection_bias, subgroup_mask
 from netmend.demo import machine
@@ -48,7 +48,7 @@ def sweep(dataset: str, seeds: list[int]) -> dict[str, Any]:
         full = fit(spec.model(), train.X, train.y, spec.recipe, seed, "cpu", False, "unbiased")
         wrong_full = predict(full, test.X) != test.y
         for c in range(NUM_CLASSES):
-            bias = selection_bias(train.X, train.y, c, 0.1, seed)
+            bias = selection_bias(train.X, train.y, c, SUBGROUP_KEEP, seed)
             if bias.inputs is None:  # selection_bias always returns the kept inputs
                 raise RuntimeError("selection_bias returned no inputs")
             torch.manual_seed(seed)
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--json", type=Path, default=Path(__file__).with_suffix(".json"))
     args = ap.parse_args()
-    out: dict[str, Any] = {"seeds": args.seeds, "keep": 0.1, "machine": machine()}
+    out: dict[str, Any] = {"seeds": args.seeds, "keep": SUBGROUP_KEEP, "machine": machine()}
     if args.json.exists():  # keep the data sets not rerun
         out = {**json.loads(args.json.read_text()), **out}
     for d in args.datasets:

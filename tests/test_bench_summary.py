@@ -117,3 +117,16 @@ def test_relabel_gets_the_finetune_length(monkeypatch):
             assert kw["relabel"]["lr"] == spec.recipe.lr
             assert round(expected.epochs * len(data.train) / 128) == 421  # 40 epochs
         assert "epochs" not in kw["finetune"]  # finetune keeps its own default
+
+
+def test_latest_runs_keeps_each_suite_in_the_last_result_that_ran_it():
+    def res(*suites):
+        return {"machine": {}, "results": [{"suite": s, "seed": 0} for s in suites]}
+
+    first, second, third = res("x/a", "x/b", "x/a"), res("x/b"), res("x/c")
+    out = bench.latest_runs({"one": first, "two": second, "three": third})
+    assert list(out) == ["one", "two", "three"]
+    assert [r["suite"] for r in out["one"]["results"]] == ["x/a", "x/a"]  # x/b rerun later
+    assert [r["suite"] for r in out["two"]["results"]] == ["x/b"]
+    assert [r["suite"] for r in out["three"]["results"]] == ["x/c"]
+    assert len(first["results"]) == 3  # the inputs are not modified

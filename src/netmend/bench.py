@@ -32,7 +32,7 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -775,10 +775,26 @@ def _collect(
 SUMMARY_KEYS = ("heldout_failure_acc", "test_acc")
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``values`` and its standard error (NaN with fewer than two values)."""
     v = np.asarray(values, dtype=np.float64)
     se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
     return float(v.mean()), se
+
+
+def latest_runs(results: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Several bench results (e.g. one per output folder, in run order) with each suite kept
+    only in the last result that ran it: a rerun supersedes the earlier runs of its suite.
+
+    Returns:
+        The same keys, in order; each value a shallow copy of its result whose ``results``
+        holds only the suite runs no later result repeats (possibly none).
+    """
+    owner = {r["suite"]: key for key, result in results.items() for r in result["results"]}
+    return {
+        key: {**result, "results": [r for r in result["results"] if owner[r["suite"]] == key]}
+        for key, result in results.items()
+    }
 
 
 def paired_vs(
@@ -807,7 +823,7 @@ def paired_vs(
             row: dict[str, Any] = {"seeds": len(pairs), "kind": pairs[0][0]["kind"]}
             for key in SUMMARY_KEYS:
                 row[key] = float(np.mean([c[key] for c, _ in pairs]))
-                row[f"{key}_diff"], row[f"{key}_se"] = _mean_se([c[key] - b[key] for c, b in pairs])
+                row[f"{key}_diff"], row[f"{key}_se"] = mean_se([c[key] - b[key] for c, b in pairs])
             out.setdefault(suite, {})[name] = row
     return out
 
