@@ -106,8 +106,8 @@ def test_alignment_lowers_energy_monotonically_within_the_ball_and_range(tanh4, 
     X2, trace2 = align_inputs(
         fm, fm.theta, X0, steps=15, step_size=0.1, eps=eps, norm=norm, lo=lo, hi=hi
     )
-    torch.testing.assert_close(X2, X, rtol=0, atol=0)
-    torch.testing.assert_close(trace2, trace, rtol=0, atol=0)
+    torch.testing.assert_close(X2, X, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(trace2, trace, rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- align
@@ -168,7 +168,7 @@ def test_align_fine_tunes_on_retained_plus_aligned_with_soft_targets(ref, blobs,
     T = torch.cat([torch.eye(3, dtype=DT)[blobs.y[keep]], record["soft_labels"]])
     cfg = finetune_recipe(CFG, blobs.X.shape[0], X.shape[0])  # the "finetune" default
     expected = fit(copy.deepcopy(blobs_logreg), X, T, cfg, 0, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=0, atol=0)
+    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
     # hard labels: the argmax of theta_+F at the aligned input
     rec_h: dict = {}
     new_h = netmend.treat(
@@ -176,7 +176,7 @@ def test_align_fine_tunes_on_retained_plus_aligned_with_soft_targets(ref, blobs,
     )
     y_all = torch.cat([blobs.y[keep], rec_h["label_after"]])
     expected_h = fit(copy.deepcopy(blobs_logreg), X, y_all, cfg, 0, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new_h), ref.flat_params(expected_h), rtol=0, atol=0)
+    torch.testing.assert_close(ref.flat_params(new_h), ref.flat_params(expected_h), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -230,7 +230,7 @@ def test_fitting_theta_plus_f_from_failures_equals_passing_it(ref, blobs, blobs_
             failures=(blobs.Xf, blobs.yf),
             **kw,
         )
-        torch.testing.assert_close(ref.flat_params(a), ref.flat_params(b), rtol=0, atol=0)
+        torch.testing.assert_close(ref.flat_params(a), ref.flat_params(b), rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- relabel
@@ -273,7 +273,7 @@ def test_relabel_changes_exactly_the_causes_theta_plus_f_disagrees_with(ref, blo
     y_new[c] = torch.where(expected_changed, pred_f[c], blobs.y[c])
     cfg = finetune_recipe(CFG, blobs.X.shape[0], blobs.X.shape[0])
     expected = fit(copy.deepcopy(blobs_logreg), blobs.X, y_new, cfg, 0, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=0, atol=0)
+    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
 
 
 def test_soft_relabel_uses_theta_plus_f_distribution(ref, blobs, blobs_logreg):
@@ -305,7 +305,7 @@ def test_soft_relabel_uses_theta_plus_f_distribution(ref, blobs, blobs_logreg):
     T[c] = probs
     cfg = finetune_recipe(CFG, blobs.X.shape[0], blobs.X.shape[0])
     expected = fit(copy.deepcopy(blobs_logreg), blobs.X, T, cfg, 0, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=0, atol=0)
+    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- both

@@ -172,7 +172,7 @@ def test_se_z_option_selects_values_below_minus_z_standard_errors(blobs, blobs_l
     np.testing.assert_array_equal(se, plain.info["value_stderr"])  # same seed, same draws
     assert se.max() > 0
     value = -plain.scores
-    np.testing.assert_allclose(z2.scores, -value - 2.0 * se, atol=1e-15)
+    np.testing.assert_allclose(z2.scores, -value - 2.0 * se, atol=1e-12)
     expected = set(np.flatnonzero(value < -2.0 * se).tolist())
     assert set(z2.causes.tolist()) == expected
     assert set(plain.causes.tolist()) == set(np.flatnonzero(value < 0).tolist())
@@ -231,7 +231,7 @@ def test_knn_shapley_se_z_scores_and_selection(blobs, blobs_logreg):
     se = z1.info["value_stderr"]
     assert se.max() > 0
     value = -plain.scores
-    np.testing.assert_allclose(z1.scores, -value - se, atol=1e-15)
+    np.testing.assert_allclose(z1.scores, -value - se, atol=1e-12)
     assert set(z1.causes.tolist()) == set(np.flatnonzero(value < -se).tolist())
     assert len(z1.causes) < len(plain.causes)
     assert set(blobs.planted) <= set(z1.causes.tolist())

