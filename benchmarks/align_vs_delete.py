@@ -33,12 +33,12 @@ import numpy as np
 import torch
 
 import netmend
-from netmend.corrupt import pair_flips
-from netmend.datasets import load_digits
-from netmend.demo import machine
 from netmend.evaluation import split_failures
-from netmend.models import MLP
-from netmend.training import TrainConfig, fit, predict
+from netmend.lab.corrupt import pair_flips
+from netmend.lab.datasets import load_digits
+from netmend.lab.demo import machine
+from netmend.lab.models import MLP
+from netmend.model.training import TrainConfig, fit, predict
 
 TREATMENTS: dict[str, tuple[str, dict[str, Any]]] = {
     "finetune": ("finetune", {}),  # delete: fine-tune on D \\ C

@@ -45,7 +45,7 @@ superseding the earlier runs of the same suite:
 suite, so a long run can be followed. ``bench.md`` opens with the issue-4 summary: per
 suite, the best netmend pipeline against cleanlab, as paired differences over the seeds.
 
-A thin wrapper of ``netmend bench`` (see ``netmend.bench``) that writes into
+A thin wrapper of ``netmend bench`` (see ``netmend.lab.bench``) that writes into
 ``benchmarks/bench/`` by default: ``bench.json`` (every figure), ``bench.md`` (the table) and
 PNG plots. The ``cleanlab`` reference needs ``pip install cleanlab==2.9.0`` (a benchmark-only
 dependency); without it that reference is listed as skipped. Fashion-MNIST needs
@@ -71,12 +71,12 @@ from netmend.cli import main
 
 
 def summarize(dirs: list[str]) -> str:
-    """Each folder's summary (see ``netmend.bench.summary_markdown``), plots refreshed.
+    """Each folder's summary (see ``netmend.lab.bench.summary_markdown``), plots refreshed.
 
     A suite run in several folders is summarised from the last one only (a rerun, e.g. after
     the suite's definition changed); the earlier folder's section names it as superseded.
     """
-    from netmend import bench
+    from netmend.lab import bench
 
     results = {d: json.loads((Path(d) / "bench.json").read_text()) for d in dirs}
     parts, met, total = [], 0, 0

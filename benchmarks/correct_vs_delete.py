@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from netmend.bench import latest_runs, mean_se
 from netmend.cli import write_json_atomic
+from netmend.lab.bench import latest_runs, mean_se
 
 HERE = Path(__file__).parent
 DEFAULT_DIRS = ("bench_digits", "bench_mnist", "bench_mnist_more", "bench_fashion",

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from netmend import demo
 from netmend.cli import write_json_atomic
-from netmend.plots import demo_plots
+from netmend.lab import demo
+from netmend.report.plots import demo_plots
 
 
 def summarise(results: list[dict]) -> dict:

@@ -34,14 +34,14 @@ from typing import Any
 import torch
 from scipy.stats import spearmanr
 
-from netmend.cache import write_json_atomic
 from netmend.curvature import per_example_grads
-from netmend.datasets import load_mnist
-from netmend.demo import machine
-from netmend.functional import FunctionalModel
-from netmend.kfac import KroneckerFactors, _canonical_a, _input_cov, kronecker_factors
-from netmend.models import SmallCNN
-from netmend.training import TrainConfig, fit, predict
+from netmend.curvature.kfac import KroneckerFactors, _canonical_a, _input_cov, kronecker_factors
+from netmend.lab.datasets import load_mnist
+from netmend.lab.demo import machine
+from netmend.lab.models import SmallCNN
+from netmend.model.functional import FunctionalModel
+from netmend.model.training import TrainConfig, fit, predict
+from netmend.store import write_json_atomic
 
 # (name, covariance_max_examples, correction_max_examples)
 CONFIGS: list[tuple[str, int | None, int | None]] = [

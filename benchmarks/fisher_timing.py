@@ -15,11 +15,11 @@ import torch
 
 from netmend.cli import write_json_atomic
 from netmend.curvature import fisher_diag_sum
-from netmend.datasets import load_mnist
-from netmend.demo import machine
-from netmend.functional import FunctionalModel
-from netmend.models import SmallCNN
-from netmend.training import TrainConfig, fit
+from netmend.lab.datasets import load_mnist
+from netmend.lab.demo import machine
+from netmend.lab.models import SmallCNN
+from netmend.model.functional import FunctionalModel
+from netmend.model.training import TrainConfig, fit
 
 
 def main() -> None:

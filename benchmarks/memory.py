@@ -49,7 +49,7 @@ def make_model() -> Any:
     """The demo's SmallCNN behind a fixed ``x / 255`` (inputs are raw 0-255 pixel values)."""
     from torch import nn
 
-    from netmend.models import SmallCNN
+    from netmend.lab.models import SmallCNN
 
     class Scaled(nn.Module):
         def __init__(self) -> None:
@@ -134,9 +134,9 @@ def prepare(scratch: Path) -> dict[str, Any]:
     import torch
     from safetensors.torch import save_file
 
-    from netmend.datasets import load_mnist
-    from netmend.demo import machine
-    from netmend.training import TrainConfig, fit, predict
+    from netmend.lab.datasets import load_mnist
+    from netmend.lab.demo import machine
+    from netmend.model.training import TrainConfig, fit, predict
 
     torch.set_num_threads(1)
     train, test = load_mnist()

@@ -5,14 +5,14 @@ Usage (from the repository root; builds the separate venv first)::
     make peers                     # .venv-peers from benchmarks/requirements-peers.txt
     .venv-peers/bin/python benchmarks/peers.py [--quick] [--repeats 2]
 
-One run, one problem for everyone: ``netmend.validation.make_problem("digits", "logreg",
+One run, one problem for everyone: ``netmend.lab.validation.make_problem("digits", "logreg",
 flip_rate=0.2, seed=0)`` (float64 logistic regression trained to convergence on the summed
 cross-entropy plus ``(l2/2)||theta||^2``, l2 = 1), its query failures, its measured
-leave-one-out and subset-retraining effects (``netmend.validation.ground_truth``). Every
+leave-one-out and subset-retraining effects (``netmend.lab.validation.ground_truth``). Every
 method's output is converted at the boundary to netmend's convention, one score per training
 example summed over the query failures, **positive = harmful** (removing the example would
 lower the failures' loss), plus the ``[N, M]`` per-failure matrix where the method gives one,
-and scored by ``netmend.validation.score_quality``.
+and scored by ``netmend.lab.validation.score_quality``.
 
 Equal footing (stated once here, recorded per method in the JSON):
 
@@ -75,9 +75,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import netmend
 import netmend.identification
-import netmend.validation as V
+import netmend.lab.validation as V
 from netmend.cli import write_json_atomic
-from netmend.demo import machine
+from netmend.lab.demo import machine
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore")

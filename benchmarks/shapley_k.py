@@ -6,7 +6,7 @@ Usage: .venv/bin/python benchmarks/shapley_k.py [--suites digits/sym20 ...] [--s
 The figure: *Shapley selection without K reaches a cause precision within 0.05 of the best K
 chosen with hindsight.*
 
-Set-up, per suite (``netmend.bench.make_suite``: digits with ``sym20``, ``pair`` and the
+Set-up, per suite (``netmend.lab.bench.make_suite``: digits with ``sym20``, ``pair`` and the
 CIFAR-10N-like ``cifar10n-worst`` flips; MNIST with ``sym20`` on ``netmend bench``'s MNIST
 subset) and seed: a clean validation set (200 examples on digits, 300 on MNIST) is held out of
 the corrupted training set, with their *true* labels (what a user who checked a few hundred
@@ -60,11 +60,11 @@ import numpy as np
 import torch
 
 import netmend
-from netmend import bench
 from netmend.cli import write_json_atomic
-from netmend.demo import machine
 from netmend.evaluation import split_failures
-from netmend.training import fit
+from netmend.lab import bench
+from netmend.lab.demo import machine
+from netmend.model.training import fit
 
 SUITES = ("digits/sym20", "digits/pair", "digits/cifar10n-worst", "mnist/sym20")
 VALID = {"digits": 200, "mnist": 300}

@@ -5,7 +5,7 @@ median). A suite only measures a repair if that bias makes the model fail on the
 each data set of ``netmend bench`` (same subsets, model and recipe) and each class, this trains
 the bench's model on the biased training set and on the unbiased one (same subset, same seed)
 and counts, among the test set's members of the subgroup, the errors of each. The bias's effect
-is the difference; ``netmend.bench`` uses the class with the largest effect. Also counted: all
+is the difference; ``netmend.lab.bench`` uses the class with the largest effect. Also counted: all
 test errors of the biased model, of which the subgroup's are the share a suite drawing its
 failures from the whole test set would have been about.
 
@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from netmend.bench import DATASETS, NUM_CLASSES, SUBGROUP_KEEP, _subset
 from netmend.cli import write_json_atomic
-from netmend.corrupt import selection_bias, subgroup_mask
-from netmend.demo import machine
-from netmend.training import fit, predict
+from netmend.lab.bench import DATASETS, NUM_CLASSES, SUBGROUP_KEEP, _subset
+from netmend.lab.corrupt import selection_bias, subgroup_mask
+from netmend.lab.demo import machine
+from netmend.model.training import fit, predict
 
 
 def sweep(dataset: str, seeds: list[int]) -> dict[str, Any]:

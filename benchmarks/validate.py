@@ -22,9 +22,10 @@ from typing import Any
 
 import torch
 
-from netmend import identification, validation
+from netmend import identification
 from netmend.cli import write_json_atomic
-from netmend.demo import machine
+from netmend.lab import validation
+from netmend.lab.demo import machine
 
 # variants worth a row of their own: the exact-curvature influence functions, and KNN-Shapley
 # valued on the failures alone (the default also validates on the training set, leave-one-out)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import netmend
-import netmend.cache
+import netmend.store
 
 N, D, CLASSES, FAILURES = 3000, 6, 3, 6
 CHUNK = 128
@@ -61,11 +61,11 @@ def run(cache_dir: str | None) -> netmend.Identification:
 
 def main() -> None:
     torch.set_num_threads(1)
-    netmend.cache.CHECKPOINT_SECONDS = 0.0
+    netmend.store.CHECKPOINT_SECONDS = 0.0
     cache_dir, out = sys.argv[1], sys.argv[2]
     res = run(cache_dir)
     scores = torch.from_numpy(res.scores)
-    netmend.cache.save_tensors(out, {"scores": scores}, {"cache": res.info["cache"]})
+    netmend.store.save_tensors(out, {"scores": scores}, {"cache": res.info["cache"]})
     print(json.dumps(res.info["cache"]))
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmend.models import MLP, LogisticRegression
+from netmend.lab.models import MLP, LogisticRegression
 
 DT = torch.float64
 

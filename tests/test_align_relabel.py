@@ -11,12 +11,12 @@ from torch import nn
 
 import netmend
 from netmend import TrainConfig
-from netmend.corrupt import pair_flips
-from netmend.datasets import load_digits
 from netmend.evaluation import split_failures
-from netmend.functional import FunctionalModel
-from netmend.models import MLP
-from netmend.training import fit, predict
+from netmend.lab.corrupt import pair_flips
+from netmend.lab.datasets import load_digits
+from netmend.lab.models import MLP
+from netmend.model.functional import FunctionalModel
+from netmend.model.training import fit, predict
 from netmend.treatment import available as treat_available
 from netmend.treatment.align import align_inputs, energy, energy_grad
 from netmend.treatment.methods import finetune_recipe
@@ -168,7 +168,9 @@ def test_align_fine_tunes_on_retained_plus_aligned_with_soft_targets(ref, blobs,
     T = torch.cat([torch.eye(3, dtype=DT)[blobs.y[keep]], record["soft_labels"]])
     cfg = finetune_recipe(CFG, blobs.X.shape[0], X.shape[0])  # the "finetune" default
     expected = fit(copy.deepcopy(blobs_logreg), X, T, cfg, 0, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12
+    )
     # hard labels: the argmax of theta_+F at the aligned input
     rec_h: dict = {}
     new_h = netmend.treat(
@@ -176,7 +178,9 @@ def test_align_fine_tunes_on_retained_plus_aligned_with_soft_targets(ref, blobs,
     )
     y_all = torch.cat([blobs.y[keep], rec_h["label_after"]])
     expected_h = fit(copy.deepcopy(blobs_logreg), X, y_all, cfg, 0, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new_h), ref.flat_params(expected_h), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ref.flat_params(new_h), ref.flat_params(expected_h), rtol=1e-10, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize(
@@ -273,7 +277,9 @@ def test_relabel_changes_exactly_the_causes_theta_plus_f_disagrees_with(ref, blo
     y_new[c] = torch.where(expected_changed, pred_f[c], blobs.y[c])
     cfg = finetune_recipe(CFG, blobs.X.shape[0], blobs.X.shape[0])
     expected = fit(copy.deepcopy(blobs_logreg), blobs.X, y_new, cfg, 0, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_soft_relabel_uses_theta_plus_f_distribution(ref, blobs, blobs_logreg):
@@ -305,7 +311,9 @@ def test_soft_relabel_uses_theta_plus_f_distribution(ref, blobs, blobs_logreg):
     T[c] = probs
     cfg = finetune_recipe(CFG, blobs.X.shape[0], blobs.X.shape[0])
     expected = fit(copy.deepcopy(blobs_logreg), blobs.X, T, cfg, 0, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12
+    )
 
 
 # ----------------------------------------------------------------------------- both

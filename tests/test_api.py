@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import netmend
 from netmend import TrainConfig
 from netmend.evaluation import split_failures
-from netmend.training import fit
+from netmend.model.training import fit
 
 DT = torch.float64
 RUN = dict(progress=False, device="cpu")
@@ -158,7 +158,7 @@ def test_integer_labels_of_any_dtype(blobs, blobs_logreg):
 
 def test_float64_numpy_inputs_with_float32_model(blobs):
     torch.manual_seed(0)
-    model = netmend.models.LogisticRegression(2, 3)  # float32
+    model = netmend.lab.models.LogisticRegression(2, 3)  # float32
     fit(
         model,
         blobs.X.float(),

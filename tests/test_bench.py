@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from netmend import bench, cli
-from netmend.corrupt import apply_trigger, subgroup_mask
+from netmend import cli
 from netmend.evaluation import split_failures
-from netmend.training import fit, predict
+from netmend.lab import bench
+from netmend.lab.corrupt import apply_trigger, subgroup_mask
+from netmend.model.training import fit, predict
 from netmend.treatment.methods import finetune_recipe
 
 HAS_CLEANLAB = bench.cleanlab_available()
@@ -230,7 +231,7 @@ def test_cleanlab_is_not_imported_by_netmend():
     import subprocess
     import sys
 
-    code = "import sys, netmend, netmend.bench, netmend.cli; print('cleanlab' in sys.modules)"
+    code = "import sys, netmend, netmend.lab.bench, netmend.cli; print('cleanlab' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

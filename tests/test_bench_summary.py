@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from netmend import bench
+from netmend.lab import bench
 from netmend.treatment.methods import finetune_recipe
 
 

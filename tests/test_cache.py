@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import netmend
-import netmend.cache as nc
-from netmend.models import MLP
+import netmend.store as nc
+from netmend.data.streaming import map_chunks
+from netmend.lab.models import MLP
 
 DT = torch.float64
 RUN = dict(progress=False, device="cpu", chunk_size=16)
@@ -136,7 +137,7 @@ def test_changed_settings_are_refused_naming_the_field(tmp_path, problem, monkey
         msg = str(err.value)
         assert "another cache_dir" in msg and "overwrite_cache=True" in msg
         assert sorted(os.listdir(tmp_path)) == stored  # nothing written, nothing mixed
-    monkeypatch.setattr(netmend, "__version__", "99.0")
+    monkeypatch.setattr(netmend.store, "__version__", "99.0")
     with pytest.raises(ValueError, match="netmend_version"):
         netmend.identify(model, train, failures, k=3, cache_dir=tmp_path, **RUN)
 
@@ -207,7 +208,7 @@ def test_map_chunks_resumes_after_an_interruption(tmp_path, reduce, resume_chunk
     def fn(s):
         return (data[s].exp() * 1.7).sum(0) if reduce == "sum" else (data[s].exp() * 1.7)
 
-    straight = nc.map_chunks(23, 5, fn, **kw)
+    straight = map_chunks(23, 5, fn, **kw)
     run = nc.RunCache(tmp_path, {"k": 1}, checkpoint_seconds=0.0)
     seen: list[int] = []
 
@@ -218,7 +219,7 @@ def test_map_chunks_resumes_after_an_interruption(tmp_path, reduce, resume_chunk
         return fn(s)
 
     with run.activated("x"), pytest.raises(RuntimeError):
-        nc.map_chunks(23, 5, fails_at_4th, **kw)
+        map_chunks(23, 5, fails_at_4th, **kw)
     rerun = nc.RunCache(tmp_path, {"k": 1})
     starts: list[int] = []
 
@@ -227,7 +228,7 @@ def test_map_chunks_resumes_after_an_interruption(tmp_path, reduce, resume_chunk
         return fn(s)
 
     with rerun.activated("x"):
-        out = nc.map_chunks(23, resume_chunk, record, **kw)
+        out = map_chunks(23, resume_chunk, record, **kw)
     assert starts[0] == 15 and len(starts) == len(range(15, 23, resume_chunk))
     assert rerun.passes == [{"label": "pass.x.000.t", "skipped": 15, "computed": 8}]
     if resume_chunk == 5:
@@ -235,15 +236,15 @@ def test_map_chunks_resumes_after_an_interruption(tmp_path, reduce, resume_chunk
     else:  # another chunk size resumes at the same example; equal up to rounding
         torch.testing.assert_close(out, straight, rtol=1e-12, atol=1e-14)
     with nc.RunCache(tmp_path, {"k": 1}).activated("x"):  # finished: nothing computed
-        again = nc.map_chunks(23, 5, lambda s: pytest.fail("recomputed"), **kw)
+        again = map_chunks(23, 5, lambda s: pytest.fail("recomputed"), **kw)
     assert torch.equal(again, out)
 
 
 def test_checkpoint_with_other_inputs_is_discarded(tmp_path):
     with nc.RunCache(tmp_path, {"k": 1}).activated("x"):
-        nc.map_chunks(4, 2, lambda s: torch.ones(s.stop - s.start), fingerprint=lambda: "a")
+        map_chunks(4, 2, lambda s: torch.ones(s.stop - s.start), fingerprint=lambda: "a")
     with nc.RunCache(tmp_path, {"k": 1}).activated("x"), pytest.warns(UserWarning, match="other"):
-        out = nc.map_chunks(4, 2, lambda s: torch.zeros(s.stop - s.start), fingerprint=lambda: "b")
+        out = map_chunks(4, 2, lambda s: torch.zeros(s.stop - s.start), fingerprint=lambda: "b")
     assert torch.equal(out, torch.zeros(4))
 
 

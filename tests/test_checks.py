@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import netmend
 from netmend import TrainConfig
-from netmend._checks import as_tensors
+from netmend.data.checks import as_tensors
 
 DT = torch.float64
 RUN = dict(progress=False, device="cpu")

@@ -1,5 +1,5 @@
 """The command line: argument parsing and the atomic JSON writer (the real demo is not run:
-``netmend.demo.run`` is replaced by a stub wherever the command would reach it)."""
+``netmend.lab.demo.run`` is replaced by a stub wherever the command would reach it)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from netmend import cli, demo
-from netmend.datasets import DatasetMissingError
+from netmend import cli
+from netmend.lab import demo
+from netmend.lab.datasets import DatasetMissingError
 
 
 def test_demo_help_exits_zero(capsys):
@@ -93,7 +94,7 @@ def test_demo_command_without_mnist(monkeypatch, capsys):
 
 
 def test_demo_command_plots(fake_demo, tmp_path, monkeypatch):
-    from netmend import plots
+    from netmend.report import plots
 
     seen = []
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from netmend.corrupt import PAPER_PAIRS, pair_flips, symmetric_flips, transition_flips
+from netmend.lab.corrupt import PAPER_PAIRS, pair_flips, symmetric_flips, transition_flips
 
 N = 20000
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from netmend import corrupt
-from netmend.corrupt import (
+from netmend.lab import corrupt
+from netmend.lab.corrupt import (
     CIFAR10N_COUNTS,
     CIFAR10N_VARIANTS,
     Corruption,
@@ -28,7 +28,7 @@ from netmend.corrupt import (
     selection_bias,
     subgroup_mask,
 )
-from netmend.datasets import DatasetMissingError
+from netmend.lab.datasets import DatasetMissingError
 
 
 @pytest.fixture

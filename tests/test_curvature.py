@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from netmend.curvature import SOLVER_OPTIONS, Curvature, cg, fisher_diag_sum, solver_options
-from netmend.functional import FunctionalModel
+from netmend.model.functional import FunctionalModel
 
 DT = torch.float64
 TOL = dict(rtol=1e-10, atol=1e-12)

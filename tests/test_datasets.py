@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from netmend import datasets
-from netmend.datasets import (
+from netmend.lab import datasets
+from netmend.lab.datasets import (
     DatasetMissingError,
     load_digits,
     load_mnist,

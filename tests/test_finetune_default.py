@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import netmend
-from netmend.models import MLP
-from netmend.training import TrainConfig, fit, predict
+from netmend.lab.models import MLP
+from netmend.model.training import TrainConfig, fit, predict
 from netmend.treatment.methods import FINETUNE_MIN_STEPS, finetune_recipe
 
 RUN = dict(progress=False, device="cpu")

@@ -7,15 +7,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmend.curvature import _layer_slices, fisher_diag_sum
+from netmend.curvature import fisher_diag_sum
 from netmend.curvature import per_example_grads as hook_grads
-from netmend.functional import (
-    FunctionalModel,
-    chunks,
-    log_likelihoods,
-    summed_grad,
-)
-from netmend.models import SmallCNN
+from netmend.curvature.hooks import layer_slices
+from netmend.data.streaming import chunks
+from netmend.lab.models import SmallCNN
+from netmend.model.functional import FunctionalModel, log_likelihoods, summed_grad
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -40,7 +37,7 @@ def _models(request, name):
 def test_per_example_grads_vmap_and_hooks_match_autograd_loop(request, ref, model_name, data_name):
     model, data = _models(request, model_name), _models(request, data_name)
     fm = FunctionalModel.of(model)
-    assert _layer_slices(fm) is not None  # the hook path is really taken
+    assert layer_slices(fm) is not None  # the hook path is really taken
     expected = ref.loop_grads(model, data.X, data.y)
     vm = fm.per_example_grads(fm.theta, data.X, data.y)
     hk = hook_grads(fm, fm.theta, data.X, data.y)
@@ -89,7 +86,7 @@ def test_hooks_fall_back_to_vmap_for_other_layers(ref):
     g = torch.Generator().manual_seed(10)
     X, y = _rand(7, g)
     fm = FunctionalModel.of(model)
-    assert _layer_slices(fm) is None
+    assert layer_slices(fm) is None
     torch.testing.assert_close(hook_grads(fm, fm.theta, X, y), ref.loop_grads(model, X, y), **TOL)
 
 
@@ -117,7 +114,7 @@ def test_frozen_weight_trainable_bias(ref):
     X, y = _rand(6, g)
     fm = FunctionalModel.of(model)
     assert fm.names == ["0.bias", "2.weight", "2.bias"]
-    assert _layer_slices(fm) is None
+    assert layer_slices(fm) is None
     expected = ref.loop_grads(model, X, y)
     torch.testing.assert_close(fm.per_example_grads(fm.theta, X, y), expected, **TOL)
     torch.testing.assert_close(hook_grads(fm, fm.theta, X, y), expected, **TOL)
@@ -168,7 +165,7 @@ def test_hook_path_handles_weight_sharing(ref, cls):
         got = fisher_diag_sum(fm, fm.theta, X, y, chunk_size=cs)
         torch.testing.assert_close(got, (expected * expected).sum(0), **TOL)
     if cls is _Tied:
-        assert _layer_slices(fm) is None  # the shared Parameter is detected up front
+        assert layer_slices(fm) is None  # the shared Parameter is detected up front
     with pytest.raises(ValueError, match="hooks"):
         fisher_diag_sum(fm, fm.theta, X, y, method="hooks")
 
@@ -216,7 +213,7 @@ def test_hooks_path_without_biases(ref):
     model = nn.Sequential(nn.Linear(4, 5, bias=False), nn.Tanh(), nn.Linear(5, 3)).double()
     X, y = _rand(6, torch.Generator().manual_seed(18))
     fm = FunctionalModel.of(model)
-    assert _layer_slices(fm) is not None
+    assert layer_slices(fm) is not None
     torch.testing.assert_close(hook_grads(fm, fm.theta, X, y), ref.loop_grads(model, X, y), **TOL)
 
 

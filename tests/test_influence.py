@@ -11,11 +11,11 @@ from torch.func import jacrev
 
 import netmend
 from netmend.curvature import CURVATURE_KINDS
-from netmend.functional import FunctionalModel
 from netmend.identification import trak as trak_mod
 from netmend.identification.tracin import Checkpoints
-from netmend.models import MLP, LogisticRegression
-from netmend.training import TrainConfig, fit
+from netmend.lab.models import MLP, LogisticRegression
+from netmend.model.functional import FunctionalModel
+from netmend.model.training import TrainConfig, fit
 
 DT = torch.float64
 RUN = dict(progress=False, device="cpu", k=3)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import netmend
-from netmend.models import MLP, LogisticRegression
+from netmend.lab.models import MLP, LogisticRegression
 
 DT = torch.float64
 METHODS = [

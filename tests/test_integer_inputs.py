@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import netmend
-from netmend._checks import as_tensors
+from netmend.data.checks import as_tensors
 from netmend.identification import available as identification_methods
-from netmend.models import MLP
-from netmend.training import TrainConfig, fit, predict
+from netmend.lab.models import MLP
+from netmend.model.training import TrainConfig, fit, predict
 from netmend.treatment import available as treatments
 
 RUN = dict(progress=False, device="cpu", seed=0)

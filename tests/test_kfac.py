@@ -13,9 +13,9 @@ from torch.func import hessian, jacrev
 
 import netmend
 from netmend.curvature import Curvature
-from netmend.functional import FunctionalModel
-from netmend.kfac import KroneckerFactors, kronecker_factors
-from netmend.models import MLP
+from netmend.curvature.kfac import KroneckerFactors, kronecker_factors
+from netmend.lab.models import MLP
+from netmend.model.functional import FunctionalModel
 
 DT = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-11)
@@ -414,7 +414,7 @@ def test_subsampled_factors_are_the_rescaled_factors_of_the_subsample(mlp4, data
     """covariance_max_examples=n: A and the eigenbases are those of the n drawn rows, G is
     rescaled by N/n; correction_max_examples=m: Lambda is the correction over the m drawn rows
     (another draw) in that basis, rescaled by N/m. Checked against explicit subsets."""
-    from netmend.kfac import _subsample, eigencorrect
+    from netmend.curvature.kfac import _subsample, eigencorrect
 
     X, y = data4.X, data4.y
     N, n, m = X.shape[0], 12, 17

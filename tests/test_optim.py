@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from netmend.optim import preconditioned_ascent
+from netmend.model.optim import preconditioned_ascent
 
 DT = torch.float64
 

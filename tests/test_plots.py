@@ -3,7 +3,7 @@ import torch
 from matplotlib.image import imread
 
 from netmend.api import Culprits
-from netmend.plots import accuracy_bars, culprit_grid
+from netmend.report.plots import accuracy_bars, culprit_grid
 
 
 def test_culprit_grid_writes_one_row_per_failure(tmp_path):

@@ -12,8 +12,8 @@ from torch import nn
 
 import netmend
 from netmend import TrainConfig
-from netmend.models import MLP
-from netmend.training import fit, logits
+from netmend.lab.models import MLP
+from netmend.model.training import fit, logits
 from netmend.treatment.labels import knn_votes
 from netmend.treatment.methods import finetune_recipe
 
@@ -149,7 +149,9 @@ def test_knn_relabel_is_fit_on_the_neighbours_vote(ref, planted):
             T = torch.eye(3, dtype=DT)[p.y]
             T[p.causes] = rec["soft_labels"]
         expected = fit(copy.deepcopy(p.model), p.X, T, FT(len(p.X), len(p.X)), 0, "cpu", False)
-        torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12
+        )
     # the embedding option: flattened inputs
     rec_in: dict = {}
     _treat(p, "relabel", rec_in, neighbours=10, embed="input")
@@ -187,7 +189,9 @@ def test_min_confidence_drops_the_unsure_causes(ref, planted):
         "cpu",
         False,
     )
-    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_dropping_every_cause_is_deletion(ref, planted):
@@ -198,7 +202,9 @@ def test_dropping_every_cause_is_deletion(ref, planted):
     new = _treat(p, "relabel", rec, source="theta_plus_f", min_confidence=1.0)
     assert rec["n_dropped"] == len(p.causes)
     deleted = _treat(p, "finetune", **DELETE)
-    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(deleted), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ref.flat_params(new), ref.flat_params(deleted), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_deletion_source_asks_the_model_fine_tuned_without_the_causes(planted):

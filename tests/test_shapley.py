@@ -24,13 +24,8 @@ from netmend.identification.shapley import (
     knn_utility_from_distances,
     penultimate_embeddings,
 )
-from netmend.identification.shapley_mc import (
-    FunctionUtility,
-    KNNUtility,
-    msr_banzhaf,
-    tmc_shapley,
-)
-from netmend.models import MLP
+from netmend.identification.shapley_mc import FunctionUtility, KNNUtility, msr_banzhaf, tmc_shapley
+from netmend.lab.models import MLP
 
 DT = torch.float64
 RUN = dict(progress=False, device="cpu")

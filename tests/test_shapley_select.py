@@ -21,12 +21,7 @@ import torch
 
 import netmend
 from netmend.identification.shapley import KNNGame, knn_shapley_values, sampling_stderr
-from netmend.identification.shapley_mc import (
-    FunctionUtility,
-    KNNUtility,
-    msr_banzhaf,
-    tmc_shapley,
-)
+from netmend.identification.shapley_mc import FunctionUtility, KNNUtility, msr_banzhaf, tmc_shapley
 
 DT = torch.float64
 RUN = dict(progress=False, device="cpu")

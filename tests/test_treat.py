@@ -15,8 +15,8 @@ from torch import nn
 
 import netmend
 from netmend import TrainConfig
-from netmend.models import LogisticRegression
-from netmend.training import fit, fresh_copy
+from netmend.lab.models import LogisticRegression
+from netmend.model.training import fit, fresh_copy
 from netmend.treatment import available as treat_available
 
 DT = torch.float64
@@ -278,7 +278,9 @@ def test_finetune_is_fit_on_retained_data(ref, blobs, blobs_logreg):
     short = dataclasses.replace(cfg, epochs=steps * 16 / len(keep), average_tail=0.5)
     Xk, yk = blobs.X[keep], blobs.y[keep]
     expected = fit(copy.deepcopy(blobs_logreg), Xk, yk, short, 3, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12
+    )
     assert not torch.equal(ref.flat_params(new), ref.flat_params(blobs_logreg))
     # options override the defaults
     new2 = netmend.treat(
@@ -295,7 +297,9 @@ def test_finetune_is_fit_on_retained_data(ref, blobs, blobs_logreg):
     )
     short2 = dataclasses.replace(cfg, epochs=0.5, lr=0.01, batch_size=8, average_tail=0.5)
     expected2 = fit(copy.deepcopy(blobs_logreg), Xk, yk, short2, 3, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(new2), ref.flat_params(expected2), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ref.flat_params(new2), ref.flat_params(expected2), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_finetune_optimizer(ref, blobs, blobs_logreg):
@@ -343,7 +347,9 @@ def test_finetune_optimizer(ref, blobs, blobs_logreg):
         **RUN,
     )
     for got in (by_option, by_config):
-        torch.testing.assert_close(ref.flat_params(got), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(
+            ref.flat_params(got), ref.flat_params(expected), rtol=1e-10, atol=1e-12
+        )
     assert not torch.allclose(ref.flat_params(adam), ref.flat_params(expected), rtol=1e-6)
     with pytest.raises(ValueError, match="optimizer must be 'adam' or 'sgd'"):
         netmend.treat(
@@ -406,7 +412,9 @@ def test_retrain_starts_from_scratch(ref, blobs, blobs_logreg):
     torch.testing.assert_close(ref.flat_params(a), ref.flat_params(b), rtol=1e-10, atol=1e-12)
     keep = np.setdiff1d(np.arange(len(blobs.y)), causes)
     expected = fit(fresh_copy(blobs_logreg, 1), blobs.X[keep], blobs.y[keep], cfg, 1, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(a), ref.flat_params(expected), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ref.flat_params(a), ref.flat_params(expected), rtol=1e-10, atol=1e-12
+    )
     # model_factory builds the fresh model
     calls = []
 
@@ -427,7 +435,9 @@ def test_retrain_starts_from_scratch(ref, blobs, blobs_logreg):
     )
     assert calls == [1]
     expected_c = fit(factory(), blobs.X[keep], blobs.y[keep], cfg, 1, "cpu", False)
-    torch.testing.assert_close(ref.flat_params(c), ref.flat_params(expected_c), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ref.flat_params(c), ref.flat_params(expected_c), rtol=1e-10, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 import netmend
-from netmend import cli, validation
-from netmend.validation import LogregSolver, ground_truth, make_problem, score_quality
+from netmend import cli
+from netmend.lab import validation
+from netmend.lab.validation import LogregSolver, ground_truth, make_problem, score_quality
 
 N_TRAIN = 300
 

@@ -8,7 +8,8 @@
 :func:`repair` runs 1 and 2 in one call. The input model is never modified.
 """
 
-from .api import (
+from netmend._version import __version__
+from netmend.api import (
     DEFAULT_IDENTIFY,
     DEFAULT_TREAT,
     Culprits,
@@ -19,10 +20,8 @@ from .api import (
     repair,
     treat,
 )
-from .training import TrainConfig
-from .validation import validate
-
-__version__ = "0.1.0"
+from netmend.lab.validation import validate
+from netmend.model.training import TrainConfig
 
 __all__ = [
     "DEFAULT_IDENTIFY",

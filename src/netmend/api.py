@@ -20,20 +20,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import cache, identification, treatment
-from ._checks import (
-    DataLike,
-    as_tensors,
-    check_failures,
-    check_labels,
-    check_model,
-    num_classes_of,
-    resolve_device,
-)
-from .evaluation import FailureSplit, accuracies
-from .functional import FunctionalModel, match_dtype, param_dtype
-from .identification.base import Context
-from .training import TrainConfig
+from netmend import identification, store, treatment
+from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device
+from netmend.evaluation import FailureSplit, accuracies
+from netmend.identification.base import Context
+from netmend.identification.caching import cached_method
+from netmend.model.checks import check_failures, check_model, num_classes_of
+from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
+from netmend.model.training import TrainConfig
 
 DEFAULT_IDENTIFY = "ewc"
 DEFAULT_TREAT = "finetune"
@@ -194,7 +188,7 @@ def identify(
         chunk_size: examples per batched pass (does not change the scores).
         progress: show progress bars.
         fisher: a precomputed summed diagonal Fisher ``[P]`` (from an earlier result).
-        cache_dir: a directory in which to save this run (see :mod:`netmend.cache`): the
+        cache_dir: a directory in which to save this run (see :mod:`netmend.store`): the
             Fisher, every pass over the training set (checkpointed while it runs) and the
             scores. Rerunning with the same settings reuses them, and resumes an interrupted
             run where it stopped, with bit-for-bit the same scores. ``chunk_size``, ``device``,
@@ -228,10 +222,10 @@ def identify(
     torch.manual_seed(seed)
     run = None
     if cache_dir is not None:
-        key = cache.run_settings(work, (X, y), (Xf, yf), method, options, l2, seed, fisher)
-        run = cache.RunCache(cache_dir, key, overwrite=overwrite_cache)
-        fn = cache.cached_method(fn, run)
-    with cache.activated(run, "setup"):
+        key = store.run_settings(work, (X, y), (Xf, yf), method, options, l2, seed, fisher)
+        run = store.RunCache(cache_dir, key, overwrite=overwrite_cache)
+        fn = cached_method(fn, run)
+    with store.activated(run, "setup"):
         ctx = Context(fm, X, y, Xf, yf, dev, chunk_size, progress, seed, l2, options, fisher)
     t0 = time.perf_counter()
     out = fn(ctx)

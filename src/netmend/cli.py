@@ -7,12 +7,12 @@ import logging
 import sys
 from typing import Any
 
-from .cache import write_json_atomic
+from netmend.store import write_json_atomic
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import demo
-    from .datasets import DatasetMissingError
+    from netmend.lab import demo
+    from netmend.lab.datasets import DatasetMissingError
 
     config = demo.DemoConfig.quick_config(args.seed) if args.quick else demo.DemoConfig(args.seed)
     try:
@@ -26,7 +26,7 @@ def _demo(args: argparse.Namespace) -> int:
         write_json_atomic(args.json, result)
         print(f"\nfigures written to {args.json}")
     if args.plots:
-        from .plots import demo_plots
+        from netmend.report.plots import demo_plots
 
         for p in demo_plots(result, artifacts, args.plots):
             print(f"plot written to {p}")
@@ -34,8 +34,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from . import bench
-    from .datasets import DatasetMissingError
+    from netmend.lab import bench
+    from netmend.lab.datasets import DatasetMissingError
 
     chosen: dict[str, Any] = {
         k: tuple(v)
@@ -71,7 +71,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from . import validation
+    from netmend.lab import validation
 
     quick = args.quick
     problem = validation.make_problem(

@@ -6,7 +6,7 @@ with a function decorated by :func:`register`.
 
 from __future__ import annotations
 
-from . import (  # noqa: F401  (registers the methods)
+from netmend.identification import (  # noqa: F401  (registers the methods)
     baselines,
     ewc,
     graddot,
@@ -17,7 +17,15 @@ from . import (  # noqa: F401  (registers the methods)
     tracin,
     trak,
 )
-from .base import Context, MethodOutput, available, get, register, reproducible_k, select
+from netmend.identification.base import (
+    Context,
+    MethodOutput,
+    available,
+    get,
+    register,
+    reproducible_k,
+    select,
+)
 
 __all__ = [
     "Context",

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._registry import Registry
-from ..cache import tensor_hash
-from ..curvature import Curvature, fisher_diag_sum, per_example_grads
-from ..functional import FunctionalModel, stream, summed_grad
+from netmend._registry import Registry
+from netmend.curvature import Curvature, fisher_diag_sum, per_example_grads
+from netmend.model.functional import FunctionalModel, stream, summed_grad
+from netmend.store import tensor_hash
 
 AUTO_L2_RATIO = 1e4
 """``l2="auto"`` sets ``lambda = AUTO_L2_RATIO * mean(diag F_sum)`` (see :func:`resolve_l2`)."""
@@ -54,7 +54,7 @@ def grad_rows(
 
     ``G_chunk`` ``[B, P]`` are the per-example gradients of ``log p(y_n|x_n, theta)`` of one
     chunk of at most ``ctx.chunk_size`` examples; ``fn`` maps them to ``[B]`` or ``[B, M]``.
-    A :func:`netmend.functional.stream` pass, so it resumes inside a cached ``identify``.
+    A :func:`netmend.model.functional.stream` pass, so it resumes inside a cached ``identify``.
     """
     X = ctx.X if X is None else X
     y = ctx.y if y is None else y

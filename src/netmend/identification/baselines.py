@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..functional import log_likelihoods
-from .base import Context, MethodOutput, register
+from netmend.identification.base import Context, MethodOutput, register
+from netmend.model.functional import log_likelihoods
 
 
 @register("loss")

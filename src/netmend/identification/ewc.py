@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..functional import log_likelihoods
-from ..optim import preconditioned_ascent
-from .base import Context, MethodOutput, register
+from netmend.identification.base import Context, MethodOutput, register
+from netmend.model.functional import log_likelihoods
+from netmend.model.optim import preconditioned_ascent
 
 
 def fit_theta_plus_f(

@@ -19,9 +19,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import Context, MethodOutput, grad_rows, register
-from .influence import check_options, failure_grads, option_target, out_dtype
-from .tracin import EAGER_PER_FAILURE, per_failure_pass
+from netmend.identification.base import Context, MethodOutput, grad_rows, register
+from netmend.identification.influence import check_options, failure_grads, option_target, out_dtype
+from netmend.identification.tracin import EAGER_PER_FAILURE, per_failure_pass
 
 
 def unit_rows(G: torch.Tensor) -> torch.Tensor:

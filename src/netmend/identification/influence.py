@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..curvature import DENSE_MAX_PARAMS, Curvature, cg, per_example_grads
-from ..functional import chunks
-from .base import Context, MethodOutput, grad_rows, register
+from netmend.curvature import DENSE_MAX_PARAMS, Curvature, cg, per_example_grads
+from netmend.data.streaming import chunks
+from netmend.identification.base import Context, MethodOutput, grad_rows, register
 
 AUTO_DAMPING_RATIO = 0.1
 """``damping="auto"`` is ``AUTO_DAMPING_RATIO * mean(diag F_sum)`` (kronfluence's heuristic)."""
@@ -486,8 +486,9 @@ def influence(ctx: Context) -> MethodOutput:
             (its mean eigenvalue; kronfluence's heuristic), or a positive float. The
             identification's ``l2`` is not used: it is tuned for EWC and far too strong here.
         fisher_type, mc_samples: for "kfac"/"ekfac", which Fisher the factors estimate
-            (default: :data:`netmend.kfac.DEFAULT_FISHER_TYPE`, labels sampled from the model,
-            ``mc_samples`` 1 per example, seeded by ``seed``); see :mod:`netmend.kfac`.
+            (default: :data:`netmend.curvature.kfac.DEFAULT_FISHER_TYPE`, labels sampled from
+            the model,
+            ``mc_samples`` 1 per example, seeded by ``seed``); see :mod:`netmend.curvature.kfac`.
         covariance_max_examples, correction_max_examples: for "kfac"/"ekfac", estimate the
             factors / EK-FAC's eigenvalue correction on a seeded subsample of at most this
             many training examples (default ``None``: all), like kronfluence's

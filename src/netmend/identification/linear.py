@@ -8,7 +8,7 @@
 positive = harmful. ``A`` is the diagonal empirical Fisher (``curvature="diag"``, default),
 the full empirical Fisher / GGN / Hessian solved by conjugate gradients (``"fisher"``,
 ``"ggn"``, ``"hessian"``), or a Kronecker-factored Fisher solved exactly (``"kfac"``,
-``"ekfac"``; sampled-label Fisher by default, see :mod:`netmend.kfac`).
+``"ekfac"``; sampled-label Fisher by default, see :mod:`netmend.curvature.kfac`).
 ``g_z^T v`` for every training example comes from one forward-mode (jvp) pass.
 """
 
@@ -17,9 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..curvature import Curvature, solver_options
-from ..functional import stream
-from .base import Context, MethodOutput, register
+from netmend.curvature import Curvature, solver_options
+from netmend.identification.base import Context, MethodOutput, register
+from netmend.model.functional import stream
 
 
 def curvature_for(ctx: Context, kind: str) -> Curvature:

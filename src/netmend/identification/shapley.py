@@ -51,9 +51,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._checks import as_tensors, check_labels
-from ..functional import as_input, chunks, param_dtype
-from .base import Context, MethodOutput, register
+from netmend.data.checks import as_tensors, check_labels
+from netmend.data.streaming import chunks
+from netmend.identification.base import Context, MethodOutput, register
+from netmend.model.functional import as_input, param_dtype
 
 DEFAULT_K = 5
 """Neighbours of the KNN utility. K = 5 is the common default (scikit-learn's, Jia et al.'s

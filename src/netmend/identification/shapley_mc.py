@@ -51,9 +51,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..functional import chunks
-from .base import Context, MethodOutput, register
-from .shapley import (
+from netmend.data.streaming import chunks
+from netmend.identification.base import Context, MethodOutput, register
+from netmend.identification.shapley import (
     DEFAULT_SE_Z,
     GAME_OPTIONS,
     KNNGame,

@@ -13,7 +13,7 @@ positive = suspicious (the paper's mislabel detector).
 
 Checkpoints: pass ``checkpoints=[state_dict or nn.Module, ...]`` (same architecture as the
 model) and ``lrs`` (a number or one per checkpoint; default 1). :class:`Checkpoints` is a
-``netmend.training.fit(callback=...)`` that keeps them while training. Without checkpoints
+``netmend.model.training.fit(callback=...)`` that keeps them while training. Without checkpoints
 the final model alone is used (then TracIn equals ``grad_dot`` times ``lrs``).
 """
 
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Context, MethodOutput, grad_rows, register
-from .influence import (
+from netmend.identification.base import Context, MethodOutput, grad_rows, register
+from netmend.identification.influence import (
     check_options,
     checkpoint_lrs,
     checkpoint_thetas,

@@ -36,9 +36,14 @@ import torch
 from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
-from ..functional import chunks
-from .base import Context, MethodOutput, register
-from .influence import check_options, checkpoint_thetas, option_target, out_dtype
+from netmend.data.streaming import chunks
+from netmend.identification.base import Context, MethodOutput, register
+from netmend.identification.influence import (
+    check_options,
+    checkpoint_thetas,
+    option_target,
+    out_dtype,
+)
 
 BLOCK_ELEMENTS = 2**20
 """Entries of ``R`` generated at once (``BLOCK_ELEMENTS // k`` parameter rows per block)."""

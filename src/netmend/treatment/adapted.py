@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..functional import chunks
-from ..training import TrainConfig, fit
-from .base import TreatContext
+from netmend.data.streaming import chunks
+from netmend.model.training import TrainConfig, fit
+from netmend.treatment.base import TreatContext
 
 RECIPE_OPTIONS = ("epochs", "lr", "batch_size", "optimizer", "average_tail", "min_steps")
 """The options of "relabel"/"align" that size their fine-tune (``steps`` is not one of them:
@@ -64,8 +64,8 @@ def theta_plus_f(ctx: TreatContext) -> torch.Tensor:
             "to netmend.treat (or theta_plus_f=Identification.info['theta_plus_f'] from "
             "netmend.identify(..., method='ewc')); netmend.repair passes both"
         )
-    from ..identification.base import Context
-    from ..identification.ewc import fit_theta_plus_f
+    from netmend.identification.base import Context
+    from netmend.identification.ewc import fit_theta_plus_f
 
     Xf, yf = ctx.failures
     steps = int(ctx.options.get("fit_steps", 30))
@@ -174,7 +174,9 @@ def finetune_config(ctx: TreatContext, n_examples: int) -> TrainConfig:
     optimiser steps at the training rate, tail-averaged), overridable by
     :data:`RECIPE_OPTIONS`, so that deleting, relabelling and aligning differ in what they
     train on, not for how long."""
-    from .methods import finetune_recipe  # local: methods registers treatments on import
+    from netmend.treatment.methods import (
+        finetune_recipe,  # local: methods registers treatments on import
+    )
 
     opts = {k: ctx.options[k] for k in RECIPE_OPTIONS if k in ctx.options}
     return finetune_recipe(ctx.train_config, int(ctx.X.shape[0]), n_examples, opts)

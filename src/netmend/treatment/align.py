@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..functional import FunctionalModel, as_input, chunks
-from .adapted import (
+from netmend.data.streaming import chunks
+from netmend.model.functional import FunctionalModel, as_input
+from netmend.treatment.adapted import (
     FINETUNE_OPTIONS,
     FIT_OPTIONS,
     check_hard,
@@ -29,8 +30,13 @@ from .adapted import (
     layer_names,
     theta_plus_f,
 )
-from .base import TreatContext, register
-from .labels import LABEL_OPTIONS, check_min_confidence, check_source, label_distribution
+from netmend.treatment.base import TreatContext, register
+from netmend.treatment.labels import (
+    LABEL_OPTIONS,
+    check_min_confidence,
+    check_source,
+    label_distribution,
+)
 
 NORMS = ("linf", "l2")
 CLIPS = ("global", "feature", "none")

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._registry import Registry
-from ..curvature import fisher_diag_sum
-from ..functional import FunctionalModel
-from ..training import TrainConfig
+from netmend._registry import Registry
+from netmend.curvature import fisher_diag_sum
+from netmend.model.functional import FunctionalModel
+from netmend.model.training import TrainConfig
 
 
 @dataclass
@@ -67,7 +67,7 @@ class TreatContext:
 
     def penalty_l2(self) -> float:
         """``lambda`` as a number ("auto" is resolved against the full training-set Fisher)."""
-        from ..identification.base import resolve_l2
+        from netmend.identification.base import resolve_l2
 
         def full() -> torch.Tensor:
             if self.fisher is None:

@@ -26,11 +26,12 @@ from typing import Any
 
 import torch
 
-from ..functional import as_input, chunks
-from ..identification.shapley import embedder
-from ..training import logits
-from .adapted import finetune_layers, predictive, theta_plus_f
-from .base import TreatContext
+from netmend.data.streaming import chunks
+from netmend.identification.shapley import embedder
+from netmend.model.functional import as_input
+from netmend.model.training import logits
+from netmend.treatment.adapted import finetune_layers, predictive, theta_plus_f
+from netmend.treatment.base import TreatContext
 
 SOURCES = ("knn", "theta_plus_f", "deletion")
 """The label sources, in the order the docs list them."""

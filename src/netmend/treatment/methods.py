@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..curvature import Curvature, solver_options
-from ..functional import summed_grad
-from ..kfac import EWC_FISHER_TYPE
-from ..optim import preconditioned_ascent
-from ..training import TrainConfig, fit, fresh_copy
-from .base import TreatContext, register
+from netmend.curvature import Curvature, solver_options
+from netmend.curvature.kfac import EWC_FISHER_TYPE
+from netmend.model.functional import summed_grad
+from netmend.model.optim import preconditioned_ascent
+from netmend.model.training import TrainConfig, fit, fresh_copy
+from netmend.treatment.base import TreatContext, register
 
 FINETUNE_MIN_STEPS = 500
 """Fewest optimiser steps of a default "finetune" (see :func:`finetune_recipe`)."""
@@ -76,7 +76,7 @@ def finetune_recipe(
             ``batch_size``, ``optimizer`` (as trained), ``average_tail`` (0.5).
 
     Returns:
-        The :class:`TrainConfig` to pass to :func:`netmend.training.fit` on ``D \\ C``.
+        The :class:`TrainConfig` to pass to :func:`netmend.model.training.fit` on ``D \\ C``.
 
     Raises:
         ValueError: both ``steps`` and ``epochs`` are given, or either is not positive, or
@@ -190,7 +190,8 @@ def newton(ctx: TreatContext) -> nn.Module:
     of lambda, 0), and the solver's options (:data:`netmend.curvature.SOLVER_OPTIONS`:
     ``solver`` "auto"/"dense"/"cg", ``cg_tol``, ``cg_maxiter``; for the Kronecker kinds
     ``fisher_type``, ``mc_samples`` and the subsample sizes ``covariance_max_examples``,
-    ``correction_max_examples``; sampled-label Fisher by default, see :mod:`netmend.kfac`).
+    ``correction_max_examples``; sampled-label Fisher by default, see
+    :mod:`netmend.curvature.kfac`).
     """
     kind = str(ctx.options.get("curvature", "diag"))
     damping = ctx.penalty_l2() + float(ctx.options.get("damping", 0.0))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .adapted import (
+from netmend.treatment.adapted import (
     FINETUNE_OPTIONS,
     FIT_OPTIONS,
     check_hard,
@@ -23,8 +23,13 @@ from .adapted import (
     finetune_layers,
     layer_names,
 )
-from .base import TreatContext, register
-from .labels import LABEL_OPTIONS, check_min_confidence, check_source, label_distribution
+from netmend.treatment.base import TreatContext, register
+from netmend.treatment.labels import (
+    LABEL_OPTIONS,
+    check_min_confidence,
+    check_source,
+    label_distribution,
+)
 
 RELABEL_OPTIONS = ("hard", "temperature", *LABEL_OPTIONS, *FINETUNE_OPTIONS, *FIT_OPTIONS)
 

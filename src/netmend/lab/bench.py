@@ -1,7 +1,7 @@
 """The benchmark matrix behind ``netmend bench``: corruption suites x repair pipelines.
 
 A **suite** is ``(dataset, corruption, seed)``. For each suite the harness corrupts the
-training set (:mod:`netmend.corrupt`, which returns the ground-truth mask), trains the
+training set (:mod:`netmend.lab.corrupt`, which returns the ground-truth mask), trains the
 dataset's model recipe on it, takes the test examples the model gets wrong as the failures,
 and splits them into a query half (the only part any pipeline sees) and a held-out half
 (:func:`netmend.evaluation.split_failures`).
@@ -41,9 +41,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import api, identification, treatment
-from ._checks import resolve_device
-from .corrupt import (
+from netmend import api, identification, treatment
+from netmend.data.checks import resolve_device
+from netmend.evaluation import FailureSplit, identification_metrics, split_failures
+from netmend.lab.corrupt import (
     PAPER_PAIRS,
     Corruption,
     apply_trigger,
@@ -56,11 +57,10 @@ from .corrupt import (
     subgroup_mask,
     symmetric_flips,
 )
-from .datasets import Split, load_digits, load_fashion_mnist, load_mnist
-from .evaluation import FailureSplit, identification_metrics, split_failures
-from .models import MLP, SmallCNN
-from .training import TrainConfig, fit, logits, predict
-from .treatment.methods import finetune_recipe
+from netmend.lab.datasets import Split, load_digits, load_fashion_mnist, load_mnist
+from netmend.lab.models import MLP, SmallCNN
+from netmend.model.training import TrainConfig, fit, logits, predict
+from netmend.treatment.methods import finetune_recipe
 
 log = logging.getLogger(__name__)
 
@@ -712,7 +712,7 @@ def run(
         ``keep_artifacts``, which keeps each result's ``_artifacts`` (models, splits, causes).
         A suite whose model makes fewer than 2 failures is listed under ``skipped``.
     """
-    from .demo import machine
+    from netmend.lab.demo import machine
 
     dev = resolve_device(device)
     t0 = time.perf_counter()
@@ -987,7 +987,7 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """PNG plots: ``pr_<suite>_s<seed>.png`` per suite (precision-recall of each
     identification, dot at the selected K), ``accuracy.png`` (held-out-failure and test
     accuracy per pipeline, the original model dashed) and ``time.png`` (seconds per cell)."""
-    from .plots import _pyplot, _save
+    from netmend.report.plots import _pyplot, _save
 
     plt = _pyplot()
     out = Path(out_dir)
@@ -1062,7 +1062,7 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
 
 def write(result: dict[str, Any], out_dir: str | Path, with_plots: bool = True) -> list[Path]:
     """Write ``bench.json`` (atomically), ``bench.md`` and, with ``with_plots``, the PNGs."""
-    from .cache import write_json_atomic
+    from netmend.store import write_json_atomic
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .functional import as_input, param_dtype
+from netmend.model.functional import as_input, param_dtype
 
 
 @dataclass(frozen=True)

@@ -1,20 +1,18 @@
 """Input conversion and validation shared by every stage.
 
-Every user-facing entry point funnels its inputs through :func:`as_tensors` and
-:func:`check_model`, so a malformed input fails once, early, with a message that
+Every user-facing entry point funnels its data through :func:`as_tensors` (and its model
+through :mod:`netmend.model.checks`), so a malformed input fails once, early, with a message that
 says what to do. Validation raises :class:`ValueError` / :class:`TypeError`, never
 ``assert`` (which vanishes under ``python -O``).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any, Union
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 DataLike = Union[Dataset, DataLoader, Sequence[Any]]  # noqa: UP007 (a runtime alias)
@@ -47,7 +45,7 @@ def as_tensors(
     Returns:
         ``X`` with shape ``[N, ...]`` and ``y`` with shape ``[N]`` (int64). Floating inputs
         keep their dtype; integer inputs (e.g. ``uint8`` images) too, and are converted to the
-        model's dtype one chunk at a time (:func:`netmend.functional.as_input`), so netmend
+        model's dtype one chunk at a time (:func:`netmend.model.functional.as_input`), so netmend
         never holds a floating copy of the whole set (4x the memory of ``uint8``). Either way
         the model sees ``x.to(its dtype)``: no rescaling is applied.
 
@@ -55,9 +53,8 @@ def as_tensors(
         ValueError: mismatched lengths, NaN/inf inputs, non-integer labels, empty data.
         TypeError: an unsupported container.
     """
-    from .datasets import Split
-
-    if isinstance(data, Split):
+    if hasattr(data, "X") and hasattr(data, "y") and not isinstance(data, Dataset):
+        # a split of the experiment kit (netmend.lab.datasets.Split) or any object with X and y
         return as_tensors((data.X, data.y), name=name, allow_empty=allow_empty)
     if isinstance(data, DataLoader):
         if not isinstance(data.sampler, SequentialSampler):
@@ -142,66 +139,6 @@ def check_labels(y: torch.Tensor, num_classes: int, name: str) -> None:
             f"{name}: labels must lie in [0, {num_classes}) for a model with {num_classes} "
             f"outputs; found labels in [{int(y.min())}, {int(y.max())}]"
         )
-
-
-_STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.AlphaDropout)
-
-
-def check_model(model: nn.Module) -> None:
-    """Raise if ``model`` would give different outputs on two passes over the same data.
-
-    A model in train mode with dropout or BatchNorm changes its outputs (and, for BatchNorm,
-    its running statistics) at every call, which makes scores meaningless.
-    """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
-    if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("model has no trainable parameters (requires_grad=True): nothing to score")
-    stochastic = [n for n, m in model.named_modules() if isinstance(m, _STOCHASTIC) and m.training]
-    if stochastic:
-        raise ValueError(
-            f"model is in train mode with dropout/BatchNorm layers ({', '.join(stochastic[:3])}); "
-            "their outputs change between passes. Call model.eval() before netmend."
-        )
-
-
-def num_classes_of(model: nn.Module, X: torch.Tensor, device: torch.device) -> int:
-    """Number of outputs of ``model`` (its logits' last dimension) on one input."""
-    from .functional import as_input, param_dtype
-
-    with torch.no_grad():
-        out = model(as_input(X[:1].to(device), param_dtype(model)))
-    if out.ndim != 2:
-        raise ValueError(
-            f"model output must be logits of shape [batch, classes]; got shape {tuple(out.shape)}"
-        )
-    return int(out.shape[1])
-
-
-def check_failures(
-    model: nn.Module, Xf: torch.Tensor, yf: torch.Tensor, device: torch.device, batch_size: int
-) -> torch.Tensor:
-    """Check that the failures are failures; return a boolean mask of the ones the model gets wrong.
-
-    Raises:
-        ValueError: the model already classifies every "failure" correctly.
-    """
-    from .training import predict  # local: training imports this module
-
-    pred = predict(model, Xf, device=device, batch_size=batch_size)
-    wrong = pred != yf
-    if not bool(wrong.any()):
-        raise ValueError(
-            "the model already classifies every example of the failure set correctly: there is "
-            "nothing to repair. Pass inputs the model gets wrong, with their correct labels."
-        )
-    if not bool(wrong.all()):
-        warnings.warn(
-            f"{int((~wrong).sum())} of {len(yf)} failure examples are already classified "
-            "correctly; they are kept (they still say what the model should do).",
-            stacklevel=3,
-        )
-    return wrong
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -14,8 +14,9 @@ A :class:`Curvature` is the damped operator ``A = C_sum + damping * I`` with
 * ``"ggn"``: the generalised Gauss-Newton ``sum_n J_n^T H_n J_n`` (the true Fisher of the
   model's predictive distribution; equal to the Hessian for a linear softmax model);
 * ``"kfac"``, ``"ekfac"``: Kronecker-factored approximations of a Fisher, block diagonal per
-  Linear/Conv2d layer (see :mod:`netmend.kfac`, which also says which Fisher, ``fisher_type``,
-  and why); products and damped solves are exact for the approximation (in its eigenbasis);
+  Linear/Conv2d layer (see :mod:`netmend.curvature.kfac`, which also says which Fisher,
+  ``fisher_type``, and why); products and damped solves are exact for the approximation (in
+  its eigenbasis);
 * ``"hessian"``: the exact Hessian of the summed negative log-likelihood
   ``-sum_n log p(y_n|x_n, theta)``, by forward-over-reverse Hessian-vector products
   (``torch.func``), solved by conjugate gradients. Away from a minimum (and often at a
@@ -36,11 +37,13 @@ import torch
 from torch import nn
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from .cache import map_chunks, tensor_hash
-from .functional import FunctionalModel, chunks
+from netmend.curvature.hooks import HookFallback, hook_pass, layer_slices
+from netmend.data.streaming import chunks, map_chunks
+from netmend.model.functional import FunctionalModel
+from netmend.store import tensor_hash
 
 if TYPE_CHECKING:
-    from .kfac import KroneckerFactors
+    from netmend.curvature.kfac import KroneckerFactors
 
 CurvatureKind = Literal["diag", "fisher", "ggn", "kfac", "ekfac", "hessian"]
 CURVATURE_KINDS: tuple[str, ...] = ("diag", "fisher", "ggn", "kfac", "ekfac", "hessian")
@@ -48,138 +51,6 @@ CURVATURE_KINDS: tuple[str, ...] = ("diag", "fisher", "ggn", "kfac", "ekfac", "h
 DENSE_MAX_PARAMS = 4096
 """Solves of "fisher", "ggn" and "hessian" build the dense ``[P, P]`` matrix and factorise it
 when ``P`` is at most this (one pass instead of one per CG iteration and right-hand side)."""
-
-
-def _layer_slices(fm: FunctionalModel) -> dict[str, dict[str, slice]] | None:
-    """For each Linear/Conv2d module, where its weight and bias sit in the flat vector.
-
-    Returns ``None`` when some trainable parameter belongs to another kind of layer (or a
-    Conv2d with groups/non-zero padding mode), in which case the generic vmap path is used.
-    """
-    modules = dict(fm.module.named_modules())
-    owners = [n for n, _ in fm.module.named_parameters(remove_duplicate=False)]
-    if len(owners) != len(list(fm.module.parameters())):
-        return None  # a parameter shared by two modules: only vmap sums its gradients right
-    out: dict[str, dict[str, slice]] = {}
-    i = 0
-    for name, shape in zip(fm.names, fm.shapes):
-        k = shape.numel()
-        mod_name, _, leaf = name.rpartition(".")
-        m = modules.get(mod_name)
-        ok = isinstance(m, nn.Linear) or (
-            isinstance(m, nn.Conv2d)
-            and m.groups == 1
-            and m.padding_mode == "zeros"
-            and not isinstance(m.padding, str)
-        )
-        if not ok or leaf not in ("weight", "bias"):
-            return None
-        out.setdefault(mod_name, {})[leaf] = slice(i, i + k)
-        i += k
-    if any("weight" not in sl for sl in out.values()):
-        return None  # a frozen weight with a trainable bias
-    return out
-
-
-class _HookFallback(Exception):
-    """The hook path cannot serve this model (a layer ran twice in one forward)."""
-
-
-def _hook_forward(
-    fm: FunctionalModel,
-    theta: torch.Tensor,
-    x: torch.Tensor,
-    layers: dict[str, dict[str, slice]],
-) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One forward over a chunk with hooks: the logits ``[B, C]``, each layer's input and output.
-
-    The outputs stay in the autograd graph (``theta`` is made a leaf that requires grad), so
-    :func:`_hook_deltas` can pull any cotangent of the logits back to them, as many times as
-    needed, without a second forward.
-    """
-    modules = dict(fm.module.named_modules())
-    inputs: dict[str, torch.Tensor] = {}
-    outputs: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in layers:
-
-        def hook(mod: nn.Module, inp: tuple, out: torch.Tensor, name: str = name) -> None:
-            if name in outputs:
-                raise _HookFallback(name)
-            inputs[name] = inp[0].detach()
-            outputs[name] = out
-
-        handles.append(modules[name].register_forward_hook(hook))
-    try:
-        logits = fm.logits(theta.detach().requires_grad_(True), x)
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, inputs, outputs
-
-
-def _hook_deltas(
-    logits: torch.Tensor,
-    outputs: dict[str, torch.Tensor],
-    names: list[str],
-    cotangent: torch.Tensor,
-    retain_graph: bool = False,
-) -> list[torch.Tensor]:
-    """Gradients of ``sum(cotangent * logits)`` w.r.t. each layer's output (zeros if unused).
-
-    With ``cotangent = onehot(y) - softmax(logits)`` these are the output gradients of
-    ``log p(y_n|x_n)``, one row per example.
-    """
-    deltas = torch.autograd.grad(
-        logits, [outputs[n] for n in names], cotangent, retain_graph=retain_graph, allow_unused=True
-    )
-    return [
-        (torch.zeros_like(outputs[n]) if d is None else d).detach() for n, d in zip(names, deltas)
-    ]
-
-
-def _unfold_input(m: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
-    """Patches of a Conv2d input, ``[B, in*kh*kw, L]`` (the order of ``weight.view(out, -1)``)."""
-    return torch.nn.functional.unfold(
-        a,
-        m.kernel_size,
-        dilation=m.dilation,
-        padding=m.padding,  # type: ignore[arg-type]  # str padding excluded by _layer_slices
-        stride=m.stride,
-    )
-
-
-def _hook_pass(
-    fm: FunctionalModel,
-    theta: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    layers: dict[str, dict[str, slice]],
-) -> list[tuple[nn.Module, dict[str, slice], torch.Tensor, torch.Tensor]]:
-    """One forward/backward over a chunk; per layer its input ``a`` and output gradient ``d``.
-
-    Convolution inputs are returned unfolded (``a`` ``[B, in*k*k, L]``, ``d`` ``[B, out, L]``)
-    and linear layers on extra positions flattened to ``[B, S, in]``/``[B, S, out]``, so that
-    the per-example weight gradient of ``log p(y_n|x_n)`` is ``d_n a_n^T`` in every case.
-    """
-    modules = dict(fm.module.named_modules())
-    logits, inputs, outputs = _hook_forward(fm, theta, x, layers)
-    ll = -torch.nn.functional.cross_entropy(logits, y, reduction="none")
-    names = list(layers)
-    deltas = torch.autograd.grad(ll.sum(), [outputs[n] for n in names], allow_unused=True)
-    out = []
-    for name, d in zip(names, deltas):
-        m, a = modules[name], inputs[name]
-        if d is None:
-            d = torch.zeros_like(outputs[name])
-        if isinstance(m, nn.Conv2d):
-            a = _unfold_input(m, a)
-            d = d.reshape(d.shape[0], d.shape[1], -1)
-        elif a.ndim > 2:
-            a = a.reshape(a.shape[0], -1, a.shape[-1])
-            d = d.reshape(d.shape[0], -1, d.shape[-1])
-        out.append((m, layers[name], a, d.detach()))
-    return out
 
 
 def _sq_grads_by_hooks(
@@ -195,7 +66,7 @@ def _sq_grads_by_hooks(
     squares is ``(d**2)^T (a**2)``: one matmul, no per-example gradient is formed.
     """
     total = torch.zeros_like(theta)
-    for m, sl, a, d in _hook_pass(fm, theta, x, y, layers):
+    for m, sl, a, d in hook_pass(fm, theta, x, y, layers):
         if isinstance(m, nn.Linear) and a.ndim == 2:
             total[sl["weight"]] = ((d * d).T @ (a * a)).reshape(-1)
             if "bias" in sl:
@@ -227,13 +98,13 @@ def per_example_grads(
     Uses layer hooks (one batched backward plus a per-layer product) when every trainable
     parameter sits in a Linear/Conv2d layer, and ``torch.func.vmap`` otherwise.
     """
-    layers = _layer_slices(fm)
+    layers = layer_slices(fm)
     if layers is None:
         return fm.per_example_grads(theta, x, y).detach()
     G = torch.zeros(x.shape[0], theta.numel(), dtype=theta.dtype, device=theta.device)
     try:
-        passes = _hook_pass(fm, theta, x, y, layers)
-    except _HookFallback:
+        passes = hook_pass(fm, theta, x, y, layers)
+    except HookFallback:
         return fm.per_example_grads(theta, x, y).detach()
     for m, sl, a, d in passes:
         gw, gb = _layer_grads(m, a, d)
@@ -267,7 +138,7 @@ def fisher_diag_sum(
     """
     device = torch.device(device)
     theta = theta.to(device)
-    layers = _layer_slices(fm) if method in ("auto", "hooks") else None
+    layers = layer_slices(fm) if method in ("auto", "hooks") else None
     if method == "hooks" and layers is None:
         raise ValueError("method='hooks' needs every trainable parameter in a Linear/Conv2d layer")
     if layers is None:
@@ -279,14 +150,14 @@ def fisher_diag_sum(
         if state["layers"] is not None:
             try:
                 return _sq_grads_by_hooks(fm, theta, x, t, state["layers"])
-            except _HookFallback:
+            except HookFallback:
                 if method == "hooks":
                     raise ValueError("method='hooks' cannot serve a layer called twice") from None
                 state["layers"] = None
         g = fm.per_example_grads(theta, x, t)
         return (g * g).sum(0)
 
-    # resumable inside identify(..., cache_dir=...): see netmend.cache.map_chunks
+    # resumable inside identify(..., cache_dir=...): see netmend.data.streaming.map_chunks
     total = map_chunks(
         X.shape[0],
         chunk_size,
@@ -438,13 +309,15 @@ class Curvature:
             :func:`dense_curvature`, one pass, Cholesky; raises if not positive definite) or
             "cg" (conjugate gradients, one pass per iteration).
         fisher_type: for "kfac"/"ekfac": "empirical", "sampled" or "exact" (``None``: the
-            default of :mod:`netmend.kfac`, "sampled").
+            default of :mod:`netmend.curvature.kfac`, "sampled").
         mc_samples, seed: sampled labels per example and their seed (``fisher_type="sampled"``).
-        factors: for "kfac"/"ekfac", precomputed :class:`netmend.kfac.KroneckerFactors` (e.g.
-            loaded from a cache; computed when not given).
+        factors: for "kfac"/"ekfac", precomputed
+            :class:`netmend.curvature.kfac.KroneckerFactors` (e.g. loaded from a cache; computed
+            when not given).
         covariance_max_examples, correction_max_examples: for "kfac"/"ekfac", estimate the
             Kronecker factors / EK-FAC's eigenvalue correction on a seeded subsample of at most
-            this many examples (``None``: all; see :func:`netmend.kfac.kronecker_factors`).
+            this many examples (``None``: all; see
+            :func:`netmend.curvature.kfac.kronecker_factors`).
     """
 
     kind: str
@@ -483,7 +356,7 @@ class Curvature:
                 self.fm, self.theta, self.X, self.y, self.chunk_size, self.device, self.progress
             )
         if self.kind in ("kfac", "ekfac"):
-            from .kfac import DEFAULT_FISHER_TYPE, kronecker_factors
+            from netmend.curvature.kfac import DEFAULT_FISHER_TYPE, kronecker_factors
 
             if self.factors is None:
                 self.factors = kronecker_factors(

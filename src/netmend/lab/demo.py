@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import api
-from .corrupt import pair_flips
-from .curvature import fisher_diag_sum
-from .datasets import Split, load_mnist
-from .evaluation import FailureSplit, accuracies, identification_metrics, split_failures
-from .functional import FunctionalModel
-from .models import SmallCNN
-from .training import TrainConfig, fit
+from netmend import api
+from netmend.curvature import fisher_diag_sum
+from netmend.evaluation import FailureSplit, accuracies, identification_metrics, split_failures
+from netmend.lab.corrupt import pair_flips
+from netmend.lab.datasets import Split, load_mnist
+from netmend.lab.models import SmallCNN
+from netmend.model.functional import FunctionalModel
+from netmend.model.training import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ cross-entropy); gradients are of ``ll`` (not of the loss) unless a name says ``l
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
-from .cache import map_chunks, tensor_hash
+from netmend.data.streaming import chunks, map_chunks
+from netmend.store import tensor_hash
 
 
 def as_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -119,12 +120,6 @@ class FunctionalModel:
         return pull(u)[0].detach()
 
 
-def chunks(n: int, size: int) -> Iterator[slice]:
-    """Consecutive slices of ``range(n)`` of at most ``size`` elements."""
-    for i in range(0, n, size):
-        yield slice(i, min(i + size, n))
-
-
 def stream(
     X: torch.Tensor,
     y: torch.Tensor,
@@ -138,7 +133,7 @@ def stream(
     """Apply ``fn(x_chunk, y_chunk) -> [b, ...]`` over the data in chunks; concatenate on CPU.
 
     Resumable: inside ``netmend.identify(..., cache_dir=...)`` the completed chunks are
-    checkpointed and a rerun skips them (see :func:`netmend.cache.map_chunks`, which also
+    checkpointed and a rerun skips them (see :func:`netmend.data.streaming.map_chunks`, which also
     explains ``fingerprint``, an optional name of ``fn``'s other inputs).
     """
 

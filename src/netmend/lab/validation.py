@@ -46,10 +46,11 @@ from torch import nn
 from torch.func import vmap
 from tqdm.auto import tqdm
 
-from .corrupt import symmetric_flips
-from .evaluation import identification_metrics, split_failures
-from .functional import FunctionalModel, chunks
-from .models import MLP, LogisticRegression
+from netmend.data.streaming import chunks
+from netmend.evaluation import identification_metrics, split_failures
+from netmend.lab.corrupt import symmetric_flips
+from netmend.lab.models import MLP, LogisticRegression
+from netmend.model.functional import FunctionalModel
 
 DT = torch.float64
 DATASETS = ("digits",)
@@ -67,7 +68,7 @@ class LogregSolver:
     """Exact, batched refits of L2-regularised multinomial logistic regression.
 
     Parameters are held as ``T [B, C, D+1]`` (row ``c`` = weight row and bias of class ``c``),
-    i.e. the flat vector of :class:`~netmend.models.LogisticRegression` is
+    i.e. the flat vector of :class:`~netmend.lab.models.LogisticRegression` is
     ``[W.flatten(), b]`` = ``T[:, :, :D].flatten(), T[:, :, D]``. Each refit ``b`` minimises
     ``sum_n W[b, n] CE_n(T_b) + (l2/2)||T_b||^2`` (the bias is penalised too).
 
@@ -488,7 +489,7 @@ def make_problem(
         raise ValueError(f"unknown model {model!r}; choose one of {MODELS}")
     if not 0 <= flip_rate < 1:
         raise ValueError(f"flip_rate must lie in [0, 1); got {flip_rate}")
-    from .datasets import load_digits
+    from netmend.lab.datasets import load_digits
 
     train, test = load_digits(seed=seed)
     X, y_clean = train.X.to(DT), train.y
@@ -883,7 +884,7 @@ def validate(
         ``counterfactual`` (the random reference and reference removals: the corrupted
         examples and, when every LOO effect was measured, the top-k by actual LOO effect).
     """
-    from . import api, identification
+    from netmend import api, identification
 
     if problem is None:
         problem = make_problem(seed=seed)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .api import Culprits
+from netmend.api import Culprits
 
 
 def _pyplot() -> Any:
@@ -97,7 +97,7 @@ def accuracy_bars(result: dict[str, Any], path: str | Path) -> Path:
     """Grouped bars: test, held-out-failure and correct-set accuracy for each pipeline.
 
     Args:
-        result: a demo result (``runs`` and ``references``, see :func:`netmend.demo.run`).
+        result: a demo result (``runs`` and ``references``, see :func:`netmend.lab.demo.run`).
         path: PNG file to write.
     """
     plt = _pyplot()
@@ -142,7 +142,7 @@ def demo_plots(
     ident, train = artifacts["identification"], artifacts["train"]
     rows = np.arange(min(8, len(split.query)))
     fx, fy = test.X[split.query[rows]], test.y[split.query[rows]]
-    from .training import predict
+    from netmend.model.training import predict
 
     pred = predict(artifacts["model"], fx.to(next(artifacts["model"].parameters()).device))
     culprits = [ident.culprits(int(i), 6) for i in rows]

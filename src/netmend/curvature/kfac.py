@@ -80,8 +80,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .curvature import _hook_deltas, _hook_forward, _HookFallback, _unfold_input
-from .functional import FunctionalModel, chunks
+from netmend.curvature.hooks import HookFallback, hook_deltas, hook_forward, unfold_input
+from netmend.data.streaming import chunks
+from netmend.model.functional import FunctionalModel
 
 KRONECKER_KINDS: tuple[str, ...] = ("kfac", "ekfac")
 FISHER_TYPES: tuple[str, ...] = ("empirical", "sampled", "exact")
@@ -382,7 +383,7 @@ class KroneckerFactors:
 def _canonical_a(m: nn.Module, a: torch.Tensor, has_bias: bool) -> torch.Tensor:
     """A layer's input as ``[B, in', L]`` (conv patches / positions last, bias column appended)."""
     if isinstance(m, nn.Conv2d):
-        a = _unfold_input(m, a)
+        a = unfold_input(m, a)
     elif a.ndim == 2:
         a = a[:, :, None]
     else:
@@ -562,8 +563,8 @@ def _passes(
         s = c if index is None else index[c]
         x, t = X[s].to(device), y[s].to(device)
         try:
-            logits, inputs, outputs = _hook_forward(fm, theta, x, {n: {} for n in names})
-        except _HookFallback as exc:
+            logits, inputs, outputs = hook_forward(fm, theta, x, {n: {} for n in names})
+        except HookFallback as exc:
             raise ValueError(
                 f"layer {exc.args[0]!r} is called more than once per forward (weight sharing): "
                 f"KFAC cannot serve it; {_HINT}"
@@ -573,7 +574,7 @@ def _passes(
             raise ValueError(f"layer {missing[0]!r} is not used by the model's forward; {_HINT}")
         cots = _cotangents(logits, t, fisher_type, None if uniforms is None else uniforms[s])
         ds = [
-            _hook_deltas(logits, outputs, names, c, retain_graph=k < len(cots) - 1)
+            hook_deltas(logits, outputs, names, c, retain_graph=k < len(cots) - 1)
             for k, c in enumerate(cots)
         ]
         del logits, outputs

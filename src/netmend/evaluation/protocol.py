@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from .training import predict
+from netmend.model.training import predict
 
 
 @dataclass(frozen=True)

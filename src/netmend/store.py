@@ -24,8 +24,8 @@ the new one. One process at a time may use a directory (there is no lock).
 
 How a method opts in to resuming
 --------------------------------
-Nothing to do for methods that go through :func:`netmend.functional.stream`,
-:func:`netmend.functional.log_likelihoods` or :func:`netmend.curvature.fisher_diag_sum`:
+Nothing to do for methods that go through :func:`netmend.model.functional.stream`,
+:func:`netmend.model.functional.log_likelihoods` or :func:`netmend.curvature.fisher_diag_sum`:
 while ``identify`` runs with a ``cache_dir``, these passes checkpoint themselves. A method
 with its own loop over the training set replaces it by one call to :func:`map_chunks`::
 
@@ -52,21 +52,17 @@ import math
 import os
 import re
 import tempfile
-import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-if TYPE_CHECKING:
-    from .identification.base import Context, MethodOutput
+from netmend._version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +159,6 @@ def run_settings(
         method, options, l2, seed: as passed to :func:`netmend.identify`.
         fisher: a precomputed Fisher passed by the user, if any.
     """
-    from . import __version__
-
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     return {
         "format": FORMAT_VERSION,
@@ -371,72 +365,6 @@ class RunCache:
             "passes": [dict(p) for p in self.passes],
         }
 
-    # -- method calls
-
-    def call_method(
-        self, name: str, fn: Callable[[Context], MethodOutput], ctx: Context
-    ) -> MethodOutput:
-        """``fn(ctx)`` with its passes checkpointed under ``name``; stored result if finished.
-
-        The result record holds the scores, the tensors and arrays of ``info``, its JSON-able
-        rest (other values are not kept), and ``ctx.fisher``. Per-failure scores (lazy) are
-        saved the first time they are computed.
-        """
-        from .identification.base import MethodOutput
-
-        record = f"result.{name}"
-        if self.has(record):
-            tensors, meta = self.load(record)
-            self.results_reused.append(name)
-            if ctx.fisher is None and "fisher" in tensors:
-                ctx.fisher = tensors["fisher"].to(ctx.device)
-            info = dict(meta.get("info", {}))
-            info.update({k[5:]: v for k, v in tensors.items() if k.startswith("info.")})
-            info.update({k[8:]: v.numpy() for k, v in tensors.items() if k.startswith("info_np.")})
-            per_failure = None
-            if meta.get("per_failure"):
-                # rerun the method in its own scope: its finished passes are read back
-                per_failure = self._per_failure(name, lambda: fn(ctx).per_failure, name)
-            return MethodOutput(tensors["scores"].numpy(), per_failure, info)
-        with self.activated(name):
-            out = fn(ctx)
-        tensors = {"scores": torch.as_tensor(np.asarray(out.scores, dtype=np.float64))}
-        if ctx.fisher is not None:
-            tensors["fisher"] = ctx.fisher
-        info_json: dict[str, Any] = {}
-        for k, v in out.info.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"info.{k}"] = v
-            elif isinstance(v, np.ndarray) and v.dtype != object:
-                tensors[f"info_np.{k}"] = torch.from_numpy(np.ascontiguousarray(v))
-            elif _is_json(v):
-                info_json[k] = v
-        self.save(record, tensors, {"info": info_json, "per_failure": out.per_failure is not None})
-        pf = out.per_failure
-        per_failure = None
-        if pf is not None:
-            per_failure = self._per_failure(name, lambda: pf, f"{name}.per_failure")
-        return MethodOutput(out.scores, per_failure, out.info)
-
-    def _per_failure(
-        self,
-        name: str,
-        source: Callable[[], np.ndarray | Callable[[], np.ndarray] | None],
-        scope: str,
-    ) -> Callable[[], np.ndarray]:
-        record = f"per_failure.{name}"
-
-        def compute() -> np.ndarray:
-            if self.has(record):
-                return self.load(record)[0]["scores"].numpy()
-            with self.activated(scope):
-                pf = source()
-                arr = np.asarray(pf() if callable(pf) else pf)
-            self.save(record, {"scores": torch.from_numpy(np.ascontiguousarray(arr))})
-            return arr
-
-        return compute
-
     @contextlib.contextmanager
     def activated(self, scope: str) -> Iterator[RunCache]:
         """Make this cache the active one (for :func:`map_chunks`) under ``scope``."""
@@ -445,14 +373,6 @@ class RunCache:
             yield self
         finally:
             _ACTIVE.reset(token)
-
-
-def _is_json(v: Any) -> bool:
-    try:
-        json.dumps(v)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 @contextlib.contextmanager
@@ -468,175 +388,3 @@ def activated(run: RunCache | None, scope: str) -> Iterator[RunCache | None]:
 def active() -> tuple[RunCache, str] | None:
     """The active cache and scope, or ``None`` (no ``cache_dir`` run in progress)."""
     return _ACTIVE.get()
-
-
-def cached_method(
-    fn: Callable[[Context], MethodOutput], run: RunCache | None
-) -> Callable[[Context], MethodOutput]:
-    """``fn`` whose successive calls are stored as ``call0``, ``call1``, ... in ``run``.
-
-    ``identify`` calls the method on all the query failures first, then (for the automatic
-    ``k``) on each half; the call number tells the calls apart. With ``run`` ``None``: ``fn``.
-    """
-    if run is None:
-        return fn
-    calls = [0]
-
-    def wrapped(ctx: Context) -> MethodOutput:
-        name = f"call{calls[0]}"
-        calls[0] += 1
-        return run.call_method(name, fn, ctx)
-
-    return wrapped
-
-
-# ----------------------------------------------------------------------------- resumable passes
-
-
-def map_chunks(
-    n: int,
-    chunk_size: int,
-    fn: Callable[[slice], torch.Tensor],
-    *,
-    desc: str = "",
-    reduce: Literal["cat", "sum"] = "cat",
-    init: torch.Tensor | None = None,
-    progress: bool = False,
-    fingerprint: Callable[[], str] | None = None,
-) -> torch.Tensor:
-    """Run ``fn`` over the slices ``[i, i + chunk_size)`` of ``range(n)``; resumable.
-
-    Args:
-        n: number of examples.
-        chunk_size: examples per call of ``fn``.
-        fn: ``slice -> [b, ...]`` (for ``reduce="cat"``) or a tensor to add up (``"sum"``).
-        desc: a short name of the pass (progress bar, checkpoint label).
-        reduce: "cat": concatenate the outputs on the CPU along dim 0 (``[n, ...]``);
-            "sum": ``init + sum of the outputs``, accumulated in chunk order.
-        init: the starting value of a "sum" (required for it; e.g. zeros ``[P]``).
-        progress: show a progress bar.
-        fingerprint: a string naming the pass's inputs (e.g. ``tensor_hash(theta)``), called
-            only when a cache is active; a checkpoint with another fingerprint is discarded.
-
-    Returns:
-        The concatenation ``[n, ...]`` (CPU) or the sum (on ``fn``'s device).
-
-    With no active cache (see :class:`RunCache`) this is a plain loop. Within an
-    ``identify(..., cache_dir=...)`` run, the completed chunks are saved every
-    :data:`CHECKPOINT_SECONDS` (and every :data:`CHECKPOINT_CHUNKS` chunks, if set) and when
-    the pass ends; a rerun starts after the last saved chunk, so its result is bit-for-bit
-    that of an uninterrupted pass with the same ``chunk_size``.
-    """
-    if reduce not in ("cat", "sum"):
-        raise ValueError(f"reduce must be 'cat' or 'sum'; got {reduce!r}")
-    if reduce == "sum" and init is None:
-        raise ValueError("reduce='sum' needs init (the value the sum starts from)")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    current = active()
-    run, label, fp = None, "", ""
-    done = 0
-    # "cat": one [n, ...] buffer filled chunk by chunk. Keeping the chunks' small outputs alive
-    # in a list between the passes' large transient buffers fragments the heap: glibc could
-    # then not give back 20-200 MiB after a 60k-example pass (benchmarks/memory.py).
-    buf: torch.Tensor | None = None
-
-    def put(start: int, t: torch.Tensor) -> None:
-        nonlocal buf
-        if buf is None:
-            buf = torch.empty((n, *t.shape[1:]), dtype=t.dtype)
-        buf[start : start + t.shape[0]] = t
-
-    acc = init.clone() if init is not None else None
-    if current is not None:
-        run, scope = current
-        label = run.next_label(scope, desc)
-        fp = fingerprint() if fingerprint is not None else ""
-        resumed = _resume(run, label, n, reduce, fp)
-        if resumed is not None:
-            done, value, complete = resumed
-            run.passes.append({"label": label, "skipped": done, "computed": n - done})
-            if complete:
-                return value.to(acc.device) if acc is not None else value
-            if reduce == "cat":
-                put(0, value)
-            else:
-                acc = value.to(acc.device if acc is not None else value.device)
-        else:
-            run.passes.append({"label": label, "skipped": 0, "computed": n})
-    starts = range(done, n, chunk_size)
-    last, since = time.monotonic(), 0
-    bar = tqdm(
-        total=math.ceil(n / chunk_size),
-        initial=math.ceil(done / chunk_size),
-        desc=desc,
-        disable=not progress,
-        leave=False,
-    )
-    with bar:
-        for i in starts:
-            r = fn(slice(i, min(i + chunk_size, n)))
-            if reduce == "cat":
-                put(i, r.detach().cpu())
-            else:
-                assert acc is not None  # checked above (internal invariant)
-                acc += r.detach().to(acc.device)
-            bar.update(1)
-            if run is None:
-                continue
-            since += 1
-            end = min(i + chunk_size, n)
-            due = time.monotonic() - last >= run.checkpoint_seconds or (
-                run.checkpoint_chunks is not None and since >= run.checkpoint_chunks
-            )
-            if due and end < n:
-                part = [buf[:end]] if buf is not None else []
-                _save_pass(run, label, n, end, chunk_size, reduce, fp, part, acc, False)
-                last, since = time.monotonic(), 0
-    out = (buf if buf is not None else torch.empty(0)) if reduce == "cat" else acc
-    assert out is not None
-    if run is not None:
-        _save_pass(run, label, n, n, chunk_size, reduce, fp, [out], out, True)
-    return out
-
-
-def _save_pass(
-    run: RunCache,
-    label: str,
-    n: int,
-    done: int,
-    chunk_size: int,
-    reduce: str,
-    fp: str,
-    parts: list[torch.Tensor],
-    acc: torch.Tensor | None,
-    complete: bool,
-) -> None:
-    value = parts[0] if reduce == "cat" else acc
-    assert value is not None
-    meta = {
-        "n": n,
-        "done": done,
-        "chunk_size": chunk_size,
-        "reduce": reduce,
-        "fingerprint": fp,
-        "complete": complete,
-    }
-    run.save(label, {"value": value}, meta)
-    log.debug("checkpointed %s: %d/%d examples", label, done, n)
-
-
-def _resume(
-    run: RunCache, label: str, n: int, reduce: str, fp: str
-) -> tuple[int, torch.Tensor, bool] | None:
-    if not run.has(label):
-        return None
-    tensors, meta = run.load(label)
-    if meta.get("n") != n or meta.get("reduce") != reduce or meta.get("fingerprint") != fp:
-        warnings.warn(
-            f"checkpoint {label} in {run.path} was made with other inputs "
-            f"(n={meta.get('n')}, fingerprint={meta.get('fingerprint')!r}); recomputing it",
-            stacklevel=3,
-        )
-        return None
-    return int(meta["done"]), tensors["value"], bool(meta["complete"])

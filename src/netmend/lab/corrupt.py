@@ -246,7 +246,7 @@ def cifar10n_counts_from_package() -> dict[str, np.ndarray]:
     Raises:
         DatasetMissingError: the package is not installed (the message names the command).
     """
-    from .datasets import DatasetMissingError, _NumpyOnlyUnpickler
+    from netmend.lab.datasets import DatasetMissingError, _NumpyOnlyUnpickler
 
     spec = importlib.util.find_spec("noisy_cifar")
     locations = list(spec.submodule_search_locations or []) if spec is not None else []

@@ -1,0 +1,1 @@
+"""The model layer: a functional view of the user's model, its checks, training and ascent."""

@@ -1,0 +1,1 @@
+"""Reports: plots of accuracies and culprit grids."""
