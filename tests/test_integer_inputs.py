@@ -1,7 +1,8 @@
-"""Integer inputs (e.g. uint8 images) are kept integer and converted chunk by chunk.
+"""Integer inputs (e.g. uint8 images) reach the model as they are.
 
-netmend must give exactly the results it gives on ``X.to(model dtype)`` for every
-identification method and treatment, without ever holding a floating copy of the whole set.
+The reference MLP converts integer pixels itself, so netmend must give exactly the results it
+gives on ``X.to(model dtype)`` for every identification method and treatment, without ever
+holding a floating copy of the whole set.
 """
 
 from __future__ import annotations
@@ -87,3 +88,31 @@ def test_shapley_on_raw_integer_inputs(task, method):
     a = netmend.identify(model, (X, y), (Xf, yf), method, **kw)
     b = netmend.identify(model, (X.float(), y), (Xf.float(), yf), method, **kw)
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-7)
+
+
+def test_token_ids_reach_an_embedding_model_as_integers():
+    """An ``nn.EmbeddingBag`` classifier over int64 token ids: netmend never casts them."""
+    from torch import nn
+
+    class BagOfWords(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.EmbeddingBag(20, 4, mode="mean")
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.is_floating_point():
+                raise TypeError("token ids were cast to floats")
+            return self.out(self.emb(x))
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randint(0, 20, (60, 5), generator=g)
+    y = (X[:, 0] % 3).long()
+    torch.manual_seed(0)
+    model = fit(BagOfWords().double(), X, y, TrainConfig(epochs=20, lr=5e-2), 0, progress=False)
+    Xt = torch.randint(0, 20, (40, 5), generator=g)
+    yt = (Xt[:, 0] % 3 + 1).long() % 3  # labels the model gets wrong
+    wrong = predict(model, Xt) != yt
+    res = netmend.identify(model, (X, y), (Xt[wrong], yt[wrong]), method="grad_dot", k=5, **RUN)
+    assert res.scores.shape == (60,) and np.isfinite(res.scores).all()
+    assert len(set(res.causes.tolist())) == 5

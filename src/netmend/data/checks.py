@@ -44,10 +44,9 @@ def as_tensors(
 
     Returns:
         ``X`` with shape ``[N, ...]`` and ``y`` with shape ``[N]`` (int64). Floating inputs
-        keep their dtype; integer inputs (e.g. ``uint8`` images) too, and are converted to the
-        model's dtype one chunk at a time (:func:`netmend.model.functional.as_input`), so netmend
-        never holds a floating copy of the whole set (4x the memory of ``uint8``). Either way
-        the model sees ``x.to(its dtype)``: no rescaling is applied.
+        keep their dtype; integer inputs (token ids, ``uint8`` images) too, and reach the model
+        as they are: converting or scaling them is the model's business (netmend never casts
+        token ids to floats, and never holds a floating copy of the whole set).
 
     Raises:
         ValueError: mismatched lengths, NaN/inf inputs, non-integer labels, empty data.

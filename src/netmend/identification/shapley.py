@@ -542,12 +542,12 @@ def build_game(ctx: Context) -> KNNGame:
             classes = int(ctx.fm.logits(ctx.theta, ctx.X[:1].to(ctx.device)).shape[-1])
         check_labels(yv, classes, "valid")
         if Xv.dtype != Xt.dtype:  # e.g. uint8 failures, float valid: both as the model's dtype
-            Xt, Xv = as_input(Xt, ctx.theta.dtype), as_input(Xv, ctx.theta.dtype)
+            Xt, Xv = Xt.to(ctx.theta.dtype), Xv.to(ctx.theta.dtype)
         Xt = torch.cat([Xt, Xv.to(Xt.dtype)])
         yt = torch.cat([yt, yv.to(ctx.yq.dtype)])
         weights = np.concatenate([weights, np.full(Xv.shape[0], valid_weight / Xv.shape[0])])
-    E = as_input(embed(ctx.X), ctx.theta.dtype)  # cdist needs floats
-    Et = as_input(embed(Xt), ctx.theta.dtype)
+    E = embed(ctx.X).to(ctx.theta.dtype)  # cdist needs floats
+    Et = embed(Xt).to(ctx.theta.dtype)
     if E.shape[0] != ctx.N or Et.shape[1] != E.shape[1]:
         raise ValueError("embed must map every input batch [B, ...] to features [B, D]")
     y, yt, exclude = ctx.y.cpu(), yt.cpu(), None

@@ -10,6 +10,15 @@ import torch
 from torch import nn
 
 
+def _as_float(x: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """Integer pixels (e.g. ``uint8``, unscaled) in ``model``'s dtype; floating inputs unchanged.
+
+    The reference models take the data sets of :mod:`netmend.lab.datasets` as they are stored
+    (integers, 4x smaller than floats); netmend itself passes inputs to a model unchanged.
+    """
+    return x if x.is_floating_point() else x.to(next(model.parameters()).dtype)
+
+
 class SmallCNN(nn.Module):
     """Two 5x5 conv layers and two linear layers for 28x28 grey images (about 47k weights).
 
@@ -38,7 +47,7 @@ class SmallCNN(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.reshape(x.shape[0], 1, self.side, self.side)
+        x = _as_float(x, self).reshape(x.shape[0], 1, self.side, self.side)
         return self.head(self.features(x))
 
 
@@ -56,7 +65,7 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return self.net(_as_float(x, self))
 
 
 class LogisticRegression(nn.Module):
@@ -67,4 +76,4 @@ class LogisticRegression(nn.Module):
         self.linear = nn.Linear(in_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(x.reshape(x.shape[0], -1))
+        return self.linear(_as_float(x, self).reshape(x.shape[0], -1))

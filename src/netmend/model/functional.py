@@ -22,10 +22,15 @@ from netmend.store import tensor_hash
 
 
 def as_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A chunk of inputs ready for the model: integer inputs (netmend keeps integer data such
-    as ``uint8`` images as they are, 4x smaller than a float copy) become ``dtype``; floating
-    inputs are returned unchanged."""
-    return x if x.is_floating_point() else x.to(dtype)
+    """A chunk of inputs as the model receives it: unchanged.
+
+    Integer inputs (token ids for an ``nn.Embedding``, ``uint8`` pixels) reach the model as
+    the user's data holds them: converting or scaling them is the model's (or the task's)
+    business, never a silent cast (``netmend.lab.models`` convert integer pixels themselves).
+    ``dtype`` is kept for callers that align floating inputs; it is not applied here.
+    """
+    del dtype
+    return x
 
 
 def param_dtype(model: nn.Module) -> torch.dtype:

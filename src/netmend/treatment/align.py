@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from netmend.data.streaming import chunks
-from netmend.model.functional import FunctionalModel, as_input
+from netmend.model.functional import FunctionalModel
 from netmend.treatment.adapted import (
     FINETUNE_OPTIONS,
     FIT_OPTIONS,
@@ -146,7 +146,7 @@ def align_inputs(
     hi_d = None if hi is None else hi.to(device)
     outs, traces = [], []
     for s in chunks(X0.shape[0], chunk_size):
-        x0 = as_input(X0[s].to(device), theta.dtype)  # integer inputs align as floats
+        x0 = X0[s].to(device, theta.dtype)  # alignment moves inputs in a continuous space
         x = x0.clone()
         with torch.no_grad():
             e = energy(fm, theta, x)
@@ -187,15 +187,12 @@ def input_range(
 def auto_eps(X: torch.Tensor, norm: str, chunk_size: int = 4096) -> float:
     """``AUTO_EPS_FRACTION`` times the mean ``norm``-distance of training inputs to their mean."""
     mean = sum(
-        (
-            as_input(X[s], torch.float64).sum(0, keepdim=True)
-            for s in chunks(X.shape[0], chunk_size)
-        ),
+        (X[s].to(torch.float64).sum(0, keepdim=True) for s in chunks(X.shape[0], chunk_size)),
         torch.zeros((1, *X.shape[1:]), dtype=torch.float64),
     ) / max(X.shape[0], 1)
     total = 0.0
     for s in chunks(X.shape[0], chunk_size):
-        total += float(_norm(as_input(X[s], torch.float64) - mean, norm).sum())
+        total += float(_norm(X[s].to(torch.float64) - mean, norm).sum())
     return AUTO_EPS_FRACTION * total / max(X.shape[0], 1)
 
 
@@ -284,7 +281,7 @@ def align(ctx: TreatContext) -> nn.Module:
     dropped = confidence < min_confidence
     used = ~dropped
     keep = ctx.keep
-    X_all = torch.cat([as_input(ctx.X[keep], aligned.dtype), aligned[used]])
+    X_all = torch.cat([ctx.X[keep].to(aligned.dtype), aligned[used]])
     targets: torch.Tensor
     if hard:
         targets = torch.cat([ctx.y[keep], new_hard[used]])
@@ -292,7 +289,7 @@ def align(ctx: TreatContext) -> nn.Module:
         onehot = torch.nn.functional.one_hot(ctx.y[keep], classes).to(probs.dtype)
         targets = torch.cat([onehot, probs[used]])
     model = finetune_layers(ctx, X_all, targets, layers, "align")
-    moved = aligned - as_input(Xc, aligned.dtype)
+    moved = aligned - Xc.to(aligned.dtype)
     ctx.record.update(
         causes=ctx.causes.clone(),
         l2_moved=_norm(moved, "l2"),

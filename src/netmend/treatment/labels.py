@@ -28,7 +28,6 @@ import torch
 
 from netmend.data.streaming import chunks
 from netmend.identification.shapley import embedder
-from netmend.model.functional import as_input
 from netmend.model.training import logits
 from netmend.treatment.adapted import finetune_layers, predictive, theta_plus_f
 from netmend.treatment.base import TreatContext
@@ -83,14 +82,14 @@ def knn_votes(
     out = []
     for s in chunks(rows.numel(), chunk_size):
         r = rows[s].to(device)
-        q = as_input(E[rows[s]].to(device), dtype)
+        q = E[rows[s]].to(device, dtype)  # distances need floats
         best_d = torch.empty(r.numel(), 0, dtype=dtype, device=device)
         best_i = torch.empty(r.numel(), 0, dtype=torch.long, device=device)
         for t in chunks(n, chunk_size):
             cols = torch.arange(t.start, t.stop, device=device)
             # exact differences, not the matmul expansion: a distance must not depend on the
             # block it was computed in, or near-ties would depend on ``chunk_size``
-            e = as_input(E[t].to(device), dtype)
+            e = E[t].to(device, dtype)
             d = torch.cdist(q, e, compute_mode="donot_use_mm_for_euclid_dist")
             d = d.masked_fill(r[:, None] == cols[None, :], float("inf"))
             # candidates: the best so far (sorted by distance, then index) and this block
