@@ -1,4 +1,5 @@
-"""Render benchmarks/demo_seeds.json as the markdown tables quoted in README.md.
+"""Render benchmarks/demo_seeds.json as markdown tables (demo_seeds.md; benchmarks/README.md
+through make_readme.py, without the mean row, which is derived rather than stored).
 
 Usage: .venv/bin/python benchmarks/render.py [benchmarks/demo_seeds.json] > benchmarks/demo_seeds.md
 """
@@ -15,7 +16,7 @@ def pct(v: float) -> str:
     return f"{100 * v:.2f}"
 
 
-def render(data: dict) -> str:
+def render(data: dict, mean_row: bool = True) -> str:
     seeds = data["seeds"]
     s = data["summary"]
     out = []
@@ -57,6 +58,8 @@ def render(data: dict) -> str:
             f"{c['fisher_over_epoch']:.2f} | {c['demo_seconds']:.0f} |"
         )
     t = s["targets"]
+    if not mean_row:
+        return "\n".join(out)
     out.append(
         f"| mean | {np.mean([c['gap_closed'] for c in t]):.2f} | "
         f"{np.mean([c['correct_drop_points'] for c in t]):.2f} | "

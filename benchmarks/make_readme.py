@@ -1,0 +1,391 @@
+"""Render the tables of benchmarks/README.md (and README.md's headline) from the benchmark JSON.
+
+Every table in benchmarks/README.md, and the headline table of README.md, sits between a
+pair of markers
+
+    <!-- BEGIN make_readme: NAME (benchmarks/a.json, ...) -->
+    <!-- END make_readme: NAME -->
+
+and is rewritten here from the JSON files the BEGIN marker names; nothing between markers is
+typed by hand. The tables quote only numbers stored in those files (rounded), never figures
+derived from them, so that ``tests/test_benchmarks_readme.py`` can check both that the file is
+up to date and that every number in a table appears in the JSON it cites.
+
+Usage: .venv/bin/python benchmarks/make_readme.py           # rewrite both READMEs' tables
+       .venv/bin/python benchmarks/make_readme.py --check   # exit 1 if one is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+README = HERE / "README.md"
+FILES = (README, ROOT / "README.md")  # the landing page quotes one headline table
+sys.path.insert(0, str(HERE))
+
+from render import render as render_demo  # noqa: E402
+
+MARKER = re.compile(
+    r"<!-- BEGIN make_readme: (?P<name>[\w-]+) \((?P<files>[^)]*)\) -->\n"
+    r"(?P<body>.*?)"
+    r"<!-- END make_readme: (?P=name) -->",
+    flags=re.S,
+)
+
+
+def load(rel: str) -> Any:
+    with open(ROOT / rel) as f:
+        return json.load(f)
+
+
+def f3(v: Any, fmt: str = "{:.3f}") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return fmt.format(v)
+
+
+def rows(header: list[str], body: list[list[str]], align: str = "---") -> str:
+    sep = "|" + "|".join(["---"] + [align] * (len(header) - 1)) + "|"
+    out = ["| " + " | ".join(header) + " |", sep]
+    out += ["| " + " | ".join(r) + " |" for r in body]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- the tables
+
+
+def demo_seeds(data: dict[str, Any]) -> str:
+    return render_demo(data, mean_row=False)
+
+
+def headline(data: dict[str, Any]) -> str:
+    """The default pipeline next to its controls: random removal with the same fine-tune, the
+    model before repair, retraining on D minus the causes, and the clean-label oracle."""
+    s = data["summary"]
+    runs, refs = s["runs_mean"], s["references_mean"]
+    body = []
+    for name, label in (
+        ("ewc/finetune", "**netmend default** (`ewc/finetune`)"),
+        ("random/finetune", "control: remove as many *random* examples, same fine-tune"),
+    ):
+        r = runs[name]
+        body.append(
+            [label, f"{r['precision']:.3f}", f"{100 * r['heldout_failure_acc']:.1f}"]
+            + [f"{100 * r['test_acc']:.2f}", f"{100 * r['correct_acc']:.2f}"]
+        )
+    for name, label in (
+        ("original", "reference: the model before repair"),
+        ("retrain", "reference: retrain from scratch without the causes"),
+        ("oracle_clean", "reference: retrain on the clean labels (oracle)"),
+    ):
+        r = refs[name]
+        body.append(
+            [label, "", f"{100 * r['heldout_failure_acc']:.1f}"]
+            + [f"{100 * r['test_acc']:.2f}", f"{100 * r['correct_acc']:.2f}"]
+        )
+    head = ["pipeline", "cause precision", "held-out failures fixed (%)", "test acc (%)"]
+    head += ["already-right kept (%)"]
+    return rows(head, body)
+
+
+def fisher_timing(d: dict[str, Any]) -> str:
+    return rows(
+        ["", f"seconds ({d['train_examples']} MNIST, SmallCNN)", "/ training epoch"],
+        [
+            ["one training epoch (Adam, batch 128)", f"{d['train_epoch_s']:.1f}", "1"],
+            [
+                "diagonal Fisher, layer hooks (default)",
+                f"{d['fisher_hooks_s']:.1f}",
+                f"{d['fisher_hooks_over_epoch']:.2f}",
+            ],
+            [
+                "diagonal Fisher, `torch.func.vmap`",
+                f"{d['fisher_vmap_s']:.1f}",
+                f"{d['fisher_vmap_over_epoch']:.2f}",
+            ],
+            ["largest relative difference, hooks vs vmap", "", f"{d[_MAXREL]:.1e}"],
+        ],
+    )
+
+
+_MAXREL = "max_relative_difference_hooks_vs_vmap"
+
+
+def _validate(run: dict[str, Any]) -> str:
+    body = []
+    for label, e in run["methods"].items():
+        if "error" in e:
+            body.append([label, f"error: {e['error'][:80]}"] + [""] * 7)
+            continue
+        cf = e.get("counterfactual", {})
+        body.append(
+            [
+                label,
+                f3(e["spearman_loo"]),
+                f3(e["lds"]),
+                f3(e["precision_at_k"]),
+                f3(e["auroc"]),
+                f3(e["culprit_precision_at_5"]),
+                f3(cf.get("delta_heldout_acc_vs_random"), "{:+.3f}"),
+                f3(e["seconds"], "{:.2f}"),
+                f3(e.get("per_failure_seconds"), "{:.2f}"),
+            ]
+        )
+    refs = run.get("references", {})
+    cfr = run["counterfactual"]["references"]
+    if "loo_oracle" in refs:
+        r = refs["loo_oracle"]
+        d = cfr.get("ref:loo_topk", {}).get("delta_heldout_acc_vs_random")
+        body.append(
+            ["*oracle: actual leave-one-out*"]
+            + [f3(r[k]) for k in ("spearman_loo", "lds", "precision_at_k", "auroc")]
+            + [f3(r["culprit_precision_at_5"]), f3(d, "{:+.3f}"), "–", "–"]
+        )
+    c = cfr["ref:corrupted"]
+    body.append(
+        ["*remove all corrupted*", "–", "–", "–", "–", "–"]
+        + [f3(c["delta_heldout_acc_vs_random"], "{:+.3f}"), "–", "–"]
+    )
+    body.append(
+        ["*random removal (Δ vs original)*", "–", "–", "–", "–", "–"]
+        + [f3(run["counterfactual"]["random"]["heldout_acc"]["mean"], "{:+.3f}"), "–", "–"]
+    )
+    head = ["method", "Spearman LOO", "LDS", "precision@K", "AUROC", "culprit precision@5"]
+    head += ["counterfactual Δ held-out acc vs random", "identify s", "per-failure s"]
+    return rows(head, body, "---:")
+
+
+def validate_logreg(d: dict[str, Any]) -> str:
+    return _validate(d["runs"]["logreg"])
+
+
+def validate_mlp(d: dict[str, Any]) -> str:
+    return _validate(d["runs"]["mlp"])
+
+
+def validate_setup(d: dict[str, Any]) -> str:
+    body = []
+    for name, run in d["runs"].items():
+        p, g = run["problem"], run["ground_truth"]
+        body.append(
+            [
+                name,
+                str(p["train"]),
+                str(p["corrupted"]),
+                f"{p['query_failures']} / {p['heldout_failures']}",
+                str(p["params"]),
+                f"{p['l2']:g}",
+                str(g["n_loo"]),
+                str(g["n_subsets"]),
+                f"{g['loo_abs_median']:.3g}",
+                f"{g['noise_floor']:.2g}",
+                f"{g['noise_floor_over_median_loo']:.2g}",
+                f"{g['seconds']['loo']:.1f}",
+                f"{run['k']}",
+                f"{run['seconds_total']:.0f}",
+            ]
+        )
+    head = ["model", "train", "corrupted", "query / held-out failures", "parameters", "L2"]
+    head += ["LOO refits", "LDS subsets", "median abs LOO effect", "noise floor"]
+    head += ["noise floor / median", "LOO seconds", "counterfactual K", "total seconds"]
+    return rows(head, body)
+
+
+def peers_methods(d: dict[str, Any]) -> str:
+    body = []
+    for m in d["methods"]:
+        if " seed " in m["method"]:  # the TRAK projection-seed repeats: table peers_trak
+            continue
+        fault = "; ".join(m.get("faults") or []) or m.get("error", "")
+        if "spearman_loo" not in m:
+            body.append([m["method"], m["library"]] + ["–"] * 8 + [fault[:100]])
+            continue
+        body.append(
+            [
+                m["method"],
+                f"{m['library']} {m.get('version', '')}".strip(),
+                f3(m["seconds"], "{:.2f}"),
+                f3(m.get("scores_seconds"), "{:.2f}"),
+            ]
+            + [f3(m[k]) for k in ("spearman_loo", "lds", "lds_summed", "precision_at_k")]
+            + [f3(m["auroc"]), f3(m["culprit_precision_at_5"]), fault[:100]]
+        )
+    head = ["method", "library", "seconds", "summed-only s", "Spearman LOO", "LDS"]
+    head += ["LDS summed", "precision@K", "AUROC", "culprit P@5", "faults"]
+    return rows(head, body)
+
+
+def peers_ratios(d: dict[str, Any]) -> str:
+    body = [
+        [r["netmend"], r["peer"]]
+        + [f3(r[k]) for k in ("spearman_loo", "lds", "precision_at_k", "culprit_precision_at_5")]
+        + [f3(r["speedup"], "{:.2f}"), f3(r["speedup_vs_summed_only"], "{:.2f}")]
+        + ["yes" if r["meets_quality"] else "NO", "yes" if r["meets_speed"] else "NO"]
+        for r in d["ratios"]
+    ]
+    head = ["netmend", "peer", "Spearman", "LDS", "precision@K", "culprit P@5", "speedup"]
+    head += ["speedup vs summed-only", "quality ok", "speed ok"]
+    return rows(head, body)
+
+
+def peers_trak(d: dict[str, Any]) -> str:
+    t = d["trak_over_projection_seeds"]
+    body = [
+        [
+            lib,
+            f"{t[lib]['spearman_loo']['mean']:.3f} ± {t[lib]['spearman_loo']['se']:.3f}",
+            f"{t[lib]['lds']['mean']:.3f} ± {t[lib]['lds']['se']:.3f}",
+        ]
+        for lib in ("netmend", "dattri")
+    ]
+    return rows(["TRAK, 5 projection seeds", "Spearman LOO (mean ± s.e.)", "LDS"], body)
+
+
+def ekfac_timing(d: dict[str, Any]) -> str:
+    body = [
+        [
+            f"{c['covariance_examples']} / {c['correction_examples']}",
+            f"{c['cpu_seconds']:.1f}",
+            f"{c['over_epoch']:.2f}",
+            f"{c['seconds']:.1f}",
+            f"{c['spearman_vs_full']:.3f}",
+            f"{c['solve_relative_error_vs_full']:.3f}",
+        ]
+        for c in d["configs"].values()
+    ]
+    body.append(["one training epoch", f"{d['train_epoch_cpu_s']:.1f}", "1", "", "", ""])
+    head = ["covariance / correction examples", "CPU s", "/ epoch (CPU)", "wall s"]
+    head += ["Spearman vs full", "solve rel. error"]
+    return rows(head, body)
+
+
+def memory(d: dict[str, Any]) -> str:
+    body = []
+    for key, s in d["summary"].items():
+        peaks = [", ".join(f"{v:.0f}" for v in s["peaks_mib"][n]) for n in s["peaks_mib"]]
+        body.append(
+            [key.replace("/", ", ")]
+            + peaks
+            + [
+                f"{s['peak_ratio_60k_over_10k']:.2f}",
+                f"{s['peak_ratio_worst']:.2f}",
+                f"{s['increment_ratio_60k_over_10k']:.2f}",
+            ]
+        )
+    sizes = list(next(iter(d["summary"].values()))["peaks_mib"])
+    head = ["method, storage"] + [f"peak MiB at {n}" for n in sizes]
+    head += ["peak 60k / 10k (median)", "worst pair", "netmend's increment 60k / 10k"]
+    return rows(head, body)
+
+
+ALIGN_FILES = (
+    "align_vs_delete.json",
+    "align_vs_delete_k1.5.json",
+    "align_vs_delete_epochs3.json",
+    "align_vs_delete_k1.5_epochs3.json",
+    "align_vs_delete_long.json",
+    "align_vs_delete_k1.5_long.json",
+    "align_vs_delete_long_30seeds.json",
+    "align_vs_delete_k1.5_long_30seeds.json",
+)
+
+
+def align_vs_delete(files: list[dict[str, Any]]) -> str:
+    body = []
+    for d in files:
+        setting = (
+            f"K = {d['k_factor']:g}×, {d['epochs']:g} epochs, lr {d['lr']:g}, "
+            f"{len(d['seeds'])} seeds"
+        )
+        diff = d["heldout_failure_acc_minus_delete"]
+        for name, m in d["mean"].items():
+            x = diff.get(name)
+            body.append(
+                [
+                    setting,
+                    f"`{name}`",
+                    f"{m['test_acc']:.3f}",
+                    f"{m['heldout_failure_acc']:.3f}",
+                    f"{m['correct_acc']:.3f}",
+                    f"{x['mean']:+.3f} ± {x['se']:.3f} ({x['wins']}/{x['losses']})" if x else "",
+                ]
+            )
+            setting = ""
+    head = ["setting", "treatment", "test", "held-out failures", "correct set"]
+    head += ["held-out − delete ± s.e. (seeds better/worse)"]
+    return rows(head, body)
+
+
+TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
+    "headline": (("benchmarks/demo_seeds.json",), headline),
+    "demo_seeds": (("benchmarks/demo_seeds.json",), demo_seeds),
+    "fisher_timing": (("benchmarks/fisher_timing.json",), fisher_timing),
+    "validate_setup": (("benchmarks/validate.json",), validate_setup),
+    "validate_logreg": (("benchmarks/validate.json",), validate_logreg),
+    "validate_mlp": (("benchmarks/validate.json",), validate_mlp),
+    "peers_methods": (("benchmarks/peers.json",), peers_methods),
+    "peers_ratios": (("benchmarks/peers.json",), peers_ratios),
+    "peers_trak": (("benchmarks/peers.json",), peers_trak),
+    "ekfac_timing": (("benchmarks/ekfac_timing.json",), ekfac_timing),
+    "memory": (("benchmarks/memory.json",), memory),
+    "align_vs_delete": (tuple(f"benchmarks/{f}" for f in ALIGN_FILES), align_vs_delete),
+}
+
+
+def render_table(name: str) -> str:
+    files, fn = TABLES[name]
+    data = [load(f) for f in files]
+    return fn(data) if fn is align_vs_delete else fn(data[0])
+
+
+def rewrite(text: str) -> str:
+    """``text`` with every marked block re-rendered; unknown names or files raise."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m["name"]
+        if name not in TABLES:
+            raise ValueError(f"a README names an unknown table {name!r}")
+        files = ", ".join(TABLES[name][0])
+        if m["files"] != files:
+            raise ValueError(f"table {name!r} must cite ({files}); it cites ({m['files']})")
+        return (
+            f"<!-- BEGIN make_readme: {name} ({files}) -->\n"
+            f"{render_table(name)}\n"
+            f"<!-- END make_readme: {name} -->"
+        )
+
+    return MARKER.sub(sub, text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if a README is out of date")
+    args = ap.parse_args()
+    stale = []
+    for path in FILES:
+        old = path.read_text()
+        new = rewrite(old)
+        if new == old:
+            continue
+        stale.append(path)
+        if not args.check:
+            tmp = path.with_suffix(".md.tmp")
+            tmp.write_text(new)
+            tmp.replace(path)  # atomic
+    if args.check and stale:
+        print(f"out of date: {[str(p.relative_to(ROOT)) for p in stale]}; run make_readme.py")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
