@@ -121,47 +121,9 @@ _MAXREL = "max_relative_difference_hooks_vs_vmap"
 
 
 def _validate(run: dict[str, Any]) -> str:
-    body = []
-    for label, e in run["methods"].items():
-        if "error" in e:
-            body.append([label, f"error: {e['error'][:80]}"] + [""] * 7)
-            continue
-        cf = e.get("counterfactual", {})
-        body.append(
-            [
-                label,
-                f3(e["spearman_loo"]),
-                f3(e["lds"]),
-                f3(e["precision_at_k"]),
-                f3(e["auroc"]),
-                f3(e["culprit_precision_at_5"]),
-                f3(cf.get("delta_heldout_acc_vs_random"), "{:+.3f}"),
-                f3(e["seconds"], "{:.2f}"),
-                f3(e.get("per_failure_seconds"), "{:.2f}"),
-            ]
-        )
-    refs = run.get("references", {})
-    cfr = run["counterfactual"]["references"]
-    if "loo_oracle" in refs:
-        r = refs["loo_oracle"]
-        d = cfr.get("ref:loo_topk", {}).get("delta_heldout_acc_vs_random")
-        body.append(
-            ["*oracle: actual leave-one-out*"]
-            + [f3(r[k]) for k in ("spearman_loo", "lds", "precision_at_k", "auroc")]
-            + [f3(r["culprit_precision_at_5"]), f3(d, "{:+.3f}"), "–", "–"]
-        )
-    c = cfr["ref:corrupted"]
-    body.append(
-        ["*remove all corrupted*", "–", "–", "–", "–", "–"]
-        + [f3(c["delta_heldout_acc_vs_random"], "{:+.3f}"), "–", "–"]
-    )
-    body.append(
-        ["*random removal (Δ vs original)*", "–", "–", "–", "–", "–"]
-        + [f3(run["counterfactual"]["random"]["heldout_acc"]["mean"], "{:+.3f}"), "–", "–"]
-    )
-    head = ["method", "Spearman LOO", "LDS", "precision@K", "AUROC", "culprit precision@5"]
-    head += ["counterfactual Δ held-out acc vs random", "identify s", "per-failure s"]
-    return rows(head, body, "---:")
+    from netmend.lab.validation import table
+
+    return table(run, stored_only=True)
 
 
 def validate_logreg(d: dict[str, Any]) -> str:

@@ -47,26 +47,39 @@ TABLE_COLUMNS = (
 )
 
 
-def table(report: dict[str, Any]) -> str:
-    """The report as a markdown table (one row per method, then the references)."""
+def table(report: dict[str, Any], *, stored_only: bool = False) -> str:
+    """The report as a markdown table (one row per method, then the references).
+
+    Args:
+        report: a :func:`~netmend.lab.validation.harness.validate` report (or its JSON).
+        stored_only: quote only figures stored in the report, so that each can be found in its
+            JSON (benchmarks/make_readme.py): the scoring and per-failure seconds in two
+            columns instead of their sum, and the random removal's own change as a last row.
+    """
 
     def f(v: Any, fmt: str = "{:.3f}") -> str:
         return "–" if v is None or (isinstance(v, float) and v != v) else fmt.format(v)
 
+    cols = TABLE_COLUMNS[:-1] + (("identify s", "per-failure s") if stored_only else ("seconds",))
     lines = [
-        "| " + " | ".join(TABLE_COLUMNS) + " |",
-        "|" + "|".join(["---"] + ["---:"] * (len(TABLE_COLUMNS) - 1)) + "|",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|",
     ]
+    blank = " – |" * (len(cols) - len(TABLE_COLUMNS) + 1)
     for label, e in report["methods"].items():
         if "error" in e:
-            lines.append(f"| {label} | error: {e['error'][:80]} |" + " |" * 6)
+            lines.append(f"| {label} | error: {e['error'][:80]} |" + " |" * (len(cols) - 2))
             continue
         cf = e.get("counterfactual", {})
-        secs = e["seconds"] + (e.get("per_failure_seconds") or 0.0)
+        pf = e.get("per_failure_seconds")
+        if stored_only:
+            secs = f"{f(e['seconds'], '{:.2f}')} | {f(pf, '{:.2f}')}"
+        else:
+            secs = f(e["seconds"] + (pf or 0.0), "{:.2f}")
         lines.append(
             f"| {label} | {f(e['spearman_loo'])} | {f(e['lds'])} | {f(e['precision_at_k'])} | "
             f"{f(e['auroc'])} | {f(e['culprit_precision_at_5'])} | "
-            f"{f(cf.get('delta_heldout_acc_vs_random'), '{:+.3f}')} | {f(secs, '{:.2f}')} |"
+            f"{f(cf.get('delta_heldout_acc_vs_random'), '{:+.3f}')} | {secs} |"
         )
     refs = report.get("references", {})
     cfr = report["counterfactual"]["references"]
@@ -76,11 +89,17 @@ def table(report: dict[str, Any]) -> str:
         lines.append(
             f"| *oracle: actual LOO* | {f(r['spearman_loo'])} | {f(r['lds'])} | "
             f"{f(r['precision_at_k'])} | {f(r['auroc'])} | {f(r['culprit_precision_at_5'])} | "
-            f"{f(d, '{:+.3f}')} | – |"
+            f"{f(d, '{:+.3f}')} |{blank}"
         )
     c = cfr["ref:corrupted"]
     lines.append(
         f"| *remove all {c['removed']} corrupted* | – | – | 1.000 | 1.000 | – | "
-        f"{f(c['delta_heldout_acc_vs_random'], '{:+.3f}')} | – |"
+        f"{f(c['delta_heldout_acc_vs_random'], '{:+.3f}')} |{blank}"
     )
+    if stored_only:
+        rnd = report["counterfactual"]["random"]["heldout_acc"]["mean"]
+        lines.append(
+            f"| *remove {c['removed']} at random (Δ vs original)* | – | – | – | – | – | "
+            f"{f(rnd, '{:+.3f}')} |{blank}"
+        )
     return "\n".join(lines)
