@@ -171,6 +171,17 @@ def test_validate_report_and_errors(problem, gt):
     assert rep["references"]["loo_oracle"]["spearman_loo"] == pytest.approx(1.0)
     json.dumps(rep)  # JSON-ready
     assert "| loss |" in validation.table(rep)
+    # stored_only quotes the scoring and per-failure seconds apart (each is in the JSON) and
+    # the random removal's own change, where the default table sums the seconds
+    summed = validation.table(rep).splitlines()
+    apart = validation.table(rep, stored_only=True).splitlines()
+    row = next(r for r in apart if r.startswith("| loss |")).split(" | ")
+    assert row[-2] == f"{loss['seconds']:.2f}"
+    assert row[-1] == f"{loss['per_failure_seconds']:.2f} |"
+    secs = loss["seconds"] + loss["per_failure_seconds"]
+    assert next(r for r in summed if r.startswith("| loss |")).endswith(f" | {secs:.2f} |")
+    rnd = cf["random"]["heldout_acc"]["mean"]
+    assert apart[-1].endswith(f" | {rnd:+.3f} | – | – |") and len(apart) == len(summed) + 1
 
 
 def test_counterfactual_curve(problem, gt):
