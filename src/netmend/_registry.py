@@ -2,36 +2,84 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Generic, TypeVar
+import difflib
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Generic, TypeVar
 
 F = TypeVar("F", bound=Callable[..., object])
 
 
 class Registry(Generic[F]):
-    """Functions registered by name; ``kind`` names them in error messages."""
+    """Functions registered by name; ``kind`` names them in error messages.
+
+    Each function may declare the keyword options it reads (``register(name, options=...)``):
+    that declaration is the one list :meth:`check_options` holds user options against, so a
+    misspelt option (``epocs=3``) is refused instead of silently ignored.
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, F] = {}
+        self._options: dict[str, frozenset[str] | None] = {}
 
-    def register(self, name: str) -> Callable[[F], F]:
-        """A decorator registering its function under ``name`` (names are unique)."""
+    def register(self, name: str, options: Iterable[str] | None = None) -> Callable[[F], F]:
+        """A decorator registering its function under ``name`` (names are unique).
+
+        Args:
+            name: the registered name.
+            options: the names of the keyword options the function reads (``()``: none).
+                ``None`` declares nothing and leaves the options unchecked (for plug-ins
+                written before options were declared; every built-in method declares them).
+        """
+        declared = None if options is None else frozenset(options)
 
         def deco(fn: F) -> F:
             if name in self._items:
                 raise ValueError(f"a {self.kind} named {name!r} is already registered")
             self._items[name] = fn
+            self._options[name] = declared
             return fn
 
         return deco
 
     def get(self, name: str) -> F:
         """The function registered as ``name``; raises with the known names otherwise."""
-        if name not in self._items:
-            raise ValueError(f"unknown {self.kind} {name!r}; choose one of {self.available()}")
+        if not isinstance(name, str) or name not in self._items:
+            hint = _suggest(name, self._items) if isinstance(name, str) else ""
+            raise ValueError(
+                f"unknown {self.kind} {name!r}{hint}; choose one of {self.available()}"
+            )
         return self._items[name]
+
+    def options(self, name: str) -> frozenset[str] | None:
+        """The options ``name`` declared (``None``: undeclared, not checked)."""
+        self.get(name)
+        return self._options.get(name)
+
+    def check_options(self, name: str, given: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` if ``given`` holds an option ``name`` does not declare.
+
+        The message lists the valid names and suggests the closest one (``epocs`` ->
+        ``epochs``).
+        """
+        known = self.options(name)
+        if known is None:
+            return
+        unknown = sorted(set(given) - known)
+        if not unknown:
+            return
+        hints = "".join(_suggest(u, known) for u in unknown)
+        accepted = ", ".join(sorted(known)) if known else "no options"
+        raise ValueError(
+            f"unknown option(s) {unknown} for {self.kind} {name!r}{hints}. It accepts: "
+            f"{accepted}. A misspelt option would otherwise be ignored silently."
+        )
 
     def available(self) -> list[str]:
         """The registered names, sorted."""
         return sorted(self._items)
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -22,16 +24,46 @@ from torch import nn
 
 from netmend import identification, store, treatment
 from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device
+from netmend.data.validate import check_causes, check_count, check_k, check_seed
 from netmend.evaluation import FailureSplit, accuracies
 from netmend.identification.base import Context
+from netmend.identification.base import check_options as check_identify_options
 from netmend.identification.caching import cached_method
-from netmend.model.checks import check_failures, check_model, num_classes_of
+from netmend.model.checks import (
+    check_failures,
+    check_finite_parameters,
+    check_logits,
+    check_model,
+    num_classes_of,
+)
 from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
 from netmend.model.training import TrainConfig
+from netmend.treatment.base import check_options as check_treat_options
 
 DEFAULT_IDENTIFY = "ewc"
 DEFAULT_TREAT = "finetune"
 DEFAULT_L2 = "auto"
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@contextmanager
+def _own_rng() -> Iterator[None]:
+    """Run with the global torch RNG saved and restored: the library may seed it (code that
+    draws from it, e.g. ``reset_parameters``, stays deterministic given the seed), but the
+    caller's stream is left exactly where it was."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def _keeps_global_rng(fn: _F) -> _F:
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _own_rng():
+            return fn(*args, **kwargs)
+
+    return wrapped  # type: ignore[return-value]
 
 
 class Culprits(NamedTuple):
@@ -86,6 +118,7 @@ class Identification:
         Summed scores can hide what holds failure by failure (an example may harm one failure
         and help another); this is the per-failure view.
         """
+        n = check_count(n, "n")
         pf = self.per_failure
         if not -pf.shape[1] <= i < pf.shape[1]:
             raise IndexError(f"failure index {i} out of range for {pf.shape[1]} failures")
@@ -131,13 +164,15 @@ class RepairResult:
 
 
 def _prepare(
-    model: nn.Module, train: DataLike, device: torch.device
+    model: nn.Module, train: DataLike, device: torch.device, chunk_size: int = 64
 ) -> tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
     check_model(model)
+    check_finite_parameters(model)
     X, y = as_tensors(train, "train")
     work = _private_copy(model, device)
     X = match_dtype(X, param_dtype(work))
     classes = num_classes_of(work, X, device)
+    check_logits(work, X[: min(64, max(chunk_size, 1))], device, "train")
     check_labels(y, classes, "train")
     return work, X, y, classes
 
@@ -146,6 +181,7 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     return copy.deepcopy(model).to(device).eval()
 
 
+@_keeps_global_rng
 def identify(
     model: nn.Module,
     train: DataLike,
@@ -174,7 +210,8 @@ def identify(
             (EWC-influence, default), "linear"; the influence family "influence", "ekfac",
             "tracin", "grad_dot", "grad_cos", "trak"; Data Shapley "knn_shapley",
             "tmc_shapley", "banzhaf"; baselines "loss", "random".
-        k: how to select causes: an int (top-k), a fraction of ``N``, "positive" (``r > 0``)
+        k: how to select causes: an int in ``[0, N]`` (top-k; numpy/torch integers too), a
+            fraction of ``N`` in ``(0, 1)``, "positive" (``r > 0``)
             or ``None``/"auto" (default): the K on which two random halves of the failures
             agree best (:func:`netmend.identification.reproducible_k`; it scores the training
             set twice more, and needs at least 4 failures). For the Data-Shapley methods
@@ -183,7 +220,8 @@ def identify(
         l2: ``lambda`` of the penalty ``(lambda/2)||theta - theta_hat||^2`` (also the damping
             of the Fisher): a positive number, or "auto" (default) for ``1e4`` times the mean
             diagonal of the summed Fisher (see :func:`netmend.identification.base.resolve_l2`).
-        seed: seeds anything random.
+        seed: seeds anything random: an int (``None`` is refused: there is no unseeded
+            mode). The caller's global torch RNG is left untouched.
         device: "cpu", "cuda", or "auto" (CUDA when available).
         chunk_size: examples per batched pass (does not change the scores).
         progress: show progress bars.
@@ -203,12 +241,18 @@ def identify(
 
     Raises:
         ValueError: malformed inputs (NaN, mismatched shapes, labels out of range, empty
-            failures, failures the model already gets right, a stochastic model in train mode);
-            a ``cache_dir`` holding a run with other settings.
+            failures, failures the model already gets right, a stochastic model in train mode,
+            NaN parameters, outputs that are probabilities instead of logits, ``k > N``, an
+            option the method does not take); scores that are all equal; a ``cache_dir``
+            holding a run with other settings (see ``docs/safety.md``).
+        TypeError: a ``seed`` that is not an integer.
     """
     fn = identification.get(method)
+    check_identify_options(method, options)
+    seed = check_seed(seed)
     dev = resolve_device(device)
-    work, X, y, classes = _prepare(model, train, dev)
+    work, X, y, classes = _prepare(model, train, dev, chunk_size)
+    k = check_k(k, X.shape[0])
     Xf, yf = as_tensors(failures, "failures")
     if Xf.shape[1:] != X.shape[1:]:
         raise ValueError(
@@ -268,6 +312,15 @@ def _checked_scores(raw: np.ndarray, n: int, method: str, l2: float | str) -> np
             f"method {method!r} produced non-finite scores; increase l2 (now {l2}) or check the "
             "model's outputs for overflow"
         )
+    if n > 1 and method != "random" and float(scores.max()) == float(scores.min()):
+        raise ValueError(
+            f"method {method!r} gave all {n} training examples the same score "
+            f"({float(scores[0]):.3g}): nothing tells the examples apart, so any top-K would be "
+            "arbitrary. This happens when the softmax is saturated (log-likelihoods of exactly 0 "
+            "or -inf and zero gradients: rescale the logits, e.g. undo a large temperature) or "
+            "when the parameters are in a low precision such as bfloat16/float16 whose "
+            "log-likelihoods round to the same value (pass model.float() or model.double())."
+        )
     return scores
 
 
@@ -296,6 +349,7 @@ def _auto_causes(
     return positive[:k], {"rule": "reproducible", "k": k, "excess_agreement": excess}
 
 
+@_keeps_global_rng
 def treat(
     model: nn.Module,
     train: DataLike,
@@ -319,7 +373,7 @@ def treat(
     Args:
         model: the classifier to repair (not modified).
         train: the training set it was trained on, ``N`` examples.
-        causes: training indices to forget.
+        causes: training indices to forget (unique, in ``[0, N)``), or a boolean mask ``[N]``.
         method: "finetune" (default), "newton", "ewc", "retrain", "align" or "relabel".
         l2: ``lambda`` (penalty towards ``theta_hat`` and Fisher damping): > 0, or "auto"
             (as in :func:`identify`; used by "newton" and "ewc").
@@ -341,14 +395,12 @@ def treat(
         A new ``nn.Module`` in eval mode.
     """
     fn = treatment.get(method)
+    check_treat_options(method, options)
+    seed = check_seed(seed)
     dev = resolve_device(device)
-    work, X, y, classes = _prepare(model, train, dev)
+    work, X, y, classes = _prepare(model, train, dev, chunk_size)
     X = match_dtype(X, param_dtype(work))
-    idx = torch.as_tensor(np.asarray(causes, dtype=np.int64).reshape(-1))
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= X.shape[0]):
-        raise ValueError(f"causes must be training indices in [0, {X.shape[0]})")
-    if idx.numel() == 0:
-        raise ValueError("no causes to treat: the identification selected none (try a larger k)")
+    idx = check_causes(causes, X.shape[0])
     fm = FunctionalModel.of(work)
     _check_fisher(fisher, fm)
     fail = None
@@ -386,9 +438,22 @@ def treat(
         theta_plus_f=None if theta_plus_f is None else theta_plus_f.detach().to(X.dtype),
     )
     out = fn(ctx)
+    _check_treated(out, method)
     if record is not None:
         record.update(ctx.record)
     return out
+
+
+def _check_treated(model: nn.Module, method: str) -> None:
+    """Never hand back a model with NaN/inf parameters."""
+    try:
+        check_finite_parameters(model, f"the {method!r} treatment's result")
+    except ValueError as exc:
+        raise RuntimeError(
+            f"{exc.args[0].split(':')[0]}: the treatment diverged. Lower its learning rate or "
+            "step size (options lr/step_size), use a larger l2, or choose another treatment; "
+            "no model is returned rather than a broken one."
+        ) from None
 
 
 def evaluate(
@@ -447,6 +512,7 @@ def repair(
         A :class:`RepairResult` with ``scores`` (``[N]``, positive = harmful), ``causes``,
         ``model`` (the repaired copy) and ``culprits(i, n)``.
     """
+    seed = check_seed(seed)
     common: dict[str, Any] = dict(
         l2=l2, seed=seed, device=device, chunk_size=chunk_size, progress=progress
     )

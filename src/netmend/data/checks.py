@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
+from netmend.data.validate import unwrap_pandas
+
 DataLike = Union[Dataset, DataLoader, Sequence[Any]]  # noqa: UP007 (a runtime alias)
 """A ``Dataset`` yielding ``(x, y)``, a non-shuffled ``DataLoader``, or a pair ``(X, y)``."""
 
@@ -52,6 +54,7 @@ def as_tensors(
         ValueError: mismatched lengths, NaN/inf inputs, non-integer labels, empty data.
         TypeError: an unsupported container.
     """
+    data = unwrap_pandas(data, name)  # pandas (X, y): paired by position, never imported
     if hasattr(data, "X") and hasattr(data, "y") and not isinstance(data, Dataset):
         # a split of the experiment kit (netmend.lab.datasets.Split) or any object with X and y
         return as_tensors((data.X, data.y), name=name, allow_empty=allow_empty)

@@ -7,7 +7,7 @@ likelihood of training example ``z``, i.e. ``z`` conflicts with the failures.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -172,12 +172,20 @@ Method = Callable[[Context], MethodOutput]
 _REGISTRY: Registry[Method] = Registry("identification method")
 
 
-def register(name: str) -> Callable[[Method], Method]:
+def register(name: str, options: Iterable[str] | None = None) -> Callable[[Method], Method]:
     """Register an identification method under ``name`` (a decorator).
 
     A method is a function ``(Context) -> MethodOutput`` whose scores are positive = harmful.
+    ``options`` names the keyword options it reads from ``ctx.options`` (``()``: none); an
+    option outside them is refused by :func:`netmend.identify` (see :func:`check_options`).
     """
-    return _REGISTRY.register(name)
+    return _REGISTRY.register(name, options)
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming any option method ``name`` does not declare (with the valid
+    names and the closest match)."""
+    _REGISTRY.check_options(name, options)
 
 
 def get(name: str) -> Method:

@@ -12,7 +12,7 @@ from netmend.identification.base import Context, MethodOutput, register
 from netmend.model.functional import log_likelihoods
 
 
-@register("loss")
+@register("loss", options=())
 def self_loss(ctx: Context) -> MethodOutput:
     """Scores ``-log p(z|theta_hat) - log 2``, ``[N]``: the example's own loss, shifted so
     that ``r > 0`` exactly when the model gives the example's label less than even odds.
@@ -28,7 +28,7 @@ def self_loss(ctx: Context) -> MethodOutput:
     )
 
 
-@register("random")
+@register("random", options=())
 def random_scores(ctx: Context) -> MethodOutput:
     """Uniform random scores in [-1, 1) from ``ctx.seed``: the chance reference."""
     # a stream of its own: np.random.default_rng(seed) alone would replay the very draws that

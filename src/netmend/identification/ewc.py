@@ -50,7 +50,7 @@ def fit_theta_plus_f(
     )
 
 
-@register("ewc")
+@register("ewc", options=("steps", "step_size"))
 def ewc_influence(ctx: Context) -> MethodOutput:
     """EWC-influence cause scores ``r(z) = log p(z|theta_hat) - log p(z|theta_+F)`` ``[N]``.
 

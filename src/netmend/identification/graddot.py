@@ -30,7 +30,7 @@ def unit_rows(G: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, G / norm.clamp_min(torch.finfo(G.dtype).tiny), torch.zeros_like(G))
 
 
-@register("grad_dot")
+@register("grad_dot", options=("target",))
 def grad_dot(ctx: Context) -> MethodOutput:
     """Gradient dot product ``r(z) = -g_z^T g_F`` ``[N]``, positive = harmful.
 
@@ -65,7 +65,7 @@ def grad_dot(ctx: Context) -> MethodOutput:
     )
 
 
-@register("grad_cos")
+@register("grad_cos", options=("target",))
 def grad_cos(ctx: Context) -> MethodOutput:
     """Gradient cosine similarity ``r(z) = -sum_i cos(g_z, g_{f_i})`` ``[N]``, positive = harmful.
 

@@ -460,7 +460,7 @@ def influence_scores(ctx: Context, kind: str, method: str) -> MethodOutput:
     )
 
 
-@register("influence")
+@register("influence", options=INFLUENCE_OPTIONS)
 def influence(ctx: Context) -> MethodOutput:
     """Koh & Liang influence functions: ``r(z) = -g_F^T A^{-1} g_z`` ``[N]``, positive = harmful.
 
@@ -503,7 +503,7 @@ def influence(ctx: Context) -> MethodOutput:
     return influence_scores(ctx, str(ctx.options.get("curvature", "ggn")), "influence")
 
 
-@register("ekfac")
+@register("ekfac", options=INFLUENCE_OPTIONS)
 def ekfac_influence(ctx: Context) -> MethodOutput:
     """EK-FAC influence (Grosse et al. 2023; kronfluence's method), positive = harmful.
 

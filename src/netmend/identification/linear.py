@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from netmend.curvature import Curvature, solver_options
+from netmend.curvature import SOLVER_OPTIONS, Curvature, solver_options
 from netmend.identification.base import Context, MethodOutput, register
 from netmend.model.functional import stream
 
@@ -47,7 +47,7 @@ def curvature_for(ctx: Context, kind: str) -> Curvature:
     )
 
 
-@register("linear")
+@register("linear", options=("curvature", "gamma", *SOLVER_OPTIONS))
 def linear_influence(ctx: Context) -> MethodOutput:
     """Cause scores ``r(z) = -gamma g_z^T A^{-1} g_F``, ``[N]``, positive = harmful.
 

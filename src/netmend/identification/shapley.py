@@ -630,7 +630,7 @@ def with_se_z(out: MethodOutput, stderr: np.ndarray, se_z: float) -> MethodOutpu
     return out
 
 
-@register("knn_shapley")
+@register("knn_shapley", options=GAME_OPTIONS | {"se_z"})
 def knn_shapley(ctx: Context) -> MethodOutput:
     """Exact KNN-Shapley cause scores ``r = -value``, ``[N]``, positive = harmful.
 

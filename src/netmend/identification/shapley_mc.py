@@ -573,6 +573,8 @@ def msr_banzhaf(
 # ----------------------------------------------------------------------------- registered methods
 
 _RUN_OPTIONS = {"tol", "window", "block", "n_jobs", "se_z"}
+TMC_OPTIONS = GAME_OPTIONS | _RUN_OPTIONS | {"max_permutations", "truncation_tol", "patience"}
+BANZHAF_OPTIONS = GAME_OPTIONS | _RUN_OPTIONS | {"max_samples", "estimator"}
 
 
 def _common(ctx: Context, window: int, block: int) -> dict[str, Any]:
@@ -607,7 +609,7 @@ def _mc_output(game: KNNGame, res: MCResult, estimator: str, se_z: float) -> Met
     return with_se_z(out, np.sqrt(res.stderr**2 + values.stderr**2), se_z)
 
 
-@register("tmc_shapley")
+@register("tmc_shapley", options=TMC_OPTIONS)
 def tmc_shapley_method(ctx: Context) -> MethodOutput:
     """Truncated Monte-Carlo Shapley cause scores ``r = -value``, ``[N]``, positive = harmful.
 
@@ -623,9 +625,7 @@ def tmc_shapley_method(ctx: Context) -> MethodOutput:
     selects the values below zero by more than ``se_z`` standard errors, Monte-Carlo and
     test-point sampling combined, see :func:`_mc_output`), plus the game's options.
     """
-    check_options(
-        ctx, GAME_OPTIONS | _RUN_OPTIONS | {"max_permutations", "truncation_tol", "patience"}
-    )
+    check_options(ctx, TMC_OPTIONS)
     game = build_game(ctx)
     res = tmc_shapley(
         KNNUtility(game),
@@ -637,7 +637,7 @@ def tmc_shapley_method(ctx: Context) -> MethodOutput:
     return _mc_output(game, res, "tmc", _float_option(ctx, "se_z", DEFAULT_SE_Z["tmc_shapley"]))
 
 
-@register("banzhaf")
+@register("banzhaf", options=BANZHAF_OPTIONS)
 def banzhaf_method(ctx: Context) -> MethodOutput:
     """Data Banzhaf (MSR) cause scores ``r = -value``, ``[N]``, positive = harmful.
 
@@ -655,7 +655,7 @@ def banzhaf_method(ctx: Context) -> MethodOutput:
     (a point matters only when fewer than K nearer ones are drawn); MSR noise gives the many
     near-zero values random signs, so selection by sign is far more precise with "exact".
     """
-    check_options(ctx, GAME_OPTIONS | _RUN_OPTIONS | {"max_samples", "estimator"})
+    check_options(ctx, BANZHAF_OPTIONS)
     estimator = ctx.options.get("estimator", "msr")
     if estimator not in ("msr", "exact"):
         raise ValueError(f"estimator must be 'msr' or 'exact'; got {estimator!r}")

@@ -80,7 +80,11 @@ def per_failure_pass(
     return total
 
 
-@register("tracin")
+TRACIN_OPTIONS = ("checkpoints", "lrs", "target")
+"""The options of "tracin"."""
+
+
+@register("tracin", options=TRACIN_OPTIONS)
 def tracin(ctx: Context) -> MethodOutput:
     """TracInCP cause scores ``r(z) = -sum_t eta_t g_z(theta_t)^T g_F(theta_t)`` ``[N]``,
     positive = harmful.
@@ -91,7 +95,7 @@ def tracin(ctx: Context) -> MethodOutput:
     Per-failure scores ``[N, M]``: ``-sum_t eta_t g_z(theta_t)^T g_{f_i}(theta_t)``.
     One pass over the training set per checkpoint.
     """
-    check_options(ctx, ("checkpoints", "lrs", "target"), "tracin")
+    check_options(ctx, TRACIN_OPTIONS, "tracin")
     target = option_target(ctx, "tracin")
     thetas = checkpoint_thetas(ctx, ctx.options.get("checkpoints"))
     lrs = checkpoint_lrs(ctx.options.get("lrs"), len(thetas))

@@ -152,7 +152,11 @@ def features(
     return torch.cat(phis), torch.cat(ws)
 
 
-@register("trak")
+TRAK_OPTIONS = ("proj_dim", "projection", "ridge", "proj_seed", "checkpoints", "target")
+"""The options of "trak"."""
+
+
+@register("trak", options=TRAK_OPTIONS)
 def trak(ctx: Context) -> MethodOutput:
     """TRAK cause scores ``r(z) = -sum_i tau(f_i, z)`` ``[N]``, positive = harmful.
 
@@ -174,9 +178,7 @@ def trak(ctx: Context) -> MethodOutput:
     Per-failure scores ``[N, M]``: ``-tau(f_i, z)`` (against the failures whatever the target).
     """
     o = ctx.options
-    check_options(
-        ctx, ("proj_dim", "projection", "ridge", "proj_seed", "checkpoints", "target"), "trak"
-    )
+    check_options(ctx, TRAK_OPTIONS, "trak")
     target = option_target(ctx, "trak")
     thetas = checkpoint_thetas(ctx, o.get("checkpoints"))
     k = int(o.get("proj_dim", 1024))

@@ -68,3 +68,61 @@ def check_failures(
             stacklevel=3,
         )
     return wrong
+
+
+def check_finite_parameters(model: nn.Module, what: str = "the model") -> None:
+    """Raise if a parameter or floating buffer of ``model`` holds NaN or inf.
+
+    A broken model gives NaN scores whatever the settings; saying so beats advice about
+    ``l2`` that cannot help.
+    """
+    named = list(model.named_parameters()) + [
+        (n, b) for n, b in model.named_buffers() if b.is_floating_point()
+    ]
+    bad = [n for n, t in named if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(
+            f"{what}'s parameters contain NaN or inf ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): netmend cannot score or repair a broken model. "
+            "Reload finite weights (e.g. an earlier checkpoint) before calling netmend."
+        )
+
+
+PROBABILITY_ATOL = 1e-4
+"""How close to 1 a row's sum (or its ``exp``'s sum) must be to count as a distribution."""
+
+
+def check_logits(model: nn.Module, X: torch.Tensor, device: torch.device, name: str) -> None:
+    """Refuse a model whose outputs are probabilities; warn about log-probabilities.
+
+    netmend applies ``log_softmax`` to the model's outputs. Probabilities (rows ``>= 0``
+    summing to 1, a model ending in ``softmax``) would be read as logits: every
+    log-likelihood, gradient and score would be silently wrong. Log-probabilities (rows
+    ``<= 0`` whose ``exp`` sums to 1, a model ending in ``log_softmax``) give the same
+    scores as logits (``log_softmax`` is idempotent), so they only warn. Checked on the first
+    batch (at most 64 rows) of ``X`` (pass fewer rows to bound the batch); a single row is
+    not judged.
+
+    Raises:
+        ValueError: every row of the first batch is a probability distribution.
+    """
+    if X.shape[0] < 2:
+        return
+    with torch.no_grad():
+        out = model(as_input(X[:64].to(device), param_dtype(model)))
+    if out.ndim != 2 or out.shape[1] < 2 or not out.is_floating_point():
+        return
+    out = out.double()
+    if bool((out >= 0).all()) and bool(((out.sum(1) - 1).abs() <= PROBABILITY_ATOL).all()):
+        raise ValueError(
+            f"the model's outputs on {name} look like probabilities (every row is >= 0 and sums "
+            "to 1): netmend needs logits (it applies log_softmax itself). Remove the final "
+            "softmax, e.g. pass nn.Sequential(*list(model)[:-1]) or a module returning logits."
+        )
+    if bool((out <= 0).all()) and bool(((out.exp().sum(1) - 1).abs() <= PROBABILITY_ATOL).all()):
+        warnings.warn(
+            f"the model's outputs on {name} look like log-probabilities (a final log_softmax): "
+            "netmend treats them as logits, which gives the same scores (log_softmax is "
+            "idempotent); if they are something else, pass a model returning logits.",
+            stacklevel=3,
+        )

@@ -196,7 +196,7 @@ def auto_eps(X: torch.Tensor, norm: str, chunk_size: int = 4096) -> float:
     return AUTO_EPS_FRACTION * total / max(X.shape[0], 1)
 
 
-@register("align")
+@register("align", options=ALIGN_OPTIONS)
 def align(ctx: TreatContext) -> nn.Module:
     """Align each cause with the failure-adapted model, relabel it softly, fine-tune last layers.
 

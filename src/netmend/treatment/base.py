@@ -7,7 +7,7 @@ returns a **new** model; the user's model is never modified.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,9 +129,19 @@ Treatment = Callable[[TreatContext], nn.Module]
 _REGISTRY: Registry[Treatment] = Registry("treatment")
 
 
-def register(name: str) -> Callable[[Treatment], Treatment]:
-    """Register a treatment ``(TreatContext) -> new nn.Module`` under ``name``."""
-    return _REGISTRY.register(name)
+def register(name: str, options: Iterable[str] | None = None) -> Callable[[Treatment], Treatment]:
+    """Register a treatment ``(TreatContext) -> new nn.Module`` under ``name``.
+
+    ``options`` names the keyword options it reads from ``ctx.options`` (``()``: none); an
+    option outside them is refused by :func:`netmend.treat` (see :func:`check_options`).
+    """
+    return _REGISTRY.register(name, options)
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming any option treatment ``name`` does not declare (with the
+    valid names and the closest match)."""
+    _REGISTRY.check_options(name, options)
 
 
 def get(name: str) -> Treatment:

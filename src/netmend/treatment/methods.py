@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from netmend.curvature import Curvature, solver_options
+from netmend.curvature import SOLVER_OPTIONS, Curvature, solver_options
 from netmend.curvature.kfac import EWC_FISHER_TYPE
 from netmend.model.functional import summed_grad
 from netmend.model.optim import preconditioned_ascent
@@ -21,6 +21,18 @@ from netmend.treatment.base import TreatContext, register
 
 FINETUNE_MIN_STEPS = 500
 """Fewest optimiser steps of a default "finetune" (see :func:`finetune_recipe`)."""
+
+FINETUNE_RECIPE_OPTIONS = (
+    "steps", "epochs", "min_steps", "lr", "batch_size", "optimizer", "average_tail"
+)  # fmt: skip
+"""The options of "finetune" (:func:`finetune_recipe`)."""
+NEWTON_OPTIONS = ("step_size", "max_retained_increase", "curvature", "damping", *SOLVER_OPTIONS)
+"""The options of "newton"."""
+EWC_OPTIONS = (
+    "steps", "step_size", "cap", "max_retained_increase", "curvature", "fisher_type",
+    "mc_samples",
+)  # fmt: skip
+"""The options of the "ewc" treatment."""
 
 
 def finetune_recipe(
@@ -110,7 +122,7 @@ def finetune_recipe(
     )
 
 
-@register("finetune")
+@register("finetune", options=FINETUNE_RECIPE_OPTIONS)
 def finetune(ctx: TreatContext) -> nn.Module:
     """Fine-tune a copy of the model, from ``theta_hat``, on ``D \\ C``.
 
@@ -126,7 +138,7 @@ def finetune(ctx: TreatContext) -> nn.Module:
     return fit(model, ctx.X[keep], ctx.y[keep], cfg, ctx.seed, ctx.device, ctx.progress, "finetune")
 
 
-@register("retrain")
+@register("retrain", options=("model_factory",))
 def retrain(ctx: TreatContext) -> nn.Module:
     """Retrain from a fresh initialisation on ``D \\ C`` with the training recipe (the reference).
 
@@ -172,7 +184,7 @@ def _guarded_step(
     return theta0 + best * direction, best
 
 
-@register("newton")
+@register("newton", options=NEWTON_OPTIONS)
 def newton(ctx: TreatContext) -> nn.Module:
     """One damped, Fisher-preconditioned Newton removal step.
 
@@ -220,7 +232,7 @@ def newton(ctx: TreatContext) -> nn.Module:
     return ctx.model_at(new)
 
 
-@register("ewc")
+@register("ewc", options=EWC_OPTIONS)
 def ewc_deletion(ctx: TreatContext) -> nn.Module:
     """EWC deletion: maximise the loss of ``C`` under the EWC penalty of what is retained.
 

@@ -34,7 +34,7 @@ from netmend.treatment.labels import (
 RELABEL_OPTIONS = ("hard", "temperature", *LABEL_OPTIONS, *FINETUNE_OPTIONS, *FIT_OPTIONS)
 
 
-@register("relabel")
+@register("relabel", options=RELABEL_OPTIONS)
 def relabel(ctx: TreatContext) -> nn.Module:
     """Give each cause the label its ``source`` predicts, drop the unsure ones, fine-tune on D.
 

@@ -1,0 +1,312 @@
+"""Misuses that used to give a silently wrong answer now raise (or warn) with a message that
+says what to do (issue 14, scope 4; docs/safety.md)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import netmend
+from netmend import identification, treatment
+from netmend.model.training import TrainConfig
+
+RUN = dict(progress=False, device="cpu")
+
+
+def _train(blobs):
+    return (blobs.X, blobs.y)
+
+
+def _fail(blobs):
+    return (blobs.Xf, blobs.yf)
+
+
+# ----------------------------------------------------------------------------- model outputs
+
+
+def test_probability_outputs_are_refused(blobs, blobs_logreg):
+    probs = nn.Sequential(blobs_logreg, nn.Softmax(dim=1)).eval()
+    with pytest.raises(ValueError, match="look like probabilities"):
+        netmend.identify(probs, _train(blobs), _fail(blobs), "loss", k=5, **RUN)
+    with pytest.raises(ValueError, match="look like probabilities"):
+        netmend.treat(probs, _train(blobs), [0, 1], "newton", **RUN)
+
+
+def test_log_probability_outputs_warn_and_score_as_logits(blobs, blobs_logreg):
+    logp = nn.Sequential(blobs_logreg, nn.LogSoftmax(dim=1)).eval()
+    with pytest.warns(UserWarning, match="look like log-probabilities"):
+        got = netmend.identify(logp, _train(blobs), _fail(blobs), "linear", k=5, **RUN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # plain logits: no warning
+        ref = netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "linear", k=5, **RUN)
+    # log_softmax is idempotent: the warning is the only difference
+    np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-9, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- causes
+
+
+def test_boolean_mask_causes_are_a_mask(blobs, blobs_logreg):
+    n = blobs.X.shape[0]
+    mask = np.zeros(n, dtype=bool)
+    mask[blobs.planted] = True
+    by_mask = netmend.treat(blobs_logreg, _train(blobs), mask, "newton", l2=1.0, **RUN)
+    by_index = netmend.treat(blobs_logreg, _train(blobs), blobs.planted, "newton", l2=1.0, **RUN)
+    # a mask read as indices would remove examples 0 and 1 instead of the planted ones
+    by_01 = netmend.treat(blobs_logreg, _train(blobs), [0, 1], "newton", l2=1.0, **RUN)
+    for a, b in zip(by_mask.parameters(), by_index.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not all(
+        torch.allclose(a, b) for a, b in zip(by_mask.parameters(), by_01.parameters(), strict=True)
+    )
+    torch_mask = netmend.treat(
+        blobs_logreg, _train(blobs), torch.from_numpy(mask), "newton", l2=1.0, **RUN
+    )
+    for a, b in zip(torch_mask.parameters(), by_index.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("causes", "error", "match"),
+    [
+        (np.zeros(5, dtype=bool), ValueError, "boolean mask of shape"),
+        (np.array([0.0, 3.0]), TypeError, "integer training indices"),
+        (torch.tensor([0.5, 2.0]), TypeError, "integer training indices"),
+        ([0, 10_000], ValueError, r"in \[0, "),
+        ([-1, 2], ValueError, r"in \[0, "),
+        ([3, 4, 3], ValueError, "duplicate"),
+        ([], ValueError, "no causes"),
+    ],
+)
+def test_bad_causes_are_refused(blobs, blobs_logreg, causes, error, match):
+    with pytest.raises(error, match=match):
+        netmend.treat(blobs_logreg, _train(blobs), causes, "newton", **RUN)
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("method", identification.available())
+def test_every_identification_method_refuses_unknown_options(blobs, blobs_logreg, method):
+    assert identification.base._REGISTRY.options(method) is not None, "declare its options"
+    with pytest.raises(ValueError, match="unknown option.*It accepts"):
+        netmend.identify(
+            blobs_logreg, _train(blobs), _fail(blobs), method, k=5, no_such_option=1, **RUN
+        )
+
+
+@pytest.mark.parametrize("method", treatment.available())
+def test_every_treatment_refuses_unknown_options(blobs, blobs_logreg, method):
+    assert treatment.base._REGISTRY.options(method) is not None, "declare its options"
+    with pytest.raises(ValueError, match="unknown option.*It accepts"):
+        netmend.treat(blobs_logreg, _train(blobs), [0, 1], method, no_such_option=1, **RUN)
+
+
+def test_misspelt_options_suggest_the_right_name(blobs, blobs_logreg):
+    with pytest.raises(ValueError, match="did you mean 'steps'"):
+        netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "ewc", k=5, stepz=3, **RUN)
+    with pytest.raises(ValueError, match="did you mean 'steps'"):
+        netmend.treat(blobs_logreg, _train(blobs), [0, 1], "ewc", stepz=3, **RUN)
+    with pytest.raises(ValueError, match="did you mean 'epochs'"):
+        netmend.treat(blobs_logreg, _train(blobs), [0, 1], "finetune", epocs=3, **RUN)
+
+
+def test_declared_options_are_accepted(blobs, blobs_logreg):
+    """The declared list is what the method reads: a declared option changes the result."""
+    kw = dict(k=5, l2=0.1, **RUN)
+    a = netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "ewc", steps=1, **kw)
+    b = netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "ewc", steps=30, **kw)
+    assert np.abs(a.scores - b.scores).max() > 1e-2 * np.abs(b.scores).max()
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def test_all_equal_scores_are_refused(blobs, blobs_logreg):
+    """A saturated softmax: every training log-likelihood is exactly 0, no gradient."""
+    sat = nn.Sequential(blobs_logreg)
+    with torch.no_grad():
+        for p in sat.parameters():
+            p.mul_(1e4)
+        y_self = sat(blobs.X).argmax(1)  # labels the model fits: log p(y|x) == 0 exactly
+        assert bool((torch.log_softmax(sat(blobs.X), 1).gather(1, y_self[:, None]) == 0).all())
+    for method in ("loss", "ewc"):
+        with pytest.raises(ValueError, match="same score.*saturated"):
+            netmend.identify(sat, (blobs.X, y_self), _fail(blobs), method, k=5, **RUN)
+
+
+# ----------------------------------------------------------------------------- NaN weights
+
+
+def test_nan_weights_are_named(blobs, blobs_logreg):
+    with torch.no_grad():
+        next(blobs_logreg.parameters())[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="parameters contain NaN"):
+        netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "ewc", k=5, **RUN)
+    with pytest.raises(ValueError, match="parameters contain NaN"):
+        netmend.treat(blobs_logreg, _train(blobs), [0, 1], "finetune", **RUN)
+
+
+def test_treat_never_returns_a_nan_model(blobs, blobs_logreg):
+    with pytest.raises(RuntimeError, match="diverged"):
+        netmend.treat(
+            blobs_logreg, _train(blobs), blobs.planted, "newton", step_size=1e308, l2=1e-6, **RUN
+        )
+
+
+# ----------------------------------------------------------------------------- k, n, seed
+
+
+def test_k_above_n_is_refused(blobs, blobs_logreg):
+    n = blobs.X.shape[0]
+    with pytest.raises(ValueError, match=f"k={n + 1} is outside"):
+        netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "loss", k=n + 1, **RUN)
+    with pytest.raises(TypeError, match="k must be"):
+        netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "loss", k=True, **RUN)
+
+
+def test_numpy_and_torch_integer_k(blobs, blobs_logreg):
+    ref = netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "loss", k=7, **RUN)
+    for k in (np.int64(7), np.int32(7), torch.tensor(7)):
+        got = netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "loss", k=k, **RUN)
+        np.testing.assert_array_equal(got.causes, ref.causes)
+    assert ref.causes.size == 7
+
+
+def test_culprits_needs_a_positive_n(blobs, blobs_logreg):
+    res = netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "linear", k=5, **RUN)
+    for n in (0, -1):
+        with pytest.raises(ValueError, match="n must be >= 1"):
+            res.culprits(0, n)
+    assert res.culprits(0, np.int64(3)).indices.size == 3
+
+
+def test_seed_none_is_refused_and_numpy_seed_accepted(blobs, blobs_logreg):
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "random", k=5, seed=None)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        netmend.treat(blobs_logreg, _train(blobs), [0], "newton", seed=None, **RUN)
+    a = netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "random", k=5, seed=3, **RUN)
+    b = netmend.identify(
+        blobs_logreg, _train(blobs), _fail(blobs), "random", k=5, seed=np.int64(3), **RUN
+    )
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+# ----------------------------------------------------------------------------- global RNG
+
+
+def test_identify_and_treat_leave_the_global_rng_alone(blobs, blobs_logreg):
+    torch.manual_seed(99)
+    expected = torch.rand(5)
+    torch.manual_seed(99)
+    netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "ewc", k=5, seed=7, **RUN)
+    torch.testing.assert_close(torch.rand(5), expected, rtol=0.0, atol=0.0)
+    torch.manual_seed(99)
+    netmend.treat(
+        blobs_logreg,
+        _train(blobs),
+        [0, 1],
+        "retrain",
+        train_config=TrainConfig(epochs=1, batch_size=64),
+        seed=7,
+        **RUN,
+    )
+    torch.testing.assert_close(torch.rand(5), expected, rtol=0.0, atol=0.0)
+
+
+def test_results_do_not_depend_on_the_global_rng(blobs, blobs_logreg):
+    cfg = TrainConfig(epochs=1, batch_size=64)
+    out = []
+    for outer in (1, 2):
+        torch.manual_seed(outer)
+        m = netmend.treat(blobs_logreg, _train(blobs), [0, 1], "retrain", train_config=cfg, **RUN)
+        out.append(torch.cat([p.detach().reshape(-1) for p in m.parameters()]))
+    torch.testing.assert_close(out[0], out[1], rtol=0.0, atol=0.0)
+
+
+# ----------------------------------------------------------------------------- pandas
+
+
+class _Index:
+    __module__ = "pandas.core.indexes.base"
+
+    def __init__(self, values):
+        self.values = list(values)
+
+    def equals(self, other):
+        return self.values == other.values
+
+
+class _Frame:
+    """Enough of a pandas DataFrame for netmend (recognised by its module; pandas itself is
+    not needed, and netmend must not import it)."""
+
+    __module__ = "pandas.core.frame"
+
+    def __init__(self, data, index, dtypes=None):
+        self.data, self.index = np.asarray(data), _Index(index)
+        self.dtypes = dtypes or {f"c{i}": self.data.dtype for i in range(self.data.shape[1])}
+
+    def to_numpy(self):
+        return self.data
+
+
+class _Series:
+    __module__ = "pandas.core.series"
+
+    def __init__(self, data, index):
+        self.data, self.index = np.asarray(data), _Index(index)
+        self.dtype = self.data.dtype
+
+    def to_numpy(self):
+        return self.data
+
+
+def test_pandas_inputs_pair_by_position_and_warn_on_other_indexes(blobs, blobs_logreg):
+    X, y = blobs.X.numpy(), blobs.y.numpy()
+    n = len(y)
+    ref = netmend.identify(blobs_logreg, (X, y), _fail(blobs), "loss", k=5, **RUN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same index: no warning
+        same = netmend.identify(
+            blobs_logreg,
+            (_Frame(X, range(n)), _Series(y, range(n))),
+            _fail(blobs),
+            "loss",
+            k=5,
+            **RUN,
+        )
+    np.testing.assert_array_equal(same.scores, ref.scores)
+    with pytest.warns(UserWarning, match="by position"):
+        other = netmend.identify(
+            blobs_logreg,
+            (_Frame(X, range(n)), _Series(y, range(n)[::-1])),
+            _fail(blobs),
+            "loss",
+            k=5,
+            **RUN,
+        )
+    np.testing.assert_array_equal(other.scores, ref.scores)
+
+
+def test_pandas_non_numeric_columns_are_refused(blobs, blobs_logreg):
+    X = blobs.X.numpy()
+    frame = _Frame(X, range(len(X)), dtypes={"a": np.float64, "b": object})
+    with pytest.raises(TypeError, match="non-numeric column"):
+        netmend.identify(blobs_logreg, (frame, blobs.y.numpy()), _fail(blobs), "loss", k=5, **RUN)
+
+
+def test_real_pandas(blobs, blobs_logreg):
+    pd = pytest.importorskip("pandas")
+    X, y = blobs.X.numpy(), blobs.y.numpy()
+    ref = netmend.identify(blobs_logreg, (X, y), _fail(blobs), "loss", k=5, **RUN)
+    df, s = pd.DataFrame(X), pd.Series(y)
+    got = netmend.identify(blobs_logreg, (df, s), _fail(blobs), "loss", k=5, **RUN)
+    np.testing.assert_array_equal(got.scores, ref.scores)
+    with pytest.warns(UserWarning, match="by position"):
+        netmend.identify(blobs_logreg, (df, s.sort_values()), _fail(blobs), "loss", k=5, **RUN)
