@@ -20,7 +20,22 @@ gives (same ``chunk_size`` and device; a different ``chunk_size`` resumes at the
 and differs at most by float rounding). A run with different settings in the same directory
 is refused (``ValueError``), never mixed. Every file is written atomically (a temporary file
 in the same directory, then ``os.replace``), so a killed run leaves either the old file or
-the new one. One process at a time may use a directory (there is no lock).
+the new one.
+
+A cache that cannot lie
+-----------------------
+* Every safetensors file carries, in its header, a **checksum** (blake2b of its tensors'
+  names, dtypes, shapes and bytes, and of its JSON metadata) and, for a run's records, the
+  hash of the run's settings. A record whose bytes, metadata or settings do not match (a
+  damaged, truncated or edited file, or one copied from another run) is never reused: the
+  run deletes it with a warning naming the file and recomputes it (:meth:`RunCache.has`);
+  reading it directly (:func:`load_tensors`, :meth:`RunCache.load`) raises
+  :class:`CacheRecordError` naming the file and the fix.
+* A **lock file** ``DIR/.lock`` (created atomically with ``O_EXCL``; it holds the pid, the
+  host and the settings hash) stops a second process from writing the directory with other
+  settings while the first is alive; a lock left by a dead process (killed run) is taken
+  over. Processes with the same settings may share the directory (their records are
+  identical and written atomically).
 
 How a method opts in to resuming
 --------------------------------
@@ -51,7 +66,10 @@ import logging
 import math
 import os
 import re
+import socket
 import tempfile
+import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -72,8 +90,16 @@ CHECKPOINT_CHUNKS: int | None = None
 """If set, a pass in progress is also checkpointed every this many chunks."""
 
 SETTINGS_FILE = "settings.json"
-FORMAT_VERSION = 1
+LOCK_FILE = ".lock"
+FORMAT_VERSION = 2  # 2: records carry a checksum and the settings hash
 _META_KEY = "netmend"
+_CHECKSUM_KEY = "netmend_checksum"
+_SETTINGS_KEY = "netmend_settings"
+
+
+class CacheRecordError(ValueError):
+    """A cached file is damaged, truncated, edited or from another run (the message names it)."""
+
 
 _ACTIVE: contextvars.ContextVar[tuple[RunCache, str] | None] = contextvars.ContextVar(
     "netmend_active_cache", default=None
@@ -200,20 +226,85 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def settings_hash(settings: Mapping[str, Any]) -> str:
+    """blake2b hex digest of a settings key (canonical JSON)."""
+    text = json.dumps(dict(settings), sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _checksum(tensors: Mapping[str, torch.Tensor], meta_json: str, settings: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(tensors):
+        h.update(f"{name}|{tensor_hash(tensors[name])}|".encode())
+    h.update(f"meta|{meta_json}|settings|{settings}".encode())
+    return h.hexdigest()
+
+
 def save_tensors(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any] | None = None,
+    settings: str = "",
 ) -> None:
-    """Write ``tensors`` (and JSON ``meta``) to a safetensors file, atomically."""
+    """Write ``tensors`` (and JSON ``meta``) to a safetensors file, atomically.
+
+    The header also holds a checksum of the tensors and ``meta`` (and ``settings``, a
+    settings hash, for a run's records), which :func:`load_tensors` verifies.
+    """
     data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    header = {_META_KEY: json.dumps(meta or {})}
+    meta_json = json.dumps(meta or {})
+    header = {
+        _META_KEY: meta_json,
+        _SETTINGS_KEY: settings,
+        _CHECKSUM_KEY: _checksum(data, meta_json, settings),
+    }
     _atomic_write(Path(path), lambda tmp: save_file(data, str(tmp), metadata=header))
 
 
-def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read a file written by :func:`save_tensors`: ``(tensors, meta)``."""
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get(_META_KEY, "{}"))
-        return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (not a dict)
+def load_tensors(
+    path: str | Path, settings: str | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by :func:`save_tensors`: ``(tensors, meta)``, checksum verified.
+
+    Args:
+        path: the file.
+        settings: the settings hash the file must carry (``None``: not checked).
+
+    Raises:
+        CacheRecordError: the file cannot be read as safetensors (truncated, damaged), has no
+            checksum or a wrong one (edited bytes or metadata), or carries other settings.
+            The message names the file and says what to do.
+    """
+    fix = "delete it (or its cache directory) and rerun: netmend recomputes what is missing"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types (and OSError)
+        raise CacheRecordError(
+            f"cannot read {path} as a safetensors file ({type(exc).__name__}: {exc}); it is "
+            f"damaged or truncated: {fix}"
+        ) from None
+    meta_json = header.get(_META_KEY, "{}")
+    stored = header.get(_SETTINGS_KEY, "")
+    if header.get(_CHECKSUM_KEY) != _checksum(tensors, meta_json, stored):
+        what = "no checksum" if _CHECKSUM_KEY not in header else "a wrong checksum"
+        raise CacheRecordError(
+            f"{path} has {what}: its tensors or metadata were changed after netmend wrote it "
+            f"(or an older netmend wrote it); it is not used: {fix}"
+        )
+    if settings is not None and stored != settings:
+        raise CacheRecordError(
+            f"{path} was written by a run with other settings (settings hash {stored!r}, this "
+            f"run {settings!r}), e.g. copied from another cache directory; it is not used: {fix}"
+        )
+    try:
+        meta = json.loads(meta_json)
+    except json.JSONDecodeError as exc:  # pragma: no cover - the checksum covers the text
+        raise CacheRecordError(f"{path}: unreadable metadata ({exc}): {fix}") from None
+    return tensors, meta
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -251,7 +342,8 @@ class RunCache:
 
     Raises:
         ValueError: the directory holds a run with different settings (the message names the
-            differing fields), or files that are not a netmend cache.
+            differing fields), or files that are not a netmend cache, or another live process
+            is using it with other settings (its lock file ``DIR/.lock``).
     """
 
     def __init__(
@@ -271,9 +363,25 @@ class RunCache:
         self._counters: dict[str, int] = {}
         self.passes: list[dict[str, Any]] = []
         self.results_reused: list[str] = []
+        self.settings_hash = settings_hash(self.settings)
+        self._verified: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"cache_dir {str(self.path)!r} is a file; pass a directory")
         self.path.mkdir(parents=True, exist_ok=True)
+        _acquire_lock(self.path, self.settings_hash)
+        self._unlock = weakref.finalize(self, _release_lock, self.path)
+        try:
+            self._open(overwrite)
+        except BaseException:
+            self._unlock()  # refused: leave no lock behind
+            raise
+
+    def close(self) -> None:
+        """Release the directory's lock now (otherwise when this object is garbage-collected
+        or the process ends)."""
+        self._unlock()
+
+    def _open(self, overwrite: bool) -> None:
         for tmp in self.path.glob(".*.tmp"):  # left by a run killed while writing
             tmp.unlink(missing_ok=True)
         stored = self._stored_settings()
@@ -321,7 +429,10 @@ class RunCache:
 
     def clear(self) -> None:
         """Delete this cache's files (settings, safetensors, temporaries); keep the directory."""
+        self._verified.clear()
         for p in self.path.iterdir():
+            if p.name == LOCK_FILE:
+                continue
             if p.is_file() and (p.name == SETTINGS_FILE or p.suffix in (".safetensors", ".tmp")):
                 p.unlink()
             elif p.is_file() or p.is_dir():
@@ -337,17 +448,40 @@ class RunCache:
         return self.path / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.safetensors"
 
     def has(self, name: str) -> bool:
-        return self.file(name).exists()
+        """Whether a **valid** record ``name`` is stored.
+
+        A record that fails its checksum or carries other settings is deleted with a warning
+        naming the file, and reported missing, so the run recomputes it.
+        """
+        path = self.file(name)
+        if not path.exists():
+            return False
+        try:
+            self._verified[name] = load_tensors(path, self.settings_hash)
+        except CacheRecordError as exc:
+            warnings.warn(f"{exc.args[0].split(': delete')[0]}; recomputing it", stacklevel=2)
+            log.warning("discarding damaged cache record %s", path)
+            path.unlink(missing_ok=True)
+            return False
+        return True
 
     def save(
         self, name: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
     ) -> None:
-        """Write the record ``name`` atomically."""
-        save_tensors(self.file(name), tensors, meta)
+        """Write the record ``name`` atomically, with its checksum and the settings hash."""
+        self._verified.pop(name, None)
+        save_tensors(self.file(name), tensors, meta, self.settings_hash)
 
     def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """Read the record ``name``: ``(tensors, meta)``."""
-        return load_tensors(self.file(name))
+        """Read the record ``name``: ``(tensors, meta)``, verified.
+
+        Raises:
+            CacheRecordError: the record is damaged or from other settings (use :meth:`has`
+                first to have it discarded and recomputed instead).
+        """
+        if name in self._verified:
+            return self._verified.pop(name)
+        return load_tensors(self.file(name), self.settings_hash)
 
     def next_label(self, scope: str, desc: str) -> str:
         """A label for the next pass in ``scope``: the scope, a per-scope counter and ``desc``."""
@@ -388,3 +522,80 @@ def activated(run: RunCache | None, scope: str) -> Iterator[RunCache | None]:
 def active() -> tuple[RunCache, str] | None:
     """The active cache and scope, or ``None`` (no ``cache_dir`` run in progress)."""
     return _ACTIVE.get()
+
+
+# ----------------------------------------------------------------------------- the lock
+
+_HELD: dict[Path, int] = {}  # lock files this process holds -> number of open RunCaches
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _read_lock(lock: Path) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(lock.read_text()))
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, TypeError, ValueError):
+        return {}  # half-written or foreign: treated as stale below
+
+
+def _acquire_lock(path: Path, settings: str) -> None:
+    """Take ``path/.lock`` for this process (see the module docstring).
+
+    Raises:
+        ValueError: a live process holds the lock with other settings.
+    """
+    lock = (path / LOCK_FILE).resolve()
+    if lock in _HELD:
+        _HELD[lock] += 1  # this process already holds it; settings.json guards the settings
+        return
+    body = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "settings": settings})
+    for _ in range(3):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            held = _read_lock(lock)
+            if held is None:
+                continue  # released meanwhile: try again
+            pid = held.get("pid")
+            other_host = held.get("host") not in (None, socket.gethostname())
+            alive = isinstance(pid, int) and (other_host or _pid_alive(pid))
+            if not alive:
+                log.warning("taking over the stale lock %s of dead process %s", lock, pid)
+                lock.unlink(missing_ok=True)
+                continue
+            if held.get("settings") == settings:
+                return  # a live process with the same settings: its records are ours too
+            raise ValueError(
+                f"cache_dir {str(path)!r} is in use by process {pid} on {held.get('host')} with "
+                f"other settings (lock file {lock}). Two runs with different settings never "
+                "share a directory: wait for it to finish, or pass another cache_dir. If that "
+                "process is gone, delete the lock file."
+            ) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(body)
+        _HELD[lock] = 1
+        return
+    raise ValueError(f"could not take the lock {lock}: another process keeps taking it")
+
+
+def _release_lock(path: Path) -> None:
+    lock = (path / LOCK_FILE).resolve()
+    if lock not in _HELD:
+        return
+    _HELD[lock] -= 1
+    if _HELD[lock] > 0:
+        return
+    del _HELD[lock]
+    held = _read_lock(lock)
+    if held is not None and held.get("pid") == os.getpid():
+        lock.unlink(missing_ok=True)

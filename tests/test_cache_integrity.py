@@ -1,0 +1,194 @@
+"""A cache that cannot lie (issue 14, scope 5): damaged, truncated, edited or foreign records are
+detected and recomputed (or refused naming the file); a lock stops a second writer with other
+settings; a dead writer's lock is taken over."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import netmend
+import netmend.store as nc
+from netmend.lab.models import MLP
+
+RUN = dict(progress=False, device="cpu", chunk_size=16, k=5)
+
+
+@pytest.fixture
+def problem(blobs):
+    torch.manual_seed(0)
+    model = MLP(2, 3, hidden=(8,)).double().eval()
+    Xf = torch.cat([blobs.Xf, blobs.X[:5]])
+    with torch.no_grad():
+        yf = (model(Xf).argmax(1) + 1) % 3
+    return model, (blobs.X, blobs.y), (Xf, yf)
+
+
+def _cached_run(tmp_path, problem):
+    model, train, failures = problem
+    plain = netmend.identify(model, train, failures, "linear", **RUN)
+    first = netmend.identify(model, train, failures, "linear", cache_dir=tmp_path, **RUN)
+    np.testing.assert_array_equal(first.scores, plain.scores)
+    gc.collect()
+    return plain
+
+
+def _rerun(tmp_path, problem):
+    model, train, failures = problem
+    return netmend.identify(model, train, failures, "linear", cache_dir=tmp_path, **RUN)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01  # a bit of the last tensor's data
+    path.write_bytes(bytes(data))
+
+
+def _edit_metadata(path: Path) -> None:
+    """Rewrite the record with its tensors unchanged and one metadata value edited, keeping
+    the old checksum (what a hand edit or another tool would do)."""
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    meta = json.loads(header["netmend"])
+    meta["per_failure"] = not meta.get("per_failure")
+    header["netmend"] = json.dumps(meta)
+    save_file(tensors, str(path), metadata=header)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_last_byte, _edit_metadata])
+def test_damaged_result_is_detected_and_recomputed(tmp_path, problem, damage):
+    plain = _cached_run(tmp_path, problem)
+    record = tmp_path / "result.call0.safetensors"
+    assert record.exists()
+    damage(record)
+    with pytest.raises(nc.CacheRecordError, match=str(record)):
+        nc.load_tensors(record)
+    with pytest.warns(UserWarning, match=r"result\.call0\.safetensors.*recomputing"):
+        again = _rerun(tmp_path, problem)
+    assert "call0" not in again.info["cache"]["results_reused"]
+    np.testing.assert_array_equal(again.scores, plain.scores)
+    nc.load_tensors(record)  # rewritten, valid again
+
+
+@pytest.mark.parametrize("damage", [_truncate, _flip_last_byte])
+def test_damaged_pass_checkpoint_is_recomputed(tmp_path, problem, damage):
+    plain = _cached_run(tmp_path, problem)
+    (tmp_path / "result.call0.safetensors").unlink()  # force the passes to be read back
+    passes = sorted(tmp_path.glob("pass.*.safetensors"))
+    assert passes
+    damage(passes[-1])
+    with pytest.warns(UserWarning, match=passes[-1].name.replace(".", r"\.")):
+        again = _rerun(tmp_path, problem)
+    np.testing.assert_array_equal(again.scores, plain.scores)
+
+
+def test_undamaged_cache_is_reused_silently(tmp_path, problem):
+    import warnings
+
+    plain = _cached_run(tmp_path, problem)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = _rerun(tmp_path, problem)
+    assert again.info["cache"]["results_reused"] == ["call0"]
+    np.testing.assert_array_equal(again.scores, plain.scores)
+
+
+def test_record_from_another_run_is_not_reused(tmp_path, problem):
+    model, train, failures = problem
+    a, b = tmp_path / "a", tmp_path / "b"
+    netmend.identify(model, train, failures, "linear", cache_dir=a, l2=1.0, **RUN)
+    netmend.identify(model, train, failures, "linear", cache_dir=b, l2=2.0, **RUN)
+    gc.collect()
+    (a / "result.call0.safetensors").write_bytes((b / "result.call0.safetensors").read_bytes())
+    with pytest.raises(nc.CacheRecordError, match="other settings"):
+        nc.load_tensors(
+            a / "result.call0.safetensors",
+            nc.settings_hash(json.loads((a / "settings.json").read_text())),
+        )
+    with pytest.warns(UserWarning, match="other settings"):
+        got = netmend.identify(model, train, failures, "linear", cache_dir=a, l2=1.0, **RUN)
+    ref = netmend.identify(model, train, failures, "linear", l2=1.0, **RUN)
+    np.testing.assert_array_equal(got.scores, ref.scores)
+
+
+def test_unreadable_file_names_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"not a safetensors file")
+    with pytest.raises(nc.CacheRecordError, match=r"x\.safetensors.*delete it"):
+        nc.load_tensors(path)
+
+
+# ----------------------------------------------------------------------------- the lock
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys
+    import netmend.store as nc
+    run = nc.RunCache(sys.argv[1], {"who": sys.argv[2]})
+    print("ready", flush=True)
+    sys.stdin.read()  # hold the lock until the parent closes stdin
+    """
+)
+
+
+def _holder(path: Path, who: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(path), who],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def test_second_writer_with_other_settings_is_refused(tmp_path):
+    proc = _holder(tmp_path, "first")
+    try:
+        with pytest.raises(ValueError, match=rf"in use by process {proc.pid}.*other settings"):
+            nc.RunCache(tmp_path, {"who": "second"}, overwrite=True)
+        nc.RunCache(tmp_path, {"who": "first"})  # same settings: may share
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(timeout=60)
+    gc.collect()
+    assert not (tmp_path / ".lock").exists()  # released on exit
+    nc.RunCache(tmp_path, {"who": "second"}, overwrite=True)  # free now
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    lock = tmp_path / ".lock"
+    lock.write_text(json.dumps({"pid": dead.pid, "host": os.uname().nodename, "settings": "x"}))
+    run = nc.RunCache(tmp_path, {"who": "me"})
+    assert json.loads(lock.read_text())["pid"] == os.getpid()
+    del run
+    gc.collect()
+    assert not lock.exists()
+
+
+def test_lock_is_released_when_the_run_ends(tmp_path, problem):
+    model, train, failures = problem
+    res = netmend.identify(model, train, failures, "linear", cache_dir=tmp_path, **RUN)
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    del res
+    gc.collect()
+    assert not (tmp_path / ".lock").exists()
