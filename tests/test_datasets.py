@@ -6,6 +6,8 @@ import gzip
 import importlib.util
 import os
 import pickle
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -269,3 +271,83 @@ def test_load_fashion_mnist_full():
     np.testing.assert_array_equal(torch.bincount(train.y).numpy(), 6000)
     np.testing.assert_array_equal(torch.bincount(test.y).numpy(), 1000)
     assert float(train.X.min()) == 0.0 and float(train.X.max()) == 1.0
+
+
+# --- plain numeric dtypes only (issue 14, scope 6) ------------------------------------------
+
+
+class _VoidDType:
+    """Pickles as numpy does a void dtype, with a crafted state: ``fields`` (name ->
+    ``(dtype, offset)``) and flags 0, so an object field is not flagged as one."""
+
+    def __init__(self, fields, size=8):
+        self.fields, self.size = fields, size
+
+    def __reduce__(self):
+        state = (3, "|", None, tuple(self.fields), self.fields, self.size, 1, 0)
+        return (np.dtype, (f"V{self.size}", False, True), state)
+
+
+class _ArrayOf:
+    """Pickles as numpy does an array of one element, with raw bytes and the given dtype."""
+
+    def __init__(self, dtype, raw=b"\x41" * 8):
+        self.dtype, self.raw = dtype, raw
+
+    def __reduce__(self):
+        rebuild = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy's _reconstruct
+        return (rebuild, (np.ndarray, (0,), b"b"), (1, (1,), self.dtype, False, self.raw))
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_refuses_object_field_dtype(tmp_path, protocol):
+    crafted = (np.zeros(2), _VoidDType({"a": (np.dtype("O"), 0)}))
+    path = _write(tmp_path / "crafted.pkl.gz", crafted, protocol)
+    # the crafted pickle is the dangerous kind: plain pickle builds a dtype whose object field
+    # is not flagged as such, and reading it dereferences raw bytes (in a child process)
+    probe = (
+        "import gzip, pickle, sys, numpy as np; d = pickle.load(gzip.open(sys.argv[1]))[1]; "
+        "print(d.names, d.hasobject, flush=True); print(np.frombuffer(b'A' * 8, dtype=d)[0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.stdout.splitlines()[0] == "('a',) False" and out.returncode != 0, out
+    with pytest.raises(pickle.UnpicklingError, match="plain numeric dtypes"):
+        load_numpy_pickle(path)
+
+
+def test_refuses_field_outside_its_dtype(tmp_path):
+    crafted = (_ArrayOf(_VoidDType({"a": (np.dtype("<f8"), 4096)})),)
+    path = _write(tmp_path / "crafted.pkl.gz", crafted)
+    with pytest.raises(pickle.UnpicklingError, match="plain numeric dtypes"):
+        load_numpy_pickle(path)
+
+
+@pytest.mark.parametrize(
+    "arrays",
+    [
+        (np.array([1, "a"], dtype=object),),
+        (np.zeros(2, dtype=[("x", "<f8"), ("y", "<i4")]),),
+        (np.array(["ab"]),),
+    ],
+    ids=["object", "structured", "unicode"],
+)
+def test_refuses_non_numeric_arrays(tmp_path, arrays):
+    path = _write(tmp_path / "x.pkl.gz", arrays)
+    with pytest.raises(pickle.UnpicklingError, match="plain numeric dtypes"):
+        load_numpy_pickle(path)
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 4, 5])
+def test_plain_arrays_round_trip_in_every_layout(tmp_path, protocol):
+    arrays = (
+        np.asfortranarray(np.arange(12, dtype=np.float64).reshape(3, 4)),
+        np.arange(6, dtype=">i4").reshape(2, 3),
+        np.array([True, False]),
+        np.array([1 + 2j], dtype=np.complex64),
+        np.full((), 2.5, dtype=np.float32),
+    )
+    got = load_numpy_pickle(_write(tmp_path / "ok.pkl.gz", arrays, protocol))
+    _assert_same(got, arrays)
+    assert got[0].flags.f_contiguous and got[1].dtype == np.dtype(">i4")

