@@ -310,3 +310,11 @@ def test_real_pandas(blobs, blobs_logreg):
     np.testing.assert_array_equal(got.scores, ref.scores)
     with pytest.warns(UserWarning, match="by position"):
         netmend.identify(blobs_logreg, (df, s.sort_values()), _fail(blobs), "loss", k=5, **RUN)
+
+
+def test_repair_checks_treatment_options_before_identifying(blobs, blobs_logreg, monkeypatch):
+    calls = []
+    monkeypatch.setattr(netmend.api, "_identify", lambda *a, **k: calls.append(1))
+    with pytest.raises(ValueError, match="did you mean 'epochs'"):
+        netmend.repair(blobs_logreg, _train(blobs), _fail(blobs), treat_options={"epocs": 1}, **RUN)
+    assert calls == []  # refused before the (expensive) identification

@@ -312,7 +312,7 @@ def _checked_scores(raw: np.ndarray, n: int, method: str, l2: float | str) -> np
             f"method {method!r} produced non-finite scores; increase l2 (now {l2}) or check the "
             "model's outputs for overflow"
         )
-    if n > 1 and method != "random" and float(scores.max()) == float(scores.min()):
+    if n > 1 and float(scores.max()) == float(scores.min()):
         raise ValueError(
             f"method {method!r} gave all {n} training examples the same score "
             f"({float(scores[0]):.3g}): nothing tells the examples apart, so any top-K would be "
@@ -513,6 +513,8 @@ def repair(
         ``model`` (the repaired copy) and ``culprits(i, n)``.
     """
     seed = check_seed(seed)
+    treatment.get(treat)  # a wrong treatment name or option fails now, not after identifying
+    check_treat_options(treat, treat_options or {})
     common: dict[str, Any] = dict(
         l2=l2, seed=seed, device=device, chunk_size=chunk_size, progress=progress
     )

