@@ -252,8 +252,8 @@ class _Frame:
         self.data, self.index = np.asarray(data), _Index(index)
         self.dtypes = dtypes or {f"c{i}": self.data.dtype for i in range(self.data.shape[1])}
 
-    def to_numpy(self):
-        return self.data
+    def to_numpy(self, dtype=None):
+        return np.asarray(self.data, dtype=dtype)
 
 
 class _Series:
@@ -263,8 +263,8 @@ class _Series:
         self.data, self.index = np.asarray(data), _Index(index)
         self.dtype = self.data.dtype
 
-    def to_numpy(self):
-        return self.data
+    def to_numpy(self, dtype=None):
+        return np.asarray(self.data, dtype=dtype)
 
 
 def test_pandas_inputs_pair_by_position_and_warn_on_other_indexes(blobs, blobs_logreg):
@@ -318,3 +318,20 @@ def test_repair_checks_treatment_options_before_identifying(blobs, blobs_logreg,
     with pytest.raises(ValueError, match="did you mean 'epochs'"):
         netmend.repair(blobs_logreg, _train(blobs), _fail(blobs), treat_options={"epocs": 1}, **RUN)
     assert calls == []  # refused before the (expensive) identification
+
+
+def test_real_pandas_dtypes(blobs, blobs_logreg):
+    pd = pytest.importorskip("pandas")
+    X, y = blobs.X.numpy(), blobs.y.numpy()
+    ref = netmend.identify(blobs_logreg, (X, y), _fail(blobs), "loss", k=5, **RUN)
+    nullable = pd.Series(pd.array(y, dtype="Int64"))
+    got = netmend.identify(
+        blobs_logreg, (pd.DataFrame(X), nullable), _fail(blobs), "loss", k=5, **RUN
+    )
+    np.testing.assert_array_equal(got.scores, ref.scores)
+    holed = pd.Series(pd.array([None, *y[1:]], dtype="Int64"))
+    with pytest.raises(ValueError, match="missing values"):
+        netmend.identify(blobs_logreg, (pd.DataFrame(X), holed), _fail(blobs), "loss", k=5, **RUN)
+    frame = pd.DataFrame({"a": X[:, 0], "b": pd.Categorical(X[:, 1] > 0)})
+    with pytest.raises(TypeError, match=r"non-numeric column\(s\) \['b'\]"):
+        netmend.identify(blobs_logreg, (frame, y), _fail(blobs), "loss", k=5, **RUN)

@@ -196,12 +196,16 @@ def unwrap_pandas(data: Any, name: str) -> Any:
     return (_pandas_values(X, name, "inputs"), _pandas_values(y, name, "labels"))
 
 
-def _numeric(dtype: Any) -> bool:
+def _numeric(dtype: Any) -> np.dtype | None:
+    """The numpy dtype behind a (pandas) dtype if it is numeric or bool, else ``None``."""
     try:
         dt = np.dtype(dtype)
-    except TypeError:  # a pandas extension dtype (category, string, ...)
-        return False
-    return bool(np.issubdtype(dt, np.number) or dt.kind == "b")
+    except TypeError:  # a pandas extension dtype: nullable Int64/Float64/boolean have one
+        inner = getattr(dtype, "numpy_dtype", None)
+        if inner is None:  # category, string, ...
+            return None
+        dt = np.dtype(inner)
+    return dt if (np.issubdtype(dt, np.number) or dt.kind == "b") else None
 
 
 def _pandas_values(obj: Any, name: str, what: str) -> Any:
@@ -209,15 +213,28 @@ def _pandas_values(obj: Any, name: str, what: str) -> Any:
         return obj
     dtypes: Any = getattr(obj, "dtypes", None)
     if hasattr(dtypes, "items"):  # a DataFrame: one dtype per column
-        bad = [str(c) for c, d in dtypes.items() if not _numeric(d)]
+        columns = [(str(c), _numeric(d)) for c, d in dtypes.items()]
+        bad = [c for c, d in columns if d is None]
         if bad:
             raise TypeError(
                 f"{name}: {what} have non-numeric column(s) {bad[:5]}; encode them as numbers "
                 "(e.g. pd.get_dummies or .cat.codes) before calling netmend"
             )
-    elif not _numeric(getattr(obj, "dtype", None)):
-        raise TypeError(
-            f"{name}: {what} have dtype {getattr(obj, 'dtype', None)}; netmend needs numbers "
-            "(labels as class indices 0..C-1, e.g. y.astype('category').cat.codes)"
-        )
-    return obj.to_numpy()
+        numpy_dtypes = [d for _, d in columns if d is not None]
+    else:
+        dt = _numeric(getattr(obj, "dtype", None))
+        if dt is None:
+            raise TypeError(
+                f"{name}: {what} have dtype {getattr(obj, 'dtype', None)}; netmend needs numbers "
+                "(labels as class indices 0..C-1, e.g. y.astype('category').cat.codes)"
+            )
+        numpy_dtypes = [dt]
+    target = np.result_type(*numpy_dtypes) if numpy_dtypes else None
+    try:
+        arr = np.asarray(obj.to_numpy(dtype=target))
+    except (TypeError, ValueError) as exc:  # nullable dtypes holding NA
+        raise ValueError(
+            f"{name}: {what} hold missing values (NA) ({exc}); drop or fill them before calling "
+            "netmend"
+        ) from None
+    return arr if arr.flags.writeable else arr.copy()
