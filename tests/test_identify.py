@@ -519,8 +519,9 @@ def test_identify_auto_k_scores_two_disjoint_halves(monkeypatch, blobs, blobs_lo
     seen = []
 
     def spy(ctx):
-        seen.append(ctx.Xq.clone())
-        seed = int(round(1e6 * float(ctx.Xq.abs().sum()))) + ctx.Xq.shape[0]
+        xq = ctx.Xq.read()  # the failures are a DataSource: read its inputs
+        seen.append(xq.clone())
+        seed = int(round(1e6 * float(xq.abs().sum()))) + xq.shape[0]
         s = np.random.default_rng(seed).normal(size=ctx.N)
         s[block] += 10
         return ident_base.MethodOutput(scores=s)
@@ -547,10 +548,11 @@ def test_identify_auto_k_is_capped_at_positive_scores(monkeypatch, blobs, blobs_
     n_pos = {"value": 15}
 
     def method(ctx):
-        rng = np.random.default_rng(ctx.Xq.shape[0] * 7 + int(1e6 * float(ctx.Xq.sum())) % 1000)
+        xq = ctx.Xq.read()  # the failures are a DataSource: read its inputs
+        rng = np.random.default_rng(xq.shape[0] * 7 + int(1e6 * float(xq.sum())) % 1000)
         s = rng.uniform(1, 2, size=ctx.N)
         s[block] += 10
-        if ctx.Xq.shape[0] == m:  # the full failure set: only the first n_pos are positive
+        if xq.shape[0] == m:  # the full failure set: only the first n_pos are positive
             s = -np.abs(s)
             s[: n_pos["value"]] = 1 + np.arange(n_pos["value"])[::-1]
         return ident_base.MethodOutput(scores=s)

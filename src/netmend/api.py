@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 from netmend import identification, store, treatment
-from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device
+from netmend.data.checks import check_labels, resolve_device
+from netmend.data.source import PROBE_ROWS, DataSource, SourceLike, as_source
+from netmend.data.task import Task
 from netmend.data.validate import check_causes, check_count, check_k, check_seed
 from netmend.evaluation import FailureSplit, accuracies
 from netmend.identification.base import Context
@@ -163,18 +165,45 @@ class RepairResult:
         return self.identification.culprits(i, n)
 
 
+DataLike = SourceLike
+"""A map-style ``Dataset``, a non-shuffled ``DataLoader``, a pair ``(X, y)`` or a
+:class:`netmend.data.source.DataSource`."""
+
+
 def _prepare(
-    model: nn.Module, train: DataLike, device: torch.device, chunk_size: int = 64
-) -> tuple[nn.Module, torch.Tensor, torch.Tensor, int]:
+    model: nn.Module,
+    train: DataLike,
+    device: torch.device,
+    task: Task | None,
+    chunk_size: int = 64,
+) -> tuple[nn.Module, DataSource, torch.Tensor, int]:
     check_model(model)
     check_finite_parameters(model)
-    X, y = as_tensors(train, "train")
+    src = as_source(train, "train", task)
     work = _private_copy(model, device)
-    X = match_dtype(X, param_dtype(work))
-    classes = num_classes_of(work, X, device)
-    check_logits(work, X[: min(64, max(chunk_size, 1))], device, "train")
-    check_labels(y, classes, "train")
-    return work, X, y, classes
+    X = match_dtype(src, param_dtype(work))
+    assert isinstance(X, DataSource)  # match_dtype keeps a source a source
+    probe = X[: min(PROBE_ROWS, max(chunk_size, 1))]  # kept by as_source: no re-read
+    classes = num_classes_of(work, probe, device, X.task)
+    check_logits(work, probe, device, "train", X.task)
+    check_labels(X.labels, classes, "train")
+    return work, X, X.labels, classes
+
+
+def _failures(
+    failures: DataLike, X: DataSource, classes: int, dtype: torch.dtype, task: Task | None
+) -> DataSource:
+    """The failures as a source like the training set's (same input structure and dtype)."""
+    F = as_source(failures, "failures", task)
+    if F.signature is not None and X.signature is not None and F.signature != X.signature:
+        raise ValueError(
+            f"failures have input shape {F.signature} but train has {X.signature}: pass "
+            "failures with inputs like the training set's"
+        )
+    check_labels(F.labels, classes, "failures")
+    out = match_dtype(F, dtype)
+    assert isinstance(out, DataSource)
+    return out
 
 
 def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
@@ -197,14 +226,20 @@ def identify(
     fisher: torch.Tensor | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     overwrite_cache: bool = False,
+    task: Task | None = None,
     **options: Any,
 ) -> Identification:
     """Score every training example for how much it caused the failures.
 
     Args:
-        model: a classifier ``nn.Module`` returning logits ``[B, C]`` (not modified).
-        train: the training set (``Dataset`` of ``(x, y)``, unshuffled ``DataLoader``, or
-            ``(X, y)``), ``N`` examples.
+        model: a classifier ``nn.Module`` (not modified) whose output holds logits ``[B, C]``
+            (a tensor, a tuple starting with it, a dict with ``"logits"`` or an object with
+            ``.logits``; see ``task``).
+        train: the training set, ``N`` examples: a map-style ``Dataset`` (items ``(x, y)``
+            or dicts with ``"labels"``; read batch by batch in index order, never held in
+            memory), an unshuffled ``DataLoader`` over one (its ``collate_fn`` and
+            ``num_workers`` are used), or ``(X, y)`` tensors (see
+            :func:`netmend.data.source.as_source`).
         failures: inputs the model gets wrong, with their **correct** labels, ``M`` examples.
         method: a registered method (``netmend.identification.available()``): "ewc"
             (EWC-influence, default), "linear"; the influence family "influence", "ekfac",
@@ -233,6 +268,9 @@ def identify(
             ``progress`` and ``k`` may change between runs; any other setting may not.
         overwrite_cache: replace a ``cache_dir`` that holds a run with other settings
             (otherwise that raises ``ValueError``).
+        task: a :class:`netmend.data.task.Task`: how a batch splits into inputs and labels,
+            how the model is called and where its logits are (default
+            :class:`netmend.data.task.ClassificationTask`).
         **options: method options (e.g. ``steps`` for "ewc", ``curvature`` for "linear").
 
     Returns:
@@ -251,29 +289,26 @@ def identify(
     check_identify_options(method, options)
     seed = check_seed(seed)
     dev = resolve_device(device)
-    work, X, y, classes = _prepare(model, train, dev, chunk_size)
-    k = check_k(k, X.shape[0])
-    Xf, yf = as_tensors(failures, "failures")
-    if Xf.shape[1:] != X.shape[1:]:
-        raise ValueError(
-            f"failures have input shape {tuple(Xf.shape[1:])} but train has {tuple(X.shape[1:])}"
-        )
-    check_labels(yf, classes, "failures")
-    X, Xf = match_dtype(X, param_dtype(work)), match_dtype(Xf, param_dtype(work))
-    check_failures(work, Xf, yf, dev, 1024)
-    fm = FunctionalModel.of(work)
+    work, X, y, classes = _prepare(model, train, dev, task, chunk_size)
+    k = check_k(k, len(X))
+    Xf = _failures(failures, X, classes, param_dtype(work), task)
+    yf = Xf.labels
+    check_failures(work, Xf, yf, dev, 1024, Xf.task)
+    fm = FunctionalModel.of(work, X.task)
     _check_fisher(fisher, fm)
     torch.manual_seed(seed)
     run = None
     if cache_dir is not None:
-        key = store.run_settings(work, (X, y), (Xf, yf), method, options, l2, seed, fisher)
+        key = store.run_settings(
+            work, X.fingerprint(), Xf.fingerprint(), method, options, l2, seed, fisher
+        )
         run = store.RunCache(cache_dir, key, overwrite=overwrite_cache)
         fn = cached_method(fn, run)
     with store.activated(run, "setup"):
         ctx = Context(fm, X, y, Xf, yf, dev, chunk_size, progress, seed, l2, options, fisher)
     t0 = time.perf_counter()
     out = fn(ctx)
-    scores = _checked_scores(out.scores, X.shape[0], method, ctx.l2)
+    scores = _checked_scores(out.scores, len(X), method, ctx.l2)
     info = dict(out.info, l2=None if isinstance(ctx.l2, str) else float(ctx.l2))
     if (k is None or k == "auto") and out.info.get("default_k") == "positive":
         causes = identification.select(scores, "positive")  # valued methods: no K to choose
@@ -332,7 +367,7 @@ def _auto_causes(
     seed: int,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Top-K causes with K from the agreement of two random halves of the query failures."""
-    m = ctx.Xq.shape[0]
+    m = len(ctx.Xq)
     positive = identification.select(scores, "positive")
     if m < 4:
         warnings.warn(
@@ -366,6 +401,7 @@ def treat(
     failures: DataLike | None = None,
     theta_plus_f: torch.Tensor | None = None,
     record: dict[str, Any] | None = None,
+    task: Task | None = None,
     **options: Any,
 ) -> nn.Module:
     """Make a repaired copy of ``model`` that forgets (or is retrained without) ``causes``.
@@ -389,6 +425,9 @@ def treat(
         record: a dict that the treatment fills in place with what it did ("align": how far
             each cause moved, its energy and label before and after; "relabel": which labels
             changed). Left untouched by treatments that record nothing.
+        task: as in :func:`identify`. The retained set ``D \\ C`` is a view of ``train``
+            read batch by batch (``TreatContext.X[keep]``; ``.dataset()`` gives it as a torch
+            ``Subset``).
         **options: treatment options (e.g. ``epochs`` for "finetune", ``step_size`` for "newton").
 
     Returns:
@@ -398,21 +437,14 @@ def treat(
     check_treat_options(method, options)
     seed = check_seed(seed)
     dev = resolve_device(device)
-    work, X, y, classes = _prepare(model, train, dev, chunk_size)
-    X = match_dtype(X, param_dtype(work))
-    idx = check_causes(causes, X.shape[0])
-    fm = FunctionalModel.of(work)
+    work, X, y, classes = _prepare(model, train, dev, task, chunk_size)
+    idx = check_causes(causes, len(X))
+    fm = FunctionalModel.of(work, X.task)
     _check_fisher(fisher, fm)
     fail = None
     if failures is not None:
-        Xf, yf = as_tensors(failures, "failures")
-        if Xf.shape[1:] != X.shape[1:]:
-            raise ValueError(
-                f"failures have input shape {tuple(Xf.shape[1:])} but train has "
-                f"{tuple(X.shape[1:])}"
-            )
-        check_labels(yf, classes, "failures")
-        fail = (match_dtype(Xf, param_dtype(work)), yf)
+        Xf = _failures(failures, X, classes, param_dtype(work), task)
+        fail = (Xf, Xf.labels)
     if theta_plus_f is not None and tuple(theta_plus_f.shape) != (fm.num_params,):
         raise ValueError(
             f"theta_plus_f has shape {tuple(theta_plus_f.shape)} but the model has "
@@ -435,7 +467,9 @@ def treat(
         fisher,
         options,
         failures=fail,
-        theta_plus_f=None if theta_plus_f is None else theta_plus_f.detach().to(X.dtype),
+        theta_plus_f=(
+            None if theta_plus_f is None else theta_plus_f.detach().to(param_dtype(work))
+        ),
     )
     out = fn(ctx)
     _check_treated(out, method)
@@ -461,12 +495,17 @@ def evaluate(
     test: DataLike,
     split: FailureSplit | None = None,
     device: str | torch.device | None = "auto",
+    task: Task | None = None,
 ) -> dict[str, float]:
     """Accuracies of ``model`` on the test set and, given a :class:`FailureSplit`, on the
-    query failures, held-out failures and examples the original model got right."""
-    X, y = as_tensors(test, "test")
+    query failures, held-out failures and examples the original model got right.
+
+    ``test`` is read batch by batch (any form :func:`identify` takes for ``train``);
+    ``task`` as in :func:`identify`."""
+    X = as_source(test, "test", task)
     dev = resolve_device(device)
-    return accuracies(_private_copy(model, dev), match_dtype(X, param_dtype(model)), y, split, dev)
+    Xm = match_dtype(X, param_dtype(model))
+    return accuracies(_private_copy(model, dev), Xm, X.labels, split, dev)
 
 
 _identify, _treat = identify, treat  # repair()'s arguments shadow these names
@@ -489,6 +528,7 @@ def repair(
     identify_options: dict[str, Any] | None = None,
     treat_options: dict[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    task: Task | None = None,
 ) -> RepairResult:
     """Find the training examples behind ``failures`` and return a repaired copy of ``model``.
 
@@ -507,6 +547,7 @@ def repair(
         l2, train_config, device, chunk_size, progress: see :func:`identify` / :func:`treat`.
         identify_options, treat_options: method-specific options.
         cache_dir: save (and reuse, or resume) the identification there (see :func:`identify`).
+        task: how batches and outputs are read (see :func:`identify`).
 
     Returns:
         A :class:`RepairResult` with ``scores`` (``[N]``, positive = harmful), ``causes``,
@@ -516,8 +557,11 @@ def repair(
     treatment.get(treat)  # a wrong treatment name or option fails now, not after identifying
     check_treat_options(treat, treat_options or {})
     common: dict[str, Any] = dict(
-        l2=l2, seed=seed, device=device, chunk_size=chunk_size, progress=progress
+        l2=l2, seed=seed, device=device, chunk_size=chunk_size, progress=progress, task=task
     )
+    # read (and check) each data set once: the treatment reuses the identification's sources
+    train = as_source(train, "train", task)
+    failures = as_source(failures, "failures", task)
     opts = dict(identify_options or {}, cache_dir=cache_dir)
     ident = _identify(model, train, failures, identify, k, **common, **opts)
     t0 = time.perf_counter()

@@ -169,8 +169,8 @@ def jsonable(value: Any) -> Any:
 
 def run_settings(
     model: nn.Module,
-    train: tuple[torch.Tensor, torch.Tensor],
-    failures: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[torch.Tensor, torch.Tensor] | str,
+    failures: tuple[torch.Tensor, torch.Tensor] | str,
     method: str,
     options: Mapping[str, Any],
     l2: float | str,
@@ -181,7 +181,8 @@ def run_settings(
 
     Args:
         model: the (private copy of the) model; train, failures: ``(X, y)`` as scored
-            (after conversion to the model's dtype).
+            (after conversion to the model's dtype), or a hash of their content (a data
+            source's ``fingerprint()``).
         method, options, l2, seed: as passed to :func:`netmend.identify`.
         fisher: a precomputed Fisher passed by the user, if any.
     """
@@ -195,8 +196,8 @@ def run_settings(
         "seed": int(seed),
         "dtype": str(dtype),
         "model": module_hash(model),
-        "train": tensor_hash(*train),
-        "failures": tensor_hash(*failures),
+        "train": train if isinstance(train, str) else tensor_hash(*train),
+        "failures": failures if isinstance(failures, str) else tensor_hash(*failures),
         "fisher": None if fisher is None else tensor_hash(fisher),
     }
 

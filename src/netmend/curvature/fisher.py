@@ -39,7 +39,8 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from netmend.curvature.hooks import HookFallback, hook_pass, layer_slices
 from netmend.data.streaming import chunks, map_chunks
-from netmend.model.functional import FunctionalModel
+from netmend.data.task import tree_map
+from netmend.model.functional import Data, FunctionalModel
 from netmend.store import tensor_hash
 
 if TYPE_CHECKING:
@@ -101,14 +102,14 @@ def per_example_grads(
     layers = layer_slices(fm)
     if layers is None:
         return fm.per_example_grads(theta, x, y).detach()
-    G = torch.zeros(x.shape[0], theta.numel(), dtype=theta.dtype, device=theta.device)
+    G = torch.zeros(y.shape[0], theta.numel(), dtype=theta.dtype, device=theta.device)
     try:
         passes = hook_pass(fm, theta, x, y, layers)
     except HookFallback:
         return fm.per_example_grads(theta, x, y).detach()
     for m, sl, a, d in passes:
         gw, gb = _layer_grads(m, a, d)
-        G[:, sl["weight"]] = gw.reshape(x.shape[0], -1)
+        G[:, sl["weight"]] = gw.reshape(y.shape[0], -1)
         if "bias" in sl:
             G[:, sl["bias"]] = gb
     return G
@@ -117,7 +118,7 @@ def per_example_grads(
 def fisher_diag_sum(
     fm: FunctionalModel,
     theta: torch.Tensor,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     chunk_size: int = 128,
     device: torch.device | str = "cpu",
@@ -159,7 +160,7 @@ def fisher_diag_sum(
 
     # resumable inside identify(..., cache_dir=...): see netmend.data.streaming.map_chunks
     total = map_chunks(
-        X.shape[0],
+        len(X),
         chunk_size,
         chunk_sum,
         desc="fisher",
@@ -218,7 +219,7 @@ def cg(
 def dense_curvature(
     fm: FunctionalModel,
     theta: torch.Tensor,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     kind: str,
     chunk_size: int = 128,
@@ -237,10 +238,10 @@ def dense_curvature(
     P = theta.numel()
     out = torch.zeros(P, P, dtype=theta.dtype, device=device)
 
-    def logits_one(t: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
-        return fm.logits(t, xi.unsqueeze(0)).squeeze(0)
+    def logits_one(t: torch.Tensor, xi: Any) -> torch.Tensor:
+        return fm.logits(t, tree_map(lambda a: a.unsqueeze(0), xi)).squeeze(0)
 
-    for s in chunks(X.shape[0], chunk_size):
+    for s in chunks(len(X), chunk_size):
         x, t = X[s].to(device), y[s].to(device)
         if kind == "fisher":
             G = per_example_grads(fm, theta, x, t)  # [b, P]
@@ -323,7 +324,7 @@ class Curvature:
     kind: str
     fm: FunctionalModel
     theta: torch.Tensor
-    X: torch.Tensor
+    X: Data
     y: torch.Tensor
     damping: float
     diag: torch.Tensor | None = None
@@ -390,7 +391,7 @@ class Curvature:
         if self.factors is not None:
             return self.factors.matvec(v) + self.damping * v
         out = self.damping * v
-        for s in chunks(self.X.shape[0], self.chunk_size):
+        for s in chunks(len(self.X), self.chunk_size):
             x, t = self.X[s].to(self.device), self.y[s].to(self.device)
             if self.kind == "fisher":
                 _, gv = self.fm.ll_jvp(self.theta, v, x, t)  # [b] = g_n . v

@@ -82,7 +82,7 @@ from tqdm.auto import tqdm
 
 from netmend.curvature.hooks import HookFallback, hook_deltas, hook_forward, unfold_input
 from netmend.data.streaming import chunks
-from netmend.model.functional import FunctionalModel
+from netmend.model.functional import Data, FunctionalModel
 
 KRONECKER_KINDS: tuple[str, ...] = ("kfac", "ekfac")
 FISHER_TYPES: tuple[str, ...] = ("empirical", "sampled", "exact")
@@ -541,7 +541,7 @@ def _check_args(kind: str, fisher_type: str, mc_samples: int, N: int) -> None:
 def _passes(
     fm: FunctionalModel,
     theta: torch.Tensor,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     layers: dict[str, tuple[nn.Module, slice, slice | None]],
     fisher_type: str,
@@ -558,7 +558,7 @@ def _passes(
     restricts the pass to a subsample, read chunk by chunk (no copy of the subsample).
     """
     names = list(layers)
-    rows = X.shape[0] if index is None else index.numel()
+    rows = len(X) if index is None else index.numel()
     for c in tqdm(list(chunks(rows, chunk_size)), desc=desc, disable=not progress, leave=False):
         s = c if index is None else index[c]
         x, t = X[s].to(device), y[s].to(device)
@@ -592,7 +592,7 @@ def _eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def kronecker_factors(
     fm: FunctionalModel,
     theta: torch.Tensor,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     kind: str = "kfac",
     fisher_type: str = DEFAULT_FISHER_TYPE,
@@ -630,11 +630,11 @@ def kronecker_factors(
     Raises:
         ValueError: unsupported layers (see :func:`kronecker_layers`) or bad arguments.
     """
-    _check_args(kind, fisher_type, mc_samples, int(X.shape[0]))
+    _check_args(kind, fisher_type, mc_samples, int(len(X)))
     device = torch.device(device)
     theta = theta.detach().to(device)
     layers = kronecker_layers(fm)
-    N = int(X.shape[0])
+    N = int(len(X))
     uniforms = None
     if fisher_type == "sampled":
         gen = torch.Generator().manual_seed(seed)
@@ -681,7 +681,7 @@ def eigencorrect(
     factors: KroneckerFactors,
     fm: FunctionalModel,
     theta: torch.Tensor,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     chunk_size: int = 512,
     device: torch.device | str = "cpu",
@@ -707,9 +707,9 @@ def eigencorrect(
     uniforms = None
     if factors.fisher_type == "sampled":
         gen = torch.Generator().manual_seed(factors.seed)
-        uniforms = torch.rand(X.shape[0], factors.mc_samples, generator=gen, dtype=torch.float64)
+        uniforms = torch.rand(len(X), factors.mc_samples, generator=gen, dtype=torch.float64)
     lam = {n: torch.zeros_like(lf.eigenvalues) for n, lf in by_name.items()}
-    N = int(X.shape[0])
+    N = int(len(X))
     index = _subsample(N, max_examples, factors.seed, 1, "correction_max_examples")
     n_used = N if index is None else index.numel()
     args = (fm, theta, X, y, layers, factors.fisher_type, uniforms, chunk_size, device, progress)

@@ -15,6 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from netmend.model.functional import Data
 from netmend.model.training import predict
 
 
@@ -39,7 +40,7 @@ class FailureSplit:
 
 def split_failures(
     model: nn.Module,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     seed: int = 0,
     query_fraction: float = 0.5,
@@ -62,7 +63,7 @@ def split_failures(
 
 def accuracies(
     model: nn.Module,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     split: FailureSplit | None = None,
     device: torch.device | str = "cpu",

@@ -16,7 +16,7 @@ import torch
 
 from netmend._registry import Registry
 from netmend.curvature import Curvature, fisher_diag_sum, per_example_grads
-from netmend.model.functional import FunctionalModel, stream, summed_grad
+from netmend.model.functional import Data, FunctionalModel, stream, summed_grad
 from netmend.store import tensor_hash
 
 AUTO_L2_RATIO = 1e4
@@ -47,7 +47,7 @@ def grad_rows(
     theta: torch.Tensor,
     fn: Callable[[torch.Tensor], torch.Tensor],
     desc: str,
-    X: torch.Tensor | None = None,
+    X: Data | None = None,
     y: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``fn(G_chunk)`` over the training set (or ``(X, y)``), concatenated on CPU.
@@ -83,9 +83,9 @@ class Context:
     """
 
     fm: FunctionalModel
-    X: torch.Tensor
+    X: Data
     y: torch.Tensor
-    Xq: torch.Tensor
+    Xq: Data
     yq: torch.Tensor
     device: torch.device
     chunk_size: int = 128
@@ -110,7 +110,7 @@ class Context:
 
     @property
     def N(self) -> int:
-        return int(self.X.shape[0])
+        return int(len(self.X))
 
     @property
     def theta(self) -> torch.Tensor:

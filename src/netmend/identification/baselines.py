@@ -21,7 +21,7 @@ def self_loss(ctx: Context) -> MethodOutput:
     """
     ll = log_likelihoods(ctx.fm, ctx.theta, ctx.X, ctx.y, ctx.chunk_size, ctx.device)
     scores = (-ll).double().numpy() - np.log(2.0)
-    m = ctx.Xq.shape[0]
+    m = len(ctx.Xq)
     return MethodOutput(
         scores=scores,
         per_failure=lambda: np.repeat(scores.astype(np.float32)[:, None], m, axis=1),
@@ -34,7 +34,7 @@ def random_scores(ctx: Context) -> MethodOutput:
     # a stream of its own: np.random.default_rng(seed) alone would replay the very draws that
     # seeded corruptions (netmend.corrupt) made, and rank the flipped examples last
     rng = np.random.default_rng([ctx.seed, 0x52414E44])
-    m = ctx.Xq.shape[0]
+    m = len(ctx.Xq)
     return MethodOutput(
         scores=rng.uniform(-1, 1, size=ctx.N),
         per_failure=lambda: rng.uniform(-1, 1, size=(ctx.N, m)).astype(np.float32),

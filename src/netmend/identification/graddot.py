@@ -41,7 +41,7 @@ def grad_dot(ctx: Context) -> MethodOutput:
     check_options(ctx, ("target",), "grad_dot")
     target = option_target(ctx, "grad_dot")
     theta = ctx.theta
-    if target == "failures" and ctx.N * ctx.Xq.shape[0] <= EAGER_PER_FAILURE:
+    if target == "failures" and ctx.N * len(ctx.Xq) <= EAGER_PER_FAILURE:
         per = per_failure_pass(ctx, [theta], [1.0], "grad_dot")  # one pass gives both
         return MethodOutput(
             scores=per.double().sum(1).numpy(),

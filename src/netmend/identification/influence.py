@@ -36,6 +36,7 @@ from torch import nn
 from netmend.curvature import DENSE_MAX_PARAMS, Curvature, cg, per_example_grads
 from netmend.data.streaming import chunks
 from netmend.identification.base import Context, MethodOutput, grad_rows, register
+from netmend.model.functional import Data
 
 AUTO_DAMPING_RATIO = 0.1
 """``damping="auto"`` is ``AUTO_DAMPING_RATIO * mean(diag F_sum)`` (kronfluence's heuristic)."""
@@ -83,7 +84,7 @@ def failure_grads(ctx: Context, theta: torch.Tensor) -> torch.Tensor:
     """Per-failure gradients ``grad log p(f_i|theta)`` ``[M, P]``, computed in chunks."""
     parts = [
         per_example_grads(ctx.fm, theta, ctx.Xq[s].to(ctx.device), ctx.yq[s].to(ctx.device))
-        for s in chunks(ctx.Xq.shape[0], ctx.chunk_size)
+        for s in chunks(len(ctx.Xq), ctx.chunk_size)
     ]
     return torch.cat(parts)
 
@@ -176,7 +177,7 @@ def build_curvature(
     ctx: Context,
     kind: str,
     damping: float,
-    X: torch.Tensor | None = None,
+    X: Data | None = None,
     y: torch.Tensor | None = None,
     solver: str = "auto",
 ) -> Curvature:

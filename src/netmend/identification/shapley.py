@@ -41,6 +41,7 @@ The Monte-Carlo estimators on the same game (truncated Monte-Carlo Shapley, Data
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -52,9 +53,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from netmend.data.checks import as_tensors, check_labels
+from netmend.data.source import DataSource
 from netmend.data.streaming import chunks
+from netmend.data.task import Task, tree_map
 from netmend.identification.base import Context, MethodOutput, register
-from netmend.model.functional import as_input, param_dtype
+from netmend.model.functional import Data
+from netmend.model.training import task_of
+
+log = logging.getLogger(__name__)
 
 DEFAULT_K = 5
 """Neighbours of the KNN utility. K = 5 is the common default (scikit-learn's, Jia et al.'s
@@ -70,7 +76,7 @@ Embed = Callable[[torch.Tensor], torch.Tensor]
 # ----------------------------------------------------------------------------- embeddings
 
 
-def _last_linear(model: nn.Module, x: torch.Tensor) -> nn.Linear:
+def _last_linear(model: nn.Module, x: Any, task: Task) -> nn.Linear:
     """The ``nn.Linear`` that the forward pass calls last (the classification head)."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
@@ -83,7 +89,7 @@ def _last_linear(model: nn.Module, x: torch.Tensor) -> nn.Linear:
     handles = [m.register_forward_pre_hook(lambda mod, _inp: called.append(mod)) for m in linears]
     try:
         with torch.no_grad():
-            model(x[:1])
+            task.forward(model, x)
     finally:
         for h in handles:
             h.remove()
@@ -97,12 +103,16 @@ def _last_linear(model: nn.Module, x: torch.Tensor) -> nn.Linear:
 
 def penultimate_embeddings(
     model: nn.Module,
-    X: torch.Tensor,
+    X: Data,
     chunk_size: int = 512,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    task: Task | None = None,
 ) -> torch.Tensor:
     """The input of the model's last-called ``nn.Linear`` for every example, ``[N, D]`` on CPU.
+
+    ``X`` is a tensor or a :class:`netmend.data.source.DataSource` (read chunk by chunk);
+    ``task`` calls the model (default: ``X``'s own).
 
     A forward pre-hook records the head's input chunk by chunk; it is removed afterwards (the
     model is otherwise untouched; netmend passes its private copy).
@@ -111,7 +121,8 @@ def penultimate_embeddings(
         ValueError: the model has no ``nn.Linear`` (pass ``embed=`` instead).
     """
     device = torch.device(device)
-    head = _last_linear(model, as_input(X[:1].to(device), param_dtype(model)))
+    task = task_of(X, task)
+    head = _last_linear(model, X[:1].to(device), task)
     last: list[torch.Tensor] = []
     out: torch.Tensor | None = None
 
@@ -122,21 +133,42 @@ def penultimate_embeddings(
     try:
         with torch.no_grad():
             for s in tqdm(
-                list(chunks(X.shape[0], chunk_size)),
+                list(chunks(len(X), chunk_size)),
                 desc="embed",
                 disable=not progress,
                 leave=False,
             ):
-                model(as_input(X[s].to(device), param_dtype(model)))
+                task.forward(model, X[s].to(device))
                 e = last[0]
                 if out is None:  # one [N, D] buffer, filled in place (no list of chunks)
-                    out = torch.empty((X.shape[0], e.shape[1]), dtype=e.dtype)
+                    out = torch.empty((len(X), e.shape[1]), dtype=e.dtype)
                 out[s] = e.cpu()
     finally:
         handle.remove()
     if out is None:
         raise ValueError("no examples to embed: X is empty")
     return out
+
+
+def _cast(x: Any, dtype: torch.dtype) -> Any:
+    """A chunk of inputs for a user's ``embed`` callable: floating inputs in ``dtype``."""
+    return tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, x)
+
+
+def _flat_inputs(X: Data) -> torch.Tensor:
+    """The flattened inputs ``[N, D]`` (``embed="input"``): the whole set, by definition."""
+    if isinstance(X, DataSource):
+        log.info(
+            "embed='input' reads all %d inputs into memory (the embedding is the inputs)", len(X)
+        )
+        x = X.read()
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                "embed='input' needs tensor inputs; with dict inputs pass embed= a callable "
+                "mapping a batch to features [B, D], or leave it None"
+            )
+        X = x
+    return X.reshape(len(X), -1)
 
 
 def embedder(
@@ -146,7 +178,8 @@ def embedder(
     chunk_size: int,
     device: torch.device,
     progress: bool = False,
-) -> Callable[[torch.Tensor], torch.Tensor]:
+    task: Task | None = None,
+) -> Callable[[Data], torch.Tensor]:
     """The embedding ``[n, ...] -> [n, D]`` (CPU) named by an ``embed`` option.
 
     ``embed``: ``None``, the input of the model's last ``nn.Linear``
@@ -155,24 +188,24 @@ def embedder(
     Shared by the Shapley methods and the "knn" label source of the treatments.
     """
     if embed is None:
-        return lambda X: penultimate_embeddings(model, X, chunk_size, device, progress)
+        return lambda X: penultimate_embeddings(model, X, chunk_size, device, progress, task)
     if isinstance(embed, str):
         if embed != "input":
             raise ValueError(f"embed must be None, 'input' or a callable; got {embed!r}")
-        return lambda X: X.reshape(X.shape[0], -1)
+        return _flat_inputs
     if not callable(embed):
         raise ValueError(f"embed must be None, 'input' or a callable; got {type(embed).__name__}")
 
-    def run(X: torch.Tensor) -> torch.Tensor:
+    def run(X: Data) -> torch.Tensor:
         with torch.no_grad():
             outs = [
-                torch.as_tensor(embed(as_input(X[s].to(device), dtype)))
-                for s in chunks(X.shape[0], chunk_size)
+                torch.as_tensor(embed(_cast(X[s].to(device), dtype)))
+                for s in chunks(len(X), chunk_size)
             ]
         E = torch.cat([o.detach().reshape(o.shape[0], -1).cpu() for o in outs])
-        if E.shape[0] != X.shape[0]:
+        if E.shape[0] != len(X):
             raise ValueError(
-                f"embed returned {E.shape[0]} rows for {X.shape[0]} inputs; it must map a batch "
+                f"embed returned {E.shape[0]} rows for {len(X)} inputs; it must map a batch "
                 "[B, ...] to features [B, D]"
             )
         return E
@@ -180,10 +213,10 @@ def embedder(
     return run
 
 
-def _embedder(ctx: Context) -> Callable[[torch.Tensor], torch.Tensor]:
+def _embedder(ctx: Context) -> Callable[[Data], torch.Tensor]:
     return embedder(
         ctx.options.get("embed"), ctx.fm.module, ctx.theta.dtype, ctx.chunk_size, ctx.device,
-        ctx.progress,
+        ctx.progress, ctx.fm.task,
     )  # fmt: skip
 
 
@@ -520,7 +553,7 @@ def build_game(ctx: Context) -> KNNGame:
         raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
     valid_weight = _float_option(ctx, "valid_weight", 1.0)
     embed = _embedder(ctx)
-    M = int(ctx.Xq.shape[0])
+    M = int(len(ctx.Xq))
     Xt, yt = ctx.Xq, ctx.yq
     weights = np.full(M, 1.0 / M)
     valid = ctx.options.get("valid", "train")
@@ -533,13 +566,14 @@ def build_game(ctx: Context) -> KNNGame:
         self_idx = _self_validation(ctx)
     elif valid is not None:
         Xv, yv = as_tensors(valid, "valid")
-        if Xv.shape[1:] != ctx.X.shape[1:]:
+        Xt = ctx.Xq.read() if isinstance(ctx.Xq, DataSource) else ctx.Xq  # the M failures
+        if not isinstance(Xt, torch.Tensor) or Xv.shape[1:] != Xt.shape[1:]:
             raise ValueError(
-                f"valid has input shape {tuple(Xv.shape[1:])} but train has "
-                f"{tuple(ctx.X.shape[1:])}: pass valid=(Xv, yv) with inputs like the training set"
+                f"valid has input shape {tuple(Xv.shape[1:])} unlike the failures' inputs: pass "
+                "valid=(Xv, yv) with tensor inputs like the training set"
             )
         with torch.no_grad():
-            classes = int(ctx.fm.logits(ctx.theta, ctx.X[:1].to(ctx.device)).shape[-1])
+            classes = int(ctx.fm.logits(ctx.theta, ctx.Xq[:1].to(ctx.device)).shape[-1])
         check_labels(yv, classes, "valid")
         if Xv.dtype != Xt.dtype:  # e.g. uint8 failures, float valid: both as the model's dtype
             Xt, Xv = Xt.to(ctx.theta.dtype), Xv.to(ctx.theta.dtype)

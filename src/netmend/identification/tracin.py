@@ -99,7 +99,7 @@ def tracin(ctx: Context) -> MethodOutput:
     target = option_target(ctx, "tracin")
     thetas = checkpoint_thetas(ctx, ctx.options.get("checkpoints"))
     lrs = checkpoint_lrs(ctx.options.get("lrs"), len(thetas))
-    if target == "failures" and ctx.N * ctx.Xq.shape[0] <= EAGER_PER_FAILURE:
+    if target == "failures" and ctx.N * len(ctx.Xq) <= EAGER_PER_FAILURE:
         per = per_failure_pass(ctx, thetas, lrs, "tracin")  # one pass gives both
         return MethodOutput(
             scores=per.double().sum(1).numpy(),

@@ -30,6 +30,7 @@ time.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,7 @@ from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
 from netmend.data.streaming import chunks
+from netmend.data.task import tree_map
 from netmend.identification.base import Context, MethodOutput, register
 from netmend.identification.influence import (
     check_options,
@@ -44,6 +46,7 @@ from netmend.identification.influence import (
     option_target,
     out_dtype,
 )
+from netmend.model.functional import Data
 
 BLOCK_ELEMENTS = 2**20
 """Entries of ``R`` generated at once (``BLOCK_ELEMENTS // k`` parameter rows per block)."""
@@ -113,14 +116,14 @@ class GaussianProjection:
 
 
 def margins_and_grads(
-    ctx: Context, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+    ctx: Context, theta: torch.Tensor, x: Any, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Margins ``m = logit_y - logsumexp_{j != y} logit_j`` ``[B]`` and their per-example
     gradients ``[B, P]`` (``torch.func.vmap``), for one chunk."""
     fm = ctx.fm
 
-    def margin(t: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        z = fm.logits(t, xi.unsqueeze(0)).squeeze(0)
+    def margin(t: torch.Tensor, xi: Any, yi: torch.Tensor) -> torch.Tensor:
+        z = fm.logits(t, tree_map(lambda a: a.unsqueeze(0), xi)).squeeze(0)
         mask = torch.arange(z.shape[0], device=z.device) == yi
         zy = torch.where(mask, z, torch.zeros_like(z)).sum()
         others = torch.where(mask, torch.full_like(z, -math.inf), z)
@@ -135,7 +138,7 @@ def margins_and_grads(
 def features(
     ctx: Context,
     theta: torch.Tensor,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     project: GaussianProjection | None,
     desc: str,
@@ -144,7 +147,7 @@ def features(
     streamed in chunks of ``ctx.chunk_size``; on ``ctx.device``."""
     phis, ws = [], []
     for s in tqdm(
-        list(chunks(X.shape[0], ctx.chunk_size)), desc=desc, disable=not ctx.progress, leave=False
+        list(chunks(len(X), ctx.chunk_size)), desc=desc, disable=not ctx.progress, leave=False
     ):
         m, G = margins_and_grads(ctx, theta, X[s].to(ctx.device), y[s].to(ctx.device))
         phis.append(project(G) if project is not None else G)
@@ -200,7 +203,7 @@ def trak(ctx: Context) -> MethodOutput:
         raise ValueError(f"ridge must be 'auto' or a number >= 0; got {ridge!r}")
     seed = int(o.get("proj_seed", ctx.seed))
     T = len(thetas)
-    kern = torch.zeros(ctx.N, ctx.Xq.shape[0], dtype=ctx.theta.dtype)  # mean phi_z K^-1 phi_f
+    kern = torch.zeros(ctx.N, len(ctx.Xq), dtype=ctx.theta.dtype)  # mean phi_z K^-1 phi_f
     kern_self = torch.zeros(ctx.N, dtype=ctx.theta.dtype)
     wbar = torch.zeros(ctx.N, dtype=ctx.theta.dtype)
     lambdas = []

@@ -11,7 +11,8 @@ import warnings
 import torch
 from torch import nn
 
-from netmend.model.functional import as_input, param_dtype
+from netmend.data.task import Task, resolve_task
+from netmend.model.functional import Data
 from netmend.model.training import predict
 
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.AlphaDropout)
@@ -35,26 +36,34 @@ def check_model(model: nn.Module) -> None:
         )
 
 
-def num_classes_of(model: nn.Module, X: torch.Tensor, device: torch.device) -> int:
-    """Number of outputs of ``model`` (its logits' last dimension) on one input."""
+def num_classes_of(
+    model: nn.Module, X: Data, device: torch.device, task: Task | None = None
+) -> int:
+    """Number of outputs of ``model`` (its logits' last dimension) on the first input of ``X``.
+
+    Raises:
+        TypeError: the output holds no logits ``task`` can read (a clear message says what
+            outputs are understood).
+        ValueError: the logits are not of shape ``[batch, classes]``.
+    """
     with torch.no_grad():
-        out = model(as_input(X[:1].to(device), param_dtype(model)))
-    if out.ndim != 2:
-        raise ValueError(
-            f"model output must be logits of shape [batch, classes]; got shape {tuple(out.shape)}"
-        )
-    return int(out.shape[1])
+        return int(resolve_task(task).forward(model, X[:1].to(device)).shape[1])
 
 
 def check_failures(
-    model: nn.Module, Xf: torch.Tensor, yf: torch.Tensor, device: torch.device, batch_size: int
+    model: nn.Module,
+    Xf: Data,
+    yf: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    task: Task | None = None,
 ) -> torch.Tensor:
     """Check that the failures are failures; return a boolean mask of the ones the model gets wrong.
 
     Raises:
         ValueError: the model already classifies every "failure" correctly.
     """
-    pred = predict(model, Xf, device=device, batch_size=batch_size)
+    pred = predict(model, Xf, device=device, batch_size=batch_size, task=task)
     wrong = pred != yf
     if not bool(wrong.any()):
         raise ValueError(
@@ -92,7 +101,9 @@ PROBABILITY_ATOL = 1e-4
 """How close to 1 a row's sum (or its ``exp``'s sum) must be to count as a distribution."""
 
 
-def check_logits(model: nn.Module, X: torch.Tensor, device: torch.device, name: str) -> None:
+def check_logits(
+    model: nn.Module, X: Data, device: torch.device, name: str, task: Task | None = None
+) -> None:
     """Refuse a model whose outputs are probabilities; warn about log-probabilities.
 
     netmend applies ``log_softmax`` to the model's outputs. Probabilities (rows ``>= 0``
@@ -105,11 +116,14 @@ def check_logits(model: nn.Module, X: torch.Tensor, device: torch.device, name: 
 
     Raises:
         ValueError: every row of the first batch is a probability distribution.
+
+    ``X`` is a tensor or a :class:`netmend.data.source.DataSource`; ``task`` calls the model
+    and reads its logits.
     """
-    if X.shape[0] < 2:
+    if len(X) < 2:
         return
     with torch.no_grad():
-        out = model(as_input(X[:64].to(device), param_dtype(model)))
+        out = resolve_task(task).forward(model, X[:64].to(device))
     if out.ndim != 2 or out.shape[1] < 2 or not out.is_floating_point():
         return
     out = out.double()

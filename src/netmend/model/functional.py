@@ -10,15 +10,22 @@ cross-entropy); gradients are of ``ll`` (not of the loss) unless a name says ``l
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
+from netmend.data.source import DataSource
 from netmend.data.streaming import chunks, map_chunks
+from netmend.data.task import DEFAULT_TASK, Inputs, Task, batch_len, tree_map
 from netmend.store import tensor_hash
+
+Data = Union[torch.Tensor, DataSource]  # noqa: UP007 (a runtime alias)
+"""A data set's inputs ``[N, ...]``: a tensor, or a :class:`DataSource` read batch by batch.
+Both support ``len(X)``, views ``X[s]`` and ``X[s].to(device)`` (a batch of inputs)."""
 
 
 def as_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -40,9 +47,12 @@ def param_dtype(model: nn.Module) -> torch.dtype:
     )
 
 
-def match_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def match_dtype(X: Data, dtype: torch.dtype) -> Data:
     """A whole data set for a model of ``dtype``: floating inputs cast to it (a no-op when they
-    match), integer inputs kept as they are (:func:`as_input` converts each chunk)."""
+    match), integer inputs kept as they are. A :class:`DataSource` casts each batch as it is
+    read (no copy of the set)."""
+    if isinstance(X, DataSource):
+        return X.with_dtype(dtype)
     return X.to(dtype) if X.is_floating_point() else X
 
 
@@ -56,6 +66,9 @@ class FunctionalModel:
         shapes: their shapes.
         theta: the flat parameter vector ``[P]`` at which the model was captured (detached).
         buffers: buffers and frozen parameters, passed through unchanged.
+        task: how the model is called on a batch of inputs and where its logits are
+            (:class:`netmend.data.task.Task`; the default reads tensors, tuples, dicts and
+            ``.logits``).
     """
 
     module: nn.Module
@@ -63,15 +76,17 @@ class FunctionalModel:
     shapes: list[torch.Size]
     theta: torch.Tensor
     buffers: dict[str, torch.Tensor]
+    task: Task = field(default=DEFAULT_TASK)
 
     @classmethod
-    def of(cls, model: nn.Module) -> FunctionalModel:
+    def of(cls, model: nn.Module, task: Task | None = None) -> FunctionalModel:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
         buffers = {n: b for n, b in model.named_buffers()}
         buffers.update(frozen)
         theta = torch.cat([p.detach().reshape(-1) for _, p in named])
-        return cls(model, [n for n, _ in named], [p.shape for _, p in named], theta, buffers)
+        names, shapes = [n for n, _ in named], [p.shape for _, p in named]
+        return cls(model, names, shapes, theta, buffers, task or DEFAULT_TASK)
 
     @property
     def num_params(self) -> int:
@@ -86,27 +101,30 @@ class FunctionalModel:
             i += k
         return out
 
-    def logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Logits ``[B, C]`` at flat parameters ``theta`` ``[P]``."""
+    def logits(self, theta: torch.Tensor, x: Inputs) -> torch.Tensor:
+        """Logits ``[B, C]`` at flat parameters ``theta`` ``[P]`` on a batch of inputs ``x``
+        (a tensor ``[B, ...]`` or a dict of them, called and read through :attr:`task`)."""
         params = self.unflatten(theta)
-        return functional_call(self.module, (params, self.buffers), (as_input(x, theta.dtype),))
 
-    def ll(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return functional_call(self.module, (params, self.buffers), args, kwargs)
+
+        return self.task.forward(call, x)
+
+    def ll(self, theta: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         """Per-example log-likelihood ``log p(y|x, theta)``, shape ``[B]``."""
         return -F.cross_entropy(self.logits(theta, x), y, reduction="none")
 
-    def per_example_grads(
-        self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
-    ) -> torch.Tensor:
+    def per_example_grads(self, theta: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         """Gradients of each example's log-likelihood, ``[B, P]`` (vmap over examples)."""
 
-        def one(t: torch.Tensor, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-            return self.ll(t, xi.unsqueeze(0), yi.unsqueeze(0)).squeeze(0)
+        def one(t: torch.Tensor, xi: Inputs, yi: torch.Tensor) -> torch.Tensor:
+            return self.ll(t, tree_map(lambda a: a.unsqueeze(0), xi), yi.unsqueeze(0)).squeeze(0)
 
         return vmap(grad(one), in_dims=(None, 0, 0))(theta, x, y)
 
     def ll_jvp(
-        self, theta: torch.Tensor, v: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+        self, theta: torch.Tensor, v: torch.Tensor, x: Inputs, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ll, g.v)``: log-likelihoods ``[B]`` and directional derivatives ``[B]`` along ``v``.
 
@@ -118,7 +136,7 @@ class FunctionalModel:
         return out.detach(), tangent.detach()
 
     def ll_vjp(
-        self, theta: torch.Tensor, u: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+        self, theta: torch.Tensor, u: torch.Tensor, x: Inputs, y: torch.Tensor
     ) -> torch.Tensor:
         """``sum_n u_n grad log p(y_n|x_n, theta)``, shape ``[P]`` (one backward pass)."""
         pull = vjp(lambda t: self.ll(t, x, y), theta)[1]
@@ -126,9 +144,9 @@ class FunctionalModel:
 
 
 def stream(
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    fn: Callable[[Inputs, torch.Tensor], torch.Tensor],
     chunk_size: int,
     device: torch.device,
     progress: bool = False,
@@ -136,6 +154,8 @@ def stream(
     fingerprint: Callable[[], str] | None = None,
 ) -> torch.Tensor:
     """Apply ``fn(x_chunk, y_chunk) -> [b, ...]`` over the data in chunks; concatenate on CPU.
+
+    ``X`` is a tensor or a :class:`DataSource` (read chunk by chunk, in index order).
 
     Resumable: inside ``netmend.identify(..., cache_dir=...)`` the completed chunks are
     checkpointed and a rerun skips them (see :func:`netmend.data.streaming.map_chunks`, which also
@@ -146,14 +166,14 @@ def stream(
         return fn(X[s].to(device), y[s].to(device)).detach().cpu()
 
     return map_chunks(
-        X.shape[0], chunk_size, one, desc=desc, progress=progress, fingerprint=fingerprint
+        len(X), chunk_size, one, desc=desc, progress=progress, fingerprint=fingerprint
     )
 
 
 def log_likelihoods(
     fm: FunctionalModel,
     theta: torch.Tensor,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     chunk_size: int = 1024,
     device: torch.device | str = "cpu",
@@ -178,7 +198,7 @@ def log_likelihoods(
 def summed_grad(
     fm: FunctionalModel,
     theta: torch.Tensor,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     chunk_size: int = 1024,
     device: torch.device | str = "cpu",
@@ -187,7 +207,7 @@ def summed_grad(
     device = torch.device(device)
     theta = theta.to(device)
     total = torch.zeros_like(theta)
-    for s in chunks(X.shape[0], chunk_size):
+    for s in chunks(len(X), chunk_size):
         x, t = X[s].to(device), y[s].to(device)
-        total += fm.ll_vjp(theta, torch.ones(x.shape[0], dtype=theta.dtype, device=device), x, t)
+        total += fm.ll_vjp(theta, torch.ones(batch_len(x), dtype=theta.dtype, device=device), x, t)
     return total

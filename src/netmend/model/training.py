@@ -15,7 +15,16 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from netmend.model.functional import as_input, param_dtype
+from netmend.data.source import DataSource
+from netmend.data.task import Task, batch_len, resolve_task
+from netmend.model.functional import Data
+
+
+def task_of(X: Data, task: Task | None) -> Task:
+    """``task``, else the source's own, else the default :class:`ClassificationTask`."""
+    if task is None and isinstance(X, DataSource):
+        return X.task
+    return resolve_task(task)
 
 
 @dataclass(frozen=True)
@@ -51,7 +60,7 @@ class TrainConfig:
 
 def fit(
     model: nn.Module,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     config: TrainConfig = TrainConfig(),
     seed: int = 0,
@@ -59,12 +68,15 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     callback: Callable[[int, nn.Module], None] | None = None,
+    task: Task | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with Adam on mean cross-entropy and return it.
 
     Args:
-        model: classifier returning logits ``[B, C]``.
-        X: inputs ``[N, ...]``; y: labels ``[N]``.
+        model: classifier (its logits ``[B, C]`` read through ``task``).
+        X: inputs ``[N, ...]``, or a :class:`DataSource` (each minibatch is read from it, so a
+            ``Dataset`` on disk is never held in memory); y: labels ``[N]`` (or soft targets
+            ``[N, C]``).
         config: epochs (fractions allowed), batch size, learning rate, weight decay.
         seed: seeds the shuffling order.
         device: where to train.
@@ -73,7 +85,10 @@ def fit(
         callback: called as ``callback(step, model)`` after every optimiser step (``step``
             from 0); e.g. :class:`netmend.identification.tracin.Checkpoints` keeps TracIn
             checkpoints. It must not modify the model.
+        task: how to call the model and read its logits (default: ``X``'s, else
+            :class:`netmend.data.task.ClassificationTask`).
     """
+    task = task_of(X, task)
     device = torch.device(device)
     model.to(device).train()
     opt: torch.optim.Optimizer
@@ -84,8 +99,7 @@ def fit(
     else:
         opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     gen = torch.Generator().manual_seed(seed)
-    dtype = param_dtype(model)
-    n = X.shape[0]
+    n = len(X)
     steps = max(1, int(round(config.epochs * n / config.batch_size)))
     order = torch.empty(0, dtype=torch.long)
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
@@ -98,8 +112,8 @@ def fit(
             pos = 0
         idx = order[pos : pos + config.batch_size]
         pos += config.batch_size
-        xb, yb = as_input(X[idx].to(device), dtype), y[idx].to(device)
-        loss = F.cross_entropy(model(xb), yb)
+        xb, yb = X[idx].to(device), y[idx].to(device)
+        loss = F.cross_entropy(task.forward(model, xb), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -119,32 +133,52 @@ def fit(
 
 @torch.no_grad()
 def logits(
-    model: nn.Module, X: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 1024
+    model: nn.Module,
+    X: Data,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1024,
+    task: Task | None = None,
 ) -> torch.Tensor:
-    """Logits ``[N, C]`` of ``model`` on ``X`` (on CPU), computed in batches without gradients."""
+    """Logits ``[N, C]`` of ``model`` on ``X`` (on CPU), computed in batches without gradients.
+
+    ``X`` is a tensor ``[N, ...]`` or a :class:`DataSource` (read batch by batch); ``task``
+    calls the model and reads its logits (default: ``X``'s, else the default task).
+    """
+    task = task_of(X, task)
     device = torch.device(device)
-    dt = param_dtype(model)
-    out = [
-        model(as_input(X[i : i + batch_size].to(device), dt)).cpu()
-        for i in range(0, X.shape[0], batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0)
+    out: torch.Tensor | None = None
+    n = len(X)
+    for i in range(0, n, batch_size):
+        x = X[i : i + batch_size].to(device)
+        z = task.forward(model, x).cpu()
+        if out is None:  # one [N, C] buffer, no list of chunks
+            out = torch.empty((n, *z.shape[1:]), dtype=z.dtype)
+        out[i : i + batch_len(x)] = z
+    return out if out is not None else torch.empty(0)
 
 
 def predict(
-    model: nn.Module, X: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 1024
+    model: nn.Module,
+    X: Data,
+    device: torch.device | str = "cpu",
+    batch_size: int = 1024,
+    task: Task | None = None,
 ) -> torch.Tensor:
     """Predicted classes ``[N]`` (int64, CPU)."""
-    return logits(model, X, device, batch_size).argmax(1)
+    return logits(model, X, device, batch_size, task).argmax(1)
 
 
 def accuracy(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, device: torch.device | str = "cpu"
+    model: nn.Module,
+    X: Data,
+    y: torch.Tensor,
+    device: torch.device | str = "cpu",
+    task: Task | None = None,
 ) -> float:
     """Share of ``X`` that ``model`` classifies as ``y`` (nan for an empty set)."""
     if y.numel() == 0:
         return float("nan")
-    return float((predict(model, X, device) == y).float().mean())
+    return float((predict(model, X, device, task=task) == y).float().mean())
 
 
 def fresh_copy(model: nn.Module, seed: int) -> nn.Module:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from netmend.data.streaming import chunks
+from netmend.model.functional import Data
 from netmend.model.training import TrainConfig, fit
 from netmend.treatment.base import TreatContext
 
@@ -94,12 +95,12 @@ def theta_plus_f(ctx: TreatContext) -> torch.Tensor:
 
 @torch.no_grad()
 def predictive(
-    ctx: TreatContext, theta: torch.Tensor, X: torch.Tensor, temperature: float = 1.0
+    ctx: TreatContext, theta: torch.Tensor, X: Data, temperature: float = 1.0
 ) -> torch.Tensor:
     """``softmax(f_theta(x) / temperature)`` for every row of ``X``: ``[N, classes]`` on CPU."""
     out = [
         torch.softmax(ctx.fm.logits(theta, X[s].to(ctx.device)) / temperature, dim=1).cpu()
-        for s in chunks(X.shape[0], max(ctx.chunk_size, 1024))
+        for s in chunks(len(X), max(ctx.chunk_size, 1024))
     ]
     return torch.cat(out)
 
@@ -179,12 +180,12 @@ def finetune_config(ctx: TreatContext, n_examples: int) -> TrainConfig:
     )
 
     opts = {k: ctx.options[k] for k in RECIPE_OPTIONS if k in ctx.options}
-    return finetune_recipe(ctx.train_config, int(ctx.X.shape[0]), n_examples, opts)
+    return finetune_recipe(ctx.train_config, int(len(ctx.X)), n_examples, opts)
 
 
 def finetune_layers(
     ctx: TreatContext,
-    X: torch.Tensor,
+    X: Data,
     targets: torch.Tensor,
     layers: list[str] | None,
     desc: str,
@@ -205,7 +206,7 @@ def finetune_layers(
         the original's (restored after training: tail averaging would otherwise round them),
         and every parameter keeps its original ``requires_grad``.
     """
-    cfg = finetune_config(ctx, int(X.shape[0]))
+    cfg = finetune_config(ctx, int(len(X)))
     model = copy.deepcopy(ctx.model)
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     trained: set[str] = set()

@@ -187,13 +187,13 @@ def input_range(
 def auto_eps(X: torch.Tensor, norm: str, chunk_size: int = 4096) -> float:
     """``AUTO_EPS_FRACTION`` times the mean ``norm``-distance of training inputs to their mean."""
     mean = sum(
-        (X[s].to(torch.float64).sum(0, keepdim=True) for s in chunks(X.shape[0], chunk_size)),
+        (X[s].to(torch.float64).sum(0, keepdim=True) for s in chunks(len(X), chunk_size)),
         torch.zeros((1, *X.shape[1:]), dtype=torch.float64),
-    ) / max(X.shape[0], 1)
+    ) / max(len(X), 1)
     total = 0.0
-    for s in chunks(X.shape[0], chunk_size):
+    for s in chunks(len(X), chunk_size):
         total += float(_norm(X[s].to(torch.float64) - mean, norm).sum())
-    return AUTO_EPS_FRACTION * total / max(X.shape[0], 1)
+    return AUTO_EPS_FRACTION * total / max(len(X), 1)
 
 
 @register("align", options=ALIGN_OPTIONS)
@@ -246,7 +246,8 @@ def align(ctx: TreatContext) -> nn.Module:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0; got {steps!r}")
     eps_opt = opts.get("eps", "auto")
-    eps = auto_eps(ctx.X, norm) if eps_opt == "auto" else float(eps_opt)
+    X = ctx.tensor_inputs("align")  # moves inputs: needs them as one tensor
+    eps = auto_eps(X, norm) if eps_opt == "auto" else float(eps_opt)
     if not 0 < eps < float("inf"):
         raise ValueError(f"eps must be a positive number or 'auto'; got {eps_opt!r}")
     step_opt = opts.get("step_size", "auto")
@@ -260,8 +261,8 @@ def align(ctx: TreatContext) -> nn.Module:
     layers = layer_names(ctx.model, opts.get("layers"))
 
     theta_f = theta_plus_f(ctx)
-    Xc, yc = ctx.X[ctx.causes], ctx.y[ctx.causes]
-    lo, hi = input_range(ctx.X, clip, ctx.fm.theta.dtype)
+    Xc, yc = X[ctx.causes], ctx.y[ctx.causes]
+    lo, hi = input_range(X, clip, ctx.fm.theta.dtype)
     aligned, trace = align_inputs(
         ctx.fm,
         theta_f,
@@ -281,7 +282,7 @@ def align(ctx: TreatContext) -> nn.Module:
     dropped = confidence < min_confidence
     used = ~dropped
     keep = ctx.keep
-    X_all = torch.cat([ctx.X[keep].to(aligned.dtype), aligned[used]])
+    X_all = torch.cat([X[keep].to(aligned.dtype), aligned[used]])
     targets: torch.Tensor
     if hard:
         targets = torch.cat([ctx.y[keep], new_hard[used]])

@@ -7,6 +7,7 @@ returns a **new** model; the user's model is never modified.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,8 +17,11 @@ from torch import nn
 
 from netmend._registry import Registry
 from netmend.curvature import fisher_diag_sum
-from netmend.model.functional import FunctionalModel
+from netmend.data.source import DataSource
+from netmend.model.functional import Data, FunctionalModel
 from netmend.model.training import TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -44,7 +48,7 @@ class TreatContext:
 
     model: nn.Module
     fm: FunctionalModel
-    X: torch.Tensor
+    X: Data
     y: torch.Tensor
     causes: torch.Tensor
     device: torch.device
@@ -55,7 +59,7 @@ class TreatContext:
     train_config: TrainConfig = field(default_factory=TrainConfig)
     fisher: torch.Tensor | None = None
     options: dict[str, Any] = field(default_factory=dict)
-    failures: tuple[torch.Tensor, torch.Tensor] | None = None
+    failures: tuple[Data, torch.Tensor] | None = None
     theta_plus_f: torch.Tensor | None = None
     record: dict[str, Any] = field(default_factory=dict)
 
@@ -100,7 +104,7 @@ class TreatContext:
     @property
     def keep(self) -> torch.Tensor:
         """Boolean mask ``[N]`` of the retained examples ``D \\ C``."""
-        mask = torch.ones(self.X.shape[0], dtype=torch.bool)
+        mask = torch.ones(len(self.X), dtype=torch.bool)
         mask[self.causes] = False
         return mask
 
@@ -113,6 +117,26 @@ class TreatContext:
             return fisher_diag_sum(self.fm, theta, self.X[keep], self.y[keep], **kw)
         removed = fisher_diag_sum(self.fm, theta, self.X[self.causes], self.y[self.causes], **kw)
         return (self.fisher.to(self.device) - removed).clamp_min(0)
+
+    def tensor_inputs(self, why: str) -> torch.Tensor:
+        """The training inputs as one tensor ``[N, ...]``, for a treatment that needs them so.
+
+        Reads a ``Dataset`` source whole (logged: it then needs the memory of the set).
+
+        Raises:
+            TypeError: the inputs are not a tensor (e.g. dicts of token ids).
+        """
+        if not isinstance(self.X, DataSource):
+            return self.X
+        if not self.X.in_memory:
+            log.info("%s reads all %d training inputs into memory as one tensor", why, len(self.X))
+        x = self.X.read()
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"{why} needs the training inputs as one tensor; these are "
+                f"{type(x).__name__} (e.g. a dict of token ids): use another treatment"
+            )
+        return x
 
     def model_at(self, theta: torch.Tensor) -> nn.Module:
         """A deep copy of the model with its trainable parameters set to ``theta`` ``[P]``."""

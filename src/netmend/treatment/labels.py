@@ -28,6 +28,7 @@ import torch
 
 from netmend.data.streaming import chunks
 from netmend.identification.shapley import embedder
+from netmend.model.functional import Data
 from netmend.model.training import logits
 from netmend.treatment.adapted import finetune_layers, predictive, theta_plus_f
 from netmend.treatment.base import TreatContext
@@ -122,10 +123,15 @@ def check_min_confidence(value: Any) -> float:
     return t
 
 
-def _embedder(ctx: TreatContext) -> Callable[[torch.Tensor], torch.Tensor]:
+def _embedder(ctx: TreatContext) -> Callable[[Data], torch.Tensor]:
     """The embedding of the "knn" source: ``[n, ...] -> [n, D]`` on CPU."""
     return embedder(
-        ctx.options.get("embed"), ctx.model, ctx.fm.theta.dtype, ctx.chunk_size, ctx.device
+        ctx.options.get("embed"),
+        ctx.model,
+        ctx.fm.theta.dtype,
+        ctx.chunk_size,
+        ctx.device,
+        task=ctx.fm.task,
     )
 
 
@@ -134,7 +140,7 @@ def label_distribution(
     source: str,
     temperature: float,
     layers: list[str] | None,
-    X_model: torch.Tensor | None = None,
+    X_model: Data | None = None,
 ) -> torch.Tensor:
     """The source's distribution over classes for every cause, ``[K, classes]`` on CPU.
 
@@ -158,18 +164,18 @@ def label_distribution(
     if source == "deletion":
         keep = ctx.keep
         deleted = finetune_layers(ctx, ctx.X[keep], ctx.y[keep], layers, "delete")
-        z = logits(deleted, Xc, ctx.device, max(ctx.chunk_size, 1024))
+        z = logits(deleted, Xc, ctx.device, max(ctx.chunk_size, 1024), task=ctx.fm.task)
         return torch.softmax(z / temperature, dim=1).to(ctx.fm.theta.dtype)
     if "temperature" in ctx.options:
         raise ValueError(
             "temperature applies to the model sources ('theta_plus_f', 'deletion'); with "
             "source='knn' the soft label is the neighbours' vote share: drop temperature="
         )
-    n = ctx.X.shape[0]
+    n = len(ctx.X)
     k = ctx.options.get("neighbours", DEFAULT_NEIGHBOURS)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n - 1:
         raise ValueError(f"neighbours must be an int in [1, {n - 1}] (N - 1); got {k!r}")
-    classes = int(logits(ctx.model, ctx.X[:1], ctx.device).shape[1])
+    classes = int(logits(ctx.model, ctx.X[:1], ctx.device, task=ctx.fm.task).shape[1])
     E = _embedder(ctx)(ctx.X)
     chunk = max(ctx.chunk_size, 1024)
     return knn_votes(E, ctx.y, ctx.causes, k, classes, chunk, ctx.device, ctx.fm.theta.dtype)

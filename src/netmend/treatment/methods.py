@@ -14,6 +14,7 @@ from torch import nn
 
 from netmend.curvature import SOLVER_OPTIONS, Curvature, solver_options
 from netmend.curvature.kfac import EWC_FISHER_TYPE
+from netmend.data.task import rows
 from netmend.model.functional import summed_grad
 from netmend.model.optim import preconditioned_ascent
 from netmend.model.training import TrainConfig, fit, fresh_copy
@@ -133,7 +134,7 @@ def finetune(ctx: TreatContext) -> nn.Module:
     ``average_tail``.
     """
     keep = ctx.keep
-    cfg = finetune_recipe(ctx.train_config, ctx.X.shape[0], int(keep.sum()), ctx.options)
+    cfg = finetune_recipe(ctx.train_config, len(ctx.X), int(keep.sum()), ctx.options)
     model = copy.deepcopy(ctx.model)
     return fit(model, ctx.X[keep], ctx.y[keep], cfg, ctx.seed, ctx.device, ctx.progress, "finetune")
 
@@ -262,9 +263,10 @@ def ewc_deletion(ctx: TreatContext) -> nn.Module:
             f"unknown curvature {kind!r} for the ewc treatment; choose 'diag', 'kfac' or 'ekfac'"
         )
     theta0 = ctx.fm.theta.to(ctx.device)
+    # the causes' inputs, read once (K examples): the gain is evaluated at every step
     Xc, yc = ctx.X[ctx.causes].to(ctx.device), ctx.y[ctx.causes].to(ctx.device)
     with torch.no_grad():
-        classes = ctx.fm.logits(theta0, Xc[:1]).shape[1]
+        classes = ctx.fm.logits(theta0, rows(Xc, slice(0, 1))).shape[1]
     cap = float(ctx.options.get("cap", 2 * math.log(classes)))
     chunk = max(ctx.chunk_size, 1024)
     tol = float(ctx.options.get("max_retained_increase", 0.02))
@@ -273,8 +275,8 @@ def ewc_deletion(ctx: TreatContext) -> nn.Module:
 
     def gain(theta: torch.Tensor) -> torch.Tensor:
         total = theta.new_zeros(())
-        for i in range(0, Xc.shape[0], chunk):
-            z = ctx.fm.logits(theta, Xc[i : i + chunk])
+        for i in range(0, len(yc), chunk):
+            z = ctx.fm.logits(theta, rows(Xc, slice(i, i + chunk)))
             ce = F.cross_entropy(z, yc[i : i + chunk], reduction="none")
             total = total + ce.clamp(max=cap).sum()
         return total

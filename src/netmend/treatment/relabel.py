@@ -96,7 +96,7 @@ def relabel(ctx: TreatContext) -> nn.Module:
         targets = torch.nn.functional.one_hot(ctx.y, probs.shape[1]).to(probs.dtype)
         targets[ctx.causes] = probs
     if bool(dropped.any()):
-        train = torch.ones(ctx.X.shape[0], dtype=torch.bool)
+        train = torch.ones(len(ctx.X), dtype=torch.bool)
         train[ctx.causes[dropped]] = False
         model = finetune_layers(ctx, ctx.X[train], targets[train], layers, "relabel")
     else:
