@@ -183,7 +183,7 @@ def _prepare(
     work = _private_copy(model, device)
     X = match_dtype(src, param_dtype(work))
     assert isinstance(X, DataSource)  # match_dtype keeps a source a source
-    probe = X[: min(PROBE_ROWS, max(chunk_size, 1))]  # kept by as_source: no re-read
+    probe = X.head(min(PROBE_ROWS, max(chunk_size, 1)))  # kept by as_source: no re-read
     classes = num_classes_of(work, probe, device, X.task)
     check_logits(work, probe, device, "train", X.task)
     check_labels(X.labels, classes, "train")

@@ -100,6 +100,10 @@ class _Reader:
     def read(self, index: Index) -> Inputs:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def read_head(self, index: Index) -> Inputs:
+        """:meth:`read` for the model probe (a reader may serve it from memory)."""
+        return self.read(index)
+
     def fingerprint(self) -> str:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -142,14 +146,19 @@ class _DatasetReader(_Reader):
     def _inputs(self, batch: Any) -> Inputs:
         return self.task.inputs_and_labels(batch)[0]
 
-    def read(self, index: Index) -> Inputs:
+    def read_head(self, index: Index) -> Inputs:
+        """Like :meth:`read`, for the model probe: the first examples come from the items the
+        checking pass kept, not from a second read."""
         if (
             isinstance(index, range)
             and index.step == 1
             and index.start == 0
             and 0 < index.stop <= len(self.head)
-        ):  # the model probe: served from the checking pass
+        ):
             return self._inputs(self.collate(self.head[: index.stop]))
+        return self.read(index)
+
+    def read(self, index: Index) -> Inputs:
         if self.num_workers > 0 and isinstance(index, range) and index.step == 1 and len(index) > 0:
             return self._inputs(self._prefetched(index.start, index.stop))
         items = [self.dataset[int(i)] for i in index]
@@ -192,6 +201,7 @@ class DataSource:
         self._reader, self._all_labels, self.task = reader, labels, task
         self._index, self.dtype, self.signature = index, dtype, signature
         self._labels: torch.Tensor | None = None
+        self._probe = False  # a view made by head(): may be served from the checking pass
 
     def __len__(self) -> int:
         return self._reader.n if self._index is None else len(self._index)
@@ -230,9 +240,16 @@ class DataSource:
     def __getitem__(self, key: Any) -> DataSource:
         """A view over ``key`` (slice, int64 index array or boolean mask ``[N]``); reads nothing."""
         sub = _compose(self._index, _as_index(key, len(self)))
-        return DataSource(
-            self._reader, self._all_labels, self.task, sub, self.dtype, self.signature
-        )
+        out = DataSource(self._reader, self._all_labels, self.task, sub, self.dtype, self.signature)
+        out._probe = self._probe
+        return out
+
+    def head(self, m: int) -> DataSource:
+        """The first ``m`` examples, for probing the model: a ``Dataset`` source serves up to
+        :data:`PROBE_ROWS` of them from the items its checking pass kept (no second read)."""
+        out = self[:m]
+        out._probe = True
+        return out
 
     def with_dtype(self, dtype: torch.dtype | None) -> DataSource:
         """The same source with floating inputs cast to ``dtype`` as they are read."""
@@ -243,7 +260,8 @@ class DataSource:
     def read(self) -> Inputs:
         """The inputs of this view as one batch, on CPU, in index order."""
         index = range(self._reader.n) if self._index is None else self._index
-        return _cast(self._reader.read(index), self.dtype)
+        read = self._reader.read_head if self._probe else self._reader.read
+        return _cast(read(index), self.dtype)
 
     def to(self, device: torch.device | str) -> Inputs:
         """The inputs of this view as one batch on ``device`` (``X[s].to(device)`` for a tensor).
