@@ -301,6 +301,19 @@ class DataSource:
         return TensorDataset(_cast(X, self.dtype), self.labels)
 
 
+class _SequenceDataset(Dataset):
+    """A list (or any sequence) of items, as a map-style ``Dataset``."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.items[i]
+
+
 SourceLike = Union[DataSource, Dataset, DataLoader, Sequence[Any]]  # noqa: UP007
 """A ``DataSource``; a map-style ``Dataset``; a non-shuffled ``DataLoader``; a pair ``(X, y)``."""
 
@@ -420,6 +433,8 @@ def as_source(
         collate = None if data.collate_fn is default_collate else data.collate_fn
         num_workers = data.num_workers
         data = data.dataset
+        if not isinstance(data, Dataset) and isinstance(data, Sequence):
+            data = _SequenceDataset(data)  # a DataLoader over a list of items
     if isinstance(data, IterableDataset):
         raise ValueError(_ITERABLE.format(name=name))
     if isinstance(data, TensorDataset) and len(data.tensors) == 2 and collate is None:

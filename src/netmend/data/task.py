@@ -95,8 +95,9 @@ class Task:
             key = next((k for k in self.label_keys if k in batch), None)
             if key is None:
                 raise TypeError(
-                    f"a dict batch must hold its labels under one of {list(self.label_keys)}; "
-                    f"got keys {sorted(map(str, batch))}. Rename the key or pass a Task subclass"
+                    "each batch must be (x, y) or a dict with its labels under one of "
+                    f"{list(self.label_keys)}; got a dict with keys {sorted(map(str, batch))}. "
+                    "Rename the key or pass task= a netmend.data.task.Task subclass"
                 )
             rest = {k: v for k, v in batch.items() if k != key}
             return self.inputs(rest), torch.as_tensor(batch[key])
