@@ -208,3 +208,19 @@ def test_a_task_subclass_reads_other_batches(blobs, blobs_logreg, failset):
     assert isinstance(LabelsFirst(), Task)
     with pytest.raises(TypeError, match="labels"):
         ClassificationTask().inputs_and_labels({"input_ids": torch.zeros(2, 3)})
+
+
+def test_docs_data_example_runs(capsys):
+    """docs/data.md's Hugging Face-style example (dict batches, padding collate, ``.logits``
+    outputs) runs as written."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[-1]
+    ns: dict = {}
+    exec(compile(block, "docs/data.md example", "exec"), ns)
+    result = ns["result"]
+    assert result.scores.shape == (len(ns["train_set"]),)
+    assert len(result.causes) > 0 and (result.scores[result.causes] > 0).all()
+    assert "test_acc" in capsys.readouterr().out
