@@ -183,3 +183,25 @@ def test_bad_items_are_refused_clearly(blobs):
     soft = Counting(blobs.X, blobs.y.double() + 0.5)
     with pytest.raises(ValueError, match="integer class indices"):
         as_source(soft, "train")
+
+
+def test_nested_views_compose_like_tensor_indexing(blobs):
+    """Views of views (ranges with steps, reversed, index arrays, empty) select what numpy
+    indexing of ``arange(N)`` with the same keys selects."""
+    src = as_source((blobs.X, blobs.y), "train")
+    ref = np.arange(len(blobs.y))
+    outer = [slice(3, 100, 2), slice(None, None, -3), np.array([7, 1, 1, 30]), slice(5, 5)]
+    inner = [slice(1, 20, 3), slice(None, None, -1), np.array([0, 1]), slice(0, 0)]
+    for a in outer:
+        for b in inner:
+            want = ref[a]
+            if isinstance(b, np.ndarray) and len(want) < 2:
+                continue
+            want = want[b]
+            ka = torch.from_numpy(a) if isinstance(a, np.ndarray) else a
+            kb = torch.from_numpy(b) if isinstance(b, np.ndarray) else b
+            view = src[ka][kb]
+            np.testing.assert_array_equal(view.indices.numpy(), want)
+            if len(want):
+                rows = torch.from_numpy(want.copy())
+                torch.testing.assert_close(view.to("cpu"), blobs.X[rows], rtol=0.0, atol=0.0)

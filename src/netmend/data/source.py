@@ -75,15 +75,15 @@ def _compose(outer: Index | None, key: Index) -> Index:
     """The global indices of ``key`` taken within a view over ``outer`` (None = identity)."""
     if outer is None:
         return key
-    if isinstance(outer, range) and isinstance(key, range):
-        return outer[key.start : key.stop : key.step] if key.step > 0 else outer[key.start :: 0]
-    base = (
-        outer
-        if isinstance(outer, torch.Tensor)
-        else torch.arange(outer.start, outer.stop, outer.step)
-    )
+    if isinstance(outer, range):
+        if isinstance(key, range):
+            if len(key) == 0:
+                return range(0)
+            start, step = outer[key.start], outer.step * key.step
+            return range(start, start + step * len(key), step)
+        return outer.start + key * outer.step  # no arange of the whole view
     sel = key if isinstance(key, torch.Tensor) else torch.arange(key.start, key.stop, key.step)
-    return base[sel]
+    return outer[sel]
 
 
 def _cast(x: Inputs, dtype: torch.dtype | None) -> Inputs:
@@ -121,6 +121,21 @@ class _TensorReader(_Reader):
 
     def fingerprint(self) -> str:
         return tensor_hash(*tensors_of(self.X), self.y)
+
+
+class _Chunks:
+    """Consecutive index ranges ``[i, i + size)`` from ``start`` to ``n`` (a lazy batch sampler:
+    no list of all indices)."""
+
+    def __init__(self, start: int, n: int, size: int) -> None:
+        self.start, self.n, self.size = start, n, size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for i in range(self.start, self.n, self.size):
+            yield list(range(i, min(i + self.size, self.n)))
+
+    def __len__(self) -> int:
+        return -(-(self.n - self.start) // self.size)
 
 
 class _DatasetReader(_Reader):
@@ -167,10 +182,9 @@ class _DatasetReader(_Reader):
     def _prefetched(self, a: int, b: int) -> Any:
         if self._it is None or a != self._next or b - a != self._size:
             size = b - a
-            batches = [list(range(i, min(i + size, self.n))) for i in range(a, self.n, size)]
             loader = DataLoader(
                 self.dataset,
-                batch_sampler=batches,
+                batch_sampler=_Chunks(a, self.n, size),
                 collate_fn=self.collate,
                 num_workers=self.num_workers,
             )

@@ -73,8 +73,11 @@ class Context:
 
     Attributes:
         fm: the model, functionally (the user's model is never modified).
-        X, y: the training set ``[N, ...]``, ``[N]``.
-        Xq, yq: the query failures ``[M, ...]``, ``[M]`` (the only failures a method may see).
+        X, y: the training set: its inputs (a :class:`netmend.data.source.DataSource`, read
+            batch by batch with ``X[s].to(device)``, or a tensor ``[N, ...]``) and labels
+            ``[N]``. Use ``len(X)``; take views ``X[idx]``, never the whole set.
+        Xq, yq: the query failures (a source or tensor of ``M`` inputs), ``[M]`` (the only
+            failures a method may see).
         device, chunk_size, progress, seed: run settings.
         l2: the ``lambda`` of the paper's penalty ``(lambda/2)||theta - theta_hat||^2``; it also
             damps the diagonal Fisher. A number, or "auto" until a method asks for it through

@@ -31,7 +31,9 @@ class TreatContext:
     Attributes:
         model: the original model (read-only: copy it before changing anything).
         fm: the same model, functionally; ``fm.theta`` is ``theta_hat``.
-        X, y: the training set ``[N, ...]``, ``[N]``.
+        X, y: the training set: its inputs (a :class:`netmend.data.source.DataSource` read
+            batch by batch, or a tensor ``[N, ...]``) and labels ``[N]``. ``X[self.keep]``
+            is ``D \\ C`` as a view (nothing is read until a batch is).
         causes: indices of the causes ``C`` (int64, ``[K]``).
         device, chunk_size, progress, seed: run settings.
         l2: ``lambda``, the L2 penalty towards ``theta_hat`` (also the damping).
