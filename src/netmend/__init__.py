@@ -20,17 +20,23 @@ from netmend.api import (
     repair,
     treat,
 )
+from netmend.data.source import DataSource, as_source
+from netmend.data.task import ClassificationTask, Task
 from netmend.lab.validation import validate
 from netmend.model.training import TrainConfig
 
 __all__ = [
     "DEFAULT_IDENTIFY",
     "DEFAULT_TREAT",
+    "ClassificationTask",
     "Culprits",
+    "DataSource",
     "Identification",
     "RepairResult",
+    "Task",
     "TrainConfig",
     "__version__",
+    "as_source",
     "evaluate",
     "identify",
     "repair",

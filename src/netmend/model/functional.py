@@ -28,18 +28,6 @@ Data = Union[torch.Tensor, DataSource]  # noqa: UP007 (a runtime alias)
 Both support ``len(X)``, views ``X[s]`` and ``X[s].to(device)`` (a batch of inputs)."""
 
 
-def as_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A chunk of inputs as the model receives it: unchanged.
-
-    Integer inputs (token ids for an ``nn.Embedding``, ``uint8`` pixels) reach the model as
-    the user's data holds them: converting or scaling them is the model's (or the task's)
-    business, never a silent cast (``netmend.lab.models`` convert integer pixels themselves).
-    ``dtype`` is kept for callers that align floating inputs; it is not applied here.
-    """
-    del dtype
-    return x
-
-
 def param_dtype(model: nn.Module) -> torch.dtype:
     """The floating dtype of ``model``'s parameters (torch's default if it has none)."""
     return next(
