@@ -228,6 +228,15 @@ def select(scores: np.ndarray, k: int | float | str | None) -> np.ndarray:
     raise ValueError(f"k must be an int, a fraction, 'positive', 'auto' or None; got {k!r}")
 
 
+def _ranks(scores: np.ndarray) -> np.ndarray:
+    """Rank of each score in decreasing order (0 = highest; ties by index), ``[n]``; int32
+    when it fits: rank vectors are the largest O(N) buffers of the automatic K."""
+    n = len(scores)
+    r = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
+    r[np.argsort(-scores, kind="stable")] = np.arange(n, dtype=r.dtype)
+    return r
+
+
 def reproducible_k(
     scores_a: np.ndarray, scores_b: np.ndarray, max_k: int | None = None, grid: int = 60
 ) -> tuple[int, dict[int, float]]:
@@ -254,12 +263,11 @@ def reproducible_k(
     max_k = min(n // 2 if max_k is None else max_k, n)
     if max_k < 1:
         return 0, {}
-    ra = np.empty(n, dtype=np.int64)
-    ra[np.argsort(-scores_a, kind="stable")] = np.arange(n)
-    rb = np.empty(n, dtype=np.int64)
-    rb[np.argsort(-scores_b, kind="stable")] = np.arange(n)
-    worst = np.maximum(ra, rb)  # an example is in both top-K sets iff worst < K
-    counts = np.bincount(worst, minlength=n).cumsum()  # counts[K-1] = |top_K(a) & top_K(b)|
+    ra, rb = _ranks(scores_a), _ranks(scores_b)
+    worst = np.maximum(ra, rb, out=ra)  # an example is in both top-K sets iff worst < K
+    del rb
+    counts = np.bincount(worst, minlength=n)
+    np.cumsum(counts, out=counts)  # counts[K-1] = |top_K(a) & top_K(b)|
     ks = np.unique(np.geomspace(min(10, max_k), max_k, grid).astype(np.int64))
     excess = {int(k): float(counts[k - 1] / k - k / n) for k in ks}
     best = max(excess, key=lambda k: (excess[k], k))
