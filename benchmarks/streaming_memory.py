@@ -197,6 +197,10 @@ def main() -> None:
         "holds": big["peak_rss_mib"] <= 1.2 * small["peak_rss_mib"],
     }
     print(json.dumps(summary))
+    git = ["git", "-C", str(HERE)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True)
+    summary["commit"] = commit.strip() + (" (src modified)" if dirty.stdout.strip() else "")
     Path(args.out).write_text(
         json.dumps({"summary": summary, "runs": results, "script": __doc__}, indent=1) + "\n"
     )
