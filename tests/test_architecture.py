@@ -21,10 +21,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("netmend.identification",),  # cause scores, selection
     ("netmend.treatment",),  # repaired copies
     ("netmend.evaluation",),  # failure split, accuracies, controls
-    ("netmend.api",),  # identify / treat / evaluate / repair
+    ("netmend.api", "netmend.continual"),  # identify / treat / evaluate / repair; Repairer
     ("netmend.report",),  # plots and reports
     ("netmend.lab",),  # experiment kit: data sets, corruptions, demo, bench, validation
-    ("netmend.cli", "netmend"),  # the command line and the package's front door
+    ("netmend.cli", "netmend.repair_cli", "netmend"),  # the command line and the front door
 ]
 
 

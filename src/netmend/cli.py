@@ -1,4 +1,9 @@
-"""Command line: ``netmend demo``, ``netmend validate`` and ``netmend bench``."""
+"""Command line: ``netmend repair`` (your model, your files), ``netmend demo``,
+``netmend validate`` and ``netmend bench``.
+
+Exit codes: 0 done; 2 bad input (the message says what to fix, no traceback); 1 an internal
+error (with its traceback).
+"""
 
 from __future__ import annotations
 
@@ -30,6 +35,10 @@ def _demo(args: argparse.Namespace) -> int:
 
         for p in demo_plots(result, artifacts, args.plots):
             print(f"plot written to {p}")
+    if args.report:
+        from netmend.report.html import demo_report
+
+        print(f"report written to {demo_report(result, artifacts, args.report)}")
     return 0
 
 
@@ -112,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         description="Find the training examples behind a classifier's failures and repair it.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from netmend.repair_cli import add_parser as add_repair_parser
+
+    add_repair_parser(sub)
     d = sub.add_parser(
         "demo",
         help="reproduce the MNIST experiment of Tanno et al. (2022) end to end",
@@ -122,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--quick", action="store_true", help="small subset: a ~1 minute smoke run")
     d.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     d.add_argument("--plots", metavar="DIR", help="also write PNG plots (culprit grid, bars)")
+    d.add_argument("--report", metavar="PATH", help="also write a self-contained report.html")
     d.add_argument("--no-progress", action="store_true", help="hide progress bars")
     d.set_defaults(func=_demo)
     v = sub.add_parser(
@@ -170,6 +183,21 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.command == "repair":
+        from netmend.repair_cli import BadInput
+
+        try:
+            return int(args.func(args))
+        except (BadInput, ValueError, TypeError, FileNotFoundError) as exc:
+            # netmend raises ValueError/TypeError for bad input, with what to fix
+            print(f"netmend repair: {exc}", file=sys.stderr)
+            return 2
+        except Exception:  # an internal error: say so, with the traceback
+            import traceback
+
+            traceback.print_exc()
+            print("netmend repair: internal error (please report it)", file=sys.stderr)
+            return 1
     return int(args.func(args))
 
 

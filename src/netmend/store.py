@@ -321,6 +321,18 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     _atomic_write(path, write)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (missing parent folders are created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
 # ----------------------------------------------------------------------------- the run cache
 
 

@@ -1,0 +1,584 @@
+"""``netmend repair``: repair your own model from your own files.
+
+::
+
+    netmend repair --model mypkg.models:make_net --weights net.safetensors \\
+        --train train.npz --failures failures.npz --out run/
+
+The output folder holds ``repaired.safetensors`` (the repaired model's ``state_dict``),
+``scores.csv`` (one row per training example: cause score, positive = harmful; label;
+suggested label where the treatment relabels; selected), ``culprits.csv`` (each failure's top
+training examples), ``summary.json`` (settings, versions, times, accuracies with controls),
+``report.html`` (:mod:`netmend.report.html`) and ``cache/`` (the identification's passes,
+reused by ``--resume``). See docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from netmend import api
+from netmend._version import __version__
+from netmend.data.checks import resolve_device
+from netmend.data.files import FileData, load_data, load_indices
+from netmend.evaluation import split_failures
+from netmend.model.functional import match_dtype, param_dtype
+from netmend.model.training import TrainConfig, fit, predict
+from netmend.report.html import ReportData, culprit_table, write_report
+from netmend.store import save_tensors, write_json_atomic, write_text_atomic
+
+
+class BadInput(Exception):
+    """A problem with the command's arguments or files: exit code 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Exported(nn.Module):
+    """A ``torch.export`` program's module as an ordinary ``nn.Module``.
+
+    Exported modules refuse ``train()``/``eval()`` (they were traced in one mode, which they
+    keep); this wrapper makes those calls set its own flag only, so netmend's copies work.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.program = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.program(x)
+
+    def train(self, mode: bool = True) -> Exported:
+        self.training = mode
+        return self
+
+    def original_state_dict(self) -> dict[str, torch.Tensor]:
+        """The program's own ``state_dict`` (names as in the exported model)."""
+        return dict(self.program.state_dict())
+
+
+def load_model(spec: str, weights: str | None) -> nn.Module:
+    """Build the user's model: ``package.module:factory`` (+ weights) or a TorchScript file.
+
+    Args:
+        spec: ``package.module:factory`` (a zero-argument callable returning the
+            ``nn.Module``; the current folder is importable), or the path of a TorchScript
+            file (``torch.jit.save``) or a ``torch.export`` program (``.pt2``).
+        weights: a ``.safetensors`` file or a ``state_dict`` saved with ``torch.save``
+            (loaded with ``weights_only=True``: no code runs); optional for a factory.
+
+    Returns:
+        The model, in eval mode.
+    """
+    path = Path(spec)
+    if ":" not in spec or path.is_file():
+        if not path.is_file():
+            raise BadInput(
+                f"--model {spec!r}: expected package.module:factory or a TorchScript file"
+            )
+        if path.suffix != ".pt2":
+            raise BadInput(
+                f"--model {path}: netmend differentiates the model with torch.func, which "
+                "TorchScript modules do not support; save it with torch.export.save(...) as a "
+                ".pt2 file, or pass package.module:factory with --weights"
+            )
+        try:
+            model = Exported(torch.export.load(str(path)).module())
+        except Exception as exc:
+            raise BadInput(f"--model {path}: not a torch.export program ({exc})") from exc
+    else:
+        mod_name, _, attr = spec.partition(":")
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise BadInput(
+                f"--model {spec!r}: cannot import {mod_name!r} ({exc}); run from the folder "
+                "that holds the package or add it to PYTHONPATH"
+            ) from exc
+        factory = getattr(mod, attr, None)
+        if not callable(factory):
+            raise BadInput(f"--model {spec!r}: {mod_name} has no callable {attr!r}")
+        model = factory()
+        if not isinstance(model, nn.Module):
+            raise BadInput(
+                f"--model {spec!r}: the factory returned {type(model).__name__}, not an nn.Module"
+            )
+    if weights is not None:
+        target = model.program if isinstance(model, Exported) else model
+        try:
+            target.load_state_dict(_load_state_dict(weights))
+        except RuntimeError as exc:
+            raise BadInput(f"--weights {weights}: does not fit the model ({exc})") from exc
+    return model.eval()
+
+
+def _load_state_dict(weights: str) -> dict[str, torch.Tensor]:
+    p = Path(weights)
+    if not p.is_file():
+        raise BadInput(f"--weights {p}: no such file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(p))
+        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BadInput(
+            f"--weights {p}: cannot read it ({exc}); pass a .safetensors file or a state_dict "
+            "saved with torch.save(model.state_dict(), path)"
+        ) from exc
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise BadInput(f"--weights {p}: holds a {type(sd).__name__}, not a state_dict")
+    return sd
+
+
+# ----------------------------------------------------------------------------- the data
+
+
+def _parse_k(k: str | None) -> int | float | str | None:
+    if k is None or k in ("auto", "positive"):
+        return k
+    try:
+        return int(k)
+    except ValueError:
+        pass
+    try:
+        v = float(k)
+    except ValueError:
+        raise BadInput(
+            f"--k {k!r}: pass an integer, a fraction in (0, 1), auto or positive"
+        ) from None
+    if not 0 < v < 1:
+        raise BadInput(f"--k {k!r}: a fraction must lie in (0, 1)")
+    return v
+
+
+def _subset(d: FileData, idx: np.ndarray) -> FileData:
+    t = torch.from_numpy(idx)
+    return FileData(
+        d.X[t],
+        d.y[t],
+        d.kind,
+        d.classes,
+        d.features,
+        None if d.paths is None else [d.paths[i] for i in idx],
+        d.source,
+    )
+
+
+def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str) -> FileData:
+    length = None
+    if like is not None and like.kind == "tokens":
+        length = int(like.X.shape[1])
+    try:
+        d = load_data(
+            path,
+            label_column=args.label_column,
+            classes=None if like is None else like.classes,
+            pad_id=args.pad_id,
+            length=length,
+        )
+    except ValueError as exc:
+        raise BadInput(f"--{what}: {exc}") from exc
+    if like is not None and d.X.shape[1:] != like.X.shape[1:]:
+        raise BadInput(
+            f"--{what} {path}: inputs have shape {tuple(d.X.shape[1:])} but the training "
+            f"inputs have {tuple(like.X.shape[1:])}"
+        )
+    return d
+
+
+class Inputs:
+    """The training set, the failures and (optionally) the test set of one run."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module, device: torch.device):
+        dt = param_dtype(model)  # floating inputs in the model's dtype, as netmend.identify does
+        self.train = _load(args.train, args, None, "train")
+        self.train.X = match_dtype(self.train.X, dt)
+        self.test: FileData | None = None
+        self.query: np.ndarray | None = None  # failure indices into the test set
+        self.heldout: np.ndarray | None = None
+        if args.test is not None:
+            self.test = _load(args.test, args, self.train, "test")
+            self.test.X = match_dtype(self.test.X, dt)
+        if args.failure_indices is not None:
+            if self.test is None:
+                raise BadInput("--failure-indices needs --test (the set the indices point into)")
+            if args.failures is not None:
+                raise BadInput("pass either --failures or --failure-indices, not both")
+            if args.failure_indices == "auto":
+                split = split_failures(
+                    model, self.test.X, self.test.y, seed=args.seed, device=device
+                )
+                self.query, self.heldout = split.query, split.heldout
+            else:
+                self.query = load_indices(args.failure_indices, len(self.test))
+            self.failures = _subset(self.test, self.query)
+            self.failure_names = [f"test #{int(i)}" for i in self.query]
+        elif args.failures is not None:
+            self.failures = _load(args.failures, args, self.train, "failures")
+            self.failures.X = match_dtype(self.failures.X, dt)
+            self.failure_names = [str(i) for i in range(len(self.failures))]
+        else:
+            raise BadInput("pass the failures: --failures FILE, or --test FILE --failure-indices")
+        if self.test is not None and self.heldout is None:
+            wrong = (predict(model, self.test.X, device) != self.test.y).numpy()
+            taken = np.zeros(len(self.test), dtype=bool)
+            if self.query is not None:
+                taken[self.query] = True
+            self.heldout = np.flatnonzero(wrong & ~taken)
+            self.correct = np.flatnonzero(~wrong)
+        elif self.test is not None:
+            wrong = (predict(model, self.test.X, device) != self.test.y).numpy()
+            self.correct = np.flatnonzero(~wrong)
+
+    def accuracies(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Accuracy on the failures and, with a test set, on the test set and its parts."""
+        f = self.failures
+        out = {"failures": float((predict(model, f.X, device) == f.y).double().mean())}
+        if self.test is not None:
+            ok = (predict(model, self.test.X, device) == self.test.y).numpy()
+            out["test"] = float(ok.mean())
+            if self.heldout is not None and self.heldout.size:
+                out["held-out failures"] = float(ok[self.heldout].mean())
+            if self.correct.size:
+                out["originally correct"] = float(ok[self.correct].mean())
+        return out
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _csv(header: list[str], rows: list[list[Any]]) -> str:
+    lines = [",".join(header)]
+    lines += [",".join("" if v is None else str(v) for v in r) for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.9g}"
+
+
+def _control_finetune_only(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    k: int,
+    config: TrainConfig,
+    seed: int,
+    device: torch.device,
+    progress: bool,
+) -> nn.Module:
+    """Fine-tune on all of D with the "finetune" treatment's recipe (nothing removed)."""
+    import copy
+
+    from netmend.treatment.methods import finetune_recipe
+
+    cfg = finetune_recipe(config, X.shape[0], X.shape[0] - k)
+    return fit(copy.deepcopy(model), X, y, cfg, seed, device, progress, "control: finetune only")
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``repair`` subcommand (see the module docstring)."""
+    t_start = time.perf_counter()
+    times: dict[str, float] = {}
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"--out {out}: exists and is not a folder")
+    if args.resume is not None:
+        out = Path(args.resume)
+        if not (out / "summary.json").is_file() and not (out / "cache").is_dir():
+            raise BadInput(f"--resume {out}: no earlier run there (no summary.json or cache/)")
+    elif out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise BadInput(
+            f"--out {out}: the folder is not empty; pass --resume {out} to reuse its cache, "
+            "--overwrite to replace it, or choose a new folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
+    progress = not args.no_progress
+    k = _parse_k(args.k)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+
+    t0 = time.perf_counter()
+    model = load_model(args.model, args.weights)
+    data = Inputs(args, model, device)
+    train, fails = data.train, data.failures
+    times["load"] = time.perf_counter() - t0
+    vocab = None
+    if args.vocab is not None:
+        vocab = Path(args.vocab).read_text().splitlines()
+
+    t0 = time.perf_counter()
+    ident = api.identify(
+        model,
+        (train.X, train.y),
+        (fails.X, fails.y),
+        args.identify,
+        k,
+        seed=args.seed,
+        device=device,
+        chunk_size=args.chunk_size,
+        progress=progress,
+        cache_dir=out / "cache",
+        overwrite_cache=args.resume is None,
+    )
+    times["identify"] = time.perf_counter() - t0
+    if ident.causes.size == 0:
+        raise BadInput(
+            "the identification selected no causes (no training example scores as harmful); "
+            "try another --identify method or a fixed --k"
+        )
+    t0 = time.perf_counter()
+    record: dict[str, Any] = {}
+    common: dict[str, Any] = dict(
+        seed=args.seed, device=device, chunk_size=args.chunk_size, progress=progress
+    )
+    repaired = api.treat(
+        model,
+        (train.X, train.y),
+        ident.causes,
+        args.treat,
+        train_config=config,
+        fisher=ident.fisher,
+        failures=(fails.X, fails.y),
+        theta_plus_f=ident.info.get("theta_plus_f"),
+        record=record,
+        **common,
+    )
+    times["treat"] = time.perf_counter() - t0
+
+    accuracies = {"original": data.accuracies(model, device)}
+    accuracies["repaired"] = data.accuracies(repaired, device)
+    control_note = []
+    if not args.no_controls:
+        t0 = time.perf_counter()
+        n, kk = len(train), int(ident.causes.size)
+        rand = np.random.default_rng(args.seed).choice(n, size=kk, replace=False)
+        rk = api.treat(
+            model,
+            (train.X, train.y),
+            rand,
+            args.treat,
+            train_config=config,
+            fisher=ident.fisher,
+            failures=(fails.X, fails.y),
+            theta_plus_f=ident.info.get("theta_plus_f"),
+            **common,
+        )
+        accuracies[f"control: random {kk}, {args.treat}"] = data.accuracies(rk, device)
+        ft = _control_finetune_only(
+            model, train.X, train.y, kk, config, args.seed, device, progress
+        )
+        accuracies["control: finetune only"] = data.accuracies(ft, device)
+        times["controls"] = time.perf_counter() - t0
+        control_note = [
+            f"Controls: 'random {kk}' applies the same treatment ({args.treat}) to {kk} random "
+            "training examples; 'finetune only' fine-tunes on the whole training set with the "
+            "finetune treatment's recipe, removing nothing. A repair earns its keep when it "
+            "beats both on the failures without losing test accuracy."
+        ]
+
+    # ---- outputs
+    t0 = time.perf_counter()
+    state = (
+        repaired.original_state_dict() if isinstance(repaired, Exported) else repaired.state_dict()
+    )
+    sd = {k_: v.detach().cpu().clone() for k_, v in state.items()}
+    save_tensors(out / "repaired.safetensors", sd, {"netmend": __version__})
+    suggested: dict[int, int] = {}
+    if "new_labels" in record and "causes" in record:
+        dropped = record.get("dropped")
+        for j, (i, lab) in enumerate(zip(record["causes"].tolist(), record["new_labels"].tolist())):
+            if dropped is None or not bool(dropped[j]):
+                suggested[int(i)] = int(lab)
+    selected = np.zeros(len(train), dtype=bool)
+    selected[ident.causes] = True
+    ylist = train.y.tolist()
+    rows = [
+        [i, _fmt(s), ylist[i], suggested.get(i), int(selected[i])]
+        for i, s in enumerate(ident.scores.tolist())
+    ]
+    write_text_atomic(
+        out / "scores.csv",
+        _csv(["index", "score", "label", "suggested_label", "selected"], rows),
+    )
+    try:
+        per_failure = ident.per_failure
+    except ValueError:
+        per_failure = None
+    m = len(fails)
+    if per_failure is not None:
+        cidx, cscore = culprit_table(per_failure, args.culprits)
+    else:
+        cidx, cscore = np.zeros((m, 0), np.int64), np.zeros((m, 0))
+    crow = [
+        [f, r + 1, int(cidx[f, r]), _fmt(float(cscore[f, r])), ylist[int(cidx[f, r])]]
+        for f in range(m)
+        for r in range(cidx.shape[1])
+    ]
+    write_text_atomic(
+        out / "culprits.csv",
+        _csv(["failure", "rank", "training_index", "score", "label"], crow),
+    )
+    settings = {
+        "model": args.model,
+        "weights": args.weights,
+        "train": args.train,
+        "failures": args.failures,
+        "test": args.test,
+        "failure_indices": args.failure_indices,
+        "identify": args.identify,
+        "treat": args.treat,
+        "k": args.k,
+        "seed": args.seed,
+        "device": str(device),
+        "chunk_size": args.chunk_size,
+        "train_config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
+    }
+    summary = {
+        "settings": settings,
+        "versions": {
+            "netmend": __version__,
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+        },
+        "data": {
+            "kind": train.kind,
+            "train": len(train),
+            "failures": m,
+            "test": None if data.test is None else len(data.test),
+            "classes": train.classes,
+        },
+        "causes": int(ident.causes.size),
+        "auto_k": ident.info.get("auto_k"),
+        "relabelled": len([i for i, s in suggested.items() if s != ylist[i]]),
+        "accuracies": accuracies,
+        "controls": "computed by netmend repair through netmend.treat (random K) and the "
+        "finetune recipe (finetune only)"
+        if not args.no_controls
+        else None,
+        "cache": ident.info.get("cache"),
+        "times": times,
+    }
+    pred_after = predict(repaired, fails.X, device).numpy()
+    report = ReportData(
+        title=f"netmend repair: {Path(args.train).name}",
+        kind=train.kind,
+        train_X=train.X,
+        train_y=train.y,
+        failures_X=fails.X,
+        failures_y=fails.y,
+        scores=ident.scores,
+        causes=ident.causes,
+        culprit_indices=cidx,
+        culprit_scores=cscore,
+        accuracies=accuracies,
+        pred_before=predict(model, fails.X, device).numpy(),
+        pred_after=pred_after,
+        suggested=suggested,
+        classes=train.classes,
+        features=train.features,
+        vocab=vocab,
+        pad_id=args.pad_id if train.kind == "tokens" else None,
+        failure_names=data.failure_names,
+        settings={k_: v for k_, v in settings.items() if v is not None},
+        notes=control_note,
+    )
+    write_report(out / "report.html", report)
+    times["write"] = time.perf_counter() - t0
+    times["total"] = time.perf_counter() - t_start
+    write_json_atomic(out / "summary.json", summary)
+    _print_summary(accuracies, ident.causes.size, out)
+    return 0
+
+
+def _print_summary(acc: dict[str, dict[str, float]], k: int, out: Path) -> None:
+    cols: list[str] = []
+    for r in acc.values():
+        cols += [c for c in r if c not in cols]
+    width = max(len(n) for n in acc) + 2
+    print(f"{k} causes selected. Accuracy (%):")
+    print(" " * width + "".join(f"{c:>20}" for c in cols))
+    for name, r in acc.items():
+        vals = "".join(f"{100 * r[c]:>20.2f}" if c in r else f"{'-':>20}" for c in cols)
+        print(f"{name:<{width}}{vals}")
+    print(
+        f"written to {out}/: repaired.safetensors scores.csv culprits.csv summary.json report.html"
+    )
+
+
+def _positive_int(v: str) -> int:
+    n = int(v)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {n}")
+    return n
+
+
+def add_parser(sub: Any) -> None:
+    """Add the ``repair`` subcommand to the CLI's subparsers."""
+    r = sub.add_parser(
+        "repair",
+        help="repair your own model from its failures (your files in, repaired model out)",
+        description="Score every training example for how much it caused the failures "
+        "(positive = harmful), select the causes, treat the model, and write repaired weights, "
+        "scores, culprits, a summary with controls and a self-contained report.html.",
+    )
+    r.add_argument(
+        "--model",
+        required=True,
+        help="package.module:factory (returns the nn.Module; use with --weights) or a "
+        "torch.export program (.pt2 file)",
+    )
+    r.add_argument("--weights", help=".safetensors or a torch.save'd state_dict")
+    r.add_argument(
+        "--train",
+        required=True,
+        help="training set: .npz (X, y), image folder (root/<class>/<img>), .csv or .jsonl",
+    )
+    r.add_argument("--failures", help="failures with their correct labels (same formats)")
+    r.add_argument("--test", help="a test set (same formats): accuracies, --failure-indices")
+    r.add_argument(
+        "--failure-indices",
+        metavar="FILE|auto",
+        help="failures as indices into --test (.npy or text), or 'auto': the model's test "
+        "mistakes split in two halves, one to repair from and one held out",
+    )
+    r.add_argument("--label-column", default="label", help="label column of CSV files")
+    r.add_argument("--pad-id", type=int, default=0, help="padding id of JSONL token ids (0)")
+    r.add_argument("--vocab", help="a text file of tokens, one per line (id = line number)")
+    r.add_argument("--identify", default=api.DEFAULT_IDENTIFY, help="identification method")
+    r.add_argument("--treat", default=api.DEFAULT_TREAT, help="treatment")
+    r.add_argument("--k", help="causes: an int, a fraction, 'positive' or 'auto' (default)")
+    r.add_argument("--seed", type=int, default=0, help="seed of everything random (0)")
+    r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    r.add_argument("--chunk-size", type=int, default=128, help="examples per batched pass")
+    r.add_argument("--epochs", type=float, default=3.0, help="epochs the model trained for (3)")
+    r.add_argument("--batch-size", type=int, default=128, help="its training batch size (128)")
+    r.add_argument("--lr", type=float, default=1e-3, help="its Adam learning rate (1e-3)")
+    r.add_argument(
+        "--culprits", type=_positive_int, default=5, help="culprits listed per failure (5)"
+    )
+    r.add_argument("--no-controls", action="store_true", help="skip the two control repairs")
+    r.add_argument("--out", default="netmend-repair", help="output folder (netmend-repair)")
+    r.add_argument("--resume", metavar="DIR", help="reuse the cache of an earlier run in DIR")
+    r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    r.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    r.set_defaults(func=run)

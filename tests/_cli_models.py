@@ -1,0 +1,39 @@
+"""Tiny float64 model factories for the ``netmend repair`` tests (``_cli_models:<factory>``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def image_net() -> nn.Module:
+    """Images ``[1, 6, 6]`` in [0, 1] -> 3 classes."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 3)
+    ).double()
+
+
+def tabular_net() -> nn.Module:
+    """4 features -> 3 classes."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+class TokenNet(nn.Module):
+    """Token ids ``[B, L]`` (0 = padding) -> mean embedding -> 3 classes."""
+
+    def __init__(self, vocab: int = 12, dim: int = 6):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.out = nn.Linear(dim, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids != 0).to(self.embed.weight.dtype).unsqueeze(-1)
+        h = (self.embed(ids) * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        return self.out(h)
+
+
+def token_net() -> nn.Module:
+    torch.manual_seed(0)
+    return TokenNet().double()

@@ -1,0 +1,271 @@
+"""``netmend repair`` end to end on tiny files: an image folder, a CSV and JSONL token ids.
+
+Each test trains a tiny float64 model on noisy labels, saves its weights and data as a user
+would, runs the command, and checks the exit code and every output file against the run's
+own numbers (scores.csv against the cache-free API call with the same settings, culprits
+against the per-failure scores, the weights against the repaired model's predictions).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import _cli_models  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import netmend
+from netmend import cli
+from netmend.data.files import load_data
+from netmend.model.training import TrainConfig, fit, predict
+
+RECIPE = TrainConfig(epochs=30, batch_size=32, lr=0.02)
+RECIPE_ARGS = ["--epochs", "30", "--batch-size", "32", "--lr", "0.02"]
+
+
+@pytest.fixture(autouse=True)
+def _importable(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+
+
+def _blobs(n: int, d: int, seed: int, noise: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Three overlapping Gaussian classes in ``d`` dims; ``noise`` of the labels resampled."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    centres = np.random.default_rng(99).normal(0, 1.0, (3, d))
+    X = centres[y] + rng.normal(0, 0.9, (n, d))
+    flip = rng.random(n) < noise
+    noisy = np.where(flip, (y + 1) % 3, y)
+    return X, noisy
+
+
+def _train(factory, X: torch.Tensor, y: torch.Tensor, path: Path):
+    X = X.double() if X.is_floating_point() else X
+    model = fit(factory(), X, y, RECIPE, seed=0, progress=False)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model.eval()
+
+
+def _run(argv: list[str], capsys) -> tuple[int, str, str]:
+    code = cli.main(["repair", "--no-progress", *argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _check_outputs(out: Path, n_train: int, n_fail: int, factory, failures_X, failures_y):
+    names = {p.name for p in out.iterdir()}
+    for f in ("repaired.safetensors", "scores.csv", "culprits.csv", "summary.json", "report.html"):
+        assert f in names, f
+    assert not [n for n in names if n.endswith(".tmp")]
+    scores = _read_csv(out / "scores.csv")
+    assert [int(r["index"]) for r in scores] == list(range(n_train))
+    summary = json.loads((out / "summary.json").read_text())
+    selected = [int(r["index"]) for r in scores if r["selected"] == "1"]
+    assert len(selected) == summary["causes"] > 0
+    s = np.array([float(r["score"]) for r in scores])
+    # the selected causes are the top-K scores (positive = harmful)
+    assert s[selected].min() >= np.sort(s)[::-1][len(selected) - 1] - 1e-12
+    cul = _read_csv(out / "culprits.csv")
+    assert len(cul) == 5 * n_fail
+    for f in range(n_fail):
+        rows = [r for r in cul if int(r["failure"]) == f]
+        assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5]
+        sc = [float(r["score"]) for r in rows]
+        assert sc == sorted(sc, reverse=True)
+    acc = summary["accuracies"]
+    for row in ("original", "repaired", "control: finetune only"):
+        assert row in acc
+    assert any(r.startswith("control: random") for r in acc)
+    assert acc["original"]["failures"] <= 1.0
+    # the saved weights are the repaired model: its failure accuracy is reproduced
+    model = factory()
+    model.load_state_dict(load_file(str(out / "repaired.safetensors")))
+    pred = predict(model.eval(), failures_X)
+    assert float((pred == failures_y).double().mean()) == pytest.approx(
+        acc["repaired"]["failures"], abs=1e-12
+    )
+    html = (out / "report.html").read_text()
+    assert "<script" in html and "http://" not in html.replace("http://www.w3.org", "")
+    return summary, s
+
+
+def test_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    X, y = _blobs(240, 9, seed=1, noise=0.15)
+    imgs = 1 / (1 + np.exp(-np.kron(X.reshape(-1, 3, 3), np.ones((2, 2)))))  # [N, 6, 6] in (0,1)
+    imgs = np.round(imgs * 255).astype(np.uint8)
+    names = ["cat", "dog", "eel"]
+    for split, rows in (("train", range(160)), ("test", range(160, 240))):
+        for i in rows:
+            d = tmp_path / split / names[y[i]]
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(imgs[i]).save(d / f"{i:04d}.png")
+    train = load_data(tmp_path / "train")
+    assert train.classes == names and train.X.shape == (160, 1, 6, 6)
+    assert torch.equal(train.X[0, 0], torch.from_numpy(imgs[train_order(y, 160)[0]]) / 255.0)
+    _train(_cli_models.image_net, train.X, train.y, tmp_path / "w.safetensors")
+    out = tmp_path / "run"
+    argv = [
+        "--model", "_cli_models:image_net", "--weights", str(tmp_path / "w.safetensors"),
+        "--train", str(tmp_path / "train"), "--test", str(tmp_path / "test"),
+        "--failure-indices", "auto", "--out", str(out), *RECIPE_ARGS,
+    ]  # fmt: skip
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    test = load_data(tmp_path / "test", classes=names)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["data"]["classes"] == names
+    n_fail = summary["data"]["failures"]
+    assert "held-out failures" in summary["accuracies"]["repaired"]
+    assert "test" in summary["accuracies"]["original"]
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    assert n_fail >= 1 and test.X.shape[0] == 80
+
+
+def train_order(y: np.ndarray, n: int) -> list[int]:
+    """Row order of an image folder written from ``y[:n]``: by class, then by file name."""
+    return sorted(range(n), key=lambda i: (y[i], i))
+
+
+def test_csv(tmp_path, capsys):
+    X, y = _blobs(300, 4, seed=2, noise=0.2)
+    header = ["f1", "f2", "label", "f3", "f4"]
+
+    def write(path: Path, rows: range, labels: np.ndarray) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            for i in rows:
+                w.writerow([X[i, 0], X[i, 1], ["a", "b", "c"][labels[i]], X[i, 2], X[i, 3]])
+
+    write(tmp_path / "train.csv", range(200), y)
+    Xt = torch.from_numpy(X).double()
+    model = _train(_cli_models.tabular_net, Xt[:200], torch.from_numpy(y[:200]),
+                   tmp_path / "w.safetensors")  # fmt: skip
+    clean = np.random.default_rng(2).integers(0, 3, 300)  # the true labels of _blobs
+    wrong = [i for i in range(200, 300) if int(predict(model, Xt[i : i + 1])[0]) != clean[i]]
+    assert len(wrong) >= 4
+    write(tmp_path / "fail.csv", wrong, clean)
+    out = tmp_path / "run"
+    argv = [
+        "--model", "_cli_models:tabular_net", "--weights", str(tmp_path / "w.safetensors"),
+        "--train", str(tmp_path / "train.csv"), "--failures", str(tmp_path / "fail.csv"),
+        "--label-column", "label", "--out", str(out), *RECIPE_ARGS,
+    ]  # fmt: skip
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    fX = Xt[wrong].float().double()
+    summary, s = _check_outputs(
+        out, 200, len(wrong), _cli_models.tabular_net, fX, torch.from_numpy(clean[wrong])
+    )
+    assert summary["accuracies"]["original"]["failures"] == 0.0
+    # scores.csv holds the scores of the API with the same settings (float32 file data)
+    ref = netmend.identify(
+        model, (Xt[:200].float(), torch.from_numpy(y[:200])), (fX.float(), torch.from_numpy(
+            clean[wrong])), progress=False, device="cpu")  # fmt: skip
+    np.testing.assert_allclose(s, ref.scores, rtol=1e-8, atol=1e-12)
+    assert 'table class=\\"feat' in (out / "report.html").read_text()  # in the JSON
+    # --resume reuses the cache: the Fisher and passes are loaded, not recomputed
+    code, _, err = _run([*argv[:-8], "--resume", str(out), *RECIPE_ARGS], capsys)
+    assert code == 0, err
+    again = json.loads((out / "summary.json").read_text())
+    assert again["cache"]["examples_computed"] == 0 and again["cache"]["results_reused"]
+    # a second run into the same folder without --resume is refused (exit 2, says what to do)
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "--resume" in err and "Traceback" not in err
+
+
+def test_jsonl_tokens(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    n = 240
+    y = rng.integers(0, 3, n)
+    seqs = []
+    for c in y:  # class c favours ids 1+3c..3+3c; random lengths 2..6
+        length = int(rng.integers(2, 7))
+        ids = np.where(rng.random(length) < 0.6, rng.integers(1 + 3 * c, 4 + 3 * c, length),
+                       rng.integers(1, 12, length))  # fmt: skip
+        seqs.append([int(i) for i in ids])
+    noisy = np.where(rng.random(n) < 0.15, (y + 1) % 3, y)
+
+    def write(path: Path, rows, labels) -> None:
+        path.write_text("".join(json.dumps({"ids": seqs[i], "label": int(labels[i])}) + "\n"
+                                for i in rows))  # fmt: skip
+
+    write(tmp_path / "train.jsonl", range(160), noisy)
+    train = load_data(tmp_path / "train.jsonl")
+    assert train.X.dtype == torch.int64 and train.X.shape == (160, 6)
+    model = _train(_cli_models.token_net, train.X, train.y, tmp_path / "w.pt")
+    torch.save(model.state_dict(), tmp_path / "w.pt")  # a torch.save'd state_dict
+    test = load_data(tmp_path / "train.jsonl")  # shape check only
+    assert test.X.shape[1] == 6
+    write(tmp_path / "test.jsonl", range(160, n), y)
+    tst = load_data(tmp_path / "test.jsonl", length=6)
+    wrong = np.flatnonzero((predict(model, tst.X) != tst.y).numpy())
+    assert wrong.size >= 4
+    (tmp_path / "idx.txt").write_text("\n".join(str(i) for i in wrong))
+    (tmp_path / "vocab.txt").write_text("\n".join(["<pad>"] + [f"w{i}" for i in range(1, 12)]))
+    out = tmp_path / "run"
+    argv = [
+        "--model", "_cli_models:token_net", "--weights", str(tmp_path / "w.pt"),
+        "--train", str(tmp_path / "train.jsonl"), "--test", str(tmp_path / "test.jsonl"),
+        "--failure-indices", str(tmp_path / "idx.txt"), "--vocab", str(tmp_path / "vocab.txt"),
+        "--out", str(out), *RECIPE_ARGS,
+    ]  # fmt: skip
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    _check_outputs(out, 160, wrong.size, _cli_models.token_net, tst.X[wrong], tst.y[wrong])
+    html = (out / "report.html").read_text()
+    assert "w4" in html or "w5" in html  # tokens decoded through the vocabulary
+
+
+BASE = ["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures", "{fail}"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "_cli_models:tabular_net", "--train", "nope.npz", "--failures", "{fail}"],
+         "no such file"),
+        (["--model", "_cli_models:tabular_net", "--train", "{bad}", "--failures", "{fail}"],
+         "needs 'X'"),
+        (["--model", "_cli_models:missing", "--train", "{train}", "--failures", "{fail}"],
+         "no callable"),
+        (["--model", "no_such_pkg.mod:f", "--train", "{train}", "--failures", "{fail}"],
+         "cannot import"),
+        ([*BASE, "--weights", "{bad}"], "--weights"),
+        ([*BASE, "--k", "lots"], "--k"),
+        (["--model", "_cli_models:tabular_net", "--train", "{train}", "--failure-indices",
+          "auto"], "needs --test"),
+        (["--model", "{bad}", "--train", "{train}", "--failures", "{fail}"], "torch.export"),
+        (["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures", "{wide}"],
+         "shape"),
+        (["--model", "_cli_models:tabular_net", "--train", "{train}"], "pass the failures"),
+        ([*BASE, "--test", "{train}", "--failure-indices", "{idx}"], "either --failures"),
+        (["--model", "_cli_models:tabular_net", "--train", "{train}", "--test", "{train}",
+          "--failure-indices", "{idx}"], "[0, 40)"),
+    ],
+)  # fmt: skip
+def test_bad_input_exits_2(tmp_path, capsys, argv, message):
+    X, y = _blobs(40, 4, seed=4)
+    np.savez(tmp_path / "train.npz", X=X, y=y)
+    np.savez(tmp_path / "bad.npz", inputs=X, y=y)
+    np.savez(tmp_path / "wide.npz", X=np.zeros((3, 5)), y=np.zeros(3, dtype=int))
+    np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
+    (tmp_path / "idx.txt").write_text("3\n40\n")
+    paths = {k: str(tmp_path / f"{k}.npz") for k in ("train", "bad", "wide", "fail")}
+    paths["idx"] = str(tmp_path / "idx.txt")
+    argv = [a.format(**paths) for a in argv]
+    code, _, err = _run([*argv, "--out", str(tmp_path / "o")], capsys)
+    assert code == 2, err
+    assert message in err and "Traceback" not in err
