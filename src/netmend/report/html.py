@@ -232,9 +232,11 @@ def score_histogram_svg(
         )
     if threshold is not None:
         x = xpos(threshold)
+        left = x > 0.6 * width  # put the label where it fits
         parts += [
             f'<line x1="{x:.1f}" y1="8" x2="{x:.1f}" y2="{height - pad_b}" class="thr"/>',
-            f'<text x="{x + 4:.1f}" y="20" class="lbl thrl">selected: score ≥ {threshold:.3g}'
+            f'<text x="{x - 4 if left else x + 4:.1f}" y="20" class="lbl thrl" '
+            f'text-anchor="{"end" if left else "start"}">selected: score ≥ {threshold:.3g}'
             "</text>",
         ]
     parts.append("</svg>")
@@ -280,6 +282,8 @@ def _classes_section(data: ReportData) -> str:
         moves = (
             "<table><thead><tr><th>label</th><th>suggested</th><th>causes</th></tr></thead>"
             f"<tbody>{rows}</tbody></table>"
+            if rows
+            else ""
         )
     return f'<div class="row">{causes_tbl}{conf}{moves}</div>'
 
