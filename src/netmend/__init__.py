@@ -5,7 +5,8 @@
 2. :func:`treat` makes a repaired copy that forgets them;
 3. :func:`evaluate` measures the repair on failures it never saw.
 
-:func:`repair` runs 1 and 2 in one call. The input model is never modified.
+:func:`repair` runs 1 and 2 in one call; :class:`Repairer` repairs again as new failures
+arrive (continual repair). The input model is never modified.
 """
 
 from netmend._version import __version__
@@ -20,6 +21,7 @@ from netmend.api import (
     repair,
     treat,
 )
+from netmend.continual import Repairer
 from netmend.data.source import DataSource, as_source
 from netmend.data.task import ClassificationTask, Task
 from netmend.lab.validation import validate
@@ -33,6 +35,7 @@ __all__ = [
     "DataSource",
     "Identification",
     "RepairResult",
+    "Repairer",
     "Task",
     "TrainConfig",
     "__version__",

@@ -1,0 +1,382 @@
+"""Continual repair: repair a deployed model again each time new failures arrive.
+
+The paper's premise is repairing a model *on the fly* as failures are encountered.
+:class:`Repairer` keeps what does not change between rounds and scores only what is new:
+
+* the summed diagonal Fisher at ``theta_hat`` (the EWC penalty's curvature; one pass of
+  per-example gradients over the training set, computed in the first round only);
+* the training log-likelihoods at ``theta_hat``, ``log p(z|theta_hat)`` ``[N]`` (one forward
+  pass, first round only);
+* the cause scores so far, and the scores of the two random halves of the failures from which
+  the automatic K is chosen.
+
+A round fits ``theta_+F`` on the **new** failures only (from ``theta_hat``, with the stored
+curvature) and adds their EWC-influence scores ``log p(z|theta_hat) - log p(z|theta_+F_b)``
+to the running sum: one forward pass over the training set per fit (three with the halves of
+the automatic K). The sum is the one-shot score under the quadratic approximation that
+EWC-influence rests on (``theta_+F - theta_hat`` is linear in the failures' summed gradient);
+the first round is exactly :func:`netmend.identify` with method "ewc" on its failures.
+
+The causes are then re-selected from the summed scores, and the model treated: with the
+"finetune" treatment and ``warm_start=True`` (default), later rounds continue from the
+previous round's repaired model for ``continue_fraction`` of the first round's steps, on the
+training set without the current causes; other treatments restart from ``theta_hat`` each
+round. The history records which causes were removed (or relabelled) and restored in which
+round, the accuracies per round, and the time of each stage; :meth:`Repairer.save` and
+:meth:`Repairer.load` keep it (and the state) on disk.
+
+Sign convention: every score is positive = harmful.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from netmend import api, identification, store
+from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device
+from netmend.identification.base import Context
+from netmend.identification.ewc import fit_theta_plus_f
+from netmend.model.checks import check_failures
+from netmend.model.functional import FunctionalModel, log_likelihoods, match_dtype, param_dtype
+from netmend.model.training import TrainConfig, predict
+from netmend.treatment.methods import finetune_recipe
+
+STATE_FILE = "state.safetensors"
+MODEL_FILE = "model.safetensors"
+
+
+class Repairer:
+    """Repairs ``model`` round after round from batches of new failures (EWC-influence).
+
+    Args:
+        model: the deployed classifier (never modified).
+        train: its training set, ``N`` examples (as :func:`netmend.identify` accepts).
+        treat: the treatment ("finetune" default; any of :func:`netmend.treat`'s).
+        k: cause selection over the summed scores: ``None``/"auto" (the K on which two random
+            halves of all failures so far agree, as :func:`netmend.identify`), an int, a
+            fraction or "positive".
+        seed: seeds the halves and the treatments.
+        l2: ``lambda`` (as :func:`netmend.identify`).
+        train_config: the recipe the model was trained with (for the treatment).
+        device, chunk_size, progress: as :func:`netmend.identify`.
+        identify_options: options of the "ewc" fit (``steps``, ``step_size``).
+        treat_options: options of the treatment.
+        warm_start: with "finetune", continue later rounds from the previous repaired model.
+        continue_fraction: a warm round's steps as a fraction of the first round's (0.25).
+        eval_sets: ``{name: data}`` on which every round's model is evaluated (e.g. a test set).
+
+    Attributes:
+        model: the current repaired model (``None`` before the first round).
+        scores: ``[N]`` summed cause scores of all failures so far (positive = harmful).
+        causes: the current causes, most harmful first.
+        history: one dict per round (see :meth:`observe`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train: DataLike,
+        *,
+        treat: str = api.DEFAULT_TREAT,
+        k: int | float | str | None = None,
+        seed: int = 0,
+        l2: float | str = api.DEFAULT_L2,
+        train_config: TrainConfig | None = None,
+        device: str | torch.device | None = "auto",
+        chunk_size: int = 128,
+        progress: bool = True,
+        identify_options: Mapping[str, Any] | None = None,
+        treat_options: Mapping[str, Any] | None = None,
+        warm_start: bool = True,
+        continue_fraction: float = 0.25,
+        eval_sets: Mapping[str, DataLike] | None = None,
+        fisher: torch.Tensor | None = None,
+    ):
+        if not 0 < continue_fraction <= 1:
+            raise ValueError(f"continue_fraction must lie in (0, 1]; got {continue_fraction}")
+        if k is not None and k != "auto":
+            identification.select(np.zeros(2), k)  # validates k
+        unknown = set(identify_options or {}) - {"steps", "step_size"}
+        if unknown:
+            raise ValueError(
+                f"unknown identify option(s) {sorted(unknown)}; the ewc fit takes steps, step_size"
+            )
+        self.device = resolve_device(device)
+        self.original = model
+        self._work, self._X, self._y, self.num_classes = api._prepare(model, train, self.device)
+        self.treat, self.k, self.seed, self.l2 = treat, k, seed, l2
+        self.train_config = train_config or TrainConfig()
+        self.chunk_size, self.progress = chunk_size, progress
+        self.identify_options = dict(identify_options or {})
+        self.treat_options = dict(treat_options or {})
+        self.warm_start, self.continue_fraction = warm_start, continue_fraction
+        self.eval_sets = {name: tuple(as_tensors(d, name)) for name, d in (eval_sets or {}).items()}
+        fm = FunctionalModel.of(self._work)
+        api._check_fisher(fisher, fm)
+        n = self._X.shape[0]
+        empty_x, empty_y = self._X[:0], self._y[:0]
+        self._ctx = Context(
+            fm, self._X, self._y, empty_x, empty_y, self.device, chunk_size, progress, seed, l2,
+            self.identify_options, fisher,
+        )  # fmt: skip
+        self._before: torch.Tensor | None = None
+        self.scores = np.zeros(n)
+        self._halves = np.zeros((2, n))
+        self._failures_X = empty_x
+        self._failures_y = empty_y
+        self.causes = np.zeros(0, dtype=np.int64)
+        self.model: nn.Module | None = None
+        self.history: list[dict[str, Any]] = []
+        self._first_steps: int | None = None
+        self._selection: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ scoring
+    @property
+    def fisher(self) -> torch.Tensor:
+        """The summed diagonal Fisher at ``theta_hat`` ``[P]`` (computed once)."""
+        return self._ctx.fisher_diag().cpu()
+
+    def _ewc_scores(self, Xb: torch.Tensor, yb: torch.Tensor) -> np.ndarray:
+        """EWC-influence scores ``[N]`` of one set of failures (positive = harmful)."""
+        assert self._before is not None
+        ctx = dataclasses.replace(self._ctx, Xq=Xb, yq=yb, progress=False)
+        theta_f, _ = fit_theta_plus_f(
+            ctx,
+            steps=int(self.identify_options.get("steps", 30)),
+            step_size=float(self.identify_options.get("step_size", 1.0)),
+        )
+        after = log_likelihoods(
+            ctx.fm, theta_f, self._X, self._y, self.chunk_size, self.device, self.progress
+        )
+        return (self._before - after).double().numpy()
+
+    def _check_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
+        Xb, yb = as_tensors(failures, "failures")
+        if Xb.shape[1:] != self._X.shape[1:]:
+            raise ValueError(
+                f"failures have input shape {tuple(Xb.shape[1:])} but train has "
+                f"{tuple(self._X.shape[1:])}"
+            )
+        check_labels(yb, self.num_classes, "failures")
+        Xb = match_dtype(Xb, param_dtype(self._work))
+        check_failures(self._work, Xb, yb, self.device, 1024)
+        return Xb, yb
+
+    def _select(self) -> np.ndarray:
+        m = int(self._failures_y.shape[0])
+        positive = identification.select(self.scores, "positive")
+        if self.k is None or self.k == "auto":
+            if m < 4:
+                self._selection = {"rule": "positive", "k": int(positive.size)}
+                return positive
+            kk, excess = identification.reproducible_k(
+                self._halves[0], self._halves[1], max_k=positive.size
+            )
+            self._selection = {"rule": "reproducible", "k": kk}
+            return positive[:kk]
+        causes = identification.select(self.scores, self.k)
+        self._selection = {"rule": str(self.k), "k": int(causes.size)}
+        return causes
+
+    # ------------------------------------------------------------------ a round
+    def observe(self, failures: DataLike) -> nn.Module:
+        """Take a batch of new failures (with their correct labels) and return the repaired model.
+
+        Scores only the new failures (reusing the Fisher and ``log p(z|theta_hat)``), adds
+        them to the summed scores, re-selects the causes and treats the model. Appends to
+        :attr:`history` a dict with ``round``, ``new_failures``, ``failures`` (so far),
+        ``k``, ``added`` / ``restored`` (training indices that became / stopped being causes
+        this round), ``relabelled`` (``[index, new label]`` pairs when the treatment relabels),
+        ``accuracy`` (on all failures so far and on every ``eval_sets`` entry), ``fixed``
+        (the failures this round's model gets right, as indices into all failures so far)
+        and ``seconds`` per stage.
+
+        Returns:
+            The repaired copy (also :attr:`model`); the model given at construction is untouched.
+        """
+        Xb, yb = self._check_batch(failures)
+        t0 = time.perf_counter()
+        seconds: dict[str, float] = {}
+        if self._before is None:
+            self._ctx.lam()  # resolves l2 (computing the Fisher) once, for every later round
+            seconds["fisher"] = time.perf_counter() - t0
+            t = time.perf_counter()
+            self._before = log_likelihoods(
+                self._ctx.fm, self._ctx.theta, self._X, self._y, self.chunk_size, self.device,
+                self.progress,
+            )  # fmt: skip
+            seconds["base_likelihoods"] = time.perf_counter() - t
+        t = time.perf_counter()
+        rnd = len(self.history) + 1
+        self.scores = self.scores + self._ewc_scores(Xb, yb)
+        m = int(yb.shape[0])
+        perm = torch.from_numpy(np.random.default_rng([self.seed, rnd]).permutation(m))
+        if rnd == 1:  # the same halves as netmend.identify, so round 1 is the one-shot call
+            perm = torch.from_numpy(np.random.default_rng(self.seed).permutation(m))
+        halves = (perm[: m // 2], perm[m // 2 :])
+        if m // 2 == 0:  # one failure: it joins the half with fewer so far
+            halves = (perm, perm[:0]) if rnd % 2 else (perm[:0], perm)
+        for h, part in enumerate(halves):
+            if part.numel():
+                self._halves[h] += self._ewc_scores(Xb[part], yb[part])
+        self._failures_X = torch.cat([self._failures_X, Xb])
+        self._failures_y = torch.cat([self._failures_y, yb])
+        old = set(self.causes.tolist())
+        self.causes = self._select()
+        seconds["identify"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        record: dict[str, Any] = {}
+        self.model = self._treat(record)
+        seconds["treat"] = time.perf_counter() - t
+        seconds["total"] = time.perf_counter() - t0
+        new = set(self.causes.tolist())
+        relabelled: list[list[int]] = []
+        if "new_labels" in record:
+            for i, lab, ch in zip(
+                record["causes"].tolist(), record["new_labels"].tolist(), record["changed"].tolist()
+            ):
+                if ch:
+                    relabelled.append([int(i), int(lab)])
+        ok = (predict(self.model, self._failures_X, self.device) == self._failures_y).numpy()
+        acc = {"failures": float(ok.mean())}
+        for name, (X, y) in self.eval_sets.items():
+            X = match_dtype(X, param_dtype(self._work))
+            acc[name] = float((predict(self.model, X, self.device) == y).double().mean())
+        self.history.append(
+            {
+                "round": rnd,
+                "new_failures": m,
+                "failures": int(self._failures_y.shape[0]),
+                "k": int(self.causes.size),
+                "selection": dict(self._selection),
+                "added": sorted(new - old),
+                "restored": sorted(old - new),
+                "relabelled": relabelled,
+                "accuracy": acc,
+                "fixed": np.flatnonzero(ok).tolist(),
+                "seconds": seconds,
+            }
+        )
+        return self.model
+
+    def _treat(self, record: dict[str, Any]) -> nn.Module:
+        if self.causes.size == 0:  # nothing to remove: the model stays as it is
+            base = self.model if self.model is not None else self._work
+            return copy.deepcopy(base).eval()
+        opts = dict(self.treat_options)
+        start: nn.Module = self._work
+        n, kk = self._X.shape[0], int(self.causes.size)
+        if self.treat == "finetune" and self.warm_start:
+            if self._first_steps is None:
+                cfg = finetune_recipe(self.train_config, n, n - kk, opts)
+                self._first_steps = max(1, round(cfg.epochs * (n - kk) / cfg.batch_size))
+            elif self.model is not None:
+                start = self.model
+                opts.pop("epochs", None)
+                opts["steps"] = max(1, math.ceil(self.continue_fraction * self._first_steps))
+        return api.treat(
+            start,
+            (self._X, self._y),
+            self.causes,
+            self.treat,
+            l2=self._ctx.l2,
+            train_config=self.train_config,
+            seed=self.seed + len(self.history),
+            device=self.device,
+            chunk_size=self.chunk_size,
+            progress=self.progress,
+            fisher=self.fisher if start is self._work else None,
+            failures=(self._failures_X, self._failures_y),
+            record=record,
+            **opts,
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def _fingerprint(self) -> dict[str, Any]:
+        return {
+            "model": store.module_hash(self._work),
+            "train": store.tensor_hash(self._X, self._y),
+            "treat": self.treat,
+            "k": self.k,
+            "seed": self.seed,
+            "l2": self.l2 if isinstance(self.l2, str) else float(self.l2),
+            "identify_options": store.jsonable(self.identify_options),
+            "treat_options": store.jsonable(self.treat_options),
+            "warm_start": self.warm_start,
+            "continue_fraction": self.continue_fraction,
+        }
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the state, the current model and the history to ``directory`` (atomically)."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {
+            "scores": torch.from_numpy(self.scores),
+            "halves": torch.from_numpy(self._halves),
+            "failures_X": self._failures_X,
+            "failures_y": self._failures_y,
+            "causes": torch.from_numpy(np.asarray(self.causes, dtype=np.int64)),
+        }
+        if self._before is not None:
+            tensors["before"] = self._before
+            tensors["fisher"] = self.fisher
+        meta = {
+            "settings": self._fingerprint(),
+            "l2": self._ctx.l2 if isinstance(self._ctx.l2, str) else float(self._ctx.l2),
+            "first_steps": self._first_steps,
+            "history": self.history,
+        }
+        if self.model is not None:
+            sd = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            store.save_tensors(d / MODEL_FILE, sd)
+        store.save_tensors(d / STATE_FILE, tensors, meta)
+        store.write_json_atomic(d / "history.json", self.history)
+        return d
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, model: nn.Module, train: DataLike, **kwargs: Any
+    ) -> Repairer:
+        """A :class:`Repairer` continuing from :meth:`save`'s ``directory``.
+
+        ``model``, ``train`` and the settings (``kwargs``, as for the constructor) must be the
+        ones it was saved with; otherwise :class:`ValueError` names what differs.
+        """
+        d = Path(directory)
+        if not (d / STATE_FILE).is_file():
+            raise ValueError(f"{d}: no continual-repair state ({STATE_FILE}) to resume from")
+        tensors, meta = store.load_tensors(d / STATE_FILE)
+        self = cls(model, train, fisher=tensors.get("fisher"), **kwargs)
+        now, saved = self._fingerprint(), meta["settings"]
+        diff = [key for key in saved if saved[key] != store.jsonable(now.get(key))]
+        if diff:
+            raise ValueError(
+                f"{d}: saved with other {', '.join(diff)}; pass the model, training set and "
+                "settings of the saved run, or start a new folder"
+            )
+        if not isinstance(meta["l2"], str):
+            self._ctx.l2 = float(meta["l2"])
+        self.scores = tensors["scores"].numpy().copy()
+        self._halves = tensors["halves"].numpy().copy()
+        self._failures_X, self._failures_y = tensors["failures_X"], tensors["failures_y"]
+        self.causes = tensors["causes"].numpy().copy()
+        self._before = tensors.get("before")
+        self._first_steps = meta["first_steps"]
+        self.history = list(meta["history"])
+        if (d / MODEL_FILE).is_file():
+            sd, _ = store.load_tensors(d / MODEL_FILE)
+            repaired = copy.deepcopy(self._work)
+            repaired.load_state_dict(sd)
+            self.model = repaired.eval()
+        return self

@@ -1,0 +1,118 @@
+"""Continual repair (netmend.continual.Repairer) against the one-shot API it must reproduce."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import netmend
+from netmend.continual import Repairer
+from netmend.lab.models import MLP
+from netmend.model.training import TrainConfig, fit, predict
+
+RECIPE = TrainConfig(epochs=20, batch_size=32, lr=0.02)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    """Three noisy Gaussian classes, an MLP trained on flipped labels, its test failures."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1.2, (3, 5))
+
+    def draw(n):
+        y = rng.integers(0, 3, n)
+        return torch.from_numpy(centres[y] + rng.normal(0, 1.0, (n, 5))), torch.from_numpy(y)
+
+    X, y = draw(240)
+    noisy = torch.where(torch.from_numpy(rng.random(240) < 0.2), (y + 1) % 3, y)
+    Xt, yt = draw(400)
+    torch.manual_seed(0)
+    model = fit(MLP(5, 3, (8,)).double(), X, noisy, RECIPE, seed=0, progress=False).eval()
+    wrong = torch.nonzero(predict(model, Xt) != yt).flatten()
+    assert wrong.numel() >= 16
+    return model, (X, noisy), (Xt[wrong], yt[wrong]), (Xt, yt)
+
+
+def _repairer(problem, **kw):
+    model, train, _, test = problem
+    return Repairer(model, train, train_config=RECIPE, device="cpu", progress=False,
+                    eval_sets={"test": test}, **kw)  # fmt: skip
+
+
+def test_first_round_is_the_one_shot_repair(problem):
+    model, train, (Xf, yf), _ = problem
+    before = [p.detach().clone() for p in model.parameters()]
+    r = _repairer(problem)
+    repaired = r.observe((Xf, yf))
+    ref = netmend.repair(model, train, (Xf, yf), train_config=RECIPE, device="cpu",
+                         progress=False)  # fmt: skip
+    np.testing.assert_allclose(r.scores, ref.scores, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(r.causes, ref.causes)
+    for a, b in zip(repaired.parameters(), ref.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)  # the user's model is untouched
+
+
+def test_rounds_add_the_new_failures_scores_and_reuse_the_fisher(problem, monkeypatch):
+    model, train, (Xf, yf), _ = problem
+    r = _repairer(problem, k=10)
+    batches = [slice(0, 5), slice(5, 9), slice(9, None)]
+    r.observe((Xf[batches[0]], yf[batches[0]]))
+
+    def no_fisher(*a, **k):
+        raise AssertionError("the Fisher is recomputed in a later round")
+
+    monkeypatch.setattr("netmend.identification.base.fisher_diag_sum", no_fisher)
+    for b in batches[1:]:
+        r.observe((Xf[b], yf[b]))
+    monkeypatch.undo()
+    fisher = r.fisher
+    expected = sum(
+        netmend.identify(model, train, (Xf[b], yf[b]), "ewc", k=1, device="cpu", progress=False,
+                         fisher=fisher).scores
+        for b in batches
+    )  # fmt: skip
+    np.testing.assert_allclose(r.scores, expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(r.causes, np.argsort(-expected, kind="stable")[:10])
+    h = r.history
+    assert [e["round"] for e in h] == [1, 2, 3] and [e["failures"] for e in h] == [5, 9, len(yf)]
+    assert "fisher" in h[0]["seconds"] and "fisher" not in h[1]["seconds"]
+    causes: set[int] = set()
+    for e in h:  # the history's additions and restorations replay to the final causes
+        assert not set(e["added"]) & causes and set(e["restored"]) <= causes
+        causes = (causes | set(e["added"])) - set(e["restored"])
+    assert causes == set(r.causes.tolist())
+    assert all(0 <= e["accuracy"]["test"] <= 1 for e in h)
+    ok = (predict(r.model, Xf) == yf).numpy()
+    assert h[-1]["fixed"] == np.flatnonzero(ok).tolist()
+
+
+def test_save_load_continues_exactly(problem, tmp_path):
+    model, train, (Xf, yf), _ = problem
+    a = _repairer(problem, treat="relabel")
+    a.observe((Xf[:8], yf[:8]))
+    a.save(tmp_path / "state")
+    a.observe((Xf[8:], yf[8:]))
+    b = Repairer.load(tmp_path / "state", model, train, treat="relabel", train_config=RECIPE,
+                      device="cpu", progress=False, eval_sets={"test": problem[3]})  # fmt: skip
+    assert b.history == a.history[:1]
+    b.observe((Xf[8:], yf[8:]))
+    np.testing.assert_allclose(b.scores, a.scores, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(b.causes, a.causes)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    assert (tmp_path / "state" / "history.json").is_file()
+    with pytest.raises(ValueError, match="seed"):
+        Repairer.load(tmp_path / "state", model, train, treat="relabel", seed=1)
+    with pytest.raises(ValueError, match="no continual-repair state"):
+        Repairer.load(tmp_path, model, train)
+
+
+def test_bad_settings_refused(problem):
+    model, train, _, _ = problem
+    with pytest.raises(ValueError, match="continue_fraction"):
+        Repairer(model, train, continue_fraction=0)
+    with pytest.raises(ValueError, match="unknown identify option"):
+        Repairer(model, train, identify_options={"stepz": 3})
