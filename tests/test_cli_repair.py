@@ -155,8 +155,10 @@ def test_csv(tmp_path, capsys):
                    tmp_path / "w.safetensors")  # fmt: skip
     clean = np.random.default_rng(2).integers(0, 3, 300)  # the true labels of _blobs
     wrong = [i for i in range(200, 300) if int(predict(model, Xt[i : i + 1])[0]) != clean[i]]
-    assert len(wrong) >= 4
+    assert len(wrong) >= 8
+    wrong, later = wrong[: len(wrong) // 2], wrong[len(wrong) // 2 :]
     write(tmp_path / "fail.csv", wrong, clean)
+    write(tmp_path / "fail2.csv", later, clean)
     out = tmp_path / "run"
     argv = [
         "--model", "_cli_models:tabular_net", "--weights", str(tmp_path / "w.safetensors"),
@@ -181,6 +183,24 @@ def test_csv(tmp_path, capsys):
     assert code == 0, err
     again = json.loads((out / "summary.json").read_text())
     assert again["cache"]["examples_computed"] == 0 and again["cache"]["results_reused"]
+    # new failures for the same folder: a round of continual repair that adds their scores
+    code, _, err = _run([*argv[:-8], "--resume", str(out), *RECIPE_ARGS, "--failures",
+                         str(tmp_path / "fail2.csv")], capsys)  # fmt: skip
+    assert code == 0, err
+    third = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in third["continual"]] == [1, 2]
+    assert third["continual"][1]["failures"] == len(wrong) + len(later)
+    s2 = np.array([float(r["score"]) for r in _read_csv(out / "scores.csv")])
+    new = netmend.identify(
+        model,
+        (Xt[:200].float(), torch.from_numpy(y[:200])),
+        (Xt[later].float(), torch.from_numpy(clean[later])),
+        k=1,
+        progress=False,
+        device="cpu",
+    )
+    np.testing.assert_allclose(s2 - s, new.scores, rtol=1e-6, atol=1e-9)  # fmt: skip
+    assert len(_read_csv(out / "culprits.csv")) == 5 * len(later)
     # a second run into the same folder without --resume is refused (exit 2, says what to do)
     code, _, err = _run(argv, capsys)
     assert code == 2 and "--resume" in err and "Traceback" not in err

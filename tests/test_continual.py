@@ -116,3 +116,23 @@ def test_bad_settings_refused(problem):
         Repairer(model, train, continue_fraction=0)
     with pytest.raises(ValueError, match="unknown identify option"):
         Repairer(model, train, identify_options={"stepz": 3})
+
+
+def test_adopting_a_one_shot_repair_continues_like_round_one(problem):
+    model, train, (Xf, yf), _ = problem
+    a = _repairer(problem)
+    a.observe((Xf[:8], yf[:8]))
+    halves_1 = a._halves.copy()
+    a.observe((Xf[8:], yf[8:]))
+    ref = netmend.repair(model, train, (Xf[:8], yf[:8]), train_config=RECIPE, device="cpu",
+                         progress=False)  # fmt: skip
+    b = _repairer(problem)
+    b.adopt((Xf[:8], yf[:8]), ref.scores, ref.causes, ref.model)
+    np.testing.assert_allclose(b._halves, halves_1, rtol=1e-9, atol=1e-12)
+    b.observe((Xf[8:], yf[8:]))
+    np.testing.assert_allclose(b.scores, a.scores, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(b.causes, a.causes)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
+    with pytest.raises(ValueError, match="adopt"):
+        b.adopt((Xf[:8], yf[:8]), ref.scores, ref.causes, ref.model)

@@ -188,6 +188,81 @@ class Repairer:
         self._selection = {"rule": str(self.k), "k": int(causes.size)}
         return causes
 
+    def _start(self, seconds: dict[str, float]) -> None:
+        """First round only: the Fisher (through ``lambda``) and ``log p(z|theta_hat)``."""
+        t0 = time.perf_counter()
+        self._ctx.lam()  # resolves l2 (computing the Fisher) once, for every later round
+        seconds["fisher"] = time.perf_counter() - t0
+        t = time.perf_counter()
+        self._before = log_likelihoods(
+            self._ctx.fm, self._ctx.theta, self._X, self._y, self.chunk_size, self.device,
+            self.progress,
+        )  # fmt: skip
+        seconds["base_likelihoods"] = time.perf_counter() - t
+
+    def _score_round(self, Xb: torch.Tensor, yb: torch.Tensor, rnd: int) -> None:
+        """Add the new failures' scores (and their halves' scores) to the running sums."""
+        self.scores = self.scores + self._ewc_scores(Xb, yb)
+        self._score_halves(Xb, yb, rnd)
+        self._failures_X = torch.cat([self._failures_X, Xb])
+        self._failures_y = torch.cat([self._failures_y, yb])
+
+    def _score_halves(self, Xb: torch.Tensor, yb: torch.Tensor, rnd: int) -> None:
+        m = int(yb.shape[0])
+        perm = torch.from_numpy(np.random.default_rng([self.seed, rnd]).permutation(m))
+        if rnd == 1:  # the same halves as netmend.identify, so round 1 is the one-shot call
+            perm = torch.from_numpy(np.random.default_rng(self.seed).permutation(m))
+        halves = (perm[: m // 2], perm[m // 2 :])
+        if m // 2 == 0:  # one failure: it joins the half with fewer so far
+            halves = (perm, perm[:0]) if rnd % 2 else (perm[:0], perm)
+        for h, part in enumerate(halves):
+            if part.numel():
+                self._halves[h] += self._ewc_scores(Xb[part], yb[part])
+
+    def adopt(
+        self,
+        failures: DataLike,
+        scores: np.ndarray,
+        causes: np.ndarray,
+        repaired: nn.Module,
+        seconds: Mapping[str, float] | None = None,
+    ) -> None:
+        """Take a finished one-shot "ewc" repair as round 1 (e.g. ``netmend repair``'s first run).
+
+        ``scores``/``causes`` must be :func:`netmend.identify`'s with method "ewc" on
+        ``failures`` and this Repairer's settings, and ``repaired`` its treatment. Costs one
+        forward pass over the training set, plus two for the halves of the automatic K.
+        """
+        if self.history:
+            raise ValueError("adopt() starts a Repairer: this one has observed failures already")
+        Xb, yb = self._check_batch(failures)
+        secs: dict[str, float] = dict(seconds or {})
+        self._start(secs)
+        self.scores = np.asarray(scores, dtype=np.float64).copy()
+        if self.scores.shape != (self._X.shape[0],):
+            raise ValueError(f"scores must have shape [{self._X.shape[0]}]")
+        self._score_halves(Xb, yb, 1)
+        self._failures_X, self._failures_y = Xb, yb
+        self.causes = np.asarray(causes, dtype=np.int64).copy()
+        self.model = repaired
+        n, kk = self._X.shape[0], int(self.causes.size)
+        self._selection = {"rule": "adopted", "k": kk}
+        if self.treat == "finetune" and self.warm_start and kk:
+            cfg = finetune_recipe(self.train_config, n, n - kk, self.treat_options)
+            self._first_steps = max(1, round(cfg.epochs * (n - kk) / cfg.batch_size))
+        self._record(int(yb.shape[0]), set(), {}, secs)
+
+    def per_failure(self, failures: DataLike) -> np.ndarray:
+        """Per-failure cause scores ``[N, M]`` of ``failures`` (positive = harmful to failure i).
+
+        Linearised with the stored curvature (as "ewc"'s culprits): one pass of per-example
+        gradients over the training set.
+        """
+        Xb, yb = as_tensors(failures, "failures")
+        Xb = match_dtype(Xb, param_dtype(self._work))
+        ctx = dataclasses.replace(self._ctx, Xq=Xb, yq=yb)
+        return ctx.per_failure_scores(ctx.diag_curvature())
+
     # ------------------------------------------------------------------ a round
     def observe(self, failures: DataLike) -> nn.Module:
         """Take a batch of new failures (with their correct labels) and return the repaired model.
@@ -208,29 +283,11 @@ class Repairer:
         t0 = time.perf_counter()
         seconds: dict[str, float] = {}
         if self._before is None:
-            self._ctx.lam()  # resolves l2 (computing the Fisher) once, for every later round
-            seconds["fisher"] = time.perf_counter() - t0
-            t = time.perf_counter()
-            self._before = log_likelihoods(
-                self._ctx.fm, self._ctx.theta, self._X, self._y, self.chunk_size, self.device,
-                self.progress,
-            )  # fmt: skip
-            seconds["base_likelihoods"] = time.perf_counter() - t
+            self._start(seconds)
         t = time.perf_counter()
         rnd = len(self.history) + 1
-        self.scores = self.scores + self._ewc_scores(Xb, yb)
         m = int(yb.shape[0])
-        perm = torch.from_numpy(np.random.default_rng([self.seed, rnd]).permutation(m))
-        if rnd == 1:  # the same halves as netmend.identify, so round 1 is the one-shot call
-            perm = torch.from_numpy(np.random.default_rng(self.seed).permutation(m))
-        halves = (perm[: m // 2], perm[m // 2 :])
-        if m // 2 == 0:  # one failure: it joins the half with fewer so far
-            halves = (perm, perm[:0]) if rnd % 2 else (perm[:0], perm)
-        for h, part in enumerate(halves):
-            if part.numel():
-                self._halves[h] += self._ewc_scores(Xb[part], yb[part])
-        self._failures_X = torch.cat([self._failures_X, Xb])
-        self._failures_y = torch.cat([self._failures_y, yb])
+        self._score_round(Xb, yb, rnd)
         old = set(self.causes.tolist())
         self.causes = self._select()
         seconds["identify"] = time.perf_counter() - t
@@ -240,6 +297,13 @@ class Repairer:
         self.model = self._treat(record)
         seconds["treat"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
+        self._record(m, old, record, seconds)
+        return self.model
+
+    def _record(
+        self, m: int, old: set[int], record: Mapping[str, Any], seconds: dict[str, float]
+    ) -> None:
+        assert self.model is not None
         new = set(self.causes.tolist())
         relabelled: list[list[int]] = []
         if "new_labels" in record:
@@ -255,7 +319,7 @@ class Repairer:
             acc[name] = float((predict(self.model, X, self.device) == y).double().mean())
         self.history.append(
             {
-                "round": rnd,
+                "round": len(self.history) + 1,
                 "new_failures": m,
                 "failures": int(self._failures_y.shape[0]),
                 "k": int(self.causes.size),
@@ -265,10 +329,9 @@ class Repairer:
                 "relabelled": relabelled,
                 "accuracy": acc,
                 "fixed": np.flatnonzero(ok).tolist(),
-                "seconds": seconds,
+                "seconds": dict(seconds),
             }
         )
-        return self.model
 
     def _treat(self, record: dict[str, Any]) -> nn.Module:
         if self.causes.size == 0:  # nothing to remove: the model stays as it is

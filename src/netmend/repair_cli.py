@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import platform
 import sys
@@ -30,13 +31,14 @@ from torch import nn
 
 from netmend import api
 from netmend._version import __version__
+from netmend.continual import STATE_FILE, Repairer
 from netmend.data.checks import resolve_device
 from netmend.data.files import FileData, load_data, load_indices
 from netmend.evaluation import split_failures
 from netmend.model.functional import match_dtype, param_dtype
 from netmend.model.training import TrainConfig, fit, predict
 from netmend.report.html import ReportData, culprit_table, write_report
-from netmend.store import save_tensors, write_json_atomic, write_text_atomic
+from netmend.store import save_tensors, tensor_hash, write_json_atomic, write_text_atomic
 
 
 class BadInput(Exception):
@@ -294,6 +296,17 @@ def _control_finetune_only(
     return fit(copy.deepcopy(model), X, y, cfg, seed, device, progress, "control: finetune only")
 
 
+def _previous_summary(out: Path) -> dict[str, Any] | None:
+    path = out / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        prev: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"{path}: not valid JSON ({exc}); rerun without --resume") from exc
+    return prev
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``repair`` subcommand (see the module docstring)."""
     t_start = time.perf_counter()
@@ -325,51 +338,87 @@ def run(args: argparse.Namespace) -> int:
     if args.vocab is not None:
         vocab = Path(args.vocab).read_text().splitlines()
 
-    t0 = time.perf_counter()
-    ident = api.identify(
-        model,
-        (train.X, train.y),
-        (fails.X, fails.y),
-        args.identify,
-        k,
-        seed=args.seed,
-        device=device,
-        chunk_size=args.chunk_size,
-        progress=progress,
-        cache_dir=out / "cache",
-        overwrite_cache=args.resume is None,
-    )
-    times["identify"] = time.perf_counter() - t0
-    if ident.causes.size == 0:
-        raise BadInput(
-            "the identification selected no causes (no training example scores as harmful); "
-            "try another --identify method or a fixed --k"
-        )
-    t0 = time.perf_counter()
-    record: dict[str, Any] = {}
     common: dict[str, Any] = dict(
         seed=args.seed, device=device, chunk_size=args.chunk_size, progress=progress
     )
-    repaired = api.treat(
-        model,
-        (train.X, train.y),
-        ident.causes,
-        args.treat,
-        train_config=config,
-        fisher=ident.fisher,
-        failures=(fails.X, fails.y),
-        theta_plus_f=ident.info.get("theta_plus_f"),
-        record=record,
-        **common,
-    )
-    times["treat"] = time.perf_counter() - t0
+    state_dir = out / "continual"
+    failures_hash = tensor_hash(fails.X, fails.y)
+    previous = _previous_summary(out) if args.resume is not None else None
+    continual = previous is not None and previous.get("failures_hash") != failures_hash
+    repairer_kw: dict[str, Any] = dict(treat=args.treat, k=k, train_config=config, **common)
+    record: dict[str, Any] = {}
+    per_failure: Any = None
+    theta_plus_f = None
+    fisher: torch.Tensor | None
+    if continual:  # new failures for an earlier run: one more round of continual repair
+        if not (state_dir / STATE_FILE).is_file():
+            raise BadInput(
+                f"--resume {out} with new failures needs the continual-repair state of an "
+                f"'ewc' run ({state_dir}/{STATE_FILE}); this run used --identify "
+                f"{previous['settings']['identify'] if previous else '?'}"
+            )
+        t0 = time.perf_counter()
+        rep = Repairer.load(state_dir, model, (train.X, train.y), **repairer_kw)
+        repaired = rep.observe((fails.X, fails.y))
+        scores, causes, fisher = rep.scores, rep.causes, rep.fisher
+        for i, lab in rep.history[-1]["relabelled"]:
+            record.setdefault("suggested", {})[i] = lab
+        times["identify"] = rep.history[-1]["seconds"]["identify"]
+        times["treat"] = rep.history[-1]["seconds"]["treat"]
+        per_failure = rep.per_failure((fails.X, fails.y))
+        rep.save(state_dir)
+        times["round"] = time.perf_counter() - t0
+    else:
+        t0 = time.perf_counter()
+        ident = api.identify(
+            model,
+            (train.X, train.y),
+            (fails.X, fails.y),
+            args.identify,
+            k,
+            cache_dir=out / "cache",
+            overwrite_cache=args.resume is None,
+            **common,
+        )
+        times["identify"] = time.perf_counter() - t0
+        scores, causes, fisher = ident.scores, ident.causes, ident.fisher
+        theta_plus_f = ident.info.get("theta_plus_f")
+        if causes.size == 0:
+            raise BadInput(
+                "the identification selected no causes (no training example scores as "
+                "harmful); try another --identify method or a fixed --k"
+            )
+        t0 = time.perf_counter()
+        repaired = api.treat(
+            model,
+            (train.X, train.y),
+            causes,
+            args.treat,
+            train_config=config,
+            fisher=fisher,
+            failures=(fails.X, fails.y),
+            theta_plus_f=theta_plus_f,
+            record=record,
+            **common,
+        )
+        times["treat"] = time.perf_counter() - t0
+        try:
+            per_failure = ident.per_failure
+        except ValueError:
+            per_failure = None
+        if args.identify == "ewc":  # keep the state for continual repair (--resume, new failures)
+            t0 = time.perf_counter()
+            rep = Repairer(model, (train.X, train.y), fisher=fisher, **repairer_kw)
+            rep.adopt((fails.X, fails.y), scores, causes, repaired)
+            rep.save(state_dir)
+            times["continual_state"] = time.perf_counter() - t0
 
     accuracies = {"original": data.accuracies(model, device)}
     accuracies["repaired"] = data.accuracies(repaired, device)
     control_note = []
     if not args.no_controls:
         t0 = time.perf_counter()
-        n, kk = len(train), int(ident.causes.size)
+        n, kk = len(train), int(causes.size)
         rand = np.random.default_rng(args.seed).choice(n, size=kk, replace=False)
         rk = api.treat(
             model,
@@ -377,9 +426,9 @@ def run(args: argparse.Namespace) -> int:
             rand,
             args.treat,
             train_config=config,
-            fisher=ident.fisher,
+            fisher=fisher,
             failures=(fails.X, fails.y),
-            theta_plus_f=ident.info.get("theta_plus_f"),
+            theta_plus_f=theta_plus_f,
             **common,
         )
         accuracies[f"control: random {kk}, {args.treat}"] = data.accuracies(rk, device)
@@ -402,27 +451,23 @@ def run(args: argparse.Namespace) -> int:
     )
     sd = {k_: v.detach().cpu().clone() for k_, v in state.items()}
     save_tensors(out / "repaired.safetensors", sd, {"netmend": __version__})
-    suggested: dict[int, int] = {}
+    suggested: dict[int, int] = dict(record.get("suggested", {}))
     if "new_labels" in record and "causes" in record:
         dropped = record.get("dropped")
         for j, (i, lab) in enumerate(zip(record["causes"].tolist(), record["new_labels"].tolist())):
             if dropped is None or not bool(dropped[j]):
                 suggested[int(i)] = int(lab)
     selected = np.zeros(len(train), dtype=bool)
-    selected[ident.causes] = True
+    selected[causes] = True
     ylist = train.y.tolist()
     rows = [
         [i, _fmt(s), ylist[i], suggested.get(i), int(selected[i])]
-        for i, s in enumerate(ident.scores.tolist())
+        for i, s in enumerate(scores.tolist())
     ]
     write_text_atomic(
         out / "scores.csv",
         _csv(["index", "score", "label", "suggested_label", "selected"], rows),
     )
-    try:
-        per_failure = ident.per_failure
-    except ValueError:
-        per_failure = None
     m = len(fails)
     if per_failure is not None:
         cidx, cscore = culprit_table(per_failure, args.culprits)
@@ -467,15 +512,23 @@ def run(args: argparse.Namespace) -> int:
             "test": None if data.test is None else len(data.test),
             "classes": train.classes,
         },
-        "causes": int(ident.causes.size),
-        "auto_k": ident.info.get("auto_k"),
+        "causes": int(causes.size),
+        "auto_k": rep.history[-1]["selection"] if continual else ident.info.get("auto_k"),
+        "failures_hash": failures_hash,
+        "continual": None
+        if not (state_dir / STATE_FILE).is_file()
+        else [
+            {key: e[key] for key in ("round", "new_failures", "failures", "k", "accuracy")}
+            | {"added": len(e["added"]), "restored": len(e["restored"])}
+            for e in rep.history
+        ],
         "relabelled": len([i for i, s in suggested.items() if s != ylist[i]]),
         "accuracies": accuracies,
         "controls": "computed by netmend repair through netmend.treat (random K) and the "
         "finetune recipe (finetune only)"
         if not args.no_controls
         else None,
-        "cache": ident.info.get("cache"),
+        "cache": None if continual else ident.info.get("cache"),
         "times": times,
     }
     pred_after = predict(repaired, fails.X, device).numpy()
@@ -486,8 +539,8 @@ def run(args: argparse.Namespace) -> int:
         train_y=train.y,
         failures_X=fails.X,
         failures_y=fails.y,
-        scores=ident.scores,
-        causes=ident.causes,
+        scores=scores,
+        causes=causes,
         culprit_indices=cidx,
         culprit_scores=cscore,
         accuracies=accuracies,
@@ -506,7 +559,7 @@ def run(args: argparse.Namespace) -> int:
     times["write"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
     write_json_atomic(out / "summary.json", summary)
-    _print_summary(accuracies, ident.causes.size, out)
+    _print_summary(accuracies, causes.size, out)
     return 0
 
 
