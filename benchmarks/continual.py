@@ -119,9 +119,17 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--full", action="store_true", help="all 60k/10k MNIST (slow on CPU)")
     p.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    p.add_argument(
+        "--merge", nargs="+", metavar="JSON", help="summarise the seeds of earlier runs' files"
+    )
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
+    if args.merge:
+        import json
+
+        results = [r for f in args.merge for r in json.loads(Path(f).read_text())["seeds"]]
+        args.seeds = []
     for seed in args.seeds:
         config = DemoConfig(seed) if args.full else DemoConfig.quick_config(seed)
         t = time.perf_counter()

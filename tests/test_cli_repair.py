@@ -201,6 +201,10 @@ def test_csv(tmp_path, capsys):
     )
     np.testing.assert_allclose(s2 - s, new.scores, rtol=1e-6, atol=1e-9)  # fmt: skip
     assert len(_read_csv(out / "culprits.csv")) == 5 * len(later)
+    # the same failures twice would count them twice: refused
+    code, _, err = _run([*argv[:-8], "--resume", str(out), *RECIPE_ARGS, "--failures",
+                         str(tmp_path / "fail2.csv")], capsys)  # fmt: skip
+    assert code == 2 and "already observed" in err
     # a second run into the same folder without --resume is refused (exit 2, says what to do)
     code, _, err = _run(argv, capsys)
     assert code == 2 and "--resume" in err and "Traceback" not in err

@@ -20,6 +20,7 @@ import importlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -344,7 +345,16 @@ def run(args: argparse.Namespace) -> int:
     state_dir = out / "continual"
     failures_hash = tensor_hash(fails.X, fails.y)
     previous = _previous_summary(out) if args.resume is not None else None
-    continual = previous is not None and previous.get("failures_hash") != failures_hash
+    observed: list[str] = list((previous or {}).get("observed_failures", []))
+    continual = previous is not None and failures_hash not in observed
+    if previous is not None and failures_hash in observed and len(observed) > 1:
+        raise BadInput(
+            f"--resume {out}: these failures were already observed (round "
+            f"{observed.index(failures_hash) + 1} of {len(observed)}); pass new failures"
+        )
+    if args.resume is None and state_dir.is_dir():
+        shutil.rmtree(state_dir)  # --overwrite: an earlier run's continual state is stale
+    observed = [*observed, failures_hash] if continual else [failures_hash]
     repairer_kw: dict[str, Any] = dict(treat=args.treat, k=k, train_config=config, **common)
     record: dict[str, Any] = {}
     per_failure: Any = None
@@ -514,7 +524,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "causes": int(causes.size),
         "auto_k": rep.history[-1]["selection"] if continual else ident.info.get("auto_k"),
-        "failures_hash": failures_hash,
+        "observed_failures": observed,
         "continual": None
         if not (state_dir / STATE_FILE).is_file()
         else [
