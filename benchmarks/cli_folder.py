@@ -54,7 +54,9 @@ def main() -> None:
     p.add_argument("--n-test", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is shared)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     seed = args.seed
     train, test = load_mnist()
     train = _subset(train, args.n_train, seed)

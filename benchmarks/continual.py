@@ -122,7 +122,9 @@ def main() -> None:
     p.add_argument(
         "--merge", nargs="+", metavar="JSON", help="summarise the seeds of earlier runs' files"
     )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the CPU is shared)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
     if args.merge:

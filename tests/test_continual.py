@@ -136,3 +136,20 @@ def test_adopting_a_one_shot_repair_continues_like_round_one(problem):
         torch.testing.assert_close(p, q, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="adopt"):
         b.adopt((Xf[:8], yf[:8]), ref.scores, ref.causes, ref.model)
+
+
+def test_a_later_batch_joins_the_smaller_half(problem):
+    model, train, (Xf, yf), _ = problem
+    r = _repairer(problem)
+    r.observe((Xf[:7], yf[:7]))  # round 1: halves of 3 and 4 failures
+    assert r._half_sizes == [3, 4]
+    h1 = r._halves.copy()
+    r.observe((Xf[7:10], yf[7:10]))
+    s_b = netmend.identify(model, train, (Xf[7:10], yf[7:10]), "ewc", k=1, device="cpu",
+                           progress=False, fisher=r.fisher).scores  # fmt: skip
+    np.testing.assert_allclose(r._halves[0], h1[0] + s_b, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(r._halves[1], h1[1])
+    assert r._half_sizes == [6, 4]
+    positive = np.flatnonzero(r.scores > 0)
+    k, _ = netmend.identification.reproducible_k(r._halves[0], r._halves[1], positive.size)
+    np.testing.assert_array_equal(r.causes, np.argsort(-r.scores, kind="stable")[:k])

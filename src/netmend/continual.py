@@ -12,10 +12,13 @@ The paper's premise is repairing a model *on the fly* as failures are encountere
 
 A round fits ``theta_+F`` on the **new** failures only (from ``theta_hat``, with the stored
 curvature) and adds their EWC-influence scores ``log p(z|theta_hat) - log p(z|theta_+F_b)``
-to the running sum: one forward pass over the training set per fit (three with the halves of
-the automatic K). The sum is the one-shot score under the quadratic approximation that
-EWC-influence rests on (``theta_+F - theta_hat`` is linear in the failures' summed gradient);
-the first round is exactly :func:`netmend.identify` with method "ewc" on its failures.
+to the running sum: one forward pass over the training set. The automatic K compares two
+disjoint halves of the failures: round 1 splits its failures at random (as
+:func:`netmend.identify`), and each later batch joins the half with fewer failures (if
+batches differ systematically, e.g. under drift, the halves do too; pass a fixed ``k``).
+The sum is the one-shot score under the quadratic approximation that EWC-influence rests
+on (``theta_+F - theta_hat`` is linear in the failures' summed gradient); the first round is
+exactly :func:`netmend.identify` with method "ewc" on its failures.
 
 The causes are then re-selected from the summed scores, and the model treated: with the
 "finetune" treatment and ``warm_start=True`` (default), later rounds continue from the
@@ -132,6 +135,7 @@ class Repairer:
         self._before: torch.Tensor | None = None
         self.scores = np.zeros(n)
         self._halves = np.zeros((2, n))
+        self._half_sizes = [0, 0]  # failures behind each half's scores
         self._failures_X = empty_x
         self._failures_y = empty_y
         self.causes = np.zeros(0, dtype=np.int64)
@@ -201,21 +205,32 @@ class Repairer:
         seconds["base_likelihoods"] = time.perf_counter() - t
 
     def _score_round(self, Xb: torch.Tensor, yb: torch.Tensor, rnd: int) -> None:
-        """Add the new failures' scores (and their halves' scores) to the running sums."""
-        self.scores = self.scores + self._ewc_scores(Xb, yb)
-        self._score_halves(Xb, yb, rnd)
+        """Add the new failures' scores to the running sum and to one of the two halves.
+
+        Round 1 splits its failures into two random halves (as :func:`netmend.identify`'s
+        automatic K) and scores each (three fits and forward passes). A later round scores
+        its batch once (one fit, one forward pass) and adds the scores to the half with fewer
+        failures so far: the halves stay two disjoint sets of failures of nearly equal size,
+        which is all the automatic K (:func:`netmend.identification.reproducible_k`) needs.
+        """
+        s_b = self._ewc_scores(Xb, yb)
+        self.scores = self.scores + s_b
+        if rnd == 1:
+            self._score_halves(Xb, yb, rnd)
+        else:
+            h = int(self._half_sizes[1] < self._half_sizes[0])
+            self._halves[h] += s_b
+            self._half_sizes[h] += int(yb.shape[0])
         self._failures_X = torch.cat([self._failures_X, Xb])
         self._failures_y = torch.cat([self._failures_y, yb])
 
     def _score_halves(self, Xb: torch.Tensor, yb: torch.Tensor, rnd: int) -> None:
         m = int(yb.shape[0])
-        perm = torch.from_numpy(np.random.default_rng([self.seed, rnd]).permutation(m))
-        if rnd == 1:  # the same halves as netmend.identify, so round 1 is the one-shot call
-            perm = torch.from_numpy(np.random.default_rng(self.seed).permutation(m))
+        # the same halves as netmend.identify, so round 1 is the one-shot call
+        perm = torch.from_numpy(np.random.default_rng(self.seed).permutation(m))
         halves = (perm[: m // 2], perm[m // 2 :])
-        if m // 2 == 0:  # one failure: it joins the half with fewer so far
-            halves = (perm, perm[:0]) if rnd % 2 else (perm[:0], perm)
         for h, part in enumerate(halves):
+            self._half_sizes[h] += int(part.numel())
             if part.numel():
                 self._halves[h] += self._ewc_scores(Xb[part], yb[part])
 
@@ -398,6 +413,7 @@ class Repairer:
             "settings": self._fingerprint(),
             "l2": self._ctx.l2 if isinstance(self._ctx.l2, str) else float(self._ctx.l2),
             "first_steps": self._first_steps,
+            "half_sizes": self._half_sizes,
             "history": self.history,
         }
         if self.model is not None:
@@ -436,6 +452,7 @@ class Repairer:
         self.causes = tensors["causes"].numpy().copy()
         self._before = tensors.get("before")
         self._first_steps = meta["first_steps"]
+        self._half_sizes = [int(v) for v in meta["half_sizes"]]
         self.history = list(meta["history"])
         if (d / MODEL_FILE).is_file():
             sd, _ = store.load_tensors(d / MODEL_FILE)
