@@ -166,7 +166,12 @@ def main() -> None:
         {
             "machine": machine(),
             "subset": "full MNIST" if args.full else "demo --quick subset (8k train, 4k test)",
-            "note": "timings share 2 CPU cores with other processes; ratios are same-process",
+            "note": "timings share 2 CPU cores with other processes; ratios are same-process"
+            + (
+                "; seeds run as separate processes at the same time, merged with --merge"
+                if args.merge
+                else ""
+            ),
             "summary": summary,
             "seeds": results,
         },
