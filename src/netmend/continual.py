@@ -55,6 +55,14 @@ from netmend.model.training import TrainConfig, predict
 from netmend.treatment.methods import finetune_recipe
 
 STATE_FILE = "state.safetensors"
+
+
+def _as_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = match_dtype(X, dtype)
+    assert isinstance(out, torch.Tensor)  # a tensor stays a tensor
+    return out
+
+
 MODEL_FILE = "model.safetensors"
 
 
@@ -116,7 +124,13 @@ class Repairer:
             )
         self.device = resolve_device(device)
         self.original = model
-        self._work, self._X, self._y, self.num_classes = api._prepare(model, train, self.device)
+        self._work, src, self._y, self.num_classes = api._prepare(model, train, self.device, None)
+        X = src.read()
+        if not isinstance(X, torch.Tensor):
+            raise TypeError(
+                f"Repairer needs the training inputs as one tensor; got {type(X).__name__}"
+            )
+        self._X: torch.Tensor = X
         self.treat, self.k, self.seed, self.l2 = treat, k, seed, l2
         self.train_config = train_config or TrainConfig()
         self.chunk_size, self.progress = chunk_size, progress
@@ -172,7 +186,7 @@ class Repairer:
                 f"{tuple(self._X.shape[1:])}"
             )
         check_labels(yb, self.num_classes, "failures")
-        Xb = match_dtype(Xb, param_dtype(self._work))
+        Xb = _as_dtype(Xb, param_dtype(self._work))
         check_failures(self._work, Xb, yb, self.device, 1024)
         return Xb, yb
 
@@ -274,7 +288,7 @@ class Repairer:
         gradients over the training set.
         """
         Xb, yb = as_tensors(failures, "failures")
-        Xb = match_dtype(Xb, param_dtype(self._work))
+        Xb = _as_dtype(Xb, param_dtype(self._work))
         ctx = dataclasses.replace(self._ctx, Xq=Xb, yq=yb)
         return ctx.per_failure_scores(ctx.diag_curvature())
 
@@ -330,7 +344,7 @@ class Repairer:
         ok = (predict(self.model, self._failures_X, self.device) == self._failures_y).numpy()
         acc = {"failures": float(ok.mean())}
         for name, (X, y) in self.eval_sets.items():
-            X = match_dtype(X, param_dtype(self._work))
+            X = _as_dtype(X, param_dtype(self._work))
             acc[name] = float((predict(self.model, X, self.device) == y).double().mean())
         self.history.append(
             {

@@ -207,19 +207,25 @@ def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str)
     return d
 
 
+def _as_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = match_dtype(X, dtype)
+    assert isinstance(out, torch.Tensor)  # a tensor stays a tensor
+    return out
+
+
 class Inputs:
     """The training set, the failures and (optionally) the test set of one run."""
 
     def __init__(self, args: argparse.Namespace, model: nn.Module, device: torch.device):
         dt = param_dtype(model)  # floating inputs in the model's dtype, as netmend.identify does
         self.train = _load(args.train, args, None, "train")
-        self.train.X = match_dtype(self.train.X, dt)
+        self.train.X = _as_dtype(self.train.X, dt)
         self.test: FileData | None = None
         self.query: np.ndarray | None = None  # failure indices into the test set
         self.heldout: np.ndarray | None = None
         if args.test is not None:
             self.test = _load(args.test, args, self.train, "test")
-            self.test.X = match_dtype(self.test.X, dt)
+            self.test.X = _as_dtype(self.test.X, dt)
         if args.failure_indices is not None:
             if self.test is None:
                 raise BadInput("--failure-indices needs --test (the set the indices point into)")
@@ -236,7 +242,7 @@ class Inputs:
             self.failure_names = [f"test #{int(i)}" for i in self.query]
         elif args.failures is not None:
             self.failures = _load(args.failures, args, self.train, "failures")
-            self.failures.X = match_dtype(self.failures.X, dt)
+            self.failures.X = _as_dtype(self.failures.X, dt)
             self.failure_names = [str(i) for i in range(len(self.failures))]
         else:
             raise BadInput("pass the failures: --failures FILE, or --test FILE --failure-indices")
