@@ -286,6 +286,8 @@ def _partial_passes(cache_dir: Path) -> dict[str, dict]:
     for p in cache_dir.glob("pass.*.safetensors"):
         try:
             meta = nc.load_tensors(p)[1]
+        except FileNotFoundError:  # listed, then replaced or dropped by the running worker
+            continue
         except Exception:  # noqa: BLE001 - atomic writes: cannot happen; fail loudly below
             raise AssertionError(f"unreadable checkpoint {p.name}") from None
         out[p.name] = meta
