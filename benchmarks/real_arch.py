@@ -396,6 +396,21 @@ NOTE = (
 )
 
 
+def commit() -> str | None:
+    """The checked-out commit (``+dirty`` when the work tree has changes), if git answers."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(
+            ["git", *cmd], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    try:
+        return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def json_path(suite: str, label: str = "") -> Path:
     return HERE / f"real_arch_{suite}{'_' + label if label else ''}.json"
 
@@ -468,7 +483,7 @@ def render(suites: dict[str, dict[str, Any]]) -> str:
     for name, suite in suites.items():
         mach = suite.get("machine", {})
         d, r = suite.get("data", {}), suite.get("recipe", {})
-        lines += [f"### {suite.get('title', name)}", ""]
+        lines += [f"### {suite.get('title', name)} (`real_arch_{name}.json`)", ""]
         if d:
             lines += [
                 f"`real_arch.py {' '.join(suite['argv'])}`, measured {suite['measured']}: "
@@ -525,7 +540,8 @@ def render(suites: dict[str, dict[str, Any]]) -> str:
             f"Training took {_num(train.get('seconds'), 0)} s. "
             f"Machine: {mach.get('processor')}, {mach.get('cpus')} CPUs shared with other "
             f"work, {mach.get('torch_threads')} torch thread(s), torch {mach.get('torch')}. "
-            f"Data: `benchmarks/real_arch_{name}.json`.",
+            f"Data: `benchmarks/real_arch_{name}.json`"
+            + (f", netmend at {suite['commit'][:7]}." if suite.get("commit") else "."),
             "",
         ]
     return "\n".join(lines).rstrip() + "\n"
@@ -570,6 +586,7 @@ def main(argv: list[str] | None = None) -> None:
             result["measured"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             result["argv"] = sys.argv[1:] if argv is None else argv
             result["machine"] = machine()
+            result["commit"] = commit()
             result["note"] = NOTE
             if previous is not None:
                 result = merged(previous, result)
