@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from netmend import identification, store, treatment
+from netmend.data import distributed
 from netmend.data.checks import check_labels, resolve_device
 from netmend.data.source import PROBE_ROWS, DataSource, SourceLike, as_source
 from netmend.data.task import Task
@@ -179,6 +180,7 @@ def _prepare(
 ) -> tuple[nn.Module, DataSource, torch.Tensor, int]:
     check_model(model)
     check_finite_parameters(model)
+    distributed.world()  # under torchrun: join the process group before any pass or write
     src = as_source(train, "train", task)
     work = _private_copy(model, device)
     X = match_dtype(src, param_dtype(work))
@@ -296,6 +298,10 @@ def identify(
     check_failures(work, Xf, yf, dev, 1024, Xf.task)
     fm = FunctionalModel.of(work, X.task)
     _check_fisher(fisher, fm)
+    if distributed.world()[1] > 1:  # sharded passes combine the ranks' work: same inputs
+        distributed.check_same(
+            (store.tensor_hash(fm.theta), len(X), len(Xf)), "model and data sizes"
+        )
     torch.manual_seed(seed)
     run = None
     if cache_dir is not None:

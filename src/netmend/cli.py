@@ -8,10 +8,13 @@ error (with its traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from typing import Any
 
+from netmend.data import distributed
 from netmend.store import write_json_atomic
 
 
@@ -30,7 +33,7 @@ def _demo(args: argparse.Namespace) -> int:
     if args.json:
         write_json_atomic(args.json, result)
         print(f"\nfigures written to {args.json}")
-    if args.plots:
+    if args.plots and distributed.is_writer():
         from netmend.report.plots import demo_plots
 
         for p in demo_plots(result, artifacts, args.plots):
@@ -68,11 +71,15 @@ def _bench(args: argparse.Namespace) -> int:
             config,
             args.device,
             progress=not args.no_progress,
-            on_suite=lambda partial: bench.write(partial, args.out, with_plots=False),
+            on_suite=lambda partial: (
+                bench.write(partial, args.out, with_plots=False) if distributed.is_writer() else []
+            ),
         )
     except DatasetMissingError as exc:
         print(f"netmend: {exc}", file=sys.stderr)
         return 2
+    if not distributed.is_writer():
+        return 1 if result["errors"] else 0
     paths = bench.write(result, args.out, with_plots=not args.no_plots)
     print(bench.markdown(result))
     print(f"written: {', '.join(str(p) for p in paths)}")
@@ -183,6 +190,14 @@ def main(argv: list[str] | None = None) -> int:
     b.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    # under torchrun every rank runs the command (its passes are sharded); rank 0 reports
+    if not distributed.is_writer():
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return _dispatch(args)
+    return _dispatch(args)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "repair":
         from netmend.repair_cli import BadInput
 

@@ -76,6 +76,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -205,13 +206,49 @@ def run_settings(
 # ----------------------------------------------------------------------------- atomic files
 
 
+def _ranks() -> tuple[int, int]:
+    """``(rank, world_size)`` of an initialised default process group, else ``(0, 1)``.
+
+    Under ``torchrun`` netmend initialises the group before its first write (see
+    :mod:`netmend.data.distributed`); only rank 0 writes files, every rank reads them.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _on_rank0(work: Callable[[], None]) -> None:
+    """``work()`` on rank 0 only; then every rank raises if it failed there (a barrier)."""
+    rank, size = _ranks()
+    if size == 1:
+        work()
+        return
+    note: list[str | None] = [None]
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            work()
+        except Exception as exc:
+            error, note[0] = exc, f"{type(exc).__name__}: {exc}"
+    dist.broadcast_object_list(note, src=0)
+    if error is not None:
+        raise error
+    if note[0] is not None:
+        raise ValueError(f"rank 0 failed: {note[0]}")
+
+
 def _fsync(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
 def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a temporary file in ``path``'s directory, then rename it to ``path``."""
+    """``write(tmp)`` to a temporary file in ``path``'s directory, then rename it to ``path``.
+
+    Under ``torch.distributed`` only rank 0 writes (the others return at once).
+    """
+    if _ranks()[0] != 0:
+        return
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
@@ -378,6 +415,12 @@ class RunCache:
         self.results_reused: list[str] = []
         self.settings_hash = settings_hash(self.settings)
         self._verified: dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+        self._unlock: Callable[[], Any] = lambda: None  # rank 0 (or a lone process) locks
+        _on_rank0(lambda: self._prepare(overwrite))
+
+    def _prepare(self, overwrite: bool) -> None:
+        """Create or check the directory and lock it (rank 0 only, under ``torch.distributed``:
+        it holds the lock for the group)."""
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"cache_dir {str(self.path)!r} is a file; pass a directory")
         self.path.mkdir(parents=True, exist_ok=True)
@@ -474,16 +517,18 @@ class RunCache:
         except CacheRecordError as exc:
             warnings.warn(f"{exc.args[0].split(': delete')[0]}; recomputing it", stacklevel=2)
             log.warning("discarding damaged cache record %s", path)
-            path.unlink(missing_ok=True)
+            if _ranks()[0] == 0:  # under torch.distributed rank 0 deletes; all recompute
+                path.unlink(missing_ok=True)
             return False
         return True
 
     def save(
         self, name: str, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any] | None = None
     ) -> None:
-        """Write the record ``name`` atomically, with its checksum and the settings hash."""
+        """Write the record ``name`` atomically, with its checksum and the settings hash
+        (rank 0 only, under ``torch.distributed``; every rank waits for it)."""
         self._verified.pop(name, None)
-        save_tensors(self.file(name), tensors, meta, self.settings_hash)
+        _on_rank0(lambda: save_tensors(self.file(name), tensors, meta, self.settings_hash))
 
     def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Read the record ``name``: ``(tensors, meta)``, verified.

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from netmend.data import distributed
 from netmend.store import RunCache, active
 
 log = logging.getLogger(__name__)
@@ -100,17 +101,22 @@ def map_chunks(
                 acc = value.to(acc.device if acc is not None else value.device)
         else:
             run.passes.append({"label": label, "skipped": 0, "computed": n})
-    starts = range(done, n, chunk_size)
+    # under torch.distributed each rank runs its own block of the chunks (netmend.data.distributed)
+    rank, size = distributed.world()
+    blocks = [distributed.shard(n, chunk_size, r, size, start=done) for r in range(size)]
+    base = None
+    if size > 1 and acc is not None:
+        base, acc = acc, torch.zeros_like(acc)  # this rank's share, added to base once reduced
     last, since = time.monotonic(), 0
     bar = tqdm(
-        total=math.ceil(n / chunk_size),
+        total=math.ceil(len(blocks[rank]) / chunk_size) + math.ceil(done / chunk_size),
         initial=math.ceil(done / chunk_size),
         desc=desc,
-        disable=not progress,
+        disable=not progress or rank != 0,
         leave=False,
     )
-    with bar:
-        for i in starts:
+    with bar, distributed.Captured() as failure:  # a rank's error is raised on every rank
+        for i in range(blocks[rank].start, blocks[rank].stop, chunk_size):
             r = fn(slice(i, min(i + chunk_size, n)))
             if reduce == "cat":
                 put(i, r.detach().cpu())
@@ -118,7 +124,7 @@ def map_chunks(
                 assert acc is not None  # checked above (internal invariant)
                 acc += r.detach().to(acc.device)
             bar.update(1)
-            if run is None:
+            if run is None or size > 1:  # a sharded pass is saved when complete
                 continue
             since += 1
             end = min(i + chunk_size, n)
@@ -129,11 +135,46 @@ def map_chunks(
                 part = [buf[:end]] if buf is not None else []
                 _save_pass(run, label, n, end, chunk_size, reduce, fp, part, acc, False)
                 last, since = time.monotonic(), 0
+    if size > 1:
+        err = failure.error
+        buf, acc = _combine(desc, n, chunk_size, done, reduce, blocks, err, buf, acc, base)
     out = (buf if buf is not None else torch.empty(0)) if reduce == "cat" else acc
     assert out is not None
     if run is not None:
         _save_pass(run, label, n, n, chunk_size, reduce, fp, [out], out, True)
     return out
+
+
+def _combine(
+    desc: str,
+    n: int,
+    chunk_size: int,
+    done: int,
+    reduce: str,
+    blocks: list[range],
+    error: Exception | None,
+    buf: torch.Tensor | None,
+    acc: torch.Tensor | None,
+    base: torch.Tensor | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Every rank's share of a sharded pass, combined: rows gathered in index order ("cat"),
+    sums all-reduced and added to ``base`` ("sum"). Raises on every rank if one failed."""
+    layout = None if buf is None else (tuple(buf.shape[1:]), buf.dtype)
+    metas = distributed.agree(error, f"pass {desc!r}", ((n, chunk_size, done, reduce), layout))
+    if len({m[0] for m in metas}) > 1:
+        raise ValueError(
+            f"the ranks ran different passes at {desc!r} ((n, chunk_size, done, reduce) per "
+            f"rank: {[m[0] for m in metas]}): every rank must run the same code on the same data"
+        )
+    if reduce == "sum":
+        assert acc is not None and base is not None  # set by map_chunks (internal invariant)
+        return buf, base + distributed.all_reduce_sum(acc)
+    layouts = [m[1] for m in metas if m[1] is not None]
+    if buf is None and layouts:  # this rank computed no chunk: learn the rows' shape
+        buf = torch.empty((n, *layouts[0][0]), dtype=layouts[0][1])
+    if buf is not None:
+        distributed.gather_rows(buf, blocks)
+    return buf, acc
 
 
 def _save_pass(

@@ -19,7 +19,7 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from netmend.data.source import DataSource
-from netmend.data.streaming import chunks, map_chunks
+from netmend.data.streaming import map_chunks
 from netmend.data.task import DEFAULT_TASK, Inputs, Task, batch_len, tree_map
 from netmend.store import tensor_hash
 
@@ -194,8 +194,17 @@ def summed_grad(
     """``sum_n grad log p(y_n|x_n, theta)`` over the set, ``[P]`` (summed, not averaged)."""
     device = torch.device(device)
     theta = theta.to(device)
-    total = torch.zeros_like(theta)
-    for s in chunks(len(X), chunk_size):
+
+    def chunk_grad(s: slice) -> torch.Tensor:
         x, t = X[s].to(device), y[s].to(device)
-        total += fm.ll_vjp(theta, torch.ones(batch_len(x), dtype=theta.dtype, device=device), x, t)
-    return total
+        return fm.ll_vjp(theta, torch.ones(batch_len(x), dtype=theta.dtype, device=device), x, t)
+
+    return map_chunks(
+        len(X),
+        chunk_size,
+        chunk_grad,
+        desc="grad",
+        reduce="sum",
+        init=torch.zeros_like(theta),
+        fingerprint=lambda: tensor_hash(theta),
+    )

@@ -7,6 +7,7 @@ It is deterministic given ``seed`` (the shuffling uses its own generator).
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from netmend.data import distributed
 from netmend.data.source import DataSource
 from netmend.data.task import Task, batch_len, resolve_task
 from netmend.model.functional import Data
@@ -25,6 +27,9 @@ def task_of(X: Data, task: Task | None) -> Task:
     if task is None and isinstance(X, DataSource):
         return X.task
     return resolve_task(task)
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,13 @@ def fit(
 ) -> nn.Module:
     """Train ``model`` in place with Adam on mean cross-entropy and return it.
 
+    Under ``torch.distributed`` (e.g. ``torchrun``) each optimiser step is data-parallel,
+    as with DDP: every rank draws the same batch (same seed), computes the loss of its
+    share of it, and the gradients are all-reduced before the step, so every rank takes the
+    step one process would (up to float rounding in the sum). Models with batch-norm layers
+    are trained whole on every rank instead (their batch statistics would differ per share).
+    Dropout masks are drawn per rank, so they differ from one process's.
+
     Args:
         model: classifier (its logits ``[B, C]`` read through ``task``).
         X: inputs ``[N, ...]``, or a :class:`DataSource` (each minibatch is read from it, so a
@@ -106,16 +118,29 @@ def fit(
     pos = 0
     start_avg = steps - int(config.average_tail * steps) if config.average_tail > 0 else steps
     avg = [torch.zeros_like(p) for p in model.parameters()] if start_avg < steps else []
+    rank, size = distributed.world()
+    if size > 1 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        log.warning("batch norm: each of the %d ranks trains on the whole batch", size)
+        rank, size = 0, 1
     for step in bar:
         if pos + config.batch_size > order.numel():
             order = torch.cat([order[pos:], torch.randperm(n, generator=gen)])
             pos = 0
         idx = order[pos : pos + config.batch_size]
         pos += config.batch_size
-        xb, yb = X[idx].to(device), y[idx].to(device)
-        loss = F.cross_entropy(task.forward(model, xb), yb)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if size == 1:
+            xb, yb = X[idx].to(device), y[idx].to(device)
+            F.cross_entropy(task.forward(model, xb), yb).backward()
+        else:
+            part = distributed.shard(idx.numel(), 1, rank, size)
+            share = idx[part.start : part.stop]
+            if share.numel():
+                xb, yb = X[share].to(device), y[share].to(device)
+                # this share's part of the batch's mean loss: the all-reduced sum is its gradient
+                logits = task.forward(model, xb)
+                (F.cross_entropy(logits, yb, reduction="sum") / idx.numel()).backward()
+            _all_reduce_grads(model)
         opt.step()
         if callback is not None:
             callback(step, model)
@@ -129,6 +154,32 @@ def fit(
                 p.copy_(a)
     model.eval()
     return model
+
+
+def _all_reduce_grads(model: nn.Module) -> None:
+    """Sum every trainable parameter's gradient over the ranks, in one all-reduce.
+
+    A parameter keeps ``grad=None`` (skipped by the optimiser, as in one process) only when
+    no rank gave it a gradient.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    flat = torch.cat(
+        [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+        + [
+            torch.tensor([float(p.grad is not None) for p in params], dtype=params[0].dtype).to(
+                params[0].device
+            )
+        ]
+    )
+    flat = distributed.all_reduce_sum(flat)
+    i = 0
+    has = flat[-len(params) :].tolist()
+    for j, p in enumerate(params):
+        k = p.numel()
+        p.grad = flat[i : i + k].view_as(p).to(p.dtype) if has[j] > 0 else None
+        i += k
 
 
 @torch.no_grad()
