@@ -1,0 +1,151 @@
+"""GPU check: the demo pipeline and one pass of every identification method on CUDA.
+
+Usage: .venv/bin/python benchmarks/gpu_check.py [--out benchmarks/gpu_check.json] [--quick]
+       torchrun --nproc-per-node=G benchmarks/gpu_check.py   (the sharded path, G GPUs)
+
+Needs CUDA; without it, it says so and exits with status 0 (nothing is written). Budget:
+about 5 minutes on one H100-class GPU (``--quick``: about 1 minute).
+
+1. **Agreement.** A float64 SmallCNN (trained briefly on 2,000 MNIST images, 40 failures) is
+   scored by every registered method on the CPU and on CUDA; the check passes when
+   ``max|s_cuda - s_cpu| / max|s_cpu| <= 1e-4`` for every method (a norm-relative error:
+   elementwise relative errors of near-zero scores say nothing). Shapley methods use their
+   seeded sampling on both devices.
+2. **Throughput.** Every method once on 60,000 MNIST images (float32 SmallCNN, 1,000
+   failures, ``k=100``), with ``torch.cuda.max_memory_allocated`` reset before each:
+   seconds, examples per second, peak GPU memory. Methods whose cost grows faster than
+   linearly (tmc_shapley, banzhaf) run on the first 10,000 images.
+3. **Demo.** ``netmend.lab.demo.run`` (the quick configuration with ``--quick``), timed,
+   with its table's figures.
+
+Under ``torchrun`` every rank runs the same script; netmend shards each pass across the
+ranks (one GPU each: ``cuda:LOCAL_RANK``) and rank 0 writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+import torch
+
+SLOW = ("tmc_shapley", "banzhaf")
+AGREE_RTOL = 1e-4
+
+
+def _problem(n: int, failures: int, dtype: torch.dtype, seed: int = 0) -> tuple[Any, ...]:
+    from netmend.lab.datasets import load_mnist
+    from netmend.lab.models import SmallCNN
+    from netmend.model.training import TrainConfig, fit, predict
+
+    train, test = load_mnist()
+    X, y = train.X[:n].to(dtype), train.y[:n]
+    torch.manual_seed(seed)
+    model = SmallCNN().to(dtype)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fit(model, X[:2000], y[:2000], TrainConfig(epochs=1), seed=seed, device=dev, progress=False)
+    model = model.cpu().eval()
+    Xt = test.X.to(dtype)
+    wrong = (predict(model, Xt, dev) != test.y).nonzero().squeeze(1)[:failures]
+    return model, (X, y), (Xt[wrong], test.y[wrong])
+
+
+def agreement(quick: bool) -> dict[str, Any]:
+    import netmend
+
+    model, train, fail = _problem(1000 if quick else 2000, 40, torch.float64)
+    out: dict[str, Any] = {}
+    for name in netmend.identification.available():
+        try:
+            s = {
+                dev: netmend.identify(
+                    model, train, fail, name, k=10, device=dev, progress=False
+                ).scores
+                for dev in ("cpu", "cuda")
+            }
+            scale = float(abs(s["cpu"]).max()) or 1.0
+            err = float(abs(s["cuda"] - s["cpu"]).max()) / scale
+            out[name] = {"relative_error": err, "ok": err <= AGREE_RTOL}
+        except Exception as exc:  # recorded, and the check fails
+            out[name] = {"error": f"{type(exc).__name__}: {exc}", "ok": False}
+    return out
+
+
+def throughput(quick: bool) -> dict[str, Any]:
+    import netmend
+
+    n = 10_000 if quick else 60_000
+    model, train, fail = _problem(n, 1000, torch.float32)
+    n = int(train[0].shape[0])
+    out: dict[str, Any] = {}
+    for name in netmend.identification.available():
+        m = min(n, 10_000) if name in SLOW else n
+        data = (train[0][:m], train[1][:m])
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        try:
+            netmend.identify(model, data, fail, name, k=100, device="cuda", progress=False)
+        except Exception as exc:
+            out[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            continue
+        torch.cuda.synchronize()
+        sec = time.perf_counter() - t
+        out[name] = {
+            "n": m,
+            "seconds": sec,
+            "examples_per_second": m / sec,
+            "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+        }
+    return out
+
+
+def demo(quick: bool) -> dict[str, Any]:
+    from netmend.lab import demo as demo_mod
+
+    config = demo_mod.DemoConfig.quick_config(0) if quick else demo_mod.DemoConfig(0)
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    result = demo_mod.run(config, progress=False)
+    result.pop("_artifacts", None)
+    return {
+        "seconds": time.perf_counter() - t,
+        "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
+        "runs": result["runs"],
+        "references": result.get("references"),
+        "timing": result.get("timing"),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/gpu_check.json")
+    ap.add_argument("--quick", action="store_true", help="smaller problems: about a minute")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check: CUDA is not available here; nothing was measured or written.")
+        return 0
+    from netmend.data import distributed
+    from netmend.lab.demo import machine
+    from netmend.store import write_json_atomic
+
+    rank, size = distributed.world()
+    result: dict[str, Any] = {"machine": machine(), "world_size": size, "quick": args.quick}
+    result["agreement"] = agreement(args.quick)
+    result["throughput"] = throughput(args.quick)
+    result["demo"] = demo(args.quick)
+    result["ok"] = all(v["ok"] for v in result["agreement"].values())
+    write_json_atomic(args.out, result)  # rank 0 only under torchrun
+    if rank == 0:
+        bad = [k for k, v in result["agreement"].items() if not v["ok"]]
+        print(
+            f"gpu_check: written to {args.out}; CPU vs CUDA agreement "
+            + ("ok" if not bad else f"FAILED for {', '.join(bad)}")
+        )
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
