@@ -192,6 +192,88 @@ def worker(scratch: Path, n: int, threads: int, out: Path, passes: tuple[str, ..
     path.write_text(json.dumps(record, indent=2))
 
 
+# ----------------------------------------------------------------------------- extrapolation
+
+TARGET = {
+    "examples": 10_000_000,
+    "params": 100_000_000,
+    "gpus": 8,
+    "failures": 1000,
+    "batch_size": 128,
+    "bytes_per_param": 4,
+    "gpu_flops_per_s": 100e12,
+    "allreduce_bus_bytes_per_s": 200e9,
+    "example_bytes": 224 * 224 * 3,
+    "reuse": {"mlp": 1, "vit_b16_224": 197},
+}
+"""Assumptions of :func:`extrapolate` (docs/scaling.md explains each)."""
+
+
+def extrapolate(measured: dict[str, Any], target: dict[str, Any] = TARGET) -> dict[str, Any]:
+    """Size a default repair (ewc identification with the automatic K, then finetune) at
+    ``target`` from the CPU measurements: pass costs relative to a log-likelihood pass, and
+    the assumptions in ``target`` (GPU throughput, interconnect, FLOPs per parameter)."""
+    sec = measured["processes"]["runs"]["1p1t"][0]["ranks"][0]["seconds"]
+    rank0 = measured["processes"]["runs"]["1p1t"][0]["ranks"][0]
+    n_cpu, p_cpu = rank0["n"], rank0["params"]
+    per_ex = {k: v / n_cpu for k, v in sec.items()}
+    per_ex["per_example_grads"] = sec["per_example_grads"] / rank0["per_example_grads_n"]
+    ratio = {k: per_ex[k] / per_ex["log_likelihood"] for k in per_ex}
+    cpu_flops = 2 * p_cpu / per_ex["log_likelihood"]  # an MLP's forward: 2 FLOPs per parameter
+    N, P, W = target["examples"], target["params"], target["gpus"]
+    R, B = target["gpu_flops_per_s"], target["allreduce_bus_bytes_per_s"]
+    bpp = target["bytes_per_param"]
+    ring = 2 * (W - 1) / W  # bytes sent per byte all-reduced, per rank
+    steps = N // target["batch_size"]
+    out: dict[str, Any] = {
+        "target": target,
+        "cpu_pass_cost_relative_to_log_likelihood": ratio,
+        "cpu_forward_flops_per_s": cpu_flops,
+        "passes": {
+            "fisher_diag": 1,
+            "log_likelihood": 6,
+            "finetune_epochs": 1,
+            "note": "ewc: one Fisher pass, then 2 log-likelihood passes per call; the automatic "
+            "K calls it on all failures and on each half (3 calls); finetune: one epoch of "
+            "D minus C (its default for large data); culprits: one per-example-gradient pass",
+        },
+        "bytes_moved_per_rank": {
+            "fisher_allreduce": ring * P * bpp,
+            "scores_allgather_per_pass": N * 4 * (W - 1) / W,
+            "culprits_allgather": N * target["failures"] * 4 * (W - 1) / W,
+            "finetune_gradient_allreduce_total": steps * ring * P * bpp,
+            "finetune_steps": steps,
+            "training_set_read_per_pass": N * target["example_bytes"] / W,
+        },
+        "memory_per_rank_bytes": {
+            "identify_parameter_vectors": 7 * P * bpp,
+            "finetune_parameter_vectors": 6 * P * bpp,
+            "per_example_gradient_chunk_128": 128 * P * bpp,
+            "scores_float64": N * 8,
+            "culprits_gathered": 2 * N * target["failures"] * 4,
+            "training_set_materialised": N * target["example_bytes"],
+        },
+        "hours": {},
+    }
+    for name, u in target["reuse"].items():
+        fwd = 2 * P * u  # FLOPs of one example's forward pass
+        t_ll = N * fwd / (W * R)
+        t_fisher = ratio["fisher_diag"] * t_ll
+        t_finetune = 3 * t_ll + steps * ring * P * bpp / B  # fwd+bwd, then the all-reduces
+        t_culprits = ratio["per_example_grads"] * t_ll
+        out["hours"][name] = {
+            "flops_per_example_forward": fwd,
+            "log_likelihood_pass": t_ll / 3600,
+            "fisher_pass": t_fisher / 3600,
+            "identify_ewc_auto_k": (t_fisher + 6 * t_ll) / 3600,
+            "finetune_epoch": t_finetune / 3600,
+            "finetune_allreduce_only": steps * ring * P * bpp / B / 3600,
+            "default_repair": (t_fisher + 6 * t_ll + t_finetune) / 3600,
+            "culprits_pass": t_culprits / 3600,
+        }
+    return out
+
+
 # ----------------------------------------------------------------------------- the parent
 
 
@@ -238,7 +320,16 @@ def main() -> None:
     ap.add_argument("--configs", default="1p1t,2p1t,1p2t", help="process x thread settings")
     ap.add_argument("--worker", nargs=4, metavar=("SCRATCH", "N", "THREADS", "OUT"))
     ap.add_argument("--prepare", metavar="SCRATCH")
+    ap.add_argument("--extrapolate", action="store_true", help="only redo --out's extrapolation")
     args = ap.parse_args()
+    if args.extrapolate:
+        from netmend.store import write_json_atomic
+
+        done = json.loads(Path(args.out).read_text())
+        done["extrapolation"] = extrapolate(done)
+        write_json_atomic(args.out, done)
+        print(json.dumps(done["extrapolation"]["hours"], indent=1))
+        return
     if args.prepare:
         prepare(Path(args.prepare))
         return
@@ -295,6 +386,7 @@ def main() -> None:
             for n, r in sorted(sweep.items())
         }
         result["machine"] = runs["1p1t"][0]["ranks"][0]["machine"]
+        result["extrapolation"] = extrapolate(result)
     from netmend.store import write_json_atomic  # after the runs: the parent stays small
 
     write_json_atomic(args.out, result)
