@@ -213,8 +213,8 @@ def extrapolate(measured: dict[str, Any], target: dict[str, Any] = TARGET) -> di
     """Size a default repair (ewc identification with the automatic K, then finetune) at
     ``target`` from the CPU measurements: pass costs relative to a log-likelihood pass, and
     the assumptions in ``target`` (GPU throughput, interconnect, FLOPs per parameter)."""
-    sec = measured["processes"]["runs"]["1p1t"][0]["ranks"][0]["seconds"]
     rank0 = measured["processes"]["runs"]["1p1t"][0]["ranks"][0]
+    sec = rank0["cpu_seconds"]  # CPU time: less perturbed by the other users' load than wall
     n_cpu, p_cpu = rank0["n"], rank0["params"]
     per_ex = {k: v / n_cpu for k, v in sec.items()}
     per_ex["per_example_grads"] = sec["per_example_grads"] / rank0["per_example_grads_n"]
@@ -310,6 +310,30 @@ def _median_seconds(runs: list[dict[str, Any]], key: str = "seconds") -> dict[st
     return {k: statistics.median(max(rk[key][k] for rk in r["ranks"]) for r in runs) for k in names}
 
 
+def sweep(scratch: Path, args: argparse.Namespace, at_n: dict[str, Any]) -> dict[str, Any]:
+    """``1p1t`` runs at ``--sizes`` (plus ``at_n``, the run at ``--n``), per example."""
+    runs = {args.n: at_n}
+    for n in [int(s) for s in args.sizes.split(",") if s]:
+        runs[n] = measure(scratch, n, "1p1t", SWEEP_PASSES)
+        print(n, runs[n]["ranks"][0]["seconds"], flush=True)
+    out = {}
+    for n, r in sorted(runs.items()):
+        rk = r["ranks"][0]
+        count = {
+            k: rk["per_example_grads_n"] if k == "per_example_grads" else n for k in rk["seconds"]
+        }
+        out[str(n)] = {
+            "seconds": rk["seconds"],
+            "seconds_per_example": {k: v / count[k] for k, v in rk["seconds"].items()},
+            "cpu_seconds": rk["cpu_seconds"],
+            "cpu_seconds_per_example": {k: v / count[k] for k, v in rk["cpu_seconds"].items()},
+            "peak_increment_bytes": rk["peak_increment_bytes"],
+            "data_bytes": rk["data_bytes"],
+            "load": [rk["load_before"], rk["load_after"]],
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/scaling.json")
@@ -321,6 +345,7 @@ def main() -> None:
     ap.add_argument("--worker", nargs=4, metavar=("SCRATCH", "N", "THREADS", "OUT"))
     ap.add_argument("--prepare", metavar="SCRATCH")
     ap.add_argument("--extrapolate", action="store_true", help="only redo --out's extrapolation")
+    ap.add_argument("--sweep-only", action="store_true", help="only redo --out's size sweep")
     args = ap.parse_args()
     if args.extrapolate:
         from netmend.store import write_json_atomic
@@ -329,6 +354,16 @@ def main() -> None:
         done["extrapolation"] = extrapolate(done)
         write_json_atomic(args.out, done)
         print(json.dumps(done["extrapolation"]["hours"], indent=1))
+        return
+    if args.sweep_only:
+        from netmend.store import write_json_atomic
+
+        done = json.loads(Path(args.out).read_text())
+        with tempfile.TemporaryDirectory() as tmp:
+            _run([sys.executable, str(Path(__file__)), "--prepare", tmp], dict(os.environ))
+            done["sizes"] = sweep(Path(tmp), args, done["processes"]["runs"]["1p1t"][0])
+        done["sweep_command"] = " ".join(["benchmarks/scaling.py", *sys.argv[1:]])
+        write_json_atomic(args.out, done)
         return
     if args.prepare:
         prepare(Path(args.prepare))
@@ -368,23 +403,7 @@ def main() -> None:
                 {k: med["1p2t"][k] / med["2p1t"][k] for k in med["1p2t"]} if "1p2t" in med else None
             ),
         }
-        sweep = {args.n: runs["1p1t"][0]}
-        for n in [int(s) for s in args.sizes.split(",") if s]:
-            sweep[n] = measure(scratch, n, "1p1t", SWEEP_PASSES)
-            print(n, sweep[n]["ranks"][0]["seconds"], flush=True)
-        result["sizes"] = {
-            str(n): {
-                "seconds": r["ranks"][0]["seconds"],
-                "seconds_per_example": {
-                    k: s / (r["ranks"][0]["per_example_grads_n"] if k == "per_example_grads" else n)
-                    for k, s in r["ranks"][0]["seconds"].items()
-                },
-                "peak_increment_bytes": r["ranks"][0]["peak_increment_bytes"],
-                "data_bytes": r["ranks"][0]["data_bytes"],
-                "load": [r["ranks"][0]["load_before"], r["ranks"][0]["load_after"]],
-            }
-            for n, r in sorted(sweep.items())
-        }
+        result["sizes"] = sweep(scratch, args, runs["1p1t"][0])
         result["machine"] = runs["1p1t"][0]["ranks"][0]["machine"]
         result["extrapolation"] = extrapolate(result)
     from netmend.store import write_json_atomic  # after the runs: the parent stays small
