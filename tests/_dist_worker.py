@@ -52,6 +52,10 @@ def score_all(problem: dict[str, Any], cache_dir: str | None = None) -> dict[str
             model, train, fail, name, k=5, chunk_size=CHUNK, progress=False, **opts
         )
         out[name] = torch.as_tensor(r.scores)
+    # a map-style Dataset: read batch by batch (each rank reads its own chunks only)
+    ds = torch.utils.data.TensorDataset(*train)
+    r = netmend.identify(model, ds, fail, "ewc", k=5, chunk_size=CHUNK, progress=False)
+    out["ewc_dataset"] = torch.as_tensor(r.scores)
     auto = netmend.identify(model, train, fail, chunk_size=CHUNK, progress=False)
     out["ewc_auto_causes"] = torch.as_tensor(auto.causes)
     out["ewc_per_failure"] = torch.as_tensor(auto.per_failure)

@@ -102,7 +102,7 @@ def test_two_processes_score_as_one(tmp_path):
     assert not hung
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     one = _dist_worker.score_all(problem)
-    for name in [*_dist_worker.METHODS, "ewc_per_failure", "fit"]:
+    for name in [*_dist_worker.METHODS, "ewc_dataset", "ewc_per_failure", "fit"]:
         want = one[name].numpy()
         scale = np.abs(want).max()
         assert scale > 0
