@@ -20,6 +20,7 @@ from netmend.api import (
     identify,
     repair,
     treat,
+    with_controls,
 )
 from netmend.continual import Repairer
 from netmend.data.source import DataSource, as_source
@@ -45,4 +46,5 @@ __all__ = [
     "repair",
     "treat",
     "validate",
+    "with_controls",
 ]

@@ -29,7 +29,22 @@ from netmend.data.source import PROBE_ROWS, DataSource, SourceLike, as_source
 from netmend.data.task import Task
 from netmend.data.validate import check_causes, check_count, check_k, check_seed
 from netmend.evaluation import FailureSplit, accuracies
-from netmend.identification.base import Context
+from netmend.evaluation.controls import (
+    MAX_CLASS_DROP,
+    TEST_TOLERANCE,
+    class_accuracies,
+    class_share,
+    diagnosis_gain,
+    run_controls,
+)
+from netmend.evaluation.controls import repaired as pareto_repaired
+from netmend.identification.base import (
+    CULPRITS_PER_FAILURE,
+    MAX_CLASS_SHARE,
+    Context,
+    class_capped,
+    per_failure_top,
+)
 from netmend.identification.base import check_options as check_identify_options
 from netmend.identification.caching import cached_method
 from netmend.model.checks import (
@@ -143,6 +158,8 @@ class RepairResult:
         seconds: wall time per stage (``identify``, ``treat``).
         treatment_info: the treatment's record (see the ``record`` argument of :func:`treat`;
             empty for treatments that record nothing).
+        recipe: every keyword argument the :func:`treat` call received besides the model, the
+            training set, the causes and the method (what :func:`with_controls` repeats).
     """
 
     model: nn.Module
@@ -150,6 +167,7 @@ class RepairResult:
     treatment: str
     seconds: dict[str, float]
     treatment_info: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def scores(self) -> np.ndarray:
@@ -320,9 +338,15 @@ def identify(
         causes = identification.select(scores, "positive")  # valued methods: no K to choose
         info["auto_k"] = {"rule": "positive", "k": int(causes.size)}
     elif k is None or k == "auto":
-        causes, info["auto_k"] = _auto_causes(fn, ctx, scores, method, seed)
+        causes, info["auto_k"] = _auto_causes(fn, ctx, scores, method, seed, out.per_failure)
+        capped = class_capped(causes, y)
+        if capped.size < causes.size:
+            info["auto_k"].update(k=int(capped.size), uncapped_k=int(causes.size))
+            info["auto_k"]["rule"] += f", at most {MAX_CLASS_SHARE:.0%} of a class"
+            causes = capped
     else:
         causes = identification.select(scores, k)
+    _warn_emptied_classes(causes, y, info)
     if run is not None:
         info["cache"] = run.summary()
     return Identification(
@@ -365,22 +389,50 @@ def _checked_scores(raw: np.ndarray, n: int, method: str, l2: float | str) -> np
     return scores
 
 
+def _warn_emptied_classes(causes: np.ndarray, y: torch.Tensor, info: dict[str, Any]) -> None:
+    """Record (``info["classes_over_half"]``) and warn when the causes hold more than half of
+    a class's training examples: a fine-tune without them forgets the class."""
+    if causes.size == 0:
+        return
+    over = {c: s for c, s in class_share(causes, y).items() if s > MAX_CLASS_SHARE}
+    info["classes_over_half"] = over
+    if over:
+        listed = ", ".join(f"class {c}: {s:.0%}" for c, s in sorted(over.items()))
+        warnings.warn(
+            f"the causes hold most of a class's training examples ({listed}); a treatment "
+            "that deletes them may empty the class. Check the causes' precision, or use a "
+            "smaller k or the 'relabel' treatment",
+            stacklevel=3,
+        )
+
+
 def _auto_causes(
     fn: Callable[[Context], identification.MethodOutput],
     ctx: Context,
     scores: np.ndarray,
     method: str,
     seed: int,
+    per_failure: np.ndarray | Callable[[], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Top-K causes with K from the agreement of two random halves of the query failures."""
+    """Top-K causes with K from the agreement of two random halves of the query failures;
+    with fewer than 4 failures, each failure's top culprits (a handful, never every r > 0)."""
     m = len(ctx.Xq)
     positive = identification.select(scores, "positive")
     if m < 4:
+        n = CULPRITS_PER_FAILURE
+        if per_failure is not None:
+            pf = per_failure() if callable(per_failure) else per_failure
+            causes = per_failure_top(pf, scores, n)
+            rule = f"top {n} culprits per failure"
+        else:
+            causes = positive[: n * m]
+            rule = f"top {n} x {m} failures by score"
         warnings.warn(
-            f"only {m} failures: too few to choose K from two halves; selecting r > 0",
+            f"only {m} failure(s): too few to choose K from two halves; selecting the "
+            f"{causes.size} top culprits ({rule})",
             stacklevel=3,
         )
-        return positive, {"rule": "positive", "k": int(positive.size)}
+        return causes, {"rule": rule, "k": int(causes.size)}
     perm = torch.from_numpy(np.random.default_rng(seed).permutation(m))
     halves = []
     for part in (perm[: m // 2], perm[m // 2 :]):
@@ -408,6 +460,7 @@ def treat(
     theta_plus_f: torch.Tensor | None = None,
     record: dict[str, Any] | None = None,
     task: Task | None = None,
+    allow_no_causes: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Make a repaired copy of ``model`` that forgets (or is retrained without) ``causes``.
@@ -434,6 +487,9 @@ def treat(
         task: as in :func:`identify`. The retained set ``D \\ C`` is a view of ``train``
             read batch by batch (``TreatContext.X[keep]``; ``.dataset()`` gives it as a torch
             ``Subset``).
+        allow_no_causes: accept an empty ``causes`` (the ``finetune-only`` control: the same
+            treatment with nothing removed). Off by default, where an empty selection is
+            refused as a likely mistake.
         **options: treatment options (e.g. ``epochs`` for "finetune", ``step_size`` for "newton").
 
     Returns:
@@ -444,7 +500,10 @@ def treat(
     seed = check_seed(seed)
     dev = resolve_device(device)
     work, X, y, classes = _prepare(model, train, dev, task, chunk_size)
-    idx = check_causes(causes, len(X))
+    if allow_no_causes and _no_causes(causes):
+        idx = torch.zeros(0, dtype=torch.int64)  # a control: the treatment with nothing removed
+    else:
+        idx = check_causes(causes, len(X))
     fm = FunctionalModel.of(work, X.task)
     _check_fisher(fisher, fm)
     fail = None
@@ -494,6 +553,15 @@ def _check_treated(model: nn.Module, method: str) -> None:
             "step size (options lr/step_size), use a larger l2, or choose another treatment; "
             "no model is returned rather than a broken one."
         ) from None
+
+
+def _no_causes(causes: Any) -> bool:
+    if isinstance(causes, torch.Tensor):
+        return causes.numel() == 0
+    try:
+        return np.asarray(causes).size == 0
+    except Exception:  # check_causes says what is wrong with it
+        return False
 
 
 def evaluate(
@@ -572,23 +640,110 @@ def repair(
     ident = _identify(model, train, failures, identify, k, **common, **opts)
     t0 = time.perf_counter()
     record: dict[str, Any] = {}
-    repaired = _treat(
-        model,
-        train,
-        ident.causes,
-        treat,
+    recipe: dict[str, Any] = dict(
         train_config=train_config,
         fisher=ident.fisher,
         failures=failures,
         theta_plus_f=ident.info.get("theta_plus_f"),
-        record=record,
         **common,
         **(treat_options or {}),
     )
+    repaired = _treat(model, train, ident.causes, treat, record=record, **recipe)
     return RepairResult(
         repaired,
         ident,
         treat,
         {"identify": ident.seconds, "treat": time.perf_counter() - t0},
         record,
+        recipe,
     )
+
+
+def with_controls(
+    model: nn.Module,
+    train: DataLike,
+    test: DataLike,
+    split: FailureSplit,
+    result: RepairResult,
+    *,
+    truth: np.ndarray | torch.Tensor | list[int] | None = None,
+    clean_train: DataLike | None = None,
+    draws: int = 3,
+    seed: int | None = None,
+    device: str | torch.device | None = "auto",
+    tolerance: float = TEST_TOLERANCE,
+    max_class_drop: float = MAX_CLASS_DROP,
+) -> dict[str, Any]:
+    """A repair next to its controls, and whether it counts (the Pareto criterion).
+
+    Every control is the repair's own :func:`treat` call (``result.recipe``: the same method,
+    options, training recipe, Fisher and seed), with only the causes changed:
+    ``finetune-only`` (no causes), ``random-K`` (``draws`` sets of K random training
+    examples, K = ``len(result.causes)``), ``oracle-causes`` (``truth``, if given) and
+    ``retrain-clean`` (the "retrain" treatment on ``clean_train``, if given). See
+    :mod:`netmend.evaluation.controls`.
+
+    Args:
+        model: the original model (not modified).
+        train: the training set the repair used.
+        test: the test set from which ``split`` was drawn.
+        split: the failure split (query failures = the ones the repair saw).
+        result: what :func:`repair` returned.
+        truth: ground-truth corrupted training indices, if known.
+        clean_train: a clean version of the training set, if there is one.
+        draws: random-K draws (>= 3). seed: seeds the draws (default: the repair's seed).
+        device: where to measure.
+        tolerance, max_class_drop: the Pareto criterion's thresholds
+            (:func:`netmend.evaluation.repaired`).
+
+    Returns:
+        ``{"pipeline": figures, "controls": Controls.as_dict(), "gain": diagnosis gain
+        (held-out failures and test accuracy vs random-K, with s.e.), "verdict":
+        Verdict.as_dict()}``; figures are ``test_acc``, ``heldout_failure_acc``,
+        ``query_failure_acc``, ``correct_acc`` and ``class_acc`` (per class), as fractions.
+    """
+    recipe = dict(result.recipe)
+    task = recipe.get("task")
+    X = as_source(test, "test", task)
+    y = X.labels
+    dev = resolve_device(device)
+    classes = int(y.max()) + 1 if len(y) else 0
+    train = as_source(train, "train", task)  # read once: every control reuses it
+    n_train = len(train)
+
+    def measure(m: nn.Module) -> dict[str, Any]:
+        work = _private_copy(m, dev)
+        Xm = match_dtype(X, param_dtype(work))
+        return {
+            **accuracies(work, Xm, y, split, dev),
+            "class_acc": class_accuracies(work, Xm, y, classes, dev),
+        }
+
+    def treat_with(causes: np.ndarray) -> nn.Module:
+        if causes.size == 0 and result.treatment in ("newton", "ewc"):
+            return model  # a one-step deletion of nothing is the original model
+        return _treat(model, train, causes, result.treatment, allow_no_causes=True, **recipe)
+
+    def clean() -> nn.Module:
+        return _treat(model, clean_train, [], "retrain", allow_no_causes=True, **recipe)
+
+    ctl = run_controls(
+        treat_with,
+        measure,
+        model,
+        n_train,
+        int(len(result.causes)),
+        truth=None if truth is None else np.asarray(truth, dtype=np.int64).reshape(-1),
+        clean_model=clean if clean_train is not None else None,
+        draws=draws,
+        seed=recipe.get("seed", 0) if seed is None else seed,
+    )
+    ours = measure(result.model)
+    return {
+        "pipeline": ours,
+        "controls": ctl.as_dict(),
+        "gain": diagnosis_gain(ours, ctl),
+        "verdict": pareto_repaired(
+            ours, ctl, tolerance=tolerance, max_class_drop=max_class_drop
+        ).as_dict(),
+    }

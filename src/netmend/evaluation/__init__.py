@@ -1,5 +1,16 @@
-"""Evaluation: the failure split, accuracies on it and the quality of selected causes."""
+"""Evaluation: the failure split, accuracies on it, the quality of selected causes, and the
+controls and Pareto criterion that say whether a repair counts."""
 
+from netmend.evaluation.controls import (
+    Controls,
+    Verdict,
+    class_accuracies,
+    class_share,
+    diagnosis_gain,
+    random_causes,
+    repaired,
+    run_controls,
+)
 from netmend.evaluation.protocol import (
     FailureSplit,
     accuracies,
@@ -7,4 +18,17 @@ from netmend.evaluation.protocol import (
     split_failures,
 )
 
-__all__ = ["FailureSplit", "accuracies", "identification_metrics", "split_failures"]
+__all__ = [
+    "Controls",
+    "FailureSplit",
+    "Verdict",
+    "accuracies",
+    "class_accuracies",
+    "class_share",
+    "diagnosis_gain",
+    "identification_metrics",
+    "random_causes",
+    "repaired",
+    "run_controls",
+    "split_failures",
+]

@@ -272,3 +272,63 @@ def reproducible_k(
     excess = {int(k): float(counts[k - 1] / k - k / n) for k in ks}
     best = max(excess, key=lambda k: (excess[k], k))
     return best, excess
+
+
+MAX_CLASS_SHARE = 0.5
+"""The automatic K never selects more than this share of one class's training examples."""
+CULPRITS_PER_FAILURE = 5
+"""With fewer than 4 failures, the automatic K takes this many top culprits per failure."""
+
+
+def class_capped(
+    causes: np.ndarray, labels: np.ndarray | torch.Tensor, max_share: float = MAX_CLASS_SHARE
+) -> np.ndarray:
+    """The longest prefix of ``causes`` (most harmful first) that holds at most ``max_share``
+    of any class's training examples.
+
+    A selection that takes most of a class leaves a fine-tune little of that class to learn
+    from, and it forgets the class (on a BatchNorm ResNet on the digits, 76 of the 93
+    examples labelled 6 selected at precision 0.25 took class 6 from 0.90 to 0.15). The
+    automatic K stops before that; an explicit ``k`` is honoured, with a warning.
+
+    Args:
+        causes: ``[K]`` training indices, most harmful first.
+        labels: the training labels ``[N]``.
+        max_share: the largest share of a class that may be selected, in (0, 1].
+
+    Returns:
+        ``causes[:K']`` with ``K' <= K``.
+    """
+    if not 0 < max_share <= 1:
+        raise ValueError(f"max_share must lie in (0, 1]; got {max_share}")
+    y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    y = y.astype(np.int64)
+    causes = np.asarray(causes, dtype=np.int64)
+    total = np.bincount(y)
+    picked = y[causes]
+    stop = causes.size
+    for c in np.unique(picked):
+        limit = int(np.floor(max_share * total[c]))
+        where = np.flatnonzero(picked == c)
+        if where.size > limit:
+            stop = min(stop, int(where[limit]))
+    return causes[:stop]
+
+
+def per_failure_top(per_failure: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+    """The union of each failure's top ``n`` culprits with a positive per-failure score.
+
+    Args:
+        per_failure: ``[N, M]`` per-failure cause scores (positive = harmful to failure i).
+        scores: ``[N]`` summed cause scores (orders the union, most harmful first).
+        n: culprits per failure.
+
+    Returns:
+        At most ``n * M`` training indices, int64, sorted by decreasing ``scores``.
+    """
+    pf = np.asarray(per_failure, dtype=np.float64)
+    n = min(n, pf.shape[0])
+    top = np.argpartition(-pf, n - 1, axis=0)[:n]  # [n, M]
+    keep = np.take_along_axis(pf, top, axis=0) > 0
+    chosen = np.unique(top[keep])
+    return chosen[np.argsort(-scores[chosen], kind="stable")].astype(np.int64)

@@ -1,0 +1,338 @@
+"""Controls for a repair, and the Pareto criterion that says whether a repair counts.
+
+A repair fine-tunes (or otherwise treats) the model without its causes. Much of what it
+repairs may come from the treatment alone (more training) or from removing *any* K
+examples; the diagnosis earns its keep only by what it adds over those. So every repair is
+judged next to its **controls**, each produced by the very same treatment call (same method,
+options, recipe and seed) with only the causes changed:
+
+* ``finetune-only``: the treatment with no causes removed;
+* ``random-K``: K uniformly drawn training examples, K = the pipeline's own K, over
+  ``draws >= 3`` seeded draws (mean and standard error);
+* ``oracle-causes``: the ground-truth corrupted set, where one is known;
+* ``retrain-clean``: the reference, a model trained on clean data (where one exists).
+
+The **diagnosis gain** is the pipeline's held-out-failure and test accuracy minus the mean of
+``random-K`` (with the standard error of that mean). :func:`repaired` is the Pareto
+criterion (see its docstring for the rule).
+
+This module knows no treatment: it is given the treatment as a function of the causes
+(:func:`netmend.with_controls` builds that function from exactly the arguments the repair's
+``netmend.treat`` call received), so a control cannot drift from the pipeline's recipe.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from netmend.model.training import predict
+
+TEST_TOLERANCE = 0.002
+"""Test accuracy may fall at most 0.2 points below max(original, finetune-only)."""
+MAX_CLASS_DROP = 0.10
+"""No class's test accuracy may fall by more than 10 points below the better of original and
+finetune-only on that class (a class collapse buys held-out failures of its neighbour)."""
+MIN_DRAWS = 3
+
+Measure = Callable[[nn.Module], dict[str, Any]]
+TreatFn = Callable[[np.ndarray], nn.Module]
+
+
+def class_accuracies(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+) -> list[float]:
+    """Test accuracy of ``model`` per class ``[C]`` (NaN for a class absent from ``y``)."""
+    ok = (predict(model, X, device) == y).numpy().astype(np.float64)
+    labels = y.numpy().astype(np.int64)
+    total = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    right = np.bincount(labels, weights=ok, minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return [float(v) for v in right / total]
+
+
+def random_causes(n_train: int, k: int, draw: int, seed: int = 0) -> np.ndarray:
+    """The ``draw``-th random-K cause set: ``k`` distinct indices of ``[0, n_train)``, sorted.
+
+    Seeded by ``(seed, draw)`` alone (a local generator; the global RNG is untouched).
+    """
+    if not 0 <= k <= n_train:
+        raise ValueError(f"k must lie in [0, {n_train}]; got {k}")
+    rng = np.random.default_rng([seed, draw, 7919])
+    return np.sort(rng.choice(n_train, size=k, replace=False)).astype(np.int64)
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean of ``values`` and its standard error (NaN with fewer than two values)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return math.nan, math.nan
+    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
+    return float(v.mean()), se
+
+
+@dataclass
+class Controls:
+    """The controls of one repair, measured by the same ``measure`` as the pipeline.
+
+    Attributes:
+        k: the pipeline's K (the size of every random-K draw).
+        original: the unrepaired model's figures.
+        finetune_only: the treatment with no causes removed (``None`` if not run).
+        random_k: one dict per draw (each also holds its ``causes``).
+        oracle_causes: the treatment without the ground-truth corrupted set, if known.
+        retrain_clean: the clean-data reference, if given.
+        seconds: wall time per control.
+    """
+
+    k: int
+    original: dict[str, Any]
+    finetune_only: dict[str, Any] | None = None
+    random_k: list[dict[str, Any]] = field(default_factory=list)
+    oracle_causes: dict[str, Any] | None = None
+    retrain_clean: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def random_k_mean(self, key: str) -> tuple[float, float]:
+        """Mean over the random-K draws of ``key`` and its standard error."""
+        return mean_se([r[key] for r in self.random_k])
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: every control's figures, random-K's mean ± s.e. per accuracy."""
+        out: dict[str, Any] = {"k": self.k, "original": _public(self.original)}
+        for name in ("finetune_only", "oracle_causes", "retrain_clean"):
+            v = getattr(self, name)
+            if v is not None:
+                out[name] = _public(v)
+        if self.random_k:
+            summary: dict[str, Any] = {"draws": len(self.random_k)}
+            for key in _scalar_keys(self.random_k[0]):
+                summary[key], summary[f"{key}_se"] = self.random_k_mean(key)
+            summary["class_acc"] = _mean_lists([r.get("class_acc") for r in self.random_k])
+            summary["runs"] = [_public(r) for r in self.random_k]
+            out["random_k"] = summary
+        out["seconds"] = dict(self.seconds)
+        return out
+
+
+def _scalar_keys(d: Mapping[str, Any]) -> list[str]:
+    return [k for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def _mean_lists(rows: Sequence[Sequence[float] | None]) -> list[float] | None:
+    if not rows or any(r is None for r in rows):
+        return None
+    return [float(v) for v in np.nanmean(np.asarray(rows, dtype=np.float64), axis=0)]
+
+
+def _public(d: Mapping[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in d.items() if k != "causes"}
+    if "causes" in d:
+        out["causes"] = [int(i) for i in np.asarray(d["causes"]).tolist()]
+    return out
+
+
+def run_controls(
+    treat: TreatFn,
+    measure: Measure,
+    original: nn.Module,
+    n_train: int,
+    k: int,
+    *,
+    truth: np.ndarray | None = None,
+    clean_model: Callable[[], nn.Module] | None = None,
+    draws: int = MIN_DRAWS,
+    seed: int = 0,
+    finetune_only: bool = True,
+) -> Controls:
+    """Run the controls of a repair whose pipeline selected ``k`` causes.
+
+    Args:
+        treat: the pipeline's treatment as a function of the causes: ``treat(causes)`` must
+            make exactly the call that produced the repair, with only ``causes`` changed
+            (an empty array for ``finetune-only``).
+        measure: the figures of a model (e.g. accuracies on the test set and failure split,
+            with ``class_acc``): the same function measures the pipeline.
+        original: the unrepaired model (measured, never treated).
+        n_train: ``N``, the training set's size.
+        k: the pipeline's K.
+        truth: ground-truth corrupted training indices (``oracle-causes``), if known.
+        clean_model: builds the clean-data reference (``retrain-clean``), if there is one.
+        draws: random-K draws (at least 3).
+        seed: seeds the draws (see :func:`random_causes`).
+        finetune_only: run the ``finetune-only`` control.
+
+    Returns:
+        The :class:`Controls`.
+    """
+    if draws < MIN_DRAWS:
+        raise ValueError(f"random-K needs at least {MIN_DRAWS} draws for a standard error")
+    if not 0 <= k <= n_train:
+        raise ValueError(f"k must lie in [0, {n_train}]; got {k}")
+    seconds: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[[], nn.Module]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        out = measure(fn())
+        seconds[name] = time.perf_counter() - t0
+        return out
+
+    ctl = Controls(k, measure(original), seconds=seconds)
+    empty = np.zeros(0, dtype=np.int64)
+    if finetune_only:
+        ctl.finetune_only = timed("finetune_only", lambda: treat(empty))
+    for d in range(draws):
+        causes = random_causes(n_train, k, d, seed)
+        row = timed(f"random_k_{d}", lambda c=causes: treat(c))  # type: ignore[misc]
+        ctl.random_k.append({**row, "causes": causes})
+    if truth is not None and len(truth):
+        t = np.asarray(truth, dtype=np.int64)
+        ctl.oracle_causes = {**timed("oracle_causes", lambda: treat(t)), "k": int(t.size)}
+    if clean_model is not None:
+        ctl.retrain_clean = timed("retrain_clean", clean_model)
+    return ctl
+
+
+def diagnosis_gain(pipeline: Mapping[str, Any], controls: Controls) -> dict[str, float]:
+    """The pipeline's gain over ``random-K`` (same K, same treatment): what the diagnosis adds.
+
+    Returns:
+        ``heldout_gain`` and ``test_gain`` (pipeline minus the mean of the random-K draws,
+        fractions), each with ``_se``: the standard error of the random-K mean (the pipeline
+        is one run; over seeds, take the mean and s.e. of the per-seed gains).
+    """
+    out: dict[str, float] = {}
+    for key, name in (("heldout_failure_acc", "heldout_gain"), ("test_acc", "test_gain")):
+        mean, se = controls.random_k_mean(key)
+        out[name], out[f"{name}_se"] = float(pipeline[key]) - mean, se
+    return out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether a repair counts (:func:`repaired`), and why not.
+
+    Attributes:
+        passed: all three conditions hold.
+        heldout_gain: held-out-failure accuracy minus random-K's mean.
+        test_floor: ``max(original, finetune-only) - tolerance`` on test accuracy.
+        worst_class_drop: the largest fall of one class's test accuracy below the better of
+            original and finetune-only on that class (NaN without per-class figures).
+        worst_class: that class.
+        reasons: the conditions that failed, in words.
+    """
+
+    passed: bool
+    heldout_gain: float
+    test_floor: float
+    worst_class_drop: float
+    worst_class: int | None
+    reasons: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "heldout_gain": self.heldout_gain,
+            "test_floor": self.test_floor,
+            "worst_class_drop": self.worst_class_drop,
+            "worst_class": self.worst_class,
+            "reasons": list(self.reasons),
+        }
+
+
+def repaired(
+    pipeline: Mapping[str, Any],
+    controls: Controls,
+    *,
+    tolerance: float = TEST_TOLERANCE,
+    max_class_drop: float = MAX_CLASS_DROP,
+) -> Verdict:
+    """The Pareto criterion: does this repair count?
+
+    A repair counts when all of these hold:
+
+    1. its held-out-failure accuracy is above the mean of ``random-K`` (the same treatment
+       with as many random causes): the diagnosis, not the removal of K examples, repairs;
+    2. its test accuracy is at least ``max(original, finetune-only) - tolerance`` (0.2
+       points): it does not buy failures with accuracy that the treatment alone keeps;
+    3. no class's test accuracy falls by more than ``max_class_drop`` (10 points) below the
+       better of original and finetune-only on that class: held-out failures of class A
+       that rise because the model now predicts A for most of class B are a collapse, not a
+       repair, even when the overall test accuracy hides it (a small class, or gains on the
+       other classes). Checked when ``class_acc`` is measured.
+
+    Args:
+        pipeline: the pipeline's figures (``heldout_failure_acc``, ``test_acc`` and,
+            optionally, ``class_acc`` ``[C]``).
+        controls: its :class:`Controls` (random-K and, if run, finetune-only).
+        tolerance, max_class_drop: the thresholds above, as fractions.
+
+    Returns:
+        A :class:`Verdict`.
+    """
+    if not controls.random_k:
+        raise ValueError("the Pareto criterion needs the random-K control: run it first")
+    reasons = []
+    heldout_gain = (
+        float(pipeline["heldout_failure_acc"]) - controls.random_k_mean("heldout_failure_acc")[0]
+    )
+    if not heldout_gain > 0:
+        reasons.append(f"held-out failures {100 * heldout_gain:+.2f} points vs random-K")
+    refs = [controls.original] + ([controls.finetune_only] if controls.finetune_only else [])
+    floor = max(float(r["test_acc"]) for r in refs) - tolerance
+    if float(pipeline["test_acc"]) < floor:
+        reasons.append(
+            f"test accuracy {100 * float(pipeline['test_acc']):.2f}% below the floor "
+            f"{100 * floor:.2f}% (max of original and finetune-only, minus "
+            f"{100 * tolerance:.1f} points)"
+        )
+    worst, worst_class = math.nan, None
+    ours = pipeline.get("class_acc")
+    ref_rows = [r.get("class_acc") for r in refs]
+    if ours is not None and all(r is not None for r in ref_rows):
+        best = np.nanmax(np.asarray(ref_rows, dtype=np.float64), axis=0)
+        drop = best - np.asarray(ours, dtype=np.float64)
+        if np.isfinite(drop).any():
+            worst_class = int(np.nanargmax(drop))
+            worst = float(drop[worst_class])
+            if worst > max_class_drop:
+                reasons.append(
+                    f"class {worst_class} lost {100 * worst:.1f} points of test accuracy "
+                    f"(more than {100 * max_class_drop:.0f})"
+                )
+    return Verdict(not reasons, heldout_gain, floor, worst, worst_class, tuple(reasons))
+
+
+def class_share(causes: np.ndarray, labels: np.ndarray | torch.Tensor) -> dict[int, float]:
+    """Share of each class's training examples that ``causes`` hold, ``{class: share}``."""
+    y = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    y = y.astype(np.int64)
+    total = np.bincount(y)
+    picked = np.bincount(y[np.asarray(causes, dtype=np.int64)], minlength=total.size)
+    return {int(c): float(picked[c] / total[c]) for c in np.flatnonzero(total)}
+
+
+__all__ = [
+    "Controls",
+    "MAX_CLASS_DROP",
+    "TEST_TOLERANCE",
+    "Verdict",
+    "class_accuracies",
+    "class_share",
+    "diagnosis_gain",
+    "mean_se",
+    "random_causes",
+    "repaired",
+    "run_controls",
+]
