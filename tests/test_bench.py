@@ -329,9 +329,32 @@ def test_pipeline_options_reach_identify_and_treat(monkeypatch):
     )
     res = bench.run(config, device="cpu")
     assert [c["status"] for c in res["results"][0]["cells"]] == ["ok", "ok"]
+    relabel = ("treat", "relabel", {"neighbours": 7, "epochs": 0.5})  # the pipeline's options
+    # each pipeline's treatment, then its controls: the same call with no causes
+    # (finetune-only) and 3 random-K draws, all with the pipeline's options
     assert calls == [
         ("identify", "knn_shapley", {"K": 3, "embed": "input"}),
-        ("treat", "relabel", {"neighbours": 7, "epochs": 0.5}),  # the pipeline's options win
+        *[relabel] * 5,
         ("identify", "knn_shapley", {}),  # another spec: identified again, without options
-        ("treat", "finetune", {}),
+        *[("treat", "finetune", {})] * 5,
     ]
+
+
+def test_pipeline_cells_carry_controls_with_their_own_k_and_recipe(result):
+    cells = _cells(result)
+    ewc, loss = cells["ewc/finetune"], cells["loss/finetune"]
+    for c in (ewc, loss):
+        rk = c["controls"]["random_k"]
+        assert rk["draws"] == 3
+        assert c["gain"]["heldout_gain"] == pytest.approx(
+            c["heldout_failure_acc"] - rk["heldout_failure_acc"]
+        )
+        assert c["verdict"]["passed"] == (not c["verdict"]["reasons"])
+    # loss/finetune has ewc's K and the same treatment call: it shares ewc's random-K draws
+    assert ewc["controls"]["random_k"] == loss["controls"]["random_k"]
+    # the pipeline's finetune-only control is the finetune-only reference (same call)
+    ft = cells["finetune-only"]
+    assert ewc["controls"]["finetune_only"]["test_acc"] == pytest.approx(ft["test_acc"])
+    assert ewc["verdict"]["test_floor"] == pytest.approx(
+        max(ft["test_acc"], cells["original"]["test_acc"]) - 0.002
+    )

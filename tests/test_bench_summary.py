@@ -130,3 +130,35 @@ def test_latest_runs_keeps_each_suite_in_the_last_result_that_ran_it():
     assert [r["suite"] for r in out["two"]["results"]] == ["x/b"]
     assert [r["suite"] for r in out["three"]["results"]] == ["x/c"]
     assert len(first["results"]) == 3  # the inputs are not modified
+
+
+def _judged_cell(name, heldout, test, gain, floor, drop, passed):
+    return {
+        "pipeline": name,
+        "kind": "pipeline",
+        "status": "ok",
+        "heldout_failure_acc": heldout,
+        "test_acc": test,
+        "gain": {"heldout_gain": gain, "heldout_gain_se": 0.01, "test_gain": 0.0},
+        "verdict": {"test_floor": floor, "worst_class_drop": drop, "passed": passed},
+    }
+
+
+def test_pareto_summary_by_hand():
+    res = {
+        "results": [
+            {"suite": "d/a", "seed": 0, "cells": [_judged_cell("p", 0.5, 0.9, 0.10, 0.89, 0.0, True)]},
+            {"suite": "d/a", "seed": 1, "cells": [_judged_cell("p", 0.4, 0.9, -0.02, 0.905, 0.0, False)]},
+            # a class collapse: large held-out gain, test above the floor, one class -30 points
+            {"suite": "d/b", "seed": 0, "cells": [_judged_cell("p", 0.9, 0.95, 0.5, 0.9, 0.3, False)]},
+        ]
+    }
+    out = bench.pareto_summary(res)["p"]
+    a, b = out["suites"]["d/a"], out["suites"]["d/b"]
+    assert a["heldout_gain"] == pytest.approx(0.04)
+    assert a["test_margin"] == pytest.approx(0.0025)  # (0.01 - 0.005) / 2
+    assert a["repairs"] and a["seed_passes"] == 1
+    assert not b["repairs"] and b["worst_class_drop"] == pytest.approx(0.3)
+    assert (out["repairs"], out["of"]) == (1, 2)
+    md = bench.pareto_markdown(res)
+    assert "`p`: repairs 1 of 2 suites" in md

@@ -65,7 +65,9 @@ def _with(changes: dict[int, int]) -> list[int]:
 def _controls(random_heldout_fixes: list[int]) -> Controls:
     """Original, finetune-only (= original) and random-K draws that fix ``n`` held-out failures."""
     orig = _figures(ORIGINAL, Y, SPLIT, 3)
-    draws = [_figures(_with({35 + j: 0 for j in range(n)}), Y, SPLIT, 3) for n in random_heldout_fixes]
+    draws = [
+        _figures(_with({35 + j: 0 for j in range(n)}), Y, SPLIT, 3) for n in random_heldout_fixes
+    ]
     return Controls(k=4, original=orig, finetune_only=dict(orig), random_k=draws)
 
 

@@ -724,8 +724,12 @@ def with_controls(
             return model  # a one-step deletion of nothing is the original model
         return _treat(model, train, causes, result.treatment, allow_no_causes=True, **recipe)
 
-    def clean() -> nn.Module:
-        return _treat(model, clean_train, [], "retrain", allow_no_causes=True, **recipe)
+    clean: Callable[[], nn.Module] | None = None
+    if clean_train is not None:
+        clean_data = clean_train
+
+        def clean() -> nn.Module:
+            return _treat(model, clean_data, [], "retrain", allow_no_causes=True, **recipe)
 
     ctl = run_controls(
         treat_with,
@@ -734,7 +738,7 @@ def with_controls(
         n_train,
         int(len(result.causes)),
         truth=None if truth is None else np.asarray(truth, dtype=np.int64).reshape(-1),
-        clean_model=clean if clean_train is not None else None,
+        clean_model=clean,
         draws=draws,
         seed=recipe.get("seed", 0) if seed is None else seed,
     )

@@ -61,6 +61,8 @@ def _bench(args: argparse.Namespace) -> int:
     }
     if args.cv_folds is not None:
         chosen["cv_folds"] = args.cv_folds
+    if args.draws is not None:
+        chosen["draws"] = args.draws
     try:
         config = bench.BenchConfig.quick(**chosen) if args.quick else bench.BenchConfig(**chosen)
     except ValueError as exc:  # a bad suite, pipeline or reference name
@@ -183,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", metavar="DIR", default="bench-out", help="output folder")
     b.add_argument(
         "--cv-folds", type=int, metavar="K", help="cleanlab's cross-validation folds (5)"
+    )
+    b.add_argument(
+        "--draws", type=int, metavar="N", help="random-K control draws per pipeline (3; 0: none)"
     )
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")

@@ -27,7 +27,6 @@ Scores follow netmend's convention everywhere: **positive = harmful**.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import time
@@ -44,6 +43,16 @@ from torch import nn
 from netmend import api, identification, treatment
 from netmend.data.checks import resolve_device
 from netmend.evaluation import FailureSplit, identification_metrics, split_failures
+from netmend.evaluation.controls import (
+    MAX_CLASS_DROP,
+    MIN_DRAWS,
+    Controls,
+    TreatFn,
+    class_accuracies,
+    diagnosis_gain,
+    run_controls,
+)
+from netmend.evaluation.controls import repaired as repaired_verdict
 from netmend.lab.corrupt import (
     PAPER_PAIRS,
     Corruption,
@@ -404,6 +413,10 @@ class BenchConfig:
         cv_folds: folds of the cleanlab reference's cross-validation.
         treat_options: ``{treatment: {option: value}}`` passed to every use of that treatment
             (pipelines and references alike), e.g. ``{"finetune": {"epochs": 4}}``.
+        draws: random-K draws per pipeline (>= 3; 0 runs no controls). Every pipeline cell
+            carries its controls (:mod:`netmend.evaluation.controls`): the same treatment call
+            with no causes (``finetune_only``) and with K random causes (``random_k``), the
+            diagnosis ``gain`` over random-K and the Pareto ``verdict``.
     """
 
     suites: tuple[str, ...] = tuple(f"{d}/{c}" for d in ("digits", "fashion") for c in CORRUPTIONS)
@@ -412,6 +425,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0,)
     cv_folds: int = 5
     treat_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    draws: int = 3
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "suites", tuple(expand_suites(self.suites)))
@@ -422,6 +436,8 @@ class BenchConfig:
             raise ValueError(f"unknown references {bad}; choose from {REFERENCES}")
         if not self.seeds:
             raise ValueError("give at least one seed")
+        if self.draws and self.draws < MIN_DRAWS:
+            raise ValueError(f"draws must be 0 (no controls) or >= {MIN_DRAWS}")
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -501,6 +517,37 @@ def _nan_to_none(obj: Any) -> Any:
     return obj
 
 
+def _treatment_call(
+    model: nn.Module,
+    noisy: tuple[torch.Tensor, torch.Tensor],
+    treat_name: str,
+    recipe: TrainConfig,
+    ident: api.Identification,
+    failures: tuple[torch.Tensor, torch.Tensor],
+    common: dict[str, Any],
+    options: dict[str, Any],
+) -> TreatFn:
+    """A pipeline's treatment as a function of the causes: the pipeline and its controls
+    make the very same :func:`netmend.treat` call, with only the causes changed."""
+
+    def call(causes: np.ndarray) -> nn.Module:
+        return api.treat(
+            model,
+            noisy,
+            causes,
+            treat_name,
+            train_config=recipe,
+            fisher=ident.fisher,
+            failures=failures,  # "align"/"relabel" fit theta_+F; others ignore them
+            theta_plus_f=ident.info.get("theta_plus_f"),
+            allow_no_causes=True,
+            **common,
+            **options,
+        )
+
+    return call
+
+
 def run_suite(
     data: SuiteData,
     config: BenchConfig,
@@ -542,6 +589,49 @@ def run_suite(
         m = identification_metrics(scores, causes, data.mask)
         return {**m, "k": int(m["k"]), "pr_curve": pr_curve(scores, data.mask)}
 
+    def measure(m: nn.Module) -> dict[str, Any]:
+        acc = suite_accuracies(m, data, split, device)
+        return {**acc, "class_acc": class_accuracies(m, data.test.X, data.test.y, NUM_CLASSES)}
+
+    # controls are shared between pipelines whose treatment call differs only in the causes:
+    # finetune-only per treatment call, random-K per treatment call and K (failure-blind
+    # pipelines get ewc's K, so ewc/finetune, loss/finetune and random/finetune share them)
+    original_figures = measure(model)
+    shared: dict[Any, dict[Any, Any]] = {}
+
+    def _judge(
+        figures: dict[str, Any], treat_fn: TreatFn, key: Any, ident: api.Identification
+    ) -> dict[str, Any]:
+        k = int(len(ident.causes))
+        t = time.perf_counter()
+        if key not in shared:
+            deletion_step = key[0] in ("newton", "ewc")
+            only = original_figures if deletion_step else measure(treat_fn(np.zeros(0, np.int64)))
+            shared[key] = {"finetune_only": only}
+        if k not in shared[key]:
+            ctl = run_controls(
+                treat_fn,
+                measure,
+                model,
+                len(data.train),
+                k,
+                draws=config.draws,
+                seed=seed,
+                finetune_only=False,
+            )
+            shared[key][k] = ctl.random_k
+        ctl = Controls(k, original_figures, shared[key]["finetune_only"], list(shared[key][k]))
+        rk = ctl.as_dict()["random_k"]
+        return {
+            "controls": {
+                "finetune_only": {**ctl.finetune_only},  # type: ignore[dict-item]
+                "random_k": {n: v for n, v in rk.items() if n != "runs"},
+                "seconds": time.perf_counter() - t,
+            },
+            "gain": diagnosis_gain(figures, ctl),
+            "verdict": repaired_verdict(figures, ctl).as_dict(),
+        }
+
     cells: list[dict[str, Any]] = []
     for name in config.pipelines:
         ident_spec, treat_spec = parse_pipeline(name)
@@ -560,22 +650,20 @@ def run_suite(
                 n = len(data.train)
                 sized = finetune_recipe(recipe, n, n, config.treat_options.get("finetune"))
                 options.update(epochs=sized.epochs, lr=sized.lr)
+            treat_fn = _treatment_call(
+                model, noisy, treat_name, recipe, ident, (Xq, yq), common, options
+            )
             if len(ident.causes):
-                repaired = api.treat(
-                    model,
-                    noisy,
-                    ident.causes,
-                    treat_name,
-                    train_config=recipe,
-                    fisher=ident.fisher,
-                    failures=(Xq, yq),  # "align"/"relabel" fit theta_+F; others ignore them
-                    theta_plus_f=ident.info.get("theta_plus_f"),
-                    **common,
-                    **options,
-                )
+                repaired = treat_fn(ident.causes)
             else:  # nothing selected: the treatment has nothing to do
                 repaired, cell["note"] = model, "no causes selected; model unchanged"
             seconds = time.perf_counter() - t + ident.seconds
+            figures = measure(repaired)
+            judged = (
+                _judge(figures, treat_fn, (treat_name, repr(sorted(options.items()))), ident)
+                if config.draws
+                else {}
+            )
         except Exception as exc:  # a benchmark records a failing cell and goes on
             log.warning("%s on %s failed: %s", name, data.name, exc)
             tb = traceback.format_exc(limit=3)
@@ -588,8 +676,9 @@ def run_suite(
                 "status": "ok",
                 **ident_metrics(ident.scores, ident.causes),
                 "k_rule": "ewc's K" if ident_name in FAILURE_BLIND else "auto",
-                **suite_accuracies(repaired, data, split, device),
+                **figures,
                 "seconds": seconds,
+                **judged,
             }
         )
 
@@ -619,17 +708,16 @@ def run_suite(
             artifacts["causes"][ref] = truth
             acc = suite_accuracies(repaired, data, split, device)
             return {**cell, "status": "ok", **acc, "seconds": time.perf_counter() - t}
-        if ref == "finetune-only":
-            n = len(data.train)
-            tuned = fit(
-                copy.deepcopy(model),
-                data.train.X,
-                data.train.y,
-                finetune_recipe(recipe, n, n, finetune_options),
-                seed,
-                device,
-                progress,
-                "finetune-only",
+        if ref == "finetune-only":  # the finetune treatment with no causes
+            tuned = api.treat(
+                model,
+                noisy,
+                [],
+                "finetune",
+                train_config=recipe,
+                allow_no_causes=True,
+                **common,
+                **finetune_options,
             )
             acc = suite_accuracies(tuned, data, split, device)
             artifacts["finetune-only"] = tuned
@@ -828,6 +916,94 @@ def paired_vs(
     return out
 
 
+def pareto_summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per pipeline and suite, over the seeds: the diagnosis gain and the Pareto criterion.
+
+    A pipeline **repairs** a suite when, on the mean over seeds, its held-out-failure gain
+    over random-K is positive, its test accuracy is at least the mean of
+    ``max(original, finetune-only)`` minus 0.2 points, and no class falls by more than 10
+    points (the mean over seeds of the worst class drop), i.e. the per-seed criterion of
+    :func:`netmend.evaluation.repaired` applied to seed means. Cells without controls are
+    left out.
+
+    Returns:
+        ``{pipeline: {"suites": {suite: {"seeds", "heldout_gain", "heldout_gain_se",
+        "test_gain", "test_gain_se", "test_margin", "worst_class_drop", "repairs",
+        "seed_passes"}}, "repairs": n, "of": m}}``; the standard errors are over seeds (NaN
+        with one seed), gains and margins are fractions.
+    """
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in result["results"]:
+        for c in r["cells"]:
+            if c["status"] == "ok" and c.get("verdict"):
+                rows.setdefault(c["pipeline"], {}).setdefault(r["suite"], []).append(c)
+    out: dict[str, dict[str, Any]] = {}
+    for name, suites in rows.items():
+        per: dict[str, Any] = {}
+        for suite, cells in suites.items():
+            hg = mean_se([c["gain"]["heldout_gain"] for c in cells])
+            tg = mean_se([c["gain"]["test_gain"] for c in cells])
+            margin = float(np.mean([c["test_acc"] - c["verdict"]["test_floor"] for c in cells]))
+            drops = [c["verdict"]["worst_class_drop"] for c in cells]
+            drop = (
+                float(np.mean([d for d in drops if d is not None]))
+                if any(d is not None for d in drops)
+                else math.nan
+            )
+            per[suite] = {
+                "seeds": len(cells),
+                "heldout_gain": hg[0],
+                "heldout_gain_se": hg[1],
+                "test_gain": tg[0],
+                "test_gain_se": tg[1],
+                "test_margin": margin,
+                "worst_class_drop": drop,
+                "repairs": bool(hg[0] > 0 and margin >= 0 and not drop > MAX_CLASS_DROP),
+                "seed_passes": sum(bool(c["verdict"]["passed"]) for c in cells),
+            }
+        out[name] = {
+            "suites": per,
+            "repairs": sum(v["repairs"] for v in per.values()),
+            "of": len(per),
+        }
+    return out
+
+
+def pareto_markdown(result: dict[str, Any]) -> str:
+    """:func:`pareto_summary` as markdown: the headline counts, then per suite (points of %)."""
+    table = pareto_summary(result)
+    if not table:
+        return ""
+
+    def pm(mean: float, se: float) -> str:
+        return f"{100 * mean:+.1f} ± {_num(100 * se, '.1f')}"
+
+    lines = [
+        "Repairs by the Pareto criterion (held-out failures above random-K with the same K "
+        "and treatment, test accuracy at least max(original, finetune-only) - 0.2 points, no "
+        "class losing more than 10 points; means over seeds):",
+        "",
+    ]
+    for name, row in table.items():
+        lines.append(f"* `{name}`: repairs {row['repairs']} of {row['of']} suites")
+    lines += [
+        "",
+        "| suite | pipeline | seeds | diagnosis gain, held-out F | gain, test | test margin "
+        "| worst class drop | repairs | seeds passing |",
+        "|" + "---|" * 9,
+    ]
+    for name, row in table.items():
+        for suite, v in row["suites"].items():
+            lines.append(
+                f"| {suite} | {name} | {v['seeds']} "
+                f"| {pm(v['heldout_gain'], v['heldout_gain_se'])} "
+                f"| {pm(v['test_gain'], v['test_gain_se'])} | {100 * v['test_margin']:+.1f} "
+                f"| {_num(100 * v['worst_class_drop'], '.1f')} "
+                f"| {'yes' if v['repairs'] else 'no'} | {v['seed_passes']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _rank(row: dict[str, Any]) -> tuple[bool, float, float]:
     met = all(row[f"{k}_diff"] > 0 for k in SUMMARY_KEYS)
     return met, row["heldout_failure_acc"], row["test_acc"]
@@ -926,6 +1102,17 @@ def summary_markdown(result: dict[str, Any], baseline: str = "cleanlab") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _gain(g: dict[str, Any] | None) -> str:
+    if not g:
+        return "-"
+    se = g.get("heldout_gain_se")
+    return f"{100 * g['heldout_gain']:+.1f} ± {_num(None if se is None else 100 * se, '.1f')}"
+
+
+def _verdict(v: dict[str, Any] | None) -> str:
+    return "-" if not v else ("yes" if v["passed"] else "no")
+
+
 def _pct(v: Any) -> str:
     return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else f"{100 * v:.1f}"
 
@@ -938,9 +1125,9 @@ def markdown(result: dict[str, Any]) -> str:
     """The matrix as one markdown table (accuracies in %), then skipped pipelines and errors."""
     head = (
         "| suite | seed | pipeline | K | precision | recall | AUROC | held-out F | query F "
-        "| test | correct | seconds |"
+        "| test | correct | gain F vs random-K | Pareto | seconds |"
     )
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * 14]
     for r in result["results"]:
         for c in r["cells"]:
             if c["status"] != "ok":
@@ -950,6 +1137,7 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {_num(c.get('precision'))} | {_num(c.get('recall'))} | {_num(c.get('auroc'))} "
                 f"| {_pct(c['heldout_failure_acc'])} | {_pct(c['query_failure_acc'])} "
                 f"| {_pct(c['test_acc'])} | {_pct(c['correct_acc'])} "
+                f"| {_gain(c.get('gain'))} | {_verdict(c.get('verdict'))} "
                 f"| {_num(c['seconds'], '.1f')} |"
             )
     notes = []
@@ -970,6 +1158,9 @@ def markdown(result: dict[str, Any]) -> str:
     head_summary = summary_markdown(result)
     if head_summary:
         text = head_summary + "\nAll cells:\n\n" + text
+    pareto = pareto_markdown(result)
+    if pareto:
+        text = pareto + "\n" + text
     text += (
         "\n\nAccuracies in %. held-out F / query F: accuracy on the failures withheld from / "
         "shown to identification; correct: on test examples the original model got right. "
@@ -1096,6 +1287,8 @@ __all__ = [
     "parse_pipeline",
     "parse_step",
     "paired_vs",
+    "pareto_markdown",
+    "pareto_summary",
     "parse_suite",
     "plots",
     "pr_curve",

@@ -20,7 +20,7 @@ import torch
 
 from netmend import api
 from netmend.curvature import fisher_diag_sum
-from netmend.evaluation import FailureSplit, accuracies, identification_metrics, split_failures
+from netmend.evaluation import FailureSplit, identification_metrics, split_failures
 from netmend.lab.corrupt import pair_flips
 from netmend.lab.datasets import Split, load_mnist
 from netmend.lab.models import SmallCNN
@@ -39,20 +39,19 @@ class DemoConfig:
     Attributes:
         seed: seeds the corruption, initialisation, training order and failure split.
         train_size, test_size: how much of MNIST to use (``None`` = all 60k / 10k).
-        epochs: training epochs of the corrupted model, the oracle and the retrain reference.
-        finetune_epochs, finetune_lr_factor: the ``finetune`` treatment's length and rate (as
-            a fraction of the training rate). The demo keeps the recipe its figures were
-            measured with (``benchmarks/demo_seeds.json``: 0.5 epoch at a tenth of the rate)
-            rather than the treatment's default (see
-            :func:`netmend.treatment.methods.finetune_recipe`).
+        epochs: training epochs of the corrupted model and of the retrain-clean reference.
+        draws: random-K draws of each pipeline's control (at least 3).
+
+    Every treatment runs with the recipe :func:`netmend.repair` uses by default (the
+    ``finetune`` treatment's :func:`netmend.treatment.methods.finetune_recipe`), and so does
+    every control.
     """
 
     seed: int = 0
     train_size: int | None = None
     test_size: int | None = None
     epochs: float = 2.0
-    finetune_epochs: float = 0.5
-    finetune_lr_factor: float = 0.1
+    draws: int = 3
 
     @classmethod
     def quick_config(cls, seed: int = 0) -> DemoConfig:
@@ -64,9 +63,6 @@ PIPELINES: tuple[tuple[str, str], ...] = (
     (api.DEFAULT_IDENTIFY, api.DEFAULT_TREAT),
     ("ewc", "newton"),
     ("ewc", "ewc"),
-    ("linear", "finetune"),
-    ("loss", "finetune"),
-    ("random", "finetune"),
 )
 
 
@@ -80,12 +76,21 @@ def _subset(s: Split, n: int | None, seed: int) -> Split:
 def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, Any]:
     """Run the experiment and return every figure as a JSON-ready dict.
 
+    The default pipeline is one :func:`netmend.repair` call with the API's defaults; the
+    other pipelines reuse its identification and call :func:`netmend.treat` the way
+    ``repair`` does. Each pipeline is then run through :func:`netmend.with_controls`:
+    ``finetune-only``, ``random-K`` (its own K, ``config.draws`` draws), ``oracle-causes``
+    (the corruption mask), with the diagnosis gain and the Pareto verdict.
+
     Returns:
         ``{"config", "machine", "data", "timing", "runs": [...], "references": {...}}`` where
         each run has ``identify``, ``treat``, ``default``, identification metrics
         (``precision``, ``recall``, ``auroc``, ``precision_at_true_k``,
-        ``culprit_precision_at_5``, ``k``) and accuracies (``test_acc``,
-        ``heldout_failure_acc``, ``query_failure_acc``, ``correct_acc``) and ``seconds``.
+        ``culprit_precision_at_5``, ``k``), accuracies (``test_acc``,
+        ``heldout_failure_acc``, ``query_failure_acc``, ``correct_acc``, ``class_acc``),
+        ``seconds``, ``controls``, ``gain`` (vs random-K, with s.e.) and ``verdict`` (the
+        Pareto criterion); ``references`` holds ``original`` and ``retrain-clean`` (the
+        recipe on the clean labels).
     """
     t_start = time.perf_counter()
     seed = config.seed
@@ -96,6 +101,7 @@ def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, A
     corruption = pair_flips(train.y, seed=seed)
     noisy = (train.X, corruption.labels)
     mask = corruption.mask.numpy()
+    truth = np.flatnonzero(mask)
     recipe = TrainConfig(epochs=config.epochs)
 
     timing: dict[str, float] = {}
@@ -108,83 +114,82 @@ def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, A
     split = split_failures(model, test.X, test.y, seed=seed, device=device)
     Xq, yq = test.X[split.query], test.y[split.query]
 
-    def acc(m: torch.nn.Module) -> dict[str, float]:
-        return accuracies(m, test.X, test.y, split, device)
-
     t0 = time.perf_counter()
     fm = FunctionalModel.of(model)
     fisher = fisher_diag_sum(
-        fm,
-        fm.theta.to(device),
-        train.X,
-        corruption.labels,
-        128,
-        device,
-        progress,
+        fm, fm.theta.to(device), train.X, corruption.labels, 128, device, progress
     ).cpu()
     timing["fisher"] = time.perf_counter() - t0
 
-    common: dict[str, Any] = dict(seed=seed, device=device, progress=progress, fisher=fisher)
-    idents: dict[str, api.Identification] = {}
-    per_failure_cache: dict[str, np.ndarray] = {}
+    # the default pipeline: exactly netmend.repair with its defaults (the Fisher is reused)
+    t0 = time.perf_counter()
+    default = api.repair(
+        model,
+        noisy,
+        (Xq, yq),
+        seed=seed,
+        train_config=recipe,
+        device=device,
+        progress=progress,
+        identify_options={"fisher": fisher},
+    )
+    timing["repair_default"] = time.perf_counter() - t0
+    ident = default.identification
+    t0 = time.perf_counter()
+    per_failure = ident.per_failure
+    timing["culprits"] = time.perf_counter() - t0
+    metrics = identification_metrics(ident.scores, ident.causes, mask, per_failure)
 
-    def identification_for(method: str) -> tuple[api.Identification, dict[str, float]]:
-        if method not in idents:
-            # failure-blind baselines get the default method's K (they have no K of their own)
-            k = None if method in ("ewc", "linear") else len(idents[api.DEFAULT_IDENTIFY].causes)
-            t = time.perf_counter()
-            idents[method] = api.identify(model, noisy, (Xq, yq), method, k, **common)
-            timing[f"identify_{method}"] = time.perf_counter() - t
-        ident = idents[method]
-        # ewc and linear(diag) linearise per failure with the same curvature: compute once
-        key = "fisher-linearised" if method in ("ewc", "linear") else method
-        if key not in per_failure_cache:
-            t = time.perf_counter()
-            per_failure_cache[key] = ident.per_failure
-            timing[f"culprits_{key}"] = time.perf_counter() - t
-        metrics = identification_metrics(ident.scores, ident.causes, mask, per_failure_cache[key])
-        return ident, metrics
-
-    runs = []
+    runs: list[dict[str, Any]] = []
+    control_seconds = 0.0
     for ident_name, treat_name in PIPELINES:
-        ident, metrics = identification_for(ident_name)
-        extra: dict[str, Any] = (
-            {"epochs": config.finetune_epochs, "lr": recipe.lr * config.finetune_lr_factor}
-            if treat_name == "finetune"
-            else {}
-        )
+        if (ident_name, treat_name) == (api.DEFAULT_IDENTIFY, api.DEFAULT_TREAT):
+            result, seconds = default, default.seconds["identify"] + default.seconds["treat"]
+        else:  # the same identification, treated the way netmend.repair treats
+            if ident_name != api.DEFAULT_IDENTIFY:
+                raise ValueError(f"the demo's pipelines reuse {api.DEFAULT_IDENTIFY!r}")
+            t = time.perf_counter()
+            result = api.RepairResult(
+                api.treat(model, noisy, ident.causes, treat_name, **default.recipe),
+                ident,
+                treat_name,
+                {},
+                {},
+                dict(default.recipe),
+            )
+            seconds = time.perf_counter() - t + ident.seconds
         t = time.perf_counter()
-        repaired = api.treat(
+        judged = api.with_controls(
             model,
             noisy,
-            ident.causes,
-            treat_name,
-            train_config=recipe,
-            **common,
-            **extra,
+            (test.X, test.y),
+            split,
+            result,
+            truth=truth,
+            clean_train=(train.X, train.y) if not runs else None,
+            draws=config.draws,
+            device=device,
         )
-        seconds = time.perf_counter() - t + ident.seconds
+        control_seconds += time.perf_counter() - t
         runs.append(
             {
                 "identify": ident_name,
                 "treat": treat_name,
                 "default": (ident_name, treat_name) == (api.DEFAULT_IDENTIFY, api.DEFAULT_TREAT),
                 **{k: metrics[k] for k in sorted(metrics)},
-                **acc(repaired),
+                "auto_k": ident.info.get("auto_k"),
+                "classes_over_half": ident.info.get("classes_over_half"),
+                **judged["pipeline"],
                 "seconds": seconds,
+                "controls": judged["controls"],
+                "gain": judged["gain"],
+                "verdict": judged["verdict"],
             }
         )
-        log.info("%s/%s: %s", ident_name, treat_name, runs[-1])
-
-    default_causes = idents[api.DEFAULT_IDENTIFY].causes
-    t0 = time.perf_counter()
-    retrained = api.treat(model, noisy, default_causes, "retrain", train_config=recipe, **common)
-    timing["retrain"] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    oracle = fit(SmallCNN(), train.X, train.y, recipe, seed, device, progress, "oracle")
-    timing["oracle"] = time.perf_counter() - t0
-    references = {"original": acc(model), "retrain": acc(retrained), "oracle_clean": acc(oracle)}
+        log.info("%s/%s: %s", ident_name, treat_name, runs[-1]["gain"])
+    timing["controls"] = control_seconds
+    ctl = runs[0]["controls"]
+    references = {"original": ctl["original"], "retrain-clean": ctl["retrain_clean"]}
     timing["total"] = time.perf_counter() - t_start
     return {
         "config": asdict(config),
@@ -207,8 +212,8 @@ def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, A
             "mask": mask,
             "test": test,
             "split": split,
-            "identification": idents[api.DEFAULT_IDENTIFY],
-            "per_failure": per_failure_cache["fisher-linearised"],
+            "identification": ident,
+            "per_failure": per_failure,
         },
     }
 
@@ -227,40 +232,69 @@ def machine() -> dict[str, Any]:
     }
 
 
+def _pct(v: float | None) -> str:
+    return "-" if v is None or v != v else f"{100 * v:.2f}"
+
+
+def _pm(mean: float | None, se: float | None) -> str:
+    if mean is None or mean != mean:
+        return "-"
+    return f"{100 * mean:+.2f}" + ("" if se is None or se != se else f"±{100 * se:.2f}")
+
+
 def table(result: dict[str, Any]) -> str:
-    """The demo's figures as a fixed-width text table."""
+    """The demo's figures as a fixed-width text table: each pipeline, then its controls."""
     head = (
-        f"{'pipeline':<22}{'K':>6}{'prec':>7}{'recall':>8}{'cul@5':>7}"
-        f"{'test':>8}{'heldout F':>11}{'query F':>9}{'correct':>9}{'sec':>7}"
+        f"{'pipeline':<26}{'K':>6}{'prec':>7}{'test':>8}{'heldout F':>11}{'query F':>9}"
+        f"{'correct':>9}{'gain F vs rand':>16}{'gain test':>12}{'Pareto':>8}"
     )
     lines = [head, "-" * len(head)]
 
-    def pct(v: float) -> str:
-        return f"{100 * v:.2f}" if v == v else "-"
+    def row(name: str, k: Any, prec: str, r: dict[str, Any], tail: str = "") -> str:
+        return (
+            f"{name:<26}{k:>6}{prec:>7}{_pct(r.get('test_acc')):>8}"
+            f"{_pct(r.get('heldout_failure_acc')):>11}{_pct(r.get('query_failure_acc')):>9}"
+            f"{_pct(r.get('correct_acc')):>9}{tail}"
+        )
 
     for r in result["runs"]:
         name = f"{r['identify']}/{r['treat']}" + (" *" if r["default"] else "")
-        lines.append(
-            f"{name:<22}{int(r['k']):>6}{r['precision']:>7.3f}{r['recall']:>8.3f}"
-            f"{r['culprit_precision_at_5']:>7.3f}{pct(r['test_acc']):>8}"
-            f"{pct(r['heldout_failure_acc']):>11}{pct(r['query_failure_acc']):>9}"
-            f"{pct(r['correct_acc']):>9}{r['seconds']:>7.1f}"
+        g, v = r["gain"], r["verdict"]
+        tail = (
+            f"{_pm(g['heldout_gain'], g['heldout_gain_se']):>16}"
+            f"{_pm(g['test_gain'], g['test_gain_se']):>12}{'yes' if v['passed'] else 'no':>8}"
         )
+        lines.append(row(name, int(r["k"]), f"{r['precision']:.3f}", r, tail))
+        c = r["controls"]
+        rk = c["random_k"]
+        if c.get("finetune_only") is not None and r["default"]:
+            lines.append(row("  finetune-only", 0, "", c["finetune_only"]))
+        rk_name = f"  random-K ({rk['draws']} draws)"
+        lines.append(
+            f"{rk_name:<26}{c['k']:>6}{'':>7}{_pm(rk['test_acc'], rk['test_acc_se'])[1:]:>8}"
+            f"{_pm(rk['heldout_failure_acc'], rk['heldout_failure_acc_se'])[1:]:>11}"
+            f"{_pct(rk['query_failure_acc']):>9}{_pct(rk['correct_acc']):>9}"
+        )
+        if c.get("oracle_causes") is not None:
+            o = c["oracle_causes"]
+            lines.append(row("  oracle-causes", int(o["k"]), "1.000", o))
     lines.append("-" * len(head))
-    for name, r in result["references"].items():
-        lines.append(
-            f"{name:<22}{'':>6}{'':>7}{'':>8}{'':>7}{pct(r['test_acc']):>8}"
-            f"{pct(r['heldout_failure_acc']):>11}{pct(r['query_failure_acc']):>9}"
-            f"{pct(r['correct_acc']):>9}"
-        )
+    for name, ref in result["references"].items():
+        if ref is not None:
+            lines.append(row(name, "", "", ref))
     d, t = result["data"], result["timing"]
     lines.append(
         f"\n* = netmend.repair's default. {d['train']} training examples, {d['corrupted']} "
         f"corrupted; {d['failures']} test failures ({d['query_failures']} query, "
-        f"{d['heldout_failures']} held out). Accuracies in %; prec/recall of the selected "
-        f"causes against the corruption mask; cul@5 = share of each query failure's top-5 "
-        f"culprits that are corrupted.\nTimes: train epoch {t['train_epoch']:.1f}s, diagonal "
-        f"Fisher {t['fisher']:.1f}s, total {t['total']:.0f}s."
+        f"{d['heldout_failures']} held out). Accuracies in %; prec = precision of the "
+        "selected causes against the corruption mask. Controls: the same treatment call with "
+        "no causes (finetune-only), K random causes (random-K, mean±s.e. over draws) or the "
+        "corrupted set (oracle-causes). gain = pipeline minus random-K, in points (±s.e. of "
+        "the random-K mean). Pareto: held-out failures above random-K, test accuracy at least "
+        "max(original, finetune-only) - 0.2 points, and no class losing more than 10 points."
+        f"\nTimes: train epoch {t['train_epoch']:.1f}s, diagonal Fisher {t['fisher']:.1f}s, "
+        f"controls {t['controls']:.0f}s of total {t['total']:.0f}s "
+        f"({t['controls'] / t['total']:.0%})."
     )
     return "\n".join(lines)
 
