@@ -147,10 +147,22 @@ def _judged_cell(name, heldout, test, gain, floor, drop, passed):
 def test_pareto_summary_by_hand():
     res = {
         "results": [
-            {"suite": "d/a", "seed": 0, "cells": [_judged_cell("p", 0.5, 0.9, 0.10, 0.89, 0.0, True)]},
-            {"suite": "d/a", "seed": 1, "cells": [_judged_cell("p", 0.4, 0.9, -0.02, 0.905, 0.0, False)]},
+            {
+                "suite": "d/a",
+                "seed": 0,
+                "cells": [_judged_cell("p", 0.5, 0.9, 0.10, 0.89, 0.0, True)],
+            },
+            {
+                "suite": "d/a",
+                "seed": 1,
+                "cells": [_judged_cell("p", 0.4, 0.9, -0.02, 0.905, 0.0, False)],
+            },
             # a class collapse: large held-out gain, test above the floor, one class -30 points
-            {"suite": "d/b", "seed": 0, "cells": [_judged_cell("p", 0.9, 0.95, 0.5, 0.9, 0.3, False)]},
+            {
+                "suite": "d/b",
+                "seed": 0,
+                "cells": [_judged_cell("p", 0.9, 0.95, 0.5, 0.9, 0.3, False)],
+            },
         ]
     }
     out = bench.pareto_summary(res)["p"]

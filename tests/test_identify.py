@@ -386,16 +386,18 @@ def test_info_keys(ref, blobs, blobs_logreg, failset):
     """EWC: the fit record of preconditioned_ascent plus theta_+F and l2; others: l2."""
     fit_keys = {"objective_start", "objective_end", "gain_start", "gain_end", "steps", "distance"}
     ewc = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", k=3, l2=0.5, **RUN)
-    assert set(ewc.info) == fit_keys | {"theta_plus_f", "l2"}
+    # classes_over_half: classes of which the causes hold more than half (none here)
+    assert set(ewc.info) == fit_keys | {"theta_plus_f", "l2", "classes_over_half"}
+    assert ewc.info["classes_over_half"] == {}
     assert ewc.info["l2"] == 0.5
     assert ewc.info["objective_end"] > ewc.info["objective_start"]
     moved = ewc.info["theta_plus_f"] - ref.flat_params(blobs_logreg)
     assert ewc.info["distance"] == pytest.approx(float(moved.norm()), rel=1e-12)
     lin = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "linear", k=3, l2=0.5, **RUN)
-    assert set(lin.info) == {"l2"}
+    assert set(lin.info) == {"l2", "classes_over_half"}
     # the automatic K is recorded next to them
     auto = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", l2=0.5, **RUN)
-    assert set(auto.info) == fit_keys | {"theta_plus_f", "l2", "auto_k"}
+    assert set(auto.info) == fit_keys | {"theta_plus_f", "l2", "auto_k", "classes_over_half"}
 
 
 # ----------------------------------------------------------------------------- automatic K
@@ -569,23 +571,30 @@ def test_identify_auto_k_is_capped_at_positive_scores(monkeypatch, blobs, blobs_
     assert len(none.causes) == 0 and none.info["auto_k"]["k"] == 0
 
 
-def test_identify_auto_k_with_too_few_failures_selects_positive(blobs, blobs_logreg):
-    with pytest.warns(UserWarning, match="only 1 failures: too few"):
+def test_identify_auto_k_with_too_few_failures_selects_each_failures_top_culprits(
+    blobs, blobs_logreg
+):
+    """Fewer than 4 failures: no halves to compare, so K is the union of each failure's top 5
+    culprits (issue 11: r > 0 once deleted ~60% of the training set)."""
+    with pytest.warns(UserWarning, match="only 1 failure"):
         ident = netmend.identify(
             blobs_logreg, (blobs.X, blobs.y), (blobs.Xf, blobs.yf), "ewc", l2=1e-3, **RUN
         )
     positive = select(ident.scores, "positive")
-    assert len(positive) > 0
-    np.testing.assert_array_equal(ident.causes, positive)
-    assert ident.info["auto_k"] == {"rule": "positive", "k": len(positive)}
+    pf = ident.per_failure[:, 0]
+    top5 = np.argsort(-pf, kind="stable")[:5]
+    assert set(ident.causes.tolist()) == {int(i) for i in top5 if pf[i] > 0}
+    assert 0 < len(ident.causes) <= 5 < len(positive)
+    assert ident.info["auto_k"] == {"rule": "top 5 culprits per failure", "k": len(ident.causes)}
     # three failures are still too few
     extra = torch.tensor([[-0.8, -0.7], [-1.0, -0.5]], dtype=DT)
     Xf, yf = torch.cat([blobs.Xf, extra]), torch.zeros(3, dtype=torch.long)
     with torch.no_grad():
         assert (blobs_logreg(Xf).argmax(1) != yf).all()
-    with pytest.warns(UserWarning, match="only 3 failures"):
+    with pytest.warns(UserWarning, match="only 3 failure"):
         three = netmend.identify(blobs_logreg, (blobs.X, blobs.y), (Xf, yf), "ewc", **RUN)
-    assert three.info["auto_k"]["rule"] == "positive"
+    assert three.info["auto_k"]["rule"] == "top 5 culprits per failure"
+    assert len(three.causes) <= 15
 
 
 def test_random_baseline_does_not_replay_the_corruption_stream(blobs, blobs_logreg, failset):

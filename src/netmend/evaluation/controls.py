@@ -41,6 +41,8 @@ MAX_CLASS_DROP = 0.10
 """No class's test accuracy may fall by more than 10 points below the better of original and
 finetune-only on that class (a class collapse buys held-out failures of its neighbour)."""
 MIN_DRAWS = 3
+EPS = 1e-9
+"""Differences of accuracies below this are float noise (accuracies are counts over ``n``)."""
 
 Measure = Callable[[nn.Module], dict[str, Any]]
 TreatFn = Callable[[np.ndarray], nn.Module]
@@ -262,7 +264,8 @@ def repaired(
 
     A repair counts when all of these hold:
 
-    1. its held-out-failure accuracy is above the mean of ``random-K`` (the same treatment
+    1. its held-out-failure accuracy is above the mean of ``random-K`` (by more than float
+       noise, ``EPS``) (the same treatment
        with as many random causes): the diagnosis, not the removal of K examples, repairs;
     2. its test accuracy is at least ``max(original, finetune-only) - tolerance`` (0.2
        points): it does not buy failures with accuracy that the treatment alone keeps;
@@ -287,11 +290,11 @@ def repaired(
     heldout_gain = (
         float(pipeline["heldout_failure_acc"]) - controls.random_k_mean("heldout_failure_acc")[0]
     )
-    if not heldout_gain > 0:
+    if not heldout_gain > EPS:
         reasons.append(f"held-out failures {100 * heldout_gain:+.2f} points vs random-K")
     refs = [controls.original] + ([controls.finetune_only] if controls.finetune_only else [])
     floor = max(float(r["test_acc"]) for r in refs) - tolerance
-    if float(pipeline["test_acc"]) < floor:
+    if float(pipeline["test_acc"]) < floor - EPS:
         reasons.append(
             f"test accuracy {100 * float(pipeline['test_acc']):.2f}% below the floor "
             f"{100 * floor:.2f}% (max of original and finetune-only, minus "

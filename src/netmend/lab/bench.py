@@ -44,6 +44,7 @@ from netmend import api, identification, treatment
 from netmend.data.checks import resolve_device
 from netmend.evaluation import FailureSplit, identification_metrics, split_failures
 from netmend.evaluation.controls import (
+    EPS,
     MAX_CLASS_DROP,
     MIN_DRAWS,
     Controls,
@@ -958,7 +959,7 @@ def pareto_summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "test_gain_se": tg[1],
                 "test_margin": margin,
                 "worst_class_drop": drop,
-                "repairs": bool(hg[0] > 0 and margin >= 0 and not drop > MAX_CLASS_DROP),
+                "repairs": bool(hg[0] > EPS and margin >= -EPS and not drop > MAX_CLASS_DROP),
                 "seed_passes": sum(bool(c["verdict"]["passed"]) for c in cells),
             }
         out[name] = {
