@@ -181,7 +181,10 @@ def main() -> None:
     args = ap.parse_args()
     doc = PROTOCOL
     out: dict[str, Any] = {"machine": machine()}
-    if Path(args.demo).exists():
+    demo_ready = Path(args.demo).exists() and "pipelines" in json.loads(
+        Path(args.demo).read_text()
+    ).get("summary", {})
+    if demo_ready:
         import importlib.util
 
         spec = importlib.util.spec_from_file_location(
