@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from netmend.model.functional import Data
 from netmend.model.training import predict
 
 TEST_TOLERANCE = 0.002
@@ -50,7 +51,7 @@ TreatFn = Callable[[np.ndarray], nn.Module]
 
 def class_accuracies(
     model: nn.Module,
-    X: torch.Tensor,
+    X: Data,
     y: torch.Tensor,
     num_classes: int,
     device: torch.device | str = "cpu",
