@@ -21,7 +21,7 @@ def layer_slices(fm: FunctionalModel) -> dict[str, dict[str, slice]] | None:
     Returns ``None`` when some trainable parameter belongs to another kind of layer (or a
     Conv2d with groups/non-zero padding mode), in which case the generic vmap path is used.
     """
-    modules = dict(fm.module.named_modules())
+    modules = dict(fm.caller.named_modules())
     owners = [n for n, _ in fm.module.named_parameters(remove_duplicate=False)]
     if len(owners) != len(list(fm.module.parameters())):
         return None  # a parameter shared by two modules: only vmap sums its gradients right
@@ -62,7 +62,7 @@ def hook_forward(
     :func:`hook_deltas` can pull any cotangent of the logits back to them, as many times as
     needed, without a second forward.
     """
-    modules = dict(fm.module.named_modules())
+    modules = dict(fm.caller.named_modules())
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     handles = []
@@ -127,7 +127,7 @@ def hook_pass(
     and linear layers on extra positions flattened to ``[B, S, in]``/``[B, S, out]``, so that
     the per-example weight gradient of ``log p(y_n|x_n)`` is ``d_n a_n^T`` in every case.
     """
-    modules = dict(fm.module.named_modules())
+    modules = dict(fm.caller.named_modules())
     logits, inputs, outputs = hook_forward(fm, theta, x, layers)
     ll = -torch.nn.functional.cross_entropy(logits, y, reduction="none")
     names = list(layers)

@@ -92,7 +92,18 @@ EWC_FISHER_TYPE = "empirical"
 """For the EWC penalty: the paper's (empirical) Fisher, the one the diagonal EWC code uses."""
 FORMAT = "netmend.kronecker/1"
 
-_HINT = "use curvature='diag' or curvature='ggn' for this model"
+_HINT = (
+    "use curvature='diag' or curvature='ggn' for this model (to identify: method='influence' "
+    "with that curvature)"
+)
+
+
+def shared_names(module: nn.Module) -> list[str]:
+    """The names of the parameters that share a tensor with another name (weight tying)."""
+    seen: dict[int, list[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), []).append(n)
+    return [n for names in seen.values() if len(names) > 1 for n in names]
 
 
 def kronecker_layers(fm: FunctionalModel) -> dict[str, tuple[nn.Module, slice, slice | None]]:
@@ -109,7 +120,10 @@ def kronecker_layers(fm: FunctionalModel) -> dict[str, tuple[nn.Module, slice, s
     modules = dict(fm.module.named_modules())
     owners = [n for n, _ in fm.module.named_parameters(remove_duplicate=False)]
     if len(owners) != len(list(fm.module.parameters())):
-        raise ValueError(f"a parameter is shared by two modules: KFAC cannot split it; {_HINT}")
+        raise ValueError(
+            f"parameters {shared_names(fm.module)} are one tensor shared by several layers "
+            f"(weight tying): KFAC cannot split it; {_HINT}"
+        )
     out: dict[str, tuple[nn.Module, slice, slice | None]] = {}
     weights: dict[str, slice] = {}
     biases: dict[str, slice] = {}
