@@ -388,3 +388,70 @@ def test_bfloat16_treatment_returns_a_bfloat16_model(bf16_task, method):
     with pytest.warns(UserWarning, match="float32"):
         new = netmend.treat(m16, (X, y), [0, 1, 2], method, failures=(Xf, yf), **RUN)
     assert all(p.dtype == torch.bfloat16 for p in new.parameters())
+
+
+# ---- the layer-hook path: BatchNorm, LayerNorm, Embedding rows, in closed form ---------------
+
+
+class NormsAndBags(nn.Module):
+    """Every hook layer kind at once: Embedding with padding_idx and repeated ids, an
+    EmbeddingBag (sum), LayerNorm over positions, BatchNorm1d on [B, C] and on [B, C, L]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(V, 4, padding_idx=0)
+        self.bag = nn.EmbeddingBag(V, 4, mode="sum")
+        self.ln = nn.LayerNorm(4)
+        self.bn_seq = nn.BatchNorm1d(4)
+        self.lin = nn.Linear(4, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.fc = nn.Linear(6, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.emb(x))  # [B, L, 4]
+        h = self.bn_seq(h.transpose(1, 2)).transpose(1, 2)  # BatchNorm1d over [B, C, L]
+        h = torch.tanh(self.lin(h.mean(1) + self.bag(x)))
+        return self.fc(torch.relu(self.bn(h)))
+
+
+@pytest.fixture(scope="module")
+def norms_task():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randint(0, 6, (24, 7), generator=g)  # 6 ids in 7 positions: repeats, and pads
+    y = (X[:, 0] % 3).long()
+    torch.manual_seed(0)
+    model = fit(NormsAndBags().double(), X, y, RECIPE, 0, progress=False).eval()
+    with torch.no_grad():  # running statistics and affine parameters away from 0/1
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
+                m.weight.add_(torch.rand(m.weight.shape, generator=g, dtype=torch.float64))
+                m.bias.add_(torch.rand(m.bias.shape, generator=g, dtype=torch.float64))
+            if isinstance(m, nn.BatchNorm1d):
+                m.running_mean.add_(torch.rand(m.running_mean.shape, generator=g).double())
+                m.running_var.mul_(1 + torch.rand(m.running_var.shape, generator=g).double())
+    return model, X, y
+
+
+def test_hook_path_serves_norm_and_embedding_layers(norms_task, tasks):
+    from netmend.curvature.hooks import layer_slices
+
+    model, X, y = norms_task
+    assert layer_slices(FunctionalModel.of(model)) is not None
+    for fam in ("cnn_bn", "embedding", "embedding_bag"):
+        assert layer_slices(FunctionalModel.of(tasks[fam][0])) is not None, fam
+    train_mode = copy.deepcopy(model).train()  # batch statistics couple the examples: vmap
+    assert layer_slices(FunctionalModel.of(train_mode)) is None
+
+
+def test_hook_grads_of_norms_and_embeddings_equal_a_loop(norms_task):
+    model, X, y = norms_task
+    fm = FunctionalModel.of(model)
+    expected = _loop_grads(model, X, y)
+    assert expected[:, : V * 4].reshape(-1, V, 4)[:, 0].abs().max() == 0  # the padding row
+    torch.testing.assert_close(
+        per_example_grads(fm, fm.theta, X, y), expected, rtol=1e-8, atol=1e-10
+    )
+    hooks = fisher_diag_sum(fm, fm.theta, X, y, chunk_size=7, method="hooks")
+    torch.testing.assert_close(hooks, (expected**2).sum(0), rtol=1e-8, atol=1e-10)
+    vmapped = fisher_diag_sum(fm, fm.theta, X, y, chunk_size=7, method="vmap")
+    torch.testing.assert_close(hooks, vmapped, rtol=1e-8, atol=1e-10)
