@@ -130,14 +130,12 @@ FAMILIES = {
     "tied": (Tied, "dense"),
 }
 
-_KFAC = r"KFAC/EK-FAC cover only nn.Linear and nn.Conv2d.*curvature='diag'"
+_KFAC = r"KFAC/EK-FAC cover only nn.Linear, nn.Conv2d, nn.Embedding.*curvature='diag'"
 REFUSALS: dict[tuple[str, str], tuple[type[Exception], str]] = {
     ("cnn_bn", "ekfac"): (ValueError, r"BatchNorm2d layer 'bn1'.*" + _KFAC),
-    ("transformer", "ekfac"): (ValueError, r"Embedding layer 'emb'.*" + _KFAC),
-    ("embedding", "ekfac"): (ValueError, r"Embedding layer 'emb'.*" + _KFAC),
-    ("embedding_bag", "ekfac"): (ValueError, r"EmbeddingBag layer 'emb'.*" + _KFAC),
-    ("gru", "ekfac"): (ValueError, r"Embedding layer 'emb'.*" + _KFAC),
-    ("lstm", "ekfac"): (ValueError, r"Embedding layer 'emb'.*" + _KFAC),
+    ("transformer", "ekfac"): (ValueError, r"MultiheadAttention layer 'enc.self_attn'.*" + _KFAC),
+    ("gru", "ekfac"): (ValueError, r"GRU layer 'rnn'.*" + _KFAC),
+    ("lstm", "ekfac"): (ValueError, r"LSTM layer 'rnn'.*" + _KFAC),
     ("tied", "ekfac"): (ValueError, r"'l1.weight'.*'l2.weight'.*weight tying.*curvature='diag'"),
     ("transformer", "align"): (TypeError, r"discrete inputs.*'relabel'"),
     ("embedding", "align"): (TypeError, r"discrete inputs.*'relabel'"),
