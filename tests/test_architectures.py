@@ -453,3 +453,16 @@ def test_hook_grads_of_norms_and_embeddings_equal_a_loop(norms_task):
     torch.testing.assert_close(hooks, (expected**2).sum(0), rtol=1e-8, atol=1e-10)
     vmapped = fisher_diag_sum(fm, fm.theta, X, y, chunk_size=7, method="vmap")
     torch.testing.assert_close(hooks, vmapped, rtol=1e-8, atol=1e-10)
+
+
+def test_docs_list_exactly_the_refusals():
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[1] / "docs" / "architectures.md").read_text()
+    rows = {
+        tuple(cell.strip() for cell in line.split("|")[1:3])
+        for line in doc.splitlines()
+        if line.startswith("| ") and line.split("|")[1].strip() in FAMILIES
+    }
+    rows = {r for r in rows if r[1] in (*identification_methods(), *treatments())}
+    assert rows == set(REFUSALS)
