@@ -37,7 +37,14 @@ import torch
 from torch import nn
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from netmend.curvature.hooks import HookFallback, hook_pass, layer_slices, norm_input, token_rows
+from netmend.curvature.hooks import (
+    HookFallback,
+    conv_weight_grads,
+    hook_pass,
+    layer_slices,
+    norm_input,
+    token_rows,
+)
 from netmend.data.streaming import chunks, map_chunks
 from netmend.data.task import tree_map
 from netmend.model.functional import Data, FunctionalModel
@@ -100,8 +107,8 @@ def _layer_grads(
         return gw, (d.sum(lead) if lead else d)
     if a.ndim == 2:
         return torch.einsum("bo,bi->boi", d, a), d
-    if isinstance(m, nn.Conv2d):  # a [B, in*k*k, L], d [B, out, L]
-        return torch.bmm(d, a.transpose(1, 2)), d.sum(2)
+    if isinstance(m, nn.Conv2d):  # a [B, in, H, W], d [B, out, L]
+        return conv_weight_grads(m, a, d), d.sum(2)
     return torch.einsum("bso,bsi->boi", d, a), d.sum(1)  # Linear on [B, S, *]
 
 

@@ -14,6 +14,8 @@ neither forms a per-example gradient it does not need.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -152,9 +154,10 @@ def hook_pass(
 ) -> list[tuple[nn.Module, dict[str, slice], torch.Tensor, torch.Tensor]]:
     """One forward/backward over a chunk; per layer its input ``a`` and output gradient ``d``.
 
-    Convolution inputs are returned unfolded (``a`` ``[B, in*k*k, L]``, ``d`` ``[B, out, L]``)
-    and linear layers on extra positions flattened to ``[B, S, in]``/``[B, S, out]``, so that
-    the per-example weight gradient of ``log p(y_n|x_n)`` is ``d_n a_n^T`` in both cases. The
+    Convolution inputs are returned as they are (``a`` ``[B, in, H, W]``, ``d`` ``[B, out, L]``;
+    :func:`conv_weight_grads` forms ``d_n unfold(a_n)^T`` without unfolding) and linear layers
+    on extra positions flattened to ``[B, S, in]``/``[B, S, out]``, so that the per-example
+    weight gradient of ``log p(y_n|x_n)`` is ``d_n a_n^T``. The
     other layers' ``a`` and ``d`` are returned as they are (:func:`norm_input` gives a norm
     layer's normalised input; an embedding's ``a`` holds the token ids).
     """
@@ -169,8 +172,9 @@ def hook_pass(
         if d is None:
             d = torch.zeros_like(outputs[name])
         if isinstance(m, nn.Conv2d):
-            a = unfold_input(m, a)
-            d = d.reshape(d.shape[0], d.shape[1], -1)
+            d = d.reshape(
+                d.shape[0], d.shape[1], -1
+            )  # a stays the raw input: see conv_weight_grads
         elif isinstance(m, nn.Linear) and a.ndim > 2:
             a = a.reshape(a.shape[0], -1, a.shape[-1])
             d = d.reshape(d.shape[0], -1, d.shape[-1])
@@ -224,3 +228,27 @@ def token_rows(
     uniq, inverse = torch.unique(key, return_inverse=True)
     rows = torch.zeros(uniq.numel(), D, dtype=d.dtype, device=d.device).index_add_(0, inverse, d)
     return uniq // m.num_embeddings, uniq % m.num_embeddings, rows
+
+
+def conv_weight_grads(m: nn.Conv2d, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients ``sum_l d_l a_l^T`` ``[B, out, in*kh*kw]`` without unfolding.
+
+    One grouped convolution of the input (examples as groups) with the output gradients as
+    kernels: the layer's stride becomes the dilation and its dilation the stride. About twice
+    as fast on CPU as ``unfold`` followed by a batched matmul.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    ph, pw = cast("tuple[int, int]", m.padding)  # str padding excluded by hookable()
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    B, C = xp.shape[:2]
+    out = d.shape[1]
+    Ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    Wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    g = torch.nn.functional.conv2d(
+        xp.transpose(0, 1),  # [C, B, Hp, Wp]: the examples are the channels
+        d.reshape(B * out, 1, Ho, Wo),
+        stride=(dh, dw),
+        dilation=(sh, sw),
+        groups=B,
+    )[:, :, :kh, :kw]  # [C, B*out, kh, kw]
+    return g.reshape(C, B, out, kh * kw).permute(1, 2, 0, 3).reshape(B, out, C * kh * kw)

@@ -85,7 +85,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from netmend.curvature.hooks import HookFallback, hook_deltas, hook_forward, unfold_input
+from netmend.curvature.hooks import (
+    HookFallback,
+    conv_weight_grads,
+    hook_deltas,
+    hook_forward,
+    unfold_input,
+)
 from netmend.data.streaming import chunks
 from netmend.model.functional import Data, FunctionalModel
 
@@ -536,30 +542,6 @@ def _conv_input_cov(m: nn.Conv2d, x: torch.Tensor, has_bias: bool) -> torch.Tens
     return out
 
 
-def _conv_weight_grads(m: nn.Conv2d, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Per-example weight gradients ``sum_l d_l a_l^T`` ``[B, out, in*kh*kw]`` without unfolding.
-
-    One grouped convolution of the input (examples as groups) with the output gradients as
-    kernels: the layer's stride becomes the dilation and its dilation the stride. About twice
-    as fast on CPU as ``unfold`` followed by a batched matmul.
-    """
-    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-    ph, pw = cast("tuple[int, int]", m.padding)
-    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph))
-    B, C = xp.shape[:2]
-    out = d.shape[1]
-    Ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    Wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    g = torch.nn.functional.conv2d(
-        xp.transpose(0, 1),  # [C, B, Hp, Wp]: the examples are the channels
-        d.reshape(B * out, 1, Ho, Wo),
-        stride=(dh, dw),
-        dilation=(sh, sw),
-        groups=B,
-    )[:, :, :kh, :kw]  # [C, B*out, kh, kw]
-    return g.reshape(C, B, out, kh * kw).permute(1, 2, 0, 3).reshape(B, out, C * kh * kw)
-
-
 def _canonical_d(m: nn.Module, d: torch.Tensor) -> torch.Tensor:
     """A layer's output gradient as ``[B, out, L]``."""
     if isinstance(m, nn.Conv2d):
@@ -820,7 +802,7 @@ def eigencorrect(
             seq = None if isinstance(m, nn.Conv2d) else _canonical_a(m, x, False)
             for d in dr:
                 if seq is None:
-                    g = _conv_weight_grads(cast(nn.Conv2d, m), x, d) @ QA[:inn]
+                    g = conv_weight_grads(cast(nn.Conv2d, m), x, d) @ QA[:inn]
                 else:
                     g = torch.bmm(d, seq.transpose(1, 2)) @ QA[:inn]  # [B, out, in']
                 if has_bias:
