@@ -35,7 +35,7 @@ from netmend.model.training import TrainConfig, fit, predict
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n", type=int, default=2000)
-    ap.add_argument("--vmap-n", type=int, default=64)
+    ap.add_argument("--vmap-n", type=int, default=16)
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--out", default="benchmarks/arch_timing.json")
     args = ap.parse_args()
@@ -57,6 +57,7 @@ def main() -> None:
     epoch = time.perf_counter() - t
     model.eval()
     out["train_epoch_s"] = epoch
+    print("epoch", round(epoch, 2), "s", flush=True)
     fm = FunctionalModel.of(model)
 
     def timed(name: str, fn, scale: float = 1.0):  # type: ignore[no-untyped-def]
@@ -64,6 +65,8 @@ def main() -> None:
         res = fn()
         out[f"{name}_s"] = (time.perf_counter() - t0) * scale
         out[f"{name}_over_epoch"] = out[f"{name}_s"] / epoch
+        write_json_atomic(args.out, out)  # partial results survive an interrupted run
+        print(name, round(out[f"{name}_s"], 2), "s", flush=True)
         return res
 
     hooks = timed("fisher_hooks", lambda: fisher_diag_sum(fm, fm.theta, X, y, 128, method="hooks"))
