@@ -80,9 +80,10 @@ def test_hooks_path_linear_on_sequence_inputs(ref):
 
 
 def test_hooks_fall_back_to_vmap_for_other_layers(ref):
-    """A LayerNorm has parameters the hook path does not handle: vmap must be used, exactly."""
+    """A GroupNorm has parameters the hook path does not handle: vmap must be used, exactly.
+    (LayerNorm, BatchNorm and Embedding layers are hooked: tests/test_architectures.py.)"""
     torch.manual_seed(9)
-    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 3)).double()
+    model = nn.Sequential(nn.Linear(4, 5), nn.GroupNorm(1, 5), nn.Tanh(), nn.Linear(5, 3)).double()
     g = torch.Generator().manual_seed(10)
     X, y = _rand(7, g)
     fm = FunctionalModel.of(model)

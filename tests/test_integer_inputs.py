@@ -67,6 +67,8 @@ def test_treat_integer_inputs_equal_float_inputs(task, treatment):
     model, X, y, Xf, yf = task
     causes = np.arange(0, 90, 9)
     kw: dict = dict(**RUN)
+    if treatment == "retrain":
+        kw["train_config"] = TrainConfig(epochs=3, lr=1e-2)
     if treatment in ("relabel", "align"):
         kw["failures"] = (Xf, yf)
     a = netmend.treat(model, (X, y), causes, treatment, **kw)

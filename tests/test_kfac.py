@@ -581,3 +581,78 @@ def test_ewc_treatment_uses_the_kronecker_penalty(blobs_mlp):
     assert float(J(FunctionalModel.of(more).theta)) > float(J(theta1))
     with pytest.raises(ValueError, match="unknown curvature"):
         netmend.treat(b.model, (b.X, b.y), causes, "ewc", curvature="ggn", **RUN)
+
+
+# ----------------------------------------------------------------------------- embeddings
+
+
+class _TokenNet(nn.Module):
+    """An embedding (or bag) over token ids, then tanh and a linear head."""
+
+    def __init__(self, bag: str | None = None, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.emb = (
+            nn.Embedding(7, 3, padding_idx=padding_idx)
+            if bag is None
+            else nn.EmbeddingBag(7, 3, mode=bag)
+        )
+        self.fc = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        return self.fc(torch.tanh(h if h.ndim == 2 else h.sum(1)))
+
+
+def _token_data(n: int, length: int | None, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n,) if length is None else (n, length)
+    X = torch.randint(0, 7, shape, generator=g)
+    return X, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize(
+    "bag, length", [(None, None), ("sum", 4), ("mean", 4)], ids=["embedding", "sum", "mean"]
+)
+def test_single_example_kfac_blocks_are_exact_for_embeddings(bag, length, ref):
+    """One token (Embedding on [B] ids) or one bag: g = d a^T with a the one-hot / count
+    vector, so KFAC's G (x) A is the exact Fisher block (repeated ids in a bag included)."""
+    torch.manual_seed(0)
+    model = _TokenNet(bag).double()
+    X, y = _token_data(1, length)
+    if length is not None:
+        X[0, 1] = X[0, 0]  # a repeated id
+    f = factors(model, X, y)
+    g = ref.loop_grads(model, X, y)[0]
+    mask = block_mask(f)
+    close(f.dense(), torch.outer(g, g) * mask)
+    assert g[: 7 * 3].abs().max() > 1e-3  # the embedding block is really tested
+
+
+def test_embedding_input_factor_is_the_token_frequencies(ref):
+    torch.manual_seed(1)
+    model = _TokenNet(padding_idx=0).double()
+    X, y = _token_data(9, 5, seed=3)
+    f = factors(model, X, y, kind="ekfac")
+    counts = torch.bincount(X.reshape(-1), minlength=7).to(DT)
+    counts[0] = 0  # the padding row has no gradient
+    close(f.layers[0].A, torch.diag(counts) / 9)
+    # EK-FAC's eigenvalues: the per-example gradients' second moments in the Kronecker basis
+    G = ref.loop_grads(model, X, y)[:, : 7 * 3].reshape(9, 7, 3).transpose(1, 2)  # [N, D, V]
+    lf = f.layers[0]
+    close(lf.eigenvalues, ((lf.QG.T @ G @ lf.QA) ** 2).sum(0))
+    # the layout: the flat weight is [V, D] row-major
+    v = torch.randn(f.num_params, dtype=DT)
+    M = lf.to_matrix(v[None])
+    close(M[0], v[: 7 * 3].reshape(7, 3).T)
+    back = torch.zeros(1, f.num_params, dtype=DT)
+    lf.from_matrix(M, back)
+    close(back[0, : 7 * 3], v[: 7 * 3])
+    again = KroneckerFactors.from_tensors(*f.to_tensors())
+    assert again.layers[0].transposed
+    close(again.dense(), f.dense())
+
+
+def test_large_vocabulary_refused_by_name():
+    model = nn.Sequential(nn.Embedding(5000, 2), nn.Flatten(), nn.Linear(2, 2)).double()
+    with pytest.raises(ValueError, match=r"embedding '0' has 5000 rows.*curvature='diag'"):
+        factors(model, torch.zeros(2, 1, dtype=torch.long), torch.tensor([0, 1]))

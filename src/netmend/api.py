@@ -226,8 +226,29 @@ def _failures(
     return out
 
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+"""Parameter dtypes netmend computes in float32 instead (with a warning): their 8- or 11-bit
+mantissas lose squared gradients (a bfloat16 EWC Fisher was all zeros) and many of the kernels
+netmend needs have no bfloat16/float16 version."""
+
+
 def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
-    return copy.deepcopy(model).to(device).eval()
+    """A copy of ``model`` on ``device`` in eval mode; float32 if ``model`` is bfloat16/float16.
+
+    A low-precision model is computed in float32 (a lossless upcast of its parameters) and the
+    user is told so by a ``UserWarning``; treatments cast the repaired copy back.
+    """
+    work = copy.deepcopy(model).to(device).eval()
+    dtype = param_dtype(work)
+    if dtype in LOW_PRECISION:
+        warnings.warn(
+            f"the model's parameters are {dtype}: netmend computes in float32 (squared "
+            f"gradients and curvature underflow or have no {dtype} kernels); the scores are "
+            "those of the float32 upcast of the model",
+            stacklevel=3,
+        )
+        work = work.float()
+    return work
 
 
 @_keeps_global_rng
@@ -472,8 +493,9 @@ def treat(
         method: "finetune" (default), "newton", "ewc", "retrain", "align" or "relabel".
         l2: ``lambda`` (penalty towards ``theta_hat`` and Fisher damping): > 0, or "auto"
             (as in :func:`identify`; used by "newton" and "ewc").
-        train_config: the recipe the model was trained with (used by "retrain"; "finetune"
-            uses a shortened copy). Default: :class:`TrainConfig()`.
+        train_config: the recipe the model was trained with ("finetune" uses a shortened
+            copy; default :class:`TrainConfig()`). "retrain" requires it: retraining with
+            another recipe is no reference.
         seed, device, chunk_size, progress, fisher: as in :func:`identify`.
         failures: the query failures (inputs with their correct labels). "align" and
             "relabel" with ``source="theta_plus_f"`` fit the failure-adapted model ``theta_+F``
@@ -535,12 +557,14 @@ def treat(
         theta_plus_f=(
             None if theta_plus_f is None else theta_plus_f.detach().to(param_dtype(work))
         ),
+        train_config_given=train_config is not None,
     )
     out = fn(ctx)
     _check_treated(out, method)
     if record is not None:
         record.update(ctx.record)
-    return out
+    dtype = param_dtype(model)
+    return out.to(dtype) if dtype in LOW_PRECISION else out
 
 
 def _check_treated(model: nn.Module, method: str) -> None:

@@ -37,7 +37,14 @@ import torch
 from torch import nn
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
-from netmend.curvature.hooks import HookFallback, hook_pass, layer_slices
+from netmend.curvature.hooks import (
+    HookFallback,
+    conv_weight_grads,
+    hook_pass,
+    layer_slices,
+    norm_input,
+    token_rows,
+)
 from netmend.data.streaming import chunks, map_chunks
 from netmend.data.task import tree_map
 from netmend.model.functional import Data, FunctionalModel
@@ -68,6 +75,11 @@ def _sq_grads_by_hooks(
     """
     total = torch.zeros_like(theta)
     for m, sl, a, d in hook_pass(fm, theta, x, y, layers):
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            _, tok, rows = token_rows(m, a, d)
+            sq = torch.zeros_like(m.weight, dtype=theta.dtype).index_add_(0, tok, rows * rows)
+            total[sl["weight"]] = sq.reshape(-1)
+            continue
         if isinstance(m, nn.Linear) and a.ndim == 2:
             total[sl["weight"]] = ((d * d).T @ (a * a)).reshape(-1)
             if "bias" in sl:
@@ -83,11 +95,20 @@ def _sq_grads_by_hooks(
 def _layer_grads(
     m: nn.Module, a: torch.Tensor, d: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example weight ``[B, out, in']`` and bias ``[B, out]`` gradients of one layer."""
+    """Per-example weight ``[B, *weight.shape]`` (``[B, out, in']`` for Linear/Conv2d) and
+    bias ``[B, out]`` gradients of one layer (not Embedding: see :func:`token_rows`)."""
+    if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
+        if isinstance(m, nn.LayerNorm):  # positions: the dims between batch and features
+            lead = tuple(range(1, a.ndim - len(m.normalized_shape)))
+        else:  # BatchNorm: channel dim 1, positions after it
+            lead = tuple(range(2, a.ndim))
+        xh = norm_input(m, a)
+        gw = (xh * d).sum(lead) if lead else xh * d
+        return gw, (d.sum(lead) if lead else d)
     if a.ndim == 2:
         return torch.einsum("bo,bi->boi", d, a), d
-    if isinstance(m, nn.Conv2d):  # a [B, in*k*k, L], d [B, out, L]
-        return torch.bmm(d, a.transpose(1, 2)), d.sum(2)
+    if isinstance(m, nn.Conv2d):  # a [B, in, H, W], d [B, out, L]
+        return conv_weight_grads(m, a, d), d.sum(2)
     return torch.einsum("bso,bsi->boi", d, a), d.sum(1)  # Linear on [B, S, *]
 
 
@@ -97,7 +118,9 @@ def per_example_grads(
     """Per-example gradients of ``log p(y_n|x_n, theta)`` for one chunk, ``[B, P]``.
 
     Uses layer hooks (one batched backward plus a per-layer product) when every trainable
-    parameter sits in a Linear/Conv2d layer, and ``torch.func.vmap`` otherwise.
+    parameter sits in a layer of :data:`netmend.curvature.hooks.HOOK_LAYERS` (Linear, Conv2d,
+    BatchNorm in eval mode, LayerNorm, Embedding, EmbeddingBag), and ``torch.func.vmap``
+    otherwise.
     """
     layers = layer_slices(fm)
     if layers is None:
@@ -108,6 +131,12 @@ def per_example_grads(
     except HookFallback:
         return fm.per_example_grads(theta, x, y).detach()
     for m, sl, a, d in passes:
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            ex, tok, rows = token_rows(m, a, d)
+            V, D = m.weight.shape
+            cols = sl["weight"].start + tok[:, None] * D + torch.arange(D, device=tok.device)
+            G[ex[:, None], cols] = rows
+            continue
         gw, gb = _layer_grads(m, a, d)
         G[:, sl["weight"]] = gw.reshape(y.shape[0], -1)
         if "bias" in sl:
@@ -129,9 +158,10 @@ def fisher_diag_sum(
 
     ``g_n = grad log p(y_n|x_n, theta)``. Two exact implementations:
 
-    * ``"hooks"`` (used by ``"auto"`` when every trainable parameter is in an ``nn.Linear``
-      or ``nn.Conv2d``): one ordinary forward/backward per chunk plus a matmul per layer, so
-      it costs about one training epoch;
+    * ``"hooks"`` (used by ``"auto"`` when every trainable parameter is in a layer of
+      :data:`netmend.curvature.hooks.HOOK_LAYERS`: Linear, Conv2d, BatchNorm in eval mode,
+      LayerNorm, Embedding, EmbeddingBag): one ordinary forward/backward per chunk plus a
+      product per layer, so it costs about one training epoch;
     * ``"vmap"``: per-example gradients with ``torch.func.vmap``, any architecture.
 
     Neither holds ``[N, P]`` in memory, and the result does not depend on ``chunk_size``
@@ -141,7 +171,10 @@ def fisher_diag_sum(
     theta = theta.to(device)
     layers = layer_slices(fm) if method in ("auto", "hooks") else None
     if method == "hooks" and layers is None:
-        raise ValueError("method='hooks' needs every trainable parameter in a Linear/Conv2d layer")
+        raise ValueError(
+            "method='hooks' needs every trainable parameter in a Linear, Conv2d, BatchNorm "
+            "(eval mode), LayerNorm, Embedding or EmbeddingBag layer; use method='vmap'"
+        )
     if layers is None:
         chunk_size = min(chunk_size, 32)  # vmap is fastest on small chunks (cache-bound)
     state = {"layers": layers}

@@ -2,26 +2,61 @@
 
 For ``nn.Linear`` and ``nn.Conv2d`` layers, the per-example gradient of a weight is the outer
 product of the layer's output gradient ``d`` and its input ``a`` (unfolded into patches for a
-convolution). The diagonal Fisher (:mod:`netmend.curvature.fisher`) and the KFAC/EK-FAC
+convolution). The other layers with a closed form (:data:`HOOK_LAYERS`) are read the same way:
+``nn.BatchNorm1d/2d/3d`` in eval mode and ``nn.LayerNorm`` (weight: the sum over positions of
+the normalised input times ``d``; bias: the sum of ``d``), ``nn.Embedding`` (the rows of the
+example's token ids receive ``d``, summed over repeated ids) and ``nn.EmbeddingBag`` over
+``[B, L]`` bags in "sum"/"mean" mode (each id of a bag receives the bag's ``d``, divided by
+``L`` for "mean"). The diagonal Fisher (:mod:`netmend.curvature.fisher`) and the KFAC/EK-FAC
 factors (:mod:`netmend.curvature.kfac`) both read ``a`` and ``d`` through these hooks, so
 neither forms a per-example gradient it does not need.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import nn
 
 from netmend.model.functional import FunctionalModel
 
+HOOK_LAYERS = (
+    nn.Linear,
+    nn.Conv2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.LayerNorm,
+    nn.Embedding,
+    nn.EmbeddingBag,
+)
+"""The layer kinds whose per-example gradients the hook path computes in closed form."""
+
+
+def hookable(m: nn.Module | None) -> bool:
+    """Whether the hook path can serve module ``m`` (see :data:`HOOK_LAYERS`)."""
+    if isinstance(m, nn.Conv2d):
+        return m.groups == 1 and m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        # eval mode with running statistics: an affine map per channel, no batch coupling
+        return not m.training and m.track_running_stats and m.running_var is not None
+    if isinstance(m, nn.Embedding):
+        return m.max_norm is None
+    if isinstance(m, nn.EmbeddingBag):
+        return m.max_norm is None and m.mode in ("sum", "mean") and m.padding_idx is None
+    return isinstance(m, (nn.Linear, nn.LayerNorm))
+
 
 def layer_slices(fm: FunctionalModel) -> dict[str, dict[str, slice]] | None:
-    """For each Linear/Conv2d module, where its weight and bias sit in the flat vector.
+    """For each hookable module (:data:`HOOK_LAYERS`), where its weight and bias sit in the
+    flat vector.
 
     Returns ``None`` when some trainable parameter belongs to another kind of layer (or a
-    Conv2d with groups/non-zero padding mode), in which case the generic vmap path is used.
+    Conv2d with groups/non-zero padding mode, a BatchNorm in train mode), in which case the
+    generic vmap path is used.
     """
-    modules = dict(fm.module.named_modules())
+    modules = dict(fm.caller.named_modules())
     owners = [n for n, _ in fm.module.named_parameters(remove_duplicate=False)]
     if len(owners) != len(list(fm.module.parameters())):
         return None  # a parameter shared by two modules: only vmap sums its gradients right
@@ -31,13 +66,7 @@ def layer_slices(fm: FunctionalModel) -> dict[str, dict[str, slice]] | None:
         k = shape.numel()
         mod_name, _, leaf = name.rpartition(".")
         m = modules.get(mod_name)
-        ok = isinstance(m, nn.Linear) or (
-            isinstance(m, nn.Conv2d)
-            and m.groups == 1
-            and m.padding_mode == "zeros"
-            and not isinstance(m.padding, str)
-        )
-        if not ok or leaf not in ("weight", "bias"):
+        if not hookable(m) or leaf not in ("weight", "bias"):
             return None
         out.setdefault(mod_name, {})[leaf] = slice(i, i + k)
         i += k
@@ -62,7 +91,7 @@ def hook_forward(
     :func:`hook_deltas` can pull any cotangent of the logits back to them, as many times as
     needed, without a second forward.
     """
-    modules = dict(fm.module.named_modules())
+    modules = dict(fm.caller.named_modules())
     inputs: dict[str, torch.Tensor] = {}
     outputs: dict[str, torch.Tensor] = {}
     handles = []
@@ -71,6 +100,8 @@ def hook_forward(
         def hook(mod: nn.Module, inp: tuple, out: torch.Tensor, name: str = name) -> None:
             if name in outputs:
                 raise HookFallback(name)
+            if isinstance(mod, nn.EmbeddingBag) and (inp[0].ndim != 2 or len(inp) > 1):
+                raise HookFallback(name)  # ragged bags (offsets) or per-sample weights
             inputs[name] = inp[0].detach()
             outputs[name] = out
 
@@ -123,11 +154,14 @@ def hook_pass(
 ) -> list[tuple[nn.Module, dict[str, slice], torch.Tensor, torch.Tensor]]:
     """One forward/backward over a chunk; per layer its input ``a`` and output gradient ``d``.
 
-    Convolution inputs are returned unfolded (``a`` ``[B, in*k*k, L]``, ``d`` ``[B, out, L]``)
-    and linear layers on extra positions flattened to ``[B, S, in]``/``[B, S, out]``, so that
-    the per-example weight gradient of ``log p(y_n|x_n)`` is ``d_n a_n^T`` in every case.
+    Convolution inputs are returned as they are (``a`` ``[B, in, H, W]``, ``d`` ``[B, out, L]``;
+    :func:`conv_weight_grads` forms ``d_n unfold(a_n)^T`` without unfolding) and linear layers
+    on extra positions flattened to ``[B, S, in]``/``[B, S, out]``, so that the per-example
+    weight gradient of ``log p(y_n|x_n)`` is ``d_n a_n^T``. The
+    other layers' ``a`` and ``d`` are returned as they are (:func:`norm_input` gives a norm
+    layer's normalised input; an embedding's ``a`` holds the token ids).
     """
-    modules = dict(fm.module.named_modules())
+    modules = dict(fm.caller.named_modules())
     logits, inputs, outputs = hook_forward(fm, theta, x, layers)
     ll = -torch.nn.functional.cross_entropy(logits, y, reduction="none")
     names = list(layers)
@@ -138,10 +172,83 @@ def hook_pass(
         if d is None:
             d = torch.zeros_like(outputs[name])
         if isinstance(m, nn.Conv2d):
-            a = unfold_input(m, a)
-            d = d.reshape(d.shape[0], d.shape[1], -1)
-        elif a.ndim > 2:
+            d = d.reshape(
+                d.shape[0], d.shape[1], -1
+            )  # a stays the raw input: see conv_weight_grads
+        elif isinstance(m, nn.Linear) and a.ndim > 2:
             a = a.reshape(a.shape[0], -1, a.shape[-1])
             d = d.reshape(d.shape[0], -1, d.shape[-1])
         out.append((m, layers[name], a, d.detach()))
     return out
+
+
+def norm_input(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """The normalised input ``x_hat`` of a BatchNorm (eval mode) or LayerNorm layer, like ``a``.
+
+    The layer's output is ``x_hat * weight + bias`` (per channel, dimension 1, for BatchNorm;
+    over the trailing ``normalized_shape`` for LayerNorm).
+    """
+    if isinstance(m, nn.LayerNorm):
+        dims = tuple(range(a.ndim - len(m.normalized_shape), a.ndim))
+        var, mean = torch.var_mean(a, dim=dims, keepdim=True, correction=0)
+        return (a - mean) * torch.rsqrt(var + m.eps)
+    assert isinstance(m, nn.modules.batchnorm._BatchNorm)  # internal: hookable() checked it
+    assert m.running_mean is not None and m.running_var is not None
+    shape = (1, -1) + (1,) * (a.ndim - 2)
+    return (a - m.running_mean.view(shape)) * torch.rsqrt(m.running_var.view(shape) + m.eps)
+
+
+def token_rows(
+    m: nn.Embedding | nn.EmbeddingBag, ids: torch.Tensor, d: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The nonzero rows of each example's embedding-weight gradient, without forming ``[B, V, D]``.
+
+    Args:
+        m: the layer; ids: its input token ids ``[B, ...]`` (``[B, L]`` bags for EmbeddingBag).
+        d: its output gradient (``[B, ..., D]``; ``[B, D]`` for EmbeddingBag).
+
+    Returns:
+        ``(example [U], token [U], grad [U, D])``: for each distinct (example, token id) pair
+        the summed gradient of that weight row (repeated ids in one example add up; the
+        ``padding_idx`` row gets none, as in torch).
+    """
+    B = ids.shape[0]
+    ids = ids.reshape(B, -1)
+    D = d.shape[-1]
+    if isinstance(m, nn.EmbeddingBag):
+        scale = 1.0 / ids.shape[1] if m.mode == "mean" else 1.0
+        d = (d * scale).unsqueeze(1).expand(B, ids.shape[1], D)
+    d = d.reshape(B * ids.shape[1], D)
+    example = torch.arange(B, device=ids.device).repeat_interleave(ids.shape[1])
+    tokens = ids.reshape(-1)
+    if m.padding_idx is not None:
+        keep = tokens != m.padding_idx
+        example, tokens, d = example[keep], tokens[keep], d[keep]
+    key = example * m.num_embeddings + tokens
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    rows = torch.zeros(uniq.numel(), D, dtype=d.dtype, device=d.device).index_add_(0, inverse, d)
+    return uniq // m.num_embeddings, uniq % m.num_embeddings, rows
+
+
+def conv_weight_grads(m: nn.Conv2d, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Per-example weight gradients ``sum_l d_l a_l^T`` ``[B, out, in*kh*kw]`` without unfolding.
+
+    One grouped convolution of the input (examples as groups) with the output gradients as
+    kernels: the layer's stride becomes the dilation and its dilation the stride. About twice
+    as fast on CPU as ``unfold`` followed by a batched matmul.
+    """
+    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
+    ph, pw = cast("tuple[int, int]", m.padding)  # str padding excluded by hookable()
+    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph))
+    B, C = xp.shape[:2]
+    out = d.shape[1]
+    Ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    Wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    g = torch.nn.functional.conv2d(
+        xp.transpose(0, 1),  # [C, B, Hp, Wp]: the examples are the channels
+        d.reshape(B * out, 1, Ho, Wo),
+        stride=(dh, dw),
+        dilation=(sh, sw),
+        groups=B,
+    )[:, :, :kh, :kw]  # [C, B*out, kh, kw]
+    return g.reshape(C, B, out, kh * kw).permute(1, 2, 0, 3).reshape(B, out, C * kh * kw)

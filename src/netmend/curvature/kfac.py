@@ -1,4 +1,8 @@
-"""Kronecker-factored curvature: KFAC and EK-FAC for ``nn.Linear`` and ``nn.Conv2d`` layers.
+"""Kronecker-factored curvature: KFAC and EK-FAC for Linear, Conv2d and embedding layers.
+
+An ``nn.Embedding`` is the linear layer that maps the one-hot code of a token to its row, so
+its input factor ``A`` is the (diagonal) matrix of token frequencies, and an
+``nn.EmbeddingBag`` ("sum"/"mean") the linear layer of the bag's count vector.
 
 Per layer, the parameters are viewed as one matrix ``W~ = [W | b]`` of shape ``[out, in']``
 (a convolution's weight flattened to ``[out, in*kh*kw]``, the bias folded in as the gradient
@@ -65,7 +69,8 @@ The default is **consumer-dependent**, because the two uses want different matri
   defaults to ``"empirical"`` (:data:`EWC_FISHER_TYPE`).
 
 Either consumer accepts ``fisher_type=`` to override. Models with trainable parameters outside
-``nn.Linear``/``nn.Conv2d`` raise ``ValueError`` (use ``curvature="diag"`` or ``"ggn"``).
+``nn.Linear``/``nn.Conv2d``/``nn.Embedding``/``nn.EmbeddingBag`` raise ``ValueError`` (use
+``curvature="diag"`` or ``"ggn"``).
 """
 
 from __future__ import annotations
@@ -80,7 +85,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from netmend.curvature.hooks import HookFallback, hook_deltas, hook_forward, unfold_input
+from netmend.curvature.hooks import (
+    HookFallback,
+    conv_weight_grads,
+    hook_deltas,
+    hook_forward,
+    unfold_input,
+)
 from netmend.data.streaming import chunks
 from netmend.model.functional import Data, FunctionalModel
 
@@ -92,7 +103,45 @@ EWC_FISHER_TYPE = "empirical"
 """For the EWC penalty: the paper's (empirical) Fisher, the one the diagonal EWC code uses."""
 FORMAT = "netmend.kronecker/1"
 
-_HINT = "use curvature='diag' or curvature='ggn' for this model"
+_HINT = (
+    "use curvature='diag' or curvature='ggn' for this model (to identify: method='influence' "
+    "with that curvature)"
+)
+
+
+KRONECKER_LAYERS = (nn.Linear, nn.Conv2d, nn.Embedding, nn.EmbeddingBag)
+"""The layer kinds KFAC/EK-FAC cover."""
+
+EMBEDDING_MAX_ROWS = 4096
+"""Most rows (vocabulary size) of an embedding KFAC/EK-FAC accepts: its input factor is a dense
+``[V, V]`` matrix here (diagonal for ``nn.Embedding``, but stored and rotated densely)."""
+
+
+def _check_embedding(name: str, m: nn.Embedding | nn.EmbeddingBag) -> None:
+    """Refuse embeddings the Kronecker factors cannot represent exactly (named)."""
+    if m.max_norm is not None:
+        raise ValueError(f"embedding {name!r} renormalises rows (max_norm); {_HINT}")
+    if isinstance(m, nn.EmbeddingBag) and (
+        m.mode not in ("sum", "mean") or m.padding_idx is not None
+    ):
+        raise ValueError(
+            f"EmbeddingBag {name!r} has mode {m.mode!r} or a padding_idx; KFAC covers 'sum' and "
+            f"'mean' bags without padding_idx; {_HINT}"
+        )
+    if m.num_embeddings > EMBEDDING_MAX_ROWS:
+        raise ValueError(
+            f"embedding {name!r} has {m.num_embeddings} rows: its KFAC input factor would be a "
+            f"dense {m.num_embeddings}x{m.num_embeddings} matrix (at most {EMBEDDING_MAX_ROWS} "
+            f"rows); {_HINT}"
+        )
+
+
+def shared_names(module: nn.Module) -> list[str]:
+    """The names of the parameters that share a tensor with another name (weight tying)."""
+    seen: dict[int, list[str]] = {}
+    for n, p in module.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), []).append(n)
+    return [n for names in seen.values() if len(names) > 1 for n in names]
 
 
 def kronecker_layers(fm: FunctionalModel) -> dict[str, tuple[nn.Module, slice, slice | None]]:
@@ -109,7 +158,10 @@ def kronecker_layers(fm: FunctionalModel) -> dict[str, tuple[nn.Module, slice, s
     modules = dict(fm.module.named_modules())
     owners = [n for n, _ in fm.module.named_parameters(remove_duplicate=False)]
     if len(owners) != len(list(fm.module.parameters())):
-        raise ValueError(f"a parameter is shared by two modules: KFAC cannot split it; {_HINT}")
+        raise ValueError(
+            f"parameters {shared_names(fm.module)} are one tensor shared by several layers "
+            f"(weight tying): KFAC cannot split it; {_HINT}"
+        )
     out: dict[str, tuple[nn.Module, slice, slice | None]] = {}
     weights: dict[str, slice] = {}
     biases: dict[str, slice] = {}
@@ -118,12 +170,15 @@ def kronecker_layers(fm: FunctionalModel) -> dict[str, tuple[nn.Module, slice, s
         k = shape.numel()
         mod_name, _, leaf = name.rpartition(".")
         m = modules.get(mod_name)
-        if not isinstance(m, (nn.Linear, nn.Conv2d)) or leaf not in ("weight", "bias"):
+        if not isinstance(m, KRONECKER_LAYERS) or leaf not in ("weight", "bias"):
             kind = type(m).__name__ if m is not None else "module"
             raise ValueError(
                 f"parameter {name!r} belongs to the {kind} layer {mod_name!r}: KFAC/EK-FAC "
-                f"cover only nn.Linear and nn.Conv2d layers; {_HINT}"
+                f"cover only nn.Linear, nn.Conv2d, nn.Embedding and nn.EmbeddingBag layers; "
+                f"{_HINT}"
             )
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            _check_embedding(mod_name, m)
         if isinstance(m, nn.Conv2d) and (
             m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str)
         ):
@@ -154,6 +209,8 @@ class LayerFactors:
         QA, eigA: eigenvectors ``[in', in']`` and eigenvalues ``[in']`` of ``A``; QG, eigG of ``G``.
         eigenvalues: ``Lambda`` ``[out, in']``, the curvature's eigenvalues in the basis
             ``Q_G (x) Q_A``: ``outer(eigG, eigA)`` for KFAC, the correction for EK-FAC.
+        transposed: the weight is stored ``[in, out]`` (an embedding: ``[V, D]``, the
+            transpose of the ``[D, V]`` matrix that maps a one-hot token to its row).
     """
 
     name: str
@@ -166,6 +223,7 @@ class LayerFactors:
     QG: torch.Tensor
     eigG: torch.Tensor
     eigenvalues: torch.Tensor
+    transposed: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -175,6 +233,8 @@ class LayerFactors:
     def to_matrix(self, rows: torch.Tensor) -> torch.Tensor:
         """This layer's part of flat vectors ``[m, P]`` as matrices ``[m, out, in']``."""
         out, inn = self.shape
+        if self.transposed:
+            return rows[:, self.weight].reshape(rows.shape[0], inn, out).transpose(1, 2)
         W = rows[:, self.weight].reshape(rows.shape[0], out, -1)
         if self.bias is None:
             return W
@@ -182,6 +242,9 @@ class LayerFactors:
 
     def from_matrix(self, M: torch.Tensor, rows: torch.Tensor) -> None:
         """Write matrices ``[m, out, in']`` into flat vectors ``rows`` ``[m, P]`` in place."""
+        if self.transposed:
+            rows[:, self.weight] = M.transpose(1, 2).reshape(M.shape[0], -1)
+            return
         if self.bias is None:
             rows[:, self.weight] = M.reshape(M.shape[0], -1)
             return
@@ -296,6 +359,7 @@ class KroneckerFactors:
                 lf.QG.to(device),
                 lf.eigG.to(device),
                 lf.eigenvalues.to(device),
+                lf.transposed,
             )
             for lf in self.layers
         ]
@@ -319,6 +383,7 @@ class KroneckerFactors:
                 "name": lf.name,
                 "weight": [lf.weight.start, lf.weight.stop],
                 "bias": None if lf.bias is None else [lf.bias.start, lf.bias.stop],
+                "transposed": lf.transposed,
             }
             for lf in self.layers
         ]
@@ -354,7 +419,11 @@ class KroneckerFactors:
                 b = None if s["bias"] is None else slice(*s["bias"])
                 layers.append(
                     LayerFactors(
-                        s["name"], w, b, *(tensors[f"{s['name']}/{k}"] for k in cls._TENSORS)
+                        s["name"],
+                        w,
+                        b,
+                        transposed=bool(s.get("transposed", False)),
+                        **{k: tensors[f"{s['name']}/{k}"] for k in cls._TENSORS},
                     )
                 )
             out = cls(
@@ -381,7 +450,21 @@ class KroneckerFactors:
 
 
 def _canonical_a(m: nn.Module, a: torch.Tensor, has_bias: bool) -> torch.Tensor:
-    """A layer's input as ``[B, in', L]`` (conv patches / positions last, bias column appended)."""
+    """A layer's input as ``[B, in', L]`` (conv patches / positions last, bias column appended).
+
+    An embedding's input is its token ids; its ``a`` is their one-hot code ``[B, V, L]`` (the
+    ``padding_idx`` column zero: that row gets no gradient), and an EmbeddingBag's the bag's
+    count vector ``[B, V, 1]`` (divided by the bag length for "mean").
+    """
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        ids = a.reshape(a.shape[0], -1)
+        onehot = torch.nn.functional.one_hot(ids, m.num_embeddings).to(m.weight.dtype)
+        if m.padding_idx is not None:
+            onehot[..., m.padding_idx] = 0
+        if isinstance(m, nn.EmbeddingBag):
+            bag = onehot.sum(1) / (ids.shape[1] if m.mode == "mean" else 1)
+            return bag[:, :, None]
+        return onehot.transpose(1, 2)
     if isinstance(m, nn.Conv2d):
         a = unfold_input(m, a)
     elif a.ndim == 2:
@@ -457,30 +540,6 @@ def _conv_input_cov(m: nn.Conv2d, x: torch.Tensor, has_bias: bool) -> torch.Tens
     out[-1, :-1] = col
     out[-1, -1] = B * Ho * Wo
     return out
-
-
-def _conv_weight_grads(m: nn.Conv2d, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """Per-example weight gradients ``sum_l d_l a_l^T`` ``[B, out, in*kh*kw]`` without unfolding.
-
-    One grouped convolution of the input (examples as groups) with the output gradients as
-    kernels: the layer's stride becomes the dilation and its dilation the stride. About twice
-    as fast on CPU as ``unfold`` followed by a batched matmul.
-    """
-    (kh, kw), (sh, sw), (dh, dw) = m.kernel_size, m.stride, m.dilation
-    ph, pw = cast("tuple[int, int]", m.padding)
-    xp = torch.nn.functional.pad(x, (pw, pw, ph, ph))
-    B, C = xp.shape[:2]
-    out = d.shape[1]
-    Ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
-    Wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    g = torch.nn.functional.conv2d(
-        xp.transpose(0, 1),  # [C, B, Hp, Wp]: the examples are the channels
-        d.reshape(B * out, 1, Ho, Wo),
-        stride=(dh, dw),
-        dilation=(sh, sw),
-        groups=B,
-    )[:, :, :kh, :kw]  # [C, B*out, kh, kw]
-    return g.reshape(C, B, out, kh * kw).permute(1, 2, 0, 3).reshape(B, out, C * kh * kw)
 
 
 def _canonical_d(m: nn.Module, d: torch.Tensor) -> torch.Tensor:
@@ -650,12 +709,15 @@ def kronecker_factors(
             df = d.transpose(0, 1).reshape(d.shape[1], -1)
             G[name] = G.get(name, 0) + (df @ df.T) / d.shape[2]
     factors = []
-    for name, (_, w, b) in layers.items():
+    for name, (m, w, b) in layers.items():
         Am = A[name] / n
         Gs = G[name] * (N / n)
         eigA, QA = _eigh(Am)
         eigG, QG = _eigh(Gs)
-        factors.append(LayerFactors(name, w, b, Am, Gs, QA, eigA, QG, eigG, eigG[:, None] * eigA))
+        emb = isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+        factors.append(
+            LayerFactors(name, w, b, Am, Gs, QA, eigA, QG, eigG, eigG[:, None] * eigA, emb)
+        )
     out = KroneckerFactors(kind, factors, fm.num_params, fisher_type, N, mc_samples, seed, n)
     if kind == "ekfac":
         eigencorrect(out, fm, theta, X, y, chunk_size, device, progress, correction_max_examples)
@@ -716,7 +778,7 @@ def eigencorrect(
     for name, m, x, ds in _passes(*args, desc="ekfac", index=index):
         lf = by_name[name]
         has_bias = lf.bias is not None
-        QA, QG = lf.QA.to(x), lf.QG.to(x)
+        QA, QG = lf.QA.to(x.device), lf.QG.to(x.device)  # x may hold token ids
         dr = [QG.T @ d for d in ds]  # rotated output gradients [B, out, L]
         out, L = dr[0].shape[1], dr[0].shape[2]
         if L == 1:  # g_n = d_n a_n^T: sum_n (d'_n a'_n^T)**2 = (d'**2)^T (a'**2)
@@ -740,7 +802,7 @@ def eigencorrect(
             seq = None if isinstance(m, nn.Conv2d) else _canonical_a(m, x, False)
             for d in dr:
                 if seq is None:
-                    g = _conv_weight_grads(cast(nn.Conv2d, m), x, d) @ QA[:inn]
+                    g = conv_weight_grads(cast(nn.Conv2d, m), x, d) @ QA[:inn]
                 else:
                     g = torch.bmm(d, seq.transpose(1, 2)) @ QA[:inn]  # [B, out, in']
                 if has_bias:

@@ -77,3 +77,49 @@ class LogisticRegression(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(_as_float(x, self).reshape(x.shape[0], -1))
+
+
+class _BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convs with BatchNorm, a 1x1 projection when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.short = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(h)) + self.short(x))
+
+
+class ResNet18(nn.Module):
+    """The ResNet-18 layout for small grey images: a 3x3 stem, four stages of two basic blocks
+    (widths ``w, 2w, 4w, 8w``, strides 1, 2, 2, 2), global average pooling, a linear head.
+
+    With BatchNorm after every convolution; ``width=16`` has about 0.7M parameters (64: 11M).
+    Input ``[B, 1, H, W]`` (integer pixels are converted to floats), output ``[B, classes]``.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16, in_channels: int = 1) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        blocks: list[nn.Module] = []
+        cin = width
+        for i, cout in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            blocks += [_BasicBlock(cin, cout, 1 if i == 0 else 2), _BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(self.stem(_as_float(x, self)))
+        return self.head(h.mean((2, 3)))

@@ -21,6 +21,7 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 from netmend.data.source import DataSource
 from netmend.data.streaming import map_chunks
 from netmend.data.task import DEFAULT_TASK, Inputs, Task, batch_len, tree_map
+from netmend.model.twin import functional_twin, no_fastpath
 from netmend.store import tensor_hash
 
 Data = Union[torch.Tensor, DataSource]  # noqa: UP007 (a runtime alias)
@@ -57,6 +58,9 @@ class FunctionalModel:
         task: how the model is called on a batch of inputs and where its logits are
             (:class:`netmend.data.task.Task`; the default reads tensors, tuples, dicts and
             ``.logits``).
+        twin: the module that is called: ``module`` itself, or for models with recurrent or
+            ``EmbeddingBag`` layers a copy that ``torch.func`` can transform
+            (:func:`netmend.model.twin.functional_twin`; same names, same function).
     """
 
     module: nn.Module
@@ -65,6 +69,12 @@ class FunctionalModel:
     theta: torch.Tensor
     buffers: dict[str, torch.Tensor]
     task: Task = field(default=DEFAULT_TASK)
+    twin: nn.Module | None = None
+
+    @property
+    def caller(self) -> nn.Module:
+        """The module netmend calls (and hooks): the twin if there is one, else ``module``."""
+        return self.module if self.twin is None else self.twin
 
     @classmethod
     def of(cls, model: nn.Module, task: Task | None = None) -> FunctionalModel:
@@ -72,9 +82,22 @@ class FunctionalModel:
         frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
         buffers = {n: b for n, b in model.named_buffers()}
         buffers.update(frozen)
+        if not named:
+            raise ValueError(
+                "the model has no trainable parameters (every parameter has requires_grad=False)"
+            )
         theta = torch.cat([p.detach().reshape(-1) for _, p in named])
         names, shapes = [n for n, _ in named], [p.shape for _, p in named]
-        return cls(model, names, shapes, theta, buffers, task or DEFAULT_TASK)
+        twin = functional_twin(model)
+        return cls(
+            model,
+            names,
+            shapes,
+            theta,
+            buffers,
+            task or DEFAULT_TASK,
+            None if twin is model else twin,
+        )
 
     @property
     def num_params(self) -> int:
@@ -95,9 +118,10 @@ class FunctionalModel:
         params = self.unflatten(theta)
 
         def call(*args: Any, **kwargs: Any) -> Any:
-            return functional_call(self.module, (params, self.buffers), args, kwargs)
+            return functional_call(self.caller, (params, self.buffers), args, kwargs)
 
-        return self.task.forward(call, x)
+        with no_fastpath():
+            return self.task.forward(call, x)
 
     def ll(self, theta: torch.Tensor, x: Inputs, y: torch.Tensor) -> torch.Tensor:
         """Per-example log-likelihood ``log p(y|x, theta)``, shape ``[B]``."""

@@ -233,22 +233,37 @@ def accuracy(
 
 
 def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
-    """A deep copy of ``model`` with every parameter re-initialised (for retraining).
+    """A deep copy of ``model`` with every trainable parameter re-initialised (for retraining).
 
-    Every submodule that owns parameters must define ``reset_parameters()`` (all torch
-    layers do); otherwise retraining from scratch is not defined and this raises.
+    Every submodule that owns trainable parameters must define ``reset_parameters()`` (all
+    torch layers do; ``nn.MultiheadAttention``'s ``_reset_parameters()`` is used too);
+    otherwise retraining from scratch is not defined and this raises. Frozen parameters
+    (``requires_grad=False``, e.g. a pretrained backbone) keep their values: retraining could
+    not train them, so re-initialising them would leave them random. A module whose
+    parameters are all frozen is not reset at all (its buffers, e.g. BatchNorm running
+    statistics, stay too). The global RNG is seeded with ``seed`` for the re-initialisation
+    and restored afterwards.
+
+    Raises:
+        ValueError: a submodule with trainable parameters cannot be re-initialised (named).
     """
     clone = copy.deepcopy(model)
-    torch.manual_seed(seed)
-    for name, m in clone.named_modules():
-        own = list(m.parameters(recurse=False))
-        if not own:
-            continue
-        reset = getattr(m, "reset_parameters", None)
-        if reset is None:
-            raise ValueError(
-                f"cannot re-initialise submodule {name!r} ({type(m).__name__}): it has no "
-                "reset_parameters(); pass model_factory= to build a fresh model for retraining"
-            )
-        reset()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for name, m in clone.named_modules():
+            own = list(m.named_parameters(recurse=False))
+            if not any(p.requires_grad for _, p in own):
+                continue
+            reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
+            if reset is None:
+                raise ValueError(
+                    f"cannot re-initialise submodule {name!r} ({type(m).__name__}): it has no "
+                    "reset_parameters(); pass model_factory= to build a fresh model for "
+                    "retraining"
+                )
+            frozen = {n: p.detach().clone() for n, p in own if not p.requires_grad}
+            reset()
+            with torch.no_grad():
+                for n, value in frozen.items():
+                    getattr(m, n).copy_(value)
     return clone

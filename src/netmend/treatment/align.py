@@ -15,6 +15,8 @@ aligned examples together with the retained data ``D \\ C``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -196,6 +198,36 @@ def auto_eps(X: torch.Tensor, norm: str, chunk_size: int = 4096) -> float:
     return AUTO_EPS_FRACTION * total / max(len(X), 1)
 
 
+def check_continuous(X: Any) -> None:
+    """Refuse discrete inputs: alignment moves inputs along the energy's gradient.
+
+    The rule is the inputs' dtype: ``uint8`` (pixel intensities) and floating inputs are
+    continuous and alignable (``uint8`` inputs are moved as floats, and the aligned inputs are
+    given to the model as floats); the signed integer dtypes (``int64``/``int32``/``int16``/
+    ``int8``, the dtypes of token ids and categorical codes) and ``bool`` are discrete: a
+    token id has no gradient, and an "aligned" id half-way between two words means nothing.
+
+    Raises:
+        TypeError: ``X`` (a tensor, or a data source whose first batch is read) holds signed
+            integers or booleans, or is not a tensor (e.g. dict batches of token ids).
+    """
+    if not isinstance(X, torch.Tensor):
+        X = X[:1].to("cpu")
+    if not isinstance(X, torch.Tensor):
+        raise TypeError(
+            "align moves tensor inputs; these batches are not tensors (e.g. dicts of token "
+            "ids): use the 'relabel' or 'finetune' treatment instead"
+        )
+    if X.is_floating_point() or X.dtype == torch.uint8:
+        return
+    raise TypeError(
+        f"align cannot move discrete inputs (dtype {X.dtype}, e.g. token ids for an "
+        "nn.Embedding): there is no gradient with respect to a token id. Use the 'relabel' "
+        "treatment (which corrects the causes' labels) or 'finetune' (which deletes them) "
+        "instead; uint8 pixels are continuous and alignable."
+    )
+
+
 @register("align", options=ALIGN_OPTIONS)
 def align(ctx: TreatContext) -> nn.Module:
     """Align each cause with the failure-adapted model, relabel it softly, fine-tune last layers.
@@ -212,6 +244,9 @@ def align(ctx: TreatContext) -> nn.Module:
        (the label's maximum) is below ``min_confidence`` is left out.
     4. A copy of ``theta_hat`` is fine-tuned, ``layers`` only, on ``D \\ C`` (its labels) plus
        the aligned causes (their new labels) with the soft-target cross-entropy.
+
+    Inputs must be continuous (floating or ``uint8``; :func:`check_continuous` refuses token
+    ids).
 
     Options:
         steps (10), step_size ("auto": ``2.5 * eps / steps``), eps ("auto": 0.1 times the mean
@@ -235,6 +270,7 @@ def align(ctx: TreatContext) -> nn.Module:
     resolved ``eps``, ``step_size``, ``norm``, ``layers``.
     """
     check_options(ctx, ALIGN_OPTIONS, "align")
+    check_continuous(ctx.X)
     opts = ctx.options
     norm = str(opts.get("norm", "linf"))
     if norm not in NORMS:

@@ -38,6 +38,8 @@ class TreatContext:
         device, chunk_size, progress, seed: run settings.
         l2: ``lambda``, the L2 penalty towards ``theta_hat`` (also the damping).
         train_config: the recipe used to (re)train the model; fine-tuning scales it down.
+        train_config_given: whether the user gave ``train_config`` (``False``: it is the
+            default :class:`TrainConfig()`, which "retrain" refuses to use as a reference).
         fisher: the summed diagonal empirical Fisher over the whole training set, if known.
         options: method-specific keyword options.
         failures: the query failures ``(X_F [M, ...], y_F [M])`` with their correct labels, if
@@ -64,6 +66,7 @@ class TreatContext:
     failures: tuple[Data, torch.Tensor] | None = None
     theta_plus_f: torch.Tensor | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    train_config_given: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.l2, str) and self.l2 != "auto":

@@ -143,9 +143,24 @@ def finetune(ctx: TreatContext) -> nn.Module:
 def retrain(ctx: TreatContext) -> nn.Module:
     """Retrain from a fresh initialisation on ``D \\ C`` with the training recipe (the reference).
 
+    The recipe must be the one the model was trained with (``train_config=`` of
+    :func:`netmend.treat`); without it this raises instead of retraining with a default
+    recipe that would make a poor reference (3 epochs at lr 1e-3 gave 0.11-0.39 test
+    accuracy where the real recipe gave 0.891, issue 13).
+
     Options: ``model_factory`` (a zero-argument callable returning a new, untrained model;
-    by default every layer of a copy is re-initialised with ``reset_parameters()``).
+    by default every trainable layer of a copy is re-initialised with ``reset_parameters()``
+    and frozen parameters keep their values, see
+    :func:`netmend.model.training.fresh_copy`).
+
+    Raises:
+        ValueError: no ``train_config`` was given.
     """
+    if not ctx.train_config_given:
+        raise ValueError(
+            "the 'retrain' treatment needs the recipe the model was trained with: pass "
+            "train_config=TrainConfig(epochs=..., lr=..., batch_size=..., ...) to treat()/repair()"
+        )
     factory = ctx.options.get("model_factory")
     model = factory() if factory is not None else fresh_copy(ctx.model, ctx.seed)
     keep = ctx.keep
