@@ -30,9 +30,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 README = HERE / "README.md"
 FILES = (README, ROOT / "README.md")  # the landing page quotes one headline table
-sys.path.insert(0, str(HERE))
-
-from render import render as render_demo  # noqa: E402
 
 MARKER = re.compile(
     r"<!-- BEGIN make_readme: (?P<name>[\w-]+) \((?P<files>[^)]*)\) -->\n"
@@ -63,37 +60,60 @@ def rows(header: list[str], body: list[list[str]], align: str = "---") -> str:
 # --------------------------------------------------------------------------- the tables
 
 
+def _mean(pair: list[float]) -> float:
+    """The mean of a ``[mean, s.e.]`` pair as benchmarks/demo_seeds.py stores it."""
+    return float(pair[0])
+
+
+def _pm(pair: list[float], scale: float = 100.0, fmt: str = "{:.2f}") -> str:
+    """``mean ± s.e.`` of a stored pair (the s.e. is NaN with one seed: left out)."""
+    mean, se = float(pair[0]), float(pair[1])
+    text = fmt.format(scale * mean)
+    return text if se != se else text + " ± " + fmt.format(scale * se)
+
+
 def demo_seeds(data: dict[str, Any]) -> str:
-    return render_demo(data, mean_row=False)
+    """Every demo pipeline next to its controls (same treatment call, only the causes change)."""
+    body = []
+    for name, p in data["summary"]["pipelines"].items():
+        label = f"`{name}`" + (" (default)" if p["default"] else "")
+        body.append(
+            [label, f"{_mean(p['k']):.0f}", _pm(p["precision"], 1.0, "{:.3f}")]
+            + [_pm(p["test_acc"]), _pm(p["heldout_failure_acc"])]
+            + [_pm(p[c]["heldout_failure_acc"]) for c in ("finetune_only", "random_k")]
+            + [_pm(p["oracle_causes"]["heldout_failure_acc"]), _pm(p["heldout_gain"])]
+            + [_pm(p["test_gain"]), str(p["pareto_passes"])]
+        )
+    head = ["pipeline", "K", "cause precision", "test acc (%)", "held-out F (%)"]
+    head += ["finetune-only held-out F", "random-K held-out F", "oracle-causes held-out F"]
+    head += ["diagnosis gain, held-out F (points)", "gain, test (points)", "Pareto passes"]
+    return rows(head, body)
 
 
 def headline(data: dict[str, Any]) -> str:
-    """The default pipeline next to its controls: random removal with the same fine-tune, the
-    model before repair, retraining on D minus the causes, and the clean-label oracle."""
+    """The default pipeline next to its controls, all from one run: the same treatment call
+    with no causes, with K random causes (mean of 3 draws) and with the true causes, plus the
+    model before repair and retraining on the clean labels."""
     s = data["summary"]
-    runs, refs = s["runs_mean"], s["references_mean"]
-    body = []
-    for name, label in (
-        ("ewc/finetune", "**netmend default** (`ewc/finetune`)"),
-        ("random/finetune", "control: remove as many *random* examples, same fine-tune"),
+    p = s["pipelines"]["ewc/finetune"]
+    body = [
+        ["**netmend default** (`ewc/finetune`)", _pm(p["precision"], 1.0, "{:.3f}")]
+        + [_pm(p["heldout_failure_acc"], fmt="{:.1f}"), _pm(p["test_acc"])]
+    ]
+    for key, label in (
+        ("finetune_only", "control: the same fine-tune, no causes removed"),
+        ("random_k", "control: K *random* causes, same fine-tune"),
+        ("oracle_causes", "control: the truly corrupted examples, same fine-tune"),
     ):
-        r = runs[name]
-        body.append(
-            [label, f"{r['precision']:.3f}", f"{100 * r['heldout_failure_acc']:.1f}"]
-            + [f"{100 * r['test_acc']:.2f}", f"{100 * r['correct_acc']:.2f}"]
-        )
-    for name, label in (
+        c = p[key]
+        body.append([label, "", _pm(c["heldout_failure_acc"], fmt="{:.1f}"), _pm(c["test_acc"])])
+    for key, label in (
         ("original", "reference: the model before repair"),
-        ("retrain", "reference: retrain from scratch without the causes"),
-        ("oracle_clean", "reference: retrain on the clean labels (oracle)"),
+        ("retrain-clean", "reference: retrain on the clean labels"),
     ):
-        r = refs[name]
-        body.append(
-            [label, "", f"{100 * r['heldout_failure_acc']:.1f}"]
-            + [f"{100 * r['test_acc']:.2f}", f"{100 * r['correct_acc']:.2f}"]
-        )
+        r = s["references"][key]
+        body.append([label, "", _pm(r["heldout_failure_acc"], fmt="{:.1f}"), _pm(r["test_acc"])])
     head = ["pipeline", "cause precision", "held-out failures fixed (%)", "test acc (%)"]
-    head += ["already-right kept (%)"]
     return rows(head, body)
 
 
