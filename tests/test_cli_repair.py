@@ -85,6 +85,13 @@ def _check_outputs(out: Path, n_train: int, n_fail: int, factory, failures_X, fa
     for row in ("original", "repaired", "control: finetune only"):
         assert row in acc
     assert any(r.startswith("control: random") for r in acc)
+    # the controls are the repair's own treatment with only the causes changed: K random
+    # causes (K = the repair's own K) over three seeded draws, and none removed
+    ctl = summary["controls"]
+    assert ctl["k"] == len(selected) and ctl["random_k"]["draws"] == 3
+    draws = [r["causes"] for r in ctl["random_k"]["runs"]]
+    assert all(len(set(c)) == len(selected) for c in draws) and draws[0] != draws[1]
+    assert ctl["finetune_only"]["failures"] == acc["control: finetune only"]["failures"]
     assert acc["original"]["failures"] <= 1.0
     # the saved weights are the repaired model: its failure accuracy is reproduced
     model = factory()

@@ -36,8 +36,9 @@ from netmend.continual import STATE_FILE, Repairer
 from netmend.data.checks import resolve_device
 from netmend.data.files import FileData, load_data, load_indices
 from netmend.evaluation import split_failures
+from netmend.evaluation.controls import run_controls
 from netmend.model.functional import match_dtype, param_dtype
-from netmend.model.training import TrainConfig, fit, predict
+from netmend.model.training import TrainConfig, predict
 from netmend.report.html import ReportData, culprit_table, write_report
 from netmend.store import save_tensors, tensor_hash, write_json_atomic, write_text_atomic
 
@@ -284,25 +285,6 @@ def _fmt(v: float) -> str:
     return f"{v:.9g}"
 
 
-def _control_finetune_only(
-    model: nn.Module,
-    X: torch.Tensor,
-    y: torch.Tensor,
-    k: int,
-    config: TrainConfig,
-    seed: int,
-    device: torch.device,
-    progress: bool,
-) -> nn.Module:
-    """Fine-tune on all of D with the "finetune" treatment's recipe (nothing removed)."""
-    import copy
-
-    from netmend.treatment.methods import finetune_recipe
-
-    cfg = finetune_recipe(config, X.shape[0], X.shape[0] - k)
-    return fit(copy.deepcopy(model), X, y, cfg, seed, device, progress, "control: finetune only")
-
-
 def _previous_summary(out: Path) -> dict[str, Any] | None:
     path = out / "summary.json"
     if not path.is_file():
@@ -432,32 +414,46 @@ def run(args: argparse.Namespace) -> int:
     accuracies = {"original": data.accuracies(model, device)}
     accuracies["repaired"] = data.accuracies(repaired, device)
     control_note = []
+    controls_summary: dict[str, Any] | None = None
     if not args.no_controls:
         t0 = time.perf_counter()
-        n, kk = len(train), int(causes.size)
-        rand = np.random.default_rng(args.seed).choice(n, size=kk, replace=False)
-        rk = api.treat(
+        kk = int(causes.size)
+
+        def same_treatment(c: np.ndarray) -> nn.Module:
+            """The repair's own treat call with only the causes changed (the controls)."""
+            return api.treat(
+                model,
+                (train.X, train.y),
+                c,
+                args.treat,
+                train_config=config,
+                fisher=fisher,
+                failures=(fails.X, fails.y),
+                theta_plus_f=theta_plus_f,
+                allow_no_causes=True,
+                **common,
+            )
+
+        ctl = run_controls(
+            same_treatment,
+            lambda m: data.accuracies(m, device),
             model,
-            (train.X, train.y),
-            rand,
-            args.treat,
-            train_config=config,
-            fisher=fisher,
-            failures=(fails.X, fails.y),
-            theta_plus_f=theta_plus_f,
-            **common,
+            len(train),
+            kk,
+            draws=args.draws,
+            seed=args.seed,
         )
-        accuracies[f"control: random {kk}, {args.treat}"] = data.accuracies(rk, device)
-        ft = _control_finetune_only(
-            model, train.X, train.y, kk, config, args.seed, device, progress
-        )
-        accuracies["control: finetune only"] = data.accuracies(ft, device)
+        accuracies["control: finetune only"] = ctl.finetune_only or {}
+        accuracies[f"control: random {kk} causes (mean of {args.draws} draws)"] = {
+            key: ctl.random_k_mean(key)[0] for key in ctl.random_k[0] if key != "causes"
+        }
+        controls_summary = ctl.as_dict()
         times["controls"] = time.perf_counter() - t0
         control_note = [
-            f"Controls: 'random {kk}' applies the same treatment ({args.treat}) to {kk} random "
-            "training examples; 'finetune only' fine-tunes on the whole training set with the "
-            "finetune treatment's recipe, removing nothing. A repair earns its keep when it "
-            "beats both on the failures without losing test accuracy."
+            f"Controls: the repair's own treatment call ({args.treat}) with only the causes "
+            f"changed: none removed ('finetune only') and {kk} random training examples "
+            f"('random causes', mean of {args.draws} seeded draws). A repair earns its keep "
+            "when it beats both on the failures without losing test accuracy."
         ]
 
     # ---- outputs
@@ -540,10 +536,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         "relabelled": len([i for i, s in suggested.items() if s != ylist[i]]),
         "accuracies": accuracies,
-        "controls": "computed by netmend repair through netmend.treat (random K) and the "
-        "finetune recipe (finetune only)"
-        if not args.no_controls
-        else None,
+        "controls": controls_summary,
         "cache": None if continual else ident.info.get("cache"),
         "times": times,
     }
@@ -645,7 +638,8 @@ def add_parser(sub: Any) -> None:
     r.add_argument(
         "--culprits", type=_positive_int, default=5, help="culprits listed per failure (5)"
     )
-    r.add_argument("--no-controls", action="store_true", help="skip the two control repairs")
+    r.add_argument("--no-controls", action="store_true", help="skip the control repairs")
+    r.add_argument("--draws", type=int, default=3, help="random-causes control draws (at least 3)")
     r.add_argument("--out", default="netmend-repair", help="output folder (netmend-repair)")
     r.add_argument("--resume", metavar="DIR", help="reuse the cache of an earlier run in DIR")
     r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
