@@ -489,3 +489,55 @@ def test_tail_averaging_returns_the_mean_of_the_last_iterates():
     torch.testing.assert_close(got, torch.stack(iterates[4:]).mean(0))
     with pytest.raises(ValueError, match="average_tail"):
         TrainConfig(average_tail=1.0)
+
+
+class _BNNet(nn.Module):
+    """A tiny float64 classifier with a BatchNorm1d between two linear layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.bn, self.fc2 = nn.Linear(2, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.bn(self.fc1(x))))
+
+
+def test_finetune_keeps_the_trained_batchnorm_statistics(blobs):
+    """A repair fine-tune normalises by the trained model's running statistics and never
+    re-estimates them from minibatches of D minus C (they cost a BatchNorm ResNet ~2 points of
+    test accuracy on the digits); freeze_batchnorm=False restores the old behaviour."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=20, lr=1e-2, batch_size=16)
+    model = fit(_BNNet().double(), blobs.X, blobs.y, cfg, 0, "cpu", False).eval()
+    mean0, var0 = model.bn.running_mean.clone(), model.bn.running_var.clone()
+    causes = np.array([0, 5, 9])
+    new = netmend.treat(model, (blobs.X, blobs.y), causes, "finetune", train_config=cfg, **RUN)
+    torch.testing.assert_close(new.bn.running_mean, mean0, rtol=0, atol=0)
+    torch.testing.assert_close(new.bn.running_var, var0, rtol=0, atol=0)
+    assert not torch.equal(new.fc1.weight, model.fc1.weight)  # the weights did train
+    # it is the fine-tune of a copy whose BatchNorm stays in eval mode, by hand
+    keep = np.setdiff1d(np.arange(len(blobs.y)), causes)
+    by_hand = copy.deepcopy(model)
+    by_hand.bn.train = lambda mode=True: by_hand.bn  # type: ignore[method-assign]
+    from netmend.treatment.methods import finetune_recipe
+
+    recipe = dataclasses.replace(
+        finetune_recipe(cfg, len(blobs.y), len(keep)), freeze_batchnorm=False
+    )
+    expected = fit(by_hand, blobs.X[keep], blobs.y[keep], recipe, 0, "cpu", False)
+    torch.testing.assert_close(ref_flat(new), ref_flat(expected), rtol=1e-10, atol=1e-12)
+    moved = netmend.treat(
+        model,
+        (blobs.X, blobs.y),
+        causes,
+        "finetune",
+        train_config=cfg,
+        freeze_batchnorm=False,
+        **RUN,
+    )
+    assert not torch.allclose(moved.bn.running_mean, mean0)
+    torch.testing.assert_close(model.bn.running_mean, mean0, rtol=0, atol=0)  # user's model
+
+
+def ref_flat(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])

@@ -24,7 +24,8 @@ FINETUNE_MIN_STEPS = 500
 """Fewest optimiser steps of a default "finetune" (see :func:`finetune_recipe`)."""
 
 FINETUNE_RECIPE_OPTIONS = (
-    "steps", "epochs", "min_steps", "lr", "batch_size", "optimizer", "average_tail"
+    "steps", "epochs", "min_steps", "lr", "batch_size", "optimizer", "average_tail",
+    "freeze_batchnorm",
 )  # fmt: skip
 """The options of "finetune" (:func:`finetune_recipe`)."""
 NEWTON_OPTIONS = ("step_size", "max_retained_increase", "curvature", "damping", *SOLVER_OPTIONS)
@@ -86,7 +87,9 @@ def finetune_recipe(
         options: ``steps`` (an exact number of optimiser steps), ``epochs`` (an exact number
             of passes over ``D \\ C``, e.g. 0.5; with neither, the default above),
             ``min_steps`` (the floor of the default, 500), ``lr`` (the training rate),
-            ``batch_size``, ``optimizer`` (as trained), ``average_tail`` (0.5).
+            ``batch_size``, ``optimizer`` (as trained), ``average_tail`` (0.5),
+            ``freeze_batchnorm`` (True: BatchNorm layers keep the trained model's running
+            statistics; see :class:`~netmend.model.training.TrainConfig`).
 
     Returns:
         The :class:`TrainConfig` to pass to :func:`netmend.model.training.fit` on ``D \\ C``.
@@ -120,6 +123,7 @@ def finetune_recipe(
         batch_size=batch,
         optimizer=str(opts.get("optimizer", train_config.optimizer)),
         average_tail=float(opts.get("average_tail", 0.5)),
+        freeze_batchnorm=bool(opts.get("freeze_batchnorm", True)),
     )
 
 
