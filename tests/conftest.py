@@ -182,6 +182,18 @@ def blobs_logreg(blobs, blobs_logreg_theta) -> nn.Module:
 
 
 @pytest.fixture
+def cache_problem(blobs):
+    """An untrained float64 MLP on the blobs, and failures it gets wrong by construction
+    (the cache tests: what matters is that passes run, not what the model knows)."""
+    torch.manual_seed(0)
+    model = MLP(2, 3, hidden=(8,)).double().eval()
+    Xf = torch.cat([blobs.Xf, blobs.X[:5]])
+    with torch.no_grad():
+        yf = (model(Xf).argmax(1) + 1) % 3
+    return model, (blobs.X, blobs.y), (Xf, yf)
+
+
+@pytest.fixture
 def data4() -> SimpleNamespace:
     """Small random 4-feature, 3-class data (float64), for gradient/curvature checks."""
     g = torch.Generator().manual_seed(1)

@@ -26,13 +26,8 @@ WORKER = Path(__file__).with_name("_cache_worker.py")
 
 
 @pytest.fixture
-def problem(blobs):
-    torch.manual_seed(0)
-    model = MLP(2, 3, hidden=(8,)).double().eval()
-    Xf = torch.cat([blobs.Xf, blobs.X[:5]])
-    with torch.no_grad():
-        yf = (model(Xf).argmax(1) + 1) % 3
-    return model, (blobs.X, blobs.y), (Xf, yf)
+def problem(cache_problem):
+    return cache_problem
 
 
 def _counting(monkeypatch):

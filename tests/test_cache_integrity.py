@@ -14,25 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import netmend
 import netmend.store as nc
-from netmend.lab.models import MLP
 
 RUN = dict(progress=False, device="cpu", chunk_size=16, k=5)
 
 
 @pytest.fixture
-def problem(blobs):
-    torch.manual_seed(0)
-    model = MLP(2, 3, hidden=(8,)).double().eval()
-    Xf = torch.cat([blobs.Xf, blobs.X[:5]])
-    with torch.no_grad():
-        yf = (model(Xf).argmax(1) + 1) % 3
-    return model, (blobs.X, blobs.y), (Xf, yf)
+def problem(cache_problem):
+    return cache_problem
 
 
 def _cached_run(tmp_path, problem):

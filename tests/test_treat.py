@@ -502,7 +502,7 @@ class _BNNet(nn.Module):
         return self.fc2(torch.relu(self.bn(self.fc1(x))))
 
 
-def test_finetune_keeps_the_trained_batchnorm_statistics(blobs):
+def test_finetune_keeps_the_trained_batchnorm_statistics(blobs, ref):
     """A repair fine-tune normalises by the trained model's running statistics and never
     re-estimates them from minibatches of D minus C (they cost a BatchNorm ResNet ~2 points of
     test accuracy on the digits); freeze_batchnorm=False restores the old behaviour."""
@@ -525,7 +525,9 @@ def test_finetune_keeps_the_trained_batchnorm_statistics(blobs):
         finetune_recipe(cfg, len(blobs.y), len(keep)), freeze_batchnorm=False
     )
     expected = fit(by_hand, blobs.X[keep], blobs.y[keep], recipe, 0, "cpu", False)
-    torch.testing.assert_close(ref_flat(new), ref_flat(expected), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12
+    )
     moved = netmend.treat(
         model,
         (blobs.X, blobs.y),
@@ -537,7 +539,3 @@ def test_finetune_keeps_the_trained_batchnorm_statistics(blobs):
     )
     assert not torch.allclose(moved.bn.running_mean, mean0)
     torch.testing.assert_close(model.bn.running_mean, mean0, rtol=0, atol=0)  # user's model
-
-
-def ref_flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])

@@ -347,7 +347,23 @@ def run(args: argparse.Namespace) -> int:
     record: dict[str, Any] = {}
     per_failure: Any = None
     theta_plus_f = None
-    fisher: torch.Tensor | None
+    fisher: torch.Tensor | None = None
+
+    def treat_with(c: np.ndarray, **extra: Any) -> nn.Module:
+        """The repair's treatment call; the controls repeat it with only the causes changed."""
+        return api.treat(
+            model,
+            (train.X, train.y),
+            c,
+            args.treat,
+            train_config=config,
+            fisher=fisher,
+            failures=(fails.X, fails.y),
+            theta_plus_f=theta_plus_f,
+            **extra,
+            **common,
+        )
+
     if continual:  # new failures for an earlier run: one more round of continual repair
         if not (state_dir / STATE_FILE).is_file():
             raise BadInput(
@@ -387,18 +403,7 @@ def run(args: argparse.Namespace) -> int:
                 "harmful); try another --identify method or a fixed --k"
             )
         t0 = time.perf_counter()
-        repaired = api.treat(
-            model,
-            (train.X, train.y),
-            causes,
-            args.treat,
-            train_config=config,
-            fisher=fisher,
-            failures=(fails.X, fails.y),
-            theta_plus_f=theta_plus_f,
-            record=record,
-            **common,
-        )
+        repaired = treat_with(causes, record=record)
         times["treat"] = time.perf_counter() - t0
         try:
             per_failure = ident.per_failure
@@ -418,24 +423,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_controls:
         t0 = time.perf_counter()
         kk = int(causes.size)
-
-        def same_treatment(c: np.ndarray) -> nn.Module:
-            """The repair's own treat call with only the causes changed (the controls)."""
-            return api.treat(
-                model,
-                (train.X, train.y),
-                c,
-                args.treat,
-                train_config=config,
-                fisher=fisher,
-                failures=(fails.X, fails.y),
-                theta_plus_f=theta_plus_f,
-                allow_no_causes=True,
-                **common,
-            )
-
         ctl = run_controls(
-            same_treatment,
+            lambda c: treat_with(c, allow_no_causes=True),
             lambda m: data.accuracies(m, device),
             model,
             len(train),
