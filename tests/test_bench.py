@@ -358,3 +358,46 @@ def test_pipeline_cells_carry_controls_with_their_own_k_and_recipe(result):
     assert ewc["verdict"]["test_floor"] == pytest.approx(
         max(ft["test_acc"], cells["original"]["test_acc"]) - 0.002
     )
+
+
+def test_bench_report_shows_the_first_pipelines_culprits(result, tmp_path):
+    import re
+
+    from netmend.report.html import bench_report
+
+    res = result["results"][0]
+    art = res["_artifacts"]
+    ident = art["identifications"]["ewc/finetune"]
+    path = bench_report(res, art, tmp_path / "r.html")
+    assert path is not None
+    page = path.read_text()
+    data = json.loads(re.search(r'id="nm-data">(.*?)</script>', page, re.S).group(1))
+    assert len(data["failures"]) == len(art["split"].query)
+    for i in (0, len(art["split"].query) - 1):  # each failure's culprits: a full sort's
+        top = ident.culprits(i, 5)
+        assert [c["i"] for c in data["failures"][i]["culprits"]] == top.indices.tolist()
+    orig = _cells(result)["original"]
+    assert f"{100 * orig['test_acc']:.1f}" in page  # the original row, among all cells
+    assert "ewc/finetune (shown)" in page and "loss/finetune" in page
+    assert "control of ewc/finetune: random K" in page
+    assert "nosuch/finetune" not in page  # skipped cells have no row
+    no_pipeline = {**res, "cells": [c for c in res["cells"] if c["kind"] == "reference"]}
+    assert bench_report(no_pipeline, art, tmp_path / "none.html") is None
+
+
+def test_cli_bench_report(result, monkeypatch, tmp_path, capsys):
+    """``netmend bench --report`` writes one page per suite and seed through on_result."""
+    res = result["results"][0]
+    public = {k: v for k, v in res.items() if k != "_artifacts"}
+
+    def fake_run(config, device, progress, on_suite=None, on_result=None):
+        on_result(public, res["_artifacts"])
+        return {"config": {}, "results": [public], "skipped": [], "errors": [], "seconds": 0.0}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "markdown", lambda r: "TABLE")
+    argv = ["bench", "--quick", "--out", str(tmp_path), "--no-plots", "--report"]
+    assert cli.main(argv) == 0
+    page = tmp_path / "report_digits_sym20_s0.html"
+    assert page.is_file() and "netmend bench: digits/sym20 (seed 0)" in page.read_text()
+    assert str(page) in capsys.readouterr().out

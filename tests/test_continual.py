@@ -153,3 +153,32 @@ def test_a_later_batch_joins_the_smaller_half(problem):
     positive = np.flatnonzero(r.scores > 0)
     k, _ = netmend.identification.reproducible_k(r._halves[0], r._halves[1], positive.size)
     np.testing.assert_array_equal(r.causes, np.argsort(-r.scores, kind="stable")[:k])
+
+
+def test_first_round_selects_like_identify_when_the_class_cap_binds(problem, monkeypatch):
+    """The automatic K's class cap (at most half of a class) applies to the rounds too."""
+    model, train, (Xf, yf), _ = problem
+    largest = netmend.identification.reproducible_k
+
+    def every_positive(a, b, max_k=None, grid=60):
+        return int(max_k), largest(a, b, max_k, grid)[1]  # K = every positive score
+
+    monkeypatch.setattr(netmend.identification, "reproducible_k", every_positive)
+    r = _repairer(problem)
+    r.observe((Xf, yf))
+    ref = netmend.identify(model, train, (Xf, yf), device="cpu", progress=False)
+    assert ref.info["auto_k"]["uncapped_k"] > ref.causes.size  # the cap binds
+    np.testing.assert_array_equal(r.causes, ref.causes)
+    assert r.history[0]["selection"]["uncapped_k"] == ref.info["auto_k"]["uncapped_k"]
+    y = train[1].numpy()
+    assert max(np.mean(np.isin(np.flatnonzero(y == c), r.causes)) for c in range(3)) <= 0.5
+
+
+def test_first_round_with_few_failures_takes_each_failures_top_culprits(problem):
+    model, train, (Xf, yf), _ = problem
+    r = _repairer(problem)
+    r.observe((Xf[:3], yf[:3]))
+    with pytest.warns(UserWarning, match="only 3 failure"):
+        ref = netmend.identify(model, train, (Xf[:3], yf[:3]), device="cpu", progress=False)
+    assert 0 < ref.causes.size <= 15
+    np.testing.assert_array_equal(r.causes, ref.causes)

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from netmend.data import distributed
@@ -68,6 +69,16 @@ def _bench(args: argparse.Namespace) -> int:
     except ValueError as exc:  # a bad suite, pipeline or reference name
         print(f"netmend: {exc}", file=sys.stderr)
         return 2
+    reports: list[Path] = []
+
+    def report(res: dict[str, Any], artifacts: dict[str, Any]) -> None:
+        from netmend.report.html import bench_report
+
+        name = f"report_{res['suite'].replace('/', '_')}_s{res['seed']}.html"
+        written = bench_report(res, artifacts, Path(args.out) / name)
+        if written is not None:
+            reports.append(written)
+
     try:
         result = bench.run(
             config,
@@ -76,13 +87,14 @@ def _bench(args: argparse.Namespace) -> int:
             on_suite=lambda partial: (
                 bench.write(partial, args.out, with_plots=False) if distributed.is_writer() else []
             ),
+            **({"on_result": report} if args.report and distributed.is_writer() else {}),
         )
     except DatasetMissingError as exc:
         print(f"netmend: {exc}", file=sys.stderr)
         return 2
     if not distributed.is_writer():
         return 1 if result["errors"] else 0
-    paths = bench.write(result, args.out, with_plots=not args.no_plots)
+    paths = bench.write(result, args.out, with_plots=not args.no_plots) + reports
     print(bench.markdown(result))
     print(f"written: {', '.join(str(p) for p in paths)}")
     return 1 if result["errors"] else 0
@@ -190,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         "--draws", type=int, metavar="N", help="random-K control draws per pipeline (3; 0: none)"
     )
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    b.add_argument(
+        "--report",
+        action="store_true",
+        help="also write a self-contained report_<suite>_s<seed>.html per suite and seed",
+    )
     b.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
     b.set_defaults(func=_bench)

@@ -47,7 +47,13 @@ from torch import nn
 
 from netmend import api, identification, store
 from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device
-from netmend.identification.base import Context
+from netmend.identification.base import (
+    CULPRITS_PER_FAILURE,
+    MAX_CLASS_SHARE,
+    Context,
+    class_capped,
+    per_failure_top,
+)
 from netmend.identification.ewc import fit_theta_plus_f
 from netmend.model.checks import check_failures
 from netmend.model.functional import FunctionalModel, log_likelihoods, match_dtype, param_dtype
@@ -191,20 +197,35 @@ class Repairer:
         return Xb, yb
 
     def _select(self) -> np.ndarray:
+        """The causes from the summed scores, by the rules of :func:`netmend.identify`.
+
+        The automatic K is the one on which the two halves agree
+        (:func:`netmend.identification.reproducible_k`), never more than half of a class's
+        training examples (:func:`netmend.identification.base.class_capped`), and with fewer
+        than 4 failures each failure's top culprits: round 1 selects exactly what the
+        one-shot :func:`netmend.identify` with method "ewc" selects.
+        """
         m = int(self._failures_y.shape[0])
-        positive = identification.select(self.scores, "positive")
-        if self.k is None or self.k == "auto":
-            if m < 4:
-                self._selection = {"rule": "positive", "k": int(positive.size)}
-                return positive
-            kk, excess = identification.reproducible_k(
+        if self.k is not None and self.k != "auto":
+            causes = identification.select(self.scores, self.k)
+            self._selection = {"rule": str(self.k), "k": int(causes.size)}
+            return causes
+        if m < 4:
+            pf = self.per_failure((self._failures_X, self._failures_y))
+            causes = per_failure_top(pf, self.scores, CULPRITS_PER_FAILURE)
+            rule = f"top {CULPRITS_PER_FAILURE} culprits per failure"
+        else:
+            positive = identification.select(self.scores, "positive")
+            kk, _ = identification.reproducible_k(
                 self._halves[0], self._halves[1], max_k=positive.size
             )
-            self._selection = {"rule": "reproducible", "k": kk}
-            return positive[:kk]
-        causes = identification.select(self.scores, self.k)
-        self._selection = {"rule": str(self.k), "k": int(causes.size)}
-        return causes
+            causes, rule = positive[:kk], "reproducible"
+        capped = class_capped(causes, self._y)
+        self._selection = {"rule": rule, "k": int(capped.size)}
+        if capped.size < causes.size:
+            self._selection.update(uncapped_k=int(causes.size))
+            self._selection["rule"] += f", at most {MAX_CLASS_SHARE:.0%} of a class"
+        return capped
 
     def _start(self, seconds: dict[str, float]) -> None:
         """First round only: the Fisher (through ``lambda``) and ``log p(z|theta_hat)``."""

@@ -577,7 +577,9 @@ def run_suite(
     Xq, yq = data.eval.X[split.query], data.eval.y[split.query]
     common: dict[str, Any] = dict(seed=seed, device=device, progress=progress)
     idents: dict[str, api.Identification] = {}
-    artifacts: dict[str, Any] = {"model": model, "split": split, "data": data, "causes": {}}
+    artifacts: dict[str, Any] = {
+        "model": model, "split": split, "data": data, "causes": {}, "identifications": {}
+    }  # fmt: skip
 
     def identified(spec: str) -> api.Identification:
         if spec not in idents:
@@ -671,6 +673,7 @@ def run_suite(
             cells.append({**cell, "status": "error", "error": f"{exc!r}", "traceback": tb})
             continue
         artifacts["causes"][name] = ident.causes
+        artifacts["identifications"][name] = ident
         cells.append(
             {
                 **cell,
@@ -787,6 +790,7 @@ def run(
     progress: bool = False,
     keep_artifacts: bool = False,
     on_suite: Callable[[dict[str, Any]], object] | None = None,
+    on_result: Callable[[dict[str, Any], dict[str, Any]], object] | None = None,
 ) -> dict[str, Any]:
     """Run the whole matrix (suites x seeds, each with every pipeline and reference).
 
@@ -794,6 +798,10 @@ def run(
         on_suite: called after every suite with the result so far (the same dict as the
             return value, covering the suites done), e.g. to write it: a long matrix can be
             followed, and an interrupted one keeps what it finished.
+        on_result: called after every suite with its result (JSON-ready) and its artifacts
+            (models, split, data, causes, ``identifications`` by pipeline), e.g. to write its
+            report.html (:func:`netmend.report.html.bench_report`) without keeping the
+            artifacts of every suite.
 
     Returns:
         ``{"config", "machine", "results": [run_suite(...) per suite and seed], "skipped",
@@ -819,6 +827,8 @@ def run(
                 continue
             artifacts = res.pop("_artifacts")
             res = _nan_to_none(res)
+            if on_result is not None:
+                on_result(res, artifacts)
             if keep_artifacts:
                 res["_artifacts"] = artifacts
             results.append(res)

@@ -538,3 +538,83 @@ def demo_report(result: dict[str, Any], artifacts: dict[str, Any], path: str | P
             ],
         ),
     )
+
+
+_BENCH_COLUMNS = {
+    "test_acc": "test",
+    "query_failure_acc": "query failures",
+    "heldout_failure_acc": "held-out failures",
+    "correct_acc": "originally correct",
+}
+
+
+def bench_report(
+    result: Mapping[str, Any], artifacts: Mapping[str, Any], path: str | Path
+) -> Path | None:
+    """The report of one suite and seed of ``netmend bench`` (its first pipeline that ran).
+
+    Shows the culprits of that pipeline's identification, and the accuracies of every
+    pipeline and reference of the suite that ran (rows), with the controls of the
+    pipeline shown (finetune only, random K) when the bench measured them.
+
+    Args:
+        result: one entry of ``netmend.lab.bench.run(...)["results"]``.
+        artifacts: that entry's artifacts (``run(..., on_result=...)``): ``model``, ``split``,
+            ``data`` (the ``SuiteData``) and ``identifications`` (pipeline name -> its
+            ``Identification``).
+        path: where to write the page.
+
+    Returns:
+        The path written, or ``None`` when no pipeline of the suite ran (nothing to show).
+    """
+    from netmend.model.training import predict
+
+    ok = [c for c in result["cells"] if c.get("status") == "ok"]
+    idents = artifacts.get("identifications", {})
+    shown = next((c for c in ok if c["kind"] == "pipeline" and c["pipeline"] in idents), None)
+    if shown is None:
+        return None
+    ident = idents[shown["pipeline"]]
+    data, split, model = artifacts["data"], artifacts["split"], artifacts["model"]
+    fx, fy = data.eval.X[split.query], data.eval.y[split.query]
+    device = next(model.parameters()).device
+    idx, sc = culprit_table(ident.per_failure, 5)
+    acc: dict[str, dict[str, float]] = {}
+    for c in sorted(ok, key=lambda c: c["pipeline"] != "original"):
+        name = c["pipeline"] + (" (shown)" if c is shown else "")
+        acc[name] = {v: float(c[k]) for k, v in _BENCH_COLUMNS.items() if c.get(k) is not None}
+    controls = shown.get("controls") or {}
+    for label, key in (("finetune only", "finetune_only"), ("random K", "random_k")):
+        row = controls.get(key) or {}
+        vals = {v: float(row[k]) for k, v in _BENCH_COLUMNS.items() if row.get(k) is not None}
+        if vals:
+            acc[f"control of {shown['pipeline']}: {label}"] = vals
+    return write_report(
+        path,
+        ReportData(
+            title=f"netmend bench: {result['suite']} (seed {result['seed']})",
+            kind="array",
+            train_X=data.train.X,
+            train_y=data.train.y,
+            failures_X=fx,
+            failures_y=fy,
+            scores=ident.scores,
+            causes=ident.causes,
+            culprit_indices=idx,
+            culprit_scores=sc,
+            accuracies=acc,
+            pred_before=predict(model, fx.to(device)).numpy(),
+            failure_names=[f"eval #{int(i)}" for i in split.query],
+            settings={
+                "suite": result["suite"],
+                "seed": result["seed"],
+                "culprits shown": shown["pipeline"],
+                **{k: v for k, v in result["data"].items() if k != "info"},
+            },
+            notes=[
+                f"The culprits below are {shown['pipeline']}'s; every pipeline and reference "
+                "of the suite is a row of the table. 'random K' removes as many random "
+                "training examples with the same treatment (mean over the draws)."
+            ],
+        ),
+    )
