@@ -300,3 +300,36 @@ def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     code, _, err = _run([*argv, "--out", str(tmp_path / "o")], capsys)
     assert code == 2, err
     assert message in err and "Traceback" not in err
+
+
+def test_torch_export_program(tmp_path, capsys):
+    """``--model net.pt2`` (a ``torch.export`` program, no factory, no weights): the same
+    scores as the API on the model that was exported."""
+    X, y = _blobs(160, 4, seed=5, noise=0.2)
+    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+    model = _train(_cli_models.tabular_net, Xt[:120], yt[:120], tmp_path / "w.safetensors")
+    clean = np.random.default_rng(5).integers(0, 3, 160)  # the true labels of _blobs
+    wrong = [i for i in range(120, 160) if int(predict(model, Xt[i : i + 1])[0]) != clean[i]]
+    assert len(wrong) >= 4
+    np.savez(tmp_path / "train.npz", X=X[:120], y=y[:120])
+    np.savez(tmp_path / "fail.npz", X=X[wrong], y=clean[wrong])
+    batch = {0: torch.export.Dim("batch", min=1)}
+    program = torch.export.export(model, (Xt[:2],), dynamic_shapes=(batch,))
+    torch.export.save(program, str(tmp_path / "net.pt2"))
+    out = tmp_path / "run"
+    argv = ["--model", str(tmp_path / "net.pt2"), "--train", str(tmp_path / "train.npz"),
+            "--failures", str(tmp_path / "fail.npz"), "--out", str(out), "--no-controls",
+            *RECIPE_ARGS]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    s = np.array([float(r["score"]) for r in _read_csv(out / "scores.csv")])
+    ref = netmend.identify(model, (Xt[:120], yt[:120]), (Xt[wrong], torch.from_numpy(
+        clean[wrong])), progress=False, device="cpu")  # fmt: skip
+    np.testing.assert_allclose(s, ref.scores, rtol=1e-8, atol=1e-12)
+    assert (out / "repaired.safetensors").is_file() and (out / "report.html").is_file()
+    # a program traced for one batch size would fail inside netmend: refused, with the fix
+    fixed = torch.export.export(model, (Xt[:2],))
+    torch.export.save(fixed, str(tmp_path / "fixed.pt2"))
+    argv[1], argv[7] = str(tmp_path / "fixed.pt2"), str(tmp_path / "run2")
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "exactly 2 examples" in err and "dynamic_shapes" in err, err

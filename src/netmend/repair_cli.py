@@ -73,6 +73,33 @@ class Exported(nn.Module):
         return dict(self.program.state_dict())
 
 
+def _check_dynamic_batch(program: Any, path: Path) -> None:
+    """Refuse a ``torch.export`` program traced for one batch size: netmend calls the model
+    on batches of every size (chunks, single examples), which such a program rejects."""
+    sig = program.graph_signature
+    first = next(
+        (n for n in program.graph.nodes if n.op == "placeholder" and n.name in sig.user_inputs),
+        None,
+    )
+    val = None if first is None else first.meta.get("val")
+    shape = getattr(val, "shape", None)
+    if not shape:
+        return
+    dim = shape[0]
+    lower = 1
+    if isinstance(dim, torch.SymInt):
+        bounds = program.range_constraints.get(dim.node.expr)
+        lower = 1 if bounds is None else int(bounds.lower)
+    if isinstance(dim, int) or lower > 1:
+        fixed = f"exactly {dim}" if isinstance(dim, int) else f"at least {lower}"
+        raise BadInput(
+            f"--model {path}: the program was exported for batches of {fixed} examples, but "
+            "netmend calls the model on batches of any size (down to one example). Export it "
+            "with a dynamic batch dimension: torch.export.export(model, (x,), dynamic_shapes="
+            "({0: torch.export.Dim('batch', min=1)},))"
+        )
+
+
 def load_model(spec: str, weights: str | None) -> nn.Module:
     """Build the user's model: ``package.module:factory`` (+ weights) or a TorchScript file.
 
@@ -99,9 +126,11 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
                 ".pt2 file, or pass package.module:factory with --weights"
             )
         try:
-            model = Exported(torch.export.load(str(path)).module())
+            program = torch.export.load(str(path))
         except Exception as exc:
             raise BadInput(f"--model {path}: not a torch.export program ({exc})") from exc
+        _check_dynamic_batch(program, path)
+        model = Exported(program.module())
     else:
         mod_name, _, attr = spec.partition(":")
         if os.getcwd() not in sys.path:
