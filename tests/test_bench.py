@@ -261,8 +261,9 @@ def test_cli_bench(monkeypatch, tmp_path, capsys):
 
     seen = {}
 
-    def fake_run(config, device, progress, on_suite=None):
+    def fake_run(config, device, progress, on_suite=None, on_result=None):
         seen["config"] = config
+        assert on_result is None  # no --report: no page
         partial = {"config": {}, "results": [], "skipped": [], "errors": [], "seconds": 0.0}
         on_suite(partial)  # the CLI writes the partial result after every suite
         seen["partial"] = json.loads((tmp_path / "bench.json").read_text())

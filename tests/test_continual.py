@@ -182,3 +182,33 @@ def test_first_round_with_few_failures_takes_each_failures_top_culprits(problem)
         ref = netmend.identify(model, train, (Xf[:3], yf[:3]), device="cpu", progress=False)
     assert 0 < ref.causes.size <= 15
     np.testing.assert_array_equal(r.causes, ref.causes)
+
+
+def test_a_warm_round_mixes_the_previous_model_with_its_fine_tune(problem):
+    import copy
+    import math
+
+    from netmend.continual import warm_mix
+
+    model, train, (Xf, yf), _ = problem
+    r = _repairer(problem, k=10)
+    r.observe((Xf[:8], yf[:8]))
+    previous = copy.deepcopy(r.model)
+    r.observe((Xf[8:], yf[8:]))
+    w = warm_mix(0.25)
+    assert w == pytest.approx(0.4) and r.history[1]["seconds"]["treat"] > 0
+    assert (1 - w) ** 2 + w**2 / 0.25 == pytest.approx(1.0)  # the first round's noise
+    tuned = netmend.treat(
+        previous, train, r.causes, "finetune", train_config=RECIPE, seed=1, device="cpu",
+        progress=False, steps=math.ceil(0.25 * r._first_steps), failures=(Xf, yf),
+    )  # fmt: skip
+    for p, a, b in zip(r.model.parameters(), previous.parameters(), tuned.parameters()):
+        torch.testing.assert_close(p, (1 - w) * a + w * b, rtol=1e-9, atol=1e-12)
+    assert not any(torch.equal(p, b) for p, b in zip(r.model.parameters(), tuned.parameters()))
+    one = _repairer(problem, k=10, mix=1.0)  # no mixing: the fine-tune itself
+    one.observe((Xf[:8], yf[:8]))
+    one.observe((Xf[8:], yf[8:]))
+    for p, b in zip(one.model.parameters(), tuned.parameters()):
+        torch.testing.assert_close(p, b, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="mix"):
+        _repairer(problem, mix=0)

@@ -87,7 +87,7 @@ def _bench(args: argparse.Namespace) -> int:
             on_suite=lambda partial: (
                 bench.write(partial, args.out, with_plots=False) if distributed.is_writer() else []
             ),
-            **({"on_result": report} if args.report and distributed.is_writer() else {}),
+            on_result=report if args.report and distributed.is_writer() else None,
         )
     except DatasetMissingError as exc:
         print(f"netmend: {exc}", file=sys.stderr)

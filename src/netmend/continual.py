@@ -23,7 +23,10 @@ exactly :func:`netmend.identify` with method "ewc" on its failures.
 The causes are then re-selected from the summed scores, and the model treated: with the
 "finetune" treatment and ``warm_start=True`` (default), later rounds continue from the
 previous round's repaired model for ``continue_fraction`` of the first round's steps, on the
-training set without the current causes; other treatments restart from ``theta_hat`` each
+training set without the current causes, and the round's model mixes the previous model
+with that continuation (weight ``mix``, default :func:`warm_mix`): a short fine-tune alone is
+noisier than the first round's and flipped back about one in ten of the failures that earlier
+rounds had fixed (benchmarks/continual.json); other treatments restart from ``theta_hat`` each
 round. The history records which causes were removed (or relabelled) and restored in which
 round, the accuracies per round, and the time of each stage; :meth:`Repairer.save` and
 :meth:`Repairer.load` keep it (and the state) on disk.
@@ -72,6 +75,32 @@ def _as_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 MODEL_FILE = "model.safetensors"
 
 
+def warm_mix(continue_fraction: float) -> float:
+    """The weight ``w = 2 f / (1 + f)`` of a warm round's fine-tune against the previous model.
+
+    A fine-tune's result is the Polyak-Ruppert average of its last half of iterates, whose
+    noise variance scales as ``1 / steps``; a warm round of ``f`` times the first round's
+    steps alone has ``1 / f`` times the first round's variance, enough to flip failures that
+    an earlier round fixed. Mixing ``(1 - w) * previous + w * new`` (independent noises) has
+    variance ``(1 - w)^2 + w^2 / f`` times the first round's: ``w = 2 f / (1 + f)`` makes it
+    exactly the first round's (``f = 1``: no mixing; ``f = 0.25``: ``w = 0.4``).
+    """
+    return 2 * continue_fraction / (1 + continue_fraction)
+
+
+def _interpolate(previous: nn.Module, new: nn.Module, w: float) -> nn.Module:
+    """A copy of ``new`` with every floating parameter and buffer ``(1 - w) * previous + w * new``
+    (integer buffers, e.g. BatchNorm's step counts, are ``new``'s)."""
+    old = previous.state_dict()
+    mixed = {
+        k: torch.lerp(old[k].to(v.dtype), v, w) if v.is_floating_point() else v
+        for k, v in new.state_dict().items()
+    }
+    out = copy.deepcopy(new)
+    out.load_state_dict(mixed)
+    return out.eval()
+
+
 class Repairer:
     """Repairs ``model`` round after round from batches of new failures (EWC-influence).
 
@@ -90,6 +119,9 @@ class Repairer:
         treat_options: options of the treatment.
         warm_start: with "finetune", continue later rounds from the previous repaired model.
         continue_fraction: a warm round's steps as a fraction of the first round's (0.25).
+        mix: a warm round's model is ``(1 - mix) * previous + mix * fine-tuned`` (every
+            floating parameter and buffer); default :func:`warm_mix` (0.4 for 0.25), which
+            keeps a short round's fine-tune noise at the first round's (1: no mixing).
         eval_sets: ``{name: data}`` on which every round's model is evaluated (e.g. a test set).
 
     Attributes:
@@ -116,11 +148,14 @@ class Repairer:
         treat_options: Mapping[str, Any] | None = None,
         warm_start: bool = True,
         continue_fraction: float = 0.25,
+        mix: float | None = None,
         eval_sets: Mapping[str, DataLike] | None = None,
         fisher: torch.Tensor | None = None,
     ):
         if not 0 < continue_fraction <= 1:
             raise ValueError(f"continue_fraction must lie in (0, 1]; got {continue_fraction}")
+        if mix is not None and not 0 < mix <= 1:
+            raise ValueError(f"mix must lie in (0, 1] (1: no mixing); got {mix}")
         if k is not None and k != "auto":
             identification.select(np.zeros(2), k)  # validates k
         unknown = set(identify_options or {}) - {"steps", "step_size"}
@@ -143,6 +178,7 @@ class Repairer:
         self.identify_options = dict(identify_options or {})
         self.treat_options = dict(treat_options or {})
         self.warm_start, self.continue_fraction = warm_start, continue_fraction
+        self.mix = warm_mix(continue_fraction) if mix is None else float(mix)
         self.eval_sets = {name: tuple(as_tensors(d, name)) for name, d in (eval_sets or {}).items()}
         fm = FunctionalModel.of(self._work)
         api._check_fisher(fisher, fm)
@@ -398,7 +434,7 @@ class Repairer:
                 start = self.model
                 opts.pop("epochs", None)
                 opts["steps"] = max(1, math.ceil(self.continue_fraction * self._first_steps))
-        return api.treat(
+        treated = api.treat(
             start,
             (self._X, self._y),
             self.causes,
@@ -414,6 +450,10 @@ class Repairer:
             record=record,
             **opts,
         )
+        if start is not self._work and self.mix < 1:
+            record["mix"] = self.mix
+            return _interpolate(start, treated, self.mix)
+        return treated
 
     # ------------------------------------------------------------------ persistence
     def _fingerprint(self) -> dict[str, Any]:
@@ -428,6 +468,7 @@ class Repairer:
             "treat_options": store.jsonable(self.treat_options),
             "warm_start": self.warm_start,
             "continue_fraction": self.continue_fraction,
+            "mix": self.mix,
         }
 
     def save(self, directory: str | Path) -> Path:
