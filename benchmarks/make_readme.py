@@ -137,6 +137,55 @@ def fisher_timing(d: dict[str, Any]) -> str:
     )
 
 
+def continual(d: dict[str, Any]) -> str:
+    """netmend.Repairer, failures in 5 batches, against the one-shot repair on all of them."""
+    body = []
+    for r in d["seeds"]:
+        c = r["control_no_mix"]["stays_fixed"]
+        body.append(
+            [str(r["seed"]), f"{r['one_shot']['k']}", f"{r['rounds'][-1]['k']}"]
+            + [f"{max(r['later_round_cost_ratio']):.3f}"]
+            + [f"{r['gap_points'][k]:+.2f}" for k in ("test_acc", "heldout_failure_acc")]
+            + [f"{100 * r['stays_fixed']['share']:.1f}", f"{100 * c['share']:.1f}"]
+            + [f"{100 * r['noise_floor']['share']:.1f}"]
+        )
+    s = d["summary"]
+    gaps = ("test_acc", "heldout_failure_acc")
+    body.append(
+        ["all", "", "", f"{s['max_later_round_cost_ratio']:.3f}"]
+        + [f"{s['min_gap_points_vs_one_shot'][k]:+.2f}" for k in gaps]
+        + [f"{100 * s['stays_fixed_share']:.1f}"]
+        + [f"{100 * s['control_no_mix_stays_fixed_share']:.1f}"]
+        + [f"{100 * s['noise_floor_reseeded_finetune_flips']:.1f}"]
+    )
+    head = ["seed", "one-shot K", "final K", "later round / first (max)"]
+    head += ["final − one-shot, test (points)", "final − one-shot, held-out F (points)"]
+    head += ["earlier fixes kept (%)", "kept without mixing (%)"]
+    head += ["noise floor: one-shot fixes a reseeded fine-tune flips (%)"]
+    return rows(head, body)
+
+
+def cli_folder(d: dict[str, Any]) -> str:
+    """``netmend repair`` on a folder of PNGs against netmend.repair on in-memory tensors."""
+    rss = d["peak_rss_mib"]
+    return rows(
+        ["training PNGs", "API (s)", "CLI (s)", "CLI / API", "report.html (bytes)"]
+        + ["peak RSS after API (MiB)", "after CLI (MiB)", "scores match"],
+        [
+            [
+                f"{d['n_train']}",
+                f"{d['api_seconds']:.0f}",
+                f"{d['cli_seconds']:.0f}",
+                f"{d['cli_over_api']:.2f}",
+                f"{d['report_html_bytes']}",
+                f"{rss['after_api']:.0f}",
+                f"{rss['after_cli']:.0f}",
+                "yes" if d["scores_match_api"] else "no",
+            ]
+        ],
+    )
+
+
 _MAXREL = "max_relative_difference_hooks_vs_vmap"
 
 
@@ -319,6 +368,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "peers_trak": (("benchmarks/peers.json",), peers_trak),
     "ekfac_timing": (("benchmarks/ekfac_timing.json",), ekfac_timing),
     "memory": (("benchmarks/memory.json",), memory),
+    "continual": (("benchmarks/continual.json",), continual),
+    "cli_folder": (("benchmarks/cli_folder.json",), cli_folder),
     "align_vs_delete": (tuple(f"benchmarks/{f}" for f in ALIGN_FILES), align_vs_delete),
 }
 

@@ -29,9 +29,10 @@ is noisier than the first round's and undoes earlier fixes most where a round re
 causes at once: on the demo's MNIST subset (seeds 0-2, benchmarks/continual.json) 89.7% of
 the failures fixed in a round stayed fixed in every later round without the mixing, 97.7%
 with it (a second one-shot fine-tune with another seed flips 3.0% of the one-shot's fixes).
-Other treatments restart from ``theta_hat`` each round. The history records which causes were removed (or relabelled) and restored in which
-round, the accuracies per round, and the time of each stage; :meth:`Repairer.save` and
-:meth:`Repairer.load` keep it (and the state) on disk.
+Other treatments restart from ``theta_hat`` each round. The history records which causes
+were removed (or relabelled) and restored in which round, the accuracies per round, and the
+time of each stage; :meth:`Repairer.save` and :meth:`Repairer.load` keep it (and the state)
+on disk.
 
 Sign convention: every score is positive = harmful.
 """
