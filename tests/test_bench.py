@@ -384,6 +384,13 @@ def test_bench_report_shows_the_first_pipelines_culprits(result, tmp_path):
     assert "nosuch/finetune" not in page  # skipped cells have no row
     no_pipeline = {**res, "cells": [c for c in res["cells"] if c["kind"] == "reference"]}
     assert bench_report(no_pipeline, art, tmp_path / "none.html") is None
+    # a method without per-failure scores has no culprits to show: the next pipeline's are
+    import dataclasses
+
+    blind = dataclasses.replace(ident, _per_failure=None)
+    idents = {**art["identifications"], "ewc/finetune": blind}
+    page = bench_report(res, {**art, "identifications": idents}, tmp_path / "b.html").read_text()
+    assert "loss/finetune (shown)" in page and "ewc/finetune (shown)" not in page
 
 
 def test_cli_bench_report(result, monkeypatch, tmp_path, capsys):
@@ -402,3 +409,12 @@ def test_cli_bench_report(result, monkeypatch, tmp_path, capsys):
     page = tmp_path / "report_digits_sym20_s0.html"
     assert page.is_file() and "netmend bench: digits/sym20 (seed 0)" in page.read_text()
     assert str(page) in capsys.readouterr().out
+
+    def broken(*a, **k):
+        raise RuntimeError("cannot draw")
+
+    # a page that cannot be drawn is named and fails the command, the figures are kept
+    monkeypatch.setattr("netmend.report.html.bench_report", broken)
+    assert cli.main([*argv[:3], str(tmp_path / "b"), *argv[4:]]) == 1
+    assert "could not write report_digits_sym20_s0.html" in capsys.readouterr().err
+    assert (tmp_path / "b" / "bench.json").is_file()

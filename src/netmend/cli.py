@@ -70,13 +70,22 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"netmend: {exc}", file=sys.stderr)
         return 2
     reports: list[Path] = []
+    report_errors: list[str] = []
 
     def report(res: dict[str, Any], artifacts: dict[str, Any]) -> None:
         from netmend.report.html import bench_report
 
         name = f"report_{res['suite'].replace('/', '_')}_s{res['seed']}.html"
-        written = bench_report(res, artifacts, Path(args.out) / name)
-        if written is not None:
+        try:  # a page that cannot be drawn must not lose the benchmark's figures
+            written = bench_report(res, artifacts, Path(args.out) / name)
+        except Exception as exc:
+            report_errors.append(f"{name}: {exc!r}")
+            print(f"netmend bench: could not write {name}: {exc!r}", file=sys.stderr)
+            return
+        if written is None:
+            print(f"netmend bench: no {name}: no pipeline of {res['suite']} ran with "
+                  "per-failure scores", file=sys.stderr)  # fmt: skip
+        else:
             reports.append(written)
 
     try:
@@ -97,7 +106,7 @@ def _bench(args: argparse.Namespace) -> int:
     paths = bench.write(result, args.out, with_plots=not args.no_plots) + reports
     print(bench.markdown(result))
     print(f"written: {', '.join(str(p) for p in paths)}")
-    return 1 if result["errors"] else 0
+    return 1 if result["errors"] or report_errors else 0
 
 
 def _validate(args: argparse.Namespace) -> int:

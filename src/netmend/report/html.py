@@ -551,7 +551,8 @@ _BENCH_COLUMNS = {
 def bench_report(
     result: Mapping[str, Any], artifacts: Mapping[str, Any], path: str | Path
 ) -> Path | None:
-    """The report of one suite and seed of ``netmend bench`` (its first pipeline that ran).
+    """The report of one suite and seed of ``netmend bench`` (its first pipeline that ran
+    and gives per-failure scores).
 
     Shows the culprits of that pipeline's identification, and the accuracies of every
     pipeline and reference of the suite that ran (rows), with the controls of the
@@ -565,20 +566,29 @@ def bench_report(
         path: where to write the page.
 
     Returns:
-        The path written, or ``None`` when no pipeline of the suite ran (nothing to show).
+        The path written, or ``None`` when no pipeline of the suite ran with per-failure
+        scores (no culprits to show).
     """
     from netmend.model.training import predict
 
     ok = [c for c in result["cells"] if c.get("status") == "ok"]
     idents = artifacts.get("identifications", {})
-    shown = next((c for c in ok if c["kind"] == "pipeline" and c["pipeline"] in idents), None)
-    if shown is None:
+    shown, per_failure = None, None
+    for c in ok:  # the first pipeline that ran and gives per-failure scores
+        if c["kind"] == "pipeline" and c["pipeline"] in idents:
+            try:
+                per_failure = idents[c["pipeline"]].per_failure
+            except ValueError:  # a method without per-failure scores: no culprits to show
+                continue
+            shown = c
+            break
+    if shown is None or per_failure is None:
         return None
     ident = idents[shown["pipeline"]]
     data, split, model = artifacts["data"], artifacts["split"], artifacts["model"]
     fx, fy = data.eval.X[split.query], data.eval.y[split.query]
     device = next(model.parameters()).device
-    idx, sc = culprit_table(ident.per_failure, 5)
+    idx, sc = culprit_table(per_failure, 5)
     acc: dict[str, dict[str, float]] = {}
     for c in sorted(ok, key=lambda c: c["pipeline"] != "original"):
         name = c["pipeline"] + (" (shown)" if c is shown else "")
