@@ -36,7 +36,8 @@ from torch import nn
 from netmend.curvature import DENSE_MAX_PARAMS, Curvature, cg, per_example_grads
 from netmend.data.streaming import chunks
 from netmend.identification.base import Context, MethodOutput, grad_rows, register
-from netmend.model.functional import Data
+from netmend.model.functional import Data, stream
+from netmend.store import tensor_hash
 
 AUTO_DAMPING_RATIO = 0.1
 """``damping="auto"`` is ``AUTO_DAMPING_RATIO * mean(diag F_sum)`` (kronfluence's heuristic)."""
@@ -450,7 +451,15 @@ def influence_scores(ctx: Context, kind: str, method: str) -> MethodOutput:
         sc = grad_rows(ctx, theta, lambda G: (G * inv.solve_many(G.T).T).sum(1), "self-influence")
     else:
         v = inv.solve(ctx.failure_grad(theta))  # A^{-1} g_F, g_F summed over the failures
-        sc = grad_rows(ctx, theta, lambda G: -(G @ v), method)
+
+        def directional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            # g_z . v for a chunk by one forward-mode pass: no [chunk, P] gradient rows
+            return -ctx.fm.ll_jvp(theta, v, x, t)[1]
+
+        sc = stream(
+            ctx.X, ctx.y, directional, ctx.chunk_size, ctx.device, ctx.progress, method,
+            lambda: tensor_hash(torch.cat([theta, v])),
+        )  # fmt: skip
 
     def per_failure() -> np.ndarray:
         V = inv.solve_many(failure_grads(ctx, theta).T)  # [P, M]
