@@ -356,6 +356,95 @@ def align_vs_delete(files: list[dict[str, Any]]) -> str:
     return rows(head, body)
 
 
+PEERS_SCALE_FILES = ("peers_scale.json", "peers_scale_60k.json")
+
+
+def peers_scale(files: list[dict[str, Any]]) -> str:
+    """netmend vs kronfluence EK-FAC on the MLP: cost of each worker process, and the LDS."""
+    body = []
+    for d in files:
+        p = d["problem"]
+        for lib, m in d["methods"].items():
+            sc, pq = m["scores"], m.get("per_query")
+            body.append(
+                [
+                    lib,
+                    f"{p['n_train']}",
+                    f"{p['queries']}",
+                    f3(sc["factors"]["cpu"], "{:.1f}"),
+                    f3(sc["scoring"]["cpu"], "{:.1f}"),
+                    f3(sc["total"]["cpu"], "{:.1f}"),
+                    f3(sc["total"]["wall"], "{:.1f}"),
+                    f3(m["peak_rss_scores_mib"], "{:.0f}"),
+                    f3(pq["total"]["cpu"], "{:.1f}") if pq else "–",
+                    f3(m.get("lds_per_query")),
+                    f3(m.get("lds_group")),
+                ]
+            )
+        for name, v in d.get("netmend_controls", {}).items():  # label seed / exact Fisher
+            body.append([name, f"{p['n_train']}", f"{p['queries']}"] + ["–"] * 5
+                        + [f3(v["per_query"]["total"]["cpu"], "{:.1f}"),
+                           f3(v["lds_per_query"]), "–"])  # fmt: skip
+        if "controls" in d:
+            r = d["controls"]["random_scores"]
+            body.append(["random scores (control)", f"{p['n_train']}", f"{p['queries']}"]
+                        + ["–"] * 6 + [f3(r["lds_per_query"]), f3(r["lds_group"])])  # fmt: skip
+    head = ["library", "N", "queries M", "factors CPU s", "scoring CPU s", "total CPU s"]
+    head += ["total wall s", "peak RSS MiB", "per-query CPU s", "LDS per query", "LDS group"]
+    return rows(head, body)
+
+
+def peers_scale_ratios(d: dict[str, Any]) -> str:
+    r, t = d["ratios"], d["targets"]
+    body = [
+        [
+            f"{d['problem']['n_train']}",
+            f3(r["time_netmend_over_kronfluence_cpu"]),
+            f3(r["time_netmend_over_kronfluence_wall"]),
+            f3(r["peak_rss_netmend_over_kronfluence"]),
+            f3(r["lds_per_query_netmend_minus_kronfluence"], "{:+.3f}"),
+            f3(r["lds_group_netmend_minus_kronfluence"], "{:+.3f}"),
+            f3(d["controls"]["spearman_netmend_vs_kronfluence_summed"]),
+        ]
+        + [
+            "yes" if t[k] else "NO"
+            for k in (
+                "lds_at_least_kronfluence",
+                "time_at_most_half",
+                "peak_memory_at_most_kronfluence",
+            )
+        ]  # fmt: skip
+    ]
+    head = ["N", "time netmend/kronfluence (CPU)", "(wall)", "peak RSS netmend/kronfluence"]
+    head += ["LDS per query, netmend − kronfluence", "LDS group, difference"]
+    head += ["Spearman netmend vs kronfluence", "LDS ok", "time ≤ 1/2", "memory ok"]
+    return rows(head, body)
+
+
+def scaling_n(d: dict[str, Any]) -> str:
+    """netmend's default identify over a streamed, tiled MNIST: time and peak RSS in N."""
+    body = []
+    for n, r in sorted(d["runs"].items(), key=lambda kv: int(kv[0])):
+        sm = d["summary"][n]
+        body.append(
+            [
+                n,
+                f"{r['seconds']:.1f}",
+                f"{r['cpu_seconds']:.1f}",
+                f"{r['cpu_per_example_ms']:.4f}",
+                f"{sm['cpu_per_example_over_smallest']:.2f}",
+                f3(sm.get("measured_over_line"), "{:.2f}"),
+                f"{r['peak_rss_mib']:.0f}",
+                f"{sm['peak_rss_over_smallest']:.3f}",
+                f"{r['tiled_data_if_in_memory_mib']:.0f}",
+            ]
+        )
+    head = ["N", "wall s", "CPU s", "CPU ms / example", "CPU/example vs smallest N"]
+    head += ["CPU s / the line a + b·N through the two smallest N"]
+    head += ["peak RSS MiB", "peak vs smallest N", "the data, if held in memory (MiB)"]
+    return rows(head, body)
+
+
 TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "headline": (("benchmarks/demo_seeds.json",), headline),
     "demo_seeds": (("benchmarks/demo_seeds.json",), demo_seeds),
@@ -371,13 +460,16 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "continual": (("benchmarks/continual.json",), continual),
     "cli_folder": (("benchmarks/cli_folder.json",), cli_folder),
     "align_vs_delete": (tuple(f"benchmarks/{f}" for f in ALIGN_FILES), align_vs_delete),
+    "peers_scale": (tuple(f"benchmarks/{f}" for f in PEERS_SCALE_FILES), peers_scale),
+    "peers_scale_ratios": (("benchmarks/peers_scale.json",), peers_scale_ratios),
+    "scaling_n": (("benchmarks/scaling_n.json",), scaling_n),
 }
 
 
 def render_table(name: str) -> str:
     files, fn = TABLES[name]
     data = [load(f) for f in files]
-    return fn(data) if fn is align_vs_delete else fn(data[0])
+    return fn(data) if fn in (align_vs_delete, peers_scale) else fn(data[0])
 
 
 def rewrite(text: str) -> str:
