@@ -16,6 +16,7 @@ from netmend.curvature.fisher import (
     cg,
     dense_curvature,
     fisher_diag_sum,
+    per_example_grad_products,
     per_example_grads,
     solver_options,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "fisher_diag_sum",
     "kronecker_factors",
     "kronecker_layers",
+    "per_example_grad_products",
     "per_example_grads",
     "solver_options",
 ]

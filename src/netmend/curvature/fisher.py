@@ -29,7 +29,7 @@ Hessian of the cross-entropy in the logits.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -39,6 +39,7 @@ from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from netmend.curvature.hooks import (
     HookFallback,
+    batch_blocks,
     conv_weight_grads,
     hook_pass,
     layer_slices,
@@ -71,7 +72,9 @@ def _sq_grads_by_hooks(
     """``sum_n g_n**2`` over one chunk, from layer inputs and output gradients.
 
     For a linear layer the per-example weight gradient is ``d_n a_n^T``, so the sum of its
-    squares is ``(d**2)^T (a**2)``: one matmul, no per-example gradient is formed.
+    squares is ``(d**2)^T (a**2)``: one matmul, no per-example gradient is formed. Other layers
+    form their per-example gradients a sub-batch at a time (:func:`_grad_blocks`) and square
+    them in place, so no ``[B, out, in']`` tensor larger than a cache-sized block exists.
     """
     total = torch.zeros_like(theta)
     for m, sl, a, d in hook_pass(fm, theta, x, y, layers):
@@ -85,31 +88,74 @@ def _sq_grads_by_hooks(
             if "bias" in sl:
                 total[sl["bias"]] = (d * d).sum(0)
             continue
-        gw, gb = _layer_grads(m, a, d)
-        total[sl["weight"]] = (gw * gw).sum(0).reshape(-1)
-        if "bias" in sl:
-            total[sl["bias"]] = (gb * gb).sum(0)
+        w = total[sl["weight"]]
+        for _, gw, gb in _grad_blocks(m, a, d):
+            w += gw.reshape(gw.shape[0], -1).square_().sum(0)  # gw is ours: square in place
+            if "bias" in sl:
+                total[sl["bias"]] += (gb * gb).sum(0)
     return total.detach()
 
 
-def _layer_grads(
+def _grad_blocks(
     m: nn.Module, a: torch.Tensor, d: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-example weight ``[B, *weight.shape]`` (``[B, out, in']`` for Linear/Conv2d) and
-    bias ``[B, out]`` gradients of one layer (not Embedding: see :func:`token_rows`)."""
+) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """Per-example gradients of one layer (not Embedding: see :func:`token_rows`), by sub-batch.
+
+    Yields ``(rows, gw, gb)``: the examples ``rows`` of the chunk, their weight gradients
+    ``gw`` ``[n, *weight.shape]`` (``[n, out, in']`` for Linear/Conv2d; the caller may
+    overwrite it, and must be done with it before asking for the next block, whose buffer it
+    may be) and bias gradients ``gb`` ``[n, out]`` (may be a view of ``d``: read only).
+    Linear and Conv2d layers come in blocks of at most about
+    :data:`netmend.curvature.hooks.BLOCK_ELEMENTS` numbers (cache-sized: the caller reduces
+    each block before the next is formed); norm layers' gradients are ``[B, C]`` and come in
+    one block.
+    """
+    B = a.shape[0]
     if isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
         if isinstance(m, nn.LayerNorm):  # positions: the dims between batch and features
             lead = tuple(range(1, a.ndim - len(m.normalized_shape)))
-        else:  # BatchNorm: channel dim 1, positions after it
+            gw = norm_input(m, a) * d
+            yield slice(0, B), (gw.sum(lead) if lead else gw), (d.sum(lead) if lead else d)
+            return
+        # BatchNorm (eval): x_hat = (a - mean) * r per channel (dim 1), positions after it
+        assert m.running_mean is not None and m.running_var is not None  # hookable() checked
+        shape = (1, -1) + (1,) * (a.ndim - 2)
+        r = torch.rsqrt(m.running_var + m.eps).to(d.dtype)
+        gw = (a - m.running_mean.view(shape)) * d
+        if a.ndim > 2:
             lead = tuple(range(2, a.ndim))
-        xh = norm_input(m, a)
-        gw = (xh * d).sum(lead) if lead else xh * d
-        return gw, (d.sum(lead) if lead else d)
-    if a.ndim == 2:
-        return torch.einsum("bo,bi->boi", d, a), d
+            yield slice(0, B), gw.sum(lead).mul_(r), d.sum(lead)
+        else:
+            yield slice(0, B), gw.mul_(r), d
+        return
     if isinstance(m, nn.Conv2d):  # a [B, in, H, W], d [B, out, L]
-        return conv_weight_grads(m, a, d), d.sum(2)
-    return torch.einsum("bso,bsi->boi", d, a), d.sum(1)  # Linear on [B, S, *]
+        blocks = batch_blocks(B, m.weight.numel())
+        buf = d.new_empty(blocks[0].stop, d.shape[1], m.weight[0].numel())
+        for rows in blocks:
+            dr = d[rows]
+            gw = conv_weight_grads(m, a[rows], dr, out=buf[: dr.shape[0]])
+            yield rows, gw, dr.sum(2)
+        return
+    per = d.shape[-1] * a.shape[-1]
+    for rows in batch_blocks(B, per):
+        if a.ndim == 2:
+            yield rows, torch.einsum("bo,bi->boi", d[rows], a[rows]), d[rows]
+        else:  # Linear on [B, S, *]
+            dr = d[rows]
+            yield rows, torch.bmm(dr.transpose(1, 2), a[rows]), dr.sum(1)
+
+
+def _hook_passes(
+    fm: FunctionalModel, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor
+) -> list[tuple[nn.Module, dict[str, slice], torch.Tensor, torch.Tensor]] | None:
+    """:func:`netmend.curvature.hooks.hook_pass` when the hook path serves ``fm``, else None."""
+    layers = layer_slices(fm)
+    if layers is None:
+        return None
+    try:
+        return hook_pass(fm, theta, x, y, layers)
+    except HookFallback:
+        return None
 
 
 def per_example_grads(
@@ -120,16 +166,13 @@ def per_example_grads(
     Uses layer hooks (one batched backward plus a per-layer product) when every trainable
     parameter sits in a layer of :data:`netmend.curvature.hooks.HOOK_LAYERS` (Linear, Conv2d,
     BatchNorm in eval mode, LayerNorm, Embedding, EmbeddingBag), and ``torch.func.vmap``
-    otherwise.
+    otherwise. To multiply them by vectors, :func:`per_example_grad_products` is faster: it
+    never holds the ``[B, P]`` matrix.
     """
-    layers = layer_slices(fm)
-    if layers is None:
+    passes = _hook_passes(fm, theta, x, y)
+    if passes is None:
         return fm.per_example_grads(theta, x, y).detach()
     G = torch.zeros(y.shape[0], theta.numel(), dtype=theta.dtype, device=theta.device)
-    try:
-        passes = hook_pass(fm, theta, x, y, layers)
-    except HookFallback:
-        return fm.per_example_grads(theta, x, y).detach()
     for m, sl, a, d in passes:
         if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
             ex, tok, rows = token_rows(m, a, d)
@@ -137,11 +180,55 @@ def per_example_grads(
             cols = sl["weight"].start + tok[:, None] * D + torch.arange(D, device=tok.device)
             G[ex[:, None], cols] = rows
             continue
-        gw, gb = _layer_grads(m, a, d)
-        G[:, sl["weight"]] = gw.reshape(y.shape[0], -1)
-        if "bias" in sl:
-            G[:, sl["bias"]] = gb
+        for r, gw, gb in _grad_blocks(m, a, d):
+            G[r, sl["weight"]] = gw.reshape(gw.shape[0], -1)
+            if "bias" in sl:
+                G[r, sl["bias"]] = gb
     return G
+
+
+def per_example_grad_products(
+    fm: FunctionalModel,
+    theta: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    V: torch.Tensor,
+) -> torch.Tensor:
+    """``G V`` for the per-example gradients ``G`` ``[B, P]`` of one chunk, without forming G.
+
+    ``G[n] = grad log p(y_n|x_n, theta)`` as in :func:`per_example_grads`; on the hook path
+    each layer's per-example gradients are formed a cache-sized sub-batch at a time and
+    multiplied by that layer's rows of ``V`` at once, so the ``[B, P]`` matrix (and its
+    memory traffic) never exists. Equal to ``per_example_grads(...) @ V`` up to rounding.
+
+    Args:
+        fm, theta: the model and its parameters ``[P]``.
+        x, y: one chunk of inputs and labels ``[B]``.
+        V: ``[P]`` or ``[P, M]``.
+
+    Returns:
+        ``[B]`` (for ``V`` ``[P]``) or ``[B, M]``.
+    """
+    if V.shape[0] != theta.numel() or V.ndim not in (1, 2):
+        raise ValueError(f"V must be [P] or [P, M] with P = {theta.numel()}; got {tuple(V.shape)}")
+    passes = _hook_passes(fm, theta, x, y)
+    if passes is None:
+        return fm.per_example_grads(theta, x, y).detach() @ V
+    Vm = V.reshape(V.shape[0], -1).to(theta.dtype)
+    out = torch.zeros(y.shape[0], Vm.shape[1], dtype=theta.dtype, device=theta.device)
+    for m, sl, a, d in passes:
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+            ex, tok, rows = token_rows(m, a, d)
+            D = m.weight.shape[1]
+            Vw = Vm[sl["weight"]].reshape(-1, D, Vm.shape[1])  # [vocab, D, M]
+            out.index_add_(0, ex, torch.einsum("ud,udm->um", rows, Vw[tok]))
+            continue
+        Vw = Vm[sl["weight"]]
+        for r, gw, gb in _grad_blocks(m, a, d):
+            out[r] += gw.reshape(gw.shape[0], -1) @ Vw
+            if "bias" in sl:
+                out[r] += gb @ Vm[sl["bias"]]
+    return out if V.ndim == 2 else out.squeeze(1)
 
 
 def fisher_diag_sum(

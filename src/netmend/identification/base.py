@@ -15,7 +15,12 @@ import numpy as np
 import torch
 
 from netmend._registry import Registry
-from netmend.curvature import Curvature, fisher_diag_sum, per_example_grads
+from netmend.curvature import (
+    Curvature,
+    fisher_diag_sum,
+    per_example_grad_products,
+    per_example_grads,
+)
 from netmend.model.functional import Data, FunctionalModel, stream, summed_grad
 from netmend.store import tensor_hash
 
@@ -42,6 +47,19 @@ def resolve_l2(l2: float | str, fisher_diag: Callable[[], torch.Tensor]) -> floa
     return float(l2)
 
 
+@dataclass(frozen=True)
+class NegDot:
+    """``G -> -G V`` (``V`` ``[P]`` or ``[P, M]``) as the function of :func:`grad_rows`, which
+    then computes it layer by layer without forming the per-example gradients ``G``
+    (:func:`netmend.curvature.per_example_grad_products`): same numbers up to rounding,
+    without the ``[chunk, P]`` matrix and its memory traffic."""
+
+    V: torch.Tensor
+
+    def __call__(self, G: torch.Tensor) -> torch.Tensor:
+        return -(G @ self.V)
+
+
 def grad_rows(
     ctx: Context,
     theta: torch.Tensor,
@@ -54,13 +72,22 @@ def grad_rows(
 
     ``G_chunk`` ``[B, P]`` are the per-example gradients of ``log p(y_n|x_n, theta)`` of one
     chunk of at most ``ctx.chunk_size`` examples; ``fn`` maps them to ``[B]`` or ``[B, M]``.
+    A :class:`NegDot` ``fn`` is computed without forming ``G_chunk``.
     A :func:`netmend.model.functional.stream` pass, so it resumes inside a cached ``identify``.
     """
     X = ctx.X if X is None else X
     y = ctx.y if y is None else y
 
-    def rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return fn(per_example_grads(ctx.fm, theta, x, t))
+    if isinstance(fn, NegDot):
+        V = fn.V.to(device=theta.device, dtype=theta.dtype).contiguous()
+
+        def rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return -per_example_grad_products(ctx.fm, theta, x, t, V)
+
+    else:
+
+        def rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return fn(per_example_grads(ctx.fm, theta, x, t))
 
     return stream(
         X, y, rows, ctx.chunk_size, ctx.device, ctx.progress, desc, lambda: tensor_hash(theta)
@@ -155,7 +182,7 @@ class Context:
         theta = self.theta
         Gq = per_example_grads(self.fm, theta, self.Xq.to(self.device), self.yq.to(self.device))
         V = precond.solve(Gq.T.contiguous())  # [P, M]
-        return grad_rows(self, theta, lambda G: -(G @ V), "culprits").numpy().astype(np.float32)
+        return grad_rows(self, theta, NegDot(V), "culprits").numpy().astype(np.float32)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 
 from netmend.identification.base import Context, MethodOutput, grad_rows, register
 from netmend.identification.influence import check_options, failure_grads, option_target, out_dtype
-from netmend.identification.tracin import EAGER_PER_FAILURE, per_failure_pass
+from netmend.identification.tracin import EAGER_PER_FAILURE, neg_dot, per_failure_pass
 
 
 def unit_rows(G: torch.Tensor) -> torch.Tensor:
@@ -52,13 +52,11 @@ def grad_dot(ctx: Context) -> MethodOutput:
         sc = grad_rows(ctx, theta, lambda G: (G * G).sum(1), "grad_dot")
     else:
         gF = ctx.failure_grad(theta)
-        sc = grad_rows(ctx, theta, lambda G: -(G @ gF), "grad_dot")
+        sc = grad_rows(ctx, theta, neg_dot(gF), "grad_dot")
 
     def per_failure() -> np.ndarray:
         Gf = failure_grads(ctx, theta)
-        return (
-            grad_rows(ctx, theta, lambda G: -(G @ Gf.T), "culprits").numpy().astype(out_dtype(ctx))
-        )
+        return grad_rows(ctx, theta, neg_dot(Gf.T), "culprits").numpy().astype(out_dtype(ctx))
 
     return MethodOutput(
         scores=sc.double().numpy(), per_failure=per_failure, info={"target": target}

@@ -35,7 +35,7 @@ from torch import nn
 
 from netmend.curvature import DENSE_MAX_PARAMS, Curvature, cg, per_example_grads
 from netmend.data.streaming import chunks
-from netmend.identification.base import Context, MethodOutput, grad_rows, register
+from netmend.identification.base import Context, MethodOutput, NegDot, grad_rows, register
 from netmend.model.functional import Data, stream
 from netmend.store import tensor_hash
 
@@ -463,7 +463,7 @@ def influence_scores(ctx: Context, kind: str, method: str) -> MethodOutput:
 
     def per_failure() -> np.ndarray:
         V = inv.solve_many(failure_grads(ctx, theta).T)  # [P, M]
-        return grad_rows(ctx, theta, lambda G: -(G @ V), "culprits").numpy().astype(out_dtype(ctx))
+        return grad_rows(ctx, theta, NegDot(V), "culprits").numpy().astype(out_dtype(ctx))
 
     return MethodOutput(
         scores=sc.double().numpy(), per_failure=per_failure, info={**inv.info, "target": target}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from netmend.identification.base import Context, MethodOutput, grad_rows, register
+from netmend.identification.base import Context, MethodOutput, NegDot, grad_rows, register
 from netmend.identification.influence import (
     check_options,
     checkpoint_lrs,
@@ -56,8 +56,9 @@ class Checkpoints:
 
 
 def neg_dot(V: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``G -> -G V`` (``V`` ``[P]`` or ``[P, M]``)."""
-    return lambda G: -(G @ V)
+    """``G -> -G V`` (``V`` ``[P]`` or ``[P, M]``), computed by :func:`grad_rows` without
+    forming ``G`` (:class:`netmend.identification.base.NegDot`)."""
+    return NegDot(V)
 
 
 EAGER_PER_FAILURE = 2**24
