@@ -189,6 +189,64 @@ def cli_folder(d: dict[str, Any]) -> str:
 _MAXREL = "max_relative_difference_hooks_vs_vmap"
 
 
+def arch_timing(d: dict[str, Any]) -> str:
+    def row(label: str, key: str) -> list[str]:
+        return [
+            label,
+            f"{d[key + '_cpu_s']:.1f}",
+            f"{d[key + '_s']:.1f}",
+            f"{d[key + '_over_epoch']:.2f}",
+        ]
+
+    parts = d["repair_default_parts_s"]
+    over = d["repair_default_parts_over_epoch"]
+    return rows(
+        [
+            f"{d['model']}, {d['train_examples']} MNIST images",
+            "CPU s",
+            "wall s",
+            "/ training epoch (CPU s)",
+        ],
+        [
+            [
+                "one training epoch (Adam, batch 128)",
+                f"{d['train_epoch_cpu_s']:.1f}",
+                f"{d['train_epoch_s']:.1f}",
+                "1",
+            ],
+            row(
+                "floor: forward + backward with the weight gradients (eval mode)",
+                "bound_forward_backward_with_weight_grads",
+            ),
+            row(
+                "the hook path's forward + backward (layer-output gradients)",
+                "bound_hook_forward_backward",
+            ),
+            row("diagonal Fisher, layer hooks, **now**", "fisher_hooks"),
+            row("diagonal Fisher, layer hooks, before (same run)", "fisher_hooks_before"),
+            row("diagonal Fisher, `torch.func.vmap` (extrapolated)", "fisher_vmap_extrapolated"),
+            row(f"`G V`, {d['failures']} failure gradients, **now** (no `G`)", "grad_products"),
+            row("`G V` through the `[chunk, P]` matrix, before (same run)", "grad_products_before"),
+            row("`identify(..., 'ewc', k=50)`", "identify_ewc"),
+            row("`identify(..., 'grad_dot', k=50)`", "identify_grad_dot"),
+            row("`repair(...)`, every default (EWC, automatic K, fine-tune)", "repair_default"),
+            [
+                "… of which identification",
+                "",
+                f"{parts['identify']:.1f}",
+                f"{over['identify']:.2f}",
+            ],
+            ["… of which the fine-tune", "", f"{parts['treat']:.1f}", f"{over['treat']:.2f}"],
+            [
+                "largest relative difference, hooks vs vmap",
+                "",
+                "",
+                f"{d['fisher_max_rel_diff_hooks_vs_vmap']:.1e}",
+            ],
+        ],
+    )
+
+
 def _validate(run: dict[str, Any]) -> str:
     from netmend.lab.validation import table
 
@@ -449,6 +507,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "headline": (("benchmarks/demo_seeds.json",), headline),
     "demo_seeds": (("benchmarks/demo_seeds.json",), demo_seeds),
     "fisher_timing": (("benchmarks/fisher_timing.json",), fisher_timing),
+    "arch_timing": (("benchmarks/arch_timing.json",), arch_timing),
     "validate_setup": (("benchmarks/validate.json",), validate_setup),
     "validate_logreg": (("benchmarks/validate.json",), validate_logreg),
     "validate_mlp": (("benchmarks/validate.json",), validate_mlp),
