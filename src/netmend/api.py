@@ -38,6 +38,7 @@ from netmend.evaluation.controls import (
     run_controls,
 )
 from netmend.evaluation.controls import repaired as pareto_repaired
+from netmend.identification import k_rules
 from netmend.identification.base import (
     CULPRITS_PER_FAILURE,
     MAX_CLASS_SHARE,
@@ -60,6 +61,8 @@ from netmend.treatment.base import check_options as check_treat_options
 
 DEFAULT_IDENTIFY = "ewc"
 DEFAULT_TREAT = "finetune"
+AUTO_K_SPLITS = 3
+"""Random half-splits of the query failures whose agreement sets the automatic K."""
 DEFAULT_L2 = "auto"
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -435,11 +438,18 @@ def _auto_causes(
     seed: int,
     per_failure: np.ndarray | Callable[[], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Top-K causes with K from the agreement of two random halves of the query failures;
-    with fewer than 4 failures, each failure's top culprits (a handful, never every r > 0)."""
+    """Top-K causes with K from the agreement of random halves of the query failures;
+    with fewer than 4 failures, each failure's top culprits (a handful, never every r > 0).
+
+    The query failures are split in two at random ``AUTO_K_SPLITS`` times; the training set is
+    scored against every half, and K is the largest K whose excess agreement, averaged over
+    the splits, is at least ``REPRODUCIBLE`` of its best (:func:`netmend.identification.
+    k_rules.edge_rule`; the rule was chosen on the digits dev suites, ``benchmarks/k_rule.py``).
+    """
     m = len(ctx.Xq)
     positive = identification.select(scores, "positive")
-    if m < 4:
+
+    def handful(why: str) -> tuple[np.ndarray, dict[str, Any]]:
         n = CULPRITS_PER_FAILURE
         if per_failure is not None:
             pf = per_failure() if callable(per_failure) else per_failure
@@ -448,19 +458,27 @@ def _auto_causes(
         else:
             causes = positive[: n * m]
             rule = f"top {n} x {m} failures by score"
-        warnings.warn(
-            f"only {m} failure(s): too few to choose K from two halves; selecting the "
-            f"{causes.size} top culprits ({rule})",
-            stacklevel=3,
-        )
+        warnings.warn(f"{why}; selecting the {causes.size} top culprits ({rule})", stacklevel=4)
         return causes, {"rule": rule, "k": int(causes.size)}
-    perm = torch.from_numpy(np.random.default_rng(seed).permutation(m))
-    halves = []
-    for part in (perm[: m // 2], perm[m // 2 :]):
-        sub = dataclasses.replace(ctx, Xq=ctx.Xq[part], yq=ctx.yq[part], progress=False)
-        halves.append(_checked_scores(fn(sub).scores, scores.shape[0], method, ctx.l2))
-    k, excess = identification.reproducible_k(halves[0], halves[1], max_k=positive.size)
-    return positive[:k], {"rule": "reproducible", "k": k, "excess_agreement": excess}
+
+    if m < 4:
+        return handful(f"only {m} failure(s): too few to choose K from two halves")
+    halves: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    for split in range(AUTO_K_SPLITS):
+        perm = torch.from_numpy(np.random.default_rng([seed, split]).permutation(m))
+        for side, part in zip(halves, (perm[: m // 2], perm[m // 2 :]), strict=True):
+            sub = dataclasses.replace(ctx, Xq=ctx.Xq[part], yq=ctx.yq[part], progress=False)
+            side.append(_checked_scores(fn(sub).scores, scores.shape[0], method, ctx.l2))
+    k, excess = k_rules.edge_rule(halves[0], halves[1], positive.size)
+    if k == 0:  # no K is blamed by both halves more than by chance
+        causes, info = handful(
+            "random halves of the failures agree on no culprits beyond chance (the failures "
+            "may have unrelated causes)"
+        )
+        return causes, {**info, "splits": AUTO_K_SPLITS, "excess_agreement": excess}
+    rule = f"reproducible: edge of {k_rules.REPRODUCIBLE:g} x the best agreement"
+    info = {"rule": rule, "k": k, "splits": AUTO_K_SPLITS, "excess_agreement": excess}
+    return positive[:k], info
 
 
 @_keeps_global_rng
