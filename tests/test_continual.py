@@ -141,29 +141,36 @@ def test_adopting_a_one_shot_repair_continues_like_round_one(problem):
 def test_a_later_batch_joins_the_smaller_half(problem):
     model, train, (Xf, yf), _ = problem
     r = _repairer(problem)
-    r.observe((Xf[:7], yf[:7]))  # round 1: halves of 3 and 4 failures
-    assert r._half_sizes == [3, 4]
-    h1 = r._halves.copy()
+    r.observe((Xf[:7], yf[:7]))  # round 1: in every split, halves of 3 and 4 failures
+    assert len(r._half_sizes) == netmend.api.AUTO_K_SPLITS
+    assert all(sorted(sizes) == [3, 4] for sizes in r._half_sizes)
+    h1, sizes1 = r._halves.copy(), [list(sizes) for sizes in r._half_sizes]
     r.observe((Xf[7:10], yf[7:10]))
     s_b = netmend.identify(model, train, (Xf[7:10], yf[7:10]), "ewc", k=1, device="cpu",
                            progress=False, fisher=r.fisher).scores  # fmt: skip
-    np.testing.assert_allclose(r._halves[0], h1[0] + s_b, rtol=1e-9, atol=1e-12)
-    np.testing.assert_array_equal(r._halves[1], h1[1])
-    assert r._half_sizes == [6, 4]
+    for split, (a, b) in enumerate(sizes1):
+        small = int(b < a)
+        np.testing.assert_allclose(r._halves[split, small], h1[split, small] + s_b, rtol=1e-9,
+                                   atol=1e-12)  # fmt: skip
+        np.testing.assert_array_equal(r._halves[split, 1 - small], h1[split, 1 - small])
+        assert sorted(r._half_sizes[split]) == [4, 6]
     positive = np.flatnonzero(r.scores > 0)
-    k, _ = netmend.identification.reproducible_k(r._halves[0], r._halves[1], positive.size)
+    k, _ = netmend.identification.k_rules.edge_rule(
+        list(r._halves[:, 0]), list(r._halves[:, 1]), positive.size
+    )
+    assert k > 0
     np.testing.assert_array_equal(r.causes, np.argsort(-r.scores, kind="stable")[:k])
 
 
 def test_first_round_selects_like_identify_when_the_class_cap_binds(problem, monkeypatch):
     """The automatic K's class cap (at most half of a class) applies to the rounds too."""
     model, train, (Xf, yf), _ = problem
-    largest = netmend.identification.reproducible_k
+    edge = netmend.identification.k_rules.edge_rule
 
-    def every_positive(a, b, max_k=None, grid=60):
-        return int(max_k), largest(a, b, max_k, grid)[1]  # K = every positive score
+    def every_positive(a, b, max_k, scores=None):
+        return int(max_k), edge(a, b, max_k)[1]  # K = every positive score
 
-    monkeypatch.setattr(netmend.identification, "reproducible_k", every_positive)
+    monkeypatch.setattr(netmend.identification.k_rules, "edge_rule", every_positive)
     r = _repairer(problem)
     r.observe((Xf, yf))
     ref = netmend.identify(model, train, (Xf, yf), device="cpu", progress=False)

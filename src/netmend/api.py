@@ -291,9 +291,12 @@ def identify(
             "tmc_shapley", "banzhaf"; baselines "loss", "random".
         k: how to select causes: an int in ``[0, N]`` (top-k; numpy/torch integers too), a
             fraction of ``N`` in ``(0, 1)``, "positive" (``r > 0``)
-            or ``None``/"auto" (default): the K on which two random halves of the failures
-            agree best (:func:`netmend.identification.reproducible_k`; it scores the training
-            set twice more, and needs at least 4 failures). For the Data-Shapley methods
+            or ``None``/"auto" (default): the largest K on which random halves of the
+            failures still agree (at least 0.9 of their best agreement, averaged over
+            ``AUTO_K_SPLITS`` = 3 half-splits: :func:`netmend.identification.k_rules.
+            edge_rule`; it scores the training set six times more, and needs at least 4
+            failures; with fewer, or halves that agree on nothing, each failure's top 5
+            culprits). For the Data-Shapley methods
             ("knn_shapley", "tmc_shapley", "banzhaf") ``None`` means "positive": every example
             of negative value, with no K to choose.
         l2: ``lambda`` of the penalty ``(lambda/2)||theta - theta_hat||^2`` (also the damping

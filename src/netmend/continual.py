@@ -7,15 +7,16 @@ The paper's premise is repairing a model *on the fly* as failures are encountere
   per-example gradients over the training set, computed in the first round only);
 * the training log-likelihoods at ``theta_hat``, ``log p(z|theta_hat)`` ``[N]`` (one forward
   pass, first round only);
-* the cause scores so far, and the scores of the two random halves of the failures from which
-  the automatic K is chosen.
+* the cause scores so far, and the scores of the halves of the random half-splits of the
+  failures from which the automatic K is chosen.
 
 A round fits ``theta_+F`` on the **new** failures only (from ``theta_hat``, with the stored
 curvature) and adds their EWC-influence scores ``log p(z|theta_hat) - log p(z|theta_+F_b)``
-to the running sum: one forward pass over the training set. The automatic K compares two
-disjoint halves of the failures: round 1 splits its failures at random (as
-:func:`netmend.identify`), and each later batch joins the half with fewer failures (if
-batches differ systematically, e.g. under drift, the halves do too; pass a fixed ``k``).
+to the running sum: one forward pass over the training set. The automatic K compares
+disjoint halves of the failures: round 1 splits its failures at random, three times (as
+:func:`netmend.identify`), and each later batch joins, in each split, the half with fewer
+failures (if batches differ systematically, e.g. under drift, the halves do too; pass a
+fixed ``k``).
 The sum is the one-shot score under the quadratic approximation that EWC-influence rests
 on (``theta_+F - theta_hat`` is linear in the failures' summed gradient); the first round is
 exactly :func:`netmend.identify` with method "ewc" on its failures.
@@ -53,6 +54,7 @@ from torch import nn
 
 from netmend import api, identification, store
 from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device
+from netmend.identification import k_rules
 from netmend.identification.base import (
     CULPRITS_PER_FAILURE,
     MAX_CLASS_SHARE,
@@ -193,8 +195,9 @@ class Repairer:
         )  # fmt: skip
         self._before: torch.Tensor | None = None
         self.scores = np.zeros(n)
-        self._halves = np.zeros((2, n))
-        self._half_sizes = [0, 0]  # failures behind each half's scores
+        # [splits, 2, N]: the scores of each half of each random half-split of the failures
+        self._halves = np.zeros((api.AUTO_K_SPLITS, 2, n))
+        self._half_sizes = [[0, 0] for _ in range(api.AUTO_K_SPLITS)]  # failures behind each
         self._failures_X = empty_x
         self._failures_y = empty_y
         self.causes = np.zeros(0, dtype=np.int64)
@@ -238,8 +241,8 @@ class Repairer:
     def _select(self) -> np.ndarray:
         """The causes from the summed scores, by the rules of :func:`netmend.identify`.
 
-        The automatic K is the one on which the two halves agree
-        (:func:`netmend.identification.reproducible_k`), never more than half of a class's
+        The automatic K is the edge of the halves' agreement
+        (:func:`netmend.identification.k_rules.edge_rule`), never more than half of a class's
         training examples (:func:`netmend.identification.base.class_capped`), and with fewer
         than 4 failures each failure's top culprits: round 1 selects exactly what the
         one-shot :func:`netmend.identify` with method "ewc" selects.
@@ -249,16 +252,17 @@ class Repairer:
             causes = identification.select(self.scores, self.k)
             self._selection = {"rule": str(self.k), "k": int(causes.size)}
             return causes
-        if m < 4:
+        kk = 0
+        if m >= 4:
+            positive = identification.select(self.scores, "positive")
+            kk, _ = k_rules.edge_rule(
+                list(self._halves[:, 0]), list(self._halves[:, 1]), positive.size
+            )
+            causes, rule = positive[:kk], "reproducible"
+        if kk == 0:  # too few failures, or halves that agree on nothing: a handful
             pf = self.per_failure((self._failures_X, self._failures_y))
             causes = per_failure_top(pf, self.scores, CULPRITS_PER_FAILURE)
             rule = f"top {CULPRITS_PER_FAILURE} culprits per failure"
-        else:
-            positive = identification.select(self.scores, "positive")
-            kk, _ = identification.reproducible_k(
-                self._halves[0], self._halves[1], max_k=positive.size
-            )
-            causes, rule = positive[:kk], "reproducible"
         capped = class_capped(causes, self._y)
         self._selection = {"rule": rule, "k": int(capped.size)}
         if capped.size < causes.size:
@@ -279,34 +283,36 @@ class Repairer:
         seconds["base_likelihoods"] = time.perf_counter() - t
 
     def _score_round(self, Xb: torch.Tensor, yb: torch.Tensor, rnd: int) -> None:
-        """Add the new failures' scores to the running sum and to one of the two halves.
+        """Add the new failures' scores to the running sum and to one half of each split.
 
-        Round 1 splits its failures into two random halves (as :func:`netmend.identify`'s
-        automatic K) and scores each (three fits and forward passes). A later round scores
-        its batch once (one fit, one forward pass) and adds the scores to the half with fewer
-        failures so far: the halves stay two disjoint sets of failures of nearly equal size,
-        which is all the automatic K (:func:`netmend.identification.reproducible_k`) needs.
+        Round 1 splits its failures into two random halves ``AUTO_K_SPLITS`` times (as
+        :func:`netmend.identify`'s automatic K) and scores each half (one fit and forward
+        pass each). A later round scores its batch once (one fit, one forward pass) and adds
+        the scores, in every split, to the half with fewer failures so far: the halves stay
+        disjoint sets of failures of nearly equal size, which is all the automatic K
+        (:func:`netmend.identification.k_rules.edge_rule`) needs.
         """
         s_b = self._ewc_scores(Xb, yb)
         self.scores = self.scores + s_b
         if rnd == 1:
             self._score_halves(Xb, yb, rnd)
         else:
-            h = int(self._half_sizes[1] < self._half_sizes[0])
-            self._halves[h] += s_b
-            self._half_sizes[h] += int(yb.shape[0])
+            for split, sizes in enumerate(self._half_sizes):
+                h = int(sizes[1] < sizes[0])
+                self._halves[split, h] += s_b
+                sizes[h] += int(yb.shape[0])
         self._failures_X = torch.cat([self._failures_X, Xb])
         self._failures_y = torch.cat([self._failures_y, yb])
 
     def _score_halves(self, Xb: torch.Tensor, yb: torch.Tensor, rnd: int) -> None:
         m = int(yb.shape[0])
         # the same halves as netmend.identify, so round 1 is the one-shot call
-        perm = torch.from_numpy(np.random.default_rng(self.seed).permutation(m))
-        halves = (perm[: m // 2], perm[m // 2 :])
-        for h, part in enumerate(halves):
-            self._half_sizes[h] += int(part.numel())
-            if part.numel():
-                self._halves[h] += self._ewc_scores(Xb[part], yb[part])
+        for split, sizes in enumerate(self._half_sizes):
+            perm = torch.from_numpy(np.random.default_rng([self.seed, split]).permutation(m))
+            for h, part in enumerate((perm[: m // 2], perm[m // 2 :])):
+                sizes[h] += int(part.numel())
+                if part.numel():
+                    self._halves[split, h] += self._ewc_scores(Xb[part], yb[part])
 
     def adopt(
         self,
@@ -527,11 +533,16 @@ class Repairer:
             self._ctx.l2 = float(meta["l2"])
         self.scores = tensors["scores"].numpy().copy()
         self._halves = tensors["halves"].numpy().copy()
+        if self._halves.shape[0] != api.AUTO_K_SPLITS or self._halves.ndim != 3:
+            raise ValueError(
+                f"{d}: saved by an older netmend (one half-split of the failures; this one "
+                f"keeps {api.AUTO_K_SPLITS}); start a new folder"
+            )
         self._failures_X, self._failures_y = tensors["failures_X"], tensors["failures_y"]
         self.causes = tensors["causes"].numpy().copy()
         self._before = tensors.get("before")
         self._first_steps = meta["first_steps"]
-        self._half_sizes = [int(v) for v in meta["half_sizes"]]
+        self._half_sizes = [[int(v) for v in pair] for pair in meta["half_sizes"]]
         self.history = list(meta["history"])
         if (d / MODEL_FILE).is_file():
             sd, _ = store.load_tensors(d / MODEL_FILE)

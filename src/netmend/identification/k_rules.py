@@ -38,6 +38,11 @@ REPRODUCIBLE = 0.9
 """``edge`` keeps the largest K whose mean excess agreement is at least this share of the
 highest."""
 
+MIN_AGREEMENT = 0.1
+"""``edge`` supports no K (returns 0) unless the best mean excess agreement reaches this: a
+tenth of the top K blamed by both halves beyond chance. Unrelated halves of pure noise reach
+about 0.03 (a chance overlap of one example among the top 10, averaged over three splits)."""
+
 MIRROR_FDR = 0.1
 """``mirror``: the largest share of the top K that the negative tail may mirror."""
 
@@ -97,13 +102,22 @@ def edge_rule(
 ) -> tuple[int, dict[int, float]]:
     """The largest K whose mean excess agreement is at least ``share`` of its maximum.
 
-    Returns 0 (no K is supported) when the maximum is not positive.
+    Args:
+        scores_a, scores_b: ``S`` pairs of ``[N]`` score vectors (positive = harmful), one
+            pair per random half-split of the query failures.
+        max_k: the largest K considered (e.g. the number of positive scores).
+        scores: unused (the common signature of :data:`RULES`).
+        share: the share of the best agreement that the chosen K keeps.
+
+    Returns:
+        ``K`` (0 when no K is supported: the best mean excess agreement is below
+        :data:`MIN_AGREEMENT`) and the mean excess agreement at each K of the grid.
     """
     excess = mean_excess(scores_a, scores_b, max_k)
     if not excess:
         return 0, excess
     top = max(excess.values())
-    if top <= 0:
+    if top < MIN_AGREEMENT:
         return 0, excess
     return max(k for k, e in excess.items() if e >= share * top), excess
 
@@ -181,6 +195,7 @@ RULES: dict[str, Rule] = {
 """The rules compared by ``benchmarks/k_rule.py``, by name."""
 
 __all__ = [
+    "MIN_AGREEMENT",
     "MIRROR_FDR",
     "REPRODUCIBLE",
     "RULES",
