@@ -60,7 +60,9 @@ def half_scores(model, noisy, Xq, yq, seed: int, splits: int, common: dict) -> l
     return pairs
 
 
-def run_one(suite: str, seed: int, splits: int, draws: int) -> dict[str, Any]:
+def run_one(
+    suite: str, seed: int, splits: int, draws: int, rules: list[str], max_share: float
+) -> dict[str, Any]:
     data = bench.make_suite(suite, seed)
     dataset, _ = bench.parse_suite(suite)
     spec = bench.DATASETS[dataset]
@@ -109,14 +111,15 @@ def run_one(suite: str, seed: int, splits: int, draws: int) -> dict[str, Any]:
         "rules": {},
     }
     random_cache: dict[int, list[dict[str, Any]]] = {}
-    for name, rule in k_rules.RULES.items():
+    for name in rules:
+        rule = k_rules.RULES[name]
         if pairs:
             k, evidence = rule(
                 [p[0] for p in pairs], [p[1] for p in pairs], positive.size, full.scores
             )
         else:
             k, evidence = 0, {}
-        causes = class_capped(positive[:k], data.train.y)
+        causes = class_capped(positive[:k], data.train.y, max_share)
         k = int(causes.size)
         figures = measure(treat(causes))
         if k not in random_cache:
@@ -164,6 +167,27 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def overall(summary: dict[str, Any]) -> dict[str, Any]:
+    """Per rule, over the suites: what benchmarks/README.md's table shows."""
+    out = {}
+    for rule, per in summary.items():
+        cvs = [v["k_cv"] for v in per.values() if v["k_cv"] is not None]
+        held = [v["heldout_gain"] for v in per.values()]
+        test = [v["test_gain"] for v in per.values()]
+        out[rule] = {
+            "suites": len(per),
+            "suites_with_cv": len(cvs),
+            "suites_cv_le_0.3": sum(c <= 0.3 for c in cvs),
+            "mean_cv": float(np.mean(cvs)) if cvs else None,
+            "mean_heldout_gain": float(np.mean(held)),
+            "suites_with_positive_gain": sum(h > 0 for h in held),
+            "mean_test_gain": float(np.mean(test)),
+            "pareto_passes": sum(v["pareto"] for v in per.values()),
+            "runs": sum(v["runs"] for v in per.values()),
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--suites", nargs="+", default=["digits"])
@@ -171,11 +195,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--splits", type=int, default=3)
     p.add_argument("--draws", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rules", nargs="+", default=list(k_rules.RULES), choices=list(k_rules.RULES))
+    p.add_argument(
+        "--max-class-share", type=float, default=0.5, help="the class cap on the selected K"
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/k_rule_dev.json"))
+    p.add_argument("--resummarise", type=Path, help="only recompute a JSON's summaries")
     a = p.parse_args(argv)
+    if a.resummarise is not None:
+        doc = json.loads(a.resummarise.read_text())
+        doc["summary"] = summarise(doc["results"])
+        doc["overall"] = overall(doc["summary"])
+        tmp = a.resummarise.with_suffix(".tmp")
+        tmp.write_text(json.dumps(doc, indent=1, default=float))
+        tmp.replace(a.resummarise)
+        return
     torch.set_num_threads(a.threads)
     results = [
-        run_one(s, seed, a.splits, a.draws)
+        run_one(s, seed, a.splits, a.draws, a.rules, a.max_class_share)
         for s in bench.expand_suites(a.suites)
         for seed in a.seeds
     ]
@@ -184,6 +221,11 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
         "note": "2 CPU cores shared with other jobs while measured; no timings are claimed",
         "summary": summarise(results),
+        "results": results,
+    }
+    doc = {
+        **{key: doc[key] for key in ("config", "machine", "note", "summary")},
+        "overall": overall(doc["summary"]),
         "results": results,
     }
     tmp = a.out.with_suffix(".tmp")

@@ -503,6 +503,40 @@ def scaling_n(d: dict[str, Any]) -> str:
     return rows(head, body)
 
 
+def k_rule(d: dict[str, Any]) -> str:
+    """The automatic-K rules on the dev suites: stability of K and the diagnosis gain."""
+    body = []
+    for rule, o in d["overall"].items():
+        body.append(
+            [
+                f"`{rule}`",
+                f"{o['suites_cv_le_0.3']} of {o['suites_with_cv']}",
+                f3(o["mean_cv"], "{:.2f}"),
+                f"{100 * o['mean_heldout_gain']:+.1f}",
+                f"{o['suites_with_positive_gain']} of {o['suites']}",
+                f"{100 * o['mean_test_gain']:+.2f}",
+                f"{o['pareto_passes']} of {o['runs']}",
+            ]
+        )
+    head = ["rule", "suites with CV of K ≤ 0.3", "mean CV of K"]
+    head += ["diagnosis gain, held-out F (points, mean over suites)", "suites with a gain > 0"]
+    head += ["gain, test (points)", "Pareto passes (suite × seed)"]
+    return rows(head, body)
+
+
+def demo_convergence(d: dict[str, Any]) -> str:
+    """The demo CNN's validation curve (noisy 50k / 10k split of the training set)."""
+    body = [
+        [
+            f"{r['epochs']:g}",
+            f"{100 * r['val_acc_noisy_labels']:.2f}",
+            f"{100 * r['val_acc_true_labels']:.2f}",
+        ]
+        for r in d["curve"]
+    ]
+    return rows(["epochs", "validation acc, noisy labels (%)", "true labels (%)"], body)
+
+
 TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "headline": (("benchmarks/demo_seeds.json",), headline),
     "demo_seeds": (("benchmarks/demo_seeds.json",), demo_seeds),
@@ -522,6 +556,9 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "peers_scale": (tuple(f"benchmarks/{f}" for f in PEERS_SCALE_FILES), peers_scale),
     "peers_scale_ratios": (("benchmarks/peers_scale.json",), peers_scale_ratios),
     "scaling_n": (("benchmarks/scaling_n.json",), scaling_n),
+    "k_rule": (("benchmarks/k_rule_dev.json",), k_rule),
+    "k_rule_cap": (("benchmarks/k_rule_dev_cap0.3.json",), k_rule),
+    "demo_convergence": (("benchmarks/demo_convergence.json",), demo_convergence),
 }
 
 

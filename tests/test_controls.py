@@ -251,8 +251,11 @@ def test_per_failure_top_is_the_union_of_each_failures_top_n():
 def test_class_capped_stops_before_half_of_a_class():
     labels = np.array([0] * 10 + [1] * 4 + [2] * 6)
     causes = np.array([10, 0, 11, 1, 12, 2, 3, 4, 5, 13, 14])
-    # class 1 (4 examples) may lose 2: the third class-1 example, causes[4] = 12, stops it
-    assert class_capped(causes, labels).tolist() == [10, 0, 11, 1]
+    # at half a class, class 1 (4 examples) may lose 2: the third class-1 example,
+    # causes[4] = 12, stops it
+    assert class_capped(causes, labels, max_share=0.5).tolist() == [10, 0, 11, 1]
+    # the default, 30%: class 1 may lose 1 (floor of 1.2), class 0 3: causes[2] = 11 stops it
+    assert class_capped(causes, labels).tolist() == [10, 0]
     assert class_capped(causes, labels, max_share=1.0).tolist() == causes.tolist()
     assert class_share(causes[:4], labels) == pytest.approx({0: 0.2, 1: 0.5, 2: 0.0})
 

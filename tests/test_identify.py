@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import netmend
-from netmend.identification import available, register, reproducible_k, select
+from netmend.identification import available, class_capped, register, reproducible_k, select
 from netmend.identification import base as ident_base
 from netmend.identification.base import AUTO_L2_RATIO
 
@@ -543,12 +543,16 @@ def test_identify_auto_k_scores_two_disjoint_halves(monkeypatch, blobs, blobs_lo
         assert rows == sorted(map(tuple, Xf.tolist()))  # disjoint, and together all failures
         splits.add(tuple(sorted(map(tuple, h1.tolist()))))
     assert len(splits) > 1  # the splits differ
-    k = ident.info["auto_k"]["k"]
+    auto = ident.info["auto_k"]
     # the edge rule keeps the K whose agreement is >= 0.9 of the best: the whole block, and
-    # at most a tenth more
-    assert 40 <= k <= 44 and len(ident.causes) == k
-    assert set(block.tolist()) <= set(ident.causes.tolist())
-    np.testing.assert_array_equal(ident.causes, select(ident.scores, k))
+    # at most a tenth more; then at most 30% of a class
+    uncapped = auto.get("uncapped_k", auto["k"])
+    assert 40 <= uncapped <= 44
+    top = select(ident.scores, uncapped)
+    assert set(block.tolist()) <= set(top.tolist())
+    np.testing.assert_array_equal(ident.causes, class_capped(top, blobs.y))
+    k = len(ident.causes)
+    assert auto["k"] == k
     assert len(ident.scores) == N
 
 

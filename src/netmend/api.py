@@ -41,6 +41,7 @@ from netmend.evaluation.controls import repaired as pareto_repaired
 from netmend.identification import k_rules
 from netmend.identification.base import (
     CULPRITS_PER_FAILURE,
+    EMPTIED_CLASS_SHARE,
     MAX_CLASS_SHARE,
     Context,
     class_capped,
@@ -421,7 +422,7 @@ def _warn_emptied_classes(causes: np.ndarray, y: torch.Tensor, info: dict[str, A
     a class's training examples: a fine-tune without them forgets the class."""
     if causes.size == 0:
         return
-    over = {c: s for c, s in class_share(causes, y).items() if s > MAX_CLASS_SHARE}
+    over = {c: s for c, s in class_share(causes, y).items() if s > EMPTIED_CLASS_SHARE}
     info["classes_over_half"] = over
     if over:
         listed = ", ".join(f"class {c}: {s:.0%}" for c, s in sorted(over.items()))
@@ -478,6 +479,8 @@ def _auto_causes(
             "random halves of the failures agree on no culprits beyond chance (the failures "
             "may have unrelated causes)"
         )
+        causes = causes[scores[causes] > 0]  # never one the summed evidence calls helpful
+        info["k"] = int(causes.size)
         return causes, {**info, "splits": AUTO_K_SPLITS, "excess_agreement": excess}
     rule = f"reproducible: edge of {k_rules.REPRODUCIBLE:g} x the best agreement"
     info = {"rule": rule, "k": k, "splits": AUTO_K_SPLITS, "excess_agreement": excess}

@@ -242,7 +242,7 @@ class Repairer:
         """The causes from the summed scores, by the rules of :func:`netmend.identify`.
 
         The automatic K is the edge of the halves' agreement
-        (:func:`netmend.identification.k_rules.edge_rule`), never more than half of a class's
+        (:func:`netmend.identification.k_rules.edge_rule`), never more than 30% of a class's
         training examples (:func:`netmend.identification.base.class_capped`), and with fewer
         than 4 failures each failure's top culprits: round 1 selects exactly what the
         one-shot :func:`netmend.identify` with method "ewc" selects.

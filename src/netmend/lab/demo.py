@@ -40,7 +40,18 @@ class DemoConfig:
         seed: seeds the corruption, initialisation, training order and failure split.
         train_size, test_size: how much of MNIST to use (``None`` = all 60k / 10k).
         epochs: training epochs of the corrupted model and of the retrain-clean reference.
+        average_tail: the training recipe averages the parameters over this final share of
+            its steps (:class:`~netmend.model.training.TrainConfig`).
         draws: random-K draws of each pipeline's control (at least 3).
+
+    The model is trained to convergence (issue 11): Adam at a constant rate leaves the last
+    iterate oscillating (test accuracy 93.7-98.6% from one epoch to the next over 12 epochs,
+    seed 0), so netmend 0.3's 2-epoch demo model had failures that any further training fixed
+    (``finetune-only`` repaired 74% of them). Averaging the second half of the steps removes
+    the oscillation; ``benchmarks/demo_convergence.json`` is the validation curve (50k/10k of
+    the noisy training set): 96.0 / 97.2 / 98.0 / 98.5 / 98.6% at 1 / 2 / 4 / 6 / 8 epochs,
+    so 6 epochs, where two more add 0.08 points (the standard error of the 10k validation
+    accuracy is 0.12).
 
     Every treatment runs with the recipe :func:`netmend.repair` uses by default (the
     ``finetune`` treatment's :func:`netmend.treatment.methods.finetune_recipe`), and so does
@@ -50,12 +61,13 @@ class DemoConfig:
     seed: int = 0
     train_size: int | None = None
     test_size: int | None = None
-    epochs: float = 2.0
+    epochs: float = 6.0
+    average_tail: float = 0.5
     draws: int = 3
 
     @classmethod
     def quick_config(cls, seed: int = 0) -> DemoConfig:
-        return cls(seed=seed, train_size=8000, test_size=4000, epochs=2.0)
+        return cls(seed=seed, train_size=8000, test_size=4000, epochs=2.0, average_tail=0.0)
 
 
 # (identify, treat) pairs shown; the first is what netmend.repair does by default.
@@ -102,7 +114,7 @@ def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, A
     noisy = (train.X, corruption.labels)
     mask = corruption.mask.numpy()
     truth = np.flatnonzero(mask)
-    recipe = TrainConfig(epochs=config.epochs)
+    recipe = TrainConfig(epochs=config.epochs, average_tail=config.average_tail)
 
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
