@@ -162,7 +162,7 @@ def main() -> None:
         res.pop("_artifacts")
         results.append(res)
         doc = {"seeds": results, "summary": summarise(results)}
-        write_json_atomic(args.out, doc)
+        write_json_atomic(args.out, doc, indent=None)  # compact: three seeds' records
         Path(args.out).with_suffix(".md").write_text(render(doc))
         print(demo.table(res), flush=True)
     print(f"total {time.perf_counter() - t0:.0f}s")

@@ -21,8 +21,11 @@ class Registry(Generic[F]):
         self.kind = kind
         self._items: dict[str, F] = {}
         self._options: dict[str, frozenset[str] | None] = {}
+        self._research: dict[str, str] = {}
 
-    def register(self, name: str, options: Iterable[str] | None = None) -> Callable[[F], F]:
+    def register(
+        self, name: str, options: Iterable[str] | None = None, research: str | None = None
+    ) -> Callable[[F], F]:
         """A decorator registering its function under ``name`` (names are unique).
 
         Args:
@@ -30,6 +33,10 @@ class Registry(Generic[F]):
             options: the names of the keyword options the function reads (``()``: none).
                 ``None`` declares nothing and leaves the options unchecked (for plug-ins
                 written before options were declared; every built-in method declares them).
+            research: marks the function *research-only*, with the reason (a measured
+                failure, and where it is measured): it stays callable, but
+                :meth:`available` lists it only when asked and :meth:`research_only` says
+                why.
         """
         declared = None if options is None else frozenset(options)
 
@@ -38,6 +45,8 @@ class Registry(Generic[F]):
                 raise ValueError(f"a {self.kind} named {name!r} is already registered")
             self._items[name] = fn
             self._options[name] = declared
+            if research is not None:
+                self._research[name] = research
             return fn
 
         return deco
@@ -75,9 +84,13 @@ class Registry(Generic[F]):
             f"{accepted}. A misspelt option would otherwise be ignored silently."
         )
 
-    def available(self) -> list[str]:
-        """The registered names, sorted."""
-        return sorted(self._items)
+    def available(self, research: bool = True) -> list[str]:
+        """The registered names, sorted; ``research=False`` leaves out the research-only ones."""
+        return sorted(n for n in self._items if research or n not in self._research)
+
+    def research_only(self) -> dict[str, str]:
+        """The research-only names, each with why it is not recommended."""
+        return dict(self._research)
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:

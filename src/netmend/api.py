@@ -542,6 +542,11 @@ def treat(
         A new ``nn.Module`` in eval mode.
     """
     fn = treatment.get(method)
+    if method in treatment.research_only():
+        warnings.warn(
+            f"treatment {method!r} is research-only: {treatment.research_only()[method]}",
+            stacklevel=3,
+        )
     check_treat_options(method, options)
     seed = check_seed(seed)
     dev = resolve_device(device)

@@ -345,14 +345,15 @@ def load_tensors(
     return tensors, meta
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` atomically (missing parent folders are created)."""
+def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> None:
+    """Write ``obj`` as JSON to ``path`` atomically (missing parent folders are created);
+    ``indent=None`` writes it compactly (large benchmark records)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(tmp: Path) -> None:
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+            json.dump(obj, f, indent=indent)
             f.write("\n")
 
     _atomic_write(path, write)

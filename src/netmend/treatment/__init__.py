@@ -7,6 +7,6 @@ decorated by :func:`register`.
 from __future__ import annotations
 
 from netmend.treatment import align, methods, relabel  # noqa: F401  (registers the treatments)
-from netmend.treatment.base import TreatContext, available, get, register
+from netmend.treatment.base import TreatContext, available, get, register, research_only
 
-__all__ = ["TreatContext", "available", "get", "register"]
+__all__ = ["TreatContext", "available", "get", "register", "research_only"]

@@ -158,13 +158,16 @@ Treatment = Callable[[TreatContext], nn.Module]
 _REGISTRY: Registry[Treatment] = Registry("treatment")
 
 
-def register(name: str, options: Iterable[str] | None = None) -> Callable[[Treatment], Treatment]:
+def register(
+    name: str, options: Iterable[str] | None = None, research: str | None = None
+) -> Callable[[Treatment], Treatment]:
     """Register a treatment ``(TreatContext) -> new nn.Module`` under ``name``.
 
     ``options`` names the keyword options it reads from ``ctx.options`` (``()``: none); an
     option outside them is refused by :func:`netmend.treat` (see :func:`check_options`).
+    ``research`` marks it research-only, with the measured reason (:func:`research_only`).
     """
-    return _REGISTRY.register(name, options)
+    return _REGISTRY.register(name, options, research)
 
 
 def check_options(name: str, options: Mapping[str, Any]) -> None:
@@ -178,6 +181,11 @@ def get(name: str) -> Treatment:
     return _REGISTRY.get(name)
 
 
-def available() -> list[str]:
-    """Names of the registered treatments."""
-    return _REGISTRY.available()
+def available(research: bool = True) -> list[str]:
+    """Names of the registered treatments (``research=False``: without the research-only)."""
+    return _REGISTRY.available(research)
+
+
+def research_only() -> dict[str, str]:
+    """The research-only treatments, each with the measured reason it is not recommended."""
+    return _REGISTRY.research_only()

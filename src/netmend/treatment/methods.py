@@ -204,7 +204,15 @@ def _guarded_step(
     return theta0 + best * direction, best
 
 
-@register("newton", options=NEWTON_OPTIONS)
+DELETION_RESEARCH = (
+    "one-step deletion breaks a converged CNN: on the demo (full MNIST, SmallCNN trained to "
+    "convergence, seeds 0-2) it took test accuracy from 98.8% to 84-88% with the default's "
+    "causes (benchmarks/demo_seeds.json); use 'finetune' or 'relabel'"
+)
+"""Why the one-step deletion treatments ("newton", "ewc") are research-only."""
+
+
+@register("newton", options=NEWTON_OPTIONS, research=DELETION_RESEARCH)
 def newton(ctx: TreatContext) -> nn.Module:
     """One damped, Fisher-preconditioned Newton removal step.
 
@@ -252,7 +260,7 @@ def newton(ctx: TreatContext) -> nn.Module:
     return ctx.model_at(new)
 
 
-@register("ewc", options=EWC_OPTIONS)
+@register("ewc", options=EWC_OPTIONS, research=DELETION_RESEARCH)
 def ewc_deletion(ctx: TreatContext) -> nn.Module:
     """EWC deletion: maximise the loss of ``C`` under the EWC penalty of what is retained.
 
