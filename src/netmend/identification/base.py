@@ -124,6 +124,10 @@ class Context:
     l2: float | str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
     fisher: torch.Tensor | None = None  # summed diagonal empirical Fisher [P], lazily computed
+    shared: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    """Work that depends only on the model and the training set (e.g. ``log p(z|theta_hat)``),
+    kept for the contexts :func:`dataclasses.replace` derives from this one (the halves of the
+    automatic K share it: one dict, not a copy)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.l2, str):

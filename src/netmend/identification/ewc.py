@@ -64,7 +64,9 @@ def ewc_influence(ctx: Context) -> MethodOutput:
         step_size=float(ctx.options.get("step_size", 1.0)),
     )
     kw: dict[str, Any] = dict(chunk_size=ctx.chunk_size, device=ctx.device, progress=ctx.progress)
-    before = log_likelihoods(ctx.fm, ctx.theta, ctx.X, ctx.y, **kw)
+    before = ctx.shared.get("ll_theta_hat")  # the same for every set of failures
+    if before is None:
+        before = ctx.shared["ll_theta_hat"] = log_likelihoods(ctx.fm, ctx.theta, ctx.X, ctx.y, **kw)
     after = log_likelihoods(ctx.fm, theta_f, ctx.X, ctx.y, **kw)
     scores = (before - after).double().numpy()
     precond = ctx.diag_curvature()
