@@ -209,6 +209,11 @@ TARGET = {
 """Assumptions of :func:`extrapolate` (docs/scaling.md explains each)."""
 
 
+LL_PASSES = 8
+"""Log-likelihood passes of the default identification: log p(z|theta_hat) once, and one at
+theta_+F for the fit on all failures and for each half of the automatic K's 3 splits."""
+
+
 def extrapolate(measured: dict[str, Any], target: dict[str, Any] = TARGET) -> dict[str, Any]:
     """Size a default repair (ewc identification with the automatic K, then finetune) at
     ``target`` from the CPU measurements: pass costs relative to a log-likelihood pass, and
@@ -231,11 +236,12 @@ def extrapolate(measured: dict[str, Any], target: dict[str, Any] = TARGET) -> di
         "cpu_forward_flops_per_s": cpu_flops,
         "passes": {
             "fisher_diag": 1,
-            "log_likelihood": 6,
+            "log_likelihood": LL_PASSES,
             "finetune_epochs": 1,
-            "note": "ewc: one Fisher pass, then 2 log-likelihood passes per call; the automatic "
-            "K calls it on all failures and on each half (3 calls); finetune: one epoch of "
-            "D minus C (its default for large data); culprits: one per-example-gradient pass",
+            "note": "ewc: one Fisher pass, one log-likelihood pass at theta_hat (shared), then "
+            "one at theta_+F per call; the automatic K calls it on all failures and on both "
+            "halves of 3 half-splits (7 calls); finetune: one epoch of D minus C (its default "
+            "for large data); culprits: one per-example-gradient pass",
         },
         "bytes_moved_per_rank": {
             "fisher_allreduce": ring * P * bpp,
@@ -265,10 +271,10 @@ def extrapolate(measured: dict[str, Any], target: dict[str, Any] = TARGET) -> di
             "flops_per_example_forward": fwd,
             "log_likelihood_pass": t_ll / 3600,
             "fisher_pass": t_fisher / 3600,
-            "identify_ewc_auto_k": (t_fisher + 6 * t_ll) / 3600,
+            "identify_ewc_auto_k": (t_fisher + LL_PASSES * t_ll) / 3600,
             "finetune_epoch": t_finetune / 3600,
             "finetune_allreduce_only": steps * ring * P * bpp / B / 3600,
-            "default_repair": (t_fisher + 6 * t_ll + t_finetune) / 3600,
+            "default_repair": (t_fisher + LL_PASSES * t_ll + t_finetune) / 3600,
             "culprits_pass": t_culprits / 3600,
         }
     return out
