@@ -45,7 +45,8 @@ class DemoConfig:
         draws: random-K draws of each pipeline's control (at least 3).
 
     The model is trained to convergence (issue 11): Adam at a constant rate leaves the last
-    iterate oscillating (test accuracy 93.7-98.6% from one epoch to the next over 12 epochs,
+    iterate oscillating (an exploratory run, not a kept benchmark: test accuracy 93.7-98.6% from
+    one epoch to the next over 12 epochs,
     seed 0), so netmend 0.3's 2-epoch demo model had failures that any further training fixed
     (``finetune-only`` repaired 74% of them). Averaging the second half of the steps removes
     the oscillation; ``benchmarks/demo_convergence.json`` is the validation curve (50k/10k of
