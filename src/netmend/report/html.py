@@ -243,6 +243,20 @@ def score_histogram_svg(
     return "".join(parts)
 
 
+def _pair_table(
+    pairs: Counter[tuple[int, int]], classes: Sequence[str] | None, head: tuple[str, str, str]
+) -> str:
+    """The 10 most common ``(class, class)`` pairs of ``pairs`` as a table, ``head`` its
+    column names (e.g. true class, predicted, failures)."""
+    rows = "".join(
+        f"<tr><th>{html.escape(_name(a, classes))}</th>"
+        f"<td>{html.escape(_name(b, classes))}</td><td>{n}</td></tr>"
+        for (a, b), n in pairs.most_common(10)
+    )
+    cols = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    return f"<table><thead><tr>{cols}</tr></thead><tbody>{rows}</tbody></table>"
+
+
 def _classes_section(data: ReportData) -> str:
     y = data.train_y.cpu().numpy()
     cause_labels = Counter(int(c) for c in y[np.asarray(data.causes, dtype=np.int64)])
@@ -262,29 +276,11 @@ def _classes_section(data: ReportData) -> str:
             (int(t), int(p))
             for t, p in zip(data.failures_y.cpu().numpy(), np.asarray(data.pred_before))
         )
-        rows = "".join(
-            f"<tr><th>{html.escape(_name(t, data.classes))}</th>"
-            f"<td>{html.escape(_name(p, data.classes))}</td><td>{n}</td></tr>"
-            for (t, p), n in pairs.most_common(10)
-        )
-        conf = (
-            "<table><thead><tr><th>true class</th><th>predicted</th><th>failures</th></tr>"
-            f"</thead><tbody>{rows}</tbody></table>"
-        )
+        conf = _pair_table(pairs, data.classes, ("true class", "predicted", "failures"))
     moves = ""
     if data.suggested:
         tr = Counter((int(y[i]), int(s)) for i, s in data.suggested.items() if int(s) != int(y[i]))
-        rows = "".join(
-            f"<tr><th>{html.escape(_name(a, data.classes))}</th>"
-            f"<td>{html.escape(_name(b, data.classes))}</td><td>{n}</td></tr>"
-            for (a, b), n in tr.most_common(10)
-        )
-        moves = (
-            "<table><thead><tr><th>label</th><th>suggested</th><th>causes</th></tr></thead>"
-            f"<tbody>{rows}</tbody></table>"
-            if rows
-            else ""
-        )
+        moves = _pair_table(tr, data.classes, ("label", "suggested", "causes")) if tr else ""
     return f'<div class="row">{causes_tbl}{conf}{moves}</div>'
 
 
