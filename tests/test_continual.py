@@ -183,6 +183,24 @@ def test_first_round_selects_like_identify_when_the_class_cap_binds(problem, mon
     assert max(np.mean(np.isin(np.flatnonzero(y == c), r.causes)) for c in range(3)) <= 0.5
 
 
+def test_first_round_selects_like_identify_when_the_halves_agree_on_nothing(problem, monkeypatch):
+    """The fallback after halves that agree on nothing (per-failure top culprits with a
+    positive summed score) is identify's, so round 1 is still the one-shot selection."""
+    model, train, (Xf, yf), _ = problem
+    edge = netmend.identification.k_rules.edge_rule
+
+    def nothing(a, b, max_k, scores=None):
+        return 0, edge(a, b, max_k)[1]
+
+    monkeypatch.setattr(netmend.identification.k_rules, "edge_rule", nothing)
+    r = _repairer(problem)
+    r.observe((Xf, yf))
+    with pytest.warns(UserWarning, match="agree on no culprits"):
+        ref = netmend.identify(model, train, (Xf, yf), device="cpu", progress=False)
+    assert ref.causes.size > 0 and (ref.scores[ref.causes] > 0).all()
+    np.testing.assert_array_equal(r.causes, ref.causes)
+
+
 def test_first_round_with_few_failures_takes_each_failures_top_culprits(problem):
     model, train, (Xf, yf), _ = problem
     r = _repairer(problem)

@@ -248,6 +248,14 @@ def test_per_failure_top_is_the_union_of_each_failures_top_n():
     assert np.all(np.diff(scores[got]) <= 0)
 
 
+def test_per_failure_top_can_keep_only_positive_summed_scores():
+    pf = np.array([[3.0, 0.0], [2.0, 0.0], [0.0, 5.0], [0.0, 1.0], [-1.0, -1.0]])
+    scores = np.array([1.0, -0.5, 2.0, 0.5, -3.0])
+    assert per_failure_top(pf, scores, 2).tolist() == [2, 0, 3, 1]
+    # example 1 is a culprit of failure 0 but helpful in sum: dropped
+    assert per_failure_top(pf, scores, 2, summed_positive=True).tolist() == [2, 0, 3]
+
+
 def test_class_capped_stops_before_half_of_a_class():
     labels = np.array([0] * 10 + [1] * 4 + [2] * 6)
     causes = np.array([10, 0, 11, 1, 12, 2, 3, 4, 5, 13, 14])

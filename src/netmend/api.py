@@ -453,11 +453,11 @@ def _auto_causes(
     m = len(ctx.Xq)
     positive = identification.select(scores, "positive")
 
-    def handful(why: str) -> tuple[np.ndarray, dict[str, Any]]:
+    def handful(why: str, summed_positive: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
         n = CULPRITS_PER_FAILURE
         if per_failure is not None:
             pf = per_failure() if callable(per_failure) else per_failure
-            causes = per_failure_top(pf, scores, n)
+            causes = per_failure_top(pf, scores, n, summed_positive)
             rule = f"top {n} culprits per failure"
         else:
             causes = positive[: n * m]
@@ -477,10 +477,9 @@ def _auto_causes(
     if k == 0:  # no K is blamed by both halves more than by chance
         causes, info = handful(
             "random halves of the failures agree on no culprits beyond chance (the failures "
-            "may have unrelated causes)"
+            "may have unrelated causes)",
+            summed_positive=True,
         )
-        causes = causes[scores[causes] > 0]  # never one the summed evidence calls helpful
-        info["k"] = int(causes.size)
         return causes, {**info, "splits": AUTO_K_SPLITS, "excess_agreement": excess}
     rule = f"reproducible: edge of {k_rules.REPRODUCIBLE:g} x the best agreement"
     info = {"rule": rule, "k": k, "splits": AUTO_K_SPLITS, "excess_agreement": excess}

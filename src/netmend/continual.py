@@ -263,7 +263,8 @@ class Repairer:
             causes, rule = positive[:kk], "reproducible"
         if kk == 0:  # too few failures, or halves that agree on nothing: a handful
             pf = self.per_failure((self._failures_X, self._failures_y))
-            causes = per_failure_top(pf, self.scores, CULPRITS_PER_FAILURE)
+            # as identify: after halves that agree on nothing, positive summed scores only
+            causes = per_failure_top(pf, self.scores, CULPRITS_PER_FAILURE, m >= 4)
             rule = f"top {CULPRITS_PER_FAILURE} culprits per failure"
         capped = class_capped(causes, self._y)
         self._selection = {"rule": rule, "k": int(capped.size)}

@@ -268,6 +268,14 @@ def _ranks(scores: np.ndarray) -> np.ndarray:
     return r
 
 
+def k_grid(max_k: int, grid: int = 60) -> np.ndarray:
+    """The K values the automatic-K rules try: ``grid`` log-spaced integers from
+    ``min(10, max_k)`` to ``max_k`` (duplicates dropped), int64; empty if ``max_k < 1``."""
+    if max_k < 1:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.geomspace(min(10, max_k), max_k, grid).astype(np.int64))
+
+
 def reproducible_k(
     scores_a: np.ndarray, scores_b: np.ndarray, max_k: int | None = None, grid: int = 60
 ) -> tuple[int, dict[int, float]]:
@@ -299,7 +307,7 @@ def reproducible_k(
     del rb
     counts = np.bincount(worst, minlength=n)
     np.cumsum(counts, out=counts)  # counts[K-1] = |top_K(a) & top_K(b)|
-    ks = np.unique(np.geomspace(min(10, max_k), max_k, grid).astype(np.int64))
+    ks = k_grid(max_k, grid)
     excess = {int(k): float(counts[k - 1] / k - k / n) for k in ks}
     best = max(excess, key=lambda k: (excess[k], k))
     return best, excess
@@ -356,13 +364,18 @@ def class_capped(
     return causes[:stop]
 
 
-def per_failure_top(per_failure: np.ndarray, scores: np.ndarray, n: int) -> np.ndarray:
+def per_failure_top(
+    per_failure: np.ndarray, scores: np.ndarray, n: int, summed_positive: bool = False
+) -> np.ndarray:
     """The union of each failure's top ``n`` culprits with a positive per-failure score.
 
     Args:
         per_failure: ``[N, M]`` per-failure cause scores (positive = harmful to failure i).
         scores: ``[N]`` summed cause scores (orders the union, most harmful first).
         n: culprits per failure.
+        summed_positive: keep only culprits whose summed score is positive too (never one
+            the evidence of all failures together calls helpful). The automatic K's fallback
+            where halves of the failures agree on nothing uses it.
 
     Returns:
         At most ``n * M`` training indices, int64, sorted by decreasing ``scores``.
@@ -372,4 +385,6 @@ def per_failure_top(per_failure: np.ndarray, scores: np.ndarray, n: int) -> np.n
     top = np.argpartition(-pf, n - 1, axis=0)[:n]  # [n, M]
     keep = np.take_along_axis(pf, top, axis=0) > 0
     chosen = np.unique(top[keep])
+    if summed_positive:
+        chosen = chosen[scores[chosen] > 0]
     return chosen[np.argsort(-scores[chosen], kind="stable")].astype(np.int64)

@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from netmend.identification.base import reproducible_k
+from netmend.identification.base import k_grid, reproducible_k
 
 REPRODUCIBLE = 0.9
 """``edge`` keeps the largest K whose mean excess agreement is at least this share of the
@@ -122,11 +122,6 @@ def edge_rule(
     return max(k for k, e in excess.items() if e >= share * top), excess
 
 
-def _grid(max_k: int, n: int, grid: int = 60) -> np.ndarray:
-    max_k = min(max_k, n)
-    return np.unique(np.geomspace(min(10, max_k), max_k, grid).astype(np.int64))
-
-
 def crossfit_rule(
     scores_a: Sequence[np.ndarray],
     scores_b: Sequence[np.ndarray],
@@ -142,7 +137,7 @@ def crossfit_rule(
     if len(scores_a) != len(scores_b) or not scores_a or max_k < 1:
         return 0, {}
     n = len(scores_a[0])
-    ks = _grid(max_k, n)
+    ks = k_grid(min(max_k, n))
     curves = []
     for a, b in zip(scores_a, scores_b, strict=True):
         for rank, judge in ((a, b), (b, a)):
@@ -167,7 +162,7 @@ def mirror_rule(
     if scores is None:
         raise ValueError("the mirror rule needs the scores of all failures")
     s = np.asarray(scores, dtype=np.float64)
-    ks = _grid(max_k, len(s))
+    ks = k_grid(min(max_k, len(s)))
     if ks.size == 0:
         return 0, {}
     top = -np.sort(-s)
