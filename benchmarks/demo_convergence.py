@@ -9,6 +9,13 @@ images with the demo's corruption, for each length in ``--epochs``, and judged o
 set is not looked at.
 
     python benchmarks/demo_convergence.py --epochs 1 2 4 6 8 --out benchmarks/demo_convergence.json
+
+``--dataset fashion`` records the same curve for the converged Fashion-MNIST test suites of
+``netmend bench`` (``fashion-full``: the same CNN and recipe, issue 11's pair flips
+T-shirt<->Shirt 0.4, Pullover<->Coat 0.3):
+
+    python benchmarks/demo_convergence.py --dataset fashion --epochs 2 4 6 9 12 \
+        --out benchmarks/fashion_convergence.json
 """
 
 from __future__ import annotations
@@ -20,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from netmend.lab.corrupt import pair_flips
-from netmend.lab.datasets import load_mnist
+from netmend.lab.corrupt import FASHION_PAIRS, PAPER_PAIRS, pair_flips
+from netmend.lab.datasets import load_fashion_mnist, load_mnist
 from netmend.lab.demo import machine
 from netmend.lab.models import SmallCNN
 from netmend.model.training import TrainConfig, fit, predict
@@ -29,6 +36,7 @@ from netmend.model.training import TrainConfig, fit, predict
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", choices=("mnist", "fashion"), default="mnist")
     p.add_argument("--epochs", nargs="+", type=float, default=[1, 2, 4, 6, 8])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--average-tail", type=float, default=0.5)
@@ -36,8 +44,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/demo_convergence.json"))
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    train, _ = load_mnist()
-    noisy = pair_flips(train.y, seed=a.seed).labels
+    train, _ = load_mnist() if a.dataset == "mnist" else load_fashion_mnist()
+    pairs = PAPER_PAIRS if a.dataset == "mnist" else FASHION_PAIRS
+    noisy = pair_flips(train.y, pairs, seed=a.seed).labels
     perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(a.seed + 99))
     fit_idx, val_idx = perm[:50_000], perm[50_000:]
     rows = []

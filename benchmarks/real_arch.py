@@ -60,7 +60,7 @@ from torch import nn
 
 import netmend
 from netmend.lab.bench import cleanlab_issues, cross_val_probs
-from netmend.lab.corrupt import pair_flips, symmetric_flips
+from netmend.lab.corrupt import FASHION_PAIRS, pair_flips, symmetric_flips
 from netmend.lab.datasets import FASHION_MNIST_CLASSES, Split, load_fashion_mnist
 from netmend.lab.demo import machine
 from netmend.lab.text import BBC_CLASSES, PAD, load_bbc_news
@@ -72,8 +72,6 @@ DOC_PATH = HERE.parent / "docs" / "real-architectures.md"
 BEGIN, END = "<!-- real_arch:begin -->", "<!-- real_arch:end -->"
 
 CELLS = ("original", "default", "finetune-only", "random-K", "oracle-causes", "cleanlab")
-FASHION_PAIRS = {(0, 6): 0.4, (2, 4): 0.3}
-"""T-shirt/top<->Shirt with probability 0.4, Pullover<->Coat with 0.3."""
 
 
 # --- models ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from torch import nn
 from netmend import cli
 from netmend.evaluation import split_failures
 from netmend.lab import bench
-from netmend.lab.corrupt import apply_trigger, subgroup_mask
+from netmend.lab.corrupt import FASHION_PAIRS, PAPER_PAIRS, apply_trigger, subgroup_mask
 from netmend.model.training import fit, predict
 from netmend.treatment.methods import finetune_recipe
 
@@ -418,3 +418,16 @@ def test_cli_bench_report(result, monkeypatch, tmp_path, capsys):
     assert cli.main([*argv[:3], str(tmp_path / "b"), *argv[4:]]) == 1
     assert "could not write report_digits_sym20_s0.html" in capsys.readouterr().err
     assert (tmp_path / "b" / "bench.json").is_file()
+
+
+def test_pair_suites_flip_their_own_datasets_pairs():
+    """``fashion-full/pair`` flips T-shirt<->Shirt and Pullover<->Coat, not the paper's MNIST
+    pairs; the dev suites keep the paper's pairs."""
+    y = torch.arange(10).repeat(400)
+    split = bench.Split(torch.zeros(len(y), 1), y)
+    for name, pairs in (("fashion-full", FASHION_PAIRS), ("fashion", PAPER_PAIRS)):
+        c = bench.CORRUPTIONS["pair"](split, 0, bench.DATASETS[name])
+        changed = set(zip(y[c.mask].tolist(), c.labels[c.mask].tolist(), strict=True))
+        expected = {p for a, b in pairs for p in ((a, b), (b, a))}
+        assert changed == expected, name
+    assert bench.DATASETS["fashion-full"].train_size is None  # all 60,000

@@ -25,6 +25,10 @@ import torch
 PAPER_PAIRS: dict[tuple[int, int], float] = {(1, 7): 0.4, (6, 9): 0.3}
 """The paper's MNIST corruption: 1<->7 flipped with probability 0.4, 6<->9 with 0.3."""
 
+FASHION_PAIRS: dict[tuple[int, int], float] = {(0, 6): 0.4, (2, 4): 0.3}
+"""Issue 11's Fashion-MNIST corruption, between classes people confuse: T-shirt/top<->Shirt
+flipped with probability 0.4, Pullover<->Coat with 0.3."""
+
 
 @dataclass(frozen=True)
 class Corruption:
