@@ -567,6 +567,43 @@ def demo_cleanlab(d: dict[str, Any]) -> str:
     return rows(head, body)
 
 
+def _pts(v: dict[str, Any] | None, signed: bool = True, digits: int = 1) -> str:
+    """``{"mean", "se"}`` (fractions) as points of %, mean ± s.e."""
+    if v is None:
+        return "–"
+    text = f"{100 * v['mean']:+.{digits}f}" if signed else f"{100 * v['mean']:.{digits}f}"
+    return text + ("" if v["se"] is None else f" ± {100 * v['se']:.{digits}f}")
+
+
+def test_suites(d: dict[str, Any]) -> str:
+    """Issue 11's test suites: the fixed default against random-K, the oracle and cleanlab."""
+    body = []
+    for s in d["suites"]:
+        r = s["pipelines"]["ewc/finetune"]
+        o, c = s.get("oracle"), s.get("cleanlab")
+        body.append(
+            [
+                f"{s['suite']} (seeds {', '.join(map(str, s['seeds']))})",
+                ", ".join(f"{k:,}" for k in r["k"]),
+                f3(r["precision"]),
+                _pts(r["heldout_gain"]),
+                _pts(None if o is None else o["heldout_gain"]),
+                _pts(r["test_gain"], digits=2),
+                f"{100 * r['worst_class_drop']:.1f}",
+                "yes" if r["repairs"] else "no",
+                _pts(None if c is None else c["default_minus_cleanlab_heldout"]),
+                _pts(None if c is None else c["default_minus_cleanlab_test"], digits=2),
+                _pts(r["correct_set_loss"], signed=False, digits=2),
+            ]
+        )
+    head = ["test suite", "K per seed", "cause precision"]
+    head += ["diagnosis gain, held-out F (points)", "oracle-causes' gain (points)"]
+    head += ["gain, test (points)", "worst class drop (points)", "repairs (Pareto)"]
+    head += ["default − cleanlab, held-out F", "default − cleanlab, test"]
+    head += ["correct-set loss (points)"]
+    return rows(head, body)
+
+
 TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "headline": (("benchmarks/demo_seeds.json",), headline),
     "demo_seeds": (("benchmarks/demo_seeds.json",), demo_seeds),
@@ -590,6 +627,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "k_rule_cap": (("benchmarks/k_rule_dev_cap0.3.json",), k_rule),
     "demo_convergence": (("benchmarks/demo_convergence.json",), demo_convergence),
     "demo_cleanlab": (("benchmarks/demo_cleanlab.json",), demo_cleanlab),
+    "fashion_convergence": (("benchmarks/fashion_convergence.json",), demo_convergence),
+    "test_suites": (("benchmarks/test_suites.json",), test_suites),
 }
 
 

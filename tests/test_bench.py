@@ -431,3 +431,30 @@ def test_pair_suites_flip_their_own_datasets_pairs():
         expected = {p for a, b in pairs for p in ((a, b), (b, a))}
         assert changed == expected, name
     assert bench.DATASETS["fashion-full"].train_size is None  # all 60,000
+
+
+def test_guarded_pipeline_removes_the_guards_k_and_judges_it_at_that_k(monkeypatch):
+    """``ewc/finetune[guard=true]`` is netmend.repair's default: the guard picks K with the
+    pipeline's own treatment call, and the cell and its random-K control use that K."""
+    from netmend.lab import bench as bench_mod
+    from netmend.treatment.guard import GuardRecord
+
+    seen = {}
+
+    def fake_guard(treat_fn, model, train, causes, seed, device):
+        seen["k0"] = len(causes)
+        return GuardRecord(len(causes), 3, [{"k": 3, "worst_class": 0, "worst_class_drop": 0}])
+
+    monkeypatch.setattr(bench_mod, "guard_k", fake_guard)
+    config = bench.BenchConfig(
+        suites=("digits/sym20",),
+        pipelines=("ewc/finetune", "ewc/finetune[guard=true]"),
+        references=(),
+    )
+    res = bench.run(config, device="cpu")
+    cells = {c["pipeline"]: c for c in res["results"][0]["cells"]}
+    plain, guarded = cells["ewc/finetune"], cells["ewc/finetune[guard=true]"]
+    assert guarded["status"] == "ok" and guarded["guard"]["k"] == 3
+    assert seen["k0"] == plain["k"] > 3 and guarded["k"] == 3
+    assert guarded["controls"]["finetune_only"] == plain["controls"]["finetune_only"]
+    assert guarded["controls"]["random_k"] != plain["controls"]["random_k"]

@@ -59,6 +59,7 @@ from netmend.model.checks import (
 from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
 from netmend.model.training import TrainConfig
 from netmend.treatment.base import check_options as check_treat_options
+from netmend.treatment.guard import guard_k
 
 DEFAULT_IDENTIFY = "ewc"
 DEFAULT_TREAT = "finetune"
@@ -655,6 +656,7 @@ def repair(
     treat_options: dict[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     task: Task | None = None,
+    guard: bool | None = None,
 ) -> RepairResult:
     """Find the training examples behind ``failures`` and return a repaired copy of ``model``.
 
@@ -674,6 +676,12 @@ def repair(
         identify_options, treat_options: method-specific options.
         cache_dir: save (and reuse, or resume) the identification there (see :func:`identify`).
         task: how batches and outputs are read (see :func:`identify`).
+        guard: back off the automatic K when the fine-tune would make a class forget itself
+            (:mod:`netmend.treatment.guard`: a 5% slice of each class held out of trial
+            fine-tunes; K is halved while some class's accuracy on it falls by more than 10
+            points). ``None`` (default): on for the automatic K (``k=None``) with the
+            "finetune" treatment, off otherwise. Its record is ``treatment_info["guard"]``;
+            ``causes`` are the ones finally removed.
 
     Returns:
         A :class:`RepairResult` with ``scores`` (``[N]``, positive = harmful), ``causes``,
@@ -700,6 +708,33 @@ def repair(
         **common,
         **(treat_options or {}),
     )
+    if guard is None:
+        guard = k is None and treat == "finetune"
+    if guard:
+        if treat != "finetune":
+            raise ValueError(
+                f"guard=True works with the 'finetune' treatment, not {treat!r}: pass guard=False"
+            )
+        g = guard_k(
+            lambda c: _treat(model, train, c, treat, allow_no_causes=True, **recipe),
+            model,
+            train,
+            ident.causes,
+            seed,
+            resolve_device(device),
+        )
+        record["guard"] = g.as_dict()
+        if g.skipped is None and not g.passed:
+            warnings.warn(
+                f"the class guard halved K from {g.k_start} to {g.k} and a class still lost "
+                f"{100 * g.tries[-1]['worst_class_drop']:.0f} points on held-out training "
+                "data: check the repaired model per class before using it",
+                stacklevel=2,
+            )
+        if g.k < len(ident.causes):
+            ident = dataclasses.replace(
+                ident, causes=ident.causes[: g.k], info={**ident.info, "guard": g.as_dict()}
+            )
     repaired = _treat(model, train, ident.causes, treat, record=record, **recipe)
     return RepairResult(
         repaired,

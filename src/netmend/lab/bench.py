@@ -27,6 +27,7 @@ Scores follow netmend's convention everywhere: **positive = harmful**.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -42,6 +43,7 @@ from torch import nn
 
 from netmend import api, identification, treatment
 from netmend.data.checks import resolve_device
+from netmend.data.source import as_source
 from netmend.evaluation import FailureSplit, identification_metrics, split_failures
 from netmend.evaluation.controls import (
     EPS,
@@ -71,6 +73,7 @@ from netmend.lab.corrupt import (
 from netmend.lab.datasets import Split, load_digits, load_fashion_mnist, load_mnist
 from netmend.lab.models import MLP, SmallCNN
 from netmend.model.training import TrainConfig, fit, logits, predict
+from netmend.treatment.guard import guard_k
 from netmend.treatment.methods import finetune_recipe
 
 log = logging.getLogger(__name__)
@@ -679,9 +682,16 @@ def run_suite(
                 n = len(data.train)
                 sized = finetune_recipe(recipe, n, n, config.treat_options.get("finetune"))
                 options.update(epochs=sized.epochs, lr=sized.lr)
+            use_guard = bool(options.pop("guard", False))
             treat_fn = _treatment_call(
                 model, noisy, treat_name, recipe, ident, (Xq, yq), common, options
             )
+            if use_guard:  # netmend.repair's class guard, with the same treatment call
+                if treat_name != "finetune":
+                    raise ValueError("the guard option belongs to the finetune treatment")
+                g = guard_k(treat_fn, model, as_source(noisy), ident.causes, seed, device)
+                cell["guard"] = g.as_dict()
+                ident = dataclasses.replace(ident, causes=ident.causes[: g.k])
             if len(ident.causes):
                 repaired = treat_fn(ident.causes)
             else:  # nothing selected: the treatment has nothing to do

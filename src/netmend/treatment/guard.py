@@ -1,0 +1,172 @@
+"""The class guard: back off the automatic K before a fine-tune forgets a class.
+
+A fine-tune on D ∖ C follows the data it is given. When the causes are imprecise and one-sided
+(issue 11's converged ``fashion-full/pair`` test suite, seed 0: 2,008 causes at precision 0.45
+between T-shirts and shirts, classes that 40% label noise already mixes) removing them moves
+the decision boundary through a whole class: class 0 lost 52 points of test accuracy while
+the held-out failures rose. The user cannot see that without a test set, and the repair
+should not hand over such a model.
+
+The guard sees it with the training data alone. A stratified slice V of the training set
+(:data:`HOLDOUT_SHARE` of each class) is held out of the fine-tune, and the candidate repair
+(the same treatment call on ``causes[:K] ∪ V``) is measured on V with V's own labels, noisy
+as they may be, class by class, against the original model. If some class's accuracy falls by
+more than :data:`MAX_CLASS_DROP` (the Pareto criterion's class limit), K is halved, up to
+:data:`MAX_HALVINGS` times. On that suite (``benchmarks/guard_explore.json``) the drop on V
+tracks the drop on the test set: 38 / 17 / 9 / 4 points on V against 47 / 18 / 6 / 2 on the
+test set for K = 2,008 / 1,004 / 502 / 0.
+
+Classes with fewer than :data:`MIN_PER_CLASS` held-out examples are not judged (their
+accuracy moves by more than the limit with a handful of examples); when no class can be
+judged, the guard is skipped and says so. The guard only chooses K: the repair then makes its
+usual treatment call on the chosen causes with V back in the training set, so its controls
+are the same call as before.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from netmend.data.source import DataSource
+from netmend.model.training import predict
+
+HOLDOUT_SHARE = 0.05
+"""Share of each class held out of the guard's fine-tunes to measure them."""
+
+MIN_PER_CLASS = 50
+"""A class is judged only with at least this many held-out examples (a 10-point drop is then
+at least 5 examples, and about 3 standard errors for an 80%-accurate class)."""
+
+MAX_CLASS_DROP = 0.10
+"""The largest fall of a class's held-out accuracy the guard accepts (as a fraction); the
+same limit as :data:`netmend.evaluation.controls.MAX_CLASS_DROP`."""
+
+MAX_HALVINGS = 3
+"""K, K/2, K/4 and K/8 are tried; if all fail, the smallest is kept, with a warning."""
+
+
+@dataclass
+class GuardRecord:
+    """What the guard did (``RepairResult.treatment_info["guard"]``).
+
+    Attributes:
+        k_start: the automatic K it started from.
+        k: the K it chose.
+        tries: per K tried, ``{"k", "worst_class", "worst_class_drop"}`` (drop as a fraction,
+            measured on the held-out slice with its own labels).
+        holdout: the number of held-out training examples.
+        judged_classes: the classes measured.
+        passed: whether the chosen K met the limit (``False`` after every halving failed).
+        skipped: why the guard did not run, if it did not.
+    """
+
+    k_start: int
+    k: int
+    tries: list[dict[str, Any]] = field(default_factory=list)
+    holdout: int = 0
+    judged_classes: list[int] = field(default_factory=list)
+    passed: bool = True
+    skipped: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def holdout_slice(
+    labels: torch.Tensor,
+    seed: int,
+    share: float = HOLDOUT_SHARE,
+    min_per_class: int = MIN_PER_CLASS,
+) -> tuple[np.ndarray, list[int]]:
+    """A stratified random slice of the training set, from the classes large enough to judge.
+
+    Args:
+        labels: ``[N]`` training labels.
+        seed: seeds the draw (a local generator; the global RNG is untouched).
+        share: share of each class drawn. min_per_class: classes whose share is smaller are
+            left out (and not judged).
+
+    Returns:
+        ``(indices, classes)``: sorted int64 training indices ``[V]`` and the judged classes.
+    """
+    y = labels.cpu().numpy()
+    rng = np.random.default_rng([seed, 0x6A4D])
+    picked, classes = [], []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        m = int(round(share * idx.size))
+        if m >= min_per_class:
+            picked.append(rng.choice(idx, m, replace=False))
+            classes.append(int(c))
+    out = np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+    return out.astype(np.int64), classes
+
+
+def class_accuracy(
+    model: nn.Module, X: DataSource, classes: list[int], device: torch.device | str
+) -> np.ndarray:
+    """Accuracy of ``model`` on each of ``classes`` among ``X`` (with ``X``'s labels) ``[C']``."""
+    pred = predict(model, X, device).numpy()
+    y = X.labels.numpy()
+    return np.array([float((pred[y == c] == c).mean()) for c in classes])
+
+
+def guard_k(
+    treat_fn: Callable[[np.ndarray], nn.Module],
+    model: nn.Module,
+    train: DataSource,
+    causes: np.ndarray,
+    seed: int,
+    device: torch.device | str,
+    max_class_drop: float = MAX_CLASS_DROP,
+    max_halvings: int = MAX_HALVINGS,
+) -> GuardRecord:
+    """Choose how many of ``causes`` (most harmful first) a fine-tune may remove.
+
+    Args:
+        treat_fn: the repair's treatment call as a function of the causes (the guard passes
+            ``causes[:K] ∪ V``).
+        model: the original model (not modified).
+        train: the training set.
+        causes: the automatic causes, most harmful first ``[K]``.
+        seed: seeds the held-out slice.
+        device: where to measure.
+        max_class_drop, max_halvings: see :data:`MAX_CLASS_DROP`, :data:`MAX_HALVINGS`.
+
+    Returns:
+        A :class:`GuardRecord`; ``record.k`` is the K to use.
+    """
+    causes = np.asarray(causes, dtype=np.int64)
+    k0 = int(causes.size)
+    val, classes = holdout_slice(train.labels, seed)
+    if k0 == 0:
+        return GuardRecord(k0, k0, skipped="no causes")
+    if not classes:
+        why = f"no class has {MIN_PER_CLASS} examples in a {HOLDOUT_SHARE:.0%} slice"
+        return GuardRecord(k0, k0, skipped=why)
+    held = train[torch.from_numpy(val)]
+    before = class_accuracy(model, held, classes, device)
+    record = GuardRecord(k0, k0, holdout=int(val.size), judged_classes=classes, passed=False)
+    k = k0
+    for step in range(max_halvings + 1):
+        if step:
+            k = max(1, k // 2)
+        repaired = treat_fn(np.union1d(causes[:k], val))
+        drops = before - class_accuracy(repaired, held, classes, device)
+        worst = int(np.argmax(drops))
+        record.tries.append(
+            {"k": k, "worst_class": classes[worst], "worst_class_drop": float(drops[worst])}
+        )
+        record.k = k
+        if drops[worst] <= max_class_drop:
+            record.passed = True
+            break
+        if k == 1:
+            break
+    return record
