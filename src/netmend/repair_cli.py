@@ -35,12 +35,14 @@ from netmend._version import __version__
 from netmend.continual import STATE_FILE, Repairer
 from netmend.data.checks import resolve_device
 from netmend.data.files import FileData, load_data, load_indices
+from netmend.data.source import as_source
 from netmend.evaluation import split_failures
 from netmend.evaluation.controls import run_controls
 from netmend.model.functional import match_dtype, param_dtype
 from netmend.model.training import TrainConfig, predict
 from netmend.report.html import ReportData, culprit_table, write_report
 from netmend.store import save_tensors, tensor_hash, write_json_atomic, write_text_atomic
+from netmend.treatment.guard import guard_k
 
 
 class BadInput(Exception):
@@ -432,6 +434,17 @@ def run(args: argparse.Namespace) -> int:
                 "harmful); try another --identify method or a fixed --k"
             )
         t0 = time.perf_counter()
+        if k is None and args.treat == "finetune" and not args.no_guard:  # as netmend.repair
+            g = guard_k(
+                lambda c: treat_with(c, allow_no_causes=True),
+                model,
+                as_source((train.X, train.y), "train"),
+                causes,
+                args.seed,
+                device,
+            )
+            record["guard"] = g.as_dict()
+            causes = causes[: g.k]
         repaired = treat_with(causes, record=record)
         times["treat"] = time.perf_counter() - t0
         try:
@@ -544,6 +557,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "causes": int(causes.size),
         "auto_k": rep.history[-1]["selection"] if continual else ident.info.get("auto_k"),
+        "guard": record.get("guard"),
         "observed_failures": observed,
         "continual": None
         if not (state_dir / STATE_FILE).is_file()
@@ -657,6 +671,11 @@ def add_parser(sub: Any) -> None:
         "--culprits", type=_positive_int, default=5, help="culprits listed per failure (5)"
     )
     r.add_argument("--no-controls", action="store_true", help="skip the control repairs")
+    r.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="keep the automatic K even if a trial fine-tune loses a class (see docs/methods.md)",
+    )
     r.add_argument("--draws", type=int, default=3, help="random-causes control draws (at least 3)")
     r.add_argument("--out", default="netmend-repair", help="output folder (netmend-repair)")
     r.add_argument("--resume", metavar="DIR", help="reuse the cache of an earlier run in DIR")
