@@ -269,6 +269,50 @@ def test_sampled_fisher_converges_to_the_exact_expectation(mlp4, data4):
     assert not torch.allclose(a.layers[0].G, c.layers[0].G)
 
 
+def test_sampled_correction_is_unbiased_given_the_eigenbasis(data4):
+    """EK-FAC with sampled labels: given the eigenbasis, ``E[Lambda]`` is the exact Fisher's
+    diagonal in it, ``sum_n sum_c p_nc (Q_G^T g_nc Q_A)**2`` (brute force with torch.func).
+
+    Three examples and hidden layers wider than that: each sampled ``G`` has a null space.
+    Labels reused from the covariance pass would give ``Lambda = 0`` there for every seed
+    (every sampled output gradient lies in the range of ``G``), where the exact diagonal is
+    not; independent labels are unbiased. Over seeds 0-149 the summed gap ``Lambda - exact``
+    in those null spaces must average to zero within 4 standard errors (reused labels: the
+    gap is minus the exact sum, about 16 standard errors away)."""
+    torch.manual_seed(5)
+    model = MLP(4, 3, hidden=(7, 6)).double().eval()
+    X, y = data4.X[:3], data4.y[:3]
+    fm = FunctionalModel.of(model)
+    J = jacrev(lambda t: torch.log_softmax(fm.logits(t, X), 1))(fm.theta)  # [N, C, P]
+    p = torch.softmax(fm.logits(fm.theta, X), 1).detach()
+    gaps, exacts = [], []
+    for seed in range(150):
+        f = factors(model, X, y, "ekfac", "sampled", seed=seed)
+        gap = exact = 0.0
+        for lf in f.layers:
+            null = lf.eigG <= 1e-10 * lf.eigG.max()
+            if not null.any():
+                continue
+            rot = lf.rotate(lf.to_matrix(J.reshape(-1, f.num_params)))  # [N*C, out, in']
+            want = (p.reshape(-1, 1, 1) * rot**2).sum(0)  # exact diagonal in this basis
+            gap += float((lf.eigenvalues - want)[null].sum())
+            exact += float(want[null].sum())
+        gaps.append(gap)
+        exacts.append(exact)
+    gap_t, exact_t = torch.tensor(gaps), torch.tensor(exacts)
+    scale = float(exact_t.mean())
+    assert scale > 1e-3  # the null spaces carry real curvature
+    se = float(gap_t.std() / len(gaps) ** 0.5)
+    assert abs(float(gap_t.mean())) <= 4 * se + 1e-12, (float(gap_t.mean()), se, scale)
+    assert se < 0.25 * scale  # precise enough to tell a -scale bias (reused labels) from 0
+    # the covariance pass's labels are unchanged by this: same G as drawn by the seed alone
+    a = factors(model, X, y, "kfac", "sampled", seed=7)
+    b = factors(model, X, y, "ekfac", "sampled", seed=7)
+    assert all(torch.equal(u.G, v.G) for u, v in zip(a.layers, b.layers))
+    c = factors(model, X, y, "ekfac", "sampled", seed=7)
+    assert all(torch.equal(u.eigenvalues, v.eigenvalues) for u, v in zip(b.layers, c.layers))
+
+
 # ----------------------------------------------------------------------------- convolutions
 
 

@@ -49,7 +49,10 @@ epochs at a Spearman of 0.998 with the full factors' influence scores
   ``log p(y_n|x_n)``, the Fisher of the paper's EWC and of netmend's diagonal ``"diag"``;
 * ``"sampled"``: labels drawn from the model's own predictive distribution (``mc_samples``
   per example, seeded): an unbiased Monte-Carlo estimate of the true Fisher, which for softmax
-  cross-entropy equals the GGN ``sum_n J_n^T H_n J_n``;
+  cross-entropy equals the GGN ``sum_n J_n^T H_n J_n``. EK-FAC's correction draws its own
+  labels, independent of the factors' (:func:`label_uniforms` says why: reusing them biased
+  ``Lambda`` towards zero and cost 0.09 of per-query LDS on a 1.3M-parameter MNIST MLP,
+  ``benchmarks/peers_scale_factors.json``);
 * ``"exact"``: the expectation over labels computed exactly (every class weighted by its
   probability; ``C`` backward passes per chunk): the KFAC/EK-FAC of the GGN itself. Exact,
   costlier; used by the tests and worth it when there are few classes.
@@ -81,6 +84,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -642,6 +646,35 @@ def _passes(
             yield n, m, inputs.pop(n), [_canonical_d(m, dk[j]) for dk in ds]
 
 
+COVARIANCE_STREAM = 0
+"""Stream of the sampled labels of the factors ``A``, ``G`` (and so of the eigenbases)."""
+CORRECTION_STREAM = 1
+"""Stream of the sampled labels of EK-FAC's eigenvalue correction: independent of the above."""
+
+
+def label_uniforms(N: int, mc_samples: int, seed: int, stream: int) -> torch.Tensor:
+    """The fixed uniforms ``[N, mc_samples]`` (float64) that draw the sampled labels of a pass.
+
+    Drawn up front from a local generator, so that the chunking does not change the labels.
+    The covariance pass (``stream`` :data:`COVARIANCE_STREAM`) is seeded by ``seed`` itself;
+    EK-FAC's correction (:data:`CORRECTION_STREAM`) draws **independent** labels, from a seed
+    derived from ``(seed, stream)``. Reusing the covariance pass's labels biases the
+    correction: the eigenbasis ``Q_G`` is fitted to those very output gradients, so ``Lambda``
+    measured on them is too small in the directions they happened to miss (exactly zero in
+    the null space of a sampled ``G`` of deficient rank, where the true Fisher is not). With
+    one sampled label per example on a well-fit model, most sampled gradients are tiny and
+    ``G`` is such a low-rank estimate; the tiny damping of influence functions then inverts
+    those zeros. With independent labels ``Lambda`` is, given the basis, an unbiased estimate
+    of the Fisher's diagonal in it, as in kronfluence (whose two passes draw their own labels).
+    """
+    if stream == COVARIANCE_STREAM:
+        gen = torch.Generator().manual_seed(seed)
+    else:
+        state = np.random.SeedSequence([seed, stream]).generate_state(2, np.uint32)
+        gen = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.rand(N, mc_samples, generator=gen, dtype=torch.float64)
+
+
 def _eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eigenvalues (clamped at 0: the factor is PSD) and eigenvectors, computed in float64."""
     w, Q = torch.linalg.eigh(M.double())
@@ -672,7 +705,8 @@ def kronecker_factors(
         kind: "kfac" (one pass) or "ekfac" (a second pass for the eigenvalue correction).
         fisher_type: "empirical", "sampled" (default; see the module docstring) or "exact".
         mc_samples: sampled labels per example (for "sampled").
-        seed: seeds the sampled labels (drawn up front, so the chunking does not change them).
+        seed: seeds the sampled labels (drawn up front, so the chunking does not change them;
+            EK-FAC's correction draws independent ones, see :func:`label_uniforms`).
         chunk_size: examples per pass (does not change the result).
         device: where to compute; progress: show a progress bar.
         covariance_max_examples: estimate ``A`` and ``G`` on at most this many examples, a
@@ -696,8 +730,7 @@ def kronecker_factors(
     N = int(len(X))
     uniforms = None
     if fisher_type == "sampled":
-        gen = torch.Generator().manual_seed(seed)
-        uniforms = torch.rand(N, mc_samples, generator=gen, dtype=torch.float64)
+        uniforms = label_uniforms(N, mc_samples, seed, COVARIANCE_STREAM)
     A: dict[str, torch.Tensor] = {}
     G: dict[str, torch.Tensor] = {}
     index = _subsample(N, covariance_max_examples, seed, 0, "covariance_max_examples")
@@ -752,7 +785,8 @@ def eigencorrect(
 ) -> KroneckerFactors:
     """Turn KFAC factors into EK-FAC in place: ``Lambda = sum_n (Q_G^T g_n Q_A)**2``.
 
-    Streams the data once more (same Fisher type and sampled labels as the factors), or a
+    Streams the data once more (same Fisher type as the factors; for "sampled", labels drawn
+    independently of the factors' own, see :func:`label_uniforms`), or a
     seeded uniform subsample of ``max_examples`` of it (``Lambda`` then rescaled by
     ``N / n``: an unbiased estimate of the sum over all ``N``). Per
     chunk and layer it forms the per-example gradients in the eigenbasis, ``[B, out, in']``,
@@ -767,9 +801,8 @@ def eigencorrect(
     if list(by_name) != list(layers):
         raise ValueError("the factors were computed for another model")
     uniforms = None
-    if factors.fisher_type == "sampled":
-        gen = torch.Generator().manual_seed(factors.seed)
-        uniforms = torch.rand(len(X), factors.mc_samples, generator=gen, dtype=torch.float64)
+    if factors.fisher_type == "sampled":  # labels drawn afresh: see label_uniforms
+        uniforms = label_uniforms(len(X), factors.mc_samples, factors.seed, CORRECTION_STREAM)
     lam = {n: torch.zeros_like(lf.eigenvalues) for n, lf in by_name.items()}
     N = int(len(X))
     index = _subsample(N, max_examples, factors.seed, 1, "correction_max_examples")
@@ -825,4 +858,5 @@ __all__ = [
     "eigencorrect",
     "kronecker_factors",
     "kronecker_layers",
+    "label_uniforms",
 ]
