@@ -47,6 +47,7 @@ recorded, and CPU seconds (``time.process_time``) are the cost figures least aff
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -57,6 +58,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,7 +242,27 @@ VARIANTS = {  # netmend controls: how far its own label seed moves the LDS, and 
     "netmend seed 1": {"seed": 1},
     "netmend seed 2": {"seed": 2},
     "netmend exact Fisher": {"seed": 0, "fisher_type": "exact"},
+    # before the fix: EK-FAC's correction reused the covariance pass's sampled labels
+    "netmend labels reused (before)": {"seed": 0, "reuse_labels": True},
 }
+
+
+@contextlib.contextmanager
+def reused_labels() -> Iterator[None]:
+    """netmend before the fix, emulated: EK-FAC's eigenvalue correction reuses the sampled
+    labels of the covariance pass (``netmend.curvature.kfac.label_uniforms``' stream 0)."""
+    from netmend.curvature import kfac
+
+    orig = kfac.label_uniforms
+
+    def same(N: int, mc: int, seed: int, stream: int) -> torch.Tensor:
+        return orig(N, mc, seed, kfac.COVARIANCE_STREAM)
+
+    kfac.label_uniforms = same  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        kfac.label_uniforms = orig  # type: ignore[assignment]
 
 
 def variant_worker(name: str, per_query: int) -> None:
@@ -252,17 +274,21 @@ def variant_worker(name: str, per_query: int) -> None:
     logging.disable(logging.WARNING)
     net, d = _setup()
     X, y, Xq, yq = d["X"], d["y"], d["Xq"], d["yq"]
-    opts = dict(VARIANTS[name])
+    opts: dict[str, Any] = dict(VARIANTS[name])
     seed = int(opts.pop("seed"))
+    reuse = bool(opts.pop("reuse_labels", False))
     t = _clock()
-    ident = netmend.identify(
-        net, (X, y), (Xq[:per_query], yq[:per_query]), method="ekfac", k=10,
-        damping=d["damping_mean"] * len(y), seed=seed, device="cpu", chunk_size=CHUNK,
-        progress=False, **opts,
-    )  # fmt: skip
+    with reused_labels() if reuse else contextlib.nullcontext():
+        ident = netmend.identify(
+            net, (X, y), (Xq[:per_query], yq[:per_query]), method="ekfac", k=10,
+            damping=d["damping_mean"] * len(y), seed=seed, device="cpu", chunk_size=CHUNK,
+            progress=False, **opts,
+        )  # fmt: skip
     pf = np.asarray(ident.per_failure, dtype=np.float32)
     out = {"per_query": {"total": _since(t)}, "peak_rss_all_mib": peak_rss_mib(), "seed": seed}
     out.update(opts)
+    if reuse:
+        out["labels"] = "EK-FAC correction reuses the covariance pass's labels (before the fix)"
     slug = name.replace(" ", "_")
     np.save(WORK / f"{slug}_per_query.npy", pf)
     (WORK / f"{slug}.json").write_text(json.dumps(out))
@@ -322,7 +348,8 @@ def run_netmend(
         "settings": {
             "damping": damping_mean * N,
             "chunk_size": CHUNK,
-            "fisher_type": "default (sampled labels, 1 per example)",
+            "fisher_type": "default (sampled labels, 1 per example; the eigenvalue correction "
+            "draws its own, independent of the covariance pass's)",
             "dtype": "float32",
         },  # fmt: skip
     }
@@ -338,8 +365,10 @@ def run_kronfluence(
     damping_mean: float,
     N: int,
     per_query: int | None,
+    seed: int = 0,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """kronfluence 1.0.1's ``Analyzer`` with its defaults (float32, EK-FAC, true Fisher);
+    """kronfluence 1.0.1's ``Analyzer`` with its defaults (float32, EK-FAC, true Fisher; its
+    sampled labels come from the global RNG, seeded by ``seed`` before the factors);
     its scores are helpful-positive ``[M, N]``: converted to ``-raw.T`` (positive = harmful)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
@@ -367,7 +396,7 @@ def run_kronfluence(
     analyzer = Analyzer("scale", model, CE(), cpu=True, disable_tqdm=True, output_dir=str(out_dir))
     train_set = TensorDataset(X, y)
     fargs = FactorArguments(strategy="ekfac")  # defaults: all examples up to 100k, float32
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     fit: dict[str, float] = {"wall": 0.0, "cpu": 0.0}
     t = _clock()
     if per_query is None:
