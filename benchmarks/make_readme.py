@@ -479,6 +479,31 @@ def peers_scale_ratios(d: dict[str, Any]) -> str:
     return rows(head, body)
 
 
+def peers_scale_factors_match(d: dict[str, Any]) -> str:
+    """netmend vs kronfluence EK-FAC factors (float64): largest relative difference over layers."""
+    body = []
+    for name, r in d["match"]["settings"].items():
+        lay = r["layers"].values()
+        body.append(
+            [name]
+            + [f"{max(v[k] for v in lay):.1e}" for k in ("A_rel_diff", "G_rel_diff")]
+            + [f"{max(v['Lambda_rel_diff'] for v in lay):.1e}", f"{r['scores_rel_diff']:.1e}"]
+            + [f"{r['spearman_per_query_mean']:.3f}"]
+        )
+    head = ["labels", "A rel. diff (max over layers)", "G", "Lambda", "scores rel. diff"]
+    head += ["Spearman per query"]
+    return rows(head, body)
+
+
+def peers_scale_factors_lds(d: dict[str, Any]) -> str:
+    """The LDS of the fix on a case other than peers_scale.json's."""
+    body = [
+        [name, f3(v["lds_per_query"]), f3(v["lds_per_query_se"])]
+        for name, v in d["lds_other_case"]["lds"].items()
+    ]
+    return rows(["variant", "LDS per query", "s.e."], body)
+
+
 def scaling_n(d: dict[str, Any]) -> str:
     """netmend's default identify over a streamed, tiled MNIST: time and peak RSS in N."""
     body = []
@@ -622,6 +647,11 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "align_vs_delete": (tuple(f"benchmarks/{f}" for f in ALIGN_FILES), align_vs_delete),
     "peers_scale": (tuple(f"benchmarks/{f}" for f in PEERS_SCALE_FILES), peers_scale),
     "peers_scale_ratios": (("benchmarks/peers_scale.json",), peers_scale_ratios),
+    "peers_scale_factors_match": (
+        ("benchmarks/peers_scale_factors.json",),
+        peers_scale_factors_match,
+    ),
+    "peers_scale_factors_lds": (("benchmarks/peers_scale_factors.json",), peers_scale_factors_lds),
     "scaling_n": (("benchmarks/scaling_n.json",), scaling_n),
     "k_rule": (("benchmarks/k_rule_dev.json",), k_rule),
     "k_rule_cap": (("benchmarks/k_rule_dev_cap0.3.json",), k_rule),

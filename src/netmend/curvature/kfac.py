@@ -51,8 +51,8 @@ epochs at a Spearman of 0.998 with the full factors' influence scores
   per example, seeded): an unbiased Monte-Carlo estimate of the true Fisher, which for softmax
   cross-entropy equals the GGN ``sum_n J_n^T H_n J_n``. EK-FAC's correction draws its own
   labels, independent of the factors' (:func:`label_uniforms` says why: reusing them biased
-  ``Lambda`` towards zero and cost 0.09 of per-query LDS on a 1.3M-parameter MNIST MLP,
-  ``benchmarks/peers_scale_factors.json``);
+  ``Lambda`` towards zero and cost about 0.09 of per-query LDS on a 1.3M-parameter MNIST MLP,
+  ``benchmarks/peers_scale.json``; docs/peers-scale.md);
 * ``"exact"``: the expectation over labels computed exactly (every class weighted by its
   probability; ``C`` backward passes per chunk): the KFAC/EK-FAC of the GGN itself. Exact,
   costlier; used by the tests and worth it when there are few classes.
