@@ -55,10 +55,21 @@ from netmend.lab.demo import machine
 from netmend.store import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("bench_full_fashion/bench.json", "bench_full_mnist/bench.json")
+BENCHES = (
+    "bench_full_fashion/bench.json",
+    "bench_full_fashion_guard/bench.json",
+    "bench_full_mnist/bench.json",
+)
 DEMO, DEMO_CLEANLAB = "demo_seeds.json", "demo_cleanlab.json"
 DEMO_SUITE, DEMO_TEST_SEEDS = "mnist-full/paper-pair", (1, 2)
-DEFAULT, OTHER = "ewc/finetune", "ewc/relabel"
+DEFAULT = "ewc/finetune[guard=true]"
+"""Today's default: ``netmend.repair`` with the class guard (designed on fashion-full seed 0)."""
+PREVIOUS = "ewc/finetune"
+"""The default as chosen on the dev suites before any test suite was run (no guard)."""
+OTHER = "ewc/relabel"
+PIPELINES = (DEFAULT, PREVIOUS, OTHER)
+DEV_RUNS = {(DEFAULT, "fashion-full/pair", 0)}
+"""Runs a choice was made on: the guard was designed after seeing this one (not reported)."""
 CORRECT_SET_TARGET, CONVERGED_TARGET = 0.003, 0.003
 DOC_PATH = HERE.parent / "docs" / "test-suites.md"
 BEGIN, END = "<!-- test_suites:begin -->", "<!-- test_suites:end -->"
@@ -87,19 +98,21 @@ def _record(cell: dict[str, Any], original: dict[str, Any], ft_only: dict[str, A
 
 
 def from_bench(result: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
-    """``{suite: {seed: {"pipelines": {name: record}, "oracle", "cleanlab", ...}}}``."""
+    """``{suite: {seed: {"pipelines": {name: record}, "oracle-causes", "cleanlab", ...}}}``."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for r in result["results"]:
         cells = {c["pipeline"]: c for c in r["cells"] if c["status"] == "ok"}
-        if DEFAULT not in cells or "original" not in cells:
+        if "original" not in cells:
             continue
         original = cells["original"]
         pipes = {}
-        for name in (DEFAULT, OTHER):
+        for name in PIPELINES:
             c = cells.get(name)
             if c is not None and c.get("controls"):
                 pipes[name] = _record(c, original, c["controls"]["finetune_only"])
-        entry: dict[str, Any] = {"pipelines": pipes}
+                if c.get("guard"):
+                    pipes[name]["guard"] = c["guard"]
+        entry: dict[str, Any] = {"pipelines": pipes, "original_test": original["test_acc"]}
         for ref in ("oracle-causes", "cleanlab", "retrain-clean"):
             if ref in cells:
                 entry[ref] = {
@@ -113,8 +126,29 @@ def from_bench(result: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
     return out
 
 
+def merge(into: dict[str, dict[int, dict]], more: dict[str, dict[int, dict]]) -> None:
+    """Add another bench run of the same suites and seeds (same data, same trained model:
+    training is deterministic given the seed, checked on the original's accuracy)."""
+    for suite, seeds in more.items():
+        for seed, entry in seeds.items():
+            have = into.setdefault(suite, {}).get(seed)
+            if have is None:
+                into[suite][seed] = entry
+                continue
+            if abs(have["original_test"] - entry["original_test"]) > 1e-12:
+                raise ValueError(f"{suite} seed {seed}: two runs trained different models")
+            have["pipelines"].update(entry["pipelines"])
+            for ref in ("oracle-causes", "cleanlab", "retrain-clean"):
+                if ref in entry:
+                    have.setdefault(ref, entry[ref])
+
+
 def from_demo(demo: dict[str, Any], cleanlab: dict[str, Any] | None) -> dict[int, dict]:
-    """The demo's test seeds in the same shape (its default run, controls and cleanlab)."""
+    """The demo's test seeds in the same shape (its default run, controls and cleanlab).
+
+    The demo's default run is ``netmend.repair``: today's default when it carries the class
+    guard's record, the previous default when it predates the guard.
+    """
     out: dict[int, dict[str, Any]] = {}
     clean = {int(r["seed"]): r["rows"] for r in (cleanlab or {}).get("results", [])}
     for s in demo["seeds"]:
@@ -123,9 +157,12 @@ def from_demo(demo: dict[str, Any], cleanlab: dict[str, Any] | None) -> dict[int
             continue
         run = next(r for r in s["runs"] if r["default"])
         ctl = run["controls"]
-        entry: dict[str, Any] = {
-            "pipelines": {DEFAULT: _record(run, ctl["original"], ctl["finetune_only"])}
-        }
+        name = DEFAULT if run.get("guard") else PREVIOUS
+        rec = _record(run, ctl["original"], ctl["finetune_only"])
+        if run.get("guard"):
+            rec["guard"] = run["guard"]
+        entry: dict[str, Any] = {"pipelines": {name: rec}}
+        entry["original_test"] = ctl["original"]["test_acc"]
         o = ctl["oracle_causes"]
         entry["oracle-causes"] = {
             "heldout": o["heldout_failure_acc"],
@@ -142,8 +179,6 @@ def from_demo(demo: dict[str, Any], cleanlab: dict[str, Any] | None) -> dict[int
                 "correct": c["correct_acc"],
                 "k": c.get("k"),
                 "precision": c.get("precision"),
-                # demo_cleanlab.py reran the default on the same model: pair cleanlab with it
-                "paired_default": clean[seed]["default"],
             }
         out[seed] = entry
     return out
@@ -155,19 +190,23 @@ def _ms(values: list[float]) -> dict[str, float | None]:
 
 
 def summarise(suite: str, seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """Issue 11's figures for one suite over its seeds (fractions, not points)."""
+    """Issue 11's figures for one suite over its seeds (fractions, not points), per pipeline."""
     order = sorted(seeds)
     out: dict[str, Any] = {"suite": suite, "seeds": order, "pipelines": {}}
-    for name in (DEFAULT, OTHER):
-        recs = [seeds[s]["pipelines"][name] for s in order if name in seeds[s]["pipelines"]]
-        if not recs:
+    for name in PIPELINES:
+        have = [
+            s for s in order if name in seeds[s]["pipelines"] and (name, suite, s) not in DEV_RUNS
+        ]
+        if not have:
             continue
+        recs = [seeds[s]["pipelines"][name] for s in have]
         ks = [r["k"] for r in recs]
         drops = [r["worst_class_drop"] for r in recs if r["worst_class_drop"] is not None]
         hg = _ms([r["heldout_gain"] for r in recs])
         margin = float(np.mean([r["test"] - r["test_floor"] for r in recs]))
         drop = float(np.mean(drops)) if drops else math.nan
-        out["pipelines"][name] = {
+        row: dict[str, Any] = {
+            "seeds": have,
             "k": ks,
             "k_cv": float(np.std(ks, ddof=1) / np.mean(ks)) if len(ks) > 1 else None,
             "precision": float(np.mean([r["precision"] for r in recs])),
@@ -182,53 +221,52 @@ def summarise(suite: str, seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "correct_set_loss": _ms([1.0 - r["correct"] for r in recs]),
             "random_k_heldout": _ms([r["rk_heldout"] for r in recs]),
             "random_k_test": _ms([r["rk_test"] for r in recs]),
+            "guard_k": [[t["k"] for t in r["guard"]["tries"]] for r in recs if r.get("guard")],
         }
-    d = [seeds[s]["pipelines"][DEFAULT] for s in order]
-    out["original_test"] = _ms([r["original_test"] for r in d])
+        if all("oracle-causes" in seeds[s] for s in have):
+            og = [seeds[s]["oracle-causes"]["heldout"] - seeds[s]["pipelines"][name]["rk_heldout"]
+                  for s in have]  # fmt: skip
+            o = _ms(og)
+            significant = o["se"] is not None and o["mean"] > 2 * o["se"]
+            row["oracle_heldout_gain"] = o
+            row["oracle_gain_significant"] = significant
+            row["share_of_oracle_gain"] = hg["mean"] / o["mean"] if o["mean"] > EPS else None
+            row["meets_half_the_oracle_gain"] = (
+                (hg["mean"] >= 0.5 * o["mean"]) if significant else None
+            )
+        if all("cleanlab" in seeds[s] for s in have):
+            dh = [seeds[s]["pipelines"][name]["heldout"] - seeds[s]["cleanlab"]["heldout"]
+                  for s in have]  # fmt: skip
+            dt = [seeds[s]["pipelines"][name]["test"] - seeds[s]["cleanlab"]["test"] for s in have]
+            h, t = _ms(dh), _ms(dt)
+            row["minus_cleanlab_heldout"], row["minus_cleanlab_test"] = h, t
+            row["beats_cleanlab"] = bool(h["mean"] > 0 and t["mean"] > 0)
+        out["pipelines"][name] = row
+    out["original_test"] = _ms([seeds[s]["original_test"] for s in order])
+    first = next(n for n in PIPELINES if n in out["pipelines"])
+    d = [seeds[s]["pipelines"][first] for s in out["pipelines"][first]["seeds"]]
     out["finetune_only_test"] = _ms([r["ft_only_test"] for r in d])
     out["finetune_only_heldout"] = _ms([r["ft_only_heldout"] for r in d])
     out["finetune_only_minus_original_test"] = _ms(
         [r["ft_only_test"] - r["original_test"] for r in d]
     )
     if all("oracle-causes" in seeds[s] for s in order):
-        og = [seeds[s]["oracle-causes"]["heldout"] - seeds[s]["pipelines"][DEFAULT]["rk_heldout"]
-              for s in order]  # fmt: skip
-        o = _ms(og)
-        significant = o["se"] is not None and o["mean"] > 2 * o["se"]
-        dg = out["pipelines"][DEFAULT]["heldout_gain"]["mean"]
         out["oracle"] = {
-            "heldout_gain": o,
             "heldout": _ms([seeds[s]["oracle-causes"]["heldout"] for s in order]),
             "test": _ms([seeds[s]["oracle-causes"]["test"] for s in order]),
-            "gain_significant": significant,
-            "default_share_of_oracle_gain": dg / o["mean"] if o["mean"] > EPS else None,
-            "meets_half": (dg >= 0.5 * o["mean"]) if significant else None,
         }
     if all("cleanlab" in seeds[s] for s in order):
-        dh, dt = [], []
-        for s in order:
-            c = seeds[s]["cleanlab"]
-            base = c.get("paired_default") or {
-                "heldout_failure_acc": seeds[s]["pipelines"][DEFAULT]["heldout"],
-                "test_acc": seeds[s]["pipelines"][DEFAULT]["test"],
-            }
-            dh.append(base["heldout_failure_acc"] - c["heldout"])
-            dt.append(base["test_acc"] - c["test"])
-        h, t = _ms(dh), _ms(dt)
         out["cleanlab"] = {
             "k": [seeds[s]["cleanlab"]["k"] for s in order],
             "precision": float(np.mean([seeds[s]["cleanlab"]["precision"] for s in order])),
             "heldout": _ms([seeds[s]["cleanlab"]["heldout"] for s in order]),
             "test": _ms([seeds[s]["cleanlab"]["test"] for s in order]),
-            "default_minus_cleanlab_heldout": h,
-            "default_minus_cleanlab_test": t,
-            "default_beats": bool(h["mean"] > 0 and t["mean"] > 0),
         }
-    if OTHER in out["pipelines"]:
+    if OTHER in out["pipelines"] and PREVIOUS in out["pipelines"]:
         pairs = [
-            (seeds[s]["pipelines"][OTHER], seeds[s]["pipelines"][DEFAULT])
+            (seeds[s]["pipelines"][OTHER], seeds[s]["pipelines"][PREVIOUS])
             for s in order
-            if OTHER in seeds[s]["pipelines"]
+            if OTHER in seeds[s]["pipelines"] and PREVIOUS in seeds[s]["pipelines"]
         ]
         out["relabel_minus_delete"] = {
             "heldout": _ms([a["heldout"] - b["heldout"] for a, b in pairs]),
@@ -238,24 +276,27 @@ def summarise(suite: str, seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def headline(suites: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's three counts over the test suites, and the default's other targets."""
-    rows = [s["pipelines"][DEFAULT] for s in suites]
-    sig = [s for s in suites if s.get("oracle", {}).get("gain_significant")]
-    clean = [s for s in suites if "cleanlab" in s]
+def headline(suites: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    """The issue's three counts over the test suites for pipeline ``name``, and its other
+    targets (correct set, K's stability, convergence of the suite's model)."""
+    have = [s for s in suites if name in s["pipelines"]]
+    rows = [s["pipelines"][name] for s in have]
+    sig = [r for r in rows if r.get("oracle_gain_significant")]
+    clean = [r for r in rows if "beats_cleanlab" in r]
     return {
-        "suites": len(suites),
-        "default_repairs": sum(r["repairs"] for r in rows),
+        "suites": len(rows),
+        "repairs": sum(r["repairs"] for r in rows),
         "suites_with_significant_oracle_gain": len(sig),
-        "default_reaches_half_the_oracle_gain": sum(bool(s["oracle"]["meets_half"]) for s in sig),
+        "reaches_half_the_oracle_gain": sum(bool(r["meets_half_the_oracle_gain"]) for r in sig),
         "suites_with_cleanlab": len(clean),
-        "default_beats_cleanlab_on_both": sum(s["cleanlab"]["default_beats"] for s in clean),
+        "beats_cleanlab_on_both": sum(r["beats_cleanlab"] for r in clean),
         "correct_set_loss_within_target": sum(
             r["correct_set_loss"]["mean"] <= CORRECT_SET_TARGET for r in rows
         ),
         "k_cv_within_0.3": sum(r["k_cv"] is not None and r["k_cv"] <= 0.3 for r in rows),
+        "suites_with_k_cv": sum(r["k_cv"] is not None for r in rows),
         "finetune_only_within_0.3_of_original": sum(
-            abs(s["finetune_only_minus_original_test"]["mean"]) <= CONVERGED_TARGET for s in suites
+            abs(s["finetune_only_minus_original_test"]["mean"]) <= CONVERGED_TARGET for s in have
         ),
     }
 
@@ -273,78 +314,92 @@ def _p(v: dict[str, Any] | float | None, signed: bool = False, digits: int = 1) 
     return f"{100 * v:+.{digits}f}" if signed else f"{100 * v:.{digits}f}"
 
 
-def render(doc: dict[str, Any]) -> str:
-    """The markdown block of docs/test-suites.md (generated, never typed)."""
-    h = doc["headline"]
-    lines = [
-        f"Generated by `benchmarks/test_suites.py` from `benchmarks/test_suites.json`; "
-        f"seeds per suite as listed, mean ± standard error over seeds, in points of %. "
-        f"Machine of the bench runs: {doc['bench_machine']}.",
-        "",
-        "**Issue 11's figures on the test suites** (the default `ewc/finetune`, chosen on the "
-        "dev suites):",
-        "",
-        f"* repairs by the Pareto criterion: **{h['default_repairs']} of {h['suites']}** "
-        "test suites (target: ≥ 80%);",
+def _headline_lines(h: dict[str, Any]) -> list[str]:
+    return [
+        f"* repairs by the Pareto criterion: **{h['repairs']} of {h['suites']}** test suites "
+        "(target: ≥ 80%);",
         f"* diagnosis gain ≥ half the oracle's, where the oracle's gain over random-K exceeds "
-        f"2 s.e.: **{h['default_reaches_half_the_oracle_gain']} of "
+        f"2 s.e.: **{h['reaches_half_the_oracle_gain']} of "
         f"{h['suites_with_significant_oracle_gain']}**;",
         f"* beats cleanlab's remove-and-fine-tune on both held-out failures and test accuracy: "
-        f"**{h['default_beats_cleanlab_on_both']} of {h['suites_with_cleanlab']}** "
-        "(target: ≥ 80%);",
+        f"**{h['beats_cleanlab_on_both']} of {h['suites_with_cleanlab']}** (target: ≥ 80%);",
         f"* loses ≤ 0.3 points on the test examples the original got right: "
         f"{h['correct_set_loss_within_target']} of {h['suites']}; automatic K's CV over seeds "
-        f"≤ 0.3: {h['k_cv_within_0.3']} of {h['suites']}; finetune-only within 0.3 points of "
-        f"the original's test accuracy (converged): "
+        f"≤ 0.3: {h['k_cv_within_0.3']} of {h['suites_with_k_cv']}; finetune-only within 0.3 "
+        f"points of the original's test accuracy (converged): "
         f"{h['finetune_only_within_0.3_of_original']} of {h['suites']}.",
-        "",
-        "| suite | seeds | pipeline | K per seed | precision | held-out F | test | gain vs "
-        "random-K, held-out F | gain, test | test margin | worst class drop | repairs | "
-        "correct-set loss |",
-        "|" + "---|" * 13,
     ]
-    for s in doc["suites"]:
-        for name, r in s["pipelines"].items():
-            lines.append(
-                f"| {s['suite']} | {', '.join(map(str, s['seeds']))} | `{name}` "
-                f"| {', '.join(f'{k:,}' for k in r['k'])} | {r['precision']:.3f} "
-                f"| {_p(r['heldout'])} | {_p(r['test'], digits=2)} "
-                f"| {_p(r['heldout_gain'], True)} | {_p(r['test_gain'], True, 2)} "
-                f"| {_p(r['test_margin'], True, 2)} | {_p(r['worst_class_drop'])} "
-                f"| {'yes' if r['repairs'] else 'no'} ({r['seed_passes']} of "
-                f"{len(s['seeds'])} seeds) | {_p(r['correct_set_loss'], digits=2)} |"
-            )
-    lines += [
+
+
+def render(doc: dict[str, Any]) -> str:
+    """The markdown block of docs/test-suites.md (generated, never typed)."""
+    lines = [
+        f"Generated by `benchmarks/test_suites.py` from `benchmarks/test_suites.json`; "
+        f"mean ± standard error over the seeds listed, in points of %. Machine of the bench "
+        f"runs: {doc['bench_machine']}.",
         "",
-        "Controls and peers, same runs (the same fine-tune in every row):",
+        f"**Today's default, `{DEFAULT}`** (`netmend.repair`: the automatic K, then the class "
+        "guard; the guard was designed on `fashion-full/pair` seed 0, which is therefore a dev "
+        "run for it):",
         "",
-        "| suite | original test | finetune-only test | finetune-only held-out F | random-K "
-        "held-out F (default's K) | oracle held-out F | oracle test | oracle gain vs random-K "
-        "| default's share of it | cleanlab K | cleanlab held-out F | cleanlab test | default − "
-        "cleanlab, held-out F | default − cleanlab, test |",
+        *_headline_lines(doc["headline"][DEFAULT]),
+        "",
+        f"**The previous default, `{PREVIOUS}`** (no guard; chosen on the dev suites before any "
+        "test suite was run):",
+        "",
+        *_headline_lines(doc["headline"][PREVIOUS]),
+        "",
+        "| suite | pipeline | seeds | K per seed (guard's tries) | precision | held-out F | test "
+        "| gain vs random-K, held-out F | gain, test | oracle's gain, held-out F | test margin "
+        "| worst class drop | repairs | correct-set loss |",
         "|" + "---|" * 14,
     ]
     for s in doc["suites"]:
-        d = s["pipelines"][DEFAULT]
+        for name, r in s["pipelines"].items():
+            ks = ", ".join(f"{k:,}" for k in r["k"])
+            if r["guard_k"]:
+                ks += " (" + "; ".join("→".join(f"{k:,}" for k in t) for t in r["guard_k"]) + ")"
+            lines.append(
+                f"| {s['suite']} | `{name}` | {', '.join(map(str, r['seeds']))} | {ks} "
+                f"| {r['precision']:.3f} | {_p(r['heldout'])} | {_p(r['test'], digits=2)} "
+                f"| {_p(r['heldout_gain'], True)} | {_p(r['test_gain'], True, 2)} "
+                f"| {_p(r.get('oracle_heldout_gain'), True)} "
+                f"| {_p(r['test_margin'], True, 2)} | {_p(r['worst_class_drop'])} "
+                f"| {'yes' if r['repairs'] else 'no'} ({r['seed_passes']} of "
+                f"{len(r['seeds'])} seeds) | {_p(r['correct_set_loss'], digits=2)} |"
+            )
+    lines += [
+        "",
+        "Controls and peers, same runs (the same fine-tune in every row; cleanlab: "
+        "`find_label_issues` on 3-fold out-of-fold probabilities, the issues removed):",
+        "",
+        "| suite | original test | finetune-only test | finetune-only held-out F | oracle "
+        "held-out F | oracle test | cleanlab K | cleanlab precision | cleanlab held-out F | "
+        "cleanlab test | default − cleanlab, held-out F | default − cleanlab, test | previous "
+        "default − cleanlab, held-out F | previous default − cleanlab, test |",
+        "|" + "---|" * 14,
+    ]
+    for s in doc["suites"]:
         o, c = s.get("oracle"), s.get("cleanlab")
-        share = None if o is None else o["default_share_of_oracle_gain"]
+        d, prev = s["pipelines"].get(DEFAULT, {}), s["pipelines"].get(PREVIOUS, {})
         lines.append(
             f"| {s['suite']} | {_p(s['original_test'], digits=2)} "
             f"| {_p(s['finetune_only_test'], digits=2)} | {_p(s['finetune_only_heldout'])} "
-            f"| {_p(d['random_k_heldout'])} "
             f"| {_p(o and o['heldout'])} | {_p(o and o['test'], digits=2)} "
-            f"| {_p(o and o['heldout_gain'], True)} "
-            f"| {'–' if share is None else f'{share:.2f}'} "
             f"| {'–' if c is None else ', '.join(f'{k:,}' for k in c['k'])} "
+            f"| {'–' if c is None else format(c['precision'], '.3f')} "
             f"| {_p(c and c['heldout'])} | {_p(c and c['test'], digits=2)} "
-            f"| {_p(c and c['default_minus_cleanlab_heldout'], True)} "
-            f"| {_p(c and c['default_minus_cleanlab_test'], True, 2)} |"
+            f"| {_p(d.get('minus_cleanlab_heldout'), True)} "
+            f"| {_p(d.get('minus_cleanlab_test'), True, 2)} "
+            f"| {_p(prev.get('minus_cleanlab_heldout'), True)} "
+            f"| {_p(prev.get('minus_cleanlab_test'), True, 2)} |"
         )
     rel = [s for s in doc["suites"] if "relabel_minus_delete" in s]
     if rel:
         lines += [
             "",
-            "Relabel against delete on the same causes (issue 4's figure on the Pareto criterion):",
+            "Relabel against delete on the same (unguarded) causes (issue 4's figure on the "
+            "Pareto criterion):",
             "",
             "| suite | clean share of the causes | relabel − delete, held-out F | relabel − "
             "delete, test | delete repairs | relabel repairs |",
@@ -355,7 +410,7 @@ def render(doc: dict[str, Any]) -> str:
             lines.append(
                 f"| {s['suite']} | {x['clean_share_of_causes']:.2f} | {_p(x['heldout'], True)} "
                 f"| {_p(x['test'], True, 2)} "
-                f"| {'yes' if s['pipelines'][DEFAULT]['repairs'] else 'no'} "
+                f"| {'yes' if s['pipelines'][PREVIOUS]['repairs'] else 'no'} "
                 f"| {'yes' if s['pipelines'][OTHER]['repairs'] else 'no'} |"
             )
     return "\n".join(lines) + "\n"
@@ -363,7 +418,7 @@ def render(doc: dict[str, Any]) -> str:
 
 def build(root: Path = HERE) -> dict[str, Any]:
     """Read the test suites' JSONs under ``root`` and compute every figure."""
-    suites: list[dict[str, Any]] = []
+    merged: dict[str, dict[int, dict[str, Any]]] = {}
     bench_machine = None
     for rel in BENCHES:
         path = root / rel
@@ -372,8 +427,8 @@ def build(root: Path = HERE) -> dict[str, Any]:
         result = json.loads(path.read_text())
         m = result.get("machine") or {}
         bench_machine = f"{m.get('processor')}, {m.get('cpus')} CPUs, torch {m.get('torch')}"
-        for suite, seeds in from_bench(result).items():
-            suites.append(summarise(suite, seeds))
+        merge(merged, from_bench(result))
+    suites = [summarise(suite, seeds) for suite, seeds in merged.items()]
     if (root / DEMO).exists():
         cl = root / DEMO_CLEANLAB
         seeds = from_demo(
@@ -387,7 +442,7 @@ def build(root: Path = HERE) -> dict[str, Any]:
         "bench_machine": bench_machine,
         "sources": [*BENCHES, DEMO, DEMO_CLEANLAB],
         "suites": suites,
-        "headline": headline(suites),
+        "headline": {name: headline(suites, name) for name in (DEFAULT, PREVIOUS)},
     }
 
 
