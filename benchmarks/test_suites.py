@@ -356,9 +356,9 @@ def render(doc: dict[str, Any]) -> str:
     ]
     for s in doc["suites"]:
         for name, r in s["pipelines"].items():
-            ks = ", ".join(f"{k:,}" for k in r["k"])
+            ks = " / ".join(f"{k:,}" for k in r["k"])
             if r["guard_k"]:
-                ks += " (" + "; ".join("→".join(f"{k:,}" for k in t) for t in r["guard_k"]) + ")"
+                ks += " (" + "; ".join(" → ".join(f"{k:,}" for k in t) for t in r["guard_k"]) + ")"
             lines.append(
                 f"| {s['suite']} | `{name}` | {', '.join(map(str, r['seeds']))} | {ks} "
                 f"| {r['precision']:.3f} | {_p(r['heldout'])} | {_p(r['test'], digits=2)} "
@@ -386,7 +386,7 @@ def render(doc: dict[str, Any]) -> str:
             f"| {s['suite']} | {_p(s['original_test'], digits=2)} "
             f"| {_p(s['finetune_only_test'], digits=2)} | {_p(s['finetune_only_heldout'])} "
             f"| {_p(o and o['heldout'])} | {_p(o and o['test'], digits=2)} "
-            f"| {'–' if c is None else ', '.join(f'{k:,}' for k in c['k'])} "
+            f"| {'–' if c is None else ' / '.join(f'{k:,}' for k in c['k'])} "
             f"| {'–' if c is None else format(c['precision'], '.3f')} "
             f"| {_p(c and c['heldout'])} | {_p(c and c['test'], digits=2)} "
             f"| {_p(d.get('minus_cleanlab_heldout'), True)} "
