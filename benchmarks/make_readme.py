@@ -504,6 +504,63 @@ def peers_scale_factors_lds(d: dict[str, Any]) -> str:
     return rows(["variant", "LDS per query", "s.e."], body)
 
 
+def _models(extra: dict[str, int]) -> str:
+    return ", ".join(f"+{n} {kind}" for kind, n in extra.items()) or "1 full"
+
+
+def dattri_protocol(d: dict[str, Any]) -> str:
+    """dattri's MNIST-MLP LDS protocol: every attribution scored on the same retrained models."""
+    pub = d["published_lds"]
+    label = {"dattri Grad-Dot": "Grad-Dot", "dattri TracIn": "TracIn"}
+    label.update({f"dattri TRAK-{k}": f"TRAK-{k}" for k in (1, 10, 50)})
+    body = []
+    for name, m in d["methods"].items():
+        if "lds" not in m:
+            continue
+        p = pub.get(label.get(name, ""), pub["IF-CG"] if name == d["dattri_if_cg_best"] else None)
+        body.append(
+            [
+                name,
+                _models(m["extra_models"]),
+                f"{f3(m['lds']['mean'])} ± {f3(m['lds']['se'])}",
+                f"{m['lds']['n_test']}",
+                f3(m.get("lds_dattri_metric")),
+                f3(m["attribution"]["cpu"], "{:.1f}"),
+                f3(m["attribution"]["wall"], "{:.1f}"),
+                f3(m["peak_rss_mib"], "{:.0f}"),
+                f3(m["cost_cpu_s"], "{:.1f}"),
+                f3(m.get("cost_vs_trak50")),
+                f3(p, "{:.2f}"),
+            ]
+        )
+    r = d["controls"]["random"]
+    body.append(["random scores (control)", "–", f"{f3(r['mean'])} ± {f3(r['se'])}",
+                 f"{r['n_test']}"] + ["–"] * 7)  # fmt: skip
+    head = ["method", "models beyond the shared one", "LDS ± s.e.", "test points"]
+    head += ["dattri.metric.lds", "attribution CPU s", "wall s", "peak RSS MiB"]
+    head += ["cost CPU s (with training)", "cost / TRAK-50", "dattri published"]
+    return rows(head, body)
+
+
+def dattri_protocol_target(d: dict[str, Any]) -> str:
+    t = d["target"]
+    body = [
+        [
+            t.get("trak50_cost_source", "–").split(":")[0],
+            f3(t.get("trak50_cost_cpu_s"), "{:.1f}"),
+            f3(t.get("budget_cpu_s"), "{:.1f}"),
+            f"`{t.get('best_netmend_within_budget')}`",
+            f3(t.get("best_netmend_within_budget_lds")),
+            f"`{t.get('best_netmend')}`",
+            f3(t.get("best_netmend_lds")),
+            "yes" if t.get("met") else "NO",
+        ]
+    ]
+    head = ["TRAK-50 cost", "CPU s", "budget (1/10) CPU s", "best netmend within budget"]
+    head += ["its LDS", "best netmend overall", "its LDS", "LDS ≥ 0.45 within budget"]
+    return rows(head, body)
+
+
 def scaling_n(d: dict[str, Any]) -> str:
     """netmend's default identify over a streamed, tiled MNIST: time and peak RSS in N."""
     body = []
@@ -656,6 +713,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     ),
     "peers_scale_factors_lds": (("benchmarks/peers_scale_factors.json",), peers_scale_factors_lds),
     "scaling_n": (("benchmarks/scaling_n.json",), scaling_n),
+    "dattri_protocol": (("benchmarks/dattri_protocol.json",), dattri_protocol),
+    "dattri_protocol_target": (("benchmarks/dattri_protocol.json",), dattri_protocol_target),
     "k_rule": (("benchmarks/k_rule_dev.json",), k_rule),
     "k_rule_cap": (("benchmarks/k_rule_dev_cap0.3.json",), k_rule),
     "demo_convergence": (("benchmarks/demo_convergence.json",), demo_convergence),
