@@ -467,6 +467,9 @@ def write_report(args: argparse.Namespace, setup: dict[str, Any], names: list[st
         if "error" not in r:
             harm = np.load(WORK / f"{slug(name)}.npy")
             r["lds"] = summarise(lds_per_test(harm, masks, loss))
+            # test points whose scores are all zero (dattri TRAK: p == 1 in float32 makes its
+            # output log p - log(1 - p) infinite, the NaN gradient is zeroed): LDS NaN, dropped
+            r["all_zero_test_points"] = int((np.abs(harm).max(0) == 0).sum())
             r["lds_dattri_metric"] = dattri_lds.get(slug(name))
             extra = extra_models(name)
             r["extra_models"] = extra
