@@ -312,7 +312,12 @@ def run_suite(
     def default_body(cell: dict[str, Any]) -> dict[str, Any]:
         result = netmend.repair(model, noisy, failures, train_config=recipe, **common)
         default_causes.append(np.asarray(result.causes))
-        return {**cause_metrics(result.causes, mask), **evaluated(result.model)}
+        guard = result.treatment_info.get("guard")
+        return {
+            **cause_metrics(result.causes, mask),
+            **evaluated(result.model),
+            **({"guard": guard} if guard else {}),
+        }
 
     run_cell("default", default_body)
 

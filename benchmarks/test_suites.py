@@ -172,6 +172,11 @@ def from_demo(demo: dict[str, Any], cleanlab: dict[str, Any] | None) -> dict[int
             "precision": 1.0,
         }
         if seed in clean:
+            if abs(clean[seed]["original"]["test_acc"] - ctl["original"]["test_acc"]) > 1e-12:
+                raise ValueError(
+                    f"demo seed {seed}: {DEMO_CLEANLAB} and {DEMO} trained different models "
+                    "(e.g. another number of torch threads): rerun demo_cleanlab.py"
+                )
             c = clean[seed]["cleanlab"]
             entry["cleanlab"] = {
                 "heldout": c["heldout_failure_acc"],
