@@ -72,9 +72,10 @@ def test_guard_halves_k_until_no_class_collapses_and_holds_the_slice_out() -> No
 
 def test_guard_keeps_the_smallest_k_and_says_so_when_every_halving_fails() -> None:
     X, y = _train()
-    g = guard.guard_k(
-        lambda c: Rule(collapse=True), Rule(), as_source((X, y), "t"), np.arange(64), 0, "cpu"
-    )
+    with pytest.warns(UserWarning, match="class guard halved K from 64 to 8"):
+        g = guard.guard_k(
+            lambda c: Rule(collapse=True), Rule(), as_source((X, y), "t"), np.arange(64), 0, "cpu"
+        )
     assert not g.passed and g.k == 8 and len(g.tries) == guard.MAX_HALVINGS + 1
 
 

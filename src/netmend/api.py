@@ -724,13 +724,6 @@ def repair(
             resolve_device(device),
         )
         record["guard"] = g.as_dict()
-        if g.skipped is None and not g.passed:
-            warnings.warn(
-                f"the class guard halved K from {g.k_start} to {g.k} and a class still lost "
-                f"{100 * g.tries[-1]['worst_class_drop']:.0f} points on held-out training "
-                "data: check the repaired model per class before using it",
-                stacklevel=2,
-            )
         if g.k < len(ident.causes):
             ident = dataclasses.replace(
                 ident, causes=ident.causes[: g.k], info={**ident.info, "guard": g.as_dict()}

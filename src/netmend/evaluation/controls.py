@@ -33,8 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from netmend.model.functional import Data
-from netmend.model.training import predict
+from netmend.model.training import class_accuracies
 
 TEST_TOLERANCE = 0.002
 """Test accuracy may fall at most 0.2 points below max(original, finetune-only)."""
@@ -47,22 +46,6 @@ EPS = 1e-9
 
 Measure = Callable[[nn.Module], dict[str, Any]]
 TreatFn = Callable[[np.ndarray], nn.Module]
-
-
-def class_accuracies(
-    model: nn.Module,
-    X: Data,
-    y: torch.Tensor,
-    num_classes: int,
-    device: torch.device | str = "cpu",
-) -> list[float]:
-    """Test accuracy of ``model`` per class ``[C]`` (NaN for a class absent from ``y``)."""
-    ok = (predict(model, X, device) == y).numpy().astype(np.float64)
-    labels = y.numpy().astype(np.int64)
-    total = np.bincount(labels, minlength=num_classes).astype(np.float64)
-    right = np.bincount(labels, weights=ok, minlength=num_classes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return [float(v) for v in right / total]
 
 
 def random_causes(n_train: int, k: int, draw: int, seed: int = 0) -> np.ndarray:

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -241,6 +242,22 @@ def accuracy(
     if y.numel() == 0:
         return float("nan")
     return float((predict(model, X, device, task=task) == y).float().mean())
+
+
+def class_accuracies(
+    model: nn.Module,
+    X: Data,
+    y: torch.Tensor,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+) -> list[float]:
+    """Test accuracy of ``model`` per class ``[C]`` (NaN for a class absent from ``y``)."""
+    ok = (predict(model, X, device) == y).numpy().astype(np.float64)
+    labels = y.numpy().astype(np.int64)
+    total = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    right = np.bincount(labels, weights=ok, minlength=num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return [float(v) for v in right / total]
 
 
 def fresh_copy(model: nn.Module, seed: int) -> nn.Module:

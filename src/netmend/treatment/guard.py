@@ -25,6 +25,7 @@ are the same call as before.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -34,7 +35,7 @@ import torch
 from torch import nn
 
 from netmend.data.source import DataSource
-from netmend.model.training import predict
+from netmend.model.training import class_accuracies
 
 HOLDOUT_SHARE = 0.05
 """Share of each class held out of the guard's fine-tunes to measure them."""
@@ -108,15 +109,6 @@ def holdout_slice(
     return out.astype(np.int64), classes
 
 
-def class_accuracy(
-    model: nn.Module, X: DataSource, classes: list[int], device: torch.device | str
-) -> np.ndarray:
-    """Accuracy of ``model`` on each of ``classes`` among ``X`` (with ``X``'s labels) ``[C']``."""
-    pred = predict(model, X, device).numpy()
-    y = X.labels.numpy()
-    return np.array([float((pred[y == c] == c).mean()) for c in classes])
-
-
 def guard_k(
     treat_fn: Callable[[np.ndarray], nn.Module],
     model: nn.Module,
@@ -140,25 +132,31 @@ def guard_k(
         max_class_drop, max_halvings: see :data:`MAX_CLASS_DROP`, :data:`MAX_HALVINGS`.
 
     Returns:
-        A :class:`GuardRecord`; ``record.k`` is the K to use.
+        A :class:`GuardRecord`; ``record.k`` is the K to use. Warns when every halving failed.
     """
     causes = np.asarray(causes, dtype=np.int64)
     k0 = int(causes.size)
-    val, classes = holdout_slice(train.labels, seed)
     if k0 == 0:
         return GuardRecord(k0, k0, skipped="no causes")
+    val, classes = holdout_slice(train.labels, seed)
     if not classes:
         why = f"no class has {MIN_PER_CLASS} examples in a {HOLDOUT_SHARE:.0%} slice"
         return GuardRecord(k0, k0, skipped=why)
     held = train[torch.from_numpy(val)]
-    before = class_accuracy(model, held, classes, device)
+    n_classes = int(train.labels.max()) + 1
+
+    def class_accuracy(m: nn.Module) -> np.ndarray:
+        """Accuracy on each judged class of the slice, with the slice's own labels."""
+        return np.asarray(class_accuracies(m, held, held.labels, n_classes, device))[classes]
+
+    before = class_accuracy(model)
     record = GuardRecord(k0, k0, holdout=int(val.size), judged_classes=classes, passed=False)
     k = k0
     for step in range(max_halvings + 1):
         if step:
             k = max(1, k // 2)
         repaired = treat_fn(np.union1d(causes[:k], val))
-        drops = before - class_accuracy(repaired, held, classes, device)
+        drops = before - class_accuracy(repaired)
         worst = int(np.argmax(drops))
         record.tries.append(
             {"k": k, "worst_class": classes[worst], "worst_class_drop": float(drops[worst])}
@@ -169,4 +167,11 @@ def guard_k(
             break
         if k == 1:
             break
+    if not record.passed:
+        warnings.warn(
+            f"the class guard halved K from {k0} to {record.k} and a class still lost "
+            f"{100 * record.tries[-1]['worst_class_drop']:.0f} points on held-out training "
+            "data: check the repaired model per class before using it",
+            stacklevel=3,
+        )
     return record
