@@ -50,7 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from netmend.evaluation.controls import EPS, MAX_CLASS_DROP, mean_se
+from netmend.evaluation.controls import EPS, mean_se
+from netmend.lab.bench import repairs_on_means
 from netmend.lab.demo import machine
 from netmend.store import write_json_atomic
 
@@ -221,7 +222,7 @@ def summarise(suite: str, seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "test_gain": _ms([r["test_gain"] for r in recs]),
             "test_margin": margin,
             "worst_class_drop": drop,
-            "repairs": bool(hg["mean"] > EPS and margin >= -EPS and not drop > MAX_CLASS_DROP),
+            "repairs": repairs_on_means(hg["mean"], margin, drop),
             "seed_passes": sum(r["passed"] for r in recs),
             "correct_set_loss": _ms([1.0 - r["correct"] for r in recs]),
             "random_k_heldout": _ms([r["rk_heldout"] for r in recs]),

@@ -963,6 +963,14 @@ def paired_vs(
     return out
 
 
+def repairs_on_means(heldout_gain: float, test_margin: float, worst_class_drop: float) -> bool:
+    """The Pareto criterion on means over seeds: held-out failures above random-K, test
+    accuracy at least its floor, no class down more than ``MAX_CLASS_DROP`` (NaN: no class
+    measured). Fractions."""
+    collapsed = worst_class_drop > MAX_CLASS_DROP
+    return bool(heldout_gain > EPS and test_margin >= -EPS and not collapsed)
+
+
 def pareto_summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per pipeline and suite, over the seeds: the diagnosis gain and the Pareto criterion.
 
@@ -1005,7 +1013,7 @@ def pareto_summary(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
                 "test_gain_se": tg[1],
                 "test_margin": margin,
                 "worst_class_drop": drop,
-                "repairs": bool(hg[0] > EPS and margin >= -EPS and not drop > MAX_CLASS_DROP),
+                "repairs": repairs_on_means(hg[0], margin, drop),
                 "seed_passes": sum(bool(c["verdict"]["passed"]) for c in cells),
             }
         out[name] = {
