@@ -72,8 +72,12 @@ def _check_outputs(out: Path, n_train: int, n_fail: int, factory, failures_X, fa
     selected = [int(r["index"]) for r in scores if r["selected"] == "1"]
     assert len(selected) == summary["causes"] > 0
     s = np.array([float(r["score"]) for r in scores])
-    # the selected causes are the top-K scores (positive = harmful)
-    assert s[selected].min() >= np.sort(s)[::-1][len(selected) - 1] - 1e-12
+    # the selected causes are among the top-K scores (positive = harmful), K before the
+    # label gate kept the ones the model does not predict the label of
+    gate = summary["label_gate"]
+    k = gate["of"] if gate else len(selected)
+    assert len(selected) == (gate["candidates"] if gate and gate["applied"] else k)
+    assert s[selected].min() >= np.sort(s)[::-1][k - 1] - 1e-12
     cul = _read_csv(out / "culprits.csv")
     assert len(cul) == 5 * n_fail
     for f in range(n_fail):
@@ -335,3 +339,23 @@ def test_torch_export_program(tmp_path, capsys):
     argv[1], argv[7] = str(tmp_path / "fixed.pt2"), str(tmp_path / "run2")
     code, _, err = _run(argv, capsys)
     assert code == 2 and "exactly 2 examples" in err and "dynamic_shapes" in err, err
+
+
+def test_report_notes_say_what_the_label_gate_and_the_class_guard_did():
+    from netmend.repair_cli import _selection_notes
+
+    gate = {"candidates": 40, "of": 60, "share": 0.67, "applied": True, "threshold": 0.3}
+    tries = [
+        {"k": 800, "worst_class": 0, "worst_class_drop": 0.31},
+        {"k": 400, "worst_class": 0, "worst_class_drop": 0.06},
+    ]
+    guard = {"k_start": 800, "k": 400, "tries": tries, "passed": True}
+    notes = _selection_notes(gate, guard)
+    assert "40 of the 60 automatic causes" in notes[0] and "only those" in notes[0]
+    assert "class 0 lose 31 points" in notes[1] and "cut to 400" in notes[1]
+    assert "lost 6 points" in notes[1] and "check each class" not in notes[1]
+    kept = _selection_notes({**gate, "candidates": 5, "applied": False}, {**guard, "k": 800})
+    assert len(kept) == 1 and "all were kept" in kept[0]
+    failed = _selection_notes(None, {**guard, "passed": False})
+    assert len(failed) == 1 and "check each class" in failed[0]
+    assert _selection_notes(None, None) == []

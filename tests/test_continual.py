@@ -9,6 +9,7 @@ import torch
 import netmend
 from netmend.continual import Repairer
 from netmend.identification import class_capped
+from netmend.identification.label_gate import label_gate
 from netmend.lab.models import MLP
 from netmend.model.training import TrainConfig, fit, predict
 
@@ -161,7 +162,11 @@ def test_a_later_batch_joins_the_smaller_half(problem):
     )
     assert k > 0
     top = np.argsort(-r.scores, kind="stable")[:k]
-    np.testing.assert_array_equal(r.causes, class_capped(top, train[1]))
+    capped = class_capped(top, train[1])
+    pred = predict(model, train[0][capped])
+    gated, info = label_gate(capped, pred, train[1][capped])
+    assert info["of"] == capped.size
+    np.testing.assert_array_equal(r.causes, gated)
 
 
 def test_first_round_selects_like_identify_when_the_class_cap_binds(problem, monkeypatch):

@@ -397,7 +397,9 @@ def test_info_keys(ref, blobs, blobs_logreg, failset):
     assert set(lin.info) == {"l2", "classes_over_half"}
     # the automatic K is recorded next to them
     auto = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", l2=0.5, **RUN)
-    assert set(auto.info) == fit_keys | {"theta_plus_f", "l2", "auto_k", "classes_over_half"}
+    assert set(auto.info) == fit_keys | {
+        "theta_plus_f", "l2", "auto_k", "classes_over_half", "label_gate"
+    }  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- automatic K

@@ -49,6 +49,7 @@ from netmend.identification.base import (
 )
 from netmend.identification.base import check_options as check_identify_options
 from netmend.identification.caching import cached_method
+from netmend.identification.label_gate import label_gate
 from netmend.model.checks import (
     check_failures,
     check_finite_parameters,
@@ -57,7 +58,7 @@ from netmend.model.checks import (
     num_classes_of,
 )
 from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
-from netmend.model.training import TrainConfig
+from netmend.model.training import TrainConfig, predict
 from netmend.treatment.base import check_options as check_treat_options
 from netmend.treatment.guard import guard_k
 
@@ -273,6 +274,7 @@ def identify(
     cache_dir: str | os.PathLike[str] | None = None,
     overwrite_cache: bool = False,
     task: Task | None = None,
+    gate: bool | None = None,
     **options: Any,
 ) -> Identification:
     """Score every training example for how much it caused the failures.
@@ -320,6 +322,12 @@ def identify(
         task: a :class:`netmend.data.task.Task`: how a batch splits into inputs and labels,
             how the model is called and where its logits are (default
             :class:`netmend.data.task.ClassificationTask`).
+        gate: the label gate (:mod:`netmend.identification.label_gate`): when at least 30%
+            of the automatic causes are examples the model does not predict the given label
+            of, keep only those (the failures come from label errors; the others are hard,
+            correctly labelled examples whose removal costs test accuracy). ``None``
+            (default): on with the automatic K, off with an explicit ``k``; ``True`` with an
+            explicit ``k`` gates its top-k. Its record is ``info["label_gate"]``.
         **options: method options (e.g. ``steps`` for "ewc", ``curvature`` for "linear").
 
     Returns:
@@ -375,6 +383,11 @@ def identify(
             causes = capped
     else:
         causes = identification.select(scores, k)
+    auto = (k is None or k == "auto") and info["auto_k"]["rule"] != "positive"
+    if gate or (gate is None and auto):
+        idx = torch.from_numpy(causes)
+        pred = predict(work, X[idx], dev, task=X.task) if causes.size else y[idx]
+        causes, info["label_gate"] = label_gate(causes, pred, y[idx])
     _warn_emptied_classes(causes, y, info)
     if run is not None:
         info["cache"] = run.summary()
@@ -656,6 +669,7 @@ def repair(
     treat_options: dict[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     task: Task | None = None,
+    gate: bool | None = None,
     guard: bool | None = None,
 ) -> RepairResult:
     """Find the training examples behind ``failures`` and return a repaired copy of ``model``.
@@ -676,6 +690,7 @@ def repair(
         identify_options, treat_options: method-specific options.
         cache_dir: save (and reuse, or resume) the identification there (see :func:`identify`).
         task: how batches and outputs are read (see :func:`identify`).
+        gate: the label gate of :func:`identify` (default: on with the automatic K).
         guard: back off the automatic K when the fine-tune would make a class forget itself
             (:mod:`netmend.treatment.guard`: a 5% slice of each class held out of trial
             fine-tunes; K is halved while some class's accuracy on it falls by more than 10
@@ -696,7 +711,7 @@ def repair(
     # read (and check) each data set once: the treatment reuses the identification's sources
     train = as_source(train, "train", task)
     failures = as_source(failures, "failures", task)
-    opts = dict(identify_options or {}, cache_dir=cache_dir)
+    opts = dict(identify_options or {}, cache_dir=cache_dir, gate=gate)
     ident = _identify(model, train, failures, identify, k, **common, **opts)
     t0 = time.perf_counter()
     record: dict[str, Any] = {}

@@ -65,6 +65,7 @@ from netmend.identification.base import (
     per_failure_top,
 )
 from netmend.identification.ewc import fit_theta_plus_f
+from netmend.identification.label_gate import label_gate
 from netmend.model.checks import check_failures
 from netmend.model.functional import FunctionalModel, log_likelihoods, match_dtype, param_dtype
 from netmend.model.training import TrainConfig, predict
@@ -245,8 +246,9 @@ class Repairer:
 
         The automatic K is the edge of the halves' agreement
         (:func:`netmend.identification.k_rules.edge_rule`), never more than 30% of a class's
-        training examples (:func:`netmend.identification.base.class_capped`), and with fewer
-        than 4 failures each failure's top culprits: round 1 selects exactly what the
+        training examples (:func:`netmend.identification.base.class_capped`), with fewer
+        than 4 failures each failure's top culprits, then the label gate
+        (:mod:`netmend.identification.label_gate`): round 1 selects exactly what the
         one-shot :func:`netmend.identify` with method "ewc" selects.
         """
         m = int(self._failures_y.shape[0])
@@ -271,7 +273,12 @@ class Repairer:
         if capped.size < causes.size:
             self._selection.update(uncapped_k=int(causes.size))
             self._selection["rule"] += f", at most {MAX_CLASS_SHARE:.0%} of a class"
-        return capped
+        # as identify: the label gate, on the original model's predictions
+        idx = torch.from_numpy(capped)
+        pred = predict(self._work, self._X[idx], self.device) if capped.size else self._y[idx]
+        gated, self._selection["label_gate"] = label_gate(capped, pred, self._y[idx])
+        self._selection["k"] = int(gated.size)
+        return gated
 
     def _start(self, seconds: dict[str, float]) -> None:
         """First round only: the Fisher (through ``lambda``) and ``log p(z|theta_hat)``."""

@@ -423,6 +423,7 @@ def run(args: argparse.Namespace) -> int:
             k,
             cache_dir=out / "cache",
             overwrite_cache=args.resume is None,
+            gate=False if args.no_gate else None,
             **common,
         )
         times["identify"] = time.perf_counter() - t0
@@ -557,6 +558,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "causes": int(causes.size),
         "auto_k": rep.history[-1]["selection"] if continual else ident.info.get("auto_k"),
+        "label_gate": (rep.history[-1]["selection"] if continual else ident.info).get("label_gate"),
         "guard": record.get("guard"),
         "observed_failures": observed,
         "continual": None
@@ -594,7 +596,7 @@ def run(args: argparse.Namespace) -> int:
         pad_id=args.pad_id if train.kind == "tokens" else None,
         failure_names=data.failure_names,
         settings={k_: v for k_, v in settings.items() if v is not None},
-        notes=control_note,
+        notes=[*control_note, *_selection_notes(summary["label_gate"], record.get("guard"))],
     )
     write_report(out / "report.html", report)
     times["write"] = time.perf_counter() - t0
@@ -602,6 +604,34 @@ def run(args: argparse.Namespace) -> int:
     write_json_atomic(out / "summary.json", summary)
     _print_summary(accuracies, causes.size, out)
     return 0
+
+
+def _selection_notes(gate: dict[str, Any] | None, guard: dict[str, Any] | None) -> list[str]:
+    """What the label gate and the class guard did to the automatic causes, in words."""
+    notes = []
+    if gate and gate["applied"]:
+        notes.append(
+            f"Label gate: {gate['candidates']} of the {gate['of']} automatic causes are examples "
+            "the model does not predict the given label of (likely label errors); only those "
+            "were removed (--no-gate keeps all)."
+        )
+    elif gate:
+        notes.append(
+            f"Label gate: only {gate['candidates']} of the {gate['of']} automatic causes are "
+            "likely label errors, so the causes are something the model learned; all were kept."
+        )
+    if guard and guard.get("tries") and guard["k"] < guard["k_start"]:
+        last = guard["tries"][-1]
+        notes.append(
+            f"Class guard: a trial fine-tune without {guard['k_start']} causes made class "
+            f"{guard['tries'][0]['worst_class']} lose "
+            f"{100 * guard['tries'][0]['worst_class_drop']:.0f} points on held-out training "
+            f"data, so K was cut to {guard['k']} (the worst class then lost "
+            f"{100 * last['worst_class_drop']:.0f} points"
+            + ("" if guard["passed"] else "; still over the 10-point limit: check each class")
+            + ")."
+        )
+    return notes
 
 
 def _print_summary(acc: dict[str, dict[str, float]], k: int, out: Path) -> None:
@@ -671,6 +701,11 @@ def add_parser(sub: Any) -> None:
         "--culprits", type=_positive_int, default=5, help="culprits listed per failure (5)"
     )
     r.add_argument("--no-controls", action="store_true", help="skip the control repairs")
+    r.add_argument(
+        "--no-gate",
+        action="store_true",
+        help="keep every automatic cause even when most are label errors (see docs/methods.md)",
+    )
     r.add_argument(
         "--no-guard",
         action="store_true",

@@ -682,6 +682,8 @@ def run_suite(
                 n = len(data.train)
                 sized = finetune_recipe(recipe, n, n, config.treat_options.get("finetune"))
                 options.update(epochs=sized.epochs, lr=sized.lr)
+            if "label_gate" in ident.info:
+                cell["label_gate"] = ident.info["label_gate"]
             use_guard = bool(options.pop("guard", False))
             treat_fn = _treatment_call(
                 model, noisy, treat_name, recipe, ident, (Xq, yq), common, options

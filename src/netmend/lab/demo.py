@@ -192,6 +192,7 @@ def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, A
                 **{k: metrics[k] for k in sorted(metrics)},
                 "auto_k": ident.info.get("auto_k"),
                 "classes_over_half": ident.info.get("classes_over_half"),
+                "label_gate": ident.info.get("label_gate"),
                 "guard": result.treatment_info.get("guard"),
                 **judged["pipeline"],
                 "seconds": seconds,

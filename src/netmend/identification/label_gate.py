@@ -1,0 +1,85 @@
+"""The label gate: keep only the label errors among the automatic causes when they are many.
+
+A failure-conditioned score (r > 0: removing z helps the failures) blames two kinds of
+training examples: mislabelled ones, and correctly labelled *hard* ones near the boundary the
+failures cross. Removing the second kind also fixes failures, but it moves the boundary
+through a class the test set needs: on issue 11's converged test suites the default's causes
+were 25-58% clean, and removing them cost test accuracy that as many random examples did not.
+
+The gate separates the two with one forward pass over the causes: the original model's own
+prediction on each cause (cleanlab's ``predicted_neq_given`` test, in-sample). A cause whose
+given label the model does not predict is a label-error candidate. When at least
+:data:`GATE_SHARE` of the automatic causes are such candidates, the failures are read as
+coming from label errors and only the candidates are kept. Otherwise the causes are something
+the model has learned and believes (a backdoor's trigger, a subgroup: 0-7% of them were
+candidates on the digits dev suites), and all of them are kept: gating those would discard the
+diagnosis.
+
+The rule and its share were chosen on dev runs only (``benchmarks/gate_explore.py``): the ten
+digits suites with seeds 0-2, the demo's seed 0 and ``fashion-full/pair`` seed 0.
+
+* On the digits, the Pareto criterion passes on 4 suites ungated and on 5 with the gate at any
+  share from 0.25 to 0.5 (6 at 0.2, where the noisy-input suite's 16-23% start to be gated).
+* On ``fashion-full/pair`` seed 0, 47% of the causes were candidates (pair noise of 40% mixes
+  the classes), and only the gated repair passed: 0.3 is inside both ranges with a margin.
+* On the demo's seed 0 the gate dropped 36 of 2,173 causes, which lifted test accuracy by
+  0.16 points and cut the loss on the examples the original got right from 0.44 to 0.24 points.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+GATE_SHARE = 0.3
+"""The gate keeps only the label-error candidates when at least this share of the automatic
+causes are candidates (the model does not predict their given label); chosen on dev runs."""
+
+
+def label_gate(
+    causes: np.ndarray,
+    predicted: torch.Tensor | np.ndarray,
+    labels: torch.Tensor | np.ndarray,
+    share: float = GATE_SHARE,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Keep the causes whose given label the model does not predict, if they are ``share`` of them.
+
+    Args:
+        causes: ``[K]`` training indices, most harmful first.
+        predicted: ``[K]`` the original model's predicted class for each cause.
+        labels: ``[K]`` each cause's given (training) label.
+        share: see :data:`GATE_SHARE`.
+
+    Returns:
+        ``(kept, info)``: the kept causes in their original order, and
+        ``{"candidates", "of", "share", "applied", "threshold"}`` (``candidates``: the number
+        of causes the model disagrees with; ``applied``: whether only those were kept).
+
+    Raises:
+        ValueError: ``predicted`` or ``labels`` do not have one entry per cause.
+    """
+    causes = np.asarray(causes, dtype=np.int64)
+    pred = np.asarray(predicted.cpu() if isinstance(predicted, torch.Tensor) else predicted)
+    lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    if pred.shape != causes.shape or lab.shape != causes.shape:
+        raise ValueError(
+            f"give one prediction and one label per cause: {causes.shape[0]} causes, "
+            f"predictions of shape {pred.shape}, labels of shape {lab.shape}"
+        )
+    disagree = pred != lab
+    n = int(disagree.sum())
+    frac = n / causes.size if causes.size else 0.0
+    applied = causes.size > 0 and frac >= share
+    info = {
+        "candidates": n,
+        "of": int(causes.size),
+        "share": float(frac),
+        "applied": bool(applied),
+        "threshold": float(share),
+    }
+    return (causes[disagree] if applied else causes), info
+
+
+__all__ = ["GATE_SHARE", "label_gate"]

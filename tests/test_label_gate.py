@@ -1,0 +1,106 @@
+"""The label gate of the automatic causes (:mod:`netmend.identification.label_gate`): when most
+of the causes are examples the model does not predict the given label of, only those are kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import netmend
+from netmend.identification.label_gate import GATE_SHARE, label_gate
+from netmend.lab.models import MLP
+from netmend.model.training import TrainConfig, fit, predict
+
+
+def test_gate_keeps_the_disagreeing_causes_in_order_when_they_are_most_of_them() -> None:
+    causes = np.array([9, 4, 7, 1, 3])
+    labels = np.array([0, 1, 2, 0, 1])
+    pred = np.array([1, 1, 0, 2, 1])  # disagrees on causes 9, 7, 1: 3 of 5
+    kept, info = label_gate(causes, pred, labels)
+    assert kept.tolist() == [9, 7, 1]
+    assert info == {
+        "candidates": 3, "of": 5, "share": 0.6, "applied": True, "threshold": GATE_SHARE
+    }  # fmt: skip
+
+
+def test_gate_keeps_every_cause_when_the_model_believes_most_of_their_labels() -> None:
+    """A backdoor's or a subgroup's causes are learned, not mislabelled: gating them would
+    throw the diagnosis away."""
+    causes = np.array([5, 6, 2, 8, 1])
+    labels = torch.tensor([3, 3, 3, 3, 3])
+    pred = torch.tensor([3, 0, 3, 3, 3])  # 1 of 5 disagree: below the gate's share
+    assert GATE_SHARE > 1 / 5
+    kept, info = label_gate(causes, pred, labels)
+    assert kept.tolist() == causes.tolist()
+    assert not info["applied"] and info["candidates"] == 1
+
+
+def test_gate_threshold_is_inclusive_and_empty_causes_pass_through() -> None:
+    causes = np.arange(4)
+    kept, info = label_gate(causes, np.array([1, 1, 0, 0]), np.array([0, 0, 0, 0]), share=0.5)
+    assert info["share"] == 0.5 and kept.tolist() == [0, 1]
+    kept, info = label_gate(causes, np.array([1, 0, 0, 0]), np.zeros(4, int), share=0.3)
+    assert kept.tolist() == causes.tolist()  # 0.25 < 0.3
+    kept, info = label_gate(np.zeros(0, np.int64), np.zeros(0, int), np.zeros(0, int))
+    assert kept.size == 0 and not info["applied"]
+
+
+def test_gate_refuses_predictions_that_do_not_match_the_causes() -> None:
+    with pytest.raises(ValueError, match="one prediction and one label per cause"):
+        label_gate(np.arange(3), np.zeros(2, int), np.zeros(3, int))
+
+
+@pytest.fixture(scope="module")
+def pair_noise():
+    """Three 2-d classes; a third of class 0 labelled 1; an MLP trained on the noisy labels,
+    and the clean test points it gets wrong as failures."""
+    g = torch.Generator().manual_seed(0)
+    centers = torch.tensor([[0.0, 0.0], [2.5, 0.0], [1.25, 2.5]], dtype=torch.float64)
+
+    def draw(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.arange(3).repeat_interleave(n)
+        return centers[y] + torch.randn(3 * n, 2, generator=g, dtype=torch.float64), y
+
+    (X, y), (Xt, yt) = draw(150), draw(200)
+    noisy = y.clone()
+    flipped = torch.nonzero(y == 0).flatten()[torch.randperm(150, generator=g)[:50]]
+    noisy[flipped] = 1
+    torch.manual_seed(0)
+    recipe = TrainConfig(epochs=30, batch_size=32)
+    model = fit(MLP(2, 3, hidden=(16,)).double(), X, noisy, recipe, 0, "cpu", False).eval()
+    wrong = predict(model, Xt) != yt
+    return model, (X, noisy), (Xt[wrong], yt[wrong]), flipped.numpy()
+
+
+def test_identify_gates_the_automatic_causes_and_not_an_explicit_k(pair_noise) -> None:
+    model, (X, y), fails, flipped = pair_noise
+    kw = dict(device="cpu", progress=False)
+    plain = netmend.identify(model, (X, y), fails, gate=False, **kw)
+    gated = netmend.identify(model, (X, y), fails, **kw)
+    assert "label_gate" not in plain.info
+    np.testing.assert_array_equal(gated.scores, plain.scores)
+    c = torch.from_numpy(plain.causes)
+    expected, info = label_gate(plain.causes, predict(model, X[c]), y[c])
+    np.testing.assert_array_equal(gated.causes, expected)
+    assert gated.info["label_gate"] == info
+    assert info["applied"] and 0 < gated.causes.size < plain.causes.size
+    # what the gate drops are correctly labelled examples: precision rises
+    assert np.isin(gated.causes, flipped).mean() > np.isin(plain.causes, flipped).mean()
+
+    top = netmend.identify(model, (X, y), fails, k=10, **kw)
+    assert "label_gate" not in top.info and top.causes.size == 10
+    forced = netmend.identify(model, (X, y), fails, k=10, gate=True, **kw)
+    c = torch.from_numpy(top.causes)
+    expected, _ = label_gate(top.causes, predict(model, X[c]), y[c])
+    np.testing.assert_array_equal(forced.causes, expected)
+
+
+def test_repair_passes_the_gate_through(pair_noise) -> None:
+    model, train, fails, _ = pair_noise
+    kw = dict(device="cpu", progress=False, guard=False, train_config=TrainConfig(epochs=1))
+    on = netmend.repair(model, train, fails, **kw)
+    off = netmend.repair(model, train, fails, gate=False, **kw)
+    assert on.identification.info["label_gate"]["applied"]
+    assert "label_gate" not in off.identification.info
+    assert on.causes.size < off.causes.size
