@@ -244,3 +244,50 @@ def test_a_warm_round_mixes_the_previous_model_with_its_fine_tune(problem):
         torch.testing.assert_close(p, b, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="mix"):
         _repairer(problem, mix=0)
+
+
+def test_every_round_runs_the_class_guard_with_the_rounds_own_treatment_call(problem, monkeypatch):
+    """As netmend.repair: the automatic K with "finetune" is cut to the guard's K; the guard's
+    trials make the round's treatment call with only the causes changed."""
+    from netmend.treatment import guard as guard_mod
+
+    model, _, (Xf, yf), _ = problem
+    calls = []
+
+    def halving(treat_fn, original, train, causes, seed, device):  # noqa: ANN001, ANN202
+        assert original is r._work
+        k = len(causes) // 2
+        calls.append((treat_fn(causes[:k]), causes.copy()))  # a trial on the kept causes
+        return guard_mod.GuardRecord(len(causes), k, passed=True)
+
+    monkeypatch.setattr("netmend.continual.guard_k", halving)
+    r = _repairer(problem)
+    r.observe((Xf[:8], yf[:8]))
+    trial, full = calls[-1]
+    assert full.size >= 2
+    np.testing.assert_array_equal(r.causes, full[: full.size // 2])
+    assert r.history[-1]["k"] == r.causes.size
+    assert r.history[-1]["selection"]["guard"]["k"] == full.size // 2
+    # a trial on the round's causes is the round's own model, parameter for parameter
+    for p, q in zip(trial.parameters(), r.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+    r.observe((Xf[8:], yf[8:]))  # a warm round runs it too, against the original model
+    trial, full = calls[-1]
+    assert len(calls) == 2 and r.history[-1]["selection"]["guard"]["k"] == full.size // 2
+    for p, q in zip(trial.parameters(), r.model.parameters(), strict=True):  # warm, mixed
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-12)
+
+    n = len(calls)
+    _repairer(problem, k=10).observe((Xf[:8], yf[:8]))  # an explicit k: no guard
+    _repairer(problem, treat="relabel").observe((Xf[:8], yf[:8]))  # not a fine-tune: none
+    assert len(calls) == n
+    with pytest.raises(ValueError, match="guard=True works with the 'finetune' treatment"):
+        _repairer(problem, treat="relabel", guard=True)
+
+
+def test_the_real_guard_says_when_it_cannot_judge_a_small_training_set(problem):
+    model, _, (Xf, yf), _ = problem
+    r = _repairer(problem)
+    r.observe((Xf[:8], yf[:8]))
+    g = r.history[-1]["selection"]["guard"]
+    assert g["skipped"] and "50 examples" in g["skipped"] and g["k"] == r.causes.size

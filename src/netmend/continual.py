@@ -56,6 +56,7 @@ from torch import nn
 
 from netmend import api, identification, store
 from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device
+from netmend.data.source import as_source
 from netmend.identification import k_rules
 from netmend.identification.base import (
     CULPRITS_PER_FAILURE,
@@ -69,6 +70,7 @@ from netmend.identification.label_gate import label_gate
 from netmend.model.checks import check_failures
 from netmend.model.functional import FunctionalModel, log_likelihoods, match_dtype, param_dtype
 from netmend.model.training import TrainConfig, predict
+from netmend.treatment.guard import guard_k
 from netmend.treatment.methods import finetune_recipe
 
 STATE_FILE = "state.safetensors"
@@ -131,6 +133,10 @@ class Repairer:
             floating parameter and buffer); default :func:`warm_mix` (0.4 for 0.25), which
             keeps a short round's fine-tune noise at the first round's (1: no mixing).
         eval_sets: ``{name: data}`` on which every round's model is evaluated (e.g. a test set).
+        guard: the class guard of :func:`netmend.repair` (:mod:`netmend.treatment.guard`), run
+            every round against the original model. ``None`` (default): on with the automatic
+            K and the "finetune" treatment. Its record is the round's
+            ``history[i]["selection"]["guard"]``.
 
     Attributes:
         model: the current repaired model (``None`` before the first round).
@@ -159,6 +165,7 @@ class Repairer:
         mix: float | None = None,
         eval_sets: Mapping[str, DataLike] | None = None,
         fisher: torch.Tensor | None = None,
+        guard: bool | None = None,
     ):
         if not 0 < continue_fraction <= 1:
             raise ValueError(f"continue_fraction must lie in (0, 1]; got {continue_fraction}")
@@ -166,6 +173,11 @@ class Repairer:
             raise ValueError(f"mix must lie in (0, 1] (1: no mixing); got {mix}")
         if k is not None and k != "auto":
             identification.select(np.zeros(2), k)  # validates k
+        if guard and treat != "finetune":
+            raise ValueError(
+                f"guard=True works with the 'finetune' treatment, not {treat!r}: pass guard=False"
+            )
+        self.guard = (k is None or k == "auto") and treat == "finetune" if guard is None else guard
         unknown = set(identify_options or {}) - {"steps", "step_size"}
         if unknown:
             raise ValueError(
@@ -396,6 +408,19 @@ class Repairer:
         old = set(self.causes.tolist())
         self.causes = self._select()
         seconds["identify"] = time.perf_counter() - t
+        if self.guard and self.causes.size:
+            t = time.perf_counter()
+            g = guard_k(
+                lambda c: self._treat({}, c),
+                self._work,
+                as_source((self._X, self._y), "train"),
+                self.causes,
+                self.seed,
+                self.device,
+            )
+            self._selection["guard"] = g.as_dict()
+            self.causes = self.causes[: g.k]
+            seconds["guard"] = time.perf_counter() - t
 
         t = time.perf_counter()
         record: dict[str, Any] = {}
@@ -438,17 +463,22 @@ class Repairer:
             }
         )
 
-    def _treat(self, record: dict[str, Any]) -> nn.Module:
-        if self.causes.size == 0:  # nothing to remove: the model stays as it is
+    def _treat(self, record: dict[str, Any], causes: np.ndarray | None = None) -> nn.Module:
+        """This round's treatment of ``causes`` (default: :attr:`causes`; the class guard's
+        trials pass theirs, and the same call is made with only the causes changed)."""
+        trial = causes is not None
+        causes = self.causes if causes is None else causes
+        if causes.size == 0:  # nothing to remove: the model stays as it is
             base = self.model if self.model is not None else self._work
             return copy.deepcopy(base).eval()
         opts = dict(self.treat_options)
         start: nn.Module = self._work
-        n, kk = self._X.shape[0], int(self.causes.size)
+        n, kk = self._X.shape[0], int(causes.size)
         if self.treat == "finetune" and self.warm_start:
             if self._first_steps is None:
-                cfg = finetune_recipe(self.train_config, n, n - kk, opts)
-                self._first_steps = max(1, round(cfg.epochs * (n - kk) / cfg.batch_size))
+                if not trial:  # a warm round's length follows the first real round's
+                    cfg = finetune_recipe(self.train_config, n, n - kk, opts)
+                    self._first_steps = max(1, round(cfg.epochs * (n - kk) / cfg.batch_size))
             elif self.model is not None:
                 start = self.model
                 opts.pop("epochs", None)
@@ -456,7 +486,7 @@ class Repairer:
         treated = api.treat(
             start,
             (self._X, self._y),
-            self.causes,
+            causes,
             self.treat,
             l2=self._ctx.l2,
             train_config=self.train_config,
@@ -481,6 +511,7 @@ class Repairer:
             "train": store.tensor_hash(self._X, self._y),
             "treat": self.treat,
             "k": self.k,
+            "guard": self.guard,
             "seed": self.seed,
             "l2": self.l2 if isinstance(self.l2, str) else float(self.l2),
             "identify_options": store.jsonable(self.identify_options),

@@ -374,7 +374,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is None and state_dir.is_dir():
         shutil.rmtree(state_dir)  # --overwrite: an earlier run's continual state is stale
     observed = [*observed, failures_hash] if continual else [failures_hash]
-    repairer_kw: dict[str, Any] = dict(treat=args.treat, k=k, train_config=config, **common)
+    repairer_kw: dict[str, Any] = dict(
+        treat=args.treat, k=k, train_config=config, guard=False if args.no_guard else None, **common
+    )
     record: dict[str, Any] = {}
     per_failure: Any = None
     theta_plus_f = None
@@ -541,6 +543,9 @@ def run(args: argparse.Namespace) -> int:
         "chunk_size": args.chunk_size,
         "train_config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
     }
+    selection = rep.history[-1]["selection"] if continual else {**ident.info, **record}
+    gate_record: dict[str, Any] | None = selection.get("label_gate")
+    guard_record: dict[str, Any] | None = selection.get("guard")
     summary = {
         "settings": settings,
         "versions": {
@@ -558,8 +563,8 @@ def run(args: argparse.Namespace) -> int:
         },
         "causes": int(causes.size),
         "auto_k": rep.history[-1]["selection"] if continual else ident.info.get("auto_k"),
-        "label_gate": (rep.history[-1]["selection"] if continual else ident.info).get("label_gate"),
-        "guard": record.get("guard"),
+        "label_gate": gate_record,
+        "guard": guard_record,
         "observed_failures": observed,
         "continual": None
         if not (state_dir / STATE_FILE).is_file()
@@ -596,7 +601,7 @@ def run(args: argparse.Namespace) -> int:
         pad_id=args.pad_id if train.kind == "tokens" else None,
         failure_names=data.failure_names,
         settings={k_: v for k_, v in settings.items() if v is not None},
-        notes=[*control_note, *_selection_notes(summary["label_gate"], record.get("guard"))],
+        notes=[*control_note, *_selection_notes(gate_record, guard_record)],
     )
     write_report(out / "report.html", report)
     times["write"] = time.perf_counter() - t0
