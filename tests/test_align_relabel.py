@@ -183,6 +183,23 @@ def test_align_fine_tunes_on_retained_plus_aligned_with_soft_targets(ref, blobs,
     )
 
 
+def test_align_with_no_causes_is_its_finetune_only_control(ref, blobs, blobs_logreg):
+    """The controls call the treatment with no causes: "align" then fine-tunes on D with its
+    own labels (nothing to move), exactly fit() from theta_hat on D."""
+    record: dict = {}
+    kw = dict(l2=L2, train_config=CFG, failures=(blobs.Xf, blobs.yf), **RUN)
+    new = netmend.treat(
+        blobs_logreg, (blobs.X, blobs.y), [], "align", record=record, allow_no_causes=True, **kw
+    )
+    assert record["aligned"].shape == (0, *blobs.X.shape[1:]) and record["causes"].numel() == 0
+    cfg = finetune_recipe(CFG, blobs.X.shape[0], blobs.X.shape[0])
+    T = torch.eye(3, dtype=DT)[blobs.y]
+    expected = fit(copy.deepcopy(blobs_logreg), blobs.X, T, cfg, 0, "cpu", False)
+    torch.testing.assert_close(
+        ref.flat_params(new), ref.flat_params(expected), rtol=1e-10, atol=1e-12
+    )
+
+
 @pytest.mark.parametrize(
     "layers, changed",
     [

@@ -98,6 +98,9 @@ def predictive(
     ctx: TreatContext, theta: torch.Tensor, X: Data, temperature: float = 1.0
 ) -> torch.Tensor:
     """``softmax(f_theta(x) / temperature)`` for every row of ``X``: ``[N, classes]`` on CPU."""
+    if len(X) == 0:  # no rows (no causes): the right width, from one training example
+        width = ctx.fm.logits(theta, ctx.X[:1].to(ctx.device)).shape[1]
+        return torch.zeros(0, width, dtype=theta.dtype)
     out = [
         torch.softmax(ctx.fm.logits(theta, X[s].to(ctx.device)) / temperature, dim=1).cpu()
         for s in chunks(len(X), max(ctx.chunk_size, 1024))

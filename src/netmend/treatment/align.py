@@ -77,7 +77,7 @@ def energy_grad(fm: FunctionalModel, theta: torch.Tensor, x: torch.Tensor) -> to
 
 def _norm(v: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-row norm ``[B]`` of ``v`` ``[B, ...]``."""
-    flat = v.reshape(v.shape[0], -1)
+    flat = v.flatten(1) if v.ndim > 1 else v[:, None]
     return flat.abs().amax(1) if norm == "linf" else flat.norm(dim=1)
 
 
@@ -143,6 +143,8 @@ def align_inputs(
         after each step, ``[steps + 1, K]`` (row 0: before any step).
     """
     device = torch.device(device)
+    if X0.shape[0] == 0:  # no causes (the finetune-only control): nothing to move
+        return X0.to("cpu", theta.dtype).clone(), torch.zeros(steps + 1, 0, dtype=theta.dtype)
     theta = theta.to(device)
     lo_d = None if lo is None else lo.to(device)
     hi_d = None if hi is None else hi.to(device)
