@@ -1309,7 +1309,8 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
 
 
 def write(result: dict[str, Any], out_dir: str | Path, with_plots: bool = True) -> list[Path]:
-    """Write ``bench.json`` (atomically), ``bench.md`` and, with ``with_plots``, the PNGs."""
+    """Write ``bench.json`` (atomically; with the Pareto verdicts of :func:`pareto_summary` under
+    ``"pareto"``), ``bench.md`` and, with ``with_plots``, the PNGs."""
     from netmend.store import write_json_atomic
 
     out = Path(out_dir)
@@ -1318,6 +1319,7 @@ def write(result: dict[str, Any], out_dir: str | Path, with_plots: bool = True) 
     public["results"] = [
         {k: v for k, v in r.items() if not k.startswith("_")} for r in result["results"]
     ]
+    public["pareto"] = _nan_to_none(pareto_summary(public))  # the verdicts bench.md shows
     write_json_atomic(out / "bench.json", public)
     (out / "bench.md").write_text(markdown(public))
     paths = [out / "bench.json", out / "bench.md"]
