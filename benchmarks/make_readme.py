@@ -660,7 +660,11 @@ def _pts(v: dict[str, Any] | None, signed: bool = True, digits: int = 1) -> str:
 def test_suites(d: dict[str, Any]) -> str:
     """Issue 11's test suites: the default (and the previous default) against random-K, the
     oracle and cleanlab, from benchmarks/test_suites.json."""
-    labels = {"ewc/finetune[guard=true]": "default (guarded)", "ewc/finetune": "previous default"}
+    labels = {
+        "ewc[gate=true]/finetune[guard=true]": "default (label gate + guard)",
+        "ewc/finetune[guard=true]": "0.3.1 default (guard)",
+        "ewc/finetune": "first default",
+    }
     body = []
     for s in d["suites"]:
         for name, label in labels.items():
@@ -687,6 +691,14 @@ def test_suites(d: dict[str, Any]) -> str:
     head += ["gain, test (points)", "worst class drop (points)", "repairs (Pareto)"]
     head += ["− cleanlab, held-out F", "− cleanlab, test"]
     return rows(head, body)
+
+
+def align_layers(result: dict[str, Any]) -> str:
+    """Alignment updating the last layer, the last two or all layers, on the Pareto criterion
+    next to the fine-tune default, from one bench run (its own markdown)."""
+    from netmend.lab.bench import pareto_markdown
+
+    return pareto_markdown(result).strip()
 
 
 TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
@@ -721,6 +733,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "demo_cleanlab": (("benchmarks/demo_cleanlab.json",), demo_cleanlab),
     "fashion_convergence": (("benchmarks/fashion_convergence.json",), demo_convergence),
     "test_suites": (("benchmarks/test_suites.json",), test_suites),
+    "align_layers": (("benchmarks/bench_align_layers/bench.json",), align_layers),
 }
 
 

@@ -1,8 +1,10 @@
 """Issue 11's figures on the *test* suites: converged models on all of MNIST / Fashion-MNIST.
 
-The default pipeline (``ewc/finetune``: EWC-influence, the automatic K, fine-tune on D∖C) and
-its automatic-K rule were chosen on the dev suites (the digits suites and the demo's seed 0,
-``benchmarks/k_rule.py``). This script only *reports* them on suites no choice looked at:
+Three generations of the default are reported, each chosen on dev runs before it was judged
+here: the first (``ewc/finetune``: EWC-influence, the automatic K of ``benchmarks/k_rule.py``,
+fine-tune on D∖C), netmend 0.3.1's (the class guard added, ``benchmarks/guard_explore.py``)
+and today's (the label gate added, ``benchmarks/gate_explore.py``). This script only
+*reports* them on suites no choice looked at:
 
 * ``fashion-full/pair``: all 60,000 Fashion-MNIST training images, T-shirt<->Shirt flipped
   with probability 0.4 and Pullover<->Coat with 0.3, SmallCNN trained 12 epochs with the
@@ -20,6 +22,7 @@ The two bench suites are run by ``netmend bench`` with every control in the same
     OMP_NUM_THREADS=1 netmend bench --suites mnist-full/sym20 \\
         --pipelines ewc/finetune ewc/relabel --seeds 0 1 2 --cv-folds 3 --no-plots \\
         --out benchmarks/bench_full_mnist
+    (the guarded and gated runs: docs/test-suites.md lists every command)
     .venv/bin/python benchmarks/test_suites.py     # -> benchmarks/test_suites.json
 
 Per suite, over seeds (mean ± standard error), the figures of issue 11:
@@ -59,18 +62,25 @@ HERE = Path(__file__).resolve().parent
 BENCHES = (
     "bench_full_fashion/bench.json",
     "bench_full_fashion_guard/bench.json",
+    "bench_full_fashion_gate/bench.json",
     "bench_full_mnist/bench.json",
+    "bench_full_mnist_gate/bench.json",
 )
-DEMO, DEMO_CLEANLAB = "demo_seeds.json", "demo_cleanlab.json"
+DEMOS, DEMO_CLEANLAB = ("demo_seeds.json", "demo_seeds_guard.json"), "demo_cleanlab.json"
+"""The demo with today's default, and with the previous round's (guard, no label gate)."""
 DEMO_SUITE, DEMO_TEST_SEEDS = "mnist-full/paper-pair", (1, 2)
-DEFAULT = "ewc/finetune[guard=true]"
-"""Today's default: ``netmend.repair`` with the class guard (designed on fashion-full seed 0)."""
+DEFAULT = "ewc[gate=true]/finetune[guard=true]"
+"""Today's default: ``netmend.repair`` with the label gate and the class guard (the gate's share
+was chosen on dev runs, ``benchmarks/gate_explore.py``, including fashion-full seed 0)."""
+GUARDED = "ewc/finetune[guard=true]"
+"""netmend 0.3.1's default: the class guard, no label gate (designed on fashion-full seed 0)."""
 PREVIOUS = "ewc/finetune"
-"""The default as chosen on the dev suites before any test suite was run (no guard)."""
+"""The default as chosen on the dev suites before any test suite was run (no guard, no gate)."""
 OTHER = "ewc/relabel"
-PIPELINES = (DEFAULT, PREVIOUS, OTHER)
-DEV_RUNS = {(DEFAULT, "fashion-full/pair", 0)}
-"""Runs a choice was made on: the guard was designed after seeing this one (not reported)."""
+PIPELINES = (DEFAULT, GUARDED, PREVIOUS, OTHER)
+DEV_RUNS = {(DEFAULT, "fashion-full/pair", 0), (GUARDED, "fashion-full/pair", 0)}
+"""Runs a choice was made on (not reported): the guard was designed after seeing
+fashion-full seed 0, and the label gate's share was chosen with it among its dev runs."""
 CORRECT_SET_TARGET, CONVERGED_TARGET = 0.003, 0.003
 DOC_PATH = HERE.parent / "docs" / "test-suites.md"
 BEGIN, END = "<!-- test_suites:begin -->", "<!-- test_suites:end -->"
@@ -147,8 +157,9 @@ def merge(into: dict[str, dict[int, dict]], more: dict[str, dict[int, dict]]) ->
 def from_demo(demo: dict[str, Any], cleanlab: dict[str, Any] | None) -> dict[int, dict]:
     """The demo's test seeds in the same shape (its default run, controls and cleanlab).
 
-    The demo's default run is ``netmend.repair``: today's default when it carries the class
-    guard's record, the previous default when it predates the guard.
+    The demo's default run is ``netmend.repair``: today's default when it carries the label
+    gate's record, netmend 0.3.1's when it carries only the class guard's, the first default
+    when it predates both.
     """
     out: dict[int, dict[str, Any]] = {}
     clean = {int(r["seed"]): r["rows"] for r in (cleanlab or {}).get("results", [])}
@@ -158,7 +169,7 @@ def from_demo(demo: dict[str, Any], cleanlab: dict[str, Any] | None) -> dict[int
             continue
         run = next(r for r in s["runs"] if r["default"])
         ctl = run["controls"]
-        name = DEFAULT if run.get("guard") else PREVIOUS
+        name = DEFAULT if run.get("label_gate") else GUARDED if run.get("guard") else PREVIOUS
         rec = _record(run, ctl["original"], ctl["finetune_only"])
         if run.get("guard"):
             rec["guard"] = run["guard"]
@@ -175,7 +186,7 @@ def from_demo(demo: dict[str, Any], cleanlab: dict[str, Any] | None) -> dict[int
         if seed in clean:
             if abs(clean[seed]["original"]["test_acc"] - ctl["original"]["test_acc"]) > 1e-12:
                 raise ValueError(
-                    f"demo seed {seed}: {DEMO_CLEANLAB} and {DEMO} trained different models "
+                    f"demo seed {seed}: {DEMO_CLEANLAB} and a demo run trained different models "
                     "(e.g. another number of torch threads): rerun demo_cleanlab.py"
                 )
             c = clean[seed]["cleanlab"]
@@ -344,14 +355,18 @@ def render(doc: dict[str, Any]) -> str:
         f"mean ± standard error over the seeds listed, in points of %. Machine of the bench "
         f"runs: {doc['bench_machine']}.",
         "",
-        f"**Today's default, `{DEFAULT}`** (`netmend.repair`: the automatic K, then the class "
-        "guard; the guard was designed on `fashion-full/pair` seed 0, which is therefore a dev "
-        "run for it):",
+        f"**Today's default, `{DEFAULT}`** (`netmend.repair`: the automatic K, the label gate, "
+        "then the class guard; `fashion-full/pair` seed 0 was a dev run for both and is not "
+        "reported):",
         "",
         *_headline_lines(doc["headline"][DEFAULT]),
         "",
-        f"**The previous default, `{PREVIOUS}`** (no guard; chosen on the dev suites before any "
-        "test suite was run):",
+        f"**netmend 0.3.1's default, `{GUARDED}`** (the class guard, no label gate):",
+        "",
+        *_headline_lines(doc["headline"][GUARDED]),
+        "",
+        f"**The first default, `{PREVIOUS}`** (no guard, no gate; chosen on the dev suites "
+        "before any test suite was run):",
         "",
         *_headline_lines(doc["headline"][PREVIOUS]),
         "",
@@ -381,13 +396,13 @@ def render(doc: dict[str, Any]) -> str:
         "",
         "| suite | original test | finetune-only test | finetune-only held-out F | oracle "
         "held-out F | oracle test | cleanlab K | cleanlab precision | cleanlab held-out F | "
-        "cleanlab test | default − cleanlab, held-out F | default − cleanlab, test | previous "
-        "default − cleanlab, held-out F | previous default − cleanlab, test |",
+        "cleanlab test | default − cleanlab, held-out F | default − cleanlab, test | 0.3.1 "
+        "default − cleanlab, held-out F | 0.3.1 default − cleanlab, test |",
         "|" + "---|" * 14,
     ]
     for s in doc["suites"]:
         o, c = s.get("oracle"), s.get("cleanlab")
-        d, prev = s["pipelines"].get(DEFAULT, {}), s["pipelines"].get(PREVIOUS, {})
+        d, prev = s["pipelines"].get(DEFAULT, {}), s["pipelines"].get(GUARDED, {})
         lines.append(
             f"| {s['suite']} | {_p(s['original_test'], digits=2)} "
             f"| {_p(s['finetune_only_test'], digits=2)} | {_p(s['finetune_only_heldout'])} "
@@ -435,20 +450,20 @@ def build(root: Path = HERE) -> dict[str, Any]:
         bench_machine = f"{m.get('processor')}, {m.get('cpus')} CPUs, torch {m.get('torch')}"
         merge(merged, from_bench(result))
     suites = [summarise(suite, seeds) for suite, seeds in merged.items()]
-    if (root / DEMO).exists():
-        cl = root / DEMO_CLEANLAB
-        seeds = from_demo(
-            json.loads((root / DEMO).read_text()),
-            json.loads(cl.read_text()) if cl.exists() else None,
-        )
-        if seeds:
-            suites.append(summarise(DEMO_SUITE, seeds))
+    cl = root / DEMO_CLEANLAB
+    cleanlab = json.loads(cl.read_text()) if cl.exists() else None
+    demo: dict[str, dict[int, dict[str, Any]]] = {}
+    for rel in DEMOS:
+        if (root / rel).exists():
+            merge(demo, {DEMO_SUITE: from_demo(json.loads((root / rel).read_text()), cleanlab)})
+    if demo.get(DEMO_SUITE):
+        suites.append(summarise(DEMO_SUITE, demo[DEMO_SUITE]))
     return {
         "machine": machine(),
         "bench_machine": bench_machine,
-        "sources": [*BENCHES, DEMO, DEMO_CLEANLAB],
+        "sources": [*BENCHES, *DEMOS, DEMO_CLEANLAB],
         "suites": suites,
-        "headline": {name: headline(suites, name) for name in (DEFAULT, PREVIOUS)},
+        "headline": {name: headline(suites, name) for name in (DEFAULT, GUARDED, PREVIOUS)},
     }
 
 
