@@ -42,6 +42,7 @@ import torch
 import netmend
 from netmend.data.source import as_source
 from netmend.evaluation.controls import TEST_TOLERANCE
+from netmend.identification import class_capped
 from netmend.lab import bench
 from netmend.lab.bench import repairs_on_means
 from netmend.lab.demo import machine
@@ -50,7 +51,7 @@ from netmend.store import write_json_atomic
 from netmend.treatment.guard import guard_k
 
 
-def explore(suite: str, seed: int, draws: int) -> dict[str, Any]:
+def explore(suite: str, seed: int, draws: int, wide: bool = False) -> dict[str, Any]:
     """One suite and seed: the candidate cause sets, each fine-tuned next to its random-K."""
     data = bench.make_suite(suite, seed)
     dataset, _ = bench.parse_suite(suite)
@@ -91,6 +92,10 @@ def explore(suite: str, seed: int, draws: int) -> dict[str, Any]:
         "disagree-all": (np.flatnonzero(disagree), None),
         "oracle-causes": (np.flatnonzero(mask), None),
     }
+    if wide:  # every positive-scored label-error candidate, most harmful first, class-capped
+        positive = np.flatnonzero(ident.scores > 0)
+        positive = positive[np.argsort(-ident.scores[positive], kind="stable")]
+        candidates["wide"] = guarded(class_capped(positive[disagree[positive]], y))
     rows["finetune-only"] = {**figures(treat(np.zeros(0, np.int64))), "k": 0}
     rng = np.random.default_rng([seed, 0xC0DE])
     for name, (causes, guard) in candidates.items():
@@ -140,6 +145,9 @@ def summarise(runs: list[dict[str, Any]], shares: list[float]) -> dict[str, Any]
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in mine],
                                  "gate_share": [r["gate_share"] for r in mine]}  # fmt: skip
         choices = {"default": [("default", r) for r in mine]}
+        if all("wide" in r["rows"] for r in mine):  # the wide gate, at the chosen share
+            choices["wide@0.3"] = [("wide" if r["gate_share"] >= 0.3 else "default", r)
+                                   for r in mine]  # fmt: skip
         for t in shares:
             choices[f"gate@{t:g}"] = [("gated" if r["gate_share"] >= t else "default", r)
                                       for r in mine]  # fmt: skip
@@ -165,9 +173,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--draws", type=int, default=3)
     p.add_argument("--shares", nargs="+", type=float, default=[0.2, 0.25, 0.3, 0.4, 0.5])
     p.add_argument("--out", type=Path, default=Path("benchmarks/gate_explore_digits.json"))
+    p.add_argument(
+        "--wide",
+        action="store_true",
+        help="also try every positive-scored candidate (class-capped), not only the auto-K's",
+    )
     a = p.parse_args(argv)
     t_start = time.perf_counter()
-    runs = [explore(s, seed, a.draws) for s in bench.expand_suites(a.suites) for seed in a.seeds]
+    runs = [
+        explore(s, seed, a.draws, a.wide) for s in bench.expand_suites(a.suites) for seed in a.seeds
+    ]
     doc = {
         "config": {**vars(a), "out": str(a.out)},
         "machine": machine(),
