@@ -12,7 +12,12 @@ from types import ModuleType
 from netmend.identification.label_gate import GATE_SHARE
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = ("gate_explore_digits.json", "gate_explore_full.json")
+FILES = (
+    "gate_explore_digits.json",
+    "gate_explore_full.json",
+    "gate_explore_wide_digits.json",
+    "gate_explore_wide_full.json",
+)
 
 
 def _module() -> ModuleType:
