@@ -701,6 +701,37 @@ def align_layers(result: dict[str, Any]) -> str:
     return pareto_markdown(result).strip()
 
 
+def lambda_sweep(files: list[dict[str, Any]]) -> str:
+    """EWC-influence and the linear estimator against lambda, next to grad_dot (no lambda):
+    fidelity to retraining, precision against the flips, and how alike the rankings are."""
+    body = []
+    for doc in files:
+        for model, run in doc["runs"].items():
+            for row in run["rows"]:
+                m, a = row["methods"], row["agreement"]
+                body.append(
+                    [
+                        model,
+                        f"{row['ratio_to_mean_fisher']:.3g}",
+                        f3(m["ewc"]["spearman_loo"]),
+                        f3(m["linear"]["spearman_loo"]),
+                        f3(m["grad_dot"]["spearman_loo"]),
+                        f3(m["ewc"]["lds"]),
+                        f3(m["grad_dot"]["lds"]),
+                        f3(m["ewc"]["precision_at_k"]),
+                        f3(m["linear"]["precision_at_k"]),
+                        f3(m["grad_dot"]["precision_at_k"]),
+                        f3(a["ewc~grad_dot"]["spearman"]),
+                        str(a["ewc~grad_dot"]["top50_overlap"]),
+                        f3(a["linear~grad_dot"]["spearman"]),
+                    ]
+                )
+    head = ["model", "λ / mean Fisher diagonal", "Spearman LOO: ewc", "linear", "grad_dot"]
+    head += ["LDS: ewc (= linear)", "grad_dot", "precision@K: ewc", "linear", "grad_dot"]
+    head += ["ewc ~ grad_dot: Spearman", "top-50 overlap", "linear ~ grad_dot: Spearman"]
+    return rows(head, body)
+
+
 TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "headline": (("benchmarks/demo_seeds.json",), headline),
     "demo_seeds": (("benchmarks/demo_seeds.json",), demo_seeds),
@@ -734,13 +765,17 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "fashion_convergence": (("benchmarks/fashion_convergence.json",), demo_convergence),
     "test_suites": (("benchmarks/test_suites.json",), test_suites),
     "align_layers": (("benchmarks/bench_align_layers/bench.json",), align_layers),
+    "lambda_sweep": (
+        ("benchmarks/lambda_sweep.json", "benchmarks/lambda_sweep_mlp.json"),
+        lambda_sweep,
+    ),
 }
 
 
 def render_table(name: str) -> str:
     files, fn = TABLES[name]
     data = [load(f) for f in files]
-    return fn(data) if fn in (align_vs_delete, peers_scale) else fn(data[0])
+    return fn(data) if fn in (align_vs_delete, peers_scale, lambda_sweep) else fn(data[0])
 
 
 def rewrite(text: str) -> str:
