@@ -50,8 +50,14 @@ from netmend.model.training import class_accuracies, fit, predict
 from netmend.store import write_json_atomic
 from netmend.treatment.guard import guard_k
 
+PAIR_SHARE = 0.05
+"""``--pairs`` keeps the (unordered) class confusions that name at least this share of the
+gated causes."""
 
-def explore(suite: str, seed: int, draws: int, wide: bool = False) -> dict[str, Any]:
+
+def explore(
+    suite: str, seed: int, draws: int, wide: bool = False, pairs: bool = False
+) -> dict[str, Any]:
     """One suite and seed: the candidate cause sets, each fine-tuned next to its random-K."""
     data = bench.make_suite(suite, seed)
     dataset, _ = bench.parse_suite(suite)
@@ -92,6 +98,20 @@ def explore(suite: str, seed: int, draws: int, wide: bool = False) -> dict[str, 
         "disagree-all": (np.flatnonzero(disagree), None),
         "oracle-causes": (np.flatnonzero(mask), None),
     }
+    if pairs:  # every label-error candidate of the confusions the gated causes name
+        pred = predict(model, X).numpy()
+        gated = auto[disagree[auto]]
+        names = [frozenset((int(a), int(b))) for a, b in zip(y.numpy()[gated], pred[gated])]
+        counts = {p: names.count(p) for p in set(names)}
+        keep = {p for p, c in counts.items() if c >= PAIR_SHARE * max(1, len(names))}
+        every = np.flatnonzero(disagree)
+        inside = np.array(
+            [frozenset((int(a), int(b))) in keep for a, b in zip(y.numpy()[every], pred[every])],
+            dtype=bool,
+        )
+        chosen = every[inside] if inside.size else every[:0]
+        chosen = chosen[np.argsort(-ident.scores[chosen], kind="stable")]
+        candidates["pairs"] = guarded(chosen)
     if wide:  # every positive-scored label-error candidate, most harmful first, class-capped
         positive = np.flatnonzero(ident.scores > 0)
         positive = positive[np.argsort(-ident.scores[positive], kind="stable")]
@@ -145,6 +165,9 @@ def summarise(runs: list[dict[str, Any]], shares: list[float]) -> dict[str, Any]
         entry: dict[str, Any] = {"seeds": [r["seed"] for r in mine],
                                  "gate_share": [r["gate_share"] for r in mine]}  # fmt: skip
         choices = {"default": [("default", r) for r in mine]}
+        if all("pairs" in r["rows"] for r in mine):  # the confusions' candidates, same share
+            choices["pairs@0.3"] = [("pairs" if r["gate_share"] >= 0.3 else "default", r)
+                                    for r in mine]  # fmt: skip
         if all("wide" in r["rows"] for r in mine):  # the wide gate, at the chosen share
             choices["wide@0.3"] = [("wide" if r["gate_share"] >= 0.3 else "default", r)
                                    for r in mine]  # fmt: skip
@@ -174,6 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shares", nargs="+", type=float, default=[0.2, 0.25, 0.3, 0.4, 0.5])
     p.add_argument("--out", type=Path, default=Path("benchmarks/gate_explore_digits.json"))
     p.add_argument(
+        "--pairs",
+        action="store_true",
+        help="also try every candidate of the class confusions the gated causes name",
+    )
+    p.add_argument(
         "--wide",
         action="store_true",
         help="also try every positive-scored candidate (class-capped), not only the auto-K's",
@@ -181,7 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     t_start = time.perf_counter()
     runs = [
-        explore(s, seed, a.draws, a.wide) for s in bench.expand_suites(a.suites) for seed in a.seeds
+        explore(s, seed, a.draws, a.wide, a.pairs)
+        for s in bench.expand_suites(a.suites)
+        for seed in a.seeds
     ]
     doc = {
         "config": {**vars(a), "out": str(a.out)},

@@ -17,6 +17,8 @@ FILES = (
     "gate_explore_full.json",
     "gate_explore_wide_digits.json",
     "gate_explore_wide_full.json",
+    "gate_explore_pairs_digits.json",
+    "gate_explore_pairs_full.json",
 )
 
 
