@@ -49,7 +49,7 @@ from netmend.identification.base import (
 )
 from netmend.identification.base import check_options as check_identify_options
 from netmend.identification.caching import cached_method
-from netmend.identification.label_gate import label_gate
+from netmend.identification.label_gate import gate_causes
 from netmend.model.checks import (
     check_failures,
     check_finite_parameters,
@@ -58,7 +58,7 @@ from netmend.model.checks import (
     num_classes_of,
 )
 from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
-from netmend.model.training import TrainConfig, predict
+from netmend.model.training import TrainConfig
 from netmend.treatment.base import check_options as check_treat_options
 from netmend.treatment.guard import guard_k
 
@@ -385,9 +385,7 @@ def identify(
         causes = identification.select(scores, k)
     auto = (k is None or k == "auto") and info["auto_k"]["rule"] != "positive"
     if gate or (gate is None and auto):
-        idx = torch.from_numpy(causes)
-        pred = predict(work, X[idx], dev, task=X.task) if causes.size else y[idx]
-        causes, info["label_gate"] = label_gate(causes, pred, y[idx])
+        causes, info["label_gate"] = gate_causes(work, X, y, causes, dev)
     _warn_emptied_classes(causes, y, info)
     if run is not None:
         info["cache"] = run.summary()

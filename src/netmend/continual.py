@@ -66,7 +66,7 @@ from netmend.identification.base import (
     per_failure_top,
 )
 from netmend.identification.ewc import fit_theta_plus_f
-from netmend.identification.label_gate import label_gate
+from netmend.identification.label_gate import gate_causes
 from netmend.model.checks import check_failures
 from netmend.model.functional import FunctionalModel, log_likelihoods, match_dtype, param_dtype
 from netmend.model.training import TrainConfig, predict
@@ -286,9 +286,9 @@ class Repairer:
             self._selection.update(uncapped_k=int(causes.size))
             self._selection["rule"] += f", at most {MAX_CLASS_SHARE:.0%} of a class"
         # as identify: the label gate, on the original model's predictions
-        idx = torch.from_numpy(capped)
-        pred = predict(self._work, self._X[idx], self.device) if capped.size else self._y[idx]
-        gated, self._selection["label_gate"] = label_gate(capped, pred, self._y[idx])
+        gated, self._selection["label_gate"] = gate_causes(
+            self._work, self._X, self._y, capped, self.device
+        )
         self._selection["k"] = int(gated.size)
         return gated
 

@@ -32,6 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+from netmend.model.functional import Data
+from netmend.model.training import predict
 
 GATE_SHARE = 0.3
 """The gate keeps only the label-error candidates when at least this share of the automatic
@@ -82,4 +86,31 @@ def label_gate(
     return (causes[disagree] if applied else causes), info
 
 
-__all__ = ["GATE_SHARE", "label_gate"]
+def gate_causes(
+    model: nn.Module,
+    X: Data,
+    labels: torch.Tensor,
+    causes: np.ndarray,
+    device: torch.device | str = "cpu",
+    share: float = GATE_SHARE,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`label_gate` on ``model``'s own predictions: one batched forward pass over the
+    causes' inputs (none when there are no causes).
+
+    Args:
+        model: the original model (not modified).
+        X: the training inputs ``[N, ...]`` (a tensor or a :class:`netmend.data.source.
+            DataSource`, read through its task); labels: the training labels ``[N]``.
+        causes: ``[K]`` training indices, most harmful first.
+        device: where the forward pass runs. share: see :data:`GATE_SHARE`.
+
+    Returns:
+        As :func:`label_gate`.
+    """
+    idx = torch.from_numpy(np.asarray(causes, dtype=np.int64))
+    given = labels[idx]
+    pred = predict(model, X[idx], device) if idx.numel() else given
+    return label_gate(causes, pred, given, share)
+
+
+__all__ = ["GATE_SHARE", "gate_causes", "label_gate"]
