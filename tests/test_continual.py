@@ -291,3 +291,23 @@ def test_the_real_guard_says_when_it_cannot_judge_a_small_training_set(problem):
     r.observe((Xf[:8], yf[:8]))
     g = r.history[-1]["selection"]["guard"]
     assert g["skipped"] and "50 examples" in g["skipped"] and g["k"] == r.causes.size
+
+
+def test_the_label_gate_follows_identify_and_can_be_turned_off(problem):
+    """Round 1 selects what netmend.identify selects with the same gate setting: on with the
+    automatic K, off with gate=False (netmend repair --no-gate), on an explicit k with True."""
+    model, train, (Xf, yf), _ = problem
+    kw = dict(device="cpu", progress=False)
+    for gate, k in ((None, None), (False, None), (True, 10)):
+        r = _repairer(problem, gate=gate, k=k, guard=False)
+        r.observe((Xf, yf))
+        ref = netmend.identify(model, train, (Xf, yf), "ewc", k=k, gate=gate, **kw)
+        np.testing.assert_array_equal(r.causes, ref.causes)
+        assert r.history[-1]["selection"].get("label_gate") == ref.info.get("label_gate")
+    assert ref.info["label_gate"]["applied"]  # the gate changes the selection here
+    off = _repairer(problem, gate=False, guard=False)
+    off.observe((Xf, yf))
+    on = _repairer(problem, guard=False)
+    on.observe((Xf, yf))
+    assert on.history[-1]["selection"]["label_gate"]["applied"]
+    assert on.causes.size < off.causes.size

@@ -133,6 +133,9 @@ class Repairer:
             floating parameter and buffer); default :func:`warm_mix` (0.4 for 0.25), which
             keeps a short round's fine-tune noise at the first round's (1: no mixing).
         eval_sets: ``{name: data}`` on which every round's model is evaluated (e.g. a test set).
+        gate: the label gate of :func:`netmend.identify` on every round's causes (``None``,
+            default: on with the automatic K, off with an explicit ``k``). Its record is the
+            round's ``history[i]["selection"]["label_gate"]``.
         guard: the class guard of :func:`netmend.repair` (:mod:`netmend.treatment.guard`), run
             every round against the original model. ``None`` (default): on with the automatic
             K and the "finetune" treatment. Its record is the round's
@@ -165,6 +168,7 @@ class Repairer:
         mix: float | None = None,
         eval_sets: Mapping[str, DataLike] | None = None,
         fisher: torch.Tensor | None = None,
+        gate: bool | None = None,
         guard: bool | None = None,
     ):
         if not 0 < continue_fraction <= 1:
@@ -178,6 +182,7 @@ class Repairer:
                 f"guard=True works with the 'finetune' treatment, not {treat!r}: pass guard=False"
             )
         self.guard = (k is None or k == "auto") and treat == "finetune" if guard is None else guard
+        self.gate = gate
         unknown = set(identify_options or {}) - {"steps", "step_size"}
         if unknown:
             raise ValueError(
@@ -263,11 +268,11 @@ class Repairer:
         (:mod:`netmend.identification.label_gate`): round 1 selects exactly what the
         one-shot :func:`netmend.identify` with method "ewc" selects.
         """
-        m = int(self._failures_y.shape[0])
         if self.k is not None and self.k != "auto":
             causes = identification.select(self.scores, self.k)
             self._selection = {"rule": str(self.k), "k": int(causes.size)}
-            return causes
+            return self._gated(causes) if self.gate else causes
+        m = int(self._failures_y.shape[0])
         kk = 0
         if m >= 4:
             positive = identification.select(self.scores, "positive")
@@ -285,9 +290,12 @@ class Repairer:
         if capped.size < causes.size:
             self._selection.update(uncapped_k=int(causes.size))
             self._selection["rule"] += f", at most {MAX_CLASS_SHARE:.0%} of a class"
-        # as identify: the label gate, on the original model's predictions
+        return capped if self.gate is False else self._gated(capped)
+
+    def _gated(self, causes: np.ndarray) -> np.ndarray:
+        """As identify: the label gate, on the original model's predictions."""
         gated, self._selection["label_gate"] = gate_causes(
-            self._work, self._X, self._y, capped, self.device
+            self._work, self._X, self._y, causes, self.device
         )
         self._selection["k"] = int(gated.size)
         return gated
@@ -512,6 +520,7 @@ class Repairer:
             "treat": self.treat,
             "k": self.k,
             "guard": self.guard,
+            "gate": self.gate,
             "seed": self.seed,
             "l2": self.l2 if isinstance(self.l2, str) else float(self.l2),
             "identify_options": store.jsonable(self.identify_options),

@@ -375,7 +375,12 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(state_dir)  # --overwrite: an earlier run's continual state is stale
     observed = [*observed, failures_hash] if continual else [failures_hash]
     repairer_kw: dict[str, Any] = dict(
-        treat=args.treat, k=k, train_config=config, guard=False if args.no_guard else None, **common
+        treat=args.treat,
+        k=k,
+        train_config=config,
+        gate=False if args.no_gate else None,
+        guard=False if args.no_guard else None,
+        **common,
     )
     record: dict[str, Any] = {}
     per_failure: Any = None
