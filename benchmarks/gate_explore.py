@@ -69,7 +69,8 @@ def explore(
     split = bench._split(model, data, "cpu")
     Xq, yq = data.eval.X[split.query], data.eval.y[split.query]
     ident = netmend.identify(model, (X, y), (Xq, yq), seed=seed, progress=False, gate=False)
-    disagree = (predict(model, X) != y).numpy()
+    pred, labels = predict(model, X).numpy(), y.numpy()
+    disagree = pred != labels
 
     def treat(causes: np.ndarray) -> torch.nn.Module:
         return netmend.treat(
@@ -99,17 +100,16 @@ def explore(
         "oracle-causes": (np.flatnonzero(mask), None),
     }
     if pairs:  # every label-error candidate of the confusions the gated causes name
-        pred = predict(model, X).numpy()
+        c = bench.NUM_CLASSES
+
+        def confusion(i: np.ndarray) -> np.ndarray:  # the unordered pair {label, prediction}
+            return np.minimum(labels[i], pred[i]) * c + np.maximum(labels[i], pred[i])
+
         gated = auto[disagree[auto]]
-        names = [frozenset((int(a), int(b))) for a, b in zip(y.numpy()[gated], pred[gated])]
-        counts = {p: names.count(p) for p in set(names)}
-        keep = {p for p, c in counts.items() if c >= PAIR_SHARE * max(1, len(names))}
+        counts = np.bincount(confusion(gated), minlength=c * c)
+        keep = counts >= PAIR_SHARE * max(1, gated.size)
         every = np.flatnonzero(disagree)
-        inside = np.array(
-            [frozenset((int(a), int(b))) in keep for a, b in zip(y.numpy()[every], pred[every])],
-            dtype=bool,
-        )
-        chosen = every[inside] if inside.size else every[:0]
+        chosen = every[keep[confusion(every)]]
         chosen = chosen[np.argsort(-ident.scores[chosen], kind="stable")]
         candidates["pairs"] = guarded(chosen)
     if wide:  # every positive-scored label-error candidate, most harmful first, class-capped
