@@ -8,7 +8,11 @@ tolerances and the whole suite stays fast on two CPU cores.
 from __future__ import annotations
 
 import hashlib
-from types import SimpleNamespace
+import importlib.util
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pytest
@@ -267,3 +271,28 @@ def pytest_configure(config):
     config.addinivalue_line(
         "filterwarnings", "ignore:`torch.jit.script` is deprecated:DeprecationWarning"
     )
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def bench_script() -> Callable[[str], ModuleType]:
+    """``bench_script("test_suites")``: the script ``benchmarks/test_suites.py`` as a module,
+    executed once per session (the scripts are not a package; tests read their functions)."""
+    loaded: dict[str, ModuleType] = {}
+
+    def load(name: str) -> ModuleType:
+        if name not in loaded:
+            spec = importlib.util.spec_from_file_location(
+                f"_bench_{name}", BENCHMARKS / f"{name}.py"
+            )
+            if spec is None or spec.loader is None:
+                raise ImportError(f"cannot load benchmarks/{name}.py")
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = mod  # dataclasses in a script look their module up
+            spec.loader.exec_module(mod)
+            loaded[name] = mod
+        return loaded[name]
+
+    return load

@@ -4,7 +4,6 @@ it or be edited by hand."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -14,14 +13,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "benchmarks" / "README.md"
 NUMBER = re.compile(r"(?<![\w.])[-+−]?\d+(?:\.\d+)?(?:e[-+]?\d+)?(?![\w.])")
-
-
-def _make_readme():
-    spec = importlib.util.spec_from_file_location("make_readme", ROOT / "benchmarks/make_readme.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _numbers(obj: object) -> list[float]:
@@ -69,21 +60,21 @@ def _cells(block: str) -> list[str]:
 
 
 @pytest.mark.parametrize("path", ["benchmarks/README.md", "README.md"])
-def test_readme_tables_are_rendered_from_the_json(path):
-    mr = _make_readme()
+def test_readme_tables_are_rendered_from_the_json(bench_script, path):
+    mr = bench_script("make_readme")
     text = (ROOT / path).read_text()
     assert mr.MARKER.search(text), f"{path} has no generated table"
     assert mr.rewrite(text) == text, f"{path} is stale: run benchmarks/make_readme.py"
 
 
-def test_every_table_is_generated():
-    text = _make_readme().MARKER.sub("", README.read_text())
+def test_every_table_is_generated(bench_script):
+    text = bench_script("make_readme").MARKER.sub("", README.read_text())
     hand = [ln for ln in text.splitlines() if ln.startswith("|")]
     assert not hand, f"a table typed by hand in benchmarks/README.md: {hand[:2]}"
 
 
-def test_every_number_in_a_table_appears_in_the_json_it_cites():
-    mr = _make_readme()
+def test_every_number_in_a_table_appears_in_the_json_it_cites(bench_script):
+    mr = bench_script("make_readme")
     blocks = list(mr.MARKER.finditer(README.read_text()))
     assert len(blocks) >= 10
     blocks += list(mr.MARKER.finditer((ROOT / "README.md").read_text()))
@@ -97,8 +88,8 @@ def test_every_number_in_a_table_appears_in_the_json_it_cites():
         assert not missing, f"table {m['name']}: {missing[:5]} not in {m['files']}"
 
 
-def test_a_hand_edited_number_is_caught():
-    mr = _make_readme()
+def test_a_hand_edited_number_is_caught(bench_script):
+    mr = bench_script("make_readme")
     m = next(b for b in mr.MARKER.finditer(README.read_text()) if b["name"] == "peers_ratios")
     values = _numbers(json.loads((ROOT / "benchmarks/peers.json").read_text()))
     assert _appears("39.71", values)

@@ -4,7 +4,6 @@ examples with minus the retrained loss), computed here by a plain loop over test
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +11,6 @@ import pytest
 from scipy.stats import spearmanr
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _protocol():
-    spec = importlib.util.spec_from_file_location(
-        "dattri_protocol", ROOT / "benchmarks/dattri_protocol.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _dattri_lds_loop(helpful: np.ndarray, masks: np.ndarray, loss: np.ndarray) -> np.ndarray:
@@ -33,8 +22,8 @@ def _dattri_lds_loop(helpful: np.ndarray, masks: np.ndarray, loss: np.ndarray) -
     return np.array(out)
 
 
-def test_lds_equals_dattri_definition_with_harmful_sign():
-    mod = _protocol()
+def test_lds_equals_dattri_definition_with_harmful_sign(bench_script):
+    mod = bench_script("dattri_protocol")
     rng = np.random.default_rng(3)
     N, M, S = 40, 7, 25
     masks = np.zeros((S, N), dtype=bool)
@@ -51,8 +40,8 @@ def test_lds_equals_dattri_definition_with_harmful_sign():
     np.testing.assert_allclose(mod.lds_per_test(-harm, masks, loss), -want, atol=1e-12)
 
 
-def test_lds_of_constant_scores_is_nan_and_summary_drops_it():
-    mod = _protocol()
+def test_lds_of_constant_scores_is_nan_and_summary_drops_it(bench_script):
+    mod = bench_script("dattri_protocol")
     masks = np.zeros((6, 4), dtype=bool)
     masks[:, :2] = True  # every subset keeps the same examples: no variation to rank
     lds = mod.lds_per_test(np.ones((4, 3)), masks, np.arange(18.0).reshape(6, 3))

@@ -3,11 +3,8 @@ summaries in its JSONs are computed from the runs they hold (not typed)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 from netmend.identification.label_gate import GATE_SHARE
 
@@ -22,17 +19,8 @@ FILES = (
 )
 
 
-def _module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ge", ROOT / "benchmarks/gate_explore.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ge"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_summaries_are_computed_from_the_runs() -> None:
-    mod = _module()
+def test_summaries_are_computed_from_the_runs(bench_script) -> None:
+    mod = bench_script("gate_explore")
     for name in FILES:
         doc = json.loads((ROOT / "benchmarks" / name).read_text())
         fresh = mod.summarise(doc["runs"], doc["config"]["shares"])

@@ -4,21 +4,10 @@ JSON files: a stale or hand-edited number fails here."""
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def real_arch() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("real_arch", ROOT / "benchmarks/real_arch.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["real_arch"] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def suites(mod: ModuleType) -> dict[str, dict]:
@@ -30,15 +19,15 @@ def section(mod: ModuleType) -> str:
     return text.split(mod.BEGIN, 1)[1].split(mod.END, 1)[0].lstrip("\n")
 
 
-def test_doc_tables_are_rendered_from_the_json() -> None:
-    mod = real_arch()
+def test_doc_tables_are_rendered_from_the_json(bench_script) -> None:
+    mod = bench_script("real_arch")
     data = suites(mod)
     assert data, "no benchmarks/real_arch_*.json"
     assert section(mod) == mod.render(data)
 
 
-def test_a_changed_number_changes_the_tables() -> None:
-    mod = real_arch()
+def test_a_changed_number_changes_the_tables(bench_script) -> None:
+    mod = bench_script("real_arch")
     data = suites(mod)
     name = next(iter(data))
     edited = copy.deepcopy(data)

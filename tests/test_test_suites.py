@@ -4,30 +4,19 @@ bench JSONs (not typed), and its verdicts follow the Pareto criterion on hand-ma
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("ts", ROOT / "benchmarks/test_suites.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ts"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def _stored(mod: ModuleType) -> dict:
     return json.loads((ROOT / "benchmarks/test_suites.json").read_text())
 
 
-def test_json_is_computed_from_the_bench_runs_and_the_doc_from_the_json() -> None:
-    mod = _module()
+def test_json_is_computed_from_the_bench_runs_and_the_doc_from_the_json(bench_script) -> None:
+    mod = bench_script("test_suites")
     stored = _stored(mod)
     fresh = mod.build()
     assert {k: v for k, v in fresh.items() if k != "machine"} == {
@@ -57,8 +46,8 @@ def _record(heldout: float, rk: float, test: float, floor: float, drop: float) -
     }
 
 
-def test_a_held_out_gain_bought_by_a_collapsed_class_does_not_repair() -> None:
-    mod = _module()
+def test_a_held_out_gain_bought_by_a_collapsed_class_does_not_repair(bench_script) -> None:
+    mod = bench_script("test_suites")
     good = {
         s: {"pipelines": {mod.DEFAULT: _record(0.4, 0.2, 0.9, 0.89, 0.02)}, "original_test": 0.892}
         for s in (0, 1)
@@ -75,8 +64,10 @@ def test_a_held_out_gain_bought_by_a_collapsed_class_does_not_repair() -> None:
     assert not mod.summarise("x/y", below)["pipelines"][mod.DEFAULT]["repairs"]
 
 
-def test_half_the_oracle_gain_is_judged_only_where_the_oracle_gain_is_significant() -> None:
-    mod = _module()
+def test_half_the_oracle_gain_is_judged_only_where_the_oracle_gain_is_significant(
+    bench_script,
+) -> None:
+    mod = bench_script("test_suites")
     seeds = {
         s: {
             "pipelines": {mod.DEFAULT: _record(0.31, 0.20, 0.9, 0.89, 0.0)},
