@@ -74,6 +74,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _shared import is_jsonable, losses, sgd_epochs
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -136,22 +137,10 @@ def train(X: torch.Tensor, y: torch.Tensor, seed: int) -> MLPMnist:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         net = MLPMnist()
-        opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
         g = torch.Generator().manual_seed(seed)
         net.train()
-        for _ in range(EPOCHS):
-            order = torch.randperm(len(y), generator=g)
-            for s in range(0, len(y), BATCH):
-                idx = order[s : s + BATCH]
-                opt.zero_grad(set_to_none=True)
-                F.cross_entropy(net(X[idx]), y[idx]).backward()
-                opt.step()
+        sgd_epochs(net, X, y, epochs=EPOCHS, batch=BATCH, lr=LR, momentum=MOMENTUM, generator=g)
     return net.eval()
-
-
-@torch.no_grad()
-def test_losses(net: nn.Module, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    return F.cross_entropy(net(X), y, reduction="none").double().numpy()
 
 
 def half_subset(seed: int, i: int) -> np.ndarray:
@@ -195,7 +184,7 @@ def prepare(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.subsets):
         idx = half_subset(LDS_SEED, i)
         masks[i, idx] = True
-        lds_loss[i] = test_losses(fit(X[idx], y[idx], LDS_SEED + i, "lds"), Xq, yq)
+        lds_loss[i] = losses(fit(X[idx], y[idx], LDS_SEED + i, "lds"), Xq, yq)
         logging.info("lds %d", i)
     net = MLPMnist()
     net.load_state_dict(full[0])
@@ -354,16 +343,8 @@ def netmend_run(d: dict[str, Any], spec: dict[str, Any]) -> tuple[np.ndarray, di
             method=method, k=10, seed=0, device="cpu", chunk_size=500, progress=False, **opts,
         )  # fmt: skip
         pf += np.asarray(ident.per_failure, dtype=np.float64) / len(states)
-    info = {k: v for k, v in ident.info.items() if _jsonable(v)}
+    info = {k: v for k, v in ident.info.items() if is_jsonable(v)}
     return pf, {"options": {k: v for k, v in spec.items()}, "info": info, "queries": queries}
-
-
-def _jsonable(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def run_method(name: str) -> tuple[np.ndarray, dict[str, Any]]:

@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _shared import is_jsonable
 from scipy.stats import spearmanr
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -337,20 +338,12 @@ def netmend_spec(
         pf = np.asarray(ident.per_failure, dtype=np.float64) if per_failure else None
         t_pf = time.perf_counter() - t1
         info: dict[str, Any] = {"row": {"per_failure_seconds": t_pf, "scores_seconds": t_scores}}
-        info.update({k: v for k, v in ident.info.items() if _jsonable(v)})
+        info.update({k: v for k, v in ident.info.items() if is_jsonable(v)})
         s = np.asarray(ident.scores, dtype=np.float64)
         return Outcome(s, pf, s, info)
 
     settings = {"method": method, **options, **settings, "per_failure": per_failure, "seed": seed}
     return Spec(name, "netmend", pair, settings, run, method)
-
-
-def _jsonable(v: Any) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 # ----------------------------------------------------------------------------- kronfluence

@@ -65,6 +65,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _shared import losses, sgd_epochs
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
@@ -112,21 +113,9 @@ def train(
     with torch.random.fork_rng():  # the global RNG is left as it was
         torch.manual_seed(init_seed)
         net = mlp()
-    opt = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        order = torch.randperm(len(y), generator=g)
-        for s in range(0, len(y), BATCH):
-            idx = order[s : s + BATCH]
-            opt.zero_grad(set_to_none=True)
-            F.cross_entropy(net(X[idx]), y[idx]).backward()
-            opt.step()
+    sgd_epochs(net, X, y, epochs=epochs, batch=BATCH, lr=LR, momentum=MOMENTUM, generator=g)
     return net.eval()
-
-
-@torch.no_grad()
-def losses(net: nn.Module, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    return F.cross_entropy(net(X), y, reduction="none").double().numpy()
 
 
 # ----------------------------------------------------------------------------- 1. prepare

@@ -281,6 +281,8 @@ def bench_script() -> Callable[[str], ModuleType]:
     """``bench_script("test_suites")``: the script ``benchmarks/test_suites.py`` as a module,
     executed once per session (the scripts are not a package; tests read their functions)."""
     loaded: dict[str, ModuleType] = {}
+    if str(BENCHMARKS) not in sys.path:  # as when run: the scripts import their siblings
+        sys.path.insert(0, str(BENCHMARKS))
 
     def load(name: str) -> ModuleType:
         if name not in loaded:
