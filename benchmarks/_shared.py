@@ -5,7 +5,7 @@ settings. The scripts import it as a sibling module: ``python benchmarks/NAME.py
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -49,3 +49,31 @@ def is_jsonable(v: Any) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+class DevRun(NamedTuple):
+    """One bench suite and seed, trained and diagnosed as ``netmend bench`` does (CPU)."""
+
+    data: Any  # netmend.lab.bench.SuiteData
+    spec: Any  # netmend.lab.bench.DatasetSpec
+    model: nn.Module
+    split: Any  # the failure split: query / held-out / correct indices into data.eval
+    ident: Any  # netmend.identify on the query failures, ungated
+
+
+def dev_run(suite: str, seed: int) -> DevRun:
+    """Load and corrupt ``suite``'s data, train its model with the suite's recipe (seeded) and
+    identify the causes of its query failures with the default method, the label gate off."""
+    import netmend
+    from netmend.lab import bench
+    from netmend.model.training import fit
+
+    data = bench.make_suite(suite, seed)
+    spec = bench.DATASETS[bench.parse_suite(suite)[0]]
+    X, y = data.train.X, data.train.y  # y: the noisy labels
+    torch.manual_seed(seed)
+    model = fit(spec.model(), X, y, spec.recipe, seed, "cpu", False)
+    split = bench._split(model, data, "cpu")
+    Xq, yq = data.eval.X[split.query], data.eval.y[split.query]
+    ident = netmend.identify(model, (X, y), (Xq, yq), seed=seed, progress=False, gate=False)
+    return DevRun(data, spec, model, split, ident)

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _shared import dev_run
 
 import netmend
 from netmend.data.source import as_source
@@ -46,7 +47,7 @@ from netmend.identification import class_capped
 from netmend.lab import bench
 from netmend.lab.bench import repairs_on_means
 from netmend.lab.demo import machine
-from netmend.model.training import class_accuracies, fit, predict
+from netmend.model.training import class_accuracies, predict
 from netmend.store import write_json_atomic
 from netmend.treatment.guard import guard_k
 
@@ -59,16 +60,9 @@ def explore(
     suite: str, seed: int, draws: int, wide: bool = False, pairs: bool = False
 ) -> dict[str, Any]:
     """One suite and seed: the candidate cause sets, each fine-tuned next to its random-K."""
-    data = bench.make_suite(suite, seed)
-    dataset, _ = bench.parse_suite(suite)
-    spec = bench.DATASETS[dataset]
+    data, spec, model, split, ident = dev_run(suite, seed)
     X, y = data.train.X, data.train.y  # y: the noisy labels
     mask = np.asarray(data.mask, dtype=bool)
-    torch.manual_seed(seed)
-    model = fit(spec.model(), X, y, spec.recipe, seed, "cpu", False)
-    split = bench._split(model, data, "cpu")
-    Xq, yq = data.eval.X[split.query], data.eval.y[split.query]
-    ident = netmend.identify(model, (X, y), (Xq, yq), seed=seed, progress=False, gate=False)
     pred, labels = predict(model, X).numpy(), y.numpy()
     disagree = pred != labels
 
