@@ -149,6 +149,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="benchmarks/demo_seeds.json")
     ap.add_argument("--render", metavar="JSON", help="only write the markdown from a JSON")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the other seeds already in --out (a seed run now replaces its old record)",
+    )
     args = ap.parse_args()
     if args.render:
         doc = json.loads(Path(args.render).read_text())
@@ -156,11 +161,15 @@ def main() -> None:
         print(render(doc))
         return
     results = []
+    if args.append and Path(args.out).exists():
+        kept = json.loads(Path(args.out).read_text())["seeds"]
+        results = [r for r in kept if r["config"]["seed"] not in args.seeds]
     t0 = time.perf_counter()
     for seed in args.seeds:
         res = demo.run(demo.DemoConfig(seed=seed), progress=False)
         res.pop("_artifacts")
         results.append(res)
+        results.sort(key=lambda r: r["config"]["seed"])
         doc = {"seeds": results, "summary": summarise(results)}
         write_json_atomic(args.out, doc, indent=None)  # compact: three seeds' records
         Path(args.out).with_suffix(".md").write_text(render(doc))
