@@ -30,6 +30,7 @@ among every positive-scored example (``positive``).
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -167,23 +168,29 @@ def explore(suite: str, seed: int) -> dict[str, Any]:
     return out
 
 
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per signal, over the runs: the mean precision among the automatic causes, minus the
-    in-sample signal's on the same run (the gain a gate would see), and the mean share of the
-    automatic causes it flags; the signal with the largest mean gain."""
+    """Per signal, means over the runs: its precision among the automatic causes, that minus
+    the in-sample signal's on the same run (the gain a gate would see), the share of the
+    automatic causes it flags, and its precision and recall over the whole training set; and
+    the signal with the largest mean gain."""
     names = list(runs[0]["signals"])
     out: dict[str, Any] = {}
     for name in names:
-        gains, shares = [], []
-        for r in runs:
-            p = r["signals"][name]["auto"]["precision"]
-            base = r["signals"]["in_sample"]["auto"]["precision"]
-            if p is not None and base is not None:
-                gains.append(p - base)
-            shares.append(r["signals"][name]["share_of_auto"])
+        sig = [r["signals"][name] for r in runs]
+        base = [r["signals"]["in_sample"]["auto"]["precision"] for r in runs]
+        gains = [None if s["auto"]["precision"] is None or b is None else s["auto"]["precision"] - b
+                 for s, b in zip(sig, base, strict=True)]  # fmt: skip
         out[name] = {
-            "auto_precision_gain": float(np.mean(gains)) if gains else None,
-            "share_of_auto": float(np.mean([s for s in shares if s is not None])),
+            "auto_precision": _mean([s["auto"]["precision"] for s in sig]),
+            "auto_precision_gain": _mean(gains),
+            "share_of_auto": _mean([s["share_of_auto"] for s in sig]),
+            "all_precision": _mean([s["all"]["precision"] for s in sig]),
+            "all_recall": _mean([s["all"]["recall"] for s in sig]),
         }
     ranked = [n for n in names if out[n]["auto_precision_gain"] is not None]
     best = max(ranked, key=lambda n: out[n]["auto_precision_gain"])
@@ -199,7 +206,17 @@ def main(argv: list[str] | None = None) -> None:
         help="suite:seed pairs (dev runs only)",
     )
     p.add_argument("--out", type=Path, default=Path("benchmarks/label_signal_digits.json"))
+    p.add_argument(
+        "--resummarise",
+        action="store_true",
+        help="only recompute --out's summary from the runs it holds (no training)",
+    )
     a = p.parse_args(argv)
+    if a.resummarise:
+        doc = json.loads(a.out.read_text())
+        doc["summary"] = summarise(doc["runs"])
+        write_json_atomic(a.out, bench._nan_to_none(doc))
+        return
     torch.set_num_threads(1)
     t_start = time.perf_counter()
     runs = []

@@ -732,6 +732,29 @@ def lambda_sweep(files: list[dict[str, Any]]) -> str:
     return rows(head, body)
 
 
+def label_signal(files: list[dict[str, Any]]) -> str:
+    """Label-error signals on the dev runs: among the automatic causes (what a gate keeps),
+    and over the whole training set; means over each file's runs (its ``summary``)."""
+    body = []
+    for doc in files:
+        where = ", ".join(sorted({r["suite"] for r in doc["runs"]}))
+        for name, m in doc["summary"]["signals"].items():
+            body.append(
+                [
+                    where,
+                    name,
+                    f3(m["share_of_auto"]),
+                    f3(m["auto_precision"]),
+                    f3(m["auto_precision_gain"], "{:+.3f}"),
+                    f3(m["all_precision"]),
+                    f3(m["all_recall"]),
+                ]
+            )
+    head = ["dev runs", "signal", "share of the automatic causes flagged"]
+    head += ["precision among them", "− in-sample's", "precision, whole set", "recall"]
+    return rows(head, body)
+
+
 TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "headline": (("benchmarks/demo_seeds.json",), headline),
     "demo_seeds": (("benchmarks/demo_seeds.json",), demo_seeds),
@@ -769,13 +792,18 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
         ("benchmarks/lambda_sweep.json", "benchmarks/lambda_sweep_mlp.json"),
         lambda_sweep,
     ),
+    "label_signal": (
+        ("benchmarks/label_signal_digits.json", "benchmarks/label_signal_full.json"),
+        label_signal,
+    ),
 }
 
 
 def render_table(name: str) -> str:
     files, fn = TABLES[name]
     data = [load(f) for f in files]
-    return fn(data) if fn in (align_vs_delete, peers_scale, lambda_sweep) else fn(data[0])
+    multi = (align_vs_delete, peers_scale, lambda_sweep, label_signal)
+    return fn(data) if fn in multi else fn(data[0])
 
 
 def rewrite(text: str) -> str:
