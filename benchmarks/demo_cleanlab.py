@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"{a.out} was run with other --folds/--draws: not appending")
         results = [r for r in old["results"] if r["seed"] not in a.seeds]
     for seed in a.seeds:
-        results.append(run_seed(seed, a.folds, a.draws))
-        results.sort(key=lambda r: r["seed"])
-        print(seed, results[-1]["default_minus_cleanlab"], flush=True)
+        record = run_seed(seed, a.folds, a.draws)
+        print(seed, record["default_minus_cleanlab"], flush=True)
+        results = sorted([*results, record], key=lambda r: r["seed"])
         config = {**vars(a), "seeds": [r["seed"] for r in results]}
         config.pop("append")
         doc = {
