@@ -414,7 +414,7 @@ def align_vs_delete(files: list[dict[str, Any]]) -> str:
     return rows(head, body)
 
 
-PEERS_SCALE_FILES = ("peers_scale.json", "peers_scale_60k.json")
+PEERS_SCALE_FILES = ("peers_scale.json", "peers_scale_60k_paired.json")
 
 
 def peers_scale(files: list[dict[str, Any]]) -> str:
@@ -452,27 +452,30 @@ def peers_scale(files: list[dict[str, Any]]) -> str:
     return rows(head, body)
 
 
-def peers_scale_ratios(d: dict[str, Any]) -> str:
-    r, t = d["ratios"], d["targets"]
-    body = [
-        [
-            f"{d['problem']['n_train']}",
-            f3(r["time_netmend_over_kronfluence_cpu"]),
-            f3(r["time_netmend_over_kronfluence_wall"]),
-            f3(r["peak_rss_netmend_over_kronfluence"]),
-            f3(r["lds_per_query_netmend_minus_kronfluence"], "{:+.3f}"),
-            f3(r["lds_group_netmend_minus_kronfluence"], "{:+.3f}"),
-            f3(d["controls"]["spearman_netmend_vs_kronfluence_summed"]),
-        ]
-        + [
-            "yes" if t[k] else "NO"
-            for k in (
-                "lds_at_least_kronfluence",
-                "time_at_most_half",
-                "peak_memory_at_most_kronfluence",
-            )
-        ]  # fmt: skip
-    ]
+def peers_scale_ratios(files: list[dict[str, Any]]) -> str:
+    """netmend over kronfluence, per problem size: cost ratios, LDS differences, targets."""
+    body = []
+    for d in files:
+        r, t = d["ratios"], d["targets"]
+        body.append(
+            [
+                f"{d['problem']['n_train']}",
+                f3(r["time_netmend_over_kronfluence_cpu"]),
+                f3(r["time_netmend_over_kronfluence_wall"]),
+                f3(r["peak_rss_netmend_over_kronfluence"]),
+                f3(r["lds_per_query_netmend_minus_kronfluence"], "{:+.3f}"),
+                f3(r["lds_group_netmend_minus_kronfluence"], "{:+.3f}"),
+                f3(d["controls"]["spearman_netmend_vs_kronfluence_summed"]),
+            ]
+            + [
+                "yes" if t[k] else "NO"
+                for k in (
+                    "lds_at_least_kronfluence",
+                    "time_at_most_half",
+                    "peak_memory_at_most_kronfluence",
+                )
+            ]
+        )
     head = ["N", "time netmend/kronfluence (CPU)", "(wall)", "peak RSS netmend/kronfluence"]
     head += ["LDS per query, netmend − kronfluence", "LDS group, difference"]
     head += ["Spearman netmend vs kronfluence", "LDS ok", "time ≤ 1/2", "memory ok"]
@@ -772,7 +775,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "cli_folder": (("benchmarks/cli_folder.json",), cli_folder),
     "align_vs_delete": (tuple(f"benchmarks/{f}" for f in ALIGN_FILES), align_vs_delete),
     "peers_scale": (tuple(f"benchmarks/{f}" for f in PEERS_SCALE_FILES), peers_scale),
-    "peers_scale_ratios": (("benchmarks/peers_scale.json",), peers_scale_ratios),
+    "peers_scale_ratios": (tuple(f"benchmarks/{f}" for f in PEERS_SCALE_FILES), peers_scale_ratios),
     "peers_scale_factors_match": (
         ("benchmarks/peers_scale_factors.json",),
         peers_scale_factors_match,
@@ -802,7 +805,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
 def render_table(name: str) -> str:
     files, fn = TABLES[name]
     data = [load(f) for f in files]
-    multi = (align_vs_delete, peers_scale, lambda_sweep, label_signal)
+    multi = (align_vs_delete, peers_scale, peers_scale_ratios, lambda_sweep, label_signal)
     return fn(data) if fn in multi else fn(data[0])
 
 
