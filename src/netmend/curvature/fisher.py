@@ -224,11 +224,51 @@ def per_example_grad_products(
             out.index_add_(0, ex, torch.einsum("ud,udm->um", rows, Vw[tok]))
             continue
         Vw = Vm[sl["weight"]]
+        if isinstance(m, nn.Linear) and a.ndim in (2, 3):
+            out += _linear_products(m, a, d, Vw)
+            if "bias" in sl:
+                out += (d if d.ndim == 2 else d.sum(1)) @ Vm[sl["bias"]]
+            continue
         for r, gw, gb in _grad_blocks(m, a, d):
             out[r] += gw.reshape(gw.shape[0], -1) @ Vw
             if "bias" in sl:
                 out[r] += gb @ Vm[sl["bias"]]
     return out if V.ndim == 2 else out.squeeze(1)
+
+
+def _linear_products(
+    m: nn.Linear, a: torch.Tensor, d: torch.Tensor, Vw: torch.Tensor
+) -> torch.Tensor:
+    """A Linear layer's per-example weight gradients times ``Vw``, ``[B, M]``, never formed.
+
+    Example b's gradient is ``sum_s d[b, s] a[b, s]^T`` (``[out, in]``; ``s`` the positions of
+    a ``[B, S, in]`` input, one for ``[B, in]``), so its product with column ``j`` of ``Vw``
+    (``[out * in, M]``, read as ``V_j [out, in]``) is ``sum_s d[b, s]^T V_j a[b, s]``: one
+    batched matrix product of the inputs with ``Vw`` as ``[out, in, M]``, then a contraction
+    with ``d``. Forming the ``[rows, out, in]`` gradients instead reads all of ``Vw`` once per
+    cache-sized block of a few examples, which made the per-failure culprit matrix of a wide
+    layer about 15x slower. The ``[out, rows * S, M]`` intermediate is blocked to
+    :data:`netmend.curvature.hooks.BLOCK_ELEMENTS` numbers.
+
+    Args:
+        m: the layer; ``a`` its inputs ``[B, in]`` or ``[B, S, in]``; ``d`` the gradients of
+            ``log p(y|x)`` with respect to its outputs, ``[B, out]`` or ``[B, S, out]``.
+        Vw: ``[out * in, M]``, the weight's rows of ``V`` (row-major ``[out, in]``).
+
+    Returns:
+        ``[B, M]``.
+    """
+    o, i = m.weight.shape
+    M = Vw.shape[1]
+    V3 = Vw.reshape(o, i, M)
+    B = a.shape[0]
+    S = 1 if a.ndim == 2 else a.shape[1]
+    res = torch.empty(B, M, dtype=Vw.dtype, device=Vw.device)
+    for rows in batch_blocks(B, o * S * M):
+        U = torch.matmul(a[rows].reshape(-1, i).to(Vw.dtype), V3)  # [out, rows * S, M]
+        t = torch.einsum("obm,bo->bm", U, d[rows].reshape(-1, o).to(Vw.dtype))
+        res[rows] = t.reshape(-1, S, M).sum(1)
+    return res
 
 
 def fisher_diag_sum(
