@@ -97,6 +97,16 @@ def test_repair_default_guard_on_small_data_changes_nothing(blobs, blobs_logreg)
         assert torch.equal(p, q)
 
 
+def test_repair_with_k_auto_guards_as_the_default_k_does(blobs, blobs_logreg) -> None:
+    """k="auto" is the automatic K: the guard (and the gate) run as with k=None."""
+    data, failures = (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
+    a = netmend.repair(blobs_logreg, data, failures, seed=0, progress=False)
+    b = netmend.repair(blobs_logreg, data, failures, seed=0, progress=False, k="auto")
+    assert b.treatment_info["guard"] == a.treatment_info["guard"]
+    assert b.treatment_info["guard"] is not None
+    assert np.array_equal(a.causes, b.causes)
+
+
 def test_guard_refuses_other_treatments(blobs, blobs_logreg) -> None:
     data, failures = (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
     with pytest.raises(ValueError, match="finetune"):

@@ -45,6 +45,7 @@ from netmend.identification.base import (
     MAX_CLASS_SHARE,
     Context,
     class_capped,
+    is_auto_k,
     per_failure_top,
 )
 from netmend.identification.base import check_options as check_identify_options
@@ -371,10 +372,10 @@ def identify(
     out = fn(ctx)
     scores = _checked_scores(out.scores, len(X), method, ctx.l2)
     info = dict(out.info, l2=None if isinstance(ctx.l2, str) else float(ctx.l2))
-    if (k is None or k == "auto") and out.info.get("default_k") == "positive":
+    if is_auto_k(k) and out.info.get("default_k") == "positive":
         causes = identification.select(scores, "positive")  # valued methods: no K to choose
         info["auto_k"] = {"rule": "positive", "k": int(causes.size)}
-    elif k is None or k == "auto":
+    elif is_auto_k(k):
         causes, info["auto_k"] = _auto_causes(fn, ctx, scores, method, seed, out.per_failure)
         capped = class_capped(causes, y)
         if capped.size < causes.size:
@@ -383,7 +384,7 @@ def identify(
             causes = capped
     else:
         causes = identification.select(scores, k)
-    auto = (k is None or k == "auto") and info["auto_k"]["rule"] != "positive"
+    auto = is_auto_k(k) and info["auto_k"]["rule"] != "positive"
     if gate or (gate is None and auto):
         causes, info["label_gate"] = gate_causes(work, X, y, causes, dev)
     _warn_emptied_classes(causes, y, info)
@@ -722,7 +723,7 @@ def repair(
         **(treat_options or {}),
     )
     if guard is None:
-        guard = k is None and treat == "finetune"
+        guard = is_auto_k(k) and treat == "finetune"
     if guard:
         if treat != "finetune":
             raise ValueError(

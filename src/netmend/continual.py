@@ -63,6 +63,7 @@ from netmend.identification.base import (
     MAX_CLASS_SHARE,
     Context,
     class_capped,
+    is_auto_k,
     per_failure_top,
 )
 from netmend.identification.ewc import fit_theta_plus_f
@@ -175,13 +176,13 @@ class Repairer:
             raise ValueError(f"continue_fraction must lie in (0, 1]; got {continue_fraction}")
         if mix is not None and not 0 < mix <= 1:
             raise ValueError(f"mix must lie in (0, 1] (1: no mixing); got {mix}")
-        if k is not None and k != "auto":
+        if not is_auto_k(k):
             identification.select(np.zeros(2), k)  # validates k
         if guard and treat != "finetune":
             raise ValueError(
                 f"guard=True works with the 'finetune' treatment, not {treat!r}: pass guard=False"
             )
-        self.guard = (k is None or k == "auto") and treat == "finetune" if guard is None else guard
+        self.guard = is_auto_k(k) and treat == "finetune" if guard is None else guard
         self.gate = gate
         unknown = set(identify_options or {}) - {"steps", "step_size"}
         if unknown:
@@ -268,7 +269,7 @@ class Repairer:
         (:mod:`netmend.identification.label_gate`): round 1 selects exactly what the
         one-shot :func:`netmend.identify` with method "ewc" selects.
         """
-        if self.k is not None and self.k != "auto":
+        if not is_auto_k(self.k):
             causes = identification.select(self.scores, self.k)
             self._selection = {"rule": str(self.k), "k": int(causes.size)}
             return self._gated(causes) if self.gate else causes

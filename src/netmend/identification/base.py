@@ -232,6 +232,12 @@ def available() -> list[str]:
     return _REGISTRY.available()
 
 
+def is_auto_k(k: int | float | str | None) -> bool:
+    """Whether ``k`` asks for the automatic K (``None`` or ``"auto"``), which the label gate,
+    the class guard and the continual :class:`netmend.Repairer` key on."""
+    return k is None or (isinstance(k, str) and k == "auto")
+
+
 def select(scores: np.ndarray, k: int | float | str | None) -> np.ndarray:
     """Choose the causes from cause scores (positive = harmful), most harmful first.
 
