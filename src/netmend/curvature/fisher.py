@@ -224,7 +224,7 @@ def per_example_grad_products(
             out.index_add_(0, ex, torch.einsum("ud,udm->um", rows, Vw[tok]))
             continue
         Vw = Vm[sl["weight"]]
-        if isinstance(m, nn.Linear) and a.ndim in (2, 3):
+        if isinstance(m, nn.Linear):  # a, d: [B, in/out] or [B, S, in/out] (hook_pass)
             out += _linear_products(m, a, d, Vw)
             if "bias" in sl:
                 out += (d if d.ndim == 2 else d.sum(1)) @ Vm[sl["bias"]]
