@@ -58,12 +58,13 @@ class DevRun(NamedTuple):
     spec: Any  # netmend.lab.bench.DatasetSpec
     model: nn.Module
     split: Any  # the failure split: query / held-out / correct indices into data.eval
-    ident: Any  # netmend.identify on the query failures, ungated
+    ident: Any  # netmend.identify on the query failures
 
 
-def dev_run(suite: str, seed: int) -> DevRun:
+def dev_run(suite: str, seed: int, gate: bool = False) -> DevRun:
     """Load and corrupt ``suite``'s data, train its model with the suite's recipe (seeded) and
-    identify the causes of its query failures with the default method, the label gate off."""
+    identify the causes of its query failures with the default method (the label gate off
+    unless ``gate``)."""
     import netmend
     from netmend.lab import bench
     from netmend.model.training import fit
@@ -75,5 +76,5 @@ def dev_run(suite: str, seed: int) -> DevRun:
     model = fit(spec.model(), X, y, spec.recipe, seed, "cpu", False)
     split = bench._split(model, data, "cpu")
     Xq, yq = data.eval.X[split.query], data.eval.y[split.query]
-    ident = netmend.identify(model, (X, y), (Xq, yq), seed=seed, progress=False, gate=False)
+    ident = netmend.identify(model, (X, y), (Xq, yq), seed=seed, progress=False, gate=gate)
     return DevRun(data, spec, model, split, ident)

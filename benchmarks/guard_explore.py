@@ -38,12 +38,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from _shared import dev_run
 
 import netmend
 from netmend.evaluation.controls import class_accuracies
 from netmend.lab import bench
 from netmend.lab.demo import machine
-from netmend.model.training import fit, predict
+from netmend.model.training import predict
 from netmend.store import write_json_atomic
 
 
@@ -57,15 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("benchmarks/guard_explore.json"))
     a = p.parse_args(argv)
     t_start = time.perf_counter()
-    data = bench.make_suite(a.suite, a.seed)
-    dataset, _ = bench.parse_suite(a.suite)
-    spec = bench.DATASETS[dataset]
+    data, spec, model, split, ident = dev_run(a.suite, a.seed, gate=a.gate)
     X, y = data.train.X, data.train.y  # y: the noisy labels
-    torch.manual_seed(a.seed)
-    model = fit(spec.model(), X, y, spec.recipe, a.seed, "cpu", False)
-    split = bench._split(model, data, "cpu")
-    Xq, yq = data.eval.X[split.query], data.eval.y[split.query]
-    ident = netmend.identify(model, (X, y), (Xq, yq), seed=a.seed, progress=False, gate=a.gate)
     causes = np.asarray(ident.causes)
     rng = np.random.default_rng(a.seed + 12345)
     val = np.concatenate(
