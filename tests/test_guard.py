@@ -79,6 +79,94 @@ def test_guard_keeps_the_smallest_k_and_says_so_when_every_halving_fails() -> No
     assert not g.passed and g.k == 8 and len(g.tries) == guard.MAX_HALVINGS + 1
 
 
+class Forget(nn.Module):
+    """Predicts the class in the input's first feature, except for the examples whose index
+    (the second feature) is in ``forget``: those it calls class 1."""
+
+    def __init__(self, forget: np.ndarray) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.forget = torch.as_tensor(forget, dtype=torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x[:, 0].long()
+        c = torch.where(torch.isin(x[:, 1], self.forget), torch.ones_like(c), c)
+        return nn.functional.one_hot(c, 3).to(x.dtype) + 0 * self.w
+
+
+def _noisy_train() -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """3 x 2,000 examples; half the true class 2 is labelled 0 (so a third of the label-0
+    slice is really class 2). Returns X (true class, index), labels, the slice, and the slice's
+    true-class-0 examples."""
+    true = torch.arange(3).repeat_interleave(2000)
+    y = true.clone()
+    y[4000:5000] = 0
+    X = torch.stack([true.double(), torch.arange(6000).double()], 1)
+    val, _ = guard.holdout_slice(y, seed=0)
+    return X, y, val, val[true[val].numpy() == 0]
+
+
+def _causes(val: np.ndarray) -> np.ndarray:
+    """1,000 ranked causes outside the slice (so that K of them are removed)."""
+    return np.setdiff1d(np.arange(6000), val)[:1000]
+
+
+def test_guard_reads_the_slice_against_the_original_when_noisy_labels_dilute_a_fall() -> None:
+    """A fine-tune that makes the original's class 0 lose 14% of itself (one more point than
+    the limit plus margin) shows only about 9 points by the slice's labels, a third of which
+    are noisy: the labels alone would keep K; the agreement reading halves it."""
+    X, y, val, zeros = _noisy_train()
+    label0 = int((y[val] == 0).sum())
+    m = int(np.ceil(0.14 * zeros.size))
+    assert m / label0 <= guard.MAX_CLASS_DROP < m / zeros.size  # the case this test is about
+    calls: list[int] = []
+
+    def treat_fn(c: np.ndarray) -> nn.Module:
+        removed = np.setdiff1d(c, val).size
+        calls.append(removed)
+        return Forget(zeros[:m] if removed > 300 else np.zeros(0))
+
+    g = guard.guard_k(treat_fn, Forget(np.zeros(0)), as_source((X, y), "t"), _causes(val), 0, "cpu")
+    assert [t["k"] for t in g.tries] == [1000, 500, 250]
+    assert g.k == 250 and g.passed
+    first = g.tries[0]
+    assert first["label_drop"] == pytest.approx(m / label0)
+    assert first["agree_drop"] == pytest.approx(m / zeros.size)
+    assert first["worst_class"] == 0 and first["worst_class_drop"] == pytest.approx(m / zeros.size)
+    assert g.churn == pytest.approx([0.0, 0.0, 0.0])
+    assert calls.count(0) == 1  # the churn trial (no causes removed) ran once
+
+
+def test_guard_discounts_the_churn_of_the_fine_tune_itself() -> None:
+    """When the fine-tune with no causes removed moves class 0 as much, the causes are not to
+    blame: K is kept, and the churn is recorded."""
+    X, y, val, zeros = _noisy_train()
+    m = int(np.ceil(0.14 * zeros.size))
+    calls: list[int] = []
+
+    def treat_fn(c: np.ndarray) -> nn.Module:
+        calls.append(np.setdiff1d(c, val).size)
+        return Forget(zeros[:m])  # the same examples move whatever is removed
+
+    g = guard.guard_k(treat_fn, Forget(np.zeros(0)), as_source((X, y), "t"), _causes(val), 0, "cpu")
+    assert g.k == 1000 and g.passed and len(g.tries) == 1
+    assert g.churn is not None and g.churn[0] == pytest.approx(m / zeros.size)
+    assert g.tries[0]["agree_drop"] == pytest.approx(0.0)
+    assert calls == [1000, 0]
+
+
+def test_guard_needs_no_churn_trial_when_the_agreement_reading_is_within_the_limit() -> None:
+    X, y, val, zeros = _noisy_train()
+    calls: list[int] = []
+
+    def treat_fn(c: np.ndarray) -> nn.Module:
+        calls.append(np.setdiff1d(c, val).size)
+        return Forget(zeros[:2])
+
+    g = guard.guard_k(treat_fn, Forget(np.zeros(0)), as_source((X, y), "t"), _causes(val), 0, "cpu")
+    assert g.k == 1000 and g.churn is None and calls == [1000]
+
+
 def test_guard_is_skipped_when_no_class_can_be_judged() -> None:
     X, y = _train(per_class=300)  # 5% = 15 per class
     calls: list[np.ndarray] = []

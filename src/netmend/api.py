@@ -692,10 +692,11 @@ def repair(
         gate: the label gate of :func:`identify` (default: on with the automatic K).
         guard: back off the automatic K when the fine-tune would make a class forget itself
             (:mod:`netmend.treatment.guard`: a 5% slice of each class held out of trial
-            fine-tunes; K is halved while some class's accuracy on it falls by more than 10
-            points). ``None`` (default): on for the automatic K (``k=None``) with the
-            "finetune" treatment, off otherwise. Its record is ``treatment_info["guard"]``;
-            ``causes`` are the ones finally removed.
+            fine-tunes; K is halved while some class falls by more than 10 points on it, by
+            the slice's labels or by agreement with the original's predictions net of the
+            churn of a trial that removes nothing). ``None`` (default): on for the automatic
+            K (``k=None``) with the "finetune" treatment, off otherwise. Its record is
+            ``treatment_info["guard"]``; ``causes`` are the ones finally removed.
 
     Returns:
         A :class:`RepairResult` with ``scores`` (``[N]``, positive = harmful), ``causes``,

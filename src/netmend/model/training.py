@@ -252,8 +252,14 @@ def class_accuracies(
     device: torch.device | str = "cpu",
 ) -> list[float]:
     """Test accuracy of ``model`` per class ``[C]`` (NaN for a class absent from ``y``)."""
-    ok = (predict(model, X, device) == y).numpy().astype(np.float64)
-    labels = y.numpy().astype(np.int64)
+    return class_accuracies_of(predict(model, X, device), y, num_classes)
+
+
+def class_accuracies_of(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -> list[float]:
+    """Accuracy per class ``[C]`` of predictions ``pred`` ``[N]`` against labels ``y`` ``[N]``
+    (NaN for a class absent from ``y``)."""
+    ok = (pred.cpu() == y.cpu()).numpy().astype(np.float64)
+    labels = y.cpu().numpy().astype(np.int64)
     total = np.bincount(labels, minlength=num_classes).astype(np.float64)
     right = np.bincount(labels, weights=ok, minlength=num_classes)
     with np.errstate(invalid="ignore", divide="ignore"):
