@@ -445,6 +445,11 @@ def peers_scale(files: list[dict[str, Any]]) -> str:
             body.append([name, f"{p['n_train']}", f"{p['queries']}"] + ["–"] * 5
                         + [f3(v["per_query"]["total"]["cpu"], "{:.1f}"),
                            f3(v["lds_per_query"]), "–"])  # fmt: skip
+        for name, v in d.get("kronfluence_controls", {}).items():  # its own label seed
+            body.append([name, f"{p['n_train']}", f"{p['queries']}"]
+                        + [f3(v["scores"]["factors"]["cpu"], "{:.1f}")] + ["–"] * 4
+                        + [f3(v["per_query"]["total"]["cpu"], "{:.1f}"),
+                           f3(v["lds_per_query"]), "–"])  # fmt: skip
         if "controls" in d:
             r = d["controls"]["random_scores"]
             body.append(["random scores (control)", f"{p['n_train']}", f"{p['queries']}"]

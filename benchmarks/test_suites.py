@@ -1,10 +1,11 @@
 """Issue 11's figures on the *test* suites: converged models on all of MNIST / Fashion-MNIST.
 
-Three generations of the default are reported, each chosen on dev runs before it was judged
+Four generations of the default are reported, each chosen on dev runs before it was judged
 here: the first (``ewc/finetune``: EWC-influence, the automatic K of ``benchmarks/k_rule.py``,
-fine-tune on D∖C), netmend 0.3.1's (the class guard added, ``benchmarks/guard_explore.py``)
-and today's (the label gate added, ``benchmarks/gate_explore.py``). This script only
-*reports* them on suites no choice looked at:
+fine-tune on D∖C), netmend 0.3.1's (the class guard added, ``benchmarks/guard_explore.py``),
+0.3.2's (the label gate added, ``benchmarks/gate_explore.py``) and today's (the guard's
+second reading, agreement with the original net of churn). This script only *reports* them
+on suites no choice looked at:
 
 * ``fashion-full/pair``: all 60,000 Fashion-MNIST training images, T-shirt<->Shirt flipped
   with probability 0.4 and Pullover<->Coat with 0.3, SmallCNN trained 12 epochs with the
@@ -72,13 +73,31 @@ BENCHES = (
     "bench_full_mnist_gate/bench.json",
     "bench_full_relabel_gate_fashion/bench.json",
     "bench_full_relabel_gate_mnist/bench.json",
+    "bench_full_fashion_agree/s1/bench.json",
+    "bench_full_fashion_agree/s4/bench.json",
+    "bench_full_fashion_agree/s5/bench.json",
+    "bench_full_fashion_agree/s6/bench.json",
 )
-DEMOS, DEMO_CLEANLAB = ("demo_seeds.json", "demo_seeds_guard.json"), "demo_cleanlab.json"
-"""The demo with today's default, and with the previous round's (guard, no label gate)."""
+DEMOS = ("demo_seeds.json", "demo_seeds_gate.json", "demo_seeds_guard.json")
+"""The demo with today's default, 0.3.2's (the guard reading labels only: the same causes and
+models on every seed, rerun) and 0.3.1's (guard, no label gate)."""
+DEMO_CLEANLAB = "demo_cleanlab.json"
 DEMO_SUITE, DEMO_TEST_SEEDS = "mnist-full/paper-pair", (1, 2, 3)
 DEFAULT = "ewc[gate=true]/finetune[guard=true]"
-"""Today's default: ``netmend.repair`` with the label gate and the class guard (the gate's share
-was chosen on dev runs, ``benchmarks/gate_explore.py``, including fashion-full seed 0)."""
+"""Today's default: ``netmend.repair`` with the label gate and the class guard that reads its
+slice by the labels and by agreement with the original net of churn (the gate's share was
+chosen on dev runs, ``benchmarks/gate_explore.py``, including fashion-full seed 0)."""
+GATED = "ewc[gate=true]/finetune[guard=labels]"
+"""netmend 0.3.2's default: the same pipeline with a class guard that read its slice by the
+labels only. Its runs carry the pipeline name ``DEFAULT``; they are told apart by the guard's
+record (no ``agree_drop``) and renamed to this on reading."""
+REPLAYS = tuple(
+    f"bench_full_replay/{run}/bench.json"
+    for run in ("fashion_s1", "fashion_s2", "fashion_s3", "mnist_s0", "mnist_s1", "mnist_s2")
+)
+"""Today's default rerun without controls (``--draws 0``) on the test seeds 0.3.2's ran: where
+it removes the same causes and yields the same model (same K, test and held-out accuracy),
+0.3.2's cell with its controls is today's default's cell too."""
 GUARDED = "ewc/finetune[guard=true]"
 """netmend 0.3.1's default: the class guard, no label gate (designed on fashion-full seed 0)."""
 PREVIOUS = "ewc/finetune"
@@ -86,13 +105,21 @@ PREVIOUS = "ewc/finetune"
 OTHER = "ewc/relabel"
 GATED_RELABEL = "ewc[gate=true]/relabel"
 """Relabel on the label gate's causes (no class guard: it guards deletion)."""
-PIPELINES = (DEFAULT, GUARDED, PREVIOUS, OTHER, GATED_RELABEL)
+PIPELINES = (DEFAULT, GATED, GUARDED, PREVIOUS, OTHER, GATED_RELABEL)
+GENERATIONS = (DEFAULT, GATED, GUARDED, PREVIOUS)
+"""The defaults reported, newest first."""
 RELABEL_PAIRS = ((OTHER, PREVIOUS, "the first default's causes"),
-                 (GATED_RELABEL, DEFAULT, "the gated causes"))  # fmt: skip
+                 (GATED_RELABEL, GATED, "the gated causes"))  # fmt: skip
 """(relabel pipeline, delete pipeline, which causes) for relabel against delete."""
-DEV_RUNS = {(DEFAULT, "fashion-full/pair", 0), (GUARDED, "fashion-full/pair", 0)}
+DEV_RUNS = {
+    (DEFAULT, "fashion-full/pair", 0),
+    (DEFAULT, "fashion-full/pair", 3),
+    (GATED, "fashion-full/pair", 0),
+    (GUARDED, "fashion-full/pair", 0),
+}
 """Runs a choice was made on (not reported): the guard was designed after seeing
-fashion-full seed 0, and the label gate's share was chosen with it among its dev runs."""
+fashion-full seed 0, and the label gate's share was chosen with it among its dev runs; the
+guard's agreement reading was added after 0.3.2 failed on seed 3."""
 CORRECT_SET_TARGET, CONVERGED_TARGET = 0.003, 0.003
 DOC_PATH = HERE.parent / "docs" / "test-suites.md"
 BEGIN, END = "<!-- test_suites:begin -->", "<!-- test_suites:end -->"
@@ -120,11 +147,21 @@ def _record(cell: dict[str, Any], original: dict[str, Any], ft_only: dict[str, A
     }
 
 
+def generation(cell: dict[str, Any]) -> str:
+    """The cell's pipeline name, with 0.3.2's default (a guard that read labels only: no
+    ``agree_drop`` in its tries) told apart from today's."""
+    name = str(cell["pipeline"])
+    tries = (cell.get("guard") or {}).get("tries") or []
+    if name == DEFAULT and tries and "agree_drop" not in tries[0]:
+        return GATED
+    return name
+
+
 def from_bench(result: dict[str, Any]) -> dict[str, dict[int, dict[str, Any]]]:
     """``{suite: {seed: {"pipelines": {name: record}, "oracle-causes", "cleanlab", ...}}}``."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for r in result["results"]:
-        cells = {c["pipeline"]: c for c in r["cells"] if c["status"] == "ok"}
+        cells = {generation(c): c for c in r["cells"] if c["status"] == "ok"}
         if "original" not in cells:
             continue
         original = cells["original"]
@@ -166,6 +203,52 @@ def merge(into: dict[str, dict[int, dict]], more: dict[str, dict[int, dict]]) ->
                     have.setdefault(ref, entry[ref])
 
 
+def apply_replays(
+    merged: dict[str, dict[int, dict[str, Any]]], result: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Carry 0.3.2's cells over to today's default where a replay (today's default, no
+    controls) removed the same number of causes and gave the same model, and list every
+    replay: ``{"suite", "seed", "k_before", "k", "same", "test", "heldout", "guard"}``.
+
+    The same K gives the same causes (the identification and the label gate did not change)
+    and the same fine-tune (seeded), so the same model: the test and held-out accuracies are
+    checked to be equal to 1e-12 as well, or the cell is not carried over.
+    """
+    listed = []
+    for r in result["results"]:
+        suite, seed = r["suite"], int(r["seed"])
+        cells = {generation(c): c for c in r["cells"] if c["status"] == "ok"}
+        cell, entry = cells.get(DEFAULT), merged.get(suite, {}).get(seed)
+        if cell is None or entry is None:
+            continue
+        if abs(entry["original_test"] - cells["original"]["test_acc"]) > 1e-12:
+            raise ValueError(f"{suite} seed {seed}: the replay trained a different model")
+        old = entry["pipelines"].get(GATED)
+        same = (
+            old is not None
+            and old["k"] == int(cell["k"])
+            and abs(old["test"] - cell["test_acc"]) <= 1e-12
+            and abs(old["heldout"] - cell["heldout_failure_acc"]) <= 1e-12
+        )
+        if same and (DEFAULT, suite, seed) not in DEV_RUNS:
+            entry["pipelines"][DEFAULT] = {**old, "guard": cell["guard"], "replay_of": GATED}
+        listed.append(
+            {
+                "suite": suite,
+                "seed": seed,
+                "k_before": None if old is None else old["k"],
+                "k": int(cell["k"]),
+                "same": bool(same),
+                "test": cell["test_acc"],
+                "heldout": cell["heldout_failure_acc"],
+                "test_before": None if old is None else old["test"],
+                "heldout_before": None if old is None else old["heldout"],
+                "guard_k": [t["k"] for t in cell["guard"]["tries"]],
+            }
+        )
+    return listed
+
+
 def from_demo(demo: dict[str, Any], cleanlab: dict[str, Any] | None) -> dict[int, dict]:
     """The demo's test seeds in the same shape (its default run, controls and cleanlab).
 
@@ -181,7 +264,13 @@ def from_demo(demo: dict[str, Any], cleanlab: dict[str, Any] | None) -> dict[int
             continue
         run = next(r for r in s["runs"] if r["default"])
         ctl = run["controls"]
-        name = DEFAULT if run.get("label_gate") else GUARDED if run.get("guard") else PREVIOUS
+        name = (
+            generation({"pipeline": DEFAULT, "guard": run.get("guard")})
+            if run.get("label_gate")
+            else GUARDED
+            if run.get("guard")
+            else PREVIOUS
+        )
         rec = _record(run, ctl["original"], ctl["finetune_only"])
         if run.get("guard"):
             rec["guard"] = run["guard"]
@@ -370,10 +459,15 @@ def render(doc: dict[str, Any]) -> str:
         f"runs: {doc['bench_machine']}.",
         "",
         f"**Today's default, `{DEFAULT}`** (`netmend.repair`: the automatic K, the label gate, "
-        "then the class guard; `fashion-full/pair` seed 0 was a dev run for both and is not "
-        "reported):",
+        "then the class guard reading its slice by the labels and by agreement net of churn; "
+        "`fashion-full/pair` seeds 0 and 3 chose it and are not reported):",
         "",
         *_headline_lines(doc["headline"][DEFAULT]),
+        "",
+        f"**netmend 0.3.2's default, `{GATED}`** (the same with a guard that read the labels "
+        "only; `fashion-full/pair` seed 0 was a dev run):",
+        "",
+        *_headline_lines(doc["headline"][GATED]),
         "",
         f"**netmend 0.3.1's default, `{GUARDED}`** (the class guard, no label gate):",
         "",
@@ -410,13 +504,13 @@ def render(doc: dict[str, Any]) -> str:
         "",
         "| suite | original test | finetune-only test | finetune-only held-out F | oracle "
         "held-out F | oracle test | cleanlab K | cleanlab precision | cleanlab held-out F | "
-        "cleanlab test | default − cleanlab, held-out F | default − cleanlab, test | 0.3.1 "
-        "default − cleanlab, held-out F | 0.3.1 default − cleanlab, test |",
+        "cleanlab test | default − cleanlab, held-out F | default − cleanlab, test | 0.3.2 "
+        "default − cleanlab, held-out F | 0.3.2 default − cleanlab, test |",
         "|" + "---|" * 14,
     ]
     for s in doc["suites"]:
         o, c = s.get("oracle"), s.get("cleanlab")
-        d, prev = s["pipelines"].get(DEFAULT, {}), s["pipelines"].get(GUARDED, {})
+        d, prev = s["pipelines"].get(DEFAULT, {}), s["pipelines"].get(GATED, {})
         lines.append(
             f"| {s['suite']} | {_p(s['original_test'], digits=2)} "
             f"| {_p(s['finetune_only_test'], digits=2)} | {_p(s['finetune_only_heldout'])} "
@@ -429,6 +523,27 @@ def render(doc: dict[str, Any]) -> str:
             f"| {_p(prev.get('minus_cleanlab_heldout'), True)} "
             f"| {_p(prev.get('minus_cleanlab_test'), True, 2)} |"
         )
+    if doc.get("replays"):
+        lines += [
+            "",
+            "Replays: today's default rerun without controls on 0.3.2's test runs "
+            "(`--draws 0`). Where it removes the same causes and gives the same model, 0.3.2's "
+            "cell with its controls stands for today's default (rows above); where not, the "
+            "seed needs a full run.",
+            "",
+            "| suite | seed | K, 0.3.2 → today (guard's tries) | same model | test, 0.3.2 → today "
+            "| held-out F, 0.3.2 → today |",
+            "|" + "---|" * 6,
+        ]
+        for r in doc["replays"]:
+            before = "–" if r["k_before"] is None else f"{r['k_before']:,}"
+            tries = " → ".join(f"{k:,}" for k in r["guard_k"])
+            lines.append(
+                f"| {r['suite']} | {r['seed']} | {before} → {r['k']:,} ({tries}) "
+                f"| {'yes' if r['same'] else 'no'} "
+                f"| {_p(r['test_before'], digits=2)} → {_p(r['test'], digits=2)} "
+                f"| {_p(r['heldout_before'])} → {_p(r['heldout'])} |"
+            )
     for relabel, delete, which in RELABEL_PAIRS:
         rel = [s for s in doc["suites"] if relabel in s.get("relabel_minus_delete", {})]
         if not rel:
@@ -466,6 +581,10 @@ def build(root: Path = HERE) -> dict[str, Any]:
         m = result.get("machine") or {}
         bench_machine = f"{m.get('processor')}, {m.get('cpus')} CPUs, torch {m.get('torch')}"
         merge(merged, from_bench(result))
+    replays: list[dict[str, Any]] = []
+    for rel in REPLAYS:
+        if (root / rel).exists():
+            replays += apply_replays(merged, json.loads((root / rel).read_text()))
     suites = [summarise(suite, seeds) for suite, seeds in merged.items()]
     cl = root / DEMO_CLEANLAB
     cleanlab = json.loads(cl.read_text()) if cl.exists() else None
@@ -478,9 +597,10 @@ def build(root: Path = HERE) -> dict[str, Any]:
     return {
         "machine": machine(),
         "bench_machine": bench_machine,
-        "sources": [*BENCHES, *DEMOS, DEMO_CLEANLAB],
+        "sources": [*BENCHES, *REPLAYS, *DEMOS, DEMO_CLEANLAB],
         "suites": suites,
-        "headline": {name: headline(suites, name) for name in (DEFAULT, GUARDED, PREVIOUS)},
+        "replays": replays,
+        "headline": {name: headline(suites, name) for name in GENERATIONS},
     }
 
 

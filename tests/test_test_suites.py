@@ -90,3 +90,55 @@ def test_half_the_oracle_gain_is_judged_only_where_the_oracle_gain_is_significan
     assert (
         mod.summarise("x/y", noisy)["pipelines"][mod.DEFAULT]["meets_half_the_oracle_gain"] is None
     )
+
+
+def _bench_cell(k: int, test: float, heldout: float, agree: bool) -> dict:
+    tries = [{"k": k, "worst_class": 0, "worst_class_drop": 0.0}]
+    if agree:
+        tries[0].update(label_drop=0.0, agree_drop=0.0, agree_raw_drop=0.0)
+    return {
+        "pipeline": "ewc[gate=true]/finetune[guard=true]",
+        "status": "ok",
+        "k": k,
+        "test_acc": test,
+        "heldout_failure_acc": heldout,
+        "guard": {"tries": tries},
+    }
+
+
+def test_a_replay_carries_the_old_cell_over_only_when_it_gives_the_same_model(
+    bench_script,
+) -> None:
+    """0.3.2's cells (a guard record without the agreement reading) are renamed; a replay
+    of today's default with the same K and accuracies makes 0.3.2's cell (and its controls)
+    today's too; another K, or a seed a choice was made on, does not."""
+    mod = bench_script("test_suites")
+    assert mod.generation(_bench_cell(10, 0.9, 0.1, agree=False)) == mod.GATED
+    assert mod.generation(_bench_cell(10, 0.9, 0.1, agree=True)) == mod.DEFAULT
+    rec = {**_record(0.4, 0.2, 0.9, 0.89, 0.0), "k": 10}
+    merged = {
+        suite: {
+            seed: {"pipelines": {mod.GATED: dict(rec)}, "original_test": 0.95} for seed in (1, 2, 3)
+        }
+        for suite in ("fashion-full/pair",)
+    }
+    original = {"pipeline": "original", "status": "ok", "test_acc": 0.95}
+    replay = {
+        "results": [
+            {"suite": "fashion-full/pair", "seed": 1,
+             "cells": [original, _bench_cell(10, 0.9, 0.4, agree=True)]},  # same model
+            {"suite": "fashion-full/pair", "seed": 2,
+             "cells": [original, _bench_cell(5, 0.9, 0.4, agree=True)]},  # another K
+            {"suite": "fashion-full/pair", "seed": 3,
+             "cells": [original, _bench_cell(10, 0.9, 0.4, agree=True)]},  # a dev seed
+        ]
+    }  # fmt: skip
+    listed = mod.apply_replays(merged, replay)
+    seeds = merged["fashion-full/pair"]
+    assert mod.DEFAULT in seeds[1]["pipelines"] and seeds[1]["pipelines"][mod.DEFAULT]["k"] == 10
+    assert mod.DEFAULT not in seeds[2]["pipelines"]
+    assert mod.DEFAULT not in seeds[3]["pipelines"]  # ("fashion-full/pair", 3) is a dev run
+    assert [r["same"] for r in listed] == [True, False, True]
+    moved = {**replay["results"][0], "cells": [original, _bench_cell(10, 0.8, 0.4, agree=True)]}
+    fresh = {"fashion-full/pair": {1: {"pipelines": {mod.GATED: dict(rec)}, "original_test": 0.95}}}
+    assert not mod.apply_replays(fresh, {"results": [moved]})[0]["same"]  # same K, other model
