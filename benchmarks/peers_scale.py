@@ -265,6 +265,58 @@ def reused_labels() -> Iterator[None]:
         kfac.label_uniforms = orig  # type: ignore[assignment]
 
 
+def kron_seed_worker(seed: int, per_query: int) -> None:
+    """kronfluence's per-query matrix with another seed for its sampled labels (a control:
+    how far its own label draw moves its LDS). Factors in their own scratch folder."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    net, d = _setup()
+    X, y, Xq, yq = d["X"], d["y"], d["Xq"], d["yq"]
+    name = f"kronfluence_seed{seed}"
+    kw = dict(seed=seed, out_name=name)
+    _, fit = run_kronfluence(net, X, y, Xq, yq, d["damping_mean"], len(y), None, **kw)
+    pf, pq = run_kronfluence(net, X, y, Xq, yq, d["damping_mean"], len(y), per_query, **kw)
+    out = {"scores": fit, "per_query": pq, "peak_rss_all_mib": peak_rss_mib(), "seed": seed}
+    np.save(WORK / f"{name}_per_query.npy", pf)
+    (WORK / f"{name}.json").write_text(json.dumps(out))
+
+
+def add_kron_seeds(args: argparse.Namespace) -> None:
+    """Run kronfluence with the label seeds ``--kron-seeds`` on the problem of ``--out`` and
+    add their LDS to it (``kronfluence_controls``), with the paired difference of netmend's
+    (label seed 0) against each."""
+    from netmend.store import write_json_atomic
+
+    result = json.loads(Path(args.out).read_text())
+    st = result["settings"]
+    if st["n_train"] != len(torch.load(WORK / "setup.pt", weights_only=True)["y"]):
+        raise ValueError("benchmarks/.work/peers_scale/setup.pt is not the problem of --out")
+    rt = retrain(st["subsets"], st["epochs"])  # read back from the scratch file
+    m = st["per_query"]
+    ours = lds_per_query(
+        rt["masks"], rt["loss"], np.load(WORK / "netmend_per_query.npy").astype(np.float64), m
+    )
+    for seed in args.kron_seeds:
+        cmd = [str(PEERS_PY), __file__, "--kron-seed", str(seed), "--per-query", str(m)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"kronfluence seed {seed} failed:\n{proc.stderr[-4000:]}")
+        name = f"kronfluence_seed{seed}"
+        row = json.loads((WORK / f"{name}.json").read_text())
+        pf = np.load(WORK / f"{name}_per_query.npy").astype(np.float64)
+        row.update(lds(rt["masks"], rt["loss"], pf.sum(1), pf, m))
+        del row["lds_group"]  # the summed scores of these runs are of the first m queries only
+        diff = ours - lds_per_query(rt["masks"], rt["loss"], pf, m)
+        row["netmend_minus_this_lds_per_query"] = float(np.nanmean(diff))
+        row["netmend_minus_this_se"] = float(
+            np.nanstd(diff, ddof=1) / np.sqrt(np.isfinite(diff).sum())
+        )
+        result.setdefault("kronfluence_controls", {})[f"kronfluence seed {seed}"] = row
+        print(name, json.dumps(row), flush=True)
+        write_json_atomic(args.out, result)
+
+
 def variant_worker(name: str, per_query: int) -> None:
     """netmend's per-query matrix with another label seed or the exact Fisher (a control)."""
     import netmend
@@ -366,10 +418,12 @@ def run_kronfluence(
     N: int,
     per_query: int | None,
     seed: int = 0,
+    out_name: str = "kronfluence",
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """kronfluence 1.0.1's ``Analyzer`` with its defaults (float32, EK-FAC, true Fisher; its
-    sampled labels come from the global RNG, seeded by ``seed`` before the factors);
-    its scores are helpful-positive ``[M, N]``: converted to ``-raw.T`` (positive = harmful)."""
+    sampled labels come from the global RNG, seeded by ``seed`` before the factors; factors
+    saved under ``WORK / out_name``); its scores are helpful-positive ``[M, N]``: converted
+    to ``-raw.T`` (positive = harmful)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -389,7 +443,7 @@ def run_kronfluence(
             return F.cross_entropy(model(x), t, reduction="sum")
 
     net = copy.deepcopy(net)  # prepare_model wraps the modules in place
-    out_dir = WORK / "kronfluence"
+    out_dir = WORK / out_name
     if per_query is None:
         shutil.rmtree(out_dir, ignore_errors=True)
     model = prepare_model(net, CE())
@@ -571,6 +625,13 @@ def main() -> None:
         action="store_true",
         help="add the netmend controls (VARIANTS) to --out, reusing its retrains",
     )
+    ap.add_argument("--kron-seed", type=int, help="(worker) kronfluence with this label seed")
+    ap.add_argument(
+        "--kron-seeds",
+        type=int,
+        nargs="+",
+        help="add kronfluence with these label seeds (a control) to --out, reusing its retrains",
+    )
     ap.add_argument("--record-versions", action="store_true", help="add them to --out")
     ap.add_argument("--skip-workers", action="store_true", help="reuse the last workers' output")
     args = ap.parse_args()
@@ -579,6 +640,12 @@ def main() -> None:
         return
     if args.variant:
         variant_worker(args.variant, args.per_query)
+        return
+    if args.kron_seed is not None:
+        kron_seed_worker(args.kron_seed, args.per_query)
+        return
+    if args.kron_seeds:
+        add_kron_seeds(args)
         return
     if args.variants_only:
         add_variants(args)
