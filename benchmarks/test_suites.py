@@ -12,6 +12,9 @@ on suites no choice looked at:
   parameters averaged over the second half (``benchmarks/fashion_convergence.json``);
 * ``mnist-full/sym20``: all 60,000 MNIST images, 20% symmetric label noise, the demo's
   6-epoch averaged recipe;
+* ``mnist-full/backdoor``: all 60,000 MNIST images, 5% stamped with a corner patch and
+  relabelled 0 (BadNets), the demo's recipe; the failures are the triggered test images the
+  model calls 0 (added this round, with cleanlab in the same run);
 * ``mnist-full/paper-pair``: the demo (the paper's 1<->7 / 6<->9 flips), seeds 1-3 (seed 0
   was a dev run), from ``benchmarks/demo_seeds.json`` and ``demo_cleanlab.json``.
 
@@ -77,6 +80,7 @@ BENCHES = (
     "bench_full_fashion_agree/s4/bench.json",
     "bench_full_fashion_agree/s5/bench.json",
     "bench_full_fashion_agree/s6/bench.json",
+    "bench_full_backdoor/bench.json",
 )
 DEMOS = ("demo_seeds.json", "demo_seeds_gate.json", "demo_seeds_guard.json")
 """The demo with today's default, 0.3.2's (the guard reading labels only: the same causes and
