@@ -282,18 +282,24 @@ def kron_seed_worker(seed: int, per_query: int) -> None:
     (WORK / f"{name}.json").write_text(json.dumps(out))
 
 
+def _stored_problem(out: str) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """The JSON of ``out``, its cached retrains and its number of per-query queries, after
+    checking that the scratch setup is that JSON's problem."""
+    result = json.loads(Path(out).read_text())
+    st = result["settings"]
+    if st["n_train"] != len(torch.load(WORK / "setup.pt", weights_only=True)["y"]):
+        raise ValueError("benchmarks/.work/peers_scale/setup.pt is not the problem of --out")
+    rt = retrain(st["subsets"], st["epochs"])  # read back from the scratch file
+    return result, rt, int(st["per_query"])
+
+
 def add_kron_seeds(args: argparse.Namespace) -> None:
     """Run kronfluence with the label seeds ``--kron-seeds`` on the problem of ``--out`` and
     add their LDS to it (``kronfluence_controls``), with the paired difference of netmend's
     (label seed 0) against each."""
     from netmend.store import write_json_atomic
 
-    result = json.loads(Path(args.out).read_text())
-    st = result["settings"]
-    if st["n_train"] != len(torch.load(WORK / "setup.pt", weights_only=True)["y"]):
-        raise ValueError("benchmarks/.work/peers_scale/setup.pt is not the problem of --out")
-    rt = retrain(st["subsets"], st["epochs"])  # read back from the scratch file
-    m = st["per_query"]
+    result, rt, m = _stored_problem(args.out)
     ours = lds_per_query(
         rt["masks"], rt["loss"], np.load(WORK / "netmend_per_query.npy").astype(np.float64), m
     )
@@ -587,12 +593,7 @@ def add_variants(args: argparse.Namespace) -> None:
     """Run the netmend controls on the problem of ``--out`` and add their LDS to it."""
     from netmend.store import write_json_atomic
 
-    result = json.loads(Path(args.out).read_text())
-    st = result["settings"]
-    if st["n_train"] != len(torch.load(WORK / "setup.pt", weights_only=True)["y"]):
-        raise ValueError("benchmarks/.work/peers_scale/setup.pt is not the problem of --out")
-    rt = retrain(st["subsets"], st["epochs"])  # read back from the scratch file
-    m = st["per_query"]
+    result, rt, m = _stored_problem(args.out)
     for name in VARIANTS:
         cmd = [str(PEERS_PY), __file__, "--variant", name, "--per-query", str(m)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
