@@ -313,10 +313,8 @@ def add_kron_seeds(args: argparse.Namespace) -> None:
         pf = np.load(WORK / f"{name}_per_query.npy").astype(np.float64)
         row.update(lds(rt["masks"], rt["loss"], pf.sum(1), pf, m))
         del row["lds_group"]  # the summed scores of these runs are of the first m queries only
-        diff = ours - lds_per_query(rt["masks"], rt["loss"], pf, m)
-        row["netmend_minus_this_lds_per_query"] = float(np.nanmean(diff))
-        row["netmend_minus_this_se"] = float(
-            np.nanstd(diff, ddof=1) / np.sqrt(np.isfinite(diff).sum())
+        row["netmend_minus_this_lds_per_query"], row["netmend_minus_this_se"] = _finite_mean_se(
+            ours - lds_per_query(rt["masks"], rt["loss"], pf, m)
         )
         result.setdefault("kronfluence_controls", {})[f"kronfluence seed {seed}"] = row
         print(name, json.dumps(row), flush=True)
@@ -548,13 +546,29 @@ def spearman_cols(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (ra * rb).sum(0) / np.where(den > 0, den, 1.0), np.nan)
 
 
+def _ground_truth(masks: np.ndarray, target: np.ndarray) -> Any:
+    """netmend's ``GroundTruth`` holding only the retrained subsets and their losses (what
+    ``lds_predictions`` reads)."""
+    from netmend.lab.validation import GroundTruth
+
+    e = np.zeros(0)
+    return GroundTruth(np.zeros(0, int), e, masks, target, np.zeros((0, 0)), e, 0.0, 0.0, 0.5)
+
+
+def _finite_mean_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of the finite entries (a query whose scores are constant has
+    no Spearman correlation)."""
+    from netmend.evaluation.controls import mean_se
+
+    return mean_se(values[np.isfinite(values)])
+
+
 def lds_per_query(masks: np.ndarray, loss: np.ndarray, pf: np.ndarray, m: int) -> np.ndarray:
     """``[m]``: each of the first ``m`` queries' Spearman correlation, over the retrained
     subsets, between the loss its scores ``pf [N, m]`` predict and the retrained loss."""
-    from netmend.lab.validation import GroundTruth, lds_predictions
+    from netmend.lab.validation import lds_predictions
 
-    e = np.zeros(0)
-    gt = GroundTruth(np.zeros(0, int), e, masks, loss[:, :m], np.zeros((0, 0)), e, 0.0, 0.0, 0.5)
+    gt = _ground_truth(masks, loss[:, :m])
     return spearman_cols(lds_predictions(gt, pf.sum(1), pf), loss[:, :m])
 
 
@@ -562,21 +576,14 @@ def lds(
     masks: np.ndarray, loss: np.ndarray, summed: np.ndarray, pf: np.ndarray, m: int
 ) -> dict[str, float]:
     """LDS per query (first ``m`` queries, ``pf [N, m]``) and of the summed query loss."""
-    from netmend.lab.validation import GroundTruth, lds_predictions
+    from netmend.lab.validation import lds_predictions
 
-    def gt(target: np.ndarray) -> GroundTruth:
-        e = np.zeros(0)
-        return GroundTruth(np.zeros(0, int), e, masks, target, np.zeros((0, 0)), e, 0.0, 0.0, 0.5)
-
-    per = lds_per_query(masks, loss, pf, m)
+    mean, se = _finite_mean_se(lds_per_query(masks, loss, pf, m))
     grp = spearman_cols(
-        lds_predictions(gt(loss.sum(1, keepdims=True)), summed), loss.sum(1)[:, None]
+        lds_predictions(_ground_truth(masks, loss.sum(1, keepdims=True)), summed),
+        loss.sum(1)[:, None],
     )
-    return {
-        "lds_per_query": float(np.nanmean(per)),
-        "lds_per_query_se": float(np.nanstd(per, ddof=1) / np.sqrt(np.isfinite(per).sum())),
-        "lds_group": float(grp[0]),
-    }
+    return {"lds_per_query": mean, "lds_per_query_se": se, "lds_group": float(grp[0])}
 
 
 def versions() -> dict[str, str]:
@@ -721,9 +728,7 @@ def main() -> None:
         "peak_rss_netmend_over_kronfluence": n["peak_rss_scores_mib"] / k["peak_rss_scores_mib"],
         "lds_per_query_netmend_minus_kronfluence": n["lds_per_query"] - k["lds_per_query"],
         # paired over the same queries and retrains: the s.e. of the per-query differences
-        "lds_per_query_difference_se": float(
-            np.nanstd(diff, ddof=1) / np.sqrt(np.isfinite(diff).sum())
-        ),
+        "lds_per_query_difference_se": _finite_mean_se(diff)[1],
         "lds_group_netmend_minus_kronfluence": n["lds_group"] - k["lds_group"],
     }
     result["targets"] = {

@@ -173,13 +173,13 @@ def guard_k(
         return acc, pred.numpy()
 
     before, original = readings(model)
-    called = [original == c for c in judged]  # what the original calls each judged class
+    called = torch.from_numpy(original)  # the original's predictions, read as the labels
 
     def agree_drop(pred: np.ndarray) -> np.ndarray:
-        """Per judged class: share of what the original calls c that ``pred`` does not."""
-        return np.array(
-            [float((pred[w] != c).mean()) if w.any() else 0.0 for w, c in zip(called, judged)]
-        )
+        """Per judged class: share of what the original calls c that ``pred`` does not (0 for
+        a class the original calls nothing)."""
+        agree = class_accuracies_of(torch.from_numpy(pred), called, n_classes)
+        return np.nan_to_num(1.0 - np.asarray(agree)[judged], nan=0.0)
 
     record = GuardRecord(k0, k0, holdout=int(val.size), judged_classes=classes, passed=False)
     churn: np.ndarray | None = None
