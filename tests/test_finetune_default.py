@@ -14,6 +14,7 @@ import netmend
 from netmend.lab.models import MLP
 from netmend.model.training import TrainConfig, fit, predict
 from netmend.treatment.methods import FINETUNE_MIN_STEPS, finetune_recipe
+from netmend.treatment.methods import prior_weights as prior_weights_of
 
 RUN = dict(progress=False, device="cpu")
 
@@ -131,3 +132,67 @@ def test_finetune_recipe_rejects_bad_sizes():
     model = copy.deepcopy(MLP(2, 3, (4,))).eval()
     with pytest.raises(ValueError, match="epochs"):
         netmend.treat(model, (X, y), [0], "finetune", epochs=-1.0, **RUN)
+
+
+def test_prior_weights_restore_each_labels_share_of_the_training_set():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (200,), generator=g)
+    y[:5] = 3  # label 3 present, then removed entirely below
+    keep = torch.rand(200, generator=g) > 0.3
+    keep[y == 3] = False
+    w = prior_weights_of(y, keep)
+    # brute force: per label, its share of D divided by its share of D \ C
+    for c in range(4):
+        n_c, kept_c = int((y == c).sum()), int((y[keep] == c).sum())
+        expected = 0.0 if kept_c == 0 else (n_c / 200) / (kept_c / int(keep.sum()))
+        assert math.isclose(float(w[c]), expected, rel_tol=1e-6)
+    kept_w = w[y[keep]].double()
+    # the weights keep the loss's scale only where no label vanished; here label 3 did
+    shares = torch.stack([kept_w[y[keep] == c].sum() for c in range(3)]) / kept_w.sum()
+    full = torch.bincount(y[y != 3], minlength=3).double() / int((y != 3).sum())
+    assert torch.allclose(shares, full, atol=1e-6)
+    with pytest.raises(ValueError, match="hard labels"):
+        prior_weights_of(torch.zeros(10, 3), torch.ones(10, dtype=torch.bool))
+
+
+def test_class_weighted_fit_takes_the_weighted_mean_loss_step():
+    """One full-batch SGD step with class weights equals the step of the hand-written loss
+    mean_i w[y_i] * CE_i (float64); without weights fit() is unchanged."""
+    torch.manual_seed(0)
+    X = torch.randn(12, 3, dtype=torch.float64)
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
+    w = torch.tensor([0.5, 2.0, 1.25], dtype=torch.float64)
+    model = MLP(3, 3, (5,)).double()
+    cfg = TrainConfig(epochs=1, batch_size=12, lr=0.1, optimizer="sgd", average_tail=0.0)
+    stepped = fit(copy.deepcopy(model), X, y, cfg, 0, "cpu", False, class_weight=w)
+    by_hand = copy.deepcopy(model)
+    loss = (torch.nn.functional.cross_entropy(by_hand(X), y, reduction="none") * w[y]).mean()
+    grads = torch.autograd.grad(loss, list(by_hand.parameters()))
+    with torch.no_grad():
+        for p, gr in zip(by_hand.parameters(), grads):
+            p.sub_(0.1 * gr)  # SGD's first step: the momentum buffer is the gradient
+    for a, b in zip(stepped.parameters(), by_hand.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    ones = fit(copy.deepcopy(model), X, y, cfg, 0, "cpu", False, class_weight=torch.ones(3))
+    plain = fit(copy.deepcopy(model), X, y, cfg, 0, "cpu", False)
+    for a, b in zip(ones.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="hard labels"):
+        fit(copy.deepcopy(model), X, torch.eye(3)[y].double(), cfg, 0, "cpu", False, class_weight=w)
+
+
+def test_keep_prior_keeps_the_class_a_one_sided_removal_would_shrink():
+    """Removing 30 of class 0's 40 examples: the plain fine-tune's bias shift moves the
+    boundary into class 0 (mean probability of class 0 on its own retained points falls);
+    with keep_prior the fine-tune weights the 10 left so that class 0 keeps its share."""
+    X, y, _, _, cfg, model = _planted(0)
+    causes = np.arange(0, 30)
+    probs = {}
+    for keep_prior in (False, True):
+        res = netmend.treat(
+            model, (X, y), causes, "finetune", train_config=cfg, seed=0, keep_prior=keep_prior,
+            **RUN,
+        )  # fmt: skip
+        with torch.no_grad():
+            probs[keep_prior] = torch.softmax(res(X[:40]), 1)[:, 0].mean().item()
+    assert probs[True] > probs[False]

@@ -82,6 +82,7 @@ def fit(
     desc: str = "train",
     callback: Callable[[int, nn.Module], None] | None = None,
     task: Task | None = None,
+    class_weight: torch.Tensor | None = None,
 ) -> nn.Module:
     """Train ``model`` in place with Adam on mean cross-entropy and return it.
 
@@ -107,8 +108,13 @@ def fit(
             checkpoints. It must not modify the model.
         task: how to call the model and read its logits (default: ``X``'s, else
             :class:`netmend.data.task.ClassificationTask`).
+        class_weight: ``[C]`` weights of each label's cross-entropy, or ``None`` (all 1). The
+            loss of a batch is then the mean of ``class_weight[y_i] * CE_i`` (hard labels only).
     """
     task = task_of(X, task)
+    if class_weight is not None and y.ndim != 1:
+        raise ValueError("class_weight needs hard labels [N], not soft targets [N, C]")
+    weight = None if class_weight is None else class_weight.to(device=device, dtype=torch.float32)
     device = torch.device(device)
     model.to(device).train()
     batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -143,7 +149,7 @@ def fit(
         opt.zero_grad(set_to_none=True)
         if size == 1:
             xb, yb = X[idx].to(device), y[idx].to(device)
-            F.cross_entropy(task.forward(model, xb), yb).backward()
+            _loss(task.forward(model, xb), yb, weight, "mean").backward()
         else:
             part = distributed.shard(idx.numel(), 1, rank, size)
             share = idx[part.start : part.stop]
@@ -151,7 +157,7 @@ def fit(
                 xb, yb = X[share].to(device), y[share].to(device)
                 # this share's part of the batch's mean loss: the all-reduced sum is its gradient
                 logits = task.forward(model, xb)
-                (F.cross_entropy(logits, yb, reduction="sum") / idx.numel()).backward()
+                (_loss(logits, yb, weight, "sum") / idx.numel()).backward()
             _all_reduce_grads(model)
         opt.step()
         if callback is not None:
@@ -166,6 +172,17 @@ def fit(
                 p.copy_(a)
     model.eval()
     return model
+
+
+def _loss(
+    logits: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None, reduction: str
+) -> torch.Tensor:
+    """The batch's cross-entropy (``reduction`` "mean" or "sum"), each example's times
+    ``weight[y_i]`` when class weights are given (without them, exactly ``F.cross_entropy``)."""
+    if weight is None:
+        return F.cross_entropy(logits, y, reduction=reduction)
+    loss = F.cross_entropy(logits, y, reduction="none") * weight.to(logits.dtype)[y]
+    return loss.mean() if reduction == "mean" else loss.sum()
 
 
 def _all_reduce_grads(model: nn.Module) -> None:

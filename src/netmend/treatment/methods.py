@@ -127,7 +127,7 @@ def finetune_recipe(
     )
 
 
-@register("finetune", options=FINETUNE_RECIPE_OPTIONS)
+@register("finetune", options=(*FINETUNE_RECIPE_OPTIONS, "keep_prior"))
 def finetune(ctx: TreatContext) -> nn.Module:
     """Fine-tune a copy of the model, from ``theta_hat``, on ``D \\ C``.
 
@@ -135,12 +135,58 @@ def finetune(ctx: TreatContext) -> nn.Module:
     training's steps))`` optimiser steps at the training learning rate, tail-averaged over
     the last half (the reasons and the measurements behind them are in its docstring).
     Options: ``steps`` or ``epochs``, ``min_steps``, ``lr``, ``batch_size``, ``optimizer``,
-    ``average_tail``.
+    ``average_tail``, ``freeze_batchnorm``, and ``keep_prior`` (default False: weight each
+    retained example's loss by :func:`prior_weights`, so that removing causes of one label
+    does not also lower that label's share of the fine-tune's data).
     """
     keep = ctx.keep
     cfg = finetune_recipe(ctx.train_config, len(ctx.X), int(keep.sum()), ctx.options)
+    weight = prior_weights(ctx.y, keep) if ctx.options.get("keep_prior", False) else None
     model = copy.deepcopy(ctx.model)
-    return fit(model, ctx.X[keep], ctx.y[keep], cfg, ctx.seed, ctx.device, ctx.progress, "finetune")
+    return fit(
+        model,
+        ctx.X[keep],
+        ctx.y[keep],
+        cfg,
+        ctx.seed,
+        ctx.device,
+        ctx.progress,
+        "finetune",
+        class_weight=weight,
+    )
+
+
+def prior_weights(y: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per-label loss weights ``[C]`` that give ``D \\ C`` the label shares of ``D``.
+
+    ``w_c = (n_c / N) / (n'_c / N')`` with ``n_c`` the examples labelled ``c`` in ``D`` and
+    ``n'_c`` in ``D \\ C``: the weights sum to ``N'`` over ``D \\ C`` (the loss keeps its
+    scale) and each label's total weight is its share of ``D``. Removing 1,000 causes
+    labelled "T-shirt" from 6,000 otherwise lowers that label's prior by a sixth, a logit
+    bias of ``log(5/6) = -0.18`` against the class on every input, on top of what the
+    removed examples themselves taught. Labels with no retained example get weight 0.
+
+    Args:
+        y: hard labels ``[N]`` of the training set.
+        keep: boolean mask ``[N]`` of ``D \\ C``.
+
+    Returns:
+        ``[C]`` float32 weights, ``C = max(y) + 1``.
+
+    Raises:
+        ValueError: ``y`` holds soft targets ``[N, C]``.
+    """
+    if y.ndim != 1:
+        raise ValueError("keep_prior needs hard labels [N], not soft targets [N, C]")
+    labels = y.long().cpu()
+    mask = keep.cpu().bool()
+    c = int(labels.max()) + 1 if labels.numel() else 0
+    n = torch.bincount(labels, minlength=c).double()
+    kept = torch.bincount(labels[mask], minlength=c).double()
+    share = n / max(1, labels.numel())
+    kept_share = kept / max(1, int(mask.sum()))
+    w = torch.where(kept > 0, share / kept_share.clamp_min(1e-300), torch.zeros_like(share))
+    return w.float()
 
 
 @register("retrain", options=("model_factory",))
