@@ -104,3 +104,54 @@ def test_repair_passes_the_gate_through(pair_noise) -> None:
     assert on.identification.info["label_gate"]["applied"]
     assert "label_gate" not in off.identification.info
     assert on.causes.size < off.causes.size
+
+
+class _Lookup(torch.nn.Module):
+    """A 'model' whose input is an example's index and whose logits put all mass on a fixed
+    predicted class per index: the gate's forward pass made explicit."""
+
+    def __init__(self, predicted: torch.Tensor, classes: int) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.eye(classes)[predicted] * 10.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x[:, 0].long()]
+
+
+def test_fill_gate_keeps_k_with_the_next_disagreeing_causes_by_score() -> None:
+    """Brute force: the filled set is the top-K of the examples with a positive score whose
+    label the model does not predict, K = the automatic causes' count."""
+    from netmend.identification.label_gate import fill_gate
+
+    rng = np.random.default_rng(0)
+    n, c = 300, 3
+    labels = torch.from_numpy(rng.integers(0, c, n))
+    predicted = labels.clone()
+    flip = rng.random(n) < 0.4
+    predicted[torch.from_numpy(flip)] = (labels[torch.from_numpy(flip)] + 1) % c
+    scores = rng.normal(size=n)
+    causes = np.argsort(-scores, kind="stable")[:40]
+    X = torch.arange(n, dtype=torch.float32)[:, None]
+    model = _Lookup(predicted, c)
+    kept, info = fill_gate(model, X, labels, scores, causes, share=0.3)
+    disagree = (predicted != labels).numpy()
+    assert info["applied"] and info["candidates"] == int(disagree[causes].sum())
+    ranked = [i for i in np.argsort(-scores, kind="stable") if scores[i] > 0 and disagree[i]]
+    assert kept.tolist() == ranked[:40]
+    assert info["filled"] == 40 - info["candidates"]
+    # the positive scores run out: fewer than K, never an example with r <= 0
+    top = np.argsort(-scores, kind="stable")[: int(0.7 * (scores > 0).sum())]
+    short, info2 = fill_gate(model, X, labels, scores, top, share=0.3)
+    assert len(ranked) < top.size and info2["scanned"] == (scores > 0).sum() - top.size
+    assert short.tolist() == ranked
+    # not applied (a believed cause set): the causes come back unchanged
+    agree = np.flatnonzero(~disagree)[:40]
+    same, info3 = fill_gate(model, X, labels, scores, agree, share=0.3)
+    assert same.tolist() == agree.tolist() and info3["filled"] == 0
+
+
+def test_identify_refuses_an_unknown_gate() -> None:
+    X = torch.randn(20, 2)
+    y = torch.arange(20) % 2
+    with pytest.raises(ValueError, match="gate must be"):
+        netmend.identify(MLP(2, 2, (4,)), (X, y), (X[:2], 1 - y[:2]), gate="yes", progress=False)

@@ -50,7 +50,7 @@ from netmend.identification.base import (
 )
 from netmend.identification.base import check_options as check_identify_options
 from netmend.identification.caching import cached_method
-from netmend.identification.label_gate import gate_causes
+from netmend.identification.label_gate import fill_gate, gate_causes
 from netmend.model.checks import (
     check_failures,
     check_finite_parameters,
@@ -275,7 +275,7 @@ def identify(
     cache_dir: str | os.PathLike[str] | None = None,
     overwrite_cache: bool = False,
     task: Task | None = None,
-    gate: bool | None = None,
+    gate: bool | str | None = None,
     **options: Any,
 ) -> Identification:
     """Score every training example for how much it caused the failures.
@@ -328,7 +328,10 @@ def identify(
             of, keep only those (the failures come from label errors; the others are hard,
             correctly labelled examples whose removal costs test accuracy). ``None``
             (default): on with the automatic K, off with an explicit ``k``; ``True`` with an
-            explicit ``k`` gates its top-k. Its record is ``info["label_gate"]``.
+            explicit ``k`` gates its top-k; ``"fill"`` keeps the count instead, replacing the
+            dropped causes by the next candidates down the ranking
+            (:func:`netmend.identification.label_gate.fill_gate`; measured on dev runs, not
+            the default). Its record is ``info["label_gate"]``.
         **options: method options (e.g. ``steps`` for "ewc", ``curvature`` for "linear").
 
     Returns:
@@ -345,6 +348,8 @@ def identify(
     """
     fn = identification.get(method)
     check_identify_options(method, options)
+    if not (gate is None or isinstance(gate, bool) or gate == "fill"):
+        raise ValueError(f"gate must be None, True, False or 'fill'; got {gate!r}")
     seed = check_seed(seed)
     dev = resolve_device(device)
     work, X, y, classes = _prepare(model, train, dev, task, chunk_size)
@@ -385,7 +390,11 @@ def identify(
     else:
         causes = identification.select(scores, k)
     auto = is_auto_k(k) and info["auto_k"]["rule"] != "positive"
-    if gate or (gate is None and auto):
+    if gate == "fill":
+        causes, info["label_gate"] = fill_gate(
+            work, X, y, scores, causes, dev, max_class_share=MAX_CLASS_SHARE if auto else None
+        )
+    elif gate or (gate is None and auto):
         causes, info["label_gate"] = gate_causes(work, X, y, causes, dev)
     _warn_emptied_classes(causes, y, info)
     if run is not None:
@@ -668,7 +677,7 @@ def repair(
     treat_options: dict[str, Any] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     task: Task | None = None,
-    gate: bool | None = None,
+    gate: bool | str | None = None,
     guard: bool | None = None,
 ) -> RepairResult:
     """Find the training examples behind ``failures`` and return a repaired copy of ``model``.

@@ -113,4 +113,65 @@ def gate_causes(
     return label_gate(causes, pred, given, share)
 
 
-__all__ = ["GATE_SHARE", "gate_causes", "label_gate"]
+def fill_gate(
+    model: nn.Module,
+    X: Data,
+    labels: torch.Tensor,
+    scores: np.ndarray,
+    causes: np.ndarray,
+    device: torch.device | str = "cpu",
+    share: float = GATE_SHARE,
+    max_class_share: float | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The gate that keeps K: when it applies, the dropped causes are replaced by the next
+    label-error candidates down the ranking (``scores > 0`` only), so that the automatic K
+    (how many examples the failures blame) is kept and only *which* examples changes.
+
+    Candidates are read in score order, in batches, until ``K`` are found or the positive
+    scores run out; the result is ordered by score (most harmful first) and, with
+    ``max_class_share``, cut to the longest prefix that holds at most that share of any class
+    (:func:`netmend.identification.base.class_capped`).
+
+    Not the default: on the dev runs it repaired fewer digits suites (4 of 10 against 5) and
+    on ``fashion-full/pair`` seed 0 its refilled causes were the ambiguous pair's, which the
+    class guard then halved twice (``benchmarks/gate_fill_dev/``, docs/methods.md).
+
+    Args:
+        model, X, labels, causes, device, share: as :func:`gate_causes`.
+        scores: ``[N]`` cause scores (positive = harmful) the causes were chosen from.
+        max_class_share: the automatic K's class cap, or ``None``.
+
+    Returns:
+        As :func:`gate_causes`, with ``info["filled"]`` (candidates added) and
+        ``info["scanned"]`` (examples read beyond the causes).
+    """
+    from netmend.identification.base import class_capped
+
+    kept, info = gate_causes(model, X, labels, causes, device, share)
+    info.update(filled=0, scanned=0)
+    want = int(np.asarray(causes).size) - int(kept.size)
+    if not info["applied"] or want <= 0:
+        return kept, info
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, kind="stable")
+    order = order[scores[order] > 0]
+    order = order[~np.isin(order, causes)]
+    found: list[np.ndarray] = []
+    got, pos, batch = 0, 0, max(1024, 2 * want)
+    while got < want and pos < order.size:
+        chunk = order[pos : pos + batch]
+        pos += chunk.size
+        idx = torch.from_numpy(chunk)
+        disagree = (predict(model, X[idx], device).cpu() != labels[idx].cpu()).numpy()
+        new = chunk[disagree][: want - got]
+        found.append(new)
+        got += new.size
+    info.update(filled=int(got), scanned=int(pos))
+    out = np.concatenate([kept, *found]) if found else kept
+    out = out[np.argsort(-scores[out], kind="stable")]
+    if max_class_share is not None:
+        out = class_capped(out, labels.cpu(), max_class_share)
+    return out, info
+
+
+__all__ = ["GATE_SHARE", "fill_gate", "gate_causes", "label_gate"]
