@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from netmend.evaluation.controls import mean_se
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 README = HERE / "README.md"
@@ -459,6 +461,30 @@ def peers_scale(files: list[dict[str, Any]]) -> str:
     return rows(head, body)
 
 
+def peers_scale_label_seeds(d: dict[str, Any]) -> str:
+    """LDS per query of each library over its label seeds (one sampled Fisher label per
+    training example each), mean ± s.e., and the difference of the means."""
+    seeds: dict[str, dict[int, float]] = {}
+    for lib, m in d["methods"].items():
+        seeds.setdefault(lib, {})[0] = m["lds_per_query"]
+    for group in ("netmend_controls", "kronfluence_controls"):
+        for name, v in d.get(group, {}).items():
+            lib, _, rest = name.partition(" seed ")
+            if rest.isdigit():  # "netmend seed 1"; not the exact Fisher or the old labels
+                seeds.setdefault(lib, {})[int(rest)] = v["lds_per_query"]
+    body, means = [], {}
+    for lib, by_seed in seeds.items():
+        vals = [by_seed[k] for k in sorted(by_seed)]
+        mean, se = mean_se(vals)
+        means[lib] = (mean, se, len(vals))
+        body.append([lib, ", ".join(map(str, sorted(by_seed))),
+                     " / ".join(f"{v:.3f}" for v in vals), f"{mean:.3f} ± {se:.3f}"])  # fmt: skip
+    (a, sa, _), (b, sb, _) = means["netmend"], means["kronfluence"]
+    diff = f"{a - b:+.3f} ± {math.hypot(sa, sb):.3f}"
+    body.append(["netmend − kronfluence", "", "", diff])
+    return rows(["library", "label seeds", "LDS per query, per seed", "mean ± s.e."], body)
+
+
 def peers_scale_ratios(files: list[dict[str, Any]]) -> str:
     """netmend over kronfluence, per problem size: cost ratios, LDS differences, targets."""
     body = []
@@ -785,6 +811,10 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "align_vs_delete": (tuple(f"benchmarks/{f}" for f in ALIGN_FILES), align_vs_delete),
     "peers_scale": (tuple(f"benchmarks/{f}" for f in PEERS_SCALE_FILES), peers_scale),
     "peers_scale_ratios": (tuple(f"benchmarks/{f}" for f in PEERS_SCALE_FILES), peers_scale_ratios),
+    "peers_scale_label_seeds": (
+        ("benchmarks/peers_scale_60k_paired.json",),
+        peers_scale_label_seeds,
+    ),
     "peers_scale_factors_match": (
         ("benchmarks/peers_scale_factors.json",),
         peers_scale_factors_match,

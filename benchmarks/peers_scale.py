@@ -293,6 +293,33 @@ def _stored_problem(out: str) -> tuple[dict[str, Any], dict[str, Any], int]:
     return result, rt, int(st["per_query"])
 
 
+def label_seed_summary(result: dict) -> dict:
+    """Each library's LDS per query over its label seeds (the main run is seed 0; the controls
+    "netmend seed s" / "kronfluence seed s"), mean ± s.e., and the difference of the means
+    with the s.e. of a difference of independent means: ``result["label_seeds"]``."""
+    from netmend.evaluation.controls import mean_se
+
+    seeds: dict[str, dict[str, float]] = {}
+    for lib, row in result["methods"].items():
+        seeds.setdefault(lib, {})["0"] = row["lds_per_query"]
+    for group in ("netmend_controls", "kronfluence_controls"):
+        for name, row in result.get(group, {}).items():
+            lib, _, seed = name.partition(" seed ")
+            if seed.isdigit():  # not the exact Fisher or the labels as they were
+                seeds.setdefault(lib, {})[seed] = row["lds_per_query"]
+    out: dict = {}
+    for lib, by_seed in seeds.items():
+        mean, se = mean_se([by_seed[k] for k in sorted(by_seed, key=int)])
+        out[lib] = {"seeds": dict(sorted(by_seed.items(), key=lambda kv: int(kv[0]))),
+                    "mean": mean, "se": se}  # fmt: skip
+    if "netmend" in out and "kronfluence" in out:
+        a, b = out["netmend"], out["kronfluence"]
+        out["netmend_minus_kronfluence"] = {
+            "mean": a["mean"] - b["mean"], "se": float(np.hypot(a["se"], b["se"]))
+        }  # fmt: skip
+    return out
+
+
 def add_kron_seeds(args: argparse.Namespace) -> None:
     """Run kronfluence with the label seeds ``--kron-seeds`` on the problem of ``--out`` and
     add their LDS to it (``kronfluence_controls``), with the paired difference of netmend's
@@ -317,6 +344,7 @@ def add_kron_seeds(args: argparse.Namespace) -> None:
             ours - lds_per_query(rt["masks"], rt["loss"], pf, m)
         )
         result.setdefault("kronfluence_controls", {})[f"kronfluence seed {seed}"] = row
+        result["label_seeds"] = label_seed_summary(result)
         print(name, json.dumps(row), flush=True)
         write_json_atomic(args.out, result)
 
@@ -614,6 +642,7 @@ def add_variants(args: argparse.Namespace) -> None:
         result.setdefault("netmend_controls", {})[name] = row
         print(name, json.dumps(row), flush=True)
     result["worker_versions"] = versions()
+    result["label_seeds"] = label_seed_summary(result)
     write_json_atomic(args.out, result)
 
 
@@ -641,6 +670,9 @@ def main() -> None:
         help="add kronfluence with these label seeds (a control) to --out, reusing its retrains",
     )
     ap.add_argument("--record-versions", action="store_true", help="add them to --out")
+    ap.add_argument(
+        "--label-seeds", action="store_true", help="(re)write --out's LDS summary over label seeds"
+    )
     ap.add_argument("--skip-workers", action="store_true", help="reuse the last workers' output")
     args = ap.parse_args()
     if args.worker:
@@ -657,6 +689,13 @@ def main() -> None:
         return
     if args.variants_only:
         add_variants(args)
+        return
+    if args.label_seeds:  # for a JSON written before the summary was
+        from netmend.store import write_json_atomic
+
+        result = json.loads(Path(args.out).read_text())
+        result["label_seeds"] = label_seed_summary(result)
+        write_json_atomic(args.out, result)
         return
     if args.record_versions:  # for a JSON written before the versions were recorded
         from netmend.store import write_json_atomic
