@@ -26,8 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from netmend.evaluation.controls import mean_se
-
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 README = HERE / "README.md"
@@ -463,25 +461,14 @@ def peers_scale(files: list[dict[str, Any]]) -> str:
 
 def peers_scale_label_seeds(d: dict[str, Any]) -> str:
     """LDS per query of each library over its label seeds (one sampled Fisher label per
-    training example each), mean ± s.e., and the difference of the means."""
-    seeds: dict[str, dict[int, float]] = {}
-    for lib, m in d["methods"].items():
-        seeds.setdefault(lib, {})[0] = m["lds_per_query"]
-    for group in ("netmend_controls", "kronfluence_controls"):
-        for name, v in d.get(group, {}).items():
-            lib, _, rest = name.partition(" seed ")
-            if rest.isdigit():  # "netmend seed 1"; not the exact Fisher or the old labels
-                seeds.setdefault(lib, {})[int(rest)] = v["lds_per_query"]
-    body, means = [], {}
-    for lib, by_seed in seeds.items():
-        vals = [by_seed[k] for k in sorted(by_seed)]
-        mean, se = mean_se(vals)
-        means[lib] = (mean, se, len(vals))
-        body.append([lib, ", ".join(map(str, sorted(by_seed))),
-                     " / ".join(f"{v:.3f}" for v in vals), f"{mean:.3f} ± {se:.3f}"])  # fmt: skip
-    (a, sa, _), (b, sb, _) = means["netmend"], means["kronfluence"]
-    diff = f"{a - b:+.3f} ± {math.hypot(sa, sb):.3f}"
-    body.append(["netmend − kronfluence", "", "", diff])
+    training example each), mean ± s.e., and the difference of the means: the summary
+    ``peers_scale.py`` writes (``label_seeds``)."""
+    body = []
+    for name, v in d["label_seeds"].items():
+        seeds = v.get("seeds", {})
+        body.append([name.replace("_minus_", " − "), ", ".join(seeds),
+                     " / ".join(f"{x:.3f}" for x in seeds.values()),
+                     f"{v['mean']:.3f} ± {v['se']:.3f}"])  # fmt: skip
     return rows(["library", "label seeds", "LDS per query, per seed", "mean ± s.e."], body)
 
 

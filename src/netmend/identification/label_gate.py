@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from netmend.identification.base import class_capped
 from netmend.model.functional import Data
 from netmend.model.training import predict
 
@@ -145,8 +146,6 @@ def fill_gate(
         As :func:`gate_causes`, with ``info["filled"]`` (candidates added) and
         ``info["scanned"]`` (examples read beyond the causes).
     """
-    from netmend.identification.base import class_capped
-
     kept, info = gate_causes(model, X, labels, causes, device, share)
     info.update(filled=0, scanned=0)
     want = int(np.asarray(causes).size) - int(kept.size)
