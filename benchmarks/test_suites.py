@@ -43,7 +43,8 @@ Per suite, over seeds (mean ± standard error), the figures of issue 11:
   two standard errors;
 * against **cleanlab**'s remove-and-fine-tune (3-fold out-of-fold probabilities,
   ``find_label_issues``, the same fine-tune): paired differences on held-out failures and
-  test accuracy;
+  test accuracy, judged on their means (the issue's figure) and at 2 standard errors
+  ("better", "tie", "worse": with three seeds a mean alone can call a draw a win);
 * the **correct set**: accuracy lost on the test examples the original got right (target
   ≤ 0.3 points), and finetune-only minus original on test accuracy (convergence: within 0.3);
 * the automatic K per seed and its coefficient of variation (target ≤ 0.3);
@@ -311,6 +312,15 @@ def _ms(values: list[float]) -> dict[str, float | None]:
     return {"mean": m, "se": None if math.isnan(se) else se}
 
 
+def paired_verdict(diff: dict[str, float | None]) -> str | None:
+    """A paired difference's verdict: "better" / "worse" when its mean is more than 2
+    standard errors above / below zero, "tie" within; ``None`` with one seed (no s.e.)."""
+    m, se = diff["mean"], diff["se"]
+    if se is None or m is None:
+        return None
+    return "better" if m > 2 * se else "worse" if m < -2 * se else "tie"
+
+
 def summarise(suite: str, seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Issue 11's figures for one suite over its seeds (fractions, not points), per pipeline."""
     order = sorted(seeds)
@@ -363,6 +373,7 @@ def summarise(suite: str, seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
             h, t = _ms(dh), _ms(dt)
             row["minus_cleanlab_heldout"], row["minus_cleanlab_test"] = h, t
             row["beats_cleanlab"] = bool(h["mean"] > 0 and t["mean"] > 0)
+            row["versus_cleanlab"] = {"heldout": paired_verdict(h), "test": paired_verdict(t)}
         out["pipelines"][name] = row
     out["original_test"] = _ms([seeds[s]["original_test"] for s in order])
     first = next(n for n in PIPELINES if n in out["pipelines"])
@@ -414,6 +425,19 @@ def headline(suites: list[dict[str, Any]], name: str) -> dict[str, Any]:
         "reaches_half_the_oracle_gain": sum(bool(r["meets_half_the_oracle_gain"]) for r in sig),
         "suites_with_cleanlab": len(clean),
         "beats_cleanlab_on_both": sum(r["beats_cleanlab"] for r in clean),
+        "versus_cleanlab_2se": {
+            f"{verdict}_{what}": sum(r["versus_cleanlab"][what] == verdict for r in clean)
+            for what in ("heldout", "test")
+            for verdict in ("better", "worse")
+        }
+        | {
+            "worse_on_neither": sum("worse" not in r["versus_cleanlab"].values() for r in clean),
+            "better_on_one_worse_on_neither": sum(
+                "better" in r["versus_cleanlab"].values()
+                and "worse" not in r["versus_cleanlab"].values()
+                for r in clean
+            ),
+        },
         "correct_set_loss_within_target": sum(
             r["correct_set_loss"]["mean"] <= CORRECT_SET_TARGET for r in rows
         ),
@@ -439,6 +463,7 @@ def _p(v: dict[str, Any] | float | None, signed: bool = False, digits: int = 1) 
 
 
 def _headline_lines(h: dict[str, Any]) -> list[str]:
+    v = h["versus_cleanlab_2se"]
     return [
         f"* repairs by the Pareto criterion: **{h['repairs']} of {h['suites']}** test suites "
         "(target: ≥ 80%);",
@@ -446,7 +471,12 @@ def _headline_lines(h: dict[str, Any]) -> list[str]:
         f"2 s.e.: **{h['reaches_half_the_oracle_gain']} of "
         f"{h['suites_with_significant_oracle_gain']}**;",
         f"* beats cleanlab's remove-and-fine-tune on both held-out failures and test accuracy: "
-        f"**{h['beats_cleanlab_on_both']} of {h['suites_with_cleanlab']}** (target: ≥ 80%);",
+        f"**{h['beats_cleanlab_on_both']} of {h['suites_with_cleanlab']}** (target: ≥ 80%); "
+        f"read at 2 s.e. of the paired differences over seeds instead of on their means: "
+        f"better on one criterion and worse on neither on "
+        f"{v['better_on_one_worse_on_neither']}, worse on neither on {v['worse_on_neither']} "
+        f"(held-out failures better on {v['better_heldout']}, worse on {v['worse_heldout']}; "
+        f"test accuracy better on {v['better_test']}, worse on {v['worse_test']});",
         f"* loses ≤ 0.3 points on the test examples the original got right: "
         f"{h['correct_set_loss_within_target']} of {h['suites']}; automatic K's CV over seeds "
         f"≤ 0.3: {h['k_cv_within_0.3']} of {h['suites_with_k_cv']}; finetune-only within 0.3 "

@@ -142,3 +142,32 @@ def test_a_replay_carries_the_old_cell_over_only_when_it_gives_the_same_model(
     moved = {**replay["results"][0], "cells": [original, _bench_cell(10, 0.8, 0.4, agree=True)]}
     fresh = {"fashion-full/pair": {1: {"pipelines": {mod.GATED: dict(rec)}, "original_test": 0.95}}}
     assert not mod.apply_replays(fresh, {"results": [moved]})[0]["same"]  # same K, other model
+
+
+def test_the_comparison_with_cleanlab_is_also_read_at_two_standard_errors(bench_script) -> None:
+    mod = bench_script("test_suites")
+
+    def seeds(dh: list[float], dt: list[float]) -> dict:
+        out = {}
+        for s, (h, t) in enumerate(zip(dh, dt, strict=True)):
+            out[s] = {
+                "pipelines": {mod.DEFAULT: _record(0.4, 0.2, 0.9, 0.89, 0.0)},
+                "original_test": 0.892,
+                "cleanlab": {"heldout": 0.4 - h, "test": 0.9 - t, "k": 10, "precision": 1.0},
+            }
+        return out
+
+    # a small win on both means, inside the seeds' noise: "beats" on means, a draw at 2 s.e.
+    row = mod.summarise("x/y", seeds([0.05, -0.04, 0.02], [0.001, -0.001, 0.0015]))
+    r = row["pipelines"][mod.DEFAULT]
+    assert r["beats_cleanlab"] and r["versus_cleanlab"] == {"heldout": "tie", "test": "tie"}
+    # a clear held-out win bought with a clear, small test loss
+    r = mod.summarise("x/y", seeds([0.07, 0.08, 0.06], [-0.001, -0.0012, -0.0009]))["pipelines"][
+        mod.DEFAULT
+    ]
+    assert not r["beats_cleanlab"]
+    assert r["versus_cleanlab"] == {"heldout": "better", "test": "worse"}
+    h = mod.headline([mod.summarise("x/y", seeds([0.07, 0.08, 0.06], [0.0, 0.001, -0.001]))],
+                     mod.DEFAULT)["versus_cleanlab_2se"]  # fmt: skip
+    assert h["better_on_one_worse_on_neither"] == 1 and h["worse_on_neither"] == 1
+    assert mod.paired_verdict({"mean": 0.5, "se": None}) is None  # one seed: no verdict
