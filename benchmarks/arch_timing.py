@@ -2,13 +2,14 @@
 training epochs.
 
 Usage: .venv/bin/python benchmarks/arch_timing.py [--n 2000] [--data mnist|fashion]
-       [--threads 1] [--skip-before] [--out benchmarks/arch_timing.json]
+       [--threads 1] [--skip-before] [--only PASS ...] [--out benchmarks/arch_timing.json]
 
 ResNet-18 layout (``netmend.lab.models.ResNet18``, width 16, BatchNorm after every conv, eval
 mode when scored) on the first ``n`` MNIST (or Fashion-MNIST, ``--data fashion``) training
 images (28x28), 20 test failures. ``--skip-before`` leaves out the two copies of the old code
-paths (the "before" rows), which at 60k would take as long as the rest. In one process, in
-this order:
+paths (the "before" rows), which at 60k would take as long as the rest; ``--only`` times
+just the passes named (e.g. ``fisher_hooks grad_products``: an idle rerun of one figure
+without the hour the rest takes at 60k). In one process, in this order:
 
 * one training epoch (batch 128, Adam, the model's ``fit``);
 * what bounds a per-example pass (issue 13): one forward and backward of the eval-mode model
@@ -135,6 +136,12 @@ def main() -> None:
         "--skip-before", action="store_true", help="leave out the old code paths' timings"
     )
     ap.add_argument(
+        "--only",
+        nargs="+",
+        metavar="PASS",
+        help="time only these passes (besides the epochs), e.g. fisher_hooks grad_products",
+    )
+    ap.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -220,6 +227,12 @@ def main() -> None:
     }
     if args.skip_before:
         del items["fisher_hooks_before"], items["grad_products_before"]
+    if args.only:
+        unknown = sorted(set(args.only) - set(items))
+        if unknown:
+            raise SystemExit(f"--only: unknown passes {unknown}; choose from {sorted(items)}")
+        items = {k: v for k, v in items.items() if k in args.only}
+        out["only"] = list(items)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for r in range(args.rounds):
@@ -245,7 +258,7 @@ def main() -> None:
     epochs.append(one_epoch(ResNet18(width=args.width)))
     print("epoch", epochs[-1], "s (wall, cpu)", flush=True)
 
-    if not args.skip_before:
+    if "fisher_hooks_before" in results and "grad_products_before" in results:
         hooks, before = results["fisher_hooks"], results["fisher_hooks_before"]
         assert isinstance(hooks, torch.Tensor) and isinstance(before, torch.Tensor)
         out["fisher_max_rel_diff_now_vs_before"] = float(
@@ -273,15 +286,15 @@ def main() -> None:
         out[f"{name}_cpu_s"] = min(cpu[name])
         out[f"{name}_over_epoch"] = min(cpu[name]) / epoch_cpu  # CPU seconds over CPU seconds
         out[f"{name}_wall_over_epoch"] = min(ts) / epoch
-    rep = results["repair_default"]
-    assert isinstance(rep, netmend.RepairResult)
-    out["repair_default_parts_s"] = dict(rep.seconds)  # wall, of the last round
-    share = out["repair_default_cpu_s"] / out["repair_default_s"]  # wall -> CPU, same calls
-    out["repair_default_parts_over_epoch"] = {
-        k: v * share / epoch_cpu for k, v in rep.seconds.items()
-    }
-    out["repair_default_k"] = int(rep.causes.size)
-    out["repair_default_guard"] = rep.treatment_info.get("guard")
+    rep = results.get("repair_default")
+    if isinstance(rep, netmend.RepairResult):
+        out["repair_default_parts_s"] = dict(rep.seconds)  # wall, of the last round
+        share = out["repair_default_cpu_s"] / out["repair_default_s"]  # wall -> CPU, same calls
+        out["repair_default_parts_over_epoch"] = {
+            k: v * share / epoch_cpu for k, v in rep.seconds.items()
+        }
+        out["repair_default_k"] = int(rep.causes.size)
+        out["repair_default_guard"] = rep.treatment_info.get("guard")
     out["targets"] = {
         "fisher_over_epoch": 1.5,
         "scoring_pass_over_epoch": 2.0,

@@ -203,8 +203,8 @@ def arch_timing(d: dict[str, Any]) -> str:
             f"{d[key + '_over_epoch']:.2f}",
         ]
 
-    parts = d["repair_default_parts_s"]
-    over = d["repair_default_parts_over_epoch"]
+    parts = d.get("repair_default_parts_s")  # absent from a run of some passes (--only)
+    over = d.get("repair_default_parts_over_epoch")
     guard = d.get("repair_default_guard") or {}
     trials = len(guard.get("tries") or []) + (guard.get("churn") is not None)
     treat = "… of which the fine-tune"
@@ -235,8 +235,19 @@ def arch_timing(d: dict[str, Any]) -> str:
         row("`identify(..., 'ewc', k=50)`", "identify_ewc"),
         row("`identify(..., 'grad_dot', k=50)`", "identify_grad_dot"),
         row("`repair(...)`, every default (EWC, automatic K, fine-tune)", "repair_default"),
-        ["… of which identification", "", f"{parts['identify']:.1f}", f"{over['identify']:.2f}"],
-        [treat, "", f"{parts['treat']:.1f}", f"{over['treat']:.2f}"],
+        *(
+            [
+                [
+                    "… of which identification",
+                    "",
+                    f"{parts['identify']:.1f}",
+                    f"{over['identify']:.2f}",
+                ],
+                [treat, "", f"{parts['treat']:.1f}", f"{over['treat']:.2f}"],
+            ]
+            if parts and over
+            else []
+        ),  # fmt: skip
         [
             "largest relative difference, hooks vs vmap",
             "",
@@ -785,6 +796,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "fisher_timing": (("benchmarks/fisher_timing.json",), fisher_timing),
     "arch_timing": (("benchmarks/arch_timing.json",), arch_timing),
     "arch_timing_60k": (("benchmarks/arch_timing_fashion60k.json",), arch_timing),
+    "arch_timing_60k_rerun": (("benchmarks/arch_timing_fashion60k_rerun.json",), arch_timing),
+    "arch_timing_60k_fisher": (("benchmarks/arch_timing_fashion60k_fisher.json",), arch_timing),
     "validate_setup": (("benchmarks/validate.json",), validate_setup),
     "validate_logreg": (("benchmarks/validate.json",), validate_logreg),
     "validate_mlp": (("benchmarks/validate.json",), validate_mlp),

@@ -38,8 +38,10 @@ from torch import nn
 from torch.func import grad, jacrev, jvp, vjp, vmap
 
 from netmend.curvature.hooks import (
+    GROUPED_BLOCK_ELEMENTS,
     HookFallback,
     batch_blocks,
+    conv_grads_grouped,
     conv_weight_grads,
     hook_pass,
     layer_slices,
@@ -106,8 +108,10 @@ def _grad_blocks(
     overwrite it, and must be done with it before asking for the next block, whose buffer it
     may be) and bias gradients ``gb`` ``[n, out]`` (may be a view of ``d``: read only).
     Linear and Conv2d layers come in blocks of at most about
-    :data:`netmend.curvature.hooks.BLOCK_ELEMENTS` numbers (cache-sized: the caller reduces
-    each block before the next is formed); norm layers' gradients are ``[B, C]`` and come in
+    :data:`netmend.curvature.hooks.BLOCK_ELEMENTS` numbers
+    (:data:`netmend.curvature.hooks.GROUPED_BLOCK_ELEMENTS` for a convolution whose gradients
+    come the "grouped" way; cache-sized: the caller reduces each block before the next is
+    formed); norm layers' gradients are ``[B, C]`` and come in
     one block.
     """
     B = a.shape[0]
@@ -129,11 +133,14 @@ def _grad_blocks(
             yield slice(0, B), gw.mul_(r), d
         return
     if isinstance(m, nn.Conv2d):  # a [B, in, H, W], d [B, out, L]
-        blocks = batch_blocks(B, m.weight.numel())
-        buf = d.new_empty(blocks[0].stop, d.shape[1], m.weight[0].numel())
+        grouped = conv_grads_grouped(m, a, d.shape[2])
+        blocks = batch_blocks(B, m.weight.numel(), GROUPED_BLOCK_ELEMENTS if grouped else None)
+        # the "unfold" way writes into one reused buffer; the grouped kernel allocates its own
+        buf = None if grouped else d.new_empty(blocks[0].stop, d.shape[1], m.weight[0].numel())
         for rows in blocks:
             dr = d[rows]
-            gw = conv_weight_grads(m, a[rows], dr, out=buf[: dr.shape[0]])
+            out = None if buf is None else buf[: dr.shape[0]]
+            gw = conv_weight_grads(m, a[rows], dr, "grouped" if grouped else "unfold", out)
             yield rows, gw, dr.sum(2)
         return
     per = d.shape[-1] * a.shape[-1]

@@ -243,6 +243,22 @@ numbers (8 MiB in float32) at once, so that a block stays in cache while it is s
 multiplied: on the ResNet-18 layout's 128x128 convolutions a 128-example block (75 MB) is
 squared 3-5 times slower than sixteen 8-example ones."""
 
+GROUPED_BLOCK_ELEMENTS = 2**19
+"""The same bound for the "grouped" way of :func:`conv_weight_grads` (2 MiB in float32):
+its backward-weight convolution with the examples as groups slows down sharply past a few
+MiB of output on CPU (the ResNet-18 layout's 64x64 convolutions on 7x7 maps: 60-64 us per
+example in blocks of 8-28 examples, 96-164 us in blocks of 32-128, one thread), while the
+"unfold" way's batched matmul prefers the larger :data:`BLOCK_ELEMENTS` (its 128x128
+convolutions on 4x4 maps: 125 us per example at 2^21 numbers, 147 at 2^19). Over that
+layout's whole diagonal Fisher (2,048 Fashion-MNIST images) the split is 6-9% faster than
+2^21 for both."""
+
+
+def conv_grads_grouped(m: nn.Conv2d, x: torch.Tensor, positions: int) -> bool:
+    """Whether :func:`conv_weight_grads`'s "auto" takes the "grouped" way for input ``x``
+    with ``positions`` output positions per example (see there)."""
+    return positions >= GROUPED_MIN_POSITIONS and (x.dtype != torch.float64 or x.is_cuda)
+
 
 def batch_blocks(batch: int, per_example: int, budget: int | None = None) -> list[slice]:
     """Consecutive sub-batches of ``range(batch)`` holding at most ``budget`` (default
@@ -281,8 +297,7 @@ def conv_weight_grads(
     """
     B, n_out, L = d.shape
     if method == "auto":
-        grouped = L >= GROUPED_MIN_POSITIONS and (x.dtype != torch.float64 or x.is_cuda)
-        method = "grouped" if grouped else "unfold"
+        method = "grouped" if conv_grads_grouped(m, x, L) else "unfold"
     if method == "unfold":
         return torch.bmm(d, unfold_input(m, x).transpose(1, 2), out=out)
     if method != "grouped":
