@@ -155,3 +155,68 @@ def test_identify_refuses_an_unknown_gate() -> None:
     y = torch.arange(20) % 2
     with pytest.raises(ValueError, match="gate must be"):
         netmend.identify(MLP(2, 2, (4,)), (X, y), (X[:2], 1 - y[:2]), gate="yes", progress=False)
+
+
+def test_balance_gate_adds_the_reverse_errors_of_each_direction_by_score() -> None:
+    """Brute force: for each direction g -> p of the kept causes (c of them), the c
+    highest-scoring non-causes labelled p that the model calls g are added; nothing else."""
+    from netmend.identification.label_gate import balance_gate
+
+    rng = np.random.default_rng(1)
+    n, c = 400, 4
+    labels = torch.from_numpy(rng.integers(0, c, n))
+    predicted = labels.clone()
+    flip = torch.from_numpy(rng.random(n) < 0.3)
+    predicted[flip] = (labels[flip] + torch.from_numpy(rng.integers(1, c, n))[flip]) % c
+    scores = rng.normal(size=n)
+    causes = np.argsort(-scores, kind="stable")[:60]
+    X = torch.arange(n, dtype=torch.float32)[:, None]
+    model = _Lookup(predicted, c)
+    out, info = balance_gate(model, X, labels, scores, causes, share=0.3, min_direction_share=0)
+    y, p = labels.numpy(), predicted.numpy()
+    kept = [i for i in causes if p[i] != y[i]]
+    partners = {}
+    for g in range(c):
+        for q in range(c):
+            rev = [i for i in range(n) if y[i] == q and p[i] == g and i not in set(causes)]
+            partners[(g, q)] = sorted(rev, key=lambda i: -scores[i])
+    expect = []
+    for i in kept:  # each kept cause, then the next unused partner of its reverse direction
+        expect.append(i)
+        if partners[(y[i], p[i])]:
+            expect.append(partners[(y[i], p[i])].pop(0))
+    assert info["applied"] and out.tolist() == expect
+    # every prefix of whole pairs is balanced: as many g -> q as q -> g of each pair
+    paired = next(m for m in range(len(expect) // 2 + 1)
+                  if m == len(expect) // 2 or expect[2 * m + 1] in kept)  # fmt: skip
+    assert paired >= 10  # the check below reads at least ten prefixes
+    for j in range(2, 2 * paired + 1, 2):
+        pre = expect[:j]
+        for g in range(c):
+            for q in range(g + 1, c):
+                fwd = sum(1 for i in pre if y[i] == g and p[i] == q)
+                back = sum(1 for i in pre if y[i] == q and p[i] == g)
+                assert fwd == back
+    assert info["balanced"] == len(expect) - len(kept) > 0
+    # each side of every pair loses as many label errors as it can: counts per direction
+    for g, q, k, added in info["directions"]:
+        assert k == sum(1 for i in kept if y[i] == g and p[i] == q) and added <= k
+    # not applied (a believed cause set): unchanged, nothing added
+    agree = np.flatnonzero(p == y)[:40]
+    same, info2 = balance_gate(model, X, labels, scores, agree, share=0.3)
+    assert same.tolist() == agree.tolist() and info2["balanced"] == 0
+    # only directions taking >= min_direction_share of their class are balanced: at 4% of
+    # ~100 examples per class, the directions with 4 or more kept causes
+    size = np.bincount(y)
+    some, info3 = balance_gate(
+        model, X, labels, scores, causes, share=0.3, min_direction_share=0.04
+    )
+    big = {(g, q) for g, q, k, _ in info["directions"] if k >= 0.04 * size[g]}
+    assert 0 < len(big) < len(info["directions"])
+    assert [d[3] > 0 for d in info3["directions"]] == [
+        (g, q) in big and added > 0 for g, q, _, added in info["directions"]
+    ]
+    assert set(some) == set(kept) | {i for i in out if i not in kept and (p[i], y[i]) in big}
+    # with no direction that large, the causes are the plain gate's
+    none, info4 = balance_gate(model, X, labels, scores, causes, share=0.3, min_direction_share=1)
+    assert none.tolist() == kept and info4["balanced"] == 0

@@ -50,7 +50,7 @@ from netmend.identification.base import (
 )
 from netmend.identification.base import check_options as check_identify_options
 from netmend.identification.caching import cached_method
-from netmend.identification.label_gate import fill_gate, gate_causes
+from netmend.identification.label_gate import balance_gate, fill_gate, gate_causes
 from netmend.model.checks import (
     check_failures,
     check_finite_parameters,
@@ -331,7 +331,10 @@ def identify(
             explicit ``k`` gates its top-k; ``"fill"`` keeps the count instead, replacing the
             dropped causes by the next candidates down the ranking
             (:func:`netmend.identification.label_gate.fill_gate`; measured on dev runs, not
-            the default). Its record is ``info["label_gate"]``.
+            the default); ``"balance"`` also removes as many label errors of the reverse
+            direction of each confused pair of classes
+            (:func:`netmend.identification.label_gate.balance_gate`; not the default).
+            Its record is ``info["label_gate"]``.
         **options: method options (e.g. ``steps`` for "ewc", ``curvature`` for "linear").
 
     Returns:
@@ -348,8 +351,8 @@ def identify(
     """
     fn = identification.get(method)
     check_identify_options(method, options)
-    if not (gate is None or isinstance(gate, bool) or gate == "fill"):
-        raise ValueError(f"gate must be None, True, False or 'fill'; got {gate!r}")
+    if not (gate is None or isinstance(gate, bool) or gate in ("fill", "balance")):
+        raise ValueError(f"gate must be None, True, False, 'fill' or 'balance'; got {gate!r}")
     seed = check_seed(seed)
     dev = resolve_device(device)
     work, X, y, classes = _prepare(model, train, dev, task, chunk_size)
@@ -392,6 +395,10 @@ def identify(
     auto = is_auto_k(k) and info["auto_k"]["rule"] != "positive"
     if gate == "fill":
         causes, info["label_gate"] = fill_gate(
+            work, X, y, scores, causes, dev, max_class_share=MAX_CLASS_SHARE if auto else None
+        )
+    elif gate == "balance":
+        causes, info["label_gate"] = balance_gate(
             work, X, y, scores, causes, dev, max_class_share=MAX_CLASS_SHARE if auto else None
         )
     elif gate or (gate is None and auto):

@@ -42,6 +42,12 @@ GATE_SHARE = 0.3
 """The gate keeps only the label-error candidates when at least this share of the automatic
 causes are candidates (the model does not predict their given label); chosen on dev runs."""
 
+BALANCE_MIN_SHARE = 0.05
+""":func:`balance_gate` balances a direction ``g -> p`` of the kept causes only when it takes
+at least this share of the examples labelled ``g``: a removal that shifts the class's share
+of the training set by 5% or more (smaller ones are symmetric noise's scattered errors,
+which removing alone does not unbalance)."""
+
 
 def label_gate(
     causes: np.ndarray,
@@ -173,4 +179,101 @@ def fill_gate(
     return out, info
 
 
-__all__ = ["GATE_SHARE", "fill_gate", "gate_causes", "label_gate"]
+def balance_gate(
+    model: nn.Module,
+    X: Data,
+    labels: torch.Tensor,
+    scores: np.ndarray,
+    causes: np.ndarray,
+    device: torch.device | str = "cpu",
+    share: float = GATE_SHARE,
+    max_class_share: float | None = None,
+    min_direction_share: float | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The gate that cleans both sides of a confused pair of classes.
+
+    Failure-conditioned label errors are one-sided: the failures (say shirts taken for
+    T-shirts) blame examples labelled "T-shirt" that the model calls "shirt", never the
+    reverse errors. Removing only those moves the boundary between the two classes as a
+    whole, and the class on the other side loses accuracy (the class guard then halves K).
+    When the gate applies (as :func:`gate_causes`), this adds, for every direction ``g -> p``
+    (given label ``g``, predicted ``p``) that ``c`` kept causes take, with ``c`` at least
+    ``min_direction_share`` of the examples labelled ``g``, the ``c`` highest-scoring
+    examples of the reverse direction ``p -> g`` (given ``p``, predicted ``g``; any score),
+    so that the removal takes as many label errors out of each side of the pair and leaves
+    the two classes' balance as it was, as label cleaning does.
+
+    It reads the model's predictions on every training example whose label is the predicted
+    class of some kept cause (one forward pass over those classes). The result keeps the
+    kept causes in their order, each followed by its partner of the reverse direction (the
+    next highest-scoring one not yet taken, while there are any), so that every prefix is
+    balanced too (the class guard halves K by prefixes); with ``max_class_share`` it is cut to
+    the longest prefix holding at most that share of any class
+    (:func:`netmend.identification.base.class_capped`).
+
+    Not the default: on the dev runs (``benchmarks/balance_gate_dev/``, docs/methods.md) it
+    repaired as many digits suites (5 of 10) and doubled the held-out gain over random-K on
+    ``fashion-full/pair`` seeds 0 and 3, but it cost test accuracy there (0.2 and 1.0 points
+    against random-K), so neither seed passed the Pareto criterion's floor.
+
+    Args:
+        model, X, labels, causes, device, share: as :func:`gate_causes`.
+        scores: ``[N]`` cause scores (positive = harmful) the causes were chosen from.
+        max_class_share: the automatic K's class cap, or ``None``.
+        min_direction_share: see :data:`BALANCE_MIN_SHARE` (the default, read at call time).
+
+    Returns:
+        As :func:`gate_causes`, with ``info["balanced"]``: the reverse-direction examples
+        added (0: the causes are those of :func:`gate_causes`), and ``info["directions"]``:
+        ``[given, predicted, kept, added]`` per direction of the kept causes.
+    """
+    causes = np.asarray(causes, dtype=np.int64)
+    idx = torch.from_numpy(causes)
+    given = labels[idx].cpu()
+    pred = predict(model, X[idx], device).cpu() if idx.numel() else given
+    kept, info = label_gate(causes, pred, given, share)
+    info.update(balanced=0, directions=[])
+    if not info["applied"] or kept.size == 0:
+        return kept, info
+    y = labels.cpu().numpy().astype(np.int64)
+    g_kept = y[kept]
+    p_kept = pred.numpy()[np.isin(causes, kept)]
+    pairs, counts = np.unique(np.stack([g_kept, p_kept], 1), axis=0, return_counts=True)
+    if min_direction_share is None:
+        min_direction_share = BALANCE_MIN_SHARE
+    size = np.bincount(y, minlength=int(max(y.max(), pred.max())) + 1)
+    big = counts >= min_direction_share * size[pairs[:, 0]]
+    if not big.any():
+        return kept, info
+    targets = np.unique(pairs[big, 1])
+    pool = np.flatnonzero(np.isin(y, targets) & ~np.isin(np.arange(y.size), causes))
+    pool_pred = np.empty(0, np.int64)
+    if pool.size:
+        pool_pred = predict(model, X[torch.from_numpy(pool)], device).cpu().numpy()
+    scores = np.asarray(scores, dtype=np.float64)
+    reverse: dict[tuple[int, int], list[int]] = {}
+    for (g, p), c, b in zip(pairs.tolist(), counts.tolist(), big.tolist(), strict=True):
+        rev = pool[(y[pool] == p) & (pool_pred == g)] if b else pool[:0]
+        reverse[(g, p)] = rev[np.argsort(-scores[rev], kind="stable")][:c].tolist()
+        info["directions"].append([int(g), int(p), int(c), len(reverse[(g, p)])])
+    out_list: list[int] = []
+    for i, (g, p) in zip(kept.tolist(), zip(g_kept.tolist(), p_kept.tolist(), strict=True),
+                         strict=True):  # fmt: skip
+        out_list.append(i)
+        if reverse[(g, p)]:  # its partner of the reverse direction follows it
+            out_list.append(reverse[(g, p)].pop(0))
+    out = np.asarray(out_list, dtype=np.int64)
+    info["balanced"] = int(out.size - kept.size)
+    if max_class_share is not None:
+        out = class_capped(out, labels.cpu(), max_class_share)
+    return out, info
+
+
+__all__ = [
+    "BALANCE_MIN_SHARE",
+    "GATE_SHARE",
+    "balance_gate",
+    "fill_gate",
+    "gate_causes",
+    "label_gate",
+]

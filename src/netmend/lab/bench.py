@@ -684,7 +684,10 @@ def run_suite(
                 options.update(epochs=sized.epochs, lr=sized.lr)
             if "label_gate" in ident.info:
                 cell["label_gate"] = ident.info["label_gate"]
-            use_guard = bool(options.pop("guard", False))
+            guard_opt = options.pop("guard", False)
+            if guard_opt == "unbalanced":  # the guard, unless the balance gate balanced C
+                guard_opt = not ident.info.get("label_gate", {}).get("balanced", 0)
+            use_guard = bool(guard_opt)
             treat_fn = _treatment_call(
                 model, noisy, treat_name, recipe, ident, (Xq, yq), common, options
             )
