@@ -595,6 +595,28 @@ def dattri_protocol_target(d: dict[str, Any]) -> str:
     return rows(head, body)
 
 
+def dattri_trak50(files: list[dict[str, Any]]) -> str:
+    """A rerun of the protocol with dattri's TRAK-50 (``dattri_protocol_trak50.json``) next to
+    the first run (``dattri_protocol.json``): the rows both ran show whether the retrained
+    models and ground truth came out the same."""
+    first, again = files
+    body = []
+    for name in ("netmend ekfac", "dattri TRAK-10", "dattri TRAK-50", "netmend ekfac x5"):
+        a, b = first["methods"].get(name, {}), again["methods"].get(name, {})
+        if "lds" not in a and "lds" not in b:
+            continue
+
+        def lds(m: dict[str, Any]) -> str:
+            return f"{m['lds']['mean']:.3f} ± {m['lds']['se']:.3f}" if "lds" in m else "–"
+
+        def cost(m: dict[str, Any]) -> str:
+            return f"{m['cost_cpu_s']:.1f}" if "cost_cpu_s" in m else "–"
+
+        body.append([f"`{name}`", lds(a), lds(b), cost(a), cost(b)])
+    head = ["method", "LDS, first run", "LDS, rerun", "cost CPU s, first run", "cost, rerun"]
+    return rows(head, body)
+
+
 def scaling_n(d: dict[str, Any]) -> str:
     """netmend's default identify over a streamed, tiled MNIST: time and peak RSS in N."""
     body = []
@@ -823,6 +845,10 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "scaling_n": (("benchmarks/scaling_n.json",), scaling_n),
     "dattri_protocol": (("benchmarks/dattri_protocol.json",), dattri_protocol),
     "dattri_protocol_target": (("benchmarks/dattri_protocol.json",), dattri_protocol_target),
+    "dattri_trak50": (
+        ("benchmarks/dattri_protocol.json", "benchmarks/dattri_protocol_trak50.json"),
+        dattri_trak50,
+    ),
     "k_rule": (("benchmarks/k_rule_dev.json",), k_rule),
     "k_rule_cap": (("benchmarks/k_rule_dev_cap0.3.json",), k_rule),
     "demo_convergence": (("benchmarks/demo_convergence.json",), demo_convergence),
@@ -844,7 +870,14 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
 def render_table(name: str) -> str:
     files, fn = TABLES[name]
     data = [load(f) for f in files]
-    multi = (align_vs_delete, peers_scale, peers_scale_ratios, lambda_sweep, label_signal)
+    multi = (
+        align_vs_delete,
+        peers_scale,
+        peers_scale_ratios,
+        lambda_sweep,
+        label_signal,
+        dattri_trak50,
+    )
     return fn(data) if fn in multi else fn(data[0])
 
 
