@@ -578,14 +578,17 @@ def main() -> None:
         (WORK / "setup.json").write_text(json.dumps(setup))
     logging.info("setup %s", setup)
     names = args.methods or default_methods(args.trak_max)
+    # the report lists the default methods and any other one named (e.g. "dattri TRAK-4")
+    listed = default_methods(args.trak_max)
+    listed += [n for n in args.methods or [] if n not in listed]
     if args.report_only:
-        write_report(args, setup, default_methods(args.trak_max))
+        write_report(args, setup, listed)
         return
     for name in names:
         logging.info("running %s", name)
         res = run_worker(name, args.timeout)
         logging.info("%s: %s", name, res.get("attribution", res.get("error")))
-    write_report(args, setup, default_methods(args.trak_max))
+    write_report(args, setup, listed)
 
 
 def default_methods(trak_max: int) -> list[str]:

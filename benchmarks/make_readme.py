@@ -601,7 +601,8 @@ def dattri_trak50(files: list[dict[str, Any]]) -> str:
     models and ground truth came out the same."""
     first, again = files
     body = []
-    for name in ("netmend ekfac", "dattri TRAK-10", "dattri TRAK-50", "netmend ekfac x5"):
+    names = ("netmend ekfac", "netmend ekfac x5", "dattri TRAK-1", "dattri TRAK-4")
+    for name in (*names, "dattri TRAK-10", "dattri TRAK-50"):
         a, b = first["methods"].get(name, {}), again["methods"].get(name, {})
         if "lds" not in a and "lds" not in b:
             continue
