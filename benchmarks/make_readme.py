@@ -205,6 +205,13 @@ def arch_timing(d: dict[str, Any]) -> str:
 
     parts = d.get("repair_default_parts_s")  # absent from a run of some passes (--only)
     over = d.get("repair_default_parts_over_epoch")
+
+    def part(label: str, key: str) -> list[str] | None:
+        """The repair's identification or treatment share, when the run timed the repair."""
+        if not parts or not over:
+            return None
+        return [label, "", f"{parts[key]:.1f}", f"{over[key]:.2f}"]
+
     guard = d.get("repair_default_guard") or {}
     trials = len(guard.get("tries") or []) + (guard.get("churn") is not None)
     treat = "… of which the fine-tune"
@@ -235,19 +242,8 @@ def arch_timing(d: dict[str, Any]) -> str:
         row("`identify(..., 'ewc', k=50)`", "identify_ewc"),
         row("`identify(..., 'grad_dot', k=50)`", "identify_grad_dot"),
         row("`repair(...)`, every default (EWC, automatic K, fine-tune)", "repair_default"),
-        *(
-            [
-                [
-                    "… of which identification",
-                    "",
-                    f"{parts['identify']:.1f}",
-                    f"{over['identify']:.2f}",
-                ],
-                [treat, "", f"{parts['treat']:.1f}", f"{over['treat']:.2f}"],
-            ]
-            if parts and over
-            else []
-        ),  # fmt: skip
+        part("… of which identification", "identify"),
+        part(treat, "treat"),
         [
             "largest relative difference, hooks vs vmap",
             "",
@@ -603,17 +599,12 @@ def dattri_trak50(files: list[dict[str, Any]]) -> str:
     body = []
     names = ("netmend ekfac", "netmend ekfac x5", "dattri TRAK-1", "dattri TRAK-4")
     for name in (*names, "dattri TRAK-10", "dattri TRAK-50"):
-        a, b = first["methods"].get(name, {}), again["methods"].get(name, {})
-        if "lds" not in a and "lds" not in b:
+        runs = first["methods"].get(name, {}), again["methods"].get(name, {})
+        if not any("lds" in m for m in runs):
             continue
-
-        def lds(m: dict[str, Any]) -> str:
-            return f"{m['lds']['mean']:.3f} ± {m['lds']['se']:.3f}" if "lds" in m else "–"
-
-        def cost(m: dict[str, Any]) -> str:
-            return f"{m['cost_cpu_s']:.1f}" if "cost_cpu_s" in m else "–"
-
-        body.append([f"`{name}`", lds(a), lds(b), cost(a), cost(b)])
+        lds = [_pm([m["lds"]["mean"], m["lds"]["se"]], 1.0, "{:.3f}") if "lds" in m else "–"
+               for m in runs]  # fmt: skip
+        body.append([f"`{name}`", *lds, *(f3(m.get("cost_cpu_s"), "{:.1f}") for m in runs)])
     head = ["method", "LDS, first run", "LDS, rerun", "cost CPU s, first run", "cost, rerun"]
     return rows(head, body)
 
