@@ -28,6 +28,7 @@ digits suites with seeds 0-2, the demo's seed 0 and ``fashion-full/pair`` seed 0
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -114,10 +115,18 @@ def gate_causes(
     Returns:
         As :func:`label_gate`.
     """
-    idx = torch.from_numpy(np.asarray(causes, dtype=np.int64))
-    given = labels[idx]
-    pred = predict(model, X[idx], device) if idx.numel() else given
+    given, pred = _given_and_predicted(model, X, labels, causes, device)
     return label_gate(causes, pred, given, share)
+
+
+def _given_and_predicted(
+    model: nn.Module, X: Data, labels: torch.Tensor, idx: np.ndarray, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The given labels ``[K]`` and ``model``'s predictions ``[K]`` (CPU) of the training
+    examples ``idx``: one batched forward pass (none when ``idx`` is empty)."""
+    rows = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+    given = labels[rows].cpu()
+    return given, (predict(model, X[rows], device).cpu() if rows.numel() else given)
 
 
 def fill_gate(
@@ -228,16 +237,14 @@ def balance_gate(
         ``[given, predicted, kept, added]`` per direction of the kept causes.
     """
     causes = np.asarray(causes, dtype=np.int64)
-    idx = torch.from_numpy(causes)
-    given = labels[idx].cpu()
-    pred = predict(model, X[idx], device).cpu() if idx.numel() else given
+    given, pred = _given_and_predicted(model, X, labels, causes, device)
     kept, info = label_gate(causes, pred, given, share)
     info.update(balanced=0, directions=[])
     if not info["applied"] or kept.size == 0:
         return kept, info
     y = labels.cpu().numpy().astype(np.int64)
-    g_kept = y[kept]
-    p_kept = pred.numpy()[np.isin(causes, kept)]
+    disagree = (pred != given).numpy()  # label_gate kept exactly these, in order
+    g_kept, p_kept = given.numpy()[disagree], pred.numpy()[disagree]
     pairs, counts = np.unique(np.stack([g_kept, p_kept], 1), axis=0, return_counts=True)
     if min_direction_share is None:
         min_direction_share = BALANCE_MIN_SHARE
@@ -245,23 +252,23 @@ def balance_gate(
     big = counts >= min_direction_share * size[pairs[:, 0]]
     if not big.any():
         return kept, info
-    targets = np.unique(pairs[big, 1])
-    pool = np.flatnonzero(np.isin(y, targets) & ~np.isin(np.arange(y.size), causes))
-    pool_pred = np.empty(0, np.int64)
-    if pool.size:
-        pool_pred = predict(model, X[torch.from_numpy(pool)], device).cpu().numpy()
+    free = np.ones(y.size, dtype=bool)
+    free[causes] = False
+    pool = np.flatnonzero(np.isin(y, np.unique(pairs[big, 1])) & free)
+    _, pool_pred = _given_and_predicted(model, X, labels, pool, device)
     scores = np.asarray(scores, dtype=np.float64)
-    reverse: dict[tuple[int, int], list[int]] = {}
+    reverse: dict[tuple[int, int], Iterator[int]] = {}
     for (g, p), c, b in zip(pairs.tolist(), counts.tolist(), big.tolist(), strict=True):
-        rev = pool[(y[pool] == p) & (pool_pred == g)] if b else pool[:0]
-        reverse[(g, p)] = rev[np.argsort(-scores[rev], kind="stable")][:c].tolist()
-        info["directions"].append([int(g), int(p), int(c), len(reverse[(g, p)])])
+        rev = pool[(y[pool] == p) & (pool_pred.numpy() == g)] if b else pool[:0]
+        rev = rev[np.argsort(-scores[rev], kind="stable")][:c]
+        reverse[(g, p)] = iter(rev.tolist())
+        info["directions"].append([int(g), int(p), int(c), int(rev.size)])
     out_list: list[int] = []
-    for i, (g, p) in zip(kept.tolist(), zip(g_kept.tolist(), p_kept.tolist(), strict=True),
-                         strict=True):  # fmt: skip
+    for i, g, p in zip(kept.tolist(), g_kept.tolist(), p_kept.tolist(), strict=True):
         out_list.append(i)
-        if reverse[(g, p)]:  # its partner of the reverse direction follows it
-            out_list.append(reverse[(g, p)].pop(0))
+        partner = next(reverse[(g, p)], None)  # the next of the reverse direction, if any
+        if partner is not None:
+            out_list.append(partner)
     out = np.asarray(out_list, dtype=np.int64)
     info["balanced"] = int(out.size - kept.size)
     if max_class_share is not None:
