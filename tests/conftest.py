@@ -172,6 +172,14 @@ def blobs() -> SimpleNamespace:
 
 
 @pytest.fixture(scope="session")
+def blobs_validation() -> tuple[torch.Tensor, torch.Tensor]:
+    """A validation split the blobs models never trained on: a new draw, 60 per class and no
+    planted points (the class guard's ``guard_data``)."""
+    v = make_blobs(seed=7, n_per_class=60, planted=0)
+    return v.X, v.y
+
+
+@pytest.fixture(scope="session")
 def blobs_logreg_theta(blobs) -> torch.Tensor:
     """Exact optimum of the L2-regularised logistic regression on ``blobs``."""
     return fit_logreg_exact(blobs.X, blobs.y, blobs.classes, blobs.l2_train)

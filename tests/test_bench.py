@@ -4,6 +4,7 @@ models and masks it used, plus the cleanlab peer pipeline and the command line."
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import numpy as np
@@ -441,7 +442,7 @@ def test_guarded_pipeline_removes_the_guards_k_and_judges_it_at_that_k(monkeypat
 
     seen = {}
 
-    def fake_guard(treat_fn, model, train, causes, seed, device):
+    def fake_guard(treat_fn, model, train, causes, seed, device, guard_data=None):
         seen["k0"] = len(causes)
         return GuardRecord(len(causes), 3, [{"k": 3, "worst_class": 0, "worst_class_drop": 0}])
 
@@ -458,3 +459,65 @@ def test_guarded_pipeline_removes_the_guards_k_and_judges_it_at_that_k(monkeypat
     assert seen["k0"] == plain["k"] > 3 and guarded["k"] == 3
     assert guarded["controls"]["finetune_only"] == plain["controls"]["finetune_only"]
     assert guarded["controls"]["random_k"] != plain["controls"]["random_k"]
+
+
+def test_hold_out_validation_is_a_stratified_seeded_split_of_the_noisy_training_set():
+    data = bench.make_suite("digits/pair", seed=0)
+    n = len(data.train)
+    tag = torch.arange(n, dtype=torch.float64)[:, None]  # inputs that name their row
+    tagged = dataclasses.replace(
+        data, train=bench.Split(tag, data.train.y), clean=bench.Split(tag, data.clean.y)
+    )
+    kept, val = bench.hold_out_validation(tagged, 0.2)
+    counts = np.bincount(data.train.y.numpy(), minlength=10)
+    assert np.bincount(val.y.numpy(), minlength=10).tolist() == [round(0.2 * c) for c in counts]
+    held = val.X[:, 0].long().numpy()
+    keep = np.setdiff1d(np.arange(n), held)
+    assert len(keep) + len(held) == n and len(kept.train) == len(keep)
+    assert torch.equal(val.y, data.train.y[held])  # the noisy labels, as a user's split has
+    assert torch.equal(kept.train.X[:, 0].long(), torch.from_numpy(keep))
+    assert torch.equal(kept.train.y, data.train.y[keep])
+    assert np.array_equal(kept.mask, data.mask[keep])
+    assert torch.equal(kept.clean.y, data.clean.y[keep]) and kept.info["validation"] == len(held)
+    assert torch.equal(bench.hold_out_validation(tagged, 0.2)[1].X, val.X)
+    other = bench.hold_out_validation(dataclasses.replace(tagged, seed=1), 0.2)[1]
+    assert not torch.equal(other.X, val.X)
+
+
+def test_guard_data_option_gives_the_validation_split_to_the_guard(monkeypatch):
+    """``finetune[guard=data]`` hands the held-out split to the guard as guard_data; the
+    split is out of the training set everything else sees; without one it is an error."""
+    from netmend.lab import bench as bench_mod
+    from netmend.treatment.guard import GuardRecord
+
+    seen = {}
+
+    def fake_guard(treat_fn, model, train, causes, seed, device, guard_data=None):
+        seen["train"], seen["guard_data"] = len(train), guard_data
+        return GuardRecord(len(causes), len(causes))
+
+    monkeypatch.setattr(bench_mod, "guard_k", fake_guard)
+    config = bench.BenchConfig(
+        suites=("digits/sym20",),
+        pipelines=("ewc/finetune[guard=data]",),
+        references=(),
+        validation_share=0.1,
+        draws=0,
+    )
+    res = bench.run(config, device="cpu")
+    r = res["results"][0]
+    assert r["cells"][0]["status"] == "ok"
+    assert (
+        seen["train"] == r["data"]["train"]
+        and len(seen["guard_data"]) == r["data"]["info"]["validation"] > 0
+    )
+    full = len(bench.make_suite("digits/sym20", seed=0).train)
+    assert r["data"]["train"] + r["data"]["info"]["validation"] == full
+    res = bench.run(dataclasses.replace(config, validation_share=0.0), device="cpu")
+    cell = res["results"][0]["cells"][0]
+    assert cell["status"] == "error" and "validation_share" in cell["error"]
+
+
+def test_validation_share_is_checked():
+    with pytest.raises(ValueError, match="validation_share"):
+        bench.BenchConfig(suites=("digits/sym20",), validation_share=0.6)

@@ -291,6 +291,9 @@ BASE = ["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures"
         ([*BASE, "--test", "{train}", "--failure-indices", "{idx}"], "either --failures"),
         (["--model", "_cli_models:tabular_net", "--train", "{train}", "--test", "{train}",
           "--failure-indices", "{idx}"], "[0, 40)"),
+        ([*BASE, "--test", "{train}", "--guard-data", "{train}"], "is the --test file"),
+        ([*BASE, "--guard-data", "{train}", "--no-guard"], "drop --no-guard"),
+        ([*BASE, "--guard-data", "{train}", "--treat", "relabel"], "--treat finetune"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_2(tmp_path, capsys, argv, message):
@@ -354,8 +357,50 @@ def test_report_notes_say_what_the_label_gate_and_the_class_guard_did():
     assert "40 of the 60 automatic causes" in notes[0] and "only those" in notes[0]
     assert "class 0 lose 31 points" in notes[1] and "cut to 400" in notes[1]
     assert "lost 6 points" in notes[1] and "check each class" not in notes[1]
+    assert "held-out training data" in notes[1]
+    on_val = _selection_notes(None, {**guard, "source": "guard_data"})
+    assert "31 points on --guard-data" in on_val[0]
     kept = _selection_notes({**gate, "candidates": 5, "applied": False}, {**guard, "k": 800})
     assert len(kept) == 1 and "all were kept" in kept[0]
     failed = _selection_notes(None, {**guard, "passed": False})
     assert len(failed) == 1 and "check each class" in failed[0]
     assert _selection_notes(None, None) == []
+
+
+def test_guard_data_is_where_the_class_guard_measures(tmp_path, capsys):
+    """--guard-data: the guard reads the user's validation split (by its labels); the repair
+    it accepts is the saved model."""
+    X, y = _blobs(900, 4, seed=5, noise=0.2)
+    Xt, yt = torch.from_numpy(X).double(), torch.from_numpy(y)
+    model = _train(_cli_models.tabular_net, Xt[:400], yt[:400], tmp_path / "w.safetensors")
+    clean = np.random.default_rng(5).integers(0, 3, 900)
+    wrong = [i for i in range(400, 600) if int(predict(model, Xt[i : i + 1])[0]) != clean[i]]
+    np.savez(tmp_path / "train.npz", X=X[:400], y=y[:400])
+    np.savez(tmp_path / "fail.npz", X=X[wrong], y=clean[wrong])
+    np.savez(tmp_path / "val.npz", X=X[600:], y=y[600:])  # ~100 per class, noisy like train
+    out = tmp_path / "run"
+    argv = [
+        "--model", "_cli_models:tabular_net", "--weights", str(tmp_path / "w.safetensors"),
+        "--train", str(tmp_path / "train.npz"), "--failures", str(tmp_path / "fail.npz"),
+        "--guard-data", str(tmp_path / "val.npz"), "--no-controls", "--out", str(out),
+        *RECIPE_ARGS,
+    ]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    guard = summary["guard"]
+    assert guard["source"] == "guard_data" and guard["holdout"] == 300 and not guard["skipped"]
+    assert guard["judged_classes"] == [0, 1, 2] and guard["k"] == summary["causes"]
+    assert summary["settings"]["guard_data"] == str(tmp_path / "val.npz")
+    saved = _cli_models.tabular_net().double()
+    saved.load_state_dict(load_file(str(out / "repaired.safetensors")))
+    rows = _read_csv(out / "scores.csv")
+    causes = np.array([int(r["index"]) for r in rows if r["selected"] == "1"])
+    scores = np.array([float(rows[i]["score"]) for i in causes])
+    causes = causes[np.argsort(-scores, kind="stable")]  # most harmful first, as removed
+    again = netmend.treat(
+        model, (Xt[:400].float(), yt[:400]), causes, "finetune", seed=0, progress=False,
+        device="cpu", train_config=RECIPE,
+    )  # fmt: skip
+    for p, q in zip(saved.parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(p, q.double())

@@ -199,3 +199,112 @@ def test_guard_refuses_other_treatments(blobs, blobs_logreg) -> None:
     data, failures = (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
     with pytest.raises(ValueError, match="finetune"):
         netmend.repair(blobs_logreg, data, failures, treat="relabel", guard=True, progress=False)
+
+
+# ------------------------------------------------------------------ guard_data: the user's split
+
+
+def test_guard_data_trials_remove_only_the_causes_and_the_accepted_trial_is_kept() -> None:
+    """With guard_data no slice is held out: each trial is the treatment call on causes[:K],
+    measured on guard_data by its labels, and the model of the accepted K is returned."""
+    X, y = _train()
+    gX, gy = _train(per_class=60)  # 60 >= MIN_PER_CLASS examples of each class
+    seen: list[np.ndarray] = []
+    made: list[nn.Module] = []
+
+    def treat_fn(c: np.ndarray) -> nn.Module:
+        seen.append(c)
+        made.append(Rule(collapse=c.size > 300))
+        return made[-1]
+
+    causes = np.arange(6000)[::-1][:1000].copy()
+    gd = as_source((gX, gy), "guard_data")
+    g = guard.guard_k(treat_fn, Rule(), as_source((X, y), "t"), causes, 0, "cpu", guard_data=gd)
+    assert [t["k"] for t in g.tries] == [1000, 500, 250]
+    assert g.k == 250 and g.passed and g.source == "guard_data"
+    assert g.holdout == 180 and g.judged_classes == [0, 1, 2] and g.churn is None
+    for c, t in zip(seen, g.tries, strict=True):
+        assert np.array_equal(c, causes[: t["k"]])  # no training example is held out
+    assert g.model is made[-1] and len(made) == 3  # no churn trial, no retraining
+    assert "model" not in g.as_dict() and g.as_dict()["source"] == "guard_data"
+
+
+def test_guard_data_reads_labels_so_a_repair_that_cleans_is_not_read_as_forgetting() -> None:
+    """On the user's data the original's mistakes are not memorised labels: a trial that
+    changes the original's predictions only where they were wrong (by the labels) passes,
+    however far it moves from the original, and a trial that breaks correct ones fails."""
+    true = torch.arange(3).repeat_interleave(100)
+    gX = torch.stack([true.double(), torch.arange(300).double()], 1)
+    wrong = np.arange(0, 40)  # the original calls 40 of class 0's examples class 1
+    original = Forget(wrong)
+
+    def cleaned(c: np.ndarray) -> nn.Module:
+        return Forget(np.zeros(0))  # the repair fixes them all: 40% of "its" class 0 moves
+
+    gd = as_source((gX, true), "guard_data")
+    train = as_source(_train(), "t")
+    g = guard.guard_k(cleaned, original, train, np.arange(50), 0, "cpu", guard_data=gd)
+    assert g.passed and g.k == 50 and len(g.tries) == 1
+    assert g.tries[0]["label_drop"] == 0.0  # class 0 rose 40 points, no class fell
+    assert g.tries[0]["agree_raw_drop"] == pytest.approx(40 / 140)  # what it called class 1
+
+    broken = np.arange(200, 220)  # 20% of class 2, right before, called class 1 after
+    g = guard.guard_k(
+        lambda c: Forget(np.r_[wrong, broken]) if c.size > 10 else original,
+        original, train, np.arange(50), 0, "cpu", guard_data=gd,
+    )  # fmt: skip
+    assert [t["k"] for t in g.tries] == [50, 25, 12, 6] and g.k == 6 and g.passed
+    assert g.tries[0]["worst_class"] == 2 and g.tries[0]["worst_class_drop"] == pytest.approx(0.2)
+
+
+def test_guard_data_too_small_to_judge_skips_the_guard() -> None:
+    X, y = _train()
+    gX, gy = _train(per_class=20)
+    calls: list[np.ndarray] = []
+    gd = as_source((gX, gy), "guard_data")
+    g = guard.guard_k(calls.append, Rule(), as_source((X, y), "t"), np.arange(10), 0, "cpu",  # type: ignore[arg-type]
+                      guard_data=gd)  # fmt: skip
+    assert g.skipped and "guard_data" in g.skipped and g.k == 10 and not calls
+
+
+def test_repair_with_guard_data_returns_the_accepted_trial_and_trains_it_once(
+    blobs, blobs_logreg, blobs_validation, monkeypatch
+) -> None:
+    """The repaired model is the repair's own treatment call on the chosen causes (what the
+    controls repeat), made once: the accepted trial is not trained again."""
+    import netmend.api as api_mod
+
+    data, failures = (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
+    before = [p.detach().clone() for p in blobs_logreg.parameters()]
+    calls: list[int] = []
+    real = api_mod._treat
+
+    def counted(*args, **kwargs):
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api_mod, "_treat", counted)
+    r = netmend.repair(
+        blobs_logreg, data, failures, seed=0, progress=False, guard_data=blobs_validation
+    )
+    g = r.treatment_info["guard"]
+    assert g["source"] == "guard_data" and g["holdout"] == 180 and not g["skipped"]
+    assert len(calls) == len(g["tries"])  # one treatment call per trial, none after
+    again = real(blobs_logreg, data, r.causes, r.treatment, allow_no_causes=True, **r.recipe)
+    for p, q in zip(r.model.parameters(), again.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
+    for p, b in zip(blobs_logreg.parameters(), before, strict=True):
+        assert torch.equal(p, b)  # the user's model is untouched
+
+
+def test_repair_refuses_guard_data_it_would_not_read(blobs, blobs_logreg, blobs_validation) -> None:
+    data, failures = (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
+    with pytest.raises(ValueError, match="guard_data is read only by the class guard"):
+        netmend.repair(
+            blobs_logreg, data, failures, guard=False, guard_data=blobs_validation, progress=False
+        )
+    with pytest.raises(ValueError, match="finetune"):
+        netmend.repair(
+            blobs_logreg, data, failures, treat="relabel", guard_data=blobs_validation,
+            progress=False,
+        )  # fmt: skip

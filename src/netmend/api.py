@@ -686,6 +686,7 @@ def repair(
     task: Task | None = None,
     gate: bool | str | None = None,
     guard: bool | None = None,
+    guard_data: DataLike | None = None,
 ) -> RepairResult:
     """Find the training examples behind ``failures`` and return a repaired copy of ``model``.
 
@@ -713,6 +714,12 @@ def repair(
             churn of a trial that removes nothing). ``None`` (default): on for the automatic
             K (``k=None``) with the "finetune" treatment, off otherwise. Its record is
             ``treatment_info["guard"]``; ``causes`` are the ones finally removed.
+        guard_data: labelled examples the original model never trained on (a validation
+            split, e.g. the set the failures were found in). If given, the guard measures its
+            trials there by the labels instead of on a slice of the training set (no bias
+            against label cleaning; see :mod:`netmend.treatment.guard`), and the accepted
+            trial is the returned model, so the guard costs one fine-tune fewer. Implies
+            ``guard=True``; refused with ``guard=False`` or a treatment other than "finetune".
 
     Returns:
         A :class:`RepairResult` with ``scores`` (``[N]``, positive = harmful), ``causes``,
@@ -739,12 +746,16 @@ def repair(
         **common,
         **(treat_options or {}),
     )
+    if guard_data is not None and guard is False:
+        raise ValueError("guard_data is read only by the class guard: drop it or pass guard=True")
     if guard is None:
-        guard = is_auto_k(k) and treat == "finetune"
+        guard = guard_data is not None or (is_auto_k(k) and treat == "finetune")
+    repaired: nn.Module | None = None
     if guard:
         if treat != "finetune":
             raise ValueError(
-                f"guard=True works with the 'finetune' treatment, not {treat!r}: pass guard=False"
+                f"the class guard works with the 'finetune' treatment, not {treat!r}: pass "
+                "guard=False (and no guard_data)"
             )
         g = guard_k(
             lambda c: _treat(model, train, c, treat, allow_no_causes=True, **recipe),
@@ -753,13 +764,16 @@ def repair(
             ident.causes,
             seed,
             resolve_device(device),
+            guard_data=None if guard_data is None else as_source(guard_data, "guard_data", task),
         )
         record["guard"] = g.as_dict()
+        repaired = g.model  # with guard_data: the accepted trial, the same treatment call
         if g.k < len(ident.causes):
             ident = dataclasses.replace(
                 ident, causes=ident.causes[: g.k], info={**ident.info, "guard": g.as_dict()}
             )
-    repaired = _treat(model, train, ident.causes, treat, record=record, **recipe)
+    if repaired is None:
+        repaired = _treat(model, train, ident.causes, treat, record=record, **recipe)
     return RepairResult(
         repaired,
         ident,

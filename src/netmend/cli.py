@@ -64,6 +64,8 @@ def _bench(args: argparse.Namespace) -> int:
         chosen["cv_folds"] = args.cv_folds
     if args.draws is not None:
         chosen["draws"] = args.draws
+    if args.validation_share is not None:
+        chosen["validation_share"] = args.validation_share
     try:
         config = bench.BenchConfig.quick(**chosen) if args.quick else bench.BenchConfig(**chosen)
     except ValueError as exc:  # a bad suite, pipeline or reference name
@@ -209,6 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     b.add_argument(
         "--draws", type=int, metavar="N", help="random-K control draws per pipeline (3; 0: none)"
+    )
+    b.add_argument(
+        "--validation-share",
+        type=float,
+        metavar="S",
+        help="hold this share of each class out of the training set as a validation split "
+        "(0: none); finetune[guard=data] gives it to the class guard",
     )
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument(

@@ -258,6 +258,22 @@ class Inputs:
         if args.test is not None:
             self.test = _load(args.test, args, self.train, "test")
             self.test.X = _as_dtype(self.test.X, dt)
+        self.guard_data: FileData | None = None
+        if args.guard_data is not None:
+            if (
+                args.test is not None
+                and Path(args.guard_data).resolve() == Path(args.test).resolve()
+            ):
+                raise BadInput(
+                    "--guard-data is the --test file: the test figures would then judge the "
+                    "data the guard chose K on; pass a separate validation split"
+                )
+            if args.no_guard:
+                raise BadInput("--guard-data is read only by the class guard: drop --no-guard")
+            if args.treat != "finetune":
+                raise BadInput(f"--guard-data needs --treat finetune, not {args.treat!r}")
+            self.guard_data = _load(args.guard_data, args, self.train, "guard data")
+            self.guard_data.X = _as_dtype(self.guard_data.X, dt)
         if args.failure_indices is not None:
             if self.test is None:
                 raise BadInput("--failure-indices needs --test (the set the indices point into)")
@@ -402,6 +418,11 @@ def run(args: argparse.Namespace) -> int:
             **common,
         )
 
+    if continual and data.guard_data is not None:
+        raise BadInput(
+            "--guard-data is read by a first run only: continual rounds guard K with a slice "
+            "of the training set; drop --guard-data"
+        )
     if continual:  # new failures for an earlier run: one more round of continual repair
         if not (state_dir / STATE_FILE).is_file():
             raise BadInput(
@@ -442,7 +463,10 @@ def run(args: argparse.Namespace) -> int:
                 "harmful); try another --identify method or a fixed --k"
             )
         t0 = time.perf_counter()
-        if k is None and args.treat == "finetune" and not args.no_guard:  # as netmend.repair
+        guard_data = data.guard_data
+        guarded = (k is None or guard_data is not None) and not args.no_guard
+        accepted: nn.Module | None = None
+        if guarded and args.treat == "finetune":  # as netmend.repair
             g = guard_k(
                 lambda c: treat_with(c, allow_no_causes=True),
                 model,
@@ -450,10 +474,14 @@ def run(args: argparse.Namespace) -> int:
                 causes,
                 args.seed,
                 device,
+                guard_data=None
+                if guard_data is None
+                else as_source((guard_data.X, guard_data.y), "guard data"),
             )
             record["guard"] = g.as_dict()
             causes = causes[: g.k]
-        repaired = treat_with(causes, record=record)
+            accepted = g.model  # with --guard-data: the accepted trial, the same call
+        repaired = accepted if accepted is not None else treat_with(causes, record=record)
         times["treat"] = time.perf_counter() - t0
         try:
             per_failure = ident.per_failure
@@ -539,6 +567,7 @@ def run(args: argparse.Namespace) -> int:
         "train": args.train,
         "failures": args.failures,
         "test": args.test,
+        "guard_data": args.guard_data,
         "failure_indices": args.failure_indices,
         "identify": args.identify,
         "treat": args.treat,
@@ -635,8 +664,9 @@ def _selection_notes(gate: dict[str, Any] | None, guard: dict[str, Any] | None) 
         notes.append(
             f"Class guard: a trial fine-tune without {guard['k_start']} causes made class "
             f"{guard['tries'][0]['worst_class']} lose "
-            f"{100 * guard['tries'][0]['worst_class_drop']:.0f} points on held-out training "
-            f"data, so K was cut to {guard['k']} (the worst class then lost "
+            f"{100 * guard['tries'][0]['worst_class_drop']:.0f} points on "
+            + ("--guard-data" if guard.get("source") == "guard_data" else "held-out training data")
+            + f", so K was cut to {guard['k']} (the worst class then lost "
             f"{100 * last['worst_class_drop']:.0f} points"
             + ("" if guard["passed"] else "; still over the 10-point limit: check each class")
             + ")."
@@ -689,6 +719,11 @@ def add_parser(sub: Any) -> None:
     )
     r.add_argument("--failures", help="failures with their correct labels (same formats)")
     r.add_argument("--test", help="a test set (same formats): accuracies, --failure-indices")
+    r.add_argument(
+        "--guard-data",
+        help="a labelled validation split the model never trained on (same formats): the class "
+        "guard measures its trial repairs there instead of on a slice of the training set",
+    )
     r.add_argument(
         "--failure-indices",
         metavar="FILE|auto",

@@ -307,6 +307,40 @@ def make_suite(name: str, seed: int = 0) -> SuiteData:
     )
 
 
+def hold_out_validation(data: SuiteData, share: float) -> tuple[SuiteData, Split]:
+    """Split a stratified validation set off a suite's (corrupted) training set.
+
+    ``share`` of each class by the noisy labels (rounded, at least one example of a class that
+    has two) is drawn with the suite's seed and removed from ``train``, ``mask`` and, when it
+    is aligned with ``train`` (same size), ``clean``; the inputs and noisy labels drawn are the
+    validation set, as a user's own split of their labelled data would be.
+
+    Returns:
+        ``(data without the validation set, the validation set)``.
+    """
+    y = data.train.y.numpy()
+    rng = np.random.default_rng([data.seed, 0x7A11])
+    held = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        m = min(int(round(share * idx.size)), idx.size - 1)
+        if m > 0:
+            held.append(rng.choice(idx, m, replace=False))
+    out = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    keep = np.setdiff1d(np.arange(y.size), out)
+    val = Split(data.train.X[out], data.train.y[out])
+    kept = dataclasses.replace(
+        data,
+        train=Split(data.train.X[keep], data.train.y[keep]),
+        mask=data.mask[keep],
+        clean=Split(data.clean.X[keep], data.clean.y[keep])
+        if len(data.clean) == y.size
+        else data.clean,
+        info={**data.info, "validation": int(out.size)},
+    )
+    return kept, val
+
+
 def _split(model: nn.Module, data: SuiteData, device: torch.device) -> FailureSplit:
     """Failures = errors among ``data.pool``; correct = every eval example the model gets right."""
     pool = np.flatnonzero(data.pool)
@@ -447,6 +481,11 @@ class BenchConfig:
             carries its controls (:mod:`netmend.evaluation.controls`): the same treatment call
             with no causes (``finetune_only``) and with K random causes (``random_k``), the
             diagnosis ``gain`` over random-K and the Pareto ``verdict``.
+        validation_share: if > 0, this share of each (noisy) class of the training set is
+            held out of everything (the original's training, identification, treatments,
+            controls, references) as the user's validation split, noisy labels and all; the
+            ``finetune[guard=data]`` treatment option gives it to the class guard as
+            ``guard_data`` (:func:`hold_out_validation`).
     """
 
     suites: tuple[str, ...] = tuple(f"{d}/{c}" for d in ("digits", "fashion") for c in CORRUPTIONS)
@@ -456,6 +495,7 @@ class BenchConfig:
     cv_folds: int = 5
     treat_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     draws: int = 3
+    validation_share: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "suites", tuple(expand_suites(self.suites)))
@@ -468,6 +508,11 @@ class BenchConfig:
             raise ValueError("give at least one seed")
         if self.draws and self.draws < MIN_DRAWS:
             raise ValueError(f"draws must be 0 (no controls) or >= {MIN_DRAWS}")
+        if not 0.0 <= self.validation_share < 0.5:
+            raise ValueError(
+                f"validation_share is a share of each class in [0, 0.5), not "
+                f"{self.validation_share}"
+            )
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
@@ -595,6 +640,9 @@ def run_suite(
     dataset, _ = parse_suite(data.name)
     spec = DATASETS[dataset]
     recipe, seed = spec.recipe, data.seed
+    validation = None
+    if config.validation_share:
+        data, validation = hold_out_validation(data, config.validation_share)
     noisy = (data.train.X, data.train.y)
     timing: dict[str, float] = {}
 
@@ -691,15 +739,25 @@ def run_suite(
             treat_fn = _treatment_call(
                 model, noisy, treat_name, recipe, ident, (Xq, yq), common, options
             )
+            repaired = None
             if use_guard:  # netmend.repair's class guard, with the same treatment call
                 if treat_name != "finetune":
                     raise ValueError("the guard option belongs to the finetune treatment")
-                g = guard_k(treat_fn, model, as_source(noisy), ident.causes, seed, device)
+                guard_data = None
+                if guard_opt == "data":  # the held-out validation split, as guard_data
+                    if validation is None:
+                        raise ValueError("guard=data needs a validation split: validation_share")
+                    guard_data = as_source((validation.X, validation.y), "guard_data")
+                g = guard_k(
+                    treat_fn, model, as_source(noisy), ident.causes, seed, device,
+                    guard_data=guard_data,
+                )  # fmt: skip
                 cell["guard"] = g.as_dict()
                 ident = dataclasses.replace(ident, causes=ident.causes[: g.k])
-            if len(ident.causes):
+                repaired = g.model  # with guard_data: the accepted trial, the same call
+            if repaired is None and len(ident.causes):
                 repaired = treat_fn(ident.causes)
-            else:  # nothing selected: the treatment has nothing to do
+            elif repaired is None:  # nothing selected: the treatment has nothing to do
                 repaired, cell["note"] = model, "no causes selected; model unchanged"
             seconds = time.perf_counter() - t + ident.seconds
             figures = measure(repaired)

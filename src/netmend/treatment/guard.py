@@ -37,6 +37,17 @@ the labels), while the test set saw no class fall more than 2.8 points
 (``benchmarks/balance_gate_dev/``, docs/methods.md). The guard is therefore conservative for
 label cleaning; a slice the original never trained on would remove the bias.
 
+**With the user's validation data** (``guard_data``: labelled examples the original never
+trained on) the bias is gone by construction, and the guard reads that data instead: the
+trials are the repair's own treatment call on ``causes[:K]`` (no slice is held out), each
+class's accuracy on ``guard_data`` by its labels is compared with the original's, and the
+accepted trial *is* the repaired model (:attr:`GuardRecord.model`), so the repair costs no
+extra fine-tune. There is no agreement reading: on examples the original never fitted, its
+predictions carry no memorised labels, and the labels are what the Pareto criterion reads on
+the test set. Noisy validation labels dilute a class's fall (a slice of class c whose labels
+are a share q right sees at least ``q`` times the fall), so the guard is then lenient, not
+conservative.
+
 Classes with fewer than :data:`MIN_PER_CLASS` held-out examples are not judged (their
 accuracy moves by more than the limit with a handful of examples); when no class can be
 judged, the guard is skipped and says so. The guard only chooses K: the repair then makes its
@@ -46,9 +57,10 @@ are the same call as before.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -88,10 +100,15 @@ class GuardRecord:
             by agreement alone.
         churn: per judged class, the agreement drop of the trial with no causes removed, or
             ``None`` if it was not needed.
-        holdout: the number of held-out training examples.
+        holdout: the number of examples measured (the held-out slice, or ``guard_data``).
         judged_classes: the classes measured.
         passed: whether the chosen K met the limit (``False`` after every halving failed).
         skipped: why the guard did not run, if it did not.
+        source: what the guard measured: ``"training slice"`` (a slice held out of the trial
+            fine-tunes) or ``"guard_data"`` (the user's validation data).
+        model: with ``guard_data``, the trial model at the chosen K: the repair's own
+            treatment call on ``causes[:k]``, which the repair returns rather than training
+            it again; ``None`` otherwise. Not part of :meth:`as_dict`.
     """
 
     k_start: int
@@ -102,9 +119,14 @@ class GuardRecord:
     judged_classes: list[int] = field(default_factory=list)
     passed: bool = True
     skipped: str | None = None
+    source: str = "training slice"
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The record as plain data (JSON-ready), without :attr:`model`."""
+        return {
+            f.name: copy.deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "model"
+        }
 
 
 def holdout_slice(
@@ -146,18 +168,24 @@ def guard_k(
     device: torch.device | str,
     max_class_drop: float = MAX_CLASS_DROP,
     max_halvings: int = MAX_HALVINGS,
+    guard_data: DataSource | None = None,
 ) -> GuardRecord:
     """Choose how many of ``causes`` (most harmful first) a fine-tune may remove.
 
     Args:
         treat_fn: the repair's treatment call as a function of the causes (the guard passes
-            ``causes[:K] ∪ V``).
+            ``causes[:K] ∪ V``, or ``causes[:K]`` with ``guard_data``).
         model: the original model (not modified).
         train: the training set.
         causes: the automatic causes, most harmful first ``[K]``.
         seed: seeds the held-out slice.
         device: where to measure.
         max_class_drop, max_halvings: see :data:`MAX_CLASS_DROP`, :data:`MAX_HALVINGS`.
+        guard_data: labelled examples the original never trained on (a validation split); if
+            given, the guard measures the trials there, by the labels, instead of on a slice
+            held out of the training set, and keeps the accepted trial as ``record.model``
+            (see the module docstring). Classes with fewer than :data:`MIN_PER_CLASS` of its
+            examples are not judged.
 
     Returns:
         A :class:`GuardRecord`; ``record.k`` is the K to use. Warns when every halving failed.
@@ -166,12 +194,22 @@ def guard_k(
     k0 = int(causes.size)
     if k0 == 0:
         return GuardRecord(k0, k0, skipped="no causes")
-    val, classes = holdout_slice(train.labels, seed)
-    if not classes:
-        why = f"no class has {MIN_PER_CLASS} examples in a {HOLDOUT_SHARE:.0%} slice"
-        return GuardRecord(k0, k0, skipped=why)
-    held = train[torch.from_numpy(val)]
-    n_classes = int(train.labels.max()) + 1
+    if guard_data is None:
+        val, classes = holdout_slice(train.labels, seed)
+        if not classes:
+            why = f"no class has {MIN_PER_CLASS} examples in a {HOLDOUT_SHARE:.0%} slice"
+            return GuardRecord(k0, k0, skipped=why)
+        held = train[torch.from_numpy(val)]
+        n_classes = int(train.labels.max()) + 1
+    else:
+        val = np.zeros(0, np.int64)
+        counts = np.bincount(guard_data.labels.cpu().numpy(), minlength=1)
+        classes = [int(c) for c in np.flatnonzero(counts >= MIN_PER_CLASS)]
+        if not classes:
+            why = f"no class has {MIN_PER_CLASS} examples in guard_data"
+            return GuardRecord(k0, k0, skipped=why, source="guard_data")
+        held = guard_data
+        n_classes = max(int(train.labels.max()), int(guard_data.labels.max())) + 1
     labels = held.labels.cpu()
     judged = np.asarray(classes)
 
@@ -190,17 +228,25 @@ def guard_k(
         agree = class_accuracies_of(torch.from_numpy(pred), called, n_classes)
         return np.nan_to_num(1.0 - np.asarray(agree)[judged], nan=0.0)
 
-    record = GuardRecord(k0, k0, holdout=int(val.size), judged_classes=classes, passed=False)
+    record = GuardRecord(
+        k0,
+        k0,
+        holdout=len(held),
+        judged_classes=classes,
+        passed=False,
+        source="training slice" if guard_data is None else "guard_data",
+    )
     churn: np.ndarray | None = None
     k = k0
     for step in range(max_halvings + 1):
         if step:
             k = max(1, k // 2)
-        acc, pred = readings(treat_fn(np.union1d(causes[:k], val)))
+        trial = treat_fn(np.union1d(causes[:k], val) if guard_data is None else causes[:k])
+        acc, pred = readings(trial)
         label = before - acc
         raw = agree_drop(pred)
         agree = np.zeros_like(raw)
-        if label.max() <= max_class_drop and raw.max() > max_class_drop:
+        if guard_data is None and label.max() <= max_class_drop and raw.max() > max_class_drop:
             if churn is None:  # the same trial with no causes removed, once
                 churn = agree_drop(readings(treat_fn(val))[1])
                 record.churn = [float(v) for v in churn]
@@ -218,16 +264,19 @@ def guard_k(
             }
         )
         record.k = k
+        if guard_data is not None:
+            record.model = trial  # the repair at this K: kept, not trained again
         if drops[worst] <= max_class_drop:
             record.passed = True
             break
         if k == 1:
             break
     if not record.passed:
+        where = "held-out training data" if guard_data is None else "guard_data"
         warnings.warn(
             f"the class guard halved K from {k0} to {record.k} and a class still lost "
-            f"{100 * record.tries[-1]['worst_class_drop']:.0f} points on held-out training "
-            "data: check the repaired model per class before using it",
+            f"{100 * record.tries[-1]['worst_class_drop']:.0f} points on {where}: "
+            "check the repaired model per class before using it",
             stacklevel=3,
         )
     return record
