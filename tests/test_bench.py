@@ -521,3 +521,18 @@ def test_guard_data_option_gives_the_validation_split_to_the_guard(monkeypatch):
 def test_validation_share_is_checked():
     with pytest.raises(ValueError, match="validation_share"):
         bench.BenchConfig(suites=("digits/sym20",), validation_share=0.6)
+
+
+def test_guard_trials_are_read_on_the_test_set_one_per_try_without_the_churn_trial():
+    from netmend.lab.bench import _trial_readings
+    from netmend.treatment.guard import GuardRecord, holdout_slice
+
+    y = torch.arange(10).repeat(2000)
+    val = holdout_slice(y, seed=4)[0]
+    trial = [np.union1d(np.arange(k), val) for k in (40, 20)]
+    calls = [(trial[0], [0.1]), (val.copy(), [0.2]), (trial[1], [0.3])]  # try, churn, try
+    g = GuardRecord(40, 20, tries=[{"k": 40}, {"k": 20}])
+    assert _trial_readings(calls, g, y, seed=4) == [[0.1], [0.3]]
+    g = GuardRecord(40, 20, tries=[{"k": 40}, {"k": 20}], source="guard_data")
+    calls = [(np.arange(40), [0.1]), (np.arange(20), [0.3])]
+    assert _trial_readings(calls, g, y, seed=4) == [[0.1], [0.3]]

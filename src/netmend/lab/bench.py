@@ -73,7 +73,7 @@ from netmend.lab.corrupt import (
 from netmend.lab.datasets import Split, load_digits, load_fashion_mnist, load_mnist
 from netmend.lab.models import MLP, SmallCNN
 from netmend.model.training import TrainConfig, fit, logits, predict
-from netmend.treatment.guard import guard_k
+from netmend.treatment.guard import guard_k, holdout_slice
 from netmend.treatment.methods import finetune_recipe
 
 log = logging.getLogger(__name__)
@@ -339,6 +339,17 @@ def hold_out_validation(data: SuiteData, share: float) -> tuple[SuiteData, Split
         info={**data.info, "validation": int(out.size)},
     )
     return kept, val
+
+
+def _trial_readings(
+    calls: list[tuple[np.ndarray, list[float]]], g: Any, labels: torch.Tensor, seed: int
+) -> list[list[float]]:
+    """The test-set class accuracies of the guard's trials, one per ``g.tries`` entry (the
+    training-slice guard's churn trial, the call that removes the slice alone, is dropped)."""
+    if g.source == "guard_data":
+        return [acc for _, acc in calls]
+    val = holdout_slice(labels, seed)[0]
+    return [acc for c, acc in calls if not np.array_equal(c, val)]
 
 
 def _split(model: nn.Module, data: SuiteData, device: torch.device) -> FailureSplit:
@@ -748,11 +759,19 @@ def run_suite(
                     if validation is None:
                         raise ValueError("guard=data needs a validation split: validation_share")
                     guard_data = as_source((validation.X, validation.y), "guard_data")
+                calls: list[tuple[np.ndarray, list[float]]] = []
+
+                def measured(c: np.ndarray, fn: TreatFn = treat_fn, log: list = calls) -> nn.Module:
+                    m = fn(c)  # each trial, also read on the test set (calibrates the guard)
+                    log.append((c, class_accuracies(m, data.test.X, data.test.y, NUM_CLASSES)))
+                    return m
+
                 g = guard_k(
-                    treat_fn, model, as_source(noisy), ident.causes, seed, device,
+                    measured, model, as_source(noisy), ident.causes, seed, device,
                     guard_data=guard_data,
                 )  # fmt: skip
                 cell["guard"] = g.as_dict()
+                cell["guard"]["trial_test_class_acc"] = _trial_readings(calls, g, noisy[1], seed)
                 ident = dataclasses.replace(ident, causes=ident.causes[: g.k])
                 repaired = g.model  # with guard_data: the accepted trial, the same call
             if repaired is None and len(ident.causes):
