@@ -203,22 +203,34 @@ def arch_timing(d: dict[str, Any]) -> str:
             f"{d[key + '_over_epoch']:.2f}",
         ]
 
-    parts = d.get("repair_default_parts_s")  # absent from a run of some passes (--only)
-    over = d.get("repair_default_parts_over_epoch")
+    def repair_rows(label: str, key: str) -> list[list[str] | None]:
+        """The repair's row, then its identification and treatment shares (when timed)."""
+        parts = d.get(f"{key}_parts_s")  # absent from a run of some passes (--only)
+        over = d.get(f"{key}_parts_over_epoch")
 
-    def part(label: str, key: str) -> list[str] | None:
-        """The repair's identification or treatment share, when the run timed the repair."""
-        if not parts or not over:
-            return None
-        return [label, "", f"{parts[key]:.1f}", f"{over[key]:.2f}"]
+        def part(what: str, name: str) -> list[str] | None:
+            if not parts or not over:
+                return None
+            return [what, "", f"{parts[name]:.1f}", f"{over[name]:.2f}"]
 
-    guard = d.get("repair_default_guard") or {}
-    trials = len(guard.get("tries") or []) + (guard.get("churn") is not None)
-    treat = "… of which the fine-tune"
-    if trials:
-        ks = " → ".join(f"{t['k']:,}" for t in guard["tries"])
-        treat += f" and the class guard's {trials} trial fine-tunes (K {ks}"
-        treat += ", and one removing nothing)" if guard.get("churn") is not None else ")"
+        guard = d.get(f"{key}_guard") or {}
+        trials = len(guard.get("tries") or []) + (guard.get("churn") is not None)
+        ks = " → ".join(f"{t['k']:,}" for t in guard.get("tries") or [])
+        treat = "… of which the fine-tune"
+        if trials and guard.get("source") == "guard_data":
+            treat = (
+                f"… of which the class guard's {trials} trial fine-tunes on `guard_data` "
+                f"(K {ks}), the accepted one returned"
+            )
+        elif trials:
+            treat += f" and the class guard's {trials} trial fine-tunes (K {ks}"
+            treat += ", and one removing nothing)" if guard.get("churn") is not None else ")"
+        return [
+            row(label, key),
+            part("… of which identification", "identify"),
+            part(treat, "treat"),
+        ]
+
     body = [
         [
             "one training epoch (Adam, batch 128)",
@@ -241,9 +253,13 @@ def arch_timing(d: dict[str, Any]) -> str:
         row("`G V` through the `[chunk, P]` matrix, before (same run)", "grad_products_before"),
         row("`identify(..., 'ewc', k=50)`", "identify_ewc"),
         row("`identify(..., 'grad_dot', k=50)`", "identify_grad_dot"),
-        row("`repair(...)`, every default (EWC, automatic K, fine-tune)", "repair_default"),
-        part("… of which identification", "identify"),
-        part(treat, "treat"),
+        *repair_rows(
+            "`repair(...)`, every default (EWC, automatic K, fine-tune)", "repair_default"
+        ),
+        *repair_rows(
+            "`repair(..., guard_data=...)`: the same with an 8,000-image validation split",
+            "repair_guard_data",
+        ),
         [
             "largest relative difference, hooks vs vmap",
             "",
