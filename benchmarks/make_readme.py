@@ -21,6 +21,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -820,6 +821,64 @@ def label_signal(files: list[dict[str, Any]]) -> str:
     return rows(head, body)
 
 
+_GUARD = {"training slice": "5% training slice (default)", "guard_data": "`guard_data` (5% split)"}
+
+
+def guard_calibration(d: dict[str, Any]) -> str:
+    """Each guard trial's reading next to the test set's reading of the same model."""
+    body = [
+        [
+            str(t["seed"]),
+            _GUARD[t["source"]],
+            f"{t['k']:,}",
+            f"{t['guard_drop']:.1f} (class {t['guard_class']})",
+            f"{t['test_worst_drop']:.1f} (class {t['test_worst_class']})",
+            f"{t['guard_drop'] - t['test_worst_drop']:+.1f}",
+            ("fail" if t["guard_drop"] > d["limit_points"] else "pass")
+            + " / "
+            + ("fail" if t["test_worst_drop"] > d["limit_points"] else "pass"),
+        ]
+        for t in d["trials"]
+    ]
+    head = ["seed", "guard reads", "trial K", "guard's worst class drop, points"]
+    head += ["test set, same model", "error", "guard / test at 10 points"]
+    return rows(head, body)
+
+
+def _mean_se(v: list[float]) -> str:
+    """``mean ± s.e.`` over seeds, signed (no s.e. for one seed)."""
+    text = f"{statistics.mean(v):+.2f}"
+    return text + (f" ± {statistics.stdev(v) / math.sqrt(len(v)):.2f}" if len(v) > 1 else "")
+
+
+def guard_calibration_summary(d: dict[str, Any]) -> str:
+    """Per way of running the guard: its reading error, its decisions, and the repairs."""
+    body = []
+    for source, m in d["summary"].items():
+        fin = [f for f in d["finals"] if f["source"] == source]
+        held = [f["heldout_gain"] for f in fin]
+        test = [f["test_gain"] for f in fin]
+
+        body.append(
+            [
+                _GUARD[source],
+                str(m["trials"]),
+                f"{m['mean_abs_error_points']:.1f}",
+                f"{m['mean_error_points']:+.1f}",
+                f"{m['largest_abs_error_points']:.1f}",
+                str(m["decisions_differing_from_test"]),
+                " / ".join(f"{f['k']:,}" for f in fin),
+                _mean_se(held),
+                _mean_se(test),
+                f"{sum(f['passed'] for f in fin)} of {len(fin)}",
+            ]
+        )
+    head = ["guard reads", "trials", "mean abs error, points", "mean error", "largest"]
+    head += ["decisions unlike the test set's", "final K per seed"]
+    head += ["held-out gain vs random-K", "test gain vs random-K", "Pareto passes"]
+    return rows(head, body)
+
+
 TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "headline": (("benchmarks/demo_seeds.json",), headline),
     "demo_seeds": (("benchmarks/demo_seeds.json",), demo_seeds),
@@ -857,6 +916,11 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "dattri_trak50": (
         ("benchmarks/dattri_protocol.json", "benchmarks/dattri_protocol_trak50.json"),
         dattri_trak50,
+    ),
+    "guard_calibration": (("benchmarks/guard_calibration.json",), guard_calibration),
+    "guard_calibration_summary": (
+        ("benchmarks/guard_calibration.json",),
+        guard_calibration_summary,
     ),
     "k_rule": (("benchmarks/k_rule_dev.json",), k_rule),
     "k_rule_cap": (("benchmarks/k_rule_dev_cap0.3.json",), k_rule),

@@ -308,3 +308,60 @@ def test_repair_refuses_guard_data_it_would_not_read(blobs, blobs_logreg, blobs_
             blobs_logreg, data, failures, treat="relabel", guard_data=blobs_validation,
             progress=False,
         )  # fmt: skip
+
+
+class Memorised(nn.Module):
+    """Predicts the label it was trained with for the training indices in ``seen`` (the
+    second feature), the true class (the first feature) elsewhere."""
+
+    def __init__(self, labels: torch.Tensor, seen: np.ndarray) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.labels = labels
+        self.seen = torch.as_tensor(seen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c, i = x[:, 0].long(), x[:, 1].long()
+        c = torch.where(torch.isin(i, self.seen), self.labels[i], c)
+        return nn.functional.one_hot(c, 3).to(x.dtype) + 0 * self.w
+
+
+def test_untreated_baseline_does_not_read_cleaning_as_forgetting_but_sees_a_collapse() -> None:
+    """The original memorised the slice's noisy labels; a trial that keeps the slice out
+    predicts its true classes. Against the original that looks like class 0 losing a third of
+    its slice (the default halves K); against the trial that removes nothing (which never saw
+    the slice either) nothing moved, and K is kept. A real collapse is still seen."""
+    X, y, val, _ = _noisy_train()
+    everything = np.arange(6000)
+    calls: list[np.ndarray] = []
+
+    def cleaning(c: np.ndarray) -> nn.Module:
+        calls.append(c)
+        return Memorised(y, np.setdiff1d(everything, c))  # fits what it trains on
+
+    train = as_source((X, y), "t")
+    original = Memorised(y, everything)
+    with pytest.warns(UserWarning, match="class guard halved K from 1000 to 125"):
+        default = guard.guard_k(cleaning, original, train, _causes(val), 0, "cpu")
+    assert default.tries[0]["label_drop"] > 0.3 and not default.passed  # the bias
+    calls.clear()
+    g = guard.guard_k(cleaning, original, train, _causes(val), 0, "cpu", baseline="untreated")
+    assert g.k == 1000 and g.passed and g.baseline == "untreated" and len(g.tries) == 1
+    assert g.tries[0]["worst_class_drop"] == pytest.approx(0.0)
+    assert np.array_equal(calls[0], val) and len(calls) == 2  # the baseline first, once
+
+    def forgetting(c: np.ndarray) -> nn.Module:  # removing causes: class 0 called 1
+        return Rule(collapse=np.setdiff1d(c, val).size > 300)
+
+    g = guard.guard_k(forgetting, Rule(), train, _causes(val), 0, "cpu", baseline="untreated")
+    assert [t["k"] for t in g.tries] == [1000, 500, 250] and g.passed
+
+
+def test_guard_baseline_is_checked(blobs) -> None:
+    train = as_source(_train(), "t")
+    with pytest.raises(ValueError, match="'original' or 'untreated'"):
+        guard.guard_k(Rule, Rule(), train, np.arange(5), 0, "cpu", baseline="nothing")  # type: ignore[arg-type]
+    gd = as_source(_train(per_class=60), "g")
+    with pytest.raises(ValueError, match="not guard_data"):
+        guard.guard_k(Rule, Rule(), train, np.arange(5), 0, "cpu", guard_data=gd,  # type: ignore[arg-type]
+                      baseline="untreated")  # fmt: skip

@@ -1,0 +1,63 @@
+"""benchmarks/guard_calibration.py: each guard trial's reading against the test set's reading
+of the same model, on hand-made bench results."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def _result(seed: int) -> dict:
+    """A suite result with both guards: the slice guard reads 15 points where the test set
+    sees 5 (one decision unlike the test set's), the data guard 11 where it sees 12."""
+    original = [0.9, 0.8, 0.7]
+
+    def cell(source: str, tries: list[tuple[int, float, int]], accs: list[list[float]]) -> dict:
+        return {
+            "pipeline": source,
+            "status": "ok",
+            "k": tries[-1][0],
+            "precision": 0.5,
+            "test_acc": 0.88,
+            "guard": {
+                "source": source,
+                "skipped": None,
+                "tries": [
+                    {"k": k, "worst_class_drop": d, "worst_class": c} for k, d, c in tries
+                ],
+                "trial_test_class_acc": accs,
+            },
+            "gain": {"heldout_gain": 0.02, "heldout_gain_se": 0.01, "test_gain": -0.001,
+                     "test_gain_se": 0.001},
+            "verdict": {"passed": True, "test_floor": 0.88, "reasons": []},
+        }  # fmt: skip
+
+    return {
+        "seed": seed,
+        "cells": [
+            {"pipeline": "original", "status": "ok", "class_acc": original},
+            cell("training slice", [(100, 0.15, 0), (50, 0.02, 0)],
+                 [[0.85, 0.8, 0.7], [0.9, 0.79, 0.7]]),
+            cell("guard_data", [(100, 0.11, 1), (50, 0.03, 1)],
+                 [[0.9, 0.68, 0.7], [0.9, 0.78, 0.7]]),
+        ],
+    }  # fmt: skip
+
+
+def test_trials_pair_each_guard_reading_with_the_test_reading_of_the_same_model(bench_script):
+    gc = bench_script("guard_calibration")
+    rows, finals = gc.trials(_result(3))
+    assert [(r["source"], r["k"]) for r in rows] == [
+        ("training slice", 100), ("training slice", 50), ("guard_data", 100), ("guard_data", 50)
+    ]  # fmt: skip
+    first = rows[0]
+    assert first["guard_drop"] == pytest.approx(15.0)
+    assert first["test_worst_drop"] == pytest.approx(5.0) and first["test_worst_class"] == 0
+    assert rows[2]["test_worst_drop"] == pytest.approx(12.0) and rows[2]["test_worst_class"] == 1
+    assert rows[2]["test_drop_same_class"] == pytest.approx(12.0)
+    assert [f["k"] for f in finals] == [50, 50] and finals[0]["heldout_gain"] == pytest.approx(2)
+    s = gc.summarise(rows)
+    assert s["training slice"]["decisions_differing_from_test"] == 1  # 15 > 10, test 5
+    assert s["guard_data"]["decisions_differing_from_test"] == 0  # 11 and 12: both fail
+    assert s["training slice"]["mean_abs_error_points"] == pytest.approx((10 + 1) / 2)
+    assert s["guard_data"]["mean_error_points"] == pytest.approx((-1 + 1) / 2)
+    assert s["guard_data"]["largest_abs_error_points"] == pytest.approx(1.0)
