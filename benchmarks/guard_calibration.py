@@ -43,10 +43,42 @@ LIMIT = 10.0
 """The guard's class limit, in points (:data:`netmend.treatment.guard.MAX_CLASS_DROP`)."""
 
 
-def trials(result: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Per guard trial of one suite result: the guard's reading and the test set's (drops in
-    points against the original model, as the guard reads them); and per guarded pipeline,
-    its final cell."""
+Returned = dict[tuple[int, int], list[float]]
+"""``(seed, K)`` -> the test class accuracies of the model the repair returns at that K: the
+treatment call on ``causes[:K]`` with nothing held out (deterministic given the seed, so the
+same in every run of that suite instance)."""
+
+
+def returned_models(results: list[dict[str, Any]]) -> Returned:
+    """Every model-at-K the runs measured: the ``guard_data`` trials (each is that call) and
+    each guarded pipeline's final cell."""
+    out: Returned = {}
+    for r in results:
+        for c in r["cells"]:
+            g = c.get("guard")
+            if c.get("status") != "ok" or not g:
+                continue
+            out[(r["seed"], c["k"])] = c["class_acc"]
+            if g.get("source") == "guard_data" and not g.get("skipped"):
+                for t, acc in zip(g["tries"], g["trial_test_class_acc"], strict=True):
+                    out[(r["seed"], t["k"])] = acc
+    return out
+
+
+def _drop(original: np.ndarray, acc: list[float] | None) -> tuple[float | None, int | None]:
+    if acc is None:
+        return None, None
+    d = 100 * (original - np.asarray(acc, dtype=float))
+    return float(np.nanmax(d)), int(np.nanargmax(d))
+
+
+def trials(
+    result: dict[str, Any], returned: Returned
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per guard trial of one suite result: the guard's reading, the test set's reading of the
+    trial model, and of the model the repair would return at that K (where some run measured
+    it); drops in points against the original model, as the guard reads them. And per guarded
+    pipeline, its final cell."""
     cells = {c["pipeline"]: c for c in result["cells"]}
     original = np.asarray(cells["original"]["class_acc"], dtype=float)
     rows, finals = [], []
@@ -54,25 +86,30 @@ def trials(result: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str,
         g = c.get("guard")
         if c.get("status") != "ok" or not g or g.get("skipped"):
             continue
+        source = g["source"] + (
+            "" if g.get("baseline", "original") == "original" else ", untreated"
+        )
         for t, acc in zip(g["tries"], g["trial_test_class_acc"], strict=True):
-            drop = 100 * (original - np.asarray(acc, dtype=float))
+            worst, cls = _drop(original, acc)
+            ret, ret_cls = _drop(original, returned.get((result["seed"], t["k"])))
             rows.append(
                 {
                     "seed": result["seed"],
-                    "source": g["source"],
+                    "source": source,
                     "k": t["k"],
                     "guard_class": t["worst_class"],
                     "guard_drop": 100 * t["worst_class_drop"],
-                    "test_drop_same_class": float(drop[t["worst_class"]]),
-                    "test_worst_class": int(np.nanargmax(drop)),
-                    "test_worst_drop": float(np.nanmax(drop)),
+                    "test_worst_class": cls,
+                    "test_worst_drop": worst,
+                    "returned_worst_class": ret_cls,
+                    "returned_worst_drop": ret,
                 }
             )
         v, gain = c["verdict"], c["gain"]
         finals.append(
             {
                 "seed": result["seed"],
-                "source": g["source"],
+                "source": source,
                 "k": c["k"],
                 "precision": c["precision"],
                 "heldout_gain": 100 * gain["heldout_gain"],
@@ -88,21 +125,33 @@ def trials(result: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str,
     return rows, finals
 
 
+def _errors(rs: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    rs = [r for r in rs if r[key] is not None]
+    if not rs:
+        return {"trials": 0}
+    err = np.array([r["guard_drop"] - r[key] for r in rs])
+    return {
+        "trials": len(rs),
+        "mean_abs_error_points": float(np.abs(err).mean()),
+        "mean_error_points": float(err.mean()),
+        "largest_abs_error_points": float(np.abs(err).max()),
+        "decisions_differing_from_test": sum(
+            (r["guard_drop"] > LIMIT) != (r[key] > LIMIT) for r in rs
+        ),
+    }
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per guard source: mean |guard − test| on the worst class, and pass/fail agreement."""
-    out: dict[str, Any] = {}
-    for source in sorted({r["source"] for r in rows}):
-        rs = [r for r in rows if r["source"] == source]
-        err = np.array([r["guard_drop"] - r["test_worst_drop"] for r in rs])
-        disagree = [r for r in rs if (r["guard_drop"] > LIMIT) != (r["test_worst_drop"] > LIMIT)]
-        out[source] = {
-            "trials": len(rs),
-            "mean_abs_error_points": float(np.abs(err).mean()),
-            "mean_error_points": float(err.mean()),
-            "largest_abs_error_points": float(np.abs(err).max()),
-            "decisions_differing_from_test": len(disagree),
+    """Per way of running the guard: its error against the test set's reading of the trial
+    model (``trial``) and of the model returned at that K (``returned``): mean |guard − test|
+    and the trials whose pass/fail at the limit differs."""
+    return {
+        source: {
+            "trial": _errors([r for r in rows if r["source"] == source], "test_worst_drop"),
+            "returned": _errors([r for r in rows if r["source"] == source], "returned_worst_drop"),
         }
-    return out
+        for source in sorted({r["source"] for r in rows})
+    }
 
 
 def main() -> None:
@@ -113,13 +162,16 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     finals: list[dict[str, Any]] = []
     machine = None
+    results = []
     for path in args.runs:
         d = json.loads(Path(path).read_text())
         machine = d.get("machine", machine)
-        for r in d["results"]:
-            a, b = trials(r)
-            rows += a
-            finals += b
+        results += d["results"]
+    returned = returned_models(results)
+    for r in results:
+        a, b = trials(r, returned)
+        rows += a
+        finals += b
     out = {
         "runs": args.runs,
         "machine": machine,

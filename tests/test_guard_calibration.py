@@ -18,6 +18,7 @@ def _result(seed: int) -> dict:
             "k": tries[-1][0],
             "precision": 0.5,
             "test_acc": 0.88,
+            "class_acc": accs[-1],
             "guard": {
                 "source": source,
                 "skipped": None,
@@ -45,19 +46,38 @@ def _result(seed: int) -> dict:
 
 def test_trials_pair_each_guard_reading_with_the_test_reading_of_the_same_model(bench_script):
     gc = bench_script("guard_calibration")
-    rows, finals = gc.trials(_result(3))
+    result = _result(3)
+    returned = gc.returned_models([result])
+    # the data guard's trials are the returned models at their K; each final cell is too
+    assert returned[(3, 100)] == [0.9, 0.68, 0.7] and returned[(3, 50)] == [0.9, 0.78, 0.7]
+    rows, finals = gc.trials(result, returned)
     assert [(r["source"], r["k"]) for r in rows] == [
         ("training slice", 100), ("training slice", 50), ("guard_data", 100), ("guard_data", 50)
     ]  # fmt: skip
     first = rows[0]
     assert first["guard_drop"] == pytest.approx(15.0)
     assert first["test_worst_drop"] == pytest.approx(5.0) and first["test_worst_class"] == 0
+    # the slice's trial at K=100 is not the model returned at K=100 (the data guard's trial)
+    assert first["returned_worst_drop"] == pytest.approx(12.0)
+    assert first["returned_worst_class"] == 1
     assert rows[2]["test_worst_drop"] == pytest.approx(12.0) and rows[2]["test_worst_class"] == 1
-    assert rows[2]["test_drop_same_class"] == pytest.approx(12.0)
     assert [f["k"] for f in finals] == [50, 50] and finals[0]["heldout_gain"] == pytest.approx(2)
     s = gc.summarise(rows)
-    assert s["training slice"]["decisions_differing_from_test"] == 1  # 15 > 10, test 5
-    assert s["guard_data"]["decisions_differing_from_test"] == 0  # 11 and 12: both fail
-    assert s["training slice"]["mean_abs_error_points"] == pytest.approx((10 + 1) / 2)
-    assert s["guard_data"]["mean_error_points"] == pytest.approx((-1 + 1) / 2)
-    assert s["guard_data"]["largest_abs_error_points"] == pytest.approx(1.0)
+    assert s["training slice"]["trial"]["decisions_differing_from_test"] == 1  # 15 > 10, test 5
+    assert s["training slice"]["returned"]["decisions_differing_from_test"] == 0  # 15 and 12
+    assert s["guard_data"]["trial"]["decisions_differing_from_test"] == 0  # 11 and 12: both fail
+    assert s["training slice"]["trial"]["mean_abs_error_points"] == pytest.approx((10 + 1) / 2)
+    assert s["guard_data"]["trial"]["mean_error_points"] == pytest.approx((-1 + 1) / 2)
+    assert s["guard_data"]["returned"]["largest_abs_error_points"] == pytest.approx(1.0)
+
+
+def test_a_trial_whose_returned_model_no_run_measured_is_left_out_of_that_comparison(
+    bench_script,
+):
+    gc = bench_script("guard_calibration")
+    result = _result(3)
+    result["cells"] = result["cells"][:2]  # no data guard: K=100's returned model unknown
+    rows, _ = gc.trials(result, gc.returned_models([result]))
+    assert rows[0]["returned_worst_drop"] is None and rows[1]["returned_worst_drop"] is not None
+    s = gc.summarise(rows)["training slice"]
+    assert s["trial"]["trials"] == 2 and s["returned"]["trials"] == 1
