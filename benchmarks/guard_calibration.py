@@ -49,6 +49,17 @@ treatment call on ``causes[:K]`` with nothing held out (deterministic given the 
 same in every run of that suite instance)."""
 
 
+def _source(g: dict[str, Any]) -> str:
+    """How the guard ran: where it read (``source``), and for records from before its
+    ``readings`` field, the earlier variants (labels only on guard_data; the slice read against
+    the untreated trial, commit 10176ac)."""
+    if g.get("baseline") == "untreated":
+        return "training slice, untreated"
+    if g["source"] == "guard_data" and "readings" not in g:
+        return "guard_data, labels only"
+    return str(g["source"])
+
+
 def returned_models(results: list[dict[str, Any]]) -> Returned:
     """Every model-at-K the runs measured: the ``guard_data`` trials (each is that call) and
     each guarded pipeline's final cell."""
@@ -86,9 +97,7 @@ def trials(
         g = c.get("guard")
         if c.get("status") != "ok" or not g or g.get("skipped"):
             continue
-        source = g["source"] + (
-            "" if g.get("baseline", "original") == "original" else ", untreated"
-        )
+        source = _source(g)
         for t, acc in zip(g["tries"], g["trial_test_class_acc"], strict=True):
             worst, cls = _drop(original, acc)
             ret, ret_cls = _drop(original, returned.get((result["seed"], t["k"])))

@@ -824,7 +824,8 @@ def label_signal(files: list[dict[str, Any]]) -> str:
 _GUARD = {
     "training slice": "training slice (default)",
     "training slice, untreated": "training slice, vs the untreated trial",
-    "guard_data": "`guard_data` (validation split)",
+    "guard_data": "`guard_data` (validation split), both readings",
+    "guard_data, labels only": "`guard_data`, labels only (first version)",
 }
 
 

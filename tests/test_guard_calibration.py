@@ -21,6 +21,7 @@ def _result(seed: int) -> dict:
             "class_acc": accs[-1],
             "guard": {
                 "source": source,
+                "readings": ["labels", "agreement net of churn"],
                 "skipped": None,
                 "tries": [
                     {"k": k, "worst_class_drop": d, "worst_class": c} for k, d, c in tries
@@ -81,3 +82,13 @@ def test_a_trial_whose_returned_model_no_run_measured_is_left_out_of_that_compar
     assert rows[0]["returned_worst_drop"] is None and rows[1]["returned_worst_drop"] is not None
     s = gc.summarise(rows)["training slice"]
     assert s["trial"]["trials"] == 2 and s["returned"]["trials"] == 1
+
+
+def test_records_from_before_the_readings_field_name_the_earlier_variants(bench_script):
+    gc = bench_script("guard_calibration")
+    assert gc._source({"source": "guard_data"}) == "guard_data, labels only"
+    assert gc._source({"source": "training slice", "baseline": "untreated"}) == (
+        "training slice, untreated"
+    )
+    assert gc._source({"source": "training slice"}) == "training slice"
+    assert gc._source({"source": "guard_data", "readings": ["labels"]}) == "guard_data"

@@ -485,9 +485,8 @@ class BenchConfig:
             (e.g. ``knn_shapley[embed=input]/relabel[neighbours=20]``, see :func:`parse_step`).
             ``finetune[guard=...]`` runs :func:`netmend.repair`'s class guard first: ``true``
             (as the repair does), ``unbalanced`` (unless the balance gate balanced the causes),
-            ``data`` (measured on the ``validation_share`` split, as ``guard_data``) or
-            ``untreated`` (the training slice read against the trial that removes nothing);
-            every trial is also read on the test set (``guard.trial_test_class_acc``).
+            or ``data`` (measured on the ``validation_share`` split, as ``guard_data``); every
+            trial is also read on the test set (``guard.trial_test_class_acc``).
         references: any of :data:`REFERENCES`.
         seeds: one suite instance per seed.
         cv_folds: folds of the cleanlab reference's cross-validation.
@@ -774,7 +773,6 @@ def run_suite(
                 g = guard_k(
                     measured, model, as_source(noisy), ident.causes, seed, device,
                     guard_data=guard_data,
-                    baseline="untreated" if guard_opt == "untreated" else "original",
                 )  # fmt: skip
                 cell["guard"] = g.as_dict()
                 cell["guard"]["trial_test_class_acc"] = _trial_readings(calls, g, noisy[1], seed)

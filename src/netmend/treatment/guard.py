@@ -106,8 +106,8 @@ class GuardRecord:
         skipped: why the guard did not run, if it did not.
         source: what the guard measured: ``"training slice"`` (a slice held out of the trial
             fine-tunes) or ``"guard_data"`` (the user's validation data).
-        baseline: what the readings compare a trial with (``"original"`` or
-            ``"untreated"``; see :func:`guard_k`).
+        readings: how a class's fall is read (both sources read both; see the module
+            docstring).
         model: with ``guard_data``, the trial model at the chosen K: the repair's own
             treatment call on ``causes[:k]``, which the repair returns rather than training
             it again; ``None`` otherwise. Not part of :meth:`as_dict`.
@@ -122,7 +122,7 @@ class GuardRecord:
     passed: bool = True
     skipped: str | None = None
     source: str = "training slice"
-    baseline: str = "original"
+    readings: tuple[str, ...] = ("labels", "agreement net of churn")
     model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, Any]:
@@ -172,7 +172,6 @@ def guard_k(
     max_class_drop: float = MAX_CLASS_DROP,
     max_halvings: int = MAX_HALVINGS,
     guard_data: DataSource | None = None,
-    baseline: str = "original",
 ) -> GuardRecord:
     """Choose how many of ``causes`` (most harmful first) a fine-tune may remove.
 
@@ -190,12 +189,6 @@ def guard_k(
             held out of the training set, and keeps the accepted trial as ``record.model``
             (see the module docstring). Classes with fewer than :data:`MIN_PER_CLASS` of its
             examples are not judged.
-        baseline: what the training-slice readings compare a trial with: ``"original"`` (the
-            original model, with the churn trial discounted from the agreement reading; the
-            default) or ``"untreated"`` (the trial that removes nothing, ``treat_fn(V)``, run
-            first: it never trained on the slice either, so neither reading compares with
-            predictions memorised from the slice's labels; experimental, one fine-tune more
-            when the default would not need the churn trial).
 
     Returns:
         A :class:`GuardRecord`; ``record.k`` is the K to use. Warns when every halving failed.
@@ -220,10 +213,6 @@ def guard_k(
             return GuardRecord(k0, k0, skipped=why, source="guard_data")
         held = guard_data
         n_classes = max(int(train.labels.max()), int(guard_data.labels.max())) + 1
-    if baseline not in ("original", "untreated"):
-        raise ValueError(f"baseline is 'original' or 'untreated', not {baseline!r}")
-    if baseline == "untreated" and guard_data is not None:
-        raise ValueError("baseline='untreated' is for the training slice, not guard_data")
     labels = held.labels.cpu()
     judged = np.asarray(classes)
 
@@ -233,13 +222,12 @@ def guard_k(
         acc = np.asarray(class_accuracies_of(pred, labels, n_classes))[judged]
         return acc, pred.numpy()
 
-    untreated = baseline == "untreated"
-    before, original = readings(treat_fn(val) if untreated else model)
-    called = torch.from_numpy(original)  # the baseline's predictions, read as the labels
+    before, original = readings(model)
+    called = torch.from_numpy(original)  # the original's predictions, read as the labels
 
     def agree_drop(pred: np.ndarray) -> np.ndarray:
-        """Per judged class: share of what the baseline calls c that ``pred`` does not (0 for
-        a class the baseline calls nothing)."""
+        """Per judged class: share of what the original calls c that ``pred`` does not (0 for
+        a class the original calls nothing)."""
         agree = class_accuracies_of(torch.from_numpy(pred), called, n_classes)
         return np.nan_to_num(1.0 - np.asarray(agree)[judged], nan=0.0)
 
@@ -250,7 +238,6 @@ def guard_k(
         judged_classes=classes,
         passed=False,
         source="training slice" if guard_data is None else "guard_data",
-        baseline=baseline,
     )
     churn: np.ndarray | None = None
     k = k0
@@ -262,10 +249,9 @@ def guard_k(
         label = before - acc
         raw = agree_drop(pred)
         agree = np.zeros_like(raw)
-        if untreated:  # the baseline never saw the slice: no churn to discount
-            agree = raw
-        elif guard_data is None and label.max() <= max_class_drop and raw.max() > max_class_drop:
-            if churn is None:  # the same trial with no causes removed, once
+        if label.max() <= max_class_drop and raw.max() > max_class_drop:
+            if churn is None:  # the same trial with no causes removed, once (V: empty with
+                # guard_data, where it is the finetune-only repair)
                 churn = agree_drop(readings(treat_fn(val))[1])
                 record.churn = [float(v) for v in churn]
             agree = raw - churn
