@@ -534,5 +534,5 @@ def test_guard_trials_are_read_on_the_test_set_one_per_try_without_the_churn_tri
     g = GuardRecord(40, 20, tries=[{"k": 40}, {"k": 20}])
     assert _trial_readings(calls, g, y, seed=4) == [[0.1], [0.3]]
     g = GuardRecord(40, 20, tries=[{"k": 40}, {"k": 20}], source="guard_data")
-    calls = [(np.arange(40), [0.1]), (np.arange(20), [0.3])]
+    calls = [(np.arange(40), [0.1]), (np.zeros(0, np.int64), [0.2]), (np.arange(20), [0.3])]
     assert _trial_readings(calls, g, y, seed=4) == [[0.1], [0.3]]

@@ -716,10 +716,11 @@ def repair(
             ``treatment_info["guard"]``; ``causes`` are the ones finally removed.
         guard_data: labelled examples the original model never trained on (a validation
             split, e.g. the set the failures were found in). If given, the guard measures its
-            trials there by the labels instead of on a slice of the training set (no bias
-            against label cleaning; see :mod:`netmend.treatment.guard`), and the accepted
-            trial is the returned model, so the guard costs one fine-tune fewer. Implies
-            ``guard=True``; refused with ``guard=False`` or a treatment other than "finetune".
+            trials there, the same two ways, instead of on a slice held out of the training
+            set; the accepted trial is the returned model, so the model handed back is the
+            one measured, and the guard costs one fine-tune fewer (see
+            :mod:`netmend.treatment.guard`). Implies ``guard=True``; refused with
+            ``guard=False`` or a treatment other than "finetune".
 
     Returns:
         A :class:`RepairResult` with ``scores`` (``[N]``, positive = harmful), ``causes``,

@@ -345,11 +345,10 @@ def _trial_readings(
     calls: list[tuple[np.ndarray, list[float]]], g: Any, labels: torch.Tensor, seed: int
 ) -> list[list[float]]:
     """The test-set class accuracies of the guard's trials, one per ``g.tries`` entry (the
-    training-slice guard's churn trial, the call that removes the slice alone, is dropped)."""
-    if g.source == "guard_data":
-        return [acc for _, acc in calls]
-    val = holdout_slice(labels, seed)[0]
-    return [acc for c, acc in calls if not np.array_equal(c, val)]
+    churn trial, the call that removes no causes, is dropped: the slice alone for the
+    training-slice guard, nothing with ``guard_data``)."""
+    churn = np.zeros(0, np.int64) if g.source == "guard_data" else holdout_slice(labels, seed)[0]
+    return [acc for c, acc in calls if not np.array_equal(c, churn)]
 
 
 def _split(model: nn.Module, data: SuiteData, device: torch.device) -> FailureSplit:
