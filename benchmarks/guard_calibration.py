@@ -150,6 +150,32 @@ def _errors(rs: list[dict[str, Any]], key: str) -> dict[str, Any]:
     }
 
 
+def _mean_se(v: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error over seeds (no s.e. for one seed)."""
+    a = np.asarray(v, dtype=float)
+    return float(a.mean()), float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else None
+
+
+def repairs(finals: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per way of running the guard, what its final cells did over the seeds: K per seed,
+    the diagnosis gains over random-K (points, mean and s.e.) and the Pareto passes."""
+    out: dict[str, Any] = {}
+    for source in sorted({f["source"] for f in finals}):
+        fin = sorted((f for f in finals if f["source"] == source), key=lambda f: f["seed"])
+        held, held_se = _mean_se([f["heldout_gain"] for f in fin])
+        test, test_se = _mean_se([f["test_gain"] for f in fin])
+        out[source] = {
+            "seeds": [f["seed"] for f in fin],
+            "k": [f["k"] for f in fin],
+            "heldout_gain": held,
+            "heldout_gain_se": held_se,
+            "test_gain": test,
+            "test_gain_se": test_se,
+            "passed": sum(f["passed"] for f in fin),
+        }
+    return out
+
+
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Per way of running the guard: its error against the test set's reading of the trial
     model (``trial``) and of the model returned at that K (``returned``): mean |guard − test|
@@ -188,6 +214,7 @@ def main() -> None:
         "trials": rows,
         "finals": finals,
         "summary": summarise(rows),
+        "repairs": repairs(finals),
     }
     write_json_atomic(args.out, out)
     print(json.dumps(out["summary"], indent=1))

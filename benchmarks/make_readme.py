@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import re
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -844,7 +843,7 @@ def guard_calibration(d: dict[str, Any]) -> str:
             [
                 str(t["seed"]),
                 _GUARD[t["source"]],
-                f"{t['k']:,}",
+                str(t["k"]),
                 _drop_cell(t["guard_drop"], t["guard_class"]),
                 _drop_cell(t["test_worst_drop"], t["test_worst_class"]),
                 _drop_cell(ref, t["returned_worst_class"]),
@@ -859,33 +858,27 @@ def guard_calibration(d: dict[str, Any]) -> str:
     return rows(head, body)
 
 
-def _mean_se(v: list[float]) -> str:
-    """``mean ± s.e.`` over seeds, signed (no s.e. for one seed)."""
-    text = f"{statistics.mean(v):+.2f}"
-    return text + (f" ± {statistics.stdev(v) / math.sqrt(len(v)):.2f}" if len(v) > 1 else "")
-
-
 def guard_calibration_summary(d: dict[str, Any]) -> str:
     """Per way of running the guard: its reading error, its decisions, and the repairs."""
+
+    def pm(mean: float, se: float | None) -> str:
+        return f"{mean:+.2f}" + ("" if se is None else f" ± {se:.2f}")
+
     body = []
     for source, m in d["summary"].items():
-        fin = [f for f in d["finals"] if f["source"] == source]
+        rep = d["repairs"][source]
         tr, ret = m["trial"], m["returned"]
         body.append(
             [
                 _GUARD[source],
                 str(tr["trials"]),
                 f"{tr['mean_abs_error_points']:.1f} ({tr['mean_error_points']:+.1f})",
-                f"{ret['mean_abs_error_points']:.1f} ({ret['mean_error_points']:+.1f}), "
-                f"{ret['trials']} trials"
-                if ret["trials"]
-                else "–",
-                f"{tr['decisions_differing_from_test']} / "
-                + (str(ret["decisions_differing_from_test"]) if ret["trials"] else "–"),
-                " / ".join(f"{f['k']:,}" for f in fin),
-                _mean_se([f["heldout_gain"] for f in fin]),
-                _mean_se([f["test_gain"] for f in fin]),
-                f"{sum(f['passed'] for f in fin)} of {len(fin)}",
+                f"{ret['mean_abs_error_points']:.1f} ({ret['mean_error_points']:+.1f})",
+                f"{tr['decisions_differing_from_test']} / {ret['decisions_differing_from_test']}",
+                " / ".join(str(k) for k in rep["k"]),
+                pm(rep["heldout_gain"], rep["heldout_gain_se"]),
+                pm(rep["test_gain"], rep["test_gain_se"]),
+                f"{rep['passed']} of {len(rep['k'])}",
             ]
         )
     head = ["guard reads", "trials", "mean abs (signed) error vs the trial model, points"]

@@ -92,3 +92,20 @@ def test_records_from_before_the_readings_field_name_the_earlier_variants(bench_
     )
     assert gc._source({"source": "training slice"}) == "training slice"
     assert gc._source({"source": "guard_data", "readings": ["labels"]}) == "guard_data"
+
+
+def test_repairs_summarise_each_guards_final_cells_over_seeds(bench_script):
+    gc = bench_script("guard_calibration")
+    finals = []
+    for seed, gain in ((3, 0.02), (4, 0.04)):
+        result = _result(seed)
+        for c in result["cells"][1:]:
+            c["gain"]["heldout_gain"] = gain
+        finals += gc.trials(result, gc.returned_models([result]))[1]
+    rep = gc.repairs(finals)["guard_data"]
+    assert rep["seeds"] == [3, 4] and rep["k"] == [50, 50] and rep["passed"] == 2
+    assert rep["heldout_gain"] == pytest.approx(3.0) and rep["heldout_gain_se"] == pytest.approx(
+        1.0
+    )
+    one = gc.repairs(finals[:1])["training slice"]
+    assert one["heldout_gain_se"] is None  # one seed: no standard error
