@@ -149,6 +149,8 @@ def _record(cell: dict[str, Any], original: dict[str, Any], ft_only: dict[str, A
         "original_test": original["test_acc"],
         "ft_only_test": ft_only["test_acc"],
         "ft_only_heldout": ft_only["heldout_failure_acc"],
+        "ft_only_correct": ft_only.get("correct_acc"),
+        "rk_correct": rk.get("correct_acc"),
     }
 
 
@@ -321,6 +323,21 @@ def paired_verdict(diff: dict[str, float | None]) -> str | None:
     return "better" if m > 2 * se else "worse" if m < -2 * se else "tie"
 
 
+def correct_set_controls(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The correct-set loss of the pipeline's controls (the same fine-tune with no causes,
+    and with K random ones) and the pipeline's loss beyond finetune-only's (paired per seed):
+    the fine-tune alone moves some of the examples the original got right."""
+    if any(r.get("ft_only_correct") is None or r.get("rk_correct") is None for r in recs):
+        return {}
+    return {
+        "correct_set_loss_finetune_only": _ms([1.0 - r["ft_only_correct"] for r in recs]),
+        "correct_set_loss_random_k": _ms([1.0 - r["rk_correct"] for r in recs]),
+        "correct_set_loss_over_finetune_only": _ms(
+            [r["ft_only_correct"] - r["correct"] for r in recs]
+        ),
+    }
+
+
 def summarise(suite: str, seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
     """Issue 11's figures for one suite over its seeds (fractions, not points), per pipeline."""
     order = sorted(seeds)
@@ -351,6 +368,7 @@ def summarise(suite: str, seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
             "repairs": repairs_on_means(hg["mean"], margin, drop),
             "seed_passes": sum(r["passed"] for r in recs),
             "correct_set_loss": _ms([1.0 - r["correct"] for r in recs]),
+            **correct_set_controls(recs),
             "random_k_heldout": _ms([r["rk_heldout"] for r in recs]),
             "random_k_test": _ms([r["rk_test"] for r in recs]),
             "guard_k": [[t["k"] for t in r["guard"]["tries"]] for r in recs if r.get("guard")],
@@ -441,6 +459,19 @@ def headline(suites: list[dict[str, Any]], name: str) -> dict[str, Any]:
         "correct_set_loss_within_target": sum(
             r["correct_set_loss"]["mean"] <= CORRECT_SET_TARGET for r in rows
         ),
+        "suites_with_correct_set_controls": sum(
+            "correct_set_loss_finetune_only" in r for r in rows
+        ),
+        "finetune_only_correct_set_loss_within_target": sum(
+            r["correct_set_loss_finetune_only"]["mean"] <= CORRECT_SET_TARGET
+            for r in rows
+            if "correct_set_loss_finetune_only" in r
+        ),
+        "correct_set_loss_over_finetune_only_within_target": sum(
+            r["correct_set_loss_over_finetune_only"]["mean"] <= CORRECT_SET_TARGET
+            for r in rows
+            if "correct_set_loss_over_finetune_only" in r
+        ),
         "k_cv_within_0.3": sum(r["k_cv"] is not None and r["k_cv"] <= 0.3 for r in rows),
         "suites_with_k_cv": sum(r["k_cv"] is not None for r in rows),
         "finetune_only_within_0.3_of_original": sum(
@@ -478,7 +509,11 @@ def _headline_lines(h: dict[str, Any]) -> list[str]:
         f"(held-out failures better on {v['better_heldout']}, worse on {v['worse_heldout']}; "
         f"test accuracy better on {v['better_test']}, worse on {v['worse_test']});",
         f"* loses ≤ 0.3 points on the test examples the original got right: "
-        f"{h['correct_set_loss_within_target']} of {h['suites']}; automatic K's CV over seeds "
+        f"{h['correct_set_loss_within_target']} of {h['suites']} (its control, the same "
+        f"fine-tune removing nothing, does on {h['finetune_only_correct_set_loss_within_target']}"
+        f" of {h['suites_with_correct_set_controls']}; ≤ 0.3 points beyond that control's "
+        f"loss: {h['correct_set_loss_over_finetune_only_within_target']} of "
+        f"{h['suites_with_correct_set_controls']}); automatic K's CV over seeds "
         f"≤ 0.3: {h['k_cv_within_0.3']} of {h['suites_with_k_cv']}; finetune-only within 0.3 "
         f"points of the original's test accuracy (converged): "
         f"{h['finetune_only_within_0.3_of_original']} of {h['suites']}.",
@@ -514,8 +549,9 @@ def render(doc: dict[str, Any]) -> str:
         "",
         "| suite | pipeline | seeds | K per seed (guard's tries) | precision | held-out F | test "
         "| gain vs random-K, held-out F | gain, test | oracle's gain, held-out F | test margin "
-        "| worst class drop | repairs | correct-set loss |",
-        "|" + "---|" * 14,
+        "| worst class drop | repairs | correct-set loss | finetune-only's | random-K's "
+        "| loss beyond finetune-only's |",
+        "|" + "---|" * 17,
     ]
     for s in doc["suites"]:
         for name, r in s["pipelines"].items():
@@ -529,7 +565,10 @@ def render(doc: dict[str, Any]) -> str:
                 f"| {_p(r.get('oracle_heldout_gain'), True)} "
                 f"| {_p(r['test_margin'], True, 2)} | {_p(r['worst_class_drop'])} "
                 f"| {'yes' if r['repairs'] else 'no'} ({r['seed_passes']} of "
-                f"{len(r['seeds'])} seeds) | {_p(r['correct_set_loss'], digits=2)} |"
+                f"{len(r['seeds'])} seeds) | {_p(r['correct_set_loss'], digits=2)} "
+                f"| {_p(r.get('correct_set_loss_finetune_only'), digits=2)} "
+                f"| {_p(r.get('correct_set_loss_random_k'), digits=2)} "
+                f"| {_p(r.get('correct_set_loss_over_finetune_only'), True, 2)} |"
             )
     lines += [
         "",
