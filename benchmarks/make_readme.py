@@ -897,6 +897,10 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "arch_timing_60k_rerun": (("benchmarks/arch_timing_fashion60k_rerun.json",), arch_timing),
     "arch_timing_60k_fisher": (("benchmarks/arch_timing_fashion60k_fisher.json",), arch_timing),
     "arch_timing_60k_repair": (("benchmarks/arch_timing_fashion60k_repair.json",), arch_timing),
+    "arch_timing_60k_guard_data": (
+        ("benchmarks/arch_timing_fashion60k_guard_data.json",),
+        arch_timing,
+    ),
     "validate_setup": (("benchmarks/validate.json",), validate_setup),
     "validate_logreg": (("benchmarks/validate.json",), validate_logreg),
     "validate_mlp": (("benchmarks/validate.json",), validate_mlp),
