@@ -220,7 +220,9 @@ def arch_timing(d: dict[str, Any]) -> str:
         if trials and guard.get("source") == "guard_data":
             treat = (
                 f"… of which the class guard's {trials} trial fine-tunes on `guard_data` "
-                f"(K {ks}), the accepted one returned"
+                f"(K {ks}"
+                + (", and the finetune-only repair" if guard.get("churn") is not None else "")
+                + "), the accepted one returned"
             )
         elif trials:
             treat += f" and the class guard's {trials} trial fine-tunes (K {ks}"
