@@ -376,7 +376,9 @@ def test_guard_data_is_where_the_class_guard_measures(tmp_path, capsys):
     clean = np.random.default_rng(5).integers(0, 3, 900)
     wrong = [i for i in range(400, 600) if int(predict(model, Xt[i : i + 1])[0]) != clean[i]]
     np.savez(tmp_path / "train.npz", X=X[:400], y=y[:400])
-    np.savez(tmp_path / "fail.npz", X=X[wrong], y=clean[wrong])
+    half = len(wrong) // 2
+    np.savez(tmp_path / "fail.npz", X=X[wrong[:half]], y=clean[wrong[:half]])
+    np.savez(tmp_path / "fail2.npz", X=X[wrong[half:]], y=clean[wrong[half:]])
     np.savez(tmp_path / "val.npz", X=X[600:], y=y[600:])  # ~100 per class, noisy like train
     out = tmp_path / "run"
     argv = [
@@ -404,3 +406,13 @@ def test_guard_data_is_where_the_class_guard_measures(tmp_path, capsys):
     )  # fmt: skip
     for p, q in zip(saved.parameters(), again.parameters(), strict=True):
         torch.testing.assert_close(p, q.double())
+    # new failures: a continual round, guarded on the same split; refused without it
+    more = [*argv[:8], "--resume", str(out), "--failures", str(tmp_path / "fail2.npz"),
+            *RECIPE_ARGS]  # fmt: skip
+    code, _, err = _run(more, capsys)
+    assert code == 2 and "saved with other guard_data" in err and "Traceback" not in err
+    code, _, err = _run([*more, "--guard-data", str(tmp_path / "val.npz")], capsys)
+    assert code == 0, err
+    rounds = json.loads((out / "summary.json").read_text())
+    assert [r["round"] for r in rounds["continual"]] == [1, 2]
+    assert rounds["guard"]["source"] == "guard_data"

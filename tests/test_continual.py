@@ -254,7 +254,7 @@ def test_every_round_runs_the_class_guard_with_the_rounds_own_treatment_call(pro
     model, _, (Xf, yf), _ = problem
     calls = []
 
-    def halving(treat_fn, original, train, causes, seed, device):  # noqa: ANN001, ANN202
+    def halving(treat_fn, original, train, causes, seed, device, guard_data=None):  # noqa: ANN001, ANN202
         assert original is r._work
         k = len(causes) // 2
         calls.append((treat_fn(causes[:k]), causes.copy()))  # a trial on the kept causes
@@ -281,7 +281,7 @@ def test_every_round_runs_the_class_guard_with_the_rounds_own_treatment_call(pro
     _repairer(problem, k=10).observe((Xf[:8], yf[:8]))  # an explicit k: no guard
     _repairer(problem, treat="relabel").observe((Xf[:8], yf[:8]))  # not a fine-tune: none
     assert len(calls) == n
-    with pytest.raises(ValueError, match="guard=True works with the 'finetune' treatment"):
+    with pytest.raises(ValueError, match="class guard works with the 'finetune' treatment"):
         _repairer(problem, treat="relabel", guard=True)
 
 
@@ -311,3 +311,48 @@ def test_the_label_gate_follows_identify_and_can_be_turned_off(problem):
     on.observe((Xf, yf))
     assert on.history[-1]["selection"]["label_gate"]["applied"]
     assert on.causes.size < off.causes.size
+
+
+def test_with_guard_data_a_round_is_the_guards_accepted_trial(problem, monkeypatch, tmp_path):
+    """Round 1 with a validation split is netmend.repair(..., guard_data=...): the same causes
+    and model. Each round makes one treatment call per guard trial and none after (the
+    accepted trial is the round's model); a saved state resumes exactly, and only with the
+    same split."""
+    import netmend.api as api_mod
+
+    model, train, (Xf, yf), test = problem
+    calls: list[int] = []
+    real = api_mod.treat
+
+    def counted(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(len(args[2]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api_mod, "treat", counted)
+    r = _repairer(problem, guard_data=test)
+    r.observe((Xf[:8], yf[:8]))
+    g = r.history[-1]["selection"]["guard"]
+    assert g["source"] == "guard_data" and not g["skipped"] and g["holdout"] == len(test[1])
+    assert len(calls) == len(g["tries"]) + (g["churn"] is not None)
+    monkeypatch.setattr(api_mod, "treat", real)
+    ref = netmend.repair(model, train, (Xf[:8], yf[:8]), train_config=RECIPE, device="cpu",
+                         progress=False, guard_data=test)  # fmt: skip
+    np.testing.assert_array_equal(r.causes, ref.causes)
+    for a, b in zip(r.model.parameters(), ref.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    assert r._first_steps is not None  # set as the round's own treatment call sets it
+    r.save(tmp_path / "state")
+    r.observe((Xf[8:], yf[8:]))  # a warm round, guarded on the split as well
+    assert r.history[-1]["selection"]["guard"]["source"] == "guard_data"
+    kw = dict(train_config=RECIPE, device="cpu", progress=False, eval_sets={"test": test})
+    b = Repairer.load(tmp_path / "state", model, train, guard_data=test, **kw)
+    b.observe((Xf[8:], yf[8:]))
+    np.testing.assert_array_equal(b.causes, r.causes)
+    for p, q in zip(b.model.parameters(), r.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="guard_data"):
+        Repairer.load(tmp_path / "state", model, train, **kw)  # without the split
+    with pytest.raises(ValueError, match="guard_data is read only by the class guard"):
+        _repairer(problem, guard=False, guard_data=test)
+    with pytest.raises(ValueError, match="finetune"):
+        _repairer(problem, treat="relabel", guard_data=test)

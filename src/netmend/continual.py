@@ -141,6 +141,10 @@ class Repairer:
             every round against the original model. ``None`` (default): on with the automatic
             K and the "finetune" treatment. Its record is the round's
             ``history[i]["selection"]["guard"]``.
+        guard_data: a labelled validation split the original never trained on, as
+            :func:`netmend.repair`'s: every round's guard measures its trials there, and the
+            accepted trial is the round's model (no second fine-tune). Implies the guard; part
+            of the saved settings (:meth:`load` needs the same split).
 
     Attributes:
         model: the current repaired model (``None`` before the first round).
@@ -171,6 +175,7 @@ class Repairer:
         fisher: torch.Tensor | None = None,
         gate: bool | None = None,
         guard: bool | None = None,
+        guard_data: DataLike | None = None,
     ):
         if not 0 < continue_fraction <= 1:
             raise ValueError(f"continue_fraction must lie in (0, 1]; got {continue_fraction}")
@@ -178,9 +183,16 @@ class Repairer:
             raise ValueError(f"mix must lie in (0, 1] (1: no mixing); got {mix}")
         if not is_auto_k(k):
             identification.select(np.zeros(2), k)  # validates k
+        if guard_data is not None and guard is False:
+            raise ValueError(
+                "guard_data is read only by the class guard: drop it or pass guard=True"
+            )
+        if guard is None and guard_data is not None:
+            guard = True
         if guard and treat != "finetune":
             raise ValueError(
-                f"guard=True works with the 'finetune' treatment, not {treat!r}: pass guard=False"
+                f"the class guard works with the 'finetune' treatment, not {treat!r}: pass "
+                "guard=False (and no guard_data)"
             )
         self.guard = is_auto_k(k) and treat == "finetune" if guard is None else guard
         self.gate = gate
@@ -198,6 +210,11 @@ class Repairer:
                 f"Repairer needs the training inputs as one tensor; got {type(X).__name__}"
             )
         self._X: torch.Tensor = X
+        self._guard_data = None
+        if guard_data is not None:
+            gX, gy = as_tensors(guard_data, "guard_data")
+            check_labels(gy, self.num_classes, "guard_data")
+            self._guard_data = (_as_dtype(gX, param_dtype(self._work)), gy)
         self.treat, self.k, self.seed, self.l2 = treat, k, seed, l2
         self.train_config = train_config or TrainConfig()
         self.chunk_size, self.progress = chunk_size, progress
@@ -371,11 +388,10 @@ class Repairer:
         self._failures_X, self._failures_y = Xb, yb
         self.causes = np.asarray(causes, dtype=np.int64).copy()
         self.model = repaired
-        n, kk = self._X.shape[0], int(self.causes.size)
+        kk = int(self.causes.size)
         self._selection = {"rule": "adopted", "k": kk}
         if self.treat == "finetune" and self.warm_start and kk:
-            cfg = finetune_recipe(self.train_config, n, n - kk, self.treat_options)
-            self._first_steps = max(1, round(cfg.epochs * (n - kk) / cfg.batch_size))
+            self._set_first_steps(kk)
         self._record(int(yb.shape[0]), set(), {}, secs)
 
     def per_failure(self, failures: DataLike) -> np.ndarray:
@@ -417,23 +433,39 @@ class Repairer:
         old = set(self.causes.tolist())
         self.causes = self._select()
         seconds["identify"] = time.perf_counter() - t
+        accepted: tuple[nn.Module, dict[str, Any]] | None = None
         if self.guard and self.causes.size:
             t = time.perf_counter()
+            trials: list[tuple[nn.Module, dict[str, Any]]] = []
+
+            def trial(c: np.ndarray) -> nn.Module:
+                rec: dict[str, Any] = {}
+                trials.append((self._treat(rec, c), rec))
+                return trials[-1][0]
+
             g = guard_k(
-                lambda c: self._treat({}, c),
+                trial,
                 self._work,
                 as_source((self._X, self._y), "train"),
                 self.causes,
                 self.seed,
                 self.device,
+                guard_data=None if self._guard_data is None else as_source(self._guard_data),
             )
             self._selection["guard"] = g.as_dict()
             self.causes = self.causes[: g.k]
+            if g.model is not None:  # guard_data: the accepted trial is this round's call
+                accepted = next((m, rec) for m, rec in trials if m is g.model)
             seconds["guard"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        record: dict[str, Any] = {}
-        self.model = self._treat(record)
+        if accepted is not None:
+            self.model, record = accepted
+            if self._first_steps is None and self.treat == "finetune" and self.warm_start:
+                self._set_first_steps(int(self.causes.size))  # as the round's own call would
+        else:
+            record = {}
+            self.model = self._treat(record)
         seconds["treat"] = time.perf_counter() - t
         seconds["total"] = time.perf_counter() - t0
         self._record(m, old, record, seconds)
@@ -477,17 +509,15 @@ class Repairer:
         trials pass theirs, and the same call is made with only the causes changed)."""
         trial = causes is not None
         causes = self.causes if causes is None else causes
-        if causes.size == 0:  # nothing to remove: the model stays as it is
+        if causes.size == 0 and not trial:  # nothing to remove: the model stays as it is
             base = self.model if self.model is not None else self._work
             return copy.deepcopy(base).eval()
         opts = dict(self.treat_options)
         start: nn.Module = self._work
-        n, kk = self._X.shape[0], int(causes.size)
         if self.treat == "finetune" and self.warm_start:
             if self._first_steps is None:
                 if not trial:  # a warm round's length follows the first real round's
-                    cfg = finetune_recipe(self.train_config, n, n - kk, opts)
-                    self._first_steps = max(1, round(cfg.epochs * (n - kk) / cfg.batch_size))
+                    self._set_first_steps(int(causes.size))
             elif self.model is not None:
                 start = self.model
                 opts.pop("epochs", None)
@@ -506,12 +536,20 @@ class Repairer:
             fisher=self.fisher if start is self._work else None,
             failures=(self._failures_X, self._failures_y),
             record=record,
+            allow_no_causes=trial,  # the guard's churn trial with guard_data removes nothing
             **opts,
         )
         if start is not self._work and self.mix < 1:
             record["mix"] = self.mix
             return _interpolate(start, treated, self.mix)
         return treated
+
+    def _set_first_steps(self, kk: int) -> None:
+        """The first real round's fine-tune length in optimiser steps (``kk`` causes removed),
+        which later warm rounds take a fraction of."""
+        n = self._X.shape[0]
+        cfg = finetune_recipe(self.train_config, n, n - kk, self.treat_options)
+        self._first_steps = max(1, round(cfg.epochs * (n - kk) / cfg.batch_size))
 
     # ------------------------------------------------------------------ persistence
     def _fingerprint(self) -> dict[str, Any]:
@@ -521,6 +559,9 @@ class Repairer:
             "treat": self.treat,
             "k": self.k,
             "guard": self.guard,
+            "guard_data": None
+            if self._guard_data is None
+            else store.tensor_hash(*self._guard_data),
             "gate": self.gate,
             "seed": self.seed,
             "l2": self.l2 if isinstance(self.l2, str) else float(self.l2),

@@ -396,6 +396,7 @@ def run(args: argparse.Namespace) -> int:
         train_config=config,
         gate=False if args.no_gate else None,
         guard=False if args.no_guard else None,
+        guard_data=None if data.guard_data is None else (data.guard_data.X, data.guard_data.y),
         **common,
     )
     record: dict[str, Any] = {}
@@ -418,11 +419,6 @@ def run(args: argparse.Namespace) -> int:
             **common,
         )
 
-    if continual and data.guard_data is not None:
-        raise BadInput(
-            "--guard-data is read by a first run only: continual rounds guard K with a slice "
-            "of the training set; drop --guard-data"
-        )
     if continual:  # new failures for an earlier run: one more round of continual repair
         if not (state_dir / STATE_FILE).is_file():
             raise BadInput(
