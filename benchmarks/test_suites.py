@@ -309,6 +309,11 @@ def from_demo(demo: dict[str, Any], cleanlab: dict[str, Any] | None) -> dict[int
     return out
 
 
+def _cv(values: list[int]) -> float | None:
+    """Coefficient of variation over seeds (``None`` with one seed)."""
+    return float(np.std(values, ddof=1) / np.mean(values)) if len(values) > 1 else None
+
+
 def _ms(values: list[float]) -> dict[str, float | None]:
     m, se = mean_se(values)
     return {"mean": m, "se": None if math.isnan(se) else se}
@@ -357,7 +362,10 @@ def summarise(suite: str, seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
         row: dict[str, Any] = {
             "seeds": have,
             "k": ks,
-            "k_cv": float(np.std(ks, ddof=1) / np.mean(ks)) if len(ks) > 1 else None,
+            "k_cv": _cv(ks),
+            "k_cv_before_guard": _cv([r["guard"]["tries"][0]["k"] for r in recs])
+            if all(r.get("guard") and r["guard"]["tries"] for r in recs)
+            else None,
             "precision": float(np.mean([r["precision"] for r in recs])),
             "heldout": _ms([r["heldout"] for r in recs]),
             "test": _ms([r["test"] for r in recs]),
@@ -473,6 +481,10 @@ def headline(suites: list[dict[str, Any]], name: str) -> dict[str, Any]:
             if "correct_set_loss_over_finetune_only" in r
         ),
         "k_cv_within_0.3": sum(r["k_cv"] is not None and r["k_cv"] <= 0.3 for r in rows),
+        "k_cv_before_guard_within_0.3": sum(
+            r.get("k_cv_before_guard") is not None and r["k_cv_before_guard"] <= 0.3 for r in rows
+        ),
+        "suites_with_k_cv_before_guard": sum(r.get("k_cv_before_guard") is not None for r in rows),
         "suites_with_k_cv": sum(r["k_cv"] is not None for r in rows),
         "finetune_only_within_0.3_of_original": sum(
             abs(s["finetune_only_minus_original_test"]["mean"]) <= CONVERGED_TARGET for s in have
@@ -514,7 +526,14 @@ def _headline_lines(h: dict[str, Any]) -> list[str]:
         f" of {h['suites_with_correct_set_controls']}; ≤ 0.3 points beyond that control's "
         f"loss: {h['correct_set_loss_over_finetune_only_within_target']} of "
         f"{h['suites_with_correct_set_controls']}); automatic K's CV over seeds "
-        f"≤ 0.3: {h['k_cv_within_0.3']} of {h['suites_with_k_cv']}; finetune-only within 0.3 "
+        f"≤ 0.3: {h['k_cv_within_0.3']} of {h['suites_with_k_cv']}"
+        + (
+            f" (before the class guard halves it: {h['k_cv_before_guard_within_0.3']} of "
+            f"{h['suites_with_k_cv_before_guard']})"
+            if h["suites_with_k_cv_before_guard"]
+            else ""
+        )
+        + "; finetune-only within 0.3 "
         f"points of the original's test accuracy (converged): "
         f"{h['finetune_only_within_0.3_of_original']} of {h['suites']}.",
     ]
