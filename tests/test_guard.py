@@ -338,3 +338,28 @@ def test_repair_refuses_guard_data_it_would_not_read(blobs, blobs_logreg, blobs_
             blobs_logreg, data, failures, treat="relabel", guard_data=blobs_validation,
             progress=False,
         )  # fmt: skip
+
+
+def test_guard_data_may_be_a_dataset_read_in_batches(blobs, blobs_logreg, blobs_validation) -> None:
+    """guard_data goes through the same data layer as the training set: a map-style Dataset
+    gives the same guard and the same repaired model as tensors."""
+    from torch.utils.data import Dataset
+
+    class Items(Dataset):
+        def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+            self.X, self.y = X, y
+
+        def __len__(self) -> int:
+            return len(self.y)
+
+        def __getitem__(self, i: int):  # noqa: ANN204
+            return self.X[i], self.y[i]
+
+    data, failures = (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
+    kw = dict(seed=0, progress=False, chunk_size=16)
+    a = netmend.repair(blobs_logreg, data, failures, guard_data=blobs_validation, **kw)
+    b = netmend.repair(blobs_logreg, data, failures, guard_data=Items(*blobs_validation), **kw)
+    assert a.treatment_info["guard"] == b.treatment_info["guard"]
+    assert not a.treatment_info["guard"]["skipped"]
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        torch.testing.assert_close(p, q)
