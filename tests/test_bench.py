@@ -442,7 +442,7 @@ def test_guarded_pipeline_removes_the_guards_k_and_judges_it_at_that_k(monkeypat
 
     seen = {}
 
-    def fake_guard(treat_fn, model, train, causes, seed, device, guard_data=None):
+    def fake_guard(treat_fn, model, train, causes, seed, device, guard_data=None, shrink=0.5):
         seen["k0"] = len(causes)
         return GuardRecord(len(causes), 3, [{"k": 3, "worst_class": 0, "worst_class_drop": 0}])
 
@@ -492,7 +492,7 @@ def test_guard_data_option_gives_the_validation_split_to_the_guard(monkeypatch):
 
     seen = {}
 
-    def fake_guard(treat_fn, model, train, causes, seed, device, guard_data=None):
+    def fake_guard(treat_fn, model, train, causes, seed, device, guard_data=None, shrink=0.5):
         seen["train"], seen["guard_data"] = len(train), guard_data
         return GuardRecord(len(causes), len(causes))
 

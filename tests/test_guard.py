@@ -363,3 +363,22 @@ def test_guard_data_may_be_a_dataset_read_in_batches(blobs, blobs_logreg, blobs_
     assert not a.treatment_info["guard"]["skipped"]
     for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+
+
+def test_a_finer_back_off_tries_more_ks_down_to_the_same_smallest() -> None:
+    X, y = _train()
+    train = as_source((X, y), "train")
+    val, _ = guard.holdout_slice(y, seed=0)
+    causes = np.arange(6000)[::-1][:1000].copy()
+
+    def treat_fn(c: np.ndarray) -> nn.Module:
+        return Rule(collapse=np.setdiff1d(c, val).size > 300)
+
+    g = guard.guard_k(treat_fn, Rule(), train, causes, 0, "cpu", shrink=0.71)
+    assert [t["k"] for t in g.tries] == [1000, 710, 504, 357, 254] and g.passed
+    with pytest.warns(UserWarning, match="from 64 to 8"):  # six steps, the same K/8 at the end
+        g = guard.guard_k(lambda c: Rule(collapse=True), Rule(), train, np.arange(64), 0, "cpu",
+                          shrink=0.71)  # fmt: skip
+    assert len(g.tries) == 7
+    with pytest.raises(ValueError, match="shrink"):
+        guard.guard_k(treat_fn, Rule(), train, causes, 0, "cpu", shrink=1.0)

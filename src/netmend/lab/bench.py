@@ -747,6 +747,7 @@ def run_suite(
             if "label_gate" in ident.info:
                 cell["label_gate"] = ident.info["label_gate"]
             guard_opt = options.pop("guard", False)
+            shrink = float(options.pop("guard_shrink", 0.5))  # dev runs: the back-off factor
             if guard_opt == "unbalanced":  # the guard, unless the balance gate balanced C
                 guard_opt = not ident.info.get("label_gate", {}).get("balanced", 0)
             use_guard = bool(guard_opt)
@@ -771,7 +772,7 @@ def run_suite(
 
                 g = guard_k(
                     measured, model, as_source(noisy), ident.causes, seed, device,
-                    guard_data=guard_data,
+                    guard_data=guard_data, shrink=shrink,
                 )  # fmt: skip
                 cell["guard"] = g.as_dict()
                 cell["guard"]["trial_test_class_acc"] = _trial_readings(calls, g, noisy[1], seed)

@@ -58,6 +58,7 @@ returns is that call).
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -172,6 +173,7 @@ def guard_k(
     max_class_drop: float = MAX_CLASS_DROP,
     max_halvings: int = MAX_HALVINGS,
     guard_data: DataSource | None = None,
+    shrink: float = 0.5,
 ) -> GuardRecord:
     """Choose how many of ``causes`` (most harmful first) a fine-tune may remove.
 
@@ -189,6 +191,10 @@ def guard_k(
             held out of the training set, and keeps the accepted trial as ``record.model``
             (see the module docstring). Classes with fewer than :data:`MIN_PER_CLASS` of its
             examples are not judged.
+        shrink: each K tried is the first times ``shrink`` to the power of the step (0.5:
+            halving, the default); the steps reach the same smallest K,
+            ``k0 * 0.5 ** max_halvings`` (e.g. 0.71: six steps instead of three; dev runs only,
+            ``benchmarks/README.md``).
 
     Returns:
         A :class:`GuardRecord`; ``record.k`` is the K to use. Warns when every halving failed.
@@ -241,9 +247,12 @@ def guard_k(
     )
     churn: np.ndarray | None = None
     k = k0
-    for step in range(max_halvings + 1):
+    if not 0.0 < shrink < 1.0:
+        raise ValueError(f"shrink is a factor in (0, 1), not {shrink}")
+    steps = max(1, round(max_halvings * math.log(0.5) / math.log(shrink)))
+    for step in range(steps + 1):
         if step:
-            k = max(1, k // 2)
+            k = max(1, int(k0 * shrink**step))
         trial = treat_fn(np.union1d(causes[:k], val) if guard_data is None else causes[:k])
         acc, pred = readings(trial)
         label = before - acc
