@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +50,17 @@ treatment call on ``causes[:K]`` with nothing held out (deterministic given the 
 same in every run of that suite instance)."""
 
 
-def _source(g: dict[str, Any]) -> str:
+def _source(g: dict[str, Any], pipeline: str = "") -> str:
     """How the guard ran: where it read (``source``), and for records from before its
     ``readings`` field, the earlier variants (labels only on guard_data; the slice read against
-    the untreated trial, commit 10176ac)."""
+    the untreated trial, commit 10176ac); a back-off other than halving is named from the
+    pipeline's ``guard_shrink`` option."""
     if g.get("baseline") == "untreated":
         return "training slice, untreated"
     if g["source"] == "guard_data" and "readings" not in g:
         return "guard_data, labels only"
-    return str(g["source"])
+    shrink = re.search(r"guard_shrink=([0-9.]+)", pipeline)
+    return str(g["source"]) + (f", shrink {shrink.group(1)}" if shrink else "")
 
 
 def returned_models(results: list[dict[str, Any]]) -> Returned:
@@ -97,7 +100,7 @@ def trials(
         g = c.get("guard")
         if c.get("status") != "ok" or not g or g.get("skipped"):
             continue
-        source = _source(g)
+        source = _source(g, c["pipeline"])
         for t, acc in zip(g["tries"], g["trial_test_class_acc"], strict=True):
             worst, cls = _drop(original, acc)
             ret, ret_cls = _drop(original, returned.get((result["seed"], t["k"])))

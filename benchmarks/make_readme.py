@@ -875,8 +875,12 @@ def guard_calibration_summary(d: dict[str, Any]) -> str:
                 _GUARD[source],
                 str(tr["trials"]),
                 f"{tr['mean_abs_error_points']:.1f} ({tr['mean_error_points']:+.1f})",
-                f"{ret['mean_abs_error_points']:.1f} ({ret['mean_error_points']:+.1f})",
-                f"{tr['decisions_differing_from_test']} / {ret['decisions_differing_from_test']}",
+                f"{ret['mean_abs_error_points']:.1f} ({ret['mean_error_points']:+.1f}), "
+                f"{ret['trials']} trials"
+                if ret["trials"]
+                else "–",
+                f"{tr['decisions_differing_from_test']} / "
+                + (str(ret["decisions_differing_from_test"]) if ret["trials"] else "–"),
                 " / ".join(str(k) for k in rep["k"]),
                 pm(rep["heldout_gain"], rep["heldout_gain_se"]),
                 pm(rep["test_gain"], rep["test_gain_se"]),

@@ -109,3 +109,12 @@ def test_repairs_summarise_each_guards_final_cells_over_seeds(bench_script):
     )
     one = gc.repairs(finals[:1])["training slice"]
     assert one["heldout_gain_se"] is None  # one seed: no standard error
+
+
+def test_a_finer_back_off_is_told_apart_by_the_pipelines_option(bench_script):
+    gc = bench_script("guard_calibration")
+    g = {"source": "training slice", "readings": ["labels"]}
+    assert gc._source(g, "ewc[gate=true]/finetune[guard=true,guard_shrink=0.71]") == (
+        "training slice, shrink 0.71"
+    )
+    assert gc._source(g, "ewc[gate=true]/finetune[guard=true]") == "training slice"
