@@ -827,6 +827,7 @@ _GUARD = {
     "training slice, untreated": "training slice, vs the untreated trial",
     "guard_data": "`guard_data` (validation split), both readings",
     "guard_data, labels only": "`guard_data`, labels only (first version)",
+    "training slice, shrink 0.71": "training slice, `guard_shrink=0.71`",
 }
 
 
@@ -937,6 +938,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
         dattri_trak50,
     ),
     "guard_calibration": (("benchmarks/guard_calibration.json",), guard_calibration),
+    "guard_shrink_summary": (("benchmarks/guard_shrink.json",), guard_calibration_summary),
+    "guard_shrink": (("benchmarks/guard_shrink.json",), guard_calibration),
     "guard_calibration_summary": (
         ("benchmarks/guard_calibration.json",),
         guard_calibration_summary,
