@@ -382,3 +382,11 @@ def test_a_finer_back_off_tries_more_ks_down_to_the_same_smallest() -> None:
     assert len(g.tries) == 7
     with pytest.raises(ValueError, match="shrink"):
         guard.guard_k(treat_fn, Rule(), train, causes, 0, "cpu", shrink=1.0)
+
+
+def test_no_halvings_tries_the_automatic_k_only() -> None:
+    X, y = _train()
+    with pytest.warns(UserWarning, match="from 64 to 64"):
+        g = guard.guard_k(lambda c: Rule(collapse=True), Rule(), as_source((X, y), "t"),
+                          np.arange(64), 0, "cpu", max_halvings=0)  # fmt: skip
+    assert [t["k"] for t in g.tries] == [64] and not g.passed

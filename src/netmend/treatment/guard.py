@@ -249,7 +249,7 @@ def guard_k(
     k = k0
     if not 0.0 < shrink < 1.0:
         raise ValueError(f"shrink is a factor in (0, 1), not {shrink}")
-    steps = max(1, round(max_halvings * math.log(0.5) / math.log(shrink)))
+    steps = round(max_halvings * math.log(0.5) / math.log(shrink))  # 0 halvings: K only
     for step in range(steps + 1):
         if step:
             k = max(1, int(k0 * shrink**step))
