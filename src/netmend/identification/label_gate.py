@@ -175,9 +175,8 @@ def fill_gate(
     while got < want and pos < order.size:
         chunk = order[pos : pos + batch]
         pos += chunk.size
-        idx = torch.from_numpy(chunk)
-        disagree = (predict(model, X[idx], device).cpu() != labels[idx].cpu()).numpy()
-        new = chunk[disagree][: want - got]
+        given, pred = _given_and_predicted(model, X, labels, chunk, device)
+        new = chunk[(pred != given).numpy()][: want - got]
         found.append(new)
         got += new.size
     info.update(filled=int(got), scanned=int(pos))
