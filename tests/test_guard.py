@@ -327,7 +327,16 @@ def test_repair_with_guard_data_returns_the_accepted_trial_and_trains_it_once(
         assert torch.equal(p, b)  # the user's model is untouched
 
 
-def test_repair_refuses_guard_data_it_would_not_read(blobs, blobs_logreg, blobs_validation) -> None:
+def test_repair_refuses_guard_data_it_would_not_read(
+    blobs, blobs_logreg, blobs_validation, monkeypatch
+) -> None:
+    """Refused before any identification runs (a bad setting costs nothing)."""
+    import netmend.api as api_mod
+
+    def never(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("identified before refusing the guard setting")
+
+    monkeypatch.setattr(api_mod, "_identify", never)
     data, failures = (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
     with pytest.raises(ValueError, match="guard_data is read only by the class guard"):
         netmend.repair(

@@ -61,7 +61,7 @@ from netmend.model.checks import (
 from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
 from netmend.model.training import TrainConfig
 from netmend.treatment.base import check_options as check_treat_options
-from netmend.treatment.guard import guard_k
+from netmend.treatment.guard import guard_k, resolve_guard
 
 DEFAULT_IDENTIFY = "ewc"
 DEFAULT_TREAT = "finetune"
@@ -732,9 +732,12 @@ def repair(
     common: dict[str, Any] = dict(
         l2=l2, seed=seed, device=device, chunk_size=chunk_size, progress=progress, task=task
     )
+    # a bad guard setting fails now, not after identifying
+    guard = resolve_guard(guard, guard_data is not None, is_auto_k(k), treat)
     # read (and check) each data set once: the treatment reuses the identification's sources
     train = as_source(train, "train", task)
     failures = as_source(failures, "failures", task)
+    held = None if guard_data is None else as_source(guard_data, "guard_data", task)
     opts = dict(identify_options or {}, cache_dir=cache_dir, gate=gate)
     ident = _identify(model, train, failures, identify, k, **common, **opts)
     t0 = time.perf_counter()
@@ -747,17 +750,8 @@ def repair(
         **common,
         **(treat_options or {}),
     )
-    if guard_data is not None and guard is False:
-        raise ValueError("guard_data is read only by the class guard: drop it or pass guard=True")
-    if guard is None:
-        guard = guard_data is not None or (is_auto_k(k) and treat == "finetune")
     repaired: nn.Module | None = None
     if guard:
-        if treat != "finetune":
-            raise ValueError(
-                f"the class guard works with the 'finetune' treatment, not {treat!r}: pass "
-                "guard=False (and no guard_data)"
-            )
         g = guard_k(
             lambda c: _treat(model, train, c, treat, allow_no_causes=True, **recipe),
             model,
@@ -765,7 +759,7 @@ def repair(
             ident.causes,
             seed,
             resolve_device(device),
-            guard_data=None if guard_data is None else as_source(guard_data, "guard_data", task),
+            guard_data=held,
         )
         record["guard"] = g.as_dict()
         repaired = g.model  # with guard_data: the accepted trial, the same treatment call

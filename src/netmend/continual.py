@@ -71,7 +71,7 @@ from netmend.identification.label_gate import gate_causes
 from netmend.model.checks import check_failures
 from netmend.model.functional import FunctionalModel, log_likelihoods, match_dtype, param_dtype
 from netmend.model.training import TrainConfig, predict
-from netmend.treatment.guard import guard_k
+from netmend.treatment.guard import guard_k, resolve_guard
 from netmend.treatment.methods import finetune_recipe
 
 STATE_FILE = "state.safetensors"
@@ -183,18 +183,7 @@ class Repairer:
             raise ValueError(f"mix must lie in (0, 1] (1: no mixing); got {mix}")
         if not is_auto_k(k):
             identification.select(np.zeros(2), k)  # validates k
-        if guard_data is not None and guard is False:
-            raise ValueError(
-                "guard_data is read only by the class guard: drop it or pass guard=True"
-            )
-        if guard is None and guard_data is not None:
-            guard = True
-        if guard and treat != "finetune":
-            raise ValueError(
-                f"the class guard works with the 'finetune' treatment, not {treat!r}: pass "
-                "guard=False (and no guard_data)"
-            )
-        self.guard = is_auto_k(k) and treat == "finetune" if guard is None else guard
+        self.guard = resolve_guard(guard, guard_data is not None, is_auto_k(k), treat)
         self.gate = gate
         unknown = set(identify_options or {}) - {"steps", "step_size"}
         if unknown:

@@ -133,6 +133,26 @@ class GuardRecord:
         }
 
 
+def resolve_guard(guard: bool | None, with_data: bool, auto_k: bool, treat: str) -> bool:
+    """Whether the class guard runs, as :func:`netmend.repair` and the continual
+    :class:`netmend.Repairer` decide it: ``guard`` if given, else on with ``guard_data``
+    (``with_data``) or with the automatic K (``auto_k``) and the "finetune" treatment.
+
+    Raises:
+        ValueError: ``guard_data`` with ``guard=False``, or a guard with another treatment.
+    """
+    if with_data and guard is False:
+        raise ValueError("guard_data is read only by the class guard: drop it or pass guard=True")
+    if guard is None:
+        guard = with_data or (auto_k and treat == "finetune")
+    if guard and treat != "finetune":
+        raise ValueError(
+            f"the class guard works with the 'finetune' treatment, not {treat!r}: pass "
+            "guard=False (and no guard_data)"
+        )
+    return guard
+
+
 def holdout_slice(
     labels: torch.Tensor,
     seed: int,
