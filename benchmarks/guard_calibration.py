@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from netmend.cli import write_json_atomic
+from netmend.evaluation.controls import mean_se
 
 LIMIT = 10.0
 """The guard's class limit, in points (:data:`netmend.treatment.guard.MAX_CLASS_DROP`)."""
@@ -154,9 +156,9 @@ def _errors(rs: list[dict[str, Any]], key: str) -> dict[str, Any]:
 
 
 def _mean_se(v: list[float]) -> tuple[float, float | None]:
-    """Mean and standard error over seeds (no s.e. for one seed)."""
-    a = np.asarray(v, dtype=float)
-    return float(a.mean()), float(a.std(ddof=1) / np.sqrt(a.size)) if a.size > 1 else None
+    """:func:`netmend.evaluation.controls.mean_se`, with ``None`` (JSON) for one seed's s.e."""
+    mean, se = mean_se(v)
+    return mean, None if math.isnan(se) else se
 
 
 def repairs(finals: list[dict[str, Any]]) -> dict[str, Any]:
