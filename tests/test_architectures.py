@@ -119,6 +119,19 @@ class Tied(nn.Module):
         return self.fc(torch.tanh(self.l2(torch.tanh(self.l1(x)))))
 
 
+class Unused(nn.Module):
+    """An auxiliary head the forward never calls (its gradients are zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(6, 8)
+        self.aux = nn.Linear(8, 3)
+        self.l2 = nn.Linear(8, C)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(torch.tanh(self.l1(x)))
+
+
 FAMILIES = {
     "cnn_bn": (ResBlockCNN, "image"),
     "transformer": (Transformer, "tokens"),
@@ -128,6 +141,7 @@ FAMILIES = {
     "lstm": (lambda: RNN(nn.LSTM), "tokens"),
     "frozen": (Frozen, "dense"),
     "tied": (Tied, "dense"),
+    "unused": (Unused, "dense"),
 }
 
 _KFAC = r"KFAC/EK-FAC cover only nn.Linear, nn.Conv2d, nn.Embedding.*curvature='diag'"
@@ -137,6 +151,7 @@ REFUSALS: dict[tuple[str, str], tuple[type[Exception], str]] = {
     ("gru", "ekfac"): (ValueError, r"GRU layer 'rnn'.*" + _KFAC),
     ("lstm", "ekfac"): (ValueError, r"LSTM layer 'rnn'.*" + _KFAC),
     ("tied", "ekfac"): (ValueError, r"'l1.weight'.*'l2.weight'.*weight tying.*curvature='diag'"),
+    ("unused", "ekfac"): (ValueError, r"layer 'aux' is not used.*requires_grad_\(False\)"),
     ("transformer", "align"): (TypeError, r"discrete inputs.*'relabel'"),
     ("embedding", "align"): (TypeError, r"discrete inputs.*'relabel'"),
     ("embedding_bag", "align"): (TypeError, r"discrete inputs.*'relabel'"),
@@ -274,12 +289,14 @@ def _loop_grads(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> torch.Ten
     params = [p for p in model.parameters() if p.requires_grad]
     for i in range(X.shape[0]):
         ll = -nn.functional.cross_entropy(model(X[i : i + 1]), y[i : i + 1])
-        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(ll, params)]))
+        grads = torch.autograd.grad(ll, params, allow_unused=True, materialize_grads=True)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
     return torch.stack(rows)
 
 
 @pytest.mark.parametrize(
-    "family", ["gru", "lstm", "embedding", "embedding_bag", "transformer", "cnn_bn", "tied"]
+    "family",
+    ["gru", "lstm", "embedding", "embedding_bag", "transformer", "cnn_bn", "tied", "unused"],
 )
 def test_per_example_grads_and_fisher_equal_a_loop(tasks, family):
     model, X, y, _, _ = tasks[family]

@@ -154,6 +154,8 @@ def hook_pass(
 ) -> list[tuple[nn.Module, dict[str, slice], torch.Tensor, torch.Tensor]]:
     """One forward/backward over a chunk; per layer its input ``a`` and output gradient ``d``.
 
+    Layers that the forward does not call are left out (their gradients are zero).
+
     Convolution inputs are returned as they are (``a`` ``[B, in, H, W]``, ``d`` ``[B, out, L]``;
     :func:`conv_weight_grads` forms ``d_n unfold(a_n)^T``) and linear layers
     on extra positions flattened to ``[B, S, in]``/``[B, S, out]``, so that the per-example
@@ -164,7 +166,8 @@ def hook_pass(
     modules = dict(fm.caller.named_modules())
     logits, inputs, outputs = hook_forward(fm, theta, x, layers)
     ll = -torch.nn.functional.cross_entropy(logits, y, reduction="none")
-    names = list(layers)
+    names = [n for n in layers if n in outputs]  # a layer the forward never calls (an unused
+    # head): its gradients are zero, and callers leave its rows and columns at zero
     deltas = torch.autograd.grad(ll.sum(), [outputs[n] for n in names], allow_unused=True)
     out = []
     for name, d in zip(names, deltas):

@@ -634,7 +634,10 @@ def _passes(
             ) from None
         missing = [n for n in names if n not in inputs]
         if missing:
-            raise ValueError(f"layer {missing[0]!r} is not used by the model's forward; {_HINT}")
+            raise ValueError(
+                f"layer {missing[0]!r} is not used by the model's forward: freeze its "
+                f"parameters (requires_grad_(False)), or {_HINT}"
+            )
         cots = _cotangents(logits, t, fisher_type, None if uniforms is None else uniforms[s])
         ds = [
             hook_deltas(logits, outputs, names, c, retain_graph=k < len(cots) - 1)
