@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import os
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from netmend import identification, store, treatment
+from netmend._warnings import warn
 from netmend.data import distributed
 from netmend.data.checks import check_labels, resolve_device
 from netmend.data.source import PROBE_ROWS, DataSource, SourceLike, as_source
@@ -248,11 +248,10 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     work = copy.deepcopy(model).to(device).eval()
     dtype = param_dtype(work)
     if dtype in LOW_PRECISION:
-        warnings.warn(
+        warn(
             f"the model's parameters are {dtype}: netmend computes in float32 (squared "
             f"gradients and curvature underflow or have no {dtype} kernels); the scores are "
             "those of the float32 upcast of the model",
-            stacklevel=3,
         )
         work = work.float()
     return work
@@ -455,11 +454,10 @@ def _warn_emptied_classes(causes: np.ndarray, y: torch.Tensor, info: dict[str, A
     info["classes_over_half"] = over
     if over:
         listed = ", ".join(f"class {c}: {s:.0%}" for c, s in sorted(over.items()))
-        warnings.warn(
+        warn(
             f"the causes hold most of a class's training examples ({listed}); a treatment "
             "that deletes them may empty the class. Check the causes' precision, or use a "
             "smaller k or the 'relabel' treatment",
-            stacklevel=3,
         )
 
 
@@ -491,7 +489,7 @@ def _auto_causes(
         else:
             causes = positive[: n * m]
             rule = f"top {n} x {m} failures by score"
-        warnings.warn(f"{why}; selecting the {causes.size} top culprits ({rule})", stacklevel=4)
+        warn(f"{why}; selecting the {causes.size} top culprits ({rule})")
         return causes, {"rule": rule, "k": int(causes.size)}
 
     if m < 4:
@@ -571,9 +569,8 @@ def treat(
     """
     fn = treatment.get(method)
     if method in treatment.research_only():
-        warnings.warn(
+        warn(
             f"treatment {method!r} is research-only: {treatment.research_only()[method]}",
-            stacklevel=3,
         )
     check_treat_options(method, options)
     seed = check_seed(seed)

@@ -68,7 +68,6 @@ import os
 import re
 import socket
 import tempfile
-import warnings
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -82,6 +81,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from netmend._version import __version__
+from netmend._warnings import warn
 
 log = logging.getLogger(__name__)
 
@@ -516,7 +516,7 @@ class RunCache:
         try:
             self._verified[name] = load_tensors(path, self.settings_hash)
         except CacheRecordError as exc:
-            warnings.warn(f"{exc.args[0].split(': delete')[0]}; recomputing it", stacklevel=2)
+            warn(f"{exc.args[0].split(': delete')[0]}; recomputing it")
             log.warning("discarding damaged cache record %s", path)
             if _ranks()[0] == 0:  # under torch.distributed rank 0 deletes; all recompute
                 path.unlink(missing_ok=True)

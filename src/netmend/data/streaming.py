@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
+from netmend._warnings import warn
 from netmend.data import distributed
 from netmend.store import RunCache, active
 
@@ -210,10 +210,9 @@ def _resume(
         return None
     tensors, meta = run.load(label)
     if meta.get("n") != n or meta.get("reduce") != reduce or meta.get("fingerprint") != fp:
-        warnings.warn(
+        warn(
             f"checkpoint {label} in {run.path} was made with other inputs "
             f"(n={meta.get('n')}, fingerprint={meta.get('fingerprint')!r}); recomputing it",
-            stacklevel=3,
         )
         return None
     return int(meta["done"]), tensors["value"], bool(meta["complete"])

@@ -8,11 +8,12 @@ pandas is never imported here: a pandas object is recognised by its type's modul
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import Any
 
 import numpy as np
 import torch
+
+from netmend._warnings import warn
 
 
 def _integer(value: Any) -> int | None:
@@ -187,11 +188,10 @@ def unwrap_pandas(data: Any, name: str) -> Any:
         return data
     both = _is_pandas(X) and _is_pandas(y) and hasattr(X, "index") and hasattr(y, "index")
     if both and not X.index.equals(y.index):
-        warnings.warn(
+        warn(
             f"{name}: the inputs' and labels' pandas indexes differ; netmend pairs row i of "
             "X with entry i of y (by position), not by index label. Align them first "
             "(y = y.loc[X.index]) if that is not what you mean.",
-            stacklevel=4,
         )
     return (_pandas_values(X, name, "inputs"), _pandas_values(y, name, "labels"))
 

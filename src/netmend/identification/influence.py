@@ -25,7 +25,6 @@ parsing, and checkpoint loading.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -33,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from netmend._warnings import warn
 from netmend.curvature import DENSE_MAX_PARAMS, Curvature, cg, per_example_grads
 from netmend.data.streaming import chunks
 from netmend.identification.base import Context, MethodOutput, NegDot, grad_rows, register
@@ -261,10 +261,9 @@ class InverseCurvature:
             x, its = cg(self.A.matvec, b, tol=self.cg_tol, maxiter=self.cg_maxiter)
             self.info["cg_iterations"] = max(int(self.info.get("cg_iterations", 0)), its)
             if its >= self.cg_maxiter:
-                warnings.warn(
+                warn(
                     f"conjugate gradients stopped at cg_maxiter={self.cg_maxiter} before reaching "
                     f"cg_tol={self.cg_tol}; raise cg_maxiter or damping",
-                    stacklevel=2,
                 )
             return x
         return self._lissa(b)

@@ -6,11 +6,10 @@ do, never ``assert``.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
+from netmend._warnings import warn
 from netmend.data.task import Task, resolve_task
 from netmend.model.functional import Data
 from netmend.model.training import predict
@@ -71,10 +70,9 @@ def check_failures(
             "nothing to repair. Pass inputs the model gets wrong, with their correct labels."
         )
     if not bool(wrong.all()):
-        warnings.warn(
+        warn(
             f"{int((~wrong).sum())} of {len(yf)} failure examples are already classified "
             "correctly; they are kept (they still say what the model should do).",
-            stacklevel=3,
         )
     return wrong
 
@@ -134,9 +132,8 @@ def check_logits(
             "softmax, e.g. pass nn.Sequential(*list(model)[:-1]) or a module returning logits."
         )
     if bool((out <= 0).all()) and bool(((out.exp().sum(1) - 1).abs() <= PROBABILITY_ATOL).all()):
-        warnings.warn(
+        warn(
             f"the model's outputs on {name} look like log-probabilities (a final log_softmax): "
             "netmend treats them as logits, which gives the same scores (log_softmax is "
             "idempotent); if they are something else, pass a model returning logits.",
-            stacklevel=3,
         )

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -68,6 +67,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from netmend._warnings import warn
 from netmend.data.source import DataSource
 from netmend.model.training import class_accuracies_of, predict
 
@@ -306,10 +306,9 @@ def guard_k(
             break
     if not record.passed:
         where = "held-out training data" if guard_data is None else "guard_data"
-        warnings.warn(
+        warn(
             f"the class guard halved K from {k0} to {record.k} and a class still lost "
             f"{100 * record.tries[-1]['worst_class_drop']:.0f} points on {where}: "
             "check the repaired model per class before using it",
-            stacklevel=3,
         )
     return record

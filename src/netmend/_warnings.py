@@ -1,0 +1,31 @@
+"""Warnings attributed to the user's line, not to netmend's internals.
+
+A fixed ``stacklevel`` is right for one call path only: the same warning is raised under
+``identify``, under ``repair`` (one level deeper) and under the wrapper that keeps the global
+RNG, so with a fixed level it points into netmend on most of them, and a user's
+``warnings.filterwarnings(..., module=...)`` or the file shown in the message is useless.
+:func:`warn` walks the stack instead, to the first frame outside the netmend package.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn(message: str, category: type[Warning] = UserWarning) -> None:
+    """``warnings.warn(message, category)``, attributed to the first caller outside netmend.
+
+    Args:
+        message: what happened and what to do about it.
+        category: the warning class (default ``UserWarning``).
+    """
+    level, frame = 1, sys._getframe(0)  # level 1: this function's own frame
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        _PACKAGE
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
