@@ -210,6 +210,55 @@ def test_a_task_subclass_reads_other_batches(blobs, blobs_logreg, failset):
         ClassificationTask().inputs_and_labels({"input_ids": torch.zeros(2, 3)})
 
 
+def test_a_task_subclass_reads_a_tensor_dataset_too(blobs, blobs_logreg, failset):
+    """A ``TensorDataset(labels, inputs)`` goes through the task like any Dataset: the (x, y)
+    shortcut for two-tensor TensorDatasets once bypassed an overriding task, scoring the
+    labels as inputs (found by an outside-in trial)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class LabelsFirst(ClassificationTask):
+        def inputs_and_labels(self, batch):  # noqa: ANN001, ANN201
+            return batch[1], torch.as_tensor(batch[0])
+
+    reference = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, k=5, **RUN)
+    train = TensorDataset(blobs.y, blobs.X)
+    fail = TensorDataset(failset[1], failset[0])
+    for data in (train, DataLoader(train, batch_size=7)):
+        got = netmend.identify(blobs_logreg, data, fail, k=5, task=LabelsFirst(), **RUN)
+        np.testing.assert_allclose(got.scores, reference.scores, rtol=1e-10, atol=1e-12)
+    acc = netmend.evaluate(blobs_logreg, TensorDataset(*failset[::-1]), task=LabelsFirst())
+    assert acc == netmend.evaluate(blobs_logreg, failset)
+
+
+def test_a_task_inputs_override_applies_to_tensor_pairs(blobs, blobs_logreg, failset):
+    """docs/data.md: scale uint8 pixels in a ``Task.inputs`` override. It applies to ``(X, y)``
+    pairs as it does to a Dataset's batches (it was once skipped for pairs)."""
+
+    class Halved(ClassificationTask):
+        def inputs(self, x):  # noqa: ANN001, ANN201
+            return x / 2
+
+    class Items(Dataset):
+        def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+            self.X, self.y = X, y
+
+        def __len__(self) -> int:
+            return len(self.y)
+
+        def __getitem__(self, i: int):  # noqa: ANN204
+            return self.X[i], self.y[i]
+
+    doubled = (blobs.X * 2, blobs.y)
+    fail2 = (failset[0] * 2, failset[1])
+    reference = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, k=5, **RUN)
+    pair = netmend.identify(blobs_logreg, doubled, fail2, k=5, task=Halved(), **RUN)
+    items = netmend.identify(
+        blobs_logreg, Items(*doubled), Items(*fail2), k=5, task=Halved(), **RUN
+    )
+    np.testing.assert_allclose(pair.scores, reference.scores, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(items.scores, reference.scores, rtol=1e-10, atol=1e-12)
+
+
 def test_docs_data_example_runs(capsys):
     """docs/data.md's Hugging Face-style example (dict batches, padding collate, ``.logits``
     outputs) runs as written."""

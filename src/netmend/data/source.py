@@ -34,7 +34,15 @@ from torch.utils.data import (
 )
 from torch.utils.data.dataloader import default_collate
 
-from netmend.data.task import Inputs, Task, batch_len, resolve_task, tensors_of, tree_map
+from netmend.data.task import (
+    Inputs,
+    Task,
+    batch_len,
+    overrides,
+    resolve_task,
+    tensors_of,
+    tree_map,
+)
 from netmend.data.validate import unwrap_pandas
 from netmend.store import tensor_hash
 
@@ -275,7 +283,10 @@ class DataSource:
         """The inputs of this view as one batch, on CPU, in index order."""
         index = range(self._reader.n) if self._index is None else self._index
         read = self._reader.read_head if self._probe else self._reader.read
-        return _cast(read(index), self.dtype)
+        x = read(index)
+        if isinstance(self._reader, _TensorReader) and overrides(self.task, "inputs"):
+            x = self.task.inputs(x)  # a Dataset's batches pass through it in the reader
+        return _cast(x, self.dtype)
 
     def to(self, device: torch.device | str) -> Inputs:
         """The inputs of this view as one batch on ``device`` (``X[s].to(device)`` for a tensor).
@@ -401,11 +412,11 @@ def as_source(
         data: a :class:`DataSource` (returned as is); a pair ``(X, y)`` of tensors/arrays
             (``X`` ``[N, ...]`` or a dict of such tensors, ``y`` ``[N]``): kept in memory;
             an object with ``.X`` and ``.y``; a ``TensorDataset(X, y)`` (its tensors are used
-            directly); any other map-style ``Dataset`` whose items collate (default collate)
-            into a batch that ``task`` splits into inputs and labels; or a ``DataLoader`` over
-            one, built without shuffling, custom samplers or ``drop_last`` (its ``collate_fn``
-            and ``num_workers`` are used; its ``batch_size`` is ignored: netmend reads in
-            ``chunk_size`` batches).
+            directly, unless ``task`` overrides ``inputs_and_labels``); any other map-style
+            ``Dataset`` whose items collate (default collate) into a batch that ``task`` splits
+            into inputs and labels; or a ``DataLoader`` over one, built without shuffling,
+            custom samplers or ``drop_last`` (its ``collate_fn`` and ``num_workers`` are used;
+            its ``batch_size`` is ignored: netmend reads in ``chunk_size`` batches).
         name: how the data is named in messages ("train", "failures", ...).
         task: how batches split into inputs and labels (default :class:`ClassificationTask`).
         allow_empty: accept ``N == 0``.
@@ -415,7 +426,8 @@ def as_source(
 
     Returns:
         A :class:`DataSource` with ``labels`` ``[N]`` int64. Inputs are not converted: integer
-        token ids and ``uint8`` images reach the model as they are.
+        token ids and ``uint8`` images reach the model as they are, or as ``task.inputs``
+        returns them when the task overrides it (for pairs and Datasets alike).
 
     Raises:
         ValueError: a shuffled or sampled ``DataLoader``, ``drop_last``, an ``IterableDataset``,
@@ -451,8 +463,13 @@ def as_source(
             data = _SequenceDataset(data)  # a DataLoader over a list of items
     if isinstance(data, IterableDataset):
         raise ValueError(_ITERABLE.format(name=name))
-    if isinstance(data, TensorDataset) and len(data.tensors) == 2 and collate is None:
-        data = tuple(data.tensors)
+    if (
+        isinstance(data, TensorDataset)
+        and len(data.tensors) == 2
+        and collate is None
+        and not overrides(task, "inputs_and_labels")
+    ):
+        data = tuple(data.tensors)  # (inputs, labels): what the task would split it into
     if hasattr(data, "X") and hasattr(data, "y") and not isinstance(data, Dataset):
         data = (data.X, data.y)  # a split of the experiment kit (netmend.lab.datasets.Split)
     if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data, Dataset):

@@ -166,6 +166,11 @@ class ClassificationTask(Task):
 DEFAULT_TASK = ClassificationTask()
 
 
+def overrides(task: Task, method: str) -> bool:
+    """Whether ``task``'s class overrides :class:`Task`'s ``method`` (e.g. "inputs")."""
+    return getattr(type(task), method) is not getattr(Task, method)
+
+
 def resolve_task(task: Task | None) -> Task:
     """``task``, or the default :class:`ClassificationTask` for ``None``; raises on other types."""
     if task is None:
