@@ -335,3 +335,22 @@ def test_real_pandas_dtypes(blobs, blobs_logreg):
     frame = pd.DataFrame({"a": X[:, 0], "b": pd.Categorical(X[:, 1] > 0)})
     with pytest.raises(TypeError, match=r"non-numeric column\(s\) \['b'\]"):
         netmend.identify(blobs_logreg, (frame, y), _fail(blobs), "loss", k=5, **RUN)
+
+
+def test_evaluate_refuses_labels_outside_the_models_classes(blobs, blobs_logreg):
+    """evaluate() once scored labels outside a model's classes as plain misses (accuracy 0.0)."""
+    for shift in (3, -5):
+        with pytest.raises(ValueError, match=r"test: labels must lie in \[0, 3\)"):
+            netmend.evaluate(blobs_logreg, (blobs.X, blobs.y + shift), device="cpu")
+    assert 0 < netmend.evaluate(blobs_logreg, (blobs.X, blobs.y), device="cpu")["test_acc"] <= 1
+
+
+def test_a_single_logit_model_is_told_to_return_two(blobs):
+    one = nn.Linear(2, 1).double()
+    with pytest.raises(ValueError, match=r"one logit z must return two.*sigmoid"):
+        netmend.identify(one, (blobs.X, blobs.y), (blobs.Xf, blobs.yf), k=2, **RUN)
+
+
+def test_one_example_without_a_batch_dimension_is_told_to_add_one(blobs, blobs_logreg):
+    with pytest.raises(ValueError, match=r"failures: the label is a single number.*x\[None\]"):
+        netmend.identify(blobs_logreg, (blobs.X, blobs.y), (blobs.Xf[0], 1), k=2, **RUN)

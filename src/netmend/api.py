@@ -656,8 +656,11 @@ def evaluate(
     ``task`` as in :func:`identify`."""
     X = as_source(test, "test", task)
     dev = resolve_device(device)
-    Xm = match_dtype(X, param_dtype(model))
-    return accuracies(_private_copy(model, dev), Xm, X.labels, split, dev)
+    work = _private_copy(model, dev)
+    Xm = match_dtype(X, param_dtype(work))
+    probe = Xm.head(min(PROBE_ROWS, len(Xm)))
+    check_labels(X.labels, num_classes_of(work, probe, dev, X.task), "test")
+    return accuracies(work, Xm, X.labels, split, dev)
 
 
 _identify, _treat = identify, treat  # repair()'s arguments shadow these names

@@ -47,9 +47,15 @@ def as_tensors(
 def check_labels(y: torch.Tensor, num_classes: int, name: str) -> None:
     """Raise if any label lies outside ``[0, num_classes)``."""
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        hint = (
+            ": a binary model with one logit z must return two, one per class (e.g. "
+            "torch.cat([torch.zeros_like(z), z], 1), whose softmax gives p(1) = sigmoid(z))"
+            if num_classes == 1
+            else ""
+        )
         raise ValueError(
             f"{name}: labels must lie in [0, {num_classes}) for a model with {num_classes} "
-            f"outputs; found labels in [{int(y.min())}, {int(y.max())}]"
+            f"outputs; found labels in [{int(y.min())}, {int(y.max())}]{hint}"
         )
 
 

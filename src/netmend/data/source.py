@@ -480,7 +480,12 @@ def as_source(
             else _to_tensor(raw, name)
         )
         y = _to_tensor(data[1], name)
-        n = int(y.shape[0]) if y.ndim else -1
+        if y.ndim == 0:
+            raise ValueError(
+                f"{name}: the label is a single number, not one label per example; pass one "
+                "example as a batch of one: (x[None], torch.tensor([label]))"
+            )
+        n = int(y.shape[0])
         for t in tensors_of(X):
             if t.ndim == 0 or t.shape[0] != n:
                 raise ValueError(
