@@ -491,6 +491,25 @@ def test_tail_averaging_returns_the_mean_of_the_last_iterates():
         TrainConfig(average_tail=1.0)
 
 
+def test_tail_averaging_leaves_frozen_parameters_bit_for_bit():
+    """The mean of equal values can round away from them (17 of 160 frozen weights moved by
+    up to 1.5e-8 in an outside-in trial): frozen parameters are not averaged."""
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 7), torch.randint(0, 3, (64,))
+    m = nn.Sequential(nn.Linear(7, 20), nn.Tanh(), nn.Linear(20, 3))
+    with torch.no_grad():
+        m[0].weight.mul_(1 / 3)  # values whose mean over the tail rounds (float32)
+    for p in m[0].parameters():
+        p.requires_grad_(False)
+    frozen = {k: v.clone() for k, v in m[0].state_dict().items()}
+    head = m[2].weight.detach().clone()
+    cfg = TrainConfig(epochs=4.0, batch_size=8, lr=0.05, average_tail=0.5)  # 16 averaged steps
+    fit(m, X, y, cfg, seed=0, progress=False)
+    for k, v in m[0].state_dict().items():
+        assert torch.equal(v, frozen[k]), k
+    assert not torch.equal(m[2].weight, head)  # the trainable layer did train
+
+
 class _BNNet(nn.Module):
     """A tiny float64 classifier with a BatchNorm1d between two linear layers."""
 

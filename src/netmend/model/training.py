@@ -135,7 +135,9 @@ def fit(
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     pos = 0
     start_avg = steps - int(config.average_tail * steps) if config.average_tail > 0 else steps
-    avg = [torch.zeros_like(p) for p in model.parameters()] if start_avg < steps else []
+    # frozen parameters stay bit for bit: the mean of equal values can round differently
+    trained = [p for p in model.parameters() if p.requires_grad]
+    avg = [torch.zeros_like(p) for p in trained] if start_avg < steps else []
     rank, size = distributed.world()
     if size > 1 and batchnorms and not config.freeze_batchnorm:
         log.warning("batch norm: each of the %d ranks trains on the whole batch", size)
@@ -164,11 +166,11 @@ def fit(
             callback(step, model)
         if step >= start_avg:
             with torch.no_grad():
-                for a, p in zip(avg, model.parameters()):
+                for a, p in zip(avg, trained):
                     a.add_(p, alpha=1.0 / (steps - start_avg))
     if avg:
         with torch.no_grad():
-            for a, p in zip(avg, model.parameters()):
+            for a, p in zip(avg, trained):
                 p.copy_(a)
     model.eval()
     return model
