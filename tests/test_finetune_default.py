@@ -196,3 +196,20 @@ def test_keep_prior_keeps_the_class_a_one_sided_removal_would_shrink():
         with torch.no_grad():
             probs[keep_prior] = torch.softmax(res(X[:40]), 1)[:, 0].mean().item()
     assert probs[True] > probs[False]
+
+
+def test_a_fine_tune_without_the_training_recipe_warns():
+    """Without train_config the fine-tune runs at TrainConfig()'s rate, which barely moved a
+    model trained at 5e-2 (outside-in trial): say so, and stay quiet when the recipe or a
+    rate is given."""
+    X, y, planted, _, cfg, model = _planted(0)
+    with pytest.warns(UserWarning, match=r"no train_config.*lr 0.001.*train_config=TrainConfig"):
+        netmend.treat(model, (X, y), planted, "finetune", **RUN)
+    with pytest.warns(UserWarning, match=r"no train_config"):
+        netmend.treat(model, (X, y), planted, "relabel", **RUN)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        netmend.treat(model, (X, y), planted, "finetune", train_config=cfg, **RUN)
+        netmend.treat(model, (X, y), planted, "finetune", lr=0.03, **RUN)

@@ -178,10 +178,12 @@ def finetune_config(ctx: TreatContext, n_examples: int) -> TrainConfig:
     optimiser steps at the training rate, tail-averaged), overridable by
     :data:`RECIPE_OPTIONS`, so that deleting, relabelling and aligning differ in what they
     train on, not for how long."""
-    from netmend.treatment.methods import (
-        finetune_recipe,  # local: methods registers treatments on import
+    from netmend.treatment.methods import (  # local: methods registers treatments on import
+        finetune_recipe,
+        warn_default_recipe,
     )
 
+    warn_default_recipe(ctx)
     opts = {k: ctx.options[k] for k in RECIPE_OPTIONS if k in ctx.options}
     return finetune_recipe(ctx.train_config, int(len(ctx.X)), n_examples, opts)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from netmend._warnings import warn
 from netmend.curvature import SOLVER_OPTIONS, Curvature, solver_options
 from netmend.curvature.kfac import EWC_FISHER_TYPE
 from netmend.data.task import rows
@@ -35,6 +36,25 @@ EWC_OPTIONS = (
     "mc_samples",
 )  # fmt: skip
 """The options of the "ewc" treatment."""
+
+
+def warn_default_recipe(ctx: TreatContext) -> None:
+    """Warn when a fine-tune's recipe comes from ``TrainConfig()`` rather than the user's.
+
+    The fine-tune runs at the training learning rate for a length sized by the training's
+    steps; neither is known without ``train_config``. With ``TrainConfig()`` (Adam at 1e-3, 3
+    epochs) a model trained at 5e-2 for 200 epochs barely moved: 1 of 77 failures repaired,
+    even with the true causes removed, against 71 of 77 with its recipe (outside-in trial).
+    """
+    if ctx.train_config_given or "lr" in ctx.options:
+        return
+    c = TrainConfig()
+    warn(
+        f"no train_config: the fine-tune assumes the model was trained with TrainConfig() "
+        f"({c.optimizer}, lr {c.lr:g}, batch {c.batch_size}, {c.epochs:g} epochs) and runs at "
+        "that rate; pass train_config=TrainConfig(...) with the recipe the model was trained "
+        "with (or the treatment option lr), or a model trained at another rate may barely move"
+    )
 
 
 def finetune_recipe(
@@ -140,6 +160,7 @@ def finetune(ctx: TreatContext) -> nn.Module:
     does not also lower that label's share of the fine-tune's data).
     """
     keep = ctx.keep
+    warn_default_recipe(ctx)
     cfg = finetune_recipe(ctx.train_config, len(ctx.X), int(keep.sum()), ctx.options)
     weight = prior_weights(ctx.y, keep) if ctx.options.get("keep_prior", False) else None
     model = copy.deepcopy(ctx.model)
