@@ -356,3 +356,50 @@ def test_with_guard_data_a_round_is_the_guards_accepted_trial(problem, monkeypat
         _repairer(problem, guard=False, guard_data=test)
     with pytest.raises(ValueError, match="finetune"):
         _repairer(problem, treat="relabel", guard_data=test)
+
+
+class _Counted(torch.utils.data.Dataset):
+    """A map-style Dataset yielding ``(label, x)`` (labels first) that counts its reads."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X, self.y, self.reads = X, y, 0
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        self.reads += 1
+        return self.y[i], self.X[i]
+
+
+class _LabelsFirst(netmend.data.task.ClassificationTask):
+    def inputs_and_labels(self, batch):  # noqa: ANN001, ANN201
+        return batch[1], torch.as_tensor(batch[0])
+
+
+def test_a_streamed_dataset_and_a_task_repair_like_tensors(problem, tmp_path):
+    """The Repairer reads a map-style Dataset in batches through the task (it once read the
+    whole training set into one tensor and took no task=), with the same rounds as tensors,
+    and saves and resumes with it."""
+    model, (X, y), (Xf, yf), test = problem
+    ref = _repairer(problem)
+    data = _Counted(X, y)
+    kw = dict(train_config=RECIPE, device="cpu", progress=False, task=_LabelsFirst())
+    got = Repairer(model, data, eval_sets={"test": _Counted(*test)}, **kw)
+    for part in (slice(0, 8), slice(8, None)):
+        ref.observe((Xf[part], yf[part]))
+        got.observe(_Counted(Xf[part], yf[part]))
+        np.testing.assert_allclose(got.scores, ref.scores, rtol=1e-9, atol=1e-12)
+        np.testing.assert_array_equal(got.causes, ref.causes)
+        assert got.history[-1]["accuracy"] == ref.history[-1]["accuracy"]
+    assert data.reads > 3 * len(y)  # read again on every pass: never kept as one tensor
+    got.save(tmp_path / "state")
+    again = Repairer.load(tmp_path / "state", model, data, eval_sets={"test": test}, **kw)
+    np.testing.assert_array_equal(again.causes, got.causes)
+    with pytest.raises(ValueError, match=r"Task.inputs override.*twice"):
+
+        class Scaled(netmend.data.task.ClassificationTask):
+            def inputs(self, x):  # noqa: ANN001, ANN201
+                return x * 2
+
+        Repairer(model, (X, y), task=Scaled())

@@ -658,6 +658,7 @@ def evaluate(
     dev = resolve_device(device)
     work = _private_copy(model, dev)
     Xm = match_dtype(X, param_dtype(work))
+    assert isinstance(Xm, DataSource)  # match_dtype keeps a source a source
     probe = Xm.head(min(PROBE_ROWS, len(Xm)))
     check_labels(X.labels, num_classes_of(work, probe, dev, X.task), "test")
     return accuracies(work, Xm, X.labels, split, dev)

@@ -55,8 +55,9 @@ import torch
 from torch import nn
 
 from netmend import api, identification, store
-from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device
-from netmend.data.source import as_source
+from netmend.data.checks import DataLike, check_labels, resolve_device
+from netmend.data.source import DataSource, as_source
+from netmend.data.task import Task, overrides
 from netmend.identification import k_rules
 from netmend.identification.base import (
     CULPRITS_PER_FAILURE,
@@ -117,7 +118,10 @@ class Repairer:
 
     Args:
         model: the deployed classifier (never modified).
-        train: its training set, ``N`` examples (as :func:`netmend.identify` accepts).
+        train: its training set, ``N`` examples (as :func:`netmend.identify` accepts: a
+            map-style ``Dataset`` is read in batches on every pass, never held in memory).
+            The failures of every round are kept, so their inputs must be one tensor per
+            batch (not dicts).
         treat: the treatment ("finetune" default; any of :func:`netmend.treat`'s).
         k: cause selection over the summed scores: ``None``/"auto" (the K on which two random
             halves of all failures so far agree, as :func:`netmend.identify`), an int, a
@@ -134,6 +138,7 @@ class Repairer:
             floating parameter and buffer); default :func:`warm_mix` (0.4 for 0.25), which
             keeps a short round's fine-tune noise at the first round's (1: no mixing).
         eval_sets: ``{name: data}`` on which every round's model is evaluated (e.g. a test set).
+        task: how batches and outputs are read (see :func:`netmend.identify`).
         gate: the label gate of :func:`netmend.identify` on every round's causes (``None``,
             default: on with the automatic K, off with an explicit ``k``). Its record is the
             round's ``history[i]["selection"]["label_gate"]``.
@@ -176,6 +181,7 @@ class Repairer:
         gate: bool | None = None,
         guard: bool | None = None,
         guard_data: DataLike | None = None,
+        task: Task | None = None,
     ):
         if not 0 < continue_fraction <= 1:
             raise ValueError(f"continue_fraction must lie in (0, 1]; got {continue_fraction}")
@@ -190,18 +196,27 @@ class Repairer:
             raise ValueError(
                 f"unknown identify option(s) {sorted(unknown)}; the ewc fit takes steps, step_size"
             )
+        if task is not None and overrides(task, "inputs"):
+            raise ValueError(
+                "the Repairer keeps every round's failures as tensors and passes them on, so a "
+                "task that converts inputs (a Task.inputs override) would convert them twice; "
+                "convert them in the model's forward or in the Dataset instead"
+            )
         self.device = resolve_device(device)
         self.original = model
-        self._work, src, self._y, self.num_classes = api._prepare(model, train, self.device, None)
-        X = src.read()
-        if not isinstance(X, torch.Tensor):
+        self._work, src, self._y, self.num_classes = api._prepare(model, train, self.device, task)
+        self._X: DataSource = src  # read in batches on every pass, never held whole
+        self.task = src.task
+        probe = src.head(1).read()
+        if not isinstance(probe, torch.Tensor):
             raise TypeError(
-                f"Repairer needs the training inputs as one tensor; got {type(X).__name__}"
+                f"the Repairer keeps every round's failures as one tensor, so it needs tensor "
+                f"inputs; got {type(probe).__name__} batches. Call netmend.repair on all the "
+                "failures so far each round instead"
             )
-        self._X: torch.Tensor = X
         self._guard_data = None
         if guard_data is not None:
-            gX, gy = as_tensors(guard_data, "guard_data")
+            gX, gy = self._tensors(guard_data, "guard_data")
             check_labels(gy, self.num_classes, "guard_data")
             self._guard_data = (_as_dtype(gX, param_dtype(self._work)), gy)
         self.treat, self.k, self.seed, self.l2 = treat, k, seed, l2
@@ -211,11 +226,11 @@ class Repairer:
         self.treat_options = dict(treat_options or {})
         self.warm_start, self.continue_fraction = warm_start, continue_fraction
         self.mix = warm_mix(continue_fraction) if mix is None else float(mix)
-        self.eval_sets = {name: tuple(as_tensors(d, name)) for name, d in (eval_sets or {}).items()}
+        self.eval_sets = {name: self._tensors(d, name) for name, d in (eval_sets or {}).items()}
         fm = FunctionalModel.of(self._work)
         api._check_fisher(fisher, fm)
-        n = self._X.shape[0]
-        empty_x, empty_y = self._X[:0], self._y[:0]
+        n = len(self._X)
+        empty_x, empty_y = probe[:0], self._y[:0]
         self._ctx = Context(
             fm, self._X, self._y, empty_x, empty_y, self.device, chunk_size, progress, seed, l2,
             self.identify_options, fisher,
@@ -253,16 +268,24 @@ class Repairer:
         )
         return (self._before - after).double().numpy()
 
+    def _tensors(self, data: DataLike, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A small set (failures, an evaluation set) as tensors ``(X, y)``, read by the task."""
+        src = as_source(data, name, self.task)
+        X = src.read()
+        if not isinstance(X, torch.Tensor):
+            raise TypeError(f"{name}: inputs must be one tensor here; got {type(X).__name__}")
+        return X, src.labels
+
     def _check_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
-        Xb, yb = as_tensors(failures, "failures")
-        if Xb.shape[1:] != self._X.shape[1:]:
+        Xb, yb = self._tensors(failures, "failures")
+        if Xb.shape[1:] != self._failures_X.shape[1:]:
             raise ValueError(
                 f"failures have input shape {tuple(Xb.shape[1:])} but train has "
-                f"{tuple(self._X.shape[1:])}"
+                f"{tuple(self._failures_X.shape[1:])}"
             )
         check_labels(yb, self.num_classes, "failures")
         Xb = _as_dtype(Xb, param_dtype(self._work))
-        check_failures(self._work, Xb, yb, self.device, 1024)
+        check_failures(self._work, Xb, yb, self.device, 1024, self.task)
         return Xb, yb
 
     def _select(self) -> np.ndarray:
@@ -371,8 +394,8 @@ class Repairer:
         secs: dict[str, float] = dict(seconds or {})
         self._start(secs)
         self.scores = np.asarray(scores, dtype=np.float64).copy()
-        if self.scores.shape != (self._X.shape[0],):
-            raise ValueError(f"scores must have shape [{self._X.shape[0]}]")
+        if self.scores.shape != (len(self._X),):
+            raise ValueError(f"scores must have shape [{len(self._X)}]")
         self._score_halves(Xb, yb, 1)
         self._failures_X, self._failures_y = Xb, yb
         self.causes = np.asarray(causes, dtype=np.int64).copy()
@@ -389,7 +412,7 @@ class Repairer:
         Linearised with the stored curvature (as "ewc"'s culprits): one pass of per-example
         gradients over the training set.
         """
-        Xb, yb = as_tensors(failures, "failures")
+        Xb, yb = self._tensors(failures, "failures")
         Xb = _as_dtype(Xb, param_dtype(self._work))
         ctx = dataclasses.replace(self._ctx, Xq=Xb, yq=yb)
         return ctx.per_failure_scores(ctx.diag_curvature())
@@ -435,7 +458,7 @@ class Repairer:
             g = guard_k(
                 trial,
                 self._work,
-                as_source((self._X, self._y), "train"),
+                self._X,
                 self.causes,
                 self.seed,
                 self.device,
@@ -472,11 +495,14 @@ class Repairer:
             ):
                 if ch:
                     relabelled.append([int(i), int(lab)])
-        ok = (predict(self.model, self._failures_X, self.device) == self._failures_y).numpy()
+        ok = (
+            predict(self.model, self._failures_X, self.device, task=self.task) == self._failures_y
+        ).numpy()
         acc = {"failures": float(ok.mean())}
         for name, (X, y) in self.eval_sets.items():
             X = _as_dtype(X, param_dtype(self._work))
-            acc[name] = float((predict(self.model, X, self.device) == y).double().mean())
+            pred = predict(self.model, X, self.device, task=self.task)
+            acc[name] = float((pred == y).double().mean())
         self.history.append(
             {
                 "round": len(self.history) + 1,
@@ -513,7 +539,7 @@ class Repairer:
                 opts["steps"] = max(1, math.ceil(self.continue_fraction * self._first_steps))
         treated = api.treat(
             start,
-            (self._X, self._y),
+            self._X,
             causes,
             self.treat,
             l2=self._ctx.l2,
@@ -525,6 +551,7 @@ class Repairer:
             fisher=self.fisher if start is self._work else None,
             failures=(self._failures_X, self._failures_y),
             record=record,
+            task=self.task,
             allow_no_causes=trial,  # the guard's churn trial with guard_data removes nothing
             **opts,
         )
@@ -536,15 +563,25 @@ class Repairer:
     def _set_first_steps(self, kk: int) -> None:
         """The first real round's fine-tune length in optimiser steps (``kk`` causes removed),
         which later warm rounds take a fraction of."""
-        n = self._X.shape[0]
+        n = len(self._X)
         cfg = finetune_recipe(self.train_config, n, n - kk, self.treat_options)
         self._first_steps = max(1, round(cfg.epochs * (n - kk) / cfg.batch_size))
 
     # ------------------------------------------------------------------ persistence
+    def _train_hash(self) -> str:
+        """Names the training set in the saved settings: in memory, the hash of its tensors
+        (as netmend 0.3 saved it, so its folders resume); streamed, the source's fingerprint
+        (one more read of the Dataset)."""
+        if self._X.in_memory:
+            X = self._X.read()
+            assert isinstance(X, torch.Tensor)  # checked at construction
+            return store.tensor_hash(X, self._y)
+        return self._X.fingerprint()
+
     def _fingerprint(self) -> dict[str, Any]:
         return {
             "model": store.module_hash(self._work),
-            "train": store.tensor_hash(self._X, self._y),
+            "train": self._train_hash(),
             "treat": self.treat,
             "k": self.k,
             "guard": self.guard,
