@@ -184,6 +184,41 @@ def test_dict_batches_repair_end_to_end(text):
     assert acc["test_acc"] == pytest.approx(float((pred == y).double().mean()))
 
 
+def test_failures_must_have_the_training_sets_keys_but_not_its_sequence_length(text):
+    """Failures missing a dict key are refused before the model sees them (the user once got
+    the model's own ``forward() missing ... 'attention_mask'``); token-id failures of another
+    length are scored, as the model takes them (they were refused as a wrong shape)."""
+    model, data, fail, (ids, mask, y) = text
+
+    class IdsOnly(Dataset):
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int) -> dict:
+            return {"input_ids": fail["input_ids"][i], "labels": fail["labels"][i]}
+
+    with pytest.raises(ValueError, match=r"failures have inputs.*'input_ids'.*but train has"):
+        netmend.identify(model, data, IdsOnly(), k=5, **RUN)
+    pair = ({"input_ids": ids, "attention_mask": mask}, y)
+    pad = torch.zeros(6, 3, dtype=torch.long)  # three more padding positions
+    longer = (
+        {
+            "input_ids": torch.cat([fail["input_ids"], pad], 1),
+            "attention_mask": torch.cat([fail["attention_mask"], pad], 1),
+        },
+        fail["labels"],
+    )
+    same = ({"input_ids": fail["input_ids"], "attention_mask": fail["attention_mask"]},
+            fail["labels"])  # fmt: skip
+    a = netmend.identify(model, pair, longer, k=5, **RUN)
+    b = netmend.identify(model, pair, same, k=5, **RUN)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-10, atol=1e-12)
+    real = ({"input_ids": fail["input_ids"].double(), "attention_mask": fail["attention_mask"]},
+            fail["labels"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"integer ids where it has them"):
+        netmend.identify(model, pair, real, k=5, **RUN)
+
+
 def test_a_task_subclass_reads_other_batches(blobs, blobs_logreg, failset):
     """Batches ``(y, x)`` (labels first) read by a Task subclass score as ``(x, y)``."""
 

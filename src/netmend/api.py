@@ -26,7 +26,7 @@ from netmend._warnings import warn
 from netmend.data import distributed
 from netmend.data.checks import check_labels, resolve_device
 from netmend.data.source import PROBE_ROWS, DataSource, SourceLike, as_source
-from netmend.data.task import Task
+from netmend.data.task import Task, tensors_of, tree_map
 from netmend.data.validate import check_causes, check_count, check_k, check_seed
 from netmend.evaluation import FailureSplit, accuracies
 from netmend.evaluation.controls import (
@@ -222,7 +222,13 @@ def _failures(
 ) -> DataSource:
     """The failures as a source like the training set's (same input structure and dtype)."""
     F = as_source(failures, "failures", task)
-    if F.signature is not None and X.signature is not None and F.signature != X.signature:
+    fx, tx = F.head(1).read(), X.head(1).read()  # one example each (kept by as_source)
+    if _layout(fx) != _layout(tx):
+        raise ValueError(
+            f"failures have inputs {_layout(fx)} but train has {_layout(tx)}: pass failures "
+            "with inputs like the training set's (the same keys, integer ids where it has them)"
+        )
+    if F.signature is not None and X.signature is not None and _shapes(fx) != _shapes(tx):
         raise ValueError(
             f"failures have input shape {F.signature} but train has {X.signature}: pass "
             "failures with inputs like the training set's"
@@ -231,6 +237,22 @@ def _failures(
     out = match_dtype(F, dtype)
     assert isinstance(out, DataSource)
     return out
+
+
+def _layout(x: Any) -> Any:
+    """The structure of a batch of inputs: its containers and keys, and for each tensor whether
+    it holds integers (token ids, codes) or real values."""
+    return tree_map(lambda t: "real" if t.is_floating_point() or t.is_complex() else "int", x)
+
+
+def _shapes(x: Any) -> list[Any]:
+    """The per-example shapes of a batch's inputs that a pair must share with the training
+    set: a real tensor's whole shape, an integer tensor's rank only (a model over token ids
+    may take sequences of any length)."""
+    return [
+        tuple(t.shape[1:]) if t.is_floating_point() or t.is_complex() else t.ndim
+        for t in tensors_of(x)
+    ]
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)
