@@ -205,3 +205,13 @@ def test_fisher_of_another_model_is_refused(blobs, blobs_logreg, failures_for):
         )
     with pytest.raises(ValueError, match="fisher has shape"):
         netmend.treat(blobs_logreg, (blobs.X, blobs.y), [0], "newton", fisher=wrong, **RUN)
+
+
+def test_available_lists_what_identify_and_treat_accept():
+    from netmend import identification, treatment
+
+    names = netmend.available()
+    assert names["identify"] == identification.available() and "ewc" in names["identify"]
+    assert names["treat"] == treatment.available() and "finetune" in names["treat"]
+    assert names["research_only"] == sorted(treatment.research_only())
+    assert set(names["research_only"]) <= set(names["treat"])

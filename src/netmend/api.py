@@ -686,6 +686,21 @@ def evaluate(
     return accuracies(work, Xm, X.labels, split, dev)
 
 
+def available() -> dict[str, list[str]]:
+    """The method names :func:`identify` and :func:`treat` accept.
+
+    Returns:
+        ``{"identify": [...], "treat": [...], "research_only": [...]}``, each sorted; the
+        research-only treatments (listed under both "treat" and "research_only") warn when
+        used, with the measured reason (``netmend.treatment.research_only()``).
+    """
+    return {
+        "identify": identification.available(),
+        "treat": treatment.available(),
+        "research_only": sorted(treatment.research_only()),
+    }
+
+
 _identify, _treat = identify, treat  # repair()'s arguments shadow these names
 
 
