@@ -294,13 +294,20 @@ BASE = ["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures"
         ([*BASE, "--test", "{train}", "--guard-data", "{train}"], "is the --test file"),
         ([*BASE, "--guard-data", "{train}", "--no-guard"], "drop --no-guard"),
         ([*BASE, "--guard-data", "{train}", "--treat", "relabel"], "--treat finetune"),
+        # found by an outside-in trial: each was an internal error, silent, or came late
+        (["--model", "_cli_models:tabular_net", "--train", "{wide}", "--failures", "{wide}"],
+         "the model fails on the data's first example (per-example inputs: shape (5,)"),
+        ([*BASE, "--treat", "fine_tune"], "did you mean 'finetune'"),
+        ([*BASE, "--draws", "1"], "at least 3 draws"),
+        ([*BASE, "--device", "gpu"], "is not a device"),
+        ([*BASE, "--resume", "{train}"], "leave --out out"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     X, y = _blobs(40, 4, seed=4)
     np.savez(tmp_path / "train.npz", X=X, y=y)
     np.savez(tmp_path / "bad.npz", inputs=X, y=y)
-    np.savez(tmp_path / "wide.npz", X=np.zeros((3, 5)), y=np.zeros(3, dtype=int))
+    np.savez(tmp_path / "wide.npz", X=np.ones((3, 5)), y=np.zeros(3, dtype=int))
     np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
     (tmp_path / "idx.txt").write_text("3\n40\n")
     paths = {k: str(tmp_path / f"{k}.npz") for k in ("train", "bad", "wide", "fail")}
@@ -309,6 +316,57 @@ def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     code, _, err = _run([*argv, "--out", str(tmp_path / "o")], capsys)
     assert code == 2, err
     assert message in err and "Traceback" not in err
+
+
+def test_method_names_are_checked_before_any_pass(tmp_path, capsys, monkeypatch):
+    """docs/safety.md: options are refused before the identification spends time."""
+    X, y = _blobs(40, 4, seed=4)
+    np.savez(tmp_path / "train.npz", X=X, y=y)
+    np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
+
+    def no_pass(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the identification ran")
+
+    monkeypatch.setattr(netmend.api, "identify", no_pass)
+    for bad in (["--treat", "fine_tune"], ["--identify", "ewk"], ["--draws", "2"]):
+        argv = ["--model", "_cli_models:tabular_net", "--train", str(tmp_path / "train.npz"),
+                "--failures", str(tmp_path / "fail.npz"), "--out", str(tmp_path / "o")]  # fmt: skip
+        argv += bad
+        code, _, err = _run(argv, capsys)
+        assert code == 2 and "the identification ran" not in err, err
+
+
+def test_interrupt_says_how_to_continue_and_missing_weights_warn(tmp_path, capsys, monkeypatch):
+    X, y = _blobs(40, 4, seed=4)
+    np.savez(tmp_path / "train.npz", X=X, y=y)
+    np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
+
+    def interrupted(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(netmend.api, "identify", interrupted)
+    out = tmp_path / "o"
+    argv = ["--model", "_cli_models:tabular_net", "--train", str(tmp_path / "train.npz"),
+            "--failures", str(tmp_path / "fail.npz"), "--out", str(out)]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    assert code == 130 and "Traceback" not in err
+    assert f"--resume {out}" in err
+    assert "no --weights" in err  # the factory's own (random) parameters are repaired
+
+
+def test_library_advice_is_said_in_flags(capsys):
+    from netmend.cli import _as_flags
+
+    msg = "holds a run with different settings: seed (0 there, 3 here). Results of different "
+    msg += "runs are never mixed: pass another cache_dir, or delete this one (or pass "
+    msg += "overwrite_cache=True) to replace it."
+    said = _as_flags(msg)
+    assert "overwrite_cache" not in said and "cache_dir" not in said
+    assert "(or pass --overwrite) to replace it" in said and "choose another --out" in said
+    assert "--device cpu" in _as_flags("not available here; use device='cpu' or 'auto'")
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"netmend {netmend.__version__}"
 
 
 def test_torch_export_program(tmp_path, capsys):

@@ -292,8 +292,9 @@ def test_guard_data_too_small_to_judge_skips_the_guard() -> None:
     gX, gy = _train(per_class=20)
     calls: list[np.ndarray] = []
     gd = as_source((gX, gy), "guard_data")
-    g = guard.guard_k(calls.append, Rule(), as_source((X, y), "t"), np.arange(10), 0, "cpu",  # type: ignore[arg-type]
-                      guard_data=gd)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"did not run.*K = 10 was not checked"):  # not silent
+        g = guard.guard_k(calls.append, Rule(), as_source((X, y), "t"), np.arange(10), 0, "cpu",  # type: ignore[arg-type]
+                          guard_data=gd)  # fmt: skip
     assert g.skipped and "guard_data" in g.skipped and g.k == 10 and not calls
 
 

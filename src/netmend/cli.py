@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from netmend._version import __version__
 from netmend.data import distributed
 from netmend.store import write_json_atomic
 
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="netmend",
         description="Find the training examples behind a classifier's failures and repair it.",
     )
+    parser.add_argument("--version", action="version", version=f"netmend {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from netmend.repair_cli import add_parser as add_repair_parser
 
@@ -237,6 +239,22 @@ def main(argv: list[str] | None = None) -> int:
     return _dispatch(args)
 
 
+_FLAGS = (
+    ("(or pass overwrite_cache=True) to replace it", "(or pass --overwrite) to replace it"),
+    ("or pass overwrite_cache=True", "or pass --overwrite"),
+    ("pass another cache_dir", "choose another --out"),
+    ("use device='cpu' or 'auto'", "use --device cpu or --device auto"),
+)
+"""The library's advice in Python terms, and the same advice in the command's flags."""
+
+
+def _as_flags(message: str) -> str:
+    """A library error message with its Python-argument advice said in the CLI's flags."""
+    for python, flag in _FLAGS:
+        message = message.replace(python, flag)
+    return message
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "repair":
         from netmend.repair_cli import BadInput
@@ -245,8 +263,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             return int(args.func(args))
         except (BadInput, ValueError, TypeError, FileNotFoundError) as exc:
             # netmend raises ValueError/TypeError for bad input, with what to fix
-            print(f"netmend repair: {exc}", file=sys.stderr)
+            print(f"netmend repair: {_as_flags(str(exc))}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            out = args.resume or args.out or "netmend-repair"
+            print(
+                f"\nnetmend repair: interrupted. The passes that finished are kept in "
+                f"{out}/cache: run the same command with --resume {out} (instead of --out) "
+                "to continue from them",
+                file=sys.stderr,
+            )
+            return 130
         except Exception:  # an internal error: say so, with the traceback
             import traceback
 

@@ -44,6 +44,8 @@ from netmend.report.html import ReportData, culprit_table, write_report
 from netmend.store import save_tensors, tensor_hash, write_json_atomic, write_text_atomic
 from netmend.treatment.guard import guard_k
 
+DEFAULT_OUT = "netmend-repair"
+
 
 class BadInput(Exception):
     """A problem with the command's arguments or files: exit code 2, no traceback."""
@@ -103,12 +105,12 @@ def _check_dynamic_batch(program: Any, path: Path) -> None:
 
 
 def load_model(spec: str, weights: str | None) -> nn.Module:
-    """Build the user's model: ``package.module:factory`` (+ weights) or a TorchScript file.
+    """Build the user's model: ``package.module:factory`` (+ weights) or a ``.pt2`` program.
 
     Args:
         spec: ``package.module:factory`` (a zero-argument callable returning the
-            ``nn.Module``; the current folder is importable), or the path of a TorchScript
-            file (``torch.jit.save``) or a ``torch.export`` program (``.pt2``).
+            ``nn.Module``; the current folder is importable), or the path of a
+            ``torch.export`` program (``.pt2``; TorchScript files are refused with the fix).
         weights: a ``.safetensors`` file or a ``state_dict`` saved with ``torch.save``
             (loaded with ``weights_only=True``: no code runs); optional for a factory.
 
@@ -119,7 +121,8 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
     if ":" not in spec or path.is_file():
         if not path.is_file():
             raise BadInput(
-                f"--model {spec!r}: expected package.module:factory or a TorchScript file"
+                f"--model {spec!r}: expected package.module:factory or the path of a "
+                "torch.export program (.pt2 file)"
             )
         if path.suffix != ".pt2":
             raise BadInput(
@@ -347,7 +350,13 @@ def run(args: argparse.Namespace) -> int:
     """The ``repair`` subcommand (see the module docstring)."""
     t_start = time.perf_counter()
     times: dict[str, float] = {}
-    out = Path(args.out)
+    _check_choices(args)
+    if args.resume is not None and args.out is not None and Path(args.out) != Path(args.resume):
+        raise BadInput(
+            f"--resume {args.resume} writes this round into that folder; --out {args.out} "
+            "would be ignored: leave --out out"
+        )
+    out = Path(args.out or DEFAULT_OUT)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a folder")
     if args.resume is not None:
@@ -361,12 +370,19 @@ def run(args: argparse.Namespace) -> int:
         )
     out.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
-    progress = not args.no_progress
+    # bars redraw with carriage returns: in a log file they are one long line of noise
+    progress = not args.no_progress and sys.stderr.isatty()
     k = _parse_k(args.k)
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
 
     t0 = time.perf_counter()
     model = load_model(args.model, args.weights)
+    if args.weights is None and not isinstance(model, Exported):
+        print(
+            f"netmend repair: warning: no --weights: repairing the model as {args.model} "
+            "returns it (random parameters, unless the factory loads trained ones)",
+            file=sys.stderr,
+        )
     data = Inputs(args, model, device)
     train, fails = data.train, data.failures
     times["load"] = time.perf_counter() - t0
@@ -641,6 +657,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_choices(args: argparse.Namespace) -> None:
+    """Refuse misspelt method names, their options and too few control draws before any data
+    is read or pass is run (docs/safety.md: options are checked before the identification)."""
+    from netmend import identification, treatment
+
+    identification.get(args.identify)  # ValueError with "did you mean ...?"
+    treatment.get(args.treat)
+    if not args.no_controls and args.draws < 3:
+        raise BadInput(
+            f"--draws {args.draws}: the random-causes control needs at least 3 draws (a mean "
+            "and its standard error); pass --draws 3 or more, or --no-controls"
+        )
+
+
 def _selection_notes(gate: dict[str, Any] | None, guard: dict[str, Any] | None) -> list[str]:
     """What the label gate and the class guard did to the automatic causes, in words."""
     notes = []
@@ -753,8 +783,17 @@ def add_parser(sub: Any) -> None:
         help="keep the automatic K even if a trial fine-tune loses a class (see docs/methods.md)",
     )
     r.add_argument("--draws", type=int, default=3, help="random-causes control draws (at least 3)")
-    r.add_argument("--out", default="netmend-repair", help="output folder (netmend-repair)")
-    r.add_argument("--resume", metavar="DIR", help="reuse the cache of an earlier run in DIR")
-    r.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    r.add_argument("--out", help=f"output folder ({DEFAULT_OUT})")
+    r.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue an earlier run in DIR (its cache; with new --failures, a continual round)",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="write into a non-empty --out, replacing its outputs (its cache is reused where "
+        "the settings match, replaced where they differ)",
+    )
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.set_defaults(func=run)

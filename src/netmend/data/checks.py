@@ -63,7 +63,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     """``None``/"auto" picks CUDA when available, otherwise CPU."""
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device {device!r} is not a device: use 'cpu', 'cuda', 'cuda:N' or 'auto'"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {device!r} was asked for but CUDA is not available here; use device='cpu' "

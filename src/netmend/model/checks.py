@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from netmend._warnings import warn
-from netmend.data.task import Task, resolve_task
+from netmend.data.task import Task, resolve_task, tree_map
 from netmend.model.functional import Data
 from netmend.model.training import predict
 
@@ -45,8 +45,18 @@ def num_classes_of(
             outputs are understood).
         ValueError: the logits are not of shape ``[batch, classes]``.
     """
-    with torch.no_grad():
-        return int(resolve_task(task).forward(model, X[:1].to(device)).shape[1])
+    x, t = X[:1].to(device), resolve_task(task)
+    try:
+        with torch.no_grad():
+            output = t.call(model, x)
+    except (RuntimeError, TypeError, IndexError, AttributeError) as exc:
+        seen = tree_map(lambda t: f"shape {tuple(t.shape[1:])}, {t.dtype}", x)
+        raise ValueError(
+            f"the model fails on the data's first example (per-example inputs: {seen}): "
+            f"{type(exc).__name__}: {exc}. Pass inputs the model takes (shape, dtype: e.g. "
+            "float images scaled as in training), or convert them in the model or a task="
+        ) from exc
+    return int(t.logits(output).shape[1])
 
 
 def check_failures(

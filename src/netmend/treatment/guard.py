@@ -236,6 +236,10 @@ def guard_k(
         classes = [int(c) for c in np.flatnonzero(counts >= MIN_PER_CLASS)]
         if not classes:
             why = f"no class has {MIN_PER_CLASS} examples in guard_data"
+            warn(
+                f"the class guard did not run: {why}, so K = {k0} was not checked; pass a "
+                f"validation split with at least {MIN_PER_CLASS} examples of each class"
+            )
             return GuardRecord(k0, k0, skipped=why, source="guard_data")
         held = guard_data
         n_classes = max(int(train.labels.max()), int(guard_data.labels.max())) + 1
