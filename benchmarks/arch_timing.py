@@ -29,7 +29,10 @@ without the hour the rest takes at 60k). In one process, in this order:
 * ``netmend.identify`` with ``ewc`` (k=50: the Fisher, the fit of theta_+F, two likelihood
   passes) and with ``grad_dot``, end to end;
 * ``netmend.repair`` with every default (EWC, the automatic K from two halves of the failures,
-  the fine-tune on D minus the causes with the training recipe), end to end;
+  the fine-tune on D minus the causes with the training recipe), end to end; the same with
+  ``guard=False`` (identification and one fine-tune: every trial of the class guard adds one
+  fine-tune) and with ``guard_data`` (a validation split, the test images after the first
+  2,000);
 * once, after the rounds: the Fisher by the ``vmap`` path (extrapolated, see above) and the
   checks that the paths agree;
 * a training epoch of a fresh model before every further round and one at the end.
@@ -225,6 +228,11 @@ def main() -> None:
         "repair_default": lambda: netmend.repair(
             model, (X, y), failures, train_config=recipe, **kw
         ),
+        # the same repair without the class guard: identification and one fine-tune, what the
+        # repair costs before any guard trial (each trial is one more fine-tune)
+        "repair_no_guard": lambda: netmend.repair(
+            model, (X, y), failures, train_config=recipe, guard=False, **kw
+        ),
         # the same repair with a validation split the model never trained on (the test images
         # after the 2,000 the failures come from): the class guard measures its trials there
         "repair_guard_data": lambda: netmend.repair(
@@ -292,7 +300,7 @@ def main() -> None:
         out[f"{name}_cpu_s"] = min(cpu[name])
         out[f"{name}_over_epoch"] = min(cpu[name]) / epoch_cpu  # CPU seconds over CPU seconds
         out[f"{name}_wall_over_epoch"] = min(ts) / epoch
-    for name in ("repair_default", "repair_guard_data"):
+    for name in ("repair_default", "repair_no_guard", "repair_guard_data"):
         rep = results.get(name)
         if isinstance(rep, netmend.RepairResult):
             out[f"{name}_parts_s"] = dict(rep.seconds)  # wall, of the last round
@@ -307,6 +315,7 @@ def main() -> None:
         "scoring_pass_over_epoch": 2.0,
         "repair_default_over_epoch": 6.0,
         "repair_guard_data_over_epoch": 6.0,
+        "repair_no_guard_over_epoch": 6.0,
     }
     write_json_atomic(args.out, out)
     print({k: v for k, v in out.items() if k not in ("machine", "times_s")})

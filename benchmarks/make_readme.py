@@ -259,6 +259,10 @@ def arch_timing(d: dict[str, Any]) -> str:
             "`repair(...)`, every default (EWC, automatic K, fine-tune)", "repair_default"
         ),
         *repair_rows(
+            "`repair(..., guard=False)`: the same without the class guard (one fine-tune)",
+            "repair_no_guard",
+        ),
+        *repair_rows(
             "`repair(..., guard_data=...)`: the same with an 8,000-image validation split",
             "repair_guard_data",
         ),
@@ -906,6 +910,10 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "arch_timing_60k_repair": (("benchmarks/arch_timing_fashion60k_repair.json",), arch_timing),
     "arch_timing_60k_guard_data": (
         ("benchmarks/arch_timing_fashion60k_guard_data.json",),
+        arch_timing,
+    ),
+    "arch_timing_60k_no_guard": (
+        ("benchmarks/arch_timing_fashion60k_no_guard.json",),
         arch_timing,
     ),
     "validate_setup": (("benchmarks/validate.json",), validate_setup),

@@ -237,9 +237,16 @@ def machine() -> dict[str, Any]:
     """Where a figure was measured."""
     import os
 
+    cpu_model = None  # float kernels (and so rounding) follow the CPU's instruction set
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu_model = next((ln.split(":", 1)[1].strip() for ln in f if "model name" in ln), None)
+    except OSError:
+        pass
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model,
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
