@@ -474,3 +474,38 @@ def test_guard_data_is_where_the_class_guard_measures(tmp_path, capsys):
     rounds = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in rounds["continual"]] == [1, 2]
     assert rounds["guard"]["source"] == "guard_data"
+
+
+def test_given_failures_are_not_held_out_and_a_recipe_loss_warns(tmp_path, capsys):
+    """With --failures and --test, the test rows that are the given failures are left out of
+    'held-out failures' (they once counted, unlike the same failures as --failure-indices), and
+    a finetune-only control that loses test accuracy says the recipe is wrong."""
+    from netmend.repair_cli import _recipe_loss, _rows_in
+
+    X, y = _blobs(300, 4, seed=2, noise=0.2)
+    clean = np.random.default_rng(2).integers(0, 3, 300)  # the true labels of _blobs
+    Xt = torch.from_numpy(X).double()
+    model = _train(_cli_models.tabular_net, Xt[:200], torch.from_numpy(y[:200]),
+                   tmp_path / "w.safetensors")  # fmt: skip
+    np.savez(tmp_path / "train.npz", X=X[:200], y=y[:200])
+    np.savez(tmp_path / "test.npz", X=X[200:], y=clean[200:])
+    wrong = np.flatnonzero(predict(model, Xt[200:]).numpy() != clean[200:])
+    query = wrong[: len(wrong) // 2]
+    np.savez(tmp_path / "fail.npz", X=X[200:][query], y=clean[200:][query])
+    np.save(tmp_path / "idx.npy", query)
+    base = ["--model", "_cli_models:tabular_net", "--weights", str(tmp_path / "w.safetensors"),
+            "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"),
+            *RECIPE_ARGS, "--no-controls"]  # fmt: skip
+    held = []
+    for how in (["--failures", str(tmp_path / "fail.npz")],
+                ["--failure-indices", str(tmp_path / "idx.npy")]):  # fmt: skip
+        out = tmp_path / f"o{len(held)}"
+        code, _, err = _run([*base, *how, "--out", str(out)], capsys)
+        assert code == 0, err
+        held.append(json.loads((out / "summary.json").read_text())["accuracies"])
+    assert held[0] == held[1]
+    t = torch.from_numpy(X[200:])
+    assert _rows_in(t, t[query]).nonzero()[0].tolist() == sorted(query.tolist())
+    assert not _rows_in(t, t[query] + 1e-9).any()
+    assert _recipe_loss({"test": 0.95}, {"test": 0.945}) is None
+    assert "loses 10.0 test points" in _recipe_loss({"test": 0.95}, {"test": 0.85})
