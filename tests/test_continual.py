@@ -403,3 +403,21 @@ def test_a_streamed_dataset_and_a_task_repair_like_tensors(problem, tmp_path):
                 return x * 2
 
         Repairer(model, (X, y), task=Scaled())
+
+
+def test_a_damaged_state_says_to_start_again_not_to_rerun(problem, tmp_path):
+    """A cache's advice ("delete it and rerun: netmend recomputes what is missing") is wrong
+    for a round's state, which nothing recomputes (found by an outside-in trial)."""
+    from netmend.continual import STATE_FILE
+
+    model, train, (Xf, yf), _ = problem
+    r = _repairer(problem)
+    r.observe((Xf[:8], yf[:8]))
+    r.save(tmp_path / "state")
+    f = tmp_path / "state" / STATE_FILE
+    raw = bytearray(f.read_bytes())
+    raw[-5] ^= 0xFF  # a flipped byte in the tensors
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"checksum.*cannot be recomputed: start a new run") as e:
+        Repairer.load(tmp_path / "state", model, train, train_config=RECIPE, device="cpu")
+    assert "recomputes what is missing" not in str(e.value)

@@ -638,7 +638,14 @@ class Repairer:
         d = Path(directory)
         if not (d / STATE_FILE).is_file():
             raise ValueError(f"{d}: no continual-repair state ({STATE_FILE}) to resume from")
-        tensors, meta = store.load_tensors(d / STATE_FILE)
+        try:
+            tensors, meta = store.load_tensors(d / STATE_FILE)
+            model_sd = store.load_tensors(d / MODEL_FILE)[0] if (d / MODEL_FILE).is_file() else None
+        except store.CacheRecordError as exc:  # unlike a cache, a round's state is not recomputed
+            raise ValueError(
+                f"{str(exc).split(': delete it')[0]}. The continual-repair state cannot be "
+                "recomputed: start a new run (a new folder) with all the failures so far"
+            ) from None
         self = cls(model, train, fisher=tensors.get("fisher"), **kwargs)
         now, saved = self._fingerprint(), meta["settings"]
         diff = [key for key in saved if saved[key] != store.jsonable(now.get(key))]
@@ -662,9 +669,8 @@ class Repairer:
         self._first_steps = meta["first_steps"]
         self._half_sizes = [[int(v) for v in pair] for pair in meta["half_sizes"]]
         self.history = list(meta["history"])
-        if (d / MODEL_FILE).is_file():
-            sd, _ = store.load_tensors(d / MODEL_FILE)
+        if model_sd is not None:
             repaired = copy.deepcopy(self._work)
-            repaired.load_state_dict(sd)
+            repaired.load_state_dict(model_sd)
             self.model = repaired.eval()
         return self
