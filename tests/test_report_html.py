@@ -34,14 +34,20 @@ def test_culprit_table_matches_a_full_sort():
         culprit_table(pf, 0)
 
 
-def test_histogram_counts_every_score_and_marks_the_threshold():
+def test_histogram_counts_every_score_and_marks_the_selected_causes():
+    """Red counts the selected causes bin by bin: causes picked by rank and then thinned (label
+    gate, guard) leave unselected examples above the least harmful cause, which a threshold
+    line painted red (an outside-in trial: 677 examples at or above it, 32 selected)."""
     s = np.random.default_rng(1).normal(size=500)
-    svg = score_histogram_svg(s, threshold=1.0, bins=20)
-    counts = [int(c) for c in re.findall(r": (\d+)</title>", svg)]
+    top = np.argsort(-s)[:40]
+    selected = top[::4]  # every fourth of the top 40: thinned, as the gate does
+    svg = score_histogram_svg(s, selected, bins=20)
+    counts = [int(c) for c in re.findall(r": (\d+) examples", svg)]
     assert len(counts) == 20 and sum(counts) == 500
-    assert "selected: score ≥ 1" in svg
-    red = [int(c) for c in re.findall(r'class="bad"><title>[^:]*: (\d+)', svg)]
-    assert 0 < sum(red) <= int((s >= 1.0).sum()) + max(counts)
+    red = [int(c) for c in re.findall(r'class="bad"><title>[^:]*: (\d+) selected', svg)]
+    assert sum(red) == selected.size == 10
+    assert "red: the 10 selected causes" in svg and "≥" not in svg
+    assert 'class="bad"' not in score_histogram_svg(s, None, bins=20)
 
 
 def test_loaders(tmp_path):

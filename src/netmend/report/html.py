@@ -6,7 +6,7 @@ loads nothing from the network. It shows
 
 * the accuracies before and after the repair, next to the controls (e.g. fine-tuning without
   removing anything, removing K random examples with the same treatment);
-* the distribution of the cause scores (positive = harmful) with the selection threshold,
+* the distribution of the cause scores (positive = harmful) with the selected causes marked,
   as an inline SVG histogram;
 * each failure (20 per page): its input, correct label and predictions, and its top
   culprits with their labels, suggested labels (when the treatment relabels) and scores;
@@ -183,35 +183,47 @@ def _accuracy_table(acc: Mapping[str, Mapping[str, float]]) -> str:
 
 
 def score_histogram_svg(
-    scores: np.ndarray, threshold: float | None, bins: int = 60, width: int = 640
+    scores: np.ndarray, selected: np.ndarray | None = None, bins: int = 60, width: int = 640
 ) -> str:
-    """An inline SVG histogram of the cause scores (log-count bars) with the threshold line.
+    """An inline SVG histogram of the cause scores (log-count bars), the selected causes in red.
+
+    Each bin shows all its examples (grey) and, over them, those selected as causes (red).
+    The causes are chosen by rank, then thinned by the label gate and the class guard, so a
+    bin above the least harmful cause may hold unselected examples: no threshold line is
+    drawn, since none separates selected from unselected.
 
     Args:
         scores: ``[N]`` cause scores (positive = harmful).
-        threshold: the smallest selected score (drawn as a red line), or ``None``.
+        selected: the selected training indices ``[K]`` (or ``None``: none marked).
         bins: number of bars; width: the picture's width in pixels.
     """
     s = np.asarray(scores, dtype=np.float64)
     lo, hi = np.percentile(s, [0.1, 99.9]) if s.size > 1000 else (s.min(), s.max())
-    lo, hi = float(min(lo, threshold if threshold is not None else lo)), float(hi)
-    if threshold is not None:
-        hi = max(hi, threshold)
+    lo, hi = float(lo), float(hi)
+    chosen = np.zeros(s.size, dtype=bool)
+    if selected is not None and np.asarray(selected).size:
+        chosen[np.asarray(selected, dtype=np.int64)] = True
+        lo, hi = min(lo, float(s[chosen].min())), max(hi, float(s[chosen].max()))
     if hi <= lo:
         hi = lo + 1.0
-    counts, edges = np.histogram(np.clip(s, lo, hi), bins=bins, range=(lo, hi))
+    clipped = np.clip(s, lo, hi)
+    counts, edges = np.histogram(clipped, bins=bins, range=(lo, hi))
+    picked, _ = np.histogram(clipped[chosen], bins=bins, range=(lo, hi))
     height, pad_l, pad_b = 180, 40, 28
     w = (width - pad_l - 10) / bins
     top = np.log1p(counts.max()) if counts.max() else 1.0
     bars = []
-    for i, c in enumerate(counts):
-        h = (height - pad_b - 10) * np.log1p(c) / top
-        harmful = edges[i] >= (threshold if threshold is not None else np.inf)
-        bars.append(
-            f'<rect x="{pad_l + i * w:.1f}" y="{height - pad_b - h:.1f}" width="{w * 0.9:.1f}" '
-            f'height="{h:.1f}" class="{"bad" if harmful else "bar"}"><title>'
-            f"{edges[i]:.3g} to {edges[i + 1]:.3g}: {c}</title></rect>"
-        )
+    for i, (c, k) in enumerate(zip(counts, picked)):
+        for n, cls in ((c, "bar"), (k, "bad")):
+            if cls == "bad" and not n:
+                continue
+            h = (height - pad_b - 10) * np.log1p(n) / top
+            what = f"{c} examples, {k} selected" if cls == "bar" else f"{k} selected"
+            bars.append(
+                f'<rect x="{pad_l + i * w:.1f}" y="{height - pad_b - h:.1f}" '
+                f'width="{w * 0.9:.1f}" height="{h:.1f}" class="{cls}"><title>'
+                f"{edges[i]:.3g} to {edges[i + 1]:.3g}: {what}</title></rect>"
+            )
 
     def xpos(v: float) -> float:
         return pad_l + (v - lo) / (hi - lo) * (width - pad_l - 10)
@@ -225,20 +237,13 @@ def score_histogram_svg(
         f'<text x="{pad_l}" y="{height - 8}" class="lbl">{lo:.3g}</text>',
         f'<text x="{width - 10}" y="{height - 8}" class="lbl" text-anchor="end">{hi:.3g}</text>',
         '<text x="4" y="14" class="lbl">count (log)</text>',
+        f'<text x="{width - 10}" y="14" class="lbl thrl" text-anchor="end">'
+        f"red: the {int(chosen.sum())} selected causes</text>",
     ]
     if lo < 0 < hi:
         parts.append(
             f'<text x="{xpos(0):.1f}" y="{height - 8}" class="lbl" text-anchor="middle">0</text>'
         )
-    if threshold is not None:
-        x = xpos(threshold)
-        left = x > 0.6 * width  # put the label where it fits
-        parts += [
-            f'<line x1="{x:.1f}" y1="8" x2="{x:.1f}" y2="{height - pad_b}" class="thr"/>',
-            f'<text x="{x - 4 if left else x + 4:.1f}" y="20" class="lbl thrl" '
-            f'text-anchor="{"end" if left else "start"}">selected: score ≥ {threshold:.3g}'
-            "</text>",
-        ]
     parts.append("</svg>")
     return "".join(parts)
 
@@ -412,7 +417,6 @@ def render(data: ReportData) -> str:
     """The report as one HTML string (see the module docstring for what it shows)."""
     scores = np.asarray(data.scores, dtype=np.float64)
     causes = np.asarray(data.causes, dtype=np.int64).reshape(-1)
-    threshold = float(scores[causes].min()) if causes.size else None
     records, inputs = _failure_records(data)
     n, k = scores.size, causes.size
     notes = "".join(f'<p class="note">{html.escape(s)}</p>' for s in data.notes)
@@ -436,10 +440,11 @@ def render(data: ReportData) -> str:
 <section><h2>Accuracy before and after the repair, with controls (%)</h2>
 {_accuracy_table(data.accuracies)}{notes}</section>
 <section><h2>Cause scores (positive = harmful)</h2>
-{score_histogram_svg(scores, threshold)}
-<p class="note">Each bar counts training examples by cause score r(z) = log p(z|&theta;&#770;)
-&minus; log p(z|&theta;<sub>+F</sub>); red bars lie at or above the selection threshold
-(the least harmful selected cause).</p></section>
+{score_histogram_svg(scores, causes)}
+<p class="note">Each grey bar counts training examples by cause score r(z) = log
+p(z|&theta;&#770;) &minus; log p(z|&theta;<sub>+F</sub>); the red bar over it counts those
+selected as causes. They are chosen by rank, then thinned by the label gate and the class
+guard (notes above), so high-scoring examples may stay unselected.</p></section>
 <section><h2>Classes most involved</h2>{_classes_section(data)}</section>
 <section><h2>Failures and their top culprits</h2>
 <p class="note">Each row: a failure (yellow), then the training examples most to blame for it,
