@@ -348,3 +348,20 @@ def test_repair_passes_cache_dir_to_identify(tmp_path, problem):
     assert a.identification.info["cache"]["results_reused"] == []
     assert b.identification.info["cache"]["results_reused"] == ["call0"]
     np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_written_files_get_the_mode_open_would_give(tmp_path):
+    """safetensors replaces the 0600 temporary it writes into; outputs were left 0600 while
+    JSON and CSV got 0644 (outside-in trial)."""
+    import os
+
+    from netmend.store import save_tensors, write_json_atomic
+
+    umask = os.umask(0o022)
+    try:
+        save_tensors(tmp_path / "a.safetensors", {"x": torch.zeros(2)})
+        write_json_atomic(tmp_path / "b.json", {})
+    finally:
+        os.umask(umask)
+    for name in ("a.safetensors", "b.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

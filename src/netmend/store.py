@@ -252,11 +252,12 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(name)
-    umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode open() would
+    umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
+        # mkstemp makes the file 0600 (and a writer may replace it): give it open()'s mode
+        os.chmod(tmp, 0o666 & ~umask)
         _fsync(tmp)
         os.replace(tmp, path)
     except BaseException:
