@@ -13,7 +13,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("netmend._version", "netmend._registry"),
+    ("netmend._version", "netmend._registry", "netmend._warnings"),
     ("netmend.store",),  # named tensors and settings on disk; knows no method
     ("netmend.data",),  # input checks, streaming in chunks
     ("netmend.model",),  # functional view of the user's model, its checks, training
