@@ -496,14 +496,26 @@ def test_given_failures_are_not_held_out_and_a_recipe_loss_warns(tmp_path, capsy
     base = ["--model", "_cli_models:tabular_net", "--weights", str(tmp_path / "w.safetensors"),
             "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"),
             *RECIPE_ARGS, "--no-controls"]  # fmt: skip
-    held = []
+    held, data = [], []
     for how in (["--failures", str(tmp_path / "fail.npz")],
                 ["--failure-indices", str(tmp_path / "idx.npy")]):  # fmt: skip
         out = tmp_path / f"o{len(held)}"
         code, _, err = _run([*base, *how, "--out", str(out)], capsys)
         assert code == 0, err
-        held.append(json.loads((out / "summary.json").read_text())["accuracies"])
+        summary = json.loads((out / "summary.json").read_text())
+        held.append(summary["accuracies"])
+        data.append(summary["data"])
     assert held[0] == held[1]
+    rest = sorted(set(wrong.tolist()) - set(query.tolist()))
+    assert data[0]["heldout_test_indices"] == data[1]["heldout_test_indices"] == rest
+    times = summary["times"]  # the stages account for the run (the culprits pass was missing)
+    assert {"identify", "treat", "culprits", "accuracies", "write"} <= set(times)
+    assert sum(v for k, v in times.items() if k != "total") >= 0.8 * times["total"]
+    assert data[0]["failure_test_indices"] is None
+    assert data[1]["failure_test_indices"] == query.tolist()
+    rows = _read_csv(tmp_path / "o1" / "culprits.csv")  # joins back to the test rows
+    assert {int(r["test_index"]) for r in rows} == set(query.tolist())
+    assert all(query[int(r["failure"])] == int(r["test_index"]) for r in rows)
     t = torch.from_numpy(X[200:])
     assert _rows_in(t, t[query]).nonzero()[0].tolist() == sorted(query.tolist())
     assert not _rows_in(t, t[query] + 1e-9).any()

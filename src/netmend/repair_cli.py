@@ -482,7 +482,9 @@ def run(args: argparse.Namespace) -> int:
             record.setdefault("suggested", {})[i] = lab
         times["identify"] = rep.history[-1]["seconds"]["identify"]
         times["treat"] = rep.history[-1]["seconds"]["treat"]
+        t = time.perf_counter()
         per_failure = rep.per_failure((fails.X, fails.y))
+        times["culprits"] = time.perf_counter() - t
         rep.save(state_dir)
         times["round"] = time.perf_counter() - t0
     else:
@@ -526,11 +528,13 @@ def run(args: argparse.Namespace) -> int:
             causes = causes[: g.k]
             accepted = g.model  # with --guard-data: the accepted trial, the same call
         repaired = accepted if accepted is not None else treat_with(causes, record=record)
-        times["treat"] = time.perf_counter() - t0
+        times["treat"] = time.perf_counter() - t0  # with the class guard's trials
+        t0 = time.perf_counter()
         try:
-            per_failure = ident.per_failure
+            per_failure = ident.per_failure  # one more pass over the training set
         except ValueError:
             per_failure = None
+        times["culprits"] = time.perf_counter() - t0
         if args.identify == "ewc":  # keep the state for continual repair (--resume, new failures)
             t0 = time.perf_counter()
             rep = Repairer(model, (train.X, train.y), fisher=fisher, **repairer_kw)
@@ -538,8 +542,10 @@ def run(args: argparse.Namespace) -> int:
             rep.save(state_dir)
             times["continual_state"] = time.perf_counter() - t0
 
+    t0 = time.perf_counter()
     accuracies = {"original": data.accuracies(model, device)}
     accuracies["repaired"] = data.accuracies(repaired, device)
+    times["accuracies"] = time.perf_counter() - t0
     control_note = []
     controls_summary: dict[str, Any] | None = None
     if not args.no_controls:
@@ -600,14 +606,17 @@ def run(args: argparse.Namespace) -> int:
         cidx, cscore = culprit_table(per_failure, args.culprits)
     else:
         cidx, cscore = np.zeros((m, 0), np.int64), np.zeros((m, 0))
+    test_index = data.query.tolist() if data.query is not None else None  # joins to --test
     crow = [
         [f, r + 1, int(cidx[f, r]), _fmt(float(cscore[f, r])), ylist[int(cidx[f, r])]]
+        + ([test_index[f]] if test_index is not None else [])
         for f in range(m)
         for r in range(cidx.shape[1])
     ]
+    head = ["failure", "rank", "training_index", "score", "label"]
     write_text_atomic(
         out / "culprits.csv",
-        _csv(["failure", "rank", "training_index", "score", "label"], crow),
+        _csv(head + (["test_index"] if test_index is not None else []), crow),
     )
     settings = {
         "model": args.model,
@@ -642,6 +651,9 @@ def run(args: argparse.Namespace) -> int:
             "failures": m,
             "test": None if data.test is None else len(data.test),
             "classes": train.classes,
+            # --failure-indices: which test rows the failures and the held-out failures are
+            "failure_test_indices": test_index,
+            "heldout_test_indices": None if data.heldout is None else data.heldout.tolist(),
         },
         "causes": int(causes.size),
         "auto_k": rep.history[-1]["selection"] if continual else ident.info.get("auto_k"),
