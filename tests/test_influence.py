@@ -313,6 +313,55 @@ def test_trak_full_rank_projection_changes_nothing(ref, data4, failures_for):
     close(small.scores, dense_trak(model, X, y, Xq, yq, 0.1, R)[0])
 
 
+class _ConvMLP(torch.nn.Module):
+    """A conv layer (padding, stride 1), a hidden Linear wider than the projection side and
+    a 3-class head narrower than it: every branch of the Kronecker projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 6, 3, padding=1)
+        self.fc1 = torch.nn.Linear(6 * 4 * 4, 9)
+        self.fc2 = torch.nn.Linear(9, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.conv(x)).flatten(1)
+        return self.fc2(torch.tanh(self.fc1(h)))
+
+
+def test_trak_kronecker_projection_is_the_formula_on_kronecker_projected_gradients():
+    """projection='kronecker' (LoGra's per-layer factored projection): the features are the
+    exact margin gradients (jacrev) times the block-diagonal matrix of Kronecker products
+    P_out (x) P_in (bias: P_out), so the scores are TRAK's formula with that R; float64."""
+    g = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    model = _ConvMLP().double().eval()
+    X = torch.randn(40, 1, 4, 4, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (40,), generator=g)
+    Xq = torch.randn(3, 1, 4, 4, generator=g, dtype=DT)
+    with torch.no_grad():
+        yq = (model(Xq).argmax(1) + 1) % 3
+    fm = FunctionalModel.of(model)
+    proj = trak_mod.KroneckerProjection(fm, 16, [0, 0], DT, torch.device("cpu"))  # side 4
+    R = proj.matrix()
+    # conv: 6 out (projected to 4) x 9 in (to 4) + bias 4; fc1: 9 x 96 -> 4 x 4 + 4;
+    # fc2: 3 out (kept) x 9 in (to 4), no bias
+    assert R.shape == (fm.num_params, 16 + 4 + 16 + 4 + 12) and proj.dim == R.shape[1]
+    kw = dict(method="trak", projection="kronecker", proj_dim=16, ridge=0.1, **RUN)
+    r = netmend.identify(model, (X, y), (Xq, yq), chunk_size=7, **kw)
+    scores, per, _ = dense_trak(model, X, y, Xq, yq, 0.1, R)
+    close(r.scores, scores, 1e-9)
+    close(r.per_failure, per, 1e-9)
+    assert r.info["proj_dim"] == R.shape[1]
+    # seeded per layer and side; entries ~ N(0, 1/side)
+    again = trak_mod.KroneckerProjection(fm, 16, [0, 0], DT, torch.device("cpu")).matrix()
+    np.testing.assert_array_equal(again.numpy(), R.numpy())
+    other = trak_mod.KroneckerProjection(fm, 16, [1, 0], DT, torch.device("cpu")).matrix()
+    assert not torch.equal(other, R)
+    with pytest.raises(ValueError, match=r"kronecker.*Linear and Conv2d.*'gaussian'"):
+        ln = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5)).double()
+        trak_mod.KroneckerProjection(FunctionalModel.of(ln), 16, [0], DT, torch.device("cpu"))
+
+
 def test_trak_projection_is_seeded_blockwise_and_chunk_independent(monkeypatch):
     dev = torch.device("cpu")
     whole = trak_mod.GaussianProjection(50, 8, [3, 0], DT, dev).matrix()

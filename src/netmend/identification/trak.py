@@ -34,9 +34,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.func import grad, vmap
 from tqdm.auto import tqdm
 
+from netmend.curvature.hooks import hook_deltas, hook_forward, layer_slices, unfold_input
 from netmend.data.streaming import chunks
 from netmend.data.task import tree_map
 from netmend.identification.base import Context, MethodOutput, register
@@ -46,7 +48,7 @@ from netmend.identification.influence import (
     option_target,
     out_dtype,
 )
-from netmend.model.functional import Data
+from netmend.model.functional import Data, FunctionalModel
 
 BLOCK_ELEMENTS = 2**20
 """Entries of ``R`` generated at once (``BLOCK_ELEMENTS // k`` parameter rows per block)."""
@@ -115,6 +117,136 @@ class GaussianProjection:
         )
 
 
+class KroneckerProjection:
+    """Per-layer Kronecker-factored projections of per-example gradients (LoGra's, Choe et al.
+    2024), computed from the layer hooks' inputs and output gradients without forming them.
+
+    A linear layer's per-example weight gradient is ``d a^T`` (``[out, in]``; a convolution's
+    the sum over positions of ``d_p a_p^T`` with ``a_p`` the input patch). Projected by
+    ``P_out`` ``[out, k_out]`` and ``P_in`` ``[in, k_in]`` with i.i.d. ``N(0, 1/k)`` entries,
+    it is ``(P_out^T d)(P_in^T a)^T`` (``[k_out, k_in]``), i.e. the gradient times the
+    Kronecker product ``P_out (x) P_in``, at the cost of two small products per example
+    instead of ``out * in * k``. The bias gradient ``d`` is projected by ``P_out``. The
+    features of all layers are concatenated.
+
+    Each side is projected to ``s = round(sqrt(dim))`` dimensions, or kept as it is when it
+    has at most ``s`` (so a 10-class output layer keeps its 10 output gradients).
+
+    Args:
+        fm: the model (every trainable parameter in a ``Linear`` or ``Conv2d``).
+        dim: the per-layer target dimension ``k_out * k_in`` (``s = round(sqrt(dim))``).
+        seed: any sequence of ints; layer ``l``'s side ``j`` uses ``[*seed, l, j]``.
+        dtype, device: of the features.
+
+    Raises:
+        ValueError: a trainable parameter outside a ``Linear`` or ``Conv2d`` layer.
+    """
+
+    def __init__(
+        self, fm: FunctionalModel, dim: int, seed: list[int], dtype: torch.dtype, device: Any
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"proj_dim must be >= 1; got {dim}")
+        layers = layer_slices(fm)
+        modules = dict(fm.caller.named_modules())
+        other = (
+            None
+            if layers is None
+            else next(
+                (n for n in layers if not isinstance(modules[n], (nn.Linear, nn.Conv2d))), None
+            )
+        )
+        if layers is None or other is not None:
+            where = f"layer {other!r} ({type(modules[other]).__name__})" if other else "a layer"
+            raise ValueError(
+                f"projection='kronecker' covers Linear and Conv2d layers; {where} has trainable "
+                "parameters: use projection='gaussian' (or freeze that layer)"
+            )
+        self.layers, self.modules, self.fm = layers, modules, fm
+        side = max(1, round(math.sqrt(dim)))
+        self.mats: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self.dim = 0
+        for li, (name, sl) in enumerate(layers.items()):
+            w = modules[name].weight
+            out, fan_in = w.shape[0], w[0].numel()
+            mats: list[torch.Tensor | None] = []
+            for j, n in enumerate((out, fan_in)):
+                if n <= side:
+                    mats.append(None)  # kept as it is
+                    continue
+                state = np.random.SeedSequence([*seed, li, j]).generate_state(2, dtype=np.uint32)
+                gen = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+                R = torch.randn(n, side, generator=gen, dtype=torch.float64) / math.sqrt(side)
+                mats.append(R.to(dtype).to(device))
+            k_out, k_in = (min(out, side), min(fan_in, side))
+            self.mats[name] = (mats[0], mats[1])
+            self.dim += k_out * k_in + (k_out if "bias" in sl else 0)
+
+    def matrix(self) -> torch.Tensor:
+        """The whole projection ``[P, dim]`` (block diagonal over layers; tests, small models)."""
+        blocks = []
+        for name, sl in self.layers.items():
+            w = self.modules[name].weight
+            P_out, P_in = self.mats[name]
+            eye = torch.eye
+            o = P_out if P_out is not None else eye(w.shape[0], dtype=torch.float64)
+            i = P_in if P_in is not None else eye(w[0].numel(), dtype=torch.float64)
+            o, i = o.double().cpu(), i.double().cpu()
+            blocks.append((sl["weight"], torch.kron(o, i)))
+            if "bias" in sl:
+                blocks.append((sl["bias"], o))
+        P = self.fm.num_params
+        R = torch.zeros(P, self.dim, dtype=torch.float64)
+        col = 0
+        for rows, block in blocks:
+            R[rows, col : col + block.shape[1]] = block
+            col += block.shape[1]
+        return R
+
+    def features(
+        self, theta: torch.Tensor, x: Any, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Margins ``[B]`` and the projected margin gradients ``[B, dim]`` of one chunk."""
+        logits, inputs, outputs = hook_forward(self.fm, theta, x, self.layers)
+        with torch.no_grad():
+            mask = torch.nn.functional.one_hot(y, logits.shape[1]).bool()
+            others = logits.detach().masked_fill(mask, -math.inf)
+            m = logits.detach().gather(1, y[:, None]).squeeze(1) - torch.logsumexp(others, 1)
+            cot = mask.to(logits.dtype) - torch.softmax(others, 1)  # d margin / d logits
+        names = [n for n in self.layers if n in outputs]
+        deltas = dict(zip(names, hook_deltas(logits, outputs, names, cot)))
+        B = y.shape[0]
+        parts = []
+        for name, sl in self.layers.items():
+            mod = self.modules[name]
+            P_out, P_in = self.mats[name]
+            if name not in deltas:  # never called: zero gradient
+                parts.append(theta.new_zeros(B, self._width(name, sl)))
+                continue
+            a, d = inputs[name], deltas[name]
+            if isinstance(mod, nn.Conv2d):
+                a = unfold_input(mod, a)  # [B, in*kh*kw, L]
+                d = d.reshape(B, d.shape[1], -1)  # [B, out, L]
+            elif a.ndim == 2:
+                a, d = a[:, :, None], d[:, :, None]  # one position
+            else:  # Linear over positions: [B, ..., in] -> [B, in, S]
+                a = a.reshape(B, -1, a.shape[-1]).transpose(1, 2)
+                d = d.reshape(B, -1, d.shape[-1]).transpose(1, 2)
+            pa = a if P_in is None else torch.einsum("bil,ik->bkl", a, P_in)
+            pd = d if P_out is None else torch.einsum("bol,ok->bkl", d, P_out)
+            parts.append(torch.einsum("bol,bil->boi", pd, pa).reshape(B, -1))
+            if "bias" in sl:
+                parts.append(pd.sum(2))
+        return m, torch.cat(parts, 1).detach()
+
+    def _width(self, name: str, sl: dict[str, slice]) -> int:
+        w = self.modules[name].weight
+        P_out, P_in = self.mats[name]
+        k_out = w.shape[0] if P_out is None else P_out.shape[1]
+        k_in = w[0].numel() if P_in is None else P_in.shape[1]
+        return k_out * k_in + (k_out if "bias" in sl else 0)
+
+
 def margins_and_grads(
     ctx: Context, theta: torch.Tensor, x: Any, y: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +272,7 @@ def features(
     theta: torch.Tensor,
     X: Data,
     y: torch.Tensor,
-    project: GaussianProjection | None,
+    project: GaussianProjection | KroneckerProjection | None,
     desc: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """TRAK features ``phi = R^T grad m`` ``[n, k]`` and ``1 - p = sigmoid(-m)`` ``[n]``,
@@ -149,8 +281,13 @@ def features(
     for s in tqdm(
         list(chunks(len(X), ctx.chunk_size)), desc=desc, disable=not ctx.progress, leave=False
     ):
-        m, G = margins_and_grads(ctx, theta, X[s].to(ctx.device), y[s].to(ctx.device))
-        phis.append(project(G) if project is not None else G)
+        x, t = X[s].to(ctx.device), y[s].to(ctx.device)
+        if isinstance(project, KroneckerProjection):
+            m, phi = project.features(theta, x, t)  # from the layer hooks: no [B, P] gradient
+        else:
+            m, G = margins_and_grads(ctx, theta, x, t)
+            phi = project(G) if project is not None else G
+        phis.append(phi)
         ws.append(torch.sigmoid(-m))
     return torch.cat(phis), torch.cat(ws)
 
@@ -164,10 +301,14 @@ def trak(ctx: Context) -> MethodOutput:
     """TRAK cause scores ``r(z) = -sum_i tau(f_i, z)`` ``[N]``, positive = harmful.
 
     Options:
-        proj_dim: ``k``, the projection's dimension (default 1024).
+        proj_dim: ``k``, the projection's dimension (default 1024; for "kronecker", each
+            layer's).
         projection: "auto" (default: a Gaussian projection when ``P > proj_dim``, none
-            otherwise, since projecting to ``k >= P`` dimensions gains nothing), "gaussian"
-            or "none" (exact gradients; ``P <= 8192``).
+            otherwise, since projecting to ``k >= P`` dimensions gains nothing), "gaussian",
+            "none" (exact gradients; ``P <= 8192``) or "kronecker" (per-layer
+            Kronecker-factored Gaussian projections from the layer hooks,
+            :class:`KroneckerProjection`: Linear and Conv2d layers; far cheaper per example
+            than a dense ``[P, k]`` projection).
         ridge: ``lambda``, "auto" (default): ``1e-2 * trace(Phi^T Phi) / k``, one percent of
             the kernel's mean eigenvalue, which keeps the solve finite when ``Phi^T Phi`` is
             singular (``k > N``, dead units) and leaves well-determined directions alone;
@@ -188,8 +329,10 @@ def trak(ctx: Context) -> MethodOutput:
     if k < 1:
         raise ValueError(f"proj_dim must be >= 1; got {k}")
     mode = o.get("projection", "auto")
-    if mode not in ("auto", "gaussian", "none"):
-        raise ValueError(f"projection must be 'auto', 'gaussian' or 'none'; got {mode!r}")
+    if mode not in ("auto", "gaussian", "none", "kronecker"):
+        raise ValueError(
+            f"projection must be 'auto', 'gaussian', 'none' or 'kronecker'; got {mode!r}"
+        )
     P = ctx.fm.num_params
     if mode == "auto":
         mode = "gaussian" if k < P else "none"
@@ -208,11 +351,11 @@ def trak(ctx: Context) -> MethodOutput:
     wbar = torch.zeros(ctx.N, dtype=ctx.theta.dtype)
     lambdas = []
     for t, theta in enumerate(thetas):
-        proj = (
-            GaussianProjection(P, k, [seed, t], theta.dtype, ctx.device)
-            if mode == "gaussian"
-            else None
-        )
+        proj: GaussianProjection | KroneckerProjection | None = None
+        if mode == "gaussian":
+            proj = GaussianProjection(P, k, [seed, t], theta.dtype, ctx.device)
+        elif mode == "kronecker":
+            proj = KroneckerProjection(ctx.fm, k, [seed, t], theta.dtype, ctx.device)
         Phi, w = features(ctx, theta, ctx.X, ctx.y, proj, f"trak {t + 1}/{T}")
         PhiF, _ = features(ctx, theta, ctx.Xq, ctx.yq, proj, "trak failures")
         K = Phi.T @ Phi
@@ -240,7 +383,9 @@ def trak(ctx: Context) -> MethodOutput:
         info={
             "target": target,
             "projection": mode,
-            "proj_dim": k if mode == "gaussian" else P,
+            "proj_dim": proj.dim
+            if isinstance(proj, KroneckerProjection)
+            else (k if mode == "gaussian" else P),
             "ridge": lambdas,
             "checkpoints": T,
         },
