@@ -20,7 +20,7 @@ from netmend.model.training import fit, predict
 from netmend.treatment.methods import finetune_recipe
 
 HAS_CLEANLAB = bench.cleanlab_available()
-PIPELINES = ("ewc/finetune", "loss/finetune", "nosuch/finetune", "ewc/nosuch")
+PIPELINES = ("ewc/finetune", "loss/finetune")
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +105,25 @@ def test_references(result):
         assert cells["cleanlab"]["precision"] > 0.5  # symmetric noise is cleanlab's home ground
 
 
-def test_unregistered_pipelines_are_skipped_not_crashed(result):
-    cells = _cells(result)
-    assert cells["nosuch/finetune"]["status"] == "skipped"
-    assert "identification method 'nosuch' is not registered" in cells["nosuch/finetune"]["reason"]
-    assert "treatment 'nosuch' is not registered" in cells["ewc/nosuch"]["reason"]
-    assert {s["pipeline"] for s in result["skipped"]} == {"nosuch/finetune", "ewc/nosuch"}
-    assert result["errors"] == []
-    assert [c["status"] for c in result["results"][0]["cells"]].count("ok") == len(cells) - 2
+@pytest.mark.parametrize(
+    "pipeline, message",
+    [
+        ("nosuch/finetune", "unknown identification method 'nosuch'"),
+        ("ewx/finetune", "did you mean 'ewc'"),
+        ("ewc/finetun", "did you mean 'finetune'"),
+        ("ewc[gte=true]/finetune", r"unknown option\(s\) \['gte'\].*also reads: gate"),
+        ("ewc[k=30]/finetune", "'k' is not a step option"),
+        ("ewc/finetune[guard=no]", "guard='no'; write guard=true, false, unbalanced or data"),
+        ("ewc/finetune[guard=2]", "guard=2"),
+    ],
+)
+def test_bad_pipelines_are_refused_before_any_suite_runs(pipeline, message):
+    """A misspelt name or option, or guard=no (once read as bool('no'): the guard on), is
+    refused when the config is built, not skipped or misread after the suites trained."""
+    with pytest.raises(ValueError, match=message):
+        bench.BenchConfig.quick(pipelines=(pipeline,))
+    ok = bench.BenchConfig.quick(pipelines=("ewc[gate=true]/finetune[guard=unbalanced]",))
+    assert ok.pipelines == ("ewc[gate=true]/finetune[guard=unbalanced]",)
 
 
 def test_write_outputs(result, tmp_path):
@@ -131,7 +142,6 @@ def test_write_outputs(result, tmp_path):
     orig = _cells(result)["original"]
     assert "| digits/sym20 | 0 | original | - |" in md
     assert f"{100 * orig['test_acc']:.1f}" in md
-    assert "skipped `nosuch/finetune`" in md
 
 
 def test_backdoor_suite_failures_are_triggered_images():
@@ -382,7 +392,6 @@ def test_bench_report_shows_the_first_pipelines_culprits(result, tmp_path):
     assert f"{100 * orig['test_acc']:.1f}" in page  # the original row, among all cells
     assert "ewc/finetune (shown)" in page and "loss/finetune" in page
     assert "control of ewc/finetune: random K" in page
-    assert "nosuch/finetune" not in page  # skipped cells have no row
     no_pipeline = {**res, "cells": [c for c in res["cells"] if c["kind"] == "reference"]}
     assert bench_report(no_pipeline, art, tmp_path / "none.html") is None
     # a method without per-failure scores has no culprits to show: the next pipeline's are

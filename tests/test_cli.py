@@ -105,3 +105,60 @@ def test_demo_command_plots(fake_demo, tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "demo_plots", fake_plots)
     assert cli.main(["demo", "--no-progress", "--plots", str(tmp_path / "plots")]) == 0
     assert seen == [(["figures", "runs"], {"not": "json"}, str(tmp_path / "plots"))]
+
+
+def test_validate_refuses_bad_names_and_numbers_before_any_retraining(capsys, monkeypatch):
+    """A misspelt --methods, an out-of-range --k, a malformed --ks or a negative seed once
+    ran the whole ground truth first and then showed an error row (exit 0) or a traceback."""
+    from netmend.lab import validation
+
+    def no_ground_truth(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the ground truth was computed")
+
+    monkeypatch.setattr(validation, "ground_truth", no_ground_truth)
+    for argv, said in (
+        (["--methods", "ewc,influnce"], "did you mean 'influence'"),
+        (["--methods", ","], "--methods is empty"),
+        (["--k", "0"], "--k and --ks must lie in [1, 299]"),
+        (["--ks", "50,abc"], "--ks takes whole numbers"),
+    ):
+        code = cli.main(["validate", "--quick", "--no-progress", *argv])
+        err = capsys.readouterr().err
+        assert code == 2 and said in err and "Traceback" not in err, (argv, err)
+    for command in (["validate", "--seed", "-1"], ["bench", "--seeds", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(command)
+        assert exc.value.code == 2 and "a seed is a whole number >= 0" in capsys.readouterr().err
+
+
+def test_import_brings_a_users_registered_method_to_the_cli(tmp_path, capsys, monkeypatch):
+    """docs/methods.md: a method is one decorated function; --import makes the command line
+    see it (it could not: bench skipped it after training, validate showed an error row)."""
+    import sys
+
+    from netmend.identification.base import _REGISTRY
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "myplug.py").write_text(
+        "import numpy as np\n"
+        "from netmend.identification import MethodOutput, register\n\n"
+        "@register('cli_plugin_test', options=())\n"
+        "def score(ctx):\n"
+        "    return MethodOutput(scores=np.linspace(1, -1, ctx.N))\n"
+    )
+    monkeypatch.delitem(sys.modules, "myplug", raising=False)
+    monkeypatch.delitem(_REGISTRY._items, "cli_plugin_test", raising=False)
+    try:
+        code = cli.main(["bench", "--import", "myplug", "--quick", "--suites", "digits/sym20",
+                         "--pipelines", "cli_plugin_test/finetune", "--draws", "0",
+                         "--references", "original", "--no-plots", "--no-progress",
+                         "--out", str(tmp_path / "b")])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+        cells = {c["pipeline"]: c for c in saved["results"][0]["cells"]}
+        assert cells["cli_plugin_test/finetune"]["status"] == "ok"
+    finally:
+        _REGISTRY._items.pop("cli_plugin_test", None)
+        _REGISTRY._options.pop("cli_plugin_test", None)
+    assert cli.main(["bench", "--import", "no_such_module_here", "--quick"]) == 2
+    assert "No module named 'no_such_module_here'" in capsys.readouterr().err

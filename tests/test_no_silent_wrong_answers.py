@@ -354,3 +354,37 @@ def test_a_single_logit_model_is_told_to_return_two(blobs):
 def test_one_example_without_a_batch_dimension_is_told_to_add_one(blobs, blobs_logreg):
     with pytest.raises(ValueError, match=r"failures: the label is a single number.*x\[None\]"):
         netmend.identify(blobs_logreg, (blobs.X, blobs.y), (blobs.Xf[0], 1), k=2, **RUN)
+
+
+def test_what_a_plugin_returns_is_checked(blobs, blobs_logreg, monkeypatch):
+    """A user's method or treatment that returns the wrong thing is named, with what to return
+    (an outside-in trial got AttributeError, or a per-failure matrix of the wrong width that
+    failed later in culprits())."""
+    from netmend.identification import MethodOutput
+    from netmend.identification import base as ident_base
+    from netmend.treatment import base as treat_base
+
+    n = len(blobs.y)
+    bad = {
+        "plug_array": lambda ctx: np.linspace(1, -1, ctx.N),
+        "plug_narrow": lambda ctx: MethodOutput(
+            scores=np.linspace(1, -1, ctx.N), per_failure=np.zeros((ctx.N, 3))
+        ),
+        "plug_short": lambda ctx: MethodOutput(scores=np.zeros(ctx.N - 1)),
+    }
+    for name, fn in bad.items():
+        monkeypatch.setitem(ident_base._REGISTRY._items, name, fn)
+    failures = (blobs.Xf, blobs.yf)
+    with pytest.raises(TypeError, match=r"returned a ndarray.*MethodOutput"):
+        netmend.identify(blobs_logreg, (blobs.X, blobs.y), failures, "plug_array", k=2, **RUN)
+    narrow = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failures, "plug_narrow", k=2,
+                              **RUN)  # fmt: skip
+    with pytest.raises(RuntimeError, match=rf"shape \({n}, 3\); expected \[{n}, 1\]"):
+        narrow.culprits(0)
+    with pytest.raises(RuntimeError, match=rf"expected \({n},\), one per training example"):
+        netmend.identify(blobs_logreg, (blobs.X, blobs.y), failures, "plug_short", k=2, **RUN)
+    monkeypatch.setitem(treat_base._REGISTRY._items, "plug_none", lambda ctx: None)
+    with pytest.raises(TypeError, match=r"returned a NoneType.*nn.Module"):
+        netmend.treat(blobs_logreg, (blobs.X, blobs.y), [0, 1], "plug_none", **RUN)
+    with pytest.raises(ValueError, match=r"^an identification method named 'ewc' is already"):
+        ident_base.register("ewc")(lambda ctx: None)

@@ -42,7 +42,11 @@ class Registry(Generic[F]):
 
         def deco(fn: F) -> F:
             if name in self._items:
-                raise ValueError(f"a {self.kind} named {name!r} is already registered")
+                article = "an" if self.kind[:1] in "aeiou" else "a"
+                raise ValueError(
+                    f"{article} {self.kind} named {name!r} is already registered (a module "
+                    "imported twice registers twice: register each name once)"
+                )
             self._items[name] = fn
             self._options[name] = declared
             if research is not None:

@@ -124,6 +124,7 @@ class Identification:
     info: dict[str, Any] = field(default_factory=dict)
     fisher: torch.Tensor | None = None
     _per_failure: np.ndarray | Callable[[], np.ndarray] | None = field(default=None, repr=False)
+    _failures: int | None = field(default=None, repr=False)  # M, to check per-failure scores
 
     @property
     def per_failure(self) -> np.ndarray:
@@ -135,7 +136,20 @@ class Identification:
             raise ValueError(f"method {self.method!r} gives no per-failure scores")
         if callable(self._per_failure):
             self._per_failure = self._per_failure()
-        return self._per_failure
+        pf = self._per_failure
+        n, m = self.scores.shape[0], self._failures
+        if (
+            not isinstance(pf, np.ndarray)
+            or pf.ndim != 2
+            or pf.shape[0] != n
+            or (m is not None and pf.shape[1] != m)
+        ):
+            raise RuntimeError(
+                f"method {self.method!r} returned per-failure scores of shape "
+                f"{getattr(pf, 'shape', type(pf).__name__)}; expected [{n}, {m}] (training "
+                "examples x failures)"
+            )
+        return pf
 
     def culprits(self, i: int, n: int = 5) -> Culprits:
         """The ``n`` training examples most to blame for failure ``i`` (index into the failures).
@@ -399,6 +413,11 @@ def identify(
         ctx = Context(fm, X, y, Xf, yf, dev, chunk_size, progress, seed, l2, options, fisher)
     t0 = time.perf_counter()
     out = fn(ctx)
+    if not isinstance(out, identification.MethodOutput):
+        raise TypeError(
+            f"identification method {method!r} returned a {type(out).__name__}; a method "
+            "returns netmend.identification.MethodOutput(scores=..., per_failure=...)"
+        )
     scores = _checked_scores(out.scores, len(X), method, ctx.l2)
     info = dict(out.info, l2=None if isinstance(ctx.l2, str) else float(ctx.l2))
     if is_auto_k(k) and out.info.get("default_k") == "positive":
@@ -435,6 +454,7 @@ def identify(
         info,
         ctx.fisher.cpu() if ctx.fisher is not None else None,
         out.per_failure,
+        len(Xf),
     )
 
 
@@ -449,7 +469,10 @@ def _check_fisher(fisher: torch.Tensor | None, fm: FunctionalModel) -> None:
 def _checked_scores(raw: np.ndarray, n: int, method: str, l2: float | str) -> np.ndarray:
     scores = np.asarray(raw, dtype=np.float64)
     if scores.shape != (n,):
-        raise RuntimeError(f"method {method!r} returned scores of shape {scores.shape}")
+        raise RuntimeError(
+            f"method {method!r} returned scores of shape {scores.shape}; expected ({n},), one "
+            "per training example"
+        )
     if not np.isfinite(scores).all():
         raise RuntimeError(
             f"method {method!r} produced non-finite scores; increase l2 (now {l2}) or check the "
@@ -644,7 +667,12 @@ def treat(
 
 
 def _check_treated(model: nn.Module, method: str) -> None:
-    """Never hand back a model with NaN/inf parameters."""
+    """Never hand back something other than a model, or a model with NaN/inf parameters."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"treatment {method!r} returned a {type(model).__name__}; a treatment returns the "
+            "repaired copy of ctx.model (an nn.Module)"
+        )
     try:
         check_finite_parameters(model, f"the {method!r} treatment's result")
     except ValueError as exc:

@@ -116,9 +116,19 @@ def _validate(args: argparse.Namespace) -> int:
     from netmend.lab import validation
 
     quick = args.quick
-    problem = validation.make_problem(
-        model=args.model, seed=args.seed, n_train=300 if quick else args.n_train
-    )
+    methods = [m for m in args.methods.split(",") if m] if args.methods is not None else None
+    if methods is not None and not methods:
+        raise ValueError("--methods is empty: name at least one method, or leave it out (all)")
+    validation.check_methods(methods)  # before any retraining: a misspelt name costs nothing
+    try:
+        ks = [int(c) for c in args.ks.split(",") if c] if args.ks else None
+    except ValueError:
+        raise ValueError(f"--ks takes whole numbers separated by commas; got {args.ks!r}") from None
+    n_train = args.n_train if args.n_train is not None else (300 if quick else None)
+    problem = validation.make_problem(model=args.model, seed=args.seed, n_train=n_train)
+    for k in [args.k, *(ks or [])]:
+        if k is not None and not 0 < k < problem.N:
+            raise ValueError(f"--k and --ks must lie in [1, {problem.N - 1}]; got {k}")
     gt = validation.ground_truth(
         problem,
         n_loo=args.n_loo,
@@ -126,7 +136,6 @@ def _validate(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.no_progress,
     )
-    methods = [m for m in args.methods.split(",") if m] if args.methods else None
     report = validation.validate(
         methods,
         problem,
@@ -135,7 +144,7 @@ def _validate(args: argparse.Namespace) -> int:
         counterfactual_repeats=2 if quick else 5,
         progress=not args.no_progress,
         seed=args.seed,
-        counterfactual_ks=[int(c) for c in args.ks.split(",") if c] if args.ks else None,
+        counterfactual_ks=ks,
     )
     print(validation.table(report))
     if "counterfactual_curve" in report:
@@ -180,13 +189,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     v.add_argument("--model", choices=("logreg", "mlp"), default="logreg")
     v.add_argument("--methods", help="comma-separated method names (default: all registered)")
-    v.add_argument("--seed", type=int, default=0, help="seed of everything random (default 0)")
-    v.add_argument("--n-train", type=int, help="subsample the training set")
+    v.add_argument("--seed", type=_seed, default=0, help="seed of everything random (default 0)")
+    v.add_argument("--n-train", type=int, help="subsample the training set (--quick: 300)")
     v.add_argument("--n-loo", type=int, help="examples with an exact LOO refit (default all)")
     v.add_argument("--subsets", type=int, help="random subsets for the LDS (default 100)")
     v.add_argument("--k", type=int, help="examples removed in the counterfactual test")
     v.add_argument("--ks", help="more removal sizes for a counterfactual curve, e.g. 50,100,400")
-    v.add_argument("--quick", action="store_true", help="300 training examples: a smoke run")
+    v.add_argument(
+        "--quick",
+        action="store_true",
+        help="300 training examples (unless --n-train), 30 LDS subsets: a smoke run",
+    )
     v.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     v.add_argument("--no-progress", action="store_true", help="hide progress bars")
     v.set_defaults(func=_validate)
@@ -198,7 +211,12 @@ def main(argv: list[str] | None = None) -> int:
         "on clean data and cleanlab. Writes bench.json, bench.md and PNG plots.",
     )
     b.add_argument("--quick", action="store_true", help="digits only, one seed: ~1 minute")
-    b.add_argument("--suites", nargs="+", metavar="DATASET/CORRUPTION", help="e.g. digits/sym20")
+    b.add_argument(
+        "--suites",
+        nargs="+",
+        metavar="DATASET/CORRUPTION",
+        help="e.g. digits/sym20; a bare DATASET runs all its corruptions",
+    )
     b.add_argument(
         "--pipelines",
         nargs="+",
@@ -206,13 +224,16 @@ def main(argv: list[str] | None = None) -> int:
         help="e.g. ewc/finetune or knn_shapley[embed=input]/relabel",
     )
     b.add_argument("--references", nargs="*", metavar="REF", help="original retrain-clean cleanlab")
-    b.add_argument("--seeds", nargs="+", type=int, metavar="S", help="one run per seed")
+    b.add_argument("--seeds", nargs="+", type=_seed, metavar="S", help="one run per seed")
     b.add_argument("--out", metavar="DIR", default="bench-out", help="output folder")
     b.add_argument(
         "--cv-folds", type=int, metavar="K", help="cleanlab's cross-validation folds (5)"
     )
     b.add_argument(
-        "--draws", type=int, metavar="N", help="random-K control draws per pipeline (3; 0: none)"
+        "--draws",
+        type=int,
+        metavar="N",
+        help="random-K control draws per pipeline (3, at least 3; 0: no controls)",
     )
     b.add_argument(
         "--validation-share",
@@ -230,8 +251,22 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     b.add_argument("--no-progress", action="store_true", help="hide progress bars")
     b.set_defaults(func=_bench)
+    for p in (sub.choices["repair"], v, b):
+        p.add_argument(
+            "--import",
+            dest="plugins",
+            action="append",
+            default=[],
+            metavar="MODULE",
+            help="import MODULE first (from the current folder or the path): a module that "
+            "registers your own identification methods or treatments; repeatable",
+        )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if getattr(args, "plugins", None):
+        code = _import_plugins(args.plugins, args.command)
+        if code:
+            return code
     # under torchrun every rank runs the command (its passes are sharded); rank 0 reports
     if not distributed.is_writer():
         with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
@@ -253,6 +288,34 @@ def _as_flags(message: str) -> str:
     for python, flag in _FLAGS:
         message = message.replace(python, flag)
     return message
+
+
+def _seed(text: str) -> int:
+    """A seed: a whole number >= 0 (numpy's generators refuse negative ones)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number >= 0, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number >= 0, not {value}")
+    return value
+
+
+def _import_plugins(modules: list[str], command: str) -> int:
+    """Import the ``--import`` modules (their ``register`` decorators run); 2 on failure."""
+    import importlib
+
+    if "" not in sys.path:
+        sys.path.insert(0, "")  # the current folder, as `python -m` would
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # ImportError, or the module's own error
+            print(
+                f"netmend {command}: --import {name}: {type(exc).__name__}: {exc}", file=sys.stderr
+            )
+            return 2
+    return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -280,6 +343,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             traceback.print_exc()
             print("netmend repair: internal error (please report it)", file=sys.stderr)
             return 1
+    if args.command == "validate":
+        try:
+            return int(args.func(args))
+        except ValueError as exc:  # names, k and options are checked before any retraining
+            print(f"netmend validate: {exc}", file=sys.stderr)
+            return 2
     return int(args.func(args))
 
 

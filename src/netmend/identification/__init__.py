@@ -1,6 +1,7 @@
 """Cause identification: one score per training example, positive = harmful.
 
-Methods are registered by name (``netmend.identify.available()``); a new method is one file
+Methods are registered by name (``netmend.identification.available()``, or
+``netmend.available()``); a new method is one file
 with a function decorated by :func:`register`.
 """
 

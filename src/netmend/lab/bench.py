@@ -514,7 +514,7 @@ class BenchConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "suites", tuple(expand_suites(self.suites)))
         for p in self.pipelines:
-            parse_pipeline(p)
+            check_pipeline(p)
         bad = [r for r in self.references if r not in REFERENCES]
         if bad:
             raise ValueError(f"unknown references {bad}; choose from {REFERENCES}")
@@ -583,6 +583,50 @@ def parse_step(spec: str) -> tuple[str, dict[str, Any]]:
     if not name:
         raise ValueError(f"a step needs a method name; got {spec!r}")
     return name, options
+
+
+BENCH_OPTIONS: dict[str, tuple[str, ...]] = {
+    "identify": ("gate",),
+    "treat": ("guard", "guard_shrink"),
+}
+"""Step options the bench itself reads (besides each method's own)."""
+GUARD_VALUES: tuple[Any, ...] = (True, False, "unbalanced", "data")
+"""The values of ``finetune[guard=...]``."""
+
+
+def check_pipeline(name: str) -> None:
+    """Refuse, before any suite runs, a pipeline whose method or treatment is not registered,
+    whose steps carry an option neither the method nor the bench reads, or whose ``guard`` is
+    not one of :data:`GUARD_VALUES` (``guard=no`` once read as ``bool("no")``: on).
+
+    Raises:
+        ValueError: what is wrong, with the accepted names.
+    """
+    from netmend.identification.base import check_options as check_identify
+    from netmend.treatment.base import check_options as check_treat
+
+    ident_spec, treat_spec = parse_pipeline(name)
+    for spec, kind, get, check in (
+        (ident_spec, "identify", identification.get, check_identify),
+        (treat_spec, "treat", treatment.get, check_treat),
+    ):
+        method, options = parse_step(spec)
+        get(method)  # ValueError: unknown name, with "did you mean"
+        if kind == "identify" and "k" in options:
+            raise ValueError(
+                f"{name}: the bench chooses K by each pipeline's own rule (the automatic K); "
+                "'k' is not a step option"
+            )
+        own = {k: v for k, v in options.items() if k not in BENCH_OPTIONS[kind]}
+        try:
+            check(method, own)
+        except ValueError as exc:
+            raise ValueError(
+                f"{name}: {exc} The bench also reads: {', '.join(BENCH_OPTIONS[kind])}."
+            ) from None
+    guard = parse_step(treat_spec)[1].get("guard", False)
+    if guard not in GUARD_VALUES or isinstance(guard, (int, float)) and not isinstance(guard, bool):
+        raise ValueError(f"{name}: guard={guard!r}; write guard=true, false, unbalanced or data")
 
 
 def unavailable(pipeline: str) -> str | None:

@@ -1,6 +1,6 @@
 """Treatments: each returns a new, repaired model (the input model is never modified).
 
-Registered by name (``netmend.treat.available()``); a new treatment is one function
+Registered by name (``netmend.treatment.available()``); a new treatment is one function
 decorated by :func:`register`.
 """
 

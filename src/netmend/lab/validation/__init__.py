@@ -41,7 +41,7 @@ from netmend.lab.validation.groundtruth import (
     lds_predictions,
     score_quality,
 )
-from netmend.lab.validation.harness import validate
+from netmend.lab.validation.harness import check_methods, validate
 from netmend.lab.validation.problem import DATASETS, DEFAULT_L2, MODELS, Problem, make_problem
 from netmend.lab.validation.refit import DT, GRAD_TOL, LogregSolver
 from netmend.lab.validation.render import TABLE_COLUMNS, curve_table, table
@@ -56,6 +56,7 @@ __all__ = [
     "GroundTruth",
     "LogregSolver",
     "Problem",
+    "check_methods",
     "counterfactual",
     "curve_table",
     "ground_truth",

@@ -15,6 +15,20 @@ from netmend.lab.validation.problem import Problem, make_problem
 from netmend.lab.validation.render import _jsonable
 
 
+def check_methods(
+    methods: list[str] | None, options: dict[str, dict[str, Any]] | None = None
+) -> None:
+    """Refuse labels that name no registered method (before any retraining is spent).
+
+    Raises:
+        ValueError: the unknown name, with "did you mean" and the registered names.
+    """
+    from netmend import identification
+
+    for label in methods or []:
+        identification.get(str(dict((options or {}).get(label, {})).get("method", label)))
+
+
 def validate(
     methods: list[str] | None = None,
     problem: Problem | None = None,
@@ -43,8 +57,11 @@ def validate(
         progress: show progress bars.
         seed: seeds the default problem, the ground truth, the methods and the random removals.
         l2: the ``l2`` passed to :func:`netmend.identify` unless a method's options set it:
-            default the problem's training weight decay (so that curvature-based methods damp
-            with the true objective's regulariser); "auto" for netmend's default.
+            default the problem's training weight decay (so that the methods that use ``l2``,
+            ``ewc`` and ``linear``, damp with the true objective's regulariser); "auto" for
+            netmend's default (where ``ewc`` and ``linear`` rank nearly as ``grad_dot`` does:
+            benchmarks/README.md, "Does the curvature matter?"). ``influence`` and ``ekfac``
+            take their damping from their own ``damping`` option ("auto"), not from ``l2``.
         counterfactual_ks: more removal sizes for the counterfactual test (e.g. ``[k // 4,
             k // 2, 2 * k]``): each method's top-k' is removed and the model retrained, against
             k' random removals, giving a curve of held-out accuracy change over k' (one
@@ -59,6 +76,7 @@ def validate(
     """
     from netmend import api, identification
 
+    check_methods(methods, options)
     if problem is None:
         problem = make_problem(seed=seed)
     if gt is None:
