@@ -150,16 +150,24 @@ def test_deterministic_given_seed(problem, gt):
     assert not np.array_equal(other.corrupted, problem.corrupted)
 
 
-def test_validate_report_and_errors(problem, gt):
+def test_validate_report_and_errors(problem, gt, monkeypatch):
+    from netmend.identification import base as ident_base
+
+    def boom(ctx):  # noqa: ANN001, ANN202
+        raise RuntimeError("a method failing at run time")
+
+    monkeypatch.setitem(ident_base._REGISTRY._items, "boom", boom)
+    with pytest.raises(ValueError, match="did you mean 'loss'"):  # refused before any work
+        validation.validate(["los"], problem=problem, gt=gt, progress=False)
     rep = validation.validate(
-        ["loss", "random", "no-such-method"],
+        ["loss", "random", "boom"],
         problem=problem,
         gt=gt,
         counterfactual_repeats=3,
         progress=False,
     )
     assert rep["k"] == int(problem.corrupted.sum())
-    assert "error" in rep["methods"]["no-such-method"]
+    assert "a method failing at run time" in rep["methods"]["boom"]["error"]  # recorded
     loss, rand = rep["methods"]["loss"], rep["methods"]["random"]
     # self-loss finds flipped labels; random scores do not
     assert loss["auroc"] > 0.8 and abs(rand["auroc"] - 0.5) < 0.1
