@@ -211,6 +211,24 @@ def test_with_controls_random_k_is_the_pipelines_treat_call(blobs, blobs_logreg,
     assert out["verdict"]["passed"] == (not out["verdict"]["reasons"])
 
 
+def test_retrain_clean_takes_the_recipe_without_the_fine_tunes_own_options(
+    blobs, blobs_logreg, repaired_blobs
+):
+    """The repair fine-tuned with steps=20; the retrain-clean control once got that option
+    too and failed ("unknown option(s) ['steps'] for treatment 'retrain'") after every other
+    control had run (outside-in trial)."""
+    train, test, split, res, cfg = repaired_blobs
+    out = netmend.with_controls(
+        blobs_logreg, train, test, split, res, clean_train=train, device="cpu", draws=3
+    )
+    clean = out["controls"]["retrain_clean"]
+    again = netmend.treat(blobs_logreg, train, [], "retrain", train_config=cfg, seed=0,
+                          allow_no_causes=True, **RUN)  # fmt: skip
+    assert netmend.evaluate(again, test, split, device="cpu")["test_acc"] == pytest.approx(
+        clean["test_acc"], abs=1e-12
+    )
+
+
 def test_treat_refuses_no_causes_unless_asked(blobs, blobs_logreg):
     with pytest.raises(ValueError, match="no causes"):
         netmend.treat(blobs_logreg, (blobs.X, blobs.y), [], **RUN)

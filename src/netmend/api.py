@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -914,8 +915,14 @@ def with_controls(
     if clean_train is not None:
         clean_data = clean_train
 
+        # the repair's recipe without its treatment's own options (a fine-tune's "steps"
+        # is not retrain's): retrain takes the shared settings and the options it declares
+        shared = set(inspect.signature(_treat).parameters)
+        own = treatment.base._REGISTRY.options("retrain") or frozenset()
+        retrain = {k: v for k, v in recipe.items() if k in shared or k in own}
+
         def clean() -> nn.Module:
-            return _treat(model, clean_data, [], "retrain", allow_no_causes=True, **recipe)
+            return _treat(model, clean_data, [], "retrain", allow_no_causes=True, **retrain)
 
     ctl = run_controls(
         treat_with,
