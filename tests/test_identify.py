@@ -637,3 +637,15 @@ def test_auto_l2_is_resolved_only_by_methods_that_use_it(blobs, blobs_logreg, fa
     assert calls == [] and dot.fisher is None and dot.info["l2"] is None
     ewc = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", k=3, **RUN)
     assert calls == [1] and ewc.fisher is not None and ewc.info["l2"] > 0
+
+
+def test_automatic_k_warns_when_the_scores_ignore_the_failures(blobs, blobs_logreg, failset):
+    """For 'loss' (or target='self') every half scores the same, so the halves' agreement is
+    1 - K/N and the edge rule returns about 10% of N whatever the data (outside-in trial)."""
+    with pytest.warns(UserWarning, match=r"'loss' scores the training set the same.*Pass k="):
+        netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "loss", **RUN)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*scores the training set the same")
+        netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", **RUN)

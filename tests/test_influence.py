@@ -424,3 +424,21 @@ def test_bad_options_raise(task):
         )
     with pytest.raises(ValueError, match="projection"):
         netmend.identify(model, data, fail, method="trak", projection="srht", **RUN)
+
+
+def test_self_influence_by_an_iterative_solver_warns_of_its_cost(task, monkeypatch):
+    """One CG solve per training example ran past 10 minutes on 1,348 digits with no word
+    (outside-in trial); a direct solve stays quiet."""
+    import warnings
+
+    from netmend.identification import influence as influence_mod
+
+    model, X, y, Xq, yq = task
+    monkeypatch.setattr(influence_mod, "SELF_ITERATIVE_MAX", 5)
+    kw = dict(method="influence", target="self", **RUN)
+    with pytest.warns(UserWarning, match=r"one iterative solve per training example.*ekfac"):
+        slow = netmend.identify(model, (X, y), (Xq, yq), solver="cg", cg_maxiter=50, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = netmend.identify(model, (X, y), (Xq, yq), solver="dense", **kw)
+    close(slow.scores, fast.scores, 1e-5)  # the same quantity, only the solve differs

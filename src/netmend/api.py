@@ -546,6 +546,13 @@ def _auto_causes(
         for side, part in zip(halves, (perm[: m // 2], perm[m // 2 :]), strict=True):
             sub = dataclasses.replace(ctx, Xq=ctx.Xq[part], yq=ctx.yq[part], progress=False)
             side.append(_checked_scores(fn(sub).scores, scores.shape[0], method, ctx.l2))
+    if all(np.array_equal(a, b) for a, b in zip(*halves, strict=True)):
+        warn(
+            f"method {method!r} scores the training set the same for every half of the "
+            "failures (it does not read them, e.g. 'loss' or target='self'), so the automatic "
+            "K has no evidence: the halves agree perfectly at every K and K comes out near "
+            "10% of N by construction. Pass k= (a count, a fraction or 'positive')"
+        )
     k, excess = k_rules.edge_rule(halves[0], halves[1], positive.size)
     if k == 0:  # no K is blamed by both halves more than by chance
         causes, info = handful(

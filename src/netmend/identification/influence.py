@@ -427,6 +427,10 @@ INFLUENCE_OPTIONS = (
 )
 
 
+SELF_ITERATIVE_MAX = 200
+"""Self-influence by an iterative solver warns above this many training examples."""
+
+
 def influence_scores(ctx: Context, kind: str, method: str) -> MethodOutput:
     """Influence-function cause scores with curvature ``kind`` (see the module docstring)."""
     check_options(ctx, INFLUENCE_OPTIONS, method)
@@ -447,6 +451,14 @@ def influence_scores(ctx: Context, kind: str, method: str) -> MethodOutput:
     theta = ctx.theta
     if target == "self":
         # g_z^T A^{-1} g_z: one solve per training example (use a direct kind for large N)
+        if not inv.direct and ctx.N > SELF_ITERATIVE_MAX:
+            warn(
+                f"self-influence with solver {inv.solver!r} runs one iterative solve per "
+                f"training example ({ctx.N} of them, up to cg_maxiter={inv.cg_maxiter} "
+                "curvature products each): this can take hours. Use method='ekfac' (or "
+                "curvature='ekfac'/'kfac'), solver='dense' for a model of at most "
+                f"{DENSE_MAX_PARAMS} parameters, or method='trak' / 'loss' with target='self'"
+            )
         sc = grad_rows(ctx, theta, lambda G: (G * inv.solve_many(G.T).T).sum(1), "self-influence")
     else:
         v = inv.solve(ctx.failure_grad(theta))  # A^{-1} g_F, g_F summed over the failures
