@@ -299,6 +299,7 @@ BASE = ["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures"
          "the model fails on the data's first example (per-example inputs: shape (5,)"),
         ([*BASE, "--treat", "fine_tune"], "did you mean 'finetune'"),
         ([*BASE, "--draws", "1"], "at least 3 draws"),
+        ([*BASE, "--k", "0"], "a count of causes is at least 1"),
         ([*BASE, "--device", "gpu"], "is not a device"),
         ([*BASE, "--resume", "{train}"], "leave --out out"),
     ],

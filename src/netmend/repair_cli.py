@@ -193,9 +193,13 @@ def _parse_k(k: str | None) -> int | float | str | None:
     if k is None or k in ("auto", "positive"):
         return k
     try:
-        return int(k)
+        n = int(k)
     except ValueError:
         pass
+    else:
+        if n < 1:
+            raise BadInput(f"--k {k!r}: a count of causes is at least 1 (or auto, positive)")
+        return n
     try:
         v = float(k)
     except ValueError:
@@ -506,7 +510,8 @@ def run(args: argparse.Namespace) -> int:
         if causes.size == 0:
             raise BadInput(
                 "the identification selected no causes (no training example scores as "
-                "harmful); try another --identify method or a fixed --k"
+                "harmful); try another --identify method"
+                + (" or a fixed --k" if k is None or k in ("auto", "positive") else "")
             )
         t0 = time.perf_counter()
         guard_data = data.guard_data
@@ -628,7 +633,7 @@ def run(args: argparse.Namespace) -> int:
         "failure_indices": args.failure_indices,
         "identify": args.identify,
         "treat": args.treat,
-        "k": args.k,
+        "k": k,  # parsed: 50, 0.1, "auto", "positive" or null (the automatic K)
         "seed": args.seed,
         "device": str(device),
         "chunk_size": args.chunk_size,
