@@ -318,7 +318,18 @@ NETMEND: dict[str, dict[str, Any]] = {
     "tracin": {"method": "tracin", "models": ("full", 10)},
     "trak x10 half": {"method": "trak", "proj_dim": 512, "models": ("half", 10)},
     "influence-cg": {"method": "influence", "solver": "cg", "cg_maxiter": 10, "queries": 50},
-}
+    # TRAK with per-layer Kronecker-factored projections (LoGra, Choe et al. 2024): features
+    # from the layer hooks, no [B, P] gradient, so each model costs about half a second here
+    "trak kron512 x50 half": {
+        "method": "trak", "projection": "kronecker", "proj_dim": 512, "models": ("half", 50),
+    },
+    "trak kron256 x50 half": {
+        "method": "trak", "projection": "kronecker", "proj_dim": 256, "models": ("half", 50),
+    },
+    "trak kron512 x30 half": {
+        "method": "trak", "projection": "kronecker", "proj_dim": 512, "models": ("half", 30),
+    },
+}  # fmt: skip
 
 
 def netmend_run(d: dict[str, Any], spec: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
@@ -594,10 +605,11 @@ def main() -> None:
 def default_methods(trak_max: int) -> list[str]:
     """Cheapest and most needed first (the machine is shared; a run may be cut short)."""
     nm = list(METHODS_NETMEND)
-    first = [n for n in nm if "x10 half" not in n and "influence-cg" not in n]
+    first = [n for n in nm if "half" not in n and "influence-cg" not in n]
     out = first + ["dattri TRAK-1", "dattri Grad-Dot", "dattri TRAK-10"]
     out += [f"dattri IF-CG {r:g}" for r in CG_GRID if r in CG_RUN]
     out += ["netmend trak x10 half", "dattri TracIn", "netmend influence-cg"]
+    out += [n for n in nm if "kron" in n and int(n.split()[-2][1:]) <= trak_max]
     if trak_max >= 50:
         out.append("dattri TRAK-50")
     return out

@@ -941,6 +941,8 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "scaling_n": (("benchmarks/scaling_n.json",), scaling_n),
     "dattri_protocol": (("benchmarks/dattri_protocol.json",), dattri_protocol),
     "dattri_protocol_target": (("benchmarks/dattri_protocol.json",), dattri_protocol_target),
+    "dattri_kron": (("benchmarks/dattri_protocol_kron.json",), dattri_protocol),
+    "dattri_kron_target": (("benchmarks/dattri_protocol_kron.json",), dattri_protocol_target),
     "dattri_trak50": (
         ("benchmarks/dattri_protocol.json", "benchmarks/dattri_protocol_trak50.json"),
         dattri_trak50,
