@@ -162,3 +162,15 @@ def test_import_brings_a_users_registered_method_to_the_cli(tmp_path, capsys, mo
         _REGISTRY._options.pop("cli_plugin_test", None)
     assert cli.main(["bench", "--import", "no_such_module_here", "--quick"]) == 2
     assert "No module named 'no_such_module_here'" in capsys.readouterr().err
+
+
+def test_the_demo_does_not_warn_about_the_research_treatments_it_shows():
+    """It runs newton and ewc (and their controls) on purpose and names them in its footnote;
+    the warning once reached the user twice per run (outside-in trial)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*is research-only")
+        with demo._research_shown_quietly():
+            warnings.warn("treatment 'newton' is research-only: ...", UserWarning, stacklevel=1)
+    assert demo._research_shown() == ["newton", "ewc"]

@@ -9,10 +9,12 @@ clean-label oracle.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -163,8 +165,7 @@ def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, A
             if ident_name != api.DEFAULT_IDENTIFY:
                 raise ValueError(f"the demo's pipelines reuse {api.DEFAULT_IDENTIFY!r}")
             t = time.perf_counter()
-            with warnings.catch_warnings():  # shown to measure why: the table's footnote says so
-                warnings.filterwarnings("ignore", message=".*is research-only")  # (footnote)
+            with _research_shown_quietly():
                 treated = api.treat(model, noisy, ident.causes, treat_name, **default.recipe)
             result = api.RepairResult(
                 treated,
@@ -176,17 +177,18 @@ def run(config: DemoConfig = DemoConfig(), progress: bool = True) -> dict[str, A
             )
             seconds = time.perf_counter() - t + ident.seconds
         t = time.perf_counter()
-        judged = api.with_controls(
-            model,
-            noisy,
-            (test.X, test.y),
-            split,
-            result,
-            truth=truth,
-            clean_train=(train.X, train.y) if not runs else None,
-            draws=config.draws,
-            device=device,
-        )
+        with _research_shown_quietly():  # the controls repeat the pipeline's treatment call
+            judged = api.with_controls(
+                model,
+                noisy,
+                (test.X, test.y),
+                split,
+                result,
+                truth=truth,
+                clean_train=(train.X, train.y) if not runs else None,
+                draws=config.draws,
+                device=device,
+            )
         control_seconds += time.perf_counter() - t
         runs.append(
             {
@@ -324,6 +326,15 @@ def table(result: dict[str, Any]) -> str:
         f"({t['controls'] / t['total']:.0%})."
     )
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _research_shown_quietly() -> Iterator[None]:
+    """The research-only treatments' warning, silenced: the demo shows them on purpose, to
+    measure why they are research-only, and its footnote names them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is research-only")
+        yield
 
 
 def _research_shown() -> list[str]:
