@@ -126,6 +126,20 @@ def state_hash(model: nn.Module) -> dict[str, str]:
     return out
 
 
+class ItemDataset(torch.utils.data.Dataset):
+    """``(X[i], y[i])`` items: a map-style Dataset over tensors (the Dataset path of the data
+    layer, against the tensor-pair path)."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        self.X, self.y = X, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.X[i], self.y[i]
+
+
 @pytest.fixture(scope="session")
 def ref() -> SimpleNamespace:
     """The reference helpers above, as a fixture (test files do not import conftest)."""
@@ -136,6 +150,7 @@ def ref() -> SimpleNamespace:
         set_flat_params=set_flat_params,
         fit_logreg_exact=fit_logreg_exact,
         state_hash=state_hash,
+        ItemDataset=ItemDataset,
     )
 
 

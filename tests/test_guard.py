@@ -350,20 +350,12 @@ def test_repair_refuses_guard_data_it_would_not_read(
         )  # fmt: skip
 
 
-def test_guard_data_may_be_a_dataset_read_in_batches(blobs, blobs_logreg, blobs_validation) -> None:
+def test_guard_data_may_be_a_dataset_read_in_batches(
+    blobs, blobs_logreg, blobs_validation, ref
+) -> None:
     """guard_data goes through the same data layer as the training set: a map-style Dataset
     gives the same guard and the same repaired model as tensors."""
-    from torch.utils.data import Dataset
-
-    class Items(Dataset):
-        def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
-            self.X, self.y = X, y
-
-        def __len__(self) -> int:
-            return len(self.y)
-
-        def __getitem__(self, i: int):  # noqa: ANN204
-            return self.X[i], self.y[i]
+    Items = ref.ItemDataset
 
     data, failures = (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
     kw = dict(seed=0, progress=False, chunk_size=16)

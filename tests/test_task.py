@@ -265,7 +265,7 @@ def test_a_task_subclass_reads_a_tensor_dataset_too(blobs, blobs_logreg, failset
     assert acc == netmend.evaluate(blobs_logreg, failset)
 
 
-def test_a_task_inputs_override_applies_to_tensor_pairs(blobs, blobs_logreg, failset):
+def test_a_task_inputs_override_applies_to_tensor_pairs(blobs, blobs_logreg, failset, ref):
     """docs/data.md: scale uint8 pixels in a ``Task.inputs`` override. It applies to ``(X, y)``
     pairs as it does to a Dataset's batches (it was once skipped for pairs)."""
 
@@ -273,16 +273,7 @@ def test_a_task_inputs_override_applies_to_tensor_pairs(blobs, blobs_logreg, fai
         def inputs(self, x):  # noqa: ANN001, ANN201
             return x / 2
 
-    class Items(Dataset):
-        def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
-            self.X, self.y = X, y
-
-        def __len__(self) -> int:
-            return len(self.y)
-
-        def __getitem__(self, i: int):  # noqa: ANN204
-            return self.X[i], self.y[i]
-
+    Items = ref.ItemDataset
     doubled = (blobs.X * 2, blobs.y)
     fail2 = (failset[0] * 2, failset[1])
     reference = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, k=5, **RUN)
