@@ -121,6 +121,8 @@ def test_validate_refuses_bad_names_and_numbers_before_any_retraining(capsys, mo
         (["--methods", ","], "--methods is empty"),
         (["--k", "0"], "--k and --ks must lie in [1, 299]"),
         (["--ks", "50,abc"], "--ks takes whole numbers"),
+        (["--n-loo", "1"], "--n-loo 1: a rank correlation over fewer than 3"),
+        (["--subsets", "2"], "--subsets 2: a rank correlation"),
     ):
         code = cli.main(["validate", "--quick", "--no-progress", *argv])
         err = capsys.readouterr().err

@@ -124,6 +124,12 @@ def _validate(args: argparse.Namespace) -> int:
         ks = [int(c) for c in args.ks.split(",") if c] if args.ks else None
     except ValueError:
         raise ValueError(f"--ks takes whole numbers separated by commas; got {args.ks!r}") from None
+    for flag, value in (("--n-loo", args.n_loo), ("--subsets", args.subsets)):
+        if value is not None and value < 3:
+            raise ValueError(
+                f"{flag} {value}: a rank correlation over fewer than 3 refits is undefined; "
+                "pass 3 or more (the defaults: every example, 100 subsets)"
+            )
     n_train = args.n_train if args.n_train is not None else (300 if quick else None)
     problem = validation.make_problem(model=args.model, seed=args.seed, n_train=n_train)
     for k in [args.k, *(ks or [])]:
