@@ -142,6 +142,14 @@ def test_write_outputs(result, tmp_path):
     orig = _cells(result)["original"]
     assert "| digits/sym20 | 0 | original | - |" in md
     assert f"{100 * orig['test_acc']:.1f}" in md
+    # each pipeline's controls show their own accuracies under it (they were JSON-only)
+    ewc = _cells(result)["ewc/finetune"]["controls"]
+    rk, fo = ewc["random_k"], ewc["finetune_only"]
+    row = next(ln for ln in md.splitlines() if "| ↳ random-K (3 draws) |" in ln)
+    assert f"| {100 * rk['heldout_failure_acc']:.1f} |" in row
+    assert f"| {100 * rk['test_acc']:.1f} |" in row
+    row = next(ln for ln in md.splitlines() if "| ↳ finetune-only | 0 |" in ln)
+    assert f"| {100 * fo['test_acc']:.1f} |" in row
 
 
 def test_backdoor_suite_failures_are_triggered_images():

@@ -1325,6 +1325,21 @@ def markdown(result: dict[str, Any]) -> str:
                 f"| {_gain(c.get('gain'))} | {_verdict(c.get('verdict'))} "
                 f"| {_num(c['seconds'], '.1f')} |"
             )
+            ctl = c.get("controls") or {}
+            for label, fig, k in (
+                ("↳ finetune-only", ctl.get("finetune_only"), 0),
+                (
+                    f"↳ random-K ({(ctl.get('random_k') or {}).get('draws', '-')} draws)",
+                    ctl.get("random_k"),
+                    c.get("k", "-"),
+                ),
+            ):
+                if fig:  # the controls' own accuracies, under the pipeline they judge
+                    lines.append(
+                        f"| {r['suite']} | {r['seed']} | {label} | {k} | | | "
+                        f"| {_pct(fig['heldout_failure_acc'])} | {_pct(fig['query_failure_acc'])} "
+                        f"| {_pct(fig['test_acc'])} | {_pct(fig['correct_acc'])} | | | |"
+                    )
     notes = []
     for s in result["skipped"]:
         notes.append(f"* skipped `{s['pipeline']}`: {s['reason']}")
