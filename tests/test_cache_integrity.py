@@ -66,15 +66,18 @@ def _edit_metadata(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_last_byte, _edit_metadata])
-def test_damaged_result_is_detected_and_recomputed(tmp_path, problem, damage):
+def test_damaged_result_is_detected_and_recomputed(tmp_path, problem, damage, caplog):
     plain = _cached_run(tmp_path, problem)
     record = tmp_path / "result.call0.safetensors"
     assert record.exists()
     damage(record)
     with pytest.raises(nc.CacheRecordError, match=str(record)):
         nc.load_tensors(record)
-    with pytest.warns(UserWarning, match=r"result\.call0\.safetensors.*recomputing"):
+    with pytest.warns(UserWarning, match=r"result\.call0\.safetensors.*recomputing") as said:
         again = _rerun(tmp_path, problem)
+    # said once: the CLI printed it twice, as a warning and as a log line (outside-in trial)
+    assert len([w for w in said if "recomputing" in str(w.message)]) == 1
+    assert not [r for r in caplog.records if "damaged" in r.getMessage()]
     assert "call0" not in again.info["cache"]["results_reused"]
     np.testing.assert_array_equal(again.scores, plain.scores)
     nc.load_tensors(record)  # rewritten, valid again

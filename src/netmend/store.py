@@ -517,8 +517,8 @@ class RunCache:
         try:
             self._verified[name] = load_tensors(path, self.settings_hash)
         except CacheRecordError as exc:
-            warn(f"{exc.args[0].split(': delete')[0]}; recomputing it")
-            log.warning("discarding damaged cache record %s", path)
+            warn(f"{exc.args[0].split(': delete')[0]}; recomputing it")  # said once, not
+            # again as a log line (the CLI printed both)
             if _ranks()[0] == 0:  # under torch.distributed rank 0 deletes; all recompute
                 path.unlink(missing_ok=True)
             return False
