@@ -106,7 +106,7 @@ def test_save_load_continues_exactly(problem, tmp_path):
     for p, q in zip(a.model.parameters(), b.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-12)
     assert (tmp_path / "state" / "history.json").is_file()
-    with pytest.raises(ValueError, match="seed"):
+    with pytest.raises(ValueError, match=r"other seed \(0 there, 1 here\)"):
         Repairer.load(tmp_path / "state", model, train, treat="relabel", seed=1)
     with pytest.raises(ValueError, match="no continual-repair state"):
         Repairer.load(tmp_path, model, train)

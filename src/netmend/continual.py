@@ -650,9 +650,16 @@ class Repairer:
         now, saved = self._fingerprint(), meta["settings"]
         diff = [key for key in saved if saved[key] != store.jsonable(now.get(key))]
         if diff:
+            hashed = ("model", "train", "guard_data")  # content hashes: the values say nothing
+
+            def said(key: str) -> str:
+                if key in hashed:
+                    return key
+                return f"{key} ({saved[key]!r} there, {store.jsonable(now.get(key))!r} here)"
+
             raise ValueError(
-                f"{d}: saved with other {', '.join(diff)}; pass the model, training set and "
-                "settings of the saved run, or start a new folder"
+                f"{d}: saved with other {', '.join(said(k) for k in diff)}; pass the model, "
+                "training set and settings of the saved run, or start a new folder"
             )
         if not isinstance(meta["l2"], str):
             self._ctx.l2 = float(meta["l2"])
