@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from netmend import api, identification, store
-from netmend.data.checks import DataLike, check_labels, resolve_device
+from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device
 from netmend.data.source import DataSource, as_source
 from netmend.data.task import Task, overrides
 from netmend.identification import k_rules
@@ -216,7 +216,7 @@ class Repairer:
             )
         self._guard_data = None
         if guard_data is not None:
-            gX, gy = self._tensors(guard_data, "guard_data")
+            gX, gy = as_tensors(guard_data, "guard_data", task=self.task)
             check_labels(gy, self.num_classes, "guard_data")
             self._guard_data = (_as_dtype(gX, param_dtype(self._work)), gy)
         self.treat, self.k, self.seed, self.l2 = treat, k, seed, l2
@@ -226,7 +226,9 @@ class Repairer:
         self.treat_options = dict(treat_options or {})
         self.warm_start, self.continue_fraction = warm_start, continue_fraction
         self.mix = warm_mix(continue_fraction) if mix is None else float(mix)
-        self.eval_sets = {name: self._tensors(d, name) for name, d in (eval_sets or {}).items()}
+        self.eval_sets = {
+            name: as_tensors(d, name, task=self.task) for name, d in (eval_sets or {}).items()
+        }
         fm = FunctionalModel.of(self._work)
         api._check_fisher(fisher, fm)
         n = len(self._X)
@@ -268,16 +270,8 @@ class Repairer:
         )
         return (self._before - after).double().numpy()
 
-    def _tensors(self, data: DataLike, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """A small set (failures, an evaluation set) as tensors ``(X, y)``, read by the task."""
-        src = as_source(data, name, self.task)
-        X = src.read()
-        if not isinstance(X, torch.Tensor):
-            raise TypeError(f"{name}: inputs must be one tensor here; got {type(X).__name__}")
-        return X, src.labels
-
     def _check_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
-        Xb, yb = self._tensors(failures, "failures")
+        Xb, yb = as_tensors(failures, "failures", task=self.task)
         if Xb.shape[1:] != self._failures_X.shape[1:]:
             raise ValueError(
                 f"failures have input shape {tuple(Xb.shape[1:])} but train has "
@@ -412,7 +406,7 @@ class Repairer:
         Linearised with the stored curvature (as "ewc"'s culprits): one pass of per-example
         gradients over the training set.
         """
-        Xb, yb = self._tensors(failures, "failures")
+        Xb, yb = as_tensors(failures, "failures", task=self.task)
         Xb = _as_dtype(Xb, param_dtype(self._work))
         ctx = dataclasses.replace(self._ctx, Xq=Xb, yq=yb)
         return ctx.per_failure_scores(ctx.diag_curvature())
@@ -571,7 +565,7 @@ class Repairer:
     def _train_hash(self) -> str:
         """Names the training set in the saved settings: in memory, the hash of its tensors
         (as netmend 0.3 saved it, so its folders resume); streamed, the source's fingerprint
-        (one more read of the Dataset)."""
+        (the content hash its checking pass computed: no further read)."""
         if self._X.in_memory:
             X = self._X.read()
             assert isinstance(X, torch.Tensor)  # checked at construction

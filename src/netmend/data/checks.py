@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from netmend.data.source import SourceLike, as_source
+from netmend.data.task import Task
 
 DataLike = SourceLike
 """A map-style ``Dataset``, a non-shuffled ``DataLoader``, a pair ``(X, y)`` or a
@@ -18,7 +19,7 @@ DataLike = SourceLike
 
 
 def as_tensors(
-    data: DataLike, name: str = "data", allow_empty: bool = False
+    data: DataLike, name: str = "data", allow_empty: bool = False, task: Task | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Materialise ``data`` as a pair of tensors ``(X, y)`` (for small sets only: the
     training set is read through :func:`netmend.data.source.as_source` instead).
@@ -27,6 +28,7 @@ def as_tensors(
         data: anything :func:`netmend.data.source.as_source` takes whose inputs are tensors.
         name: how the data is named in error messages ("valid", ...).
         allow_empty: accept ``N == 0``.
+        task: how batches split into inputs and labels (see :func:`netmend.identify`).
 
     Returns:
         ``X`` with shape ``[N, ...]`` and ``y`` with shape ``[N]`` (int64). Inputs keep their
@@ -37,7 +39,7 @@ def as_tensors(
             shuffled ``DataLoader``.
         TypeError: an unsupported container, or inputs that are not one tensor (e.g. dicts).
     """
-    src = as_source(data, name, allow_empty=allow_empty)
+    src = as_source(data, name, task, allow_empty=allow_empty)
     X = src.read()
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"{name}: inputs must be one tensor here; got {type(X).__name__}")
