@@ -60,6 +60,17 @@ AUTO_RIDGE_RATIO = 1e-2
 """``ridge="auto"``: ``lambda = AUTO_RIDGE_RATIO * trace(Phi^T Phi) / k``."""
 
 
+def seeded_gaussian(
+    rows: int, cols: int, seed: list[int], dtype: torch.dtype, device: Any
+) -> torch.Tensor:
+    """``[rows, cols]`` i.i.d. ``N(0, 1/cols)`` entries drawn in float64 from a generator seeded
+    by ``numpy.random.SeedSequence(seed)``: the same numbers on every device and dtype."""
+    state = np.random.SeedSequence(seed).generate_state(2, dtype=np.uint32)
+    gen = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    R = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    return (R / math.sqrt(cols)).to(dtype).to(device)
+
+
 class GaussianProjection:
     """The seeded random projection ``G -> G R``, ``R`` ``[P, k]`` with ``N(0, 1/k)`` entries.
 
@@ -94,10 +105,7 @@ class GaussianProjection:
     def block(self, b: int) -> torch.Tensor:
         """Rows ``[b * rows, (b + 1) * rows)`` of ``R``."""
         lo, hi = b * self.rows, min((b + 1) * self.rows, self.P)
-        state = np.random.SeedSequence([*self.seed, b]).generate_state(2, dtype=np.uint32)
-        gen = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-        R = torch.randn(hi - lo, self.k, generator=gen, dtype=torch.float64)
-        return (R / math.sqrt(self.k)).to(self.dtype).to(self.device)
+        return seeded_gaussian(hi - lo, self.k, [*self.seed, b], self.dtype, self.device)
 
     def __call__(self, G: torch.Tensor) -> torch.Tensor:
         """``G R`` for ``G`` ``[B, P]``: ``[B, k]``."""
@@ -165,22 +173,20 @@ class KroneckerProjection:
         self.layers, self.modules, self.fm = layers, modules, fm
         side = max(1, round(math.sqrt(dim)))
         self.mats: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
-        self.dim = 0
+        self.widths: dict[str, int] = {}  # each layer's number of features
         for li, (name, sl) in enumerate(layers.items()):
             w = modules[name].weight
             out, fan_in = w.shape[0], w[0].numel()
             mats: list[torch.Tensor | None] = []
             for j, n in enumerate((out, fan_in)):
-                if n <= side:
-                    mats.append(None)  # kept as it is
-                    continue
-                state = np.random.SeedSequence([*seed, li, j]).generate_state(2, dtype=np.uint32)
-                gen = torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
-                R = torch.randn(n, side, generator=gen, dtype=torch.float64) / math.sqrt(side)
-                mats.append(R.to(dtype).to(device))
+                # a side with at most `side` entries is kept as it is
+                mats.append(
+                    None if n <= side else seeded_gaussian(n, side, [*seed, li, j], dtype, device)
+                )
             k_out, k_in = (min(out, side), min(fan_in, side))
             self.mats[name] = (mats[0], mats[1])
-            self.dim += k_out * k_in + (k_out if "bias" in sl else 0)
+            self.widths[name] = k_out * k_in + (k_out if "bias" in sl else 0)
+        self.dim = sum(self.widths.values())
 
     def matrix(self) -> torch.Tensor:
         """The whole projection ``[P, dim]`` (block diagonal over layers; tests, small models)."""
@@ -221,7 +227,7 @@ class KroneckerProjection:
             mod = self.modules[name]
             P_out, P_in = self.mats[name]
             if name not in deltas:  # never called: zero gradient
-                parts.append(theta.new_zeros(B, self._width(name, sl)))
+                parts.append(theta.new_zeros(B, self.widths[name]))
                 continue
             a, d = inputs[name], deltas[name]
             if isinstance(mod, nn.Conv2d):
@@ -238,13 +244,6 @@ class KroneckerProjection:
             if "bias" in sl:
                 parts.append(pd.sum(2))
         return m, torch.cat(parts, 1).detach()
-
-    def _width(self, name: str, sl: dict[str, slice]) -> int:
-        w = self.modules[name].weight
-        P_out, P_in = self.mats[name]
-        k_out = w.shape[0] if P_out is None else P_out.shape[1]
-        k_in = w[0].numel() if P_in is None else P_in.shape[1]
-        return k_out * k_in + (k_out if "bias" in sl else 0)
 
 
 def margins_and_grads(
