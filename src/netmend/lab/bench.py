@@ -7,15 +7,16 @@ and splits them into a query half (the only part any pipeline sees) and a held-o
 (:func:`netmend.evaluation.split_failures`).
 
 A **pipeline** is an ``"identify/treat"`` pair of registered method names, looked up in
-:mod:`netmend.identification` and :mod:`netmend.treatment` at run time: a name that is not
-registered is reported as skipped, never a crash. Five **references** sit beside them:
+:mod:`netmend.identification` and :mod:`netmend.treatment`: a name that is not registered, or a
+step option neither the method nor the bench reads, is refused when the :class:`BenchConfig` is
+built (:func:`check_pipeline`), before any suite runs. Five **references** sit beside them:
 ``original`` (the model as trained), ``retrain-clean`` (the same recipe on the uncorrupted
 training set), ``oracle-causes`` (fine-tuning without exactly the masked examples: the
 treatment with perfect identification), ``finetune-only`` (the same fine-tune with nothing
 removed: what further training alone repairs, which is much on an underfitted model) and
-``cleanlab`` (the confident-learning peer:
-cross-validated predicted probabilities, ``cleanlab.filter.find_label_issues``, then the
-issues removed by fine-tuning, see :func:`cleanlab_issues`).
+``cleanlab`` (the confident-learning peer: cross-validated predicted probabilities,
+``cleanlab.filter.find_label_issues``, then the issues removed by fine-tuning, see
+:func:`cleanlab_issues`).
 
 Per cell: held-out-failure, query-failure, test and originally-correct accuracy; the
 identification's precision, recall and AUROC against the mask, its K, a precision-recall curve
@@ -625,19 +626,9 @@ def check_pipeline(name: str) -> None:
                 f"{name}: {exc} The bench also reads: {', '.join(BENCH_OPTIONS[kind])}."
             ) from None
     guard = parse_step(treat_spec)[1].get("guard", False)
+    # `in` compares with ==, and 1 == True: a number is refused whatever its value
     if guard not in GUARD_VALUES or isinstance(guard, (int, float)) and not isinstance(guard, bool):
         raise ValueError(f"{name}: guard={guard!r}; write guard=true, false, unbalanced or data")
-
-
-def unavailable(pipeline: str) -> str | None:
-    """Why ``pipeline`` cannot run here (an unregistered method), or ``None``."""
-    ident, treat = (parse_step(p)[0] for p in parse_pipeline(pipeline))
-    why = []
-    if ident not in identification.available():
-        why.append(f"identification method {ident!r} is not registered")
-    if treat not in treatment.available():
-        why.append(f"treatment {treat!r} is not registered")
-    return "; ".join(why) or None
 
 
 def _nan_to_none(obj: Any) -> Any:
@@ -775,11 +766,7 @@ def run_suite(
         ident_spec, treat_spec = parse_pipeline(name)
         ident_name = parse_step(ident_spec)[0]
         treat_name, treat_opts = parse_step(treat_spec)
-        cell: dict[str, Any] = {"pipeline": name, "kind": "pipeline"}
-        reason = unavailable(name)
-        if reason:
-            cells.append({**cell, "status": "skipped", "reason": reason})
-            continue
+        cell: dict[str, Any] = {"pipeline": name, "kind": "pipeline"}  # checked by BenchConfig
         try:
             ident = identified(ident_spec)
             t = time.perf_counter()
@@ -1499,6 +1486,5 @@ __all__ = [
     "suite_accuracies",
     "summary",
     "summary_markdown",
-    "unavailable",
     "write",
 ]
