@@ -254,20 +254,22 @@ def _failures(
     return out
 
 
+def _real(t: torch.Tensor) -> bool:
+    """Whether a tensor holds real values (not integer ids or codes)."""
+    return t.is_floating_point() or t.is_complex()
+
+
 def _layout(x: Any) -> Any:
     """The structure of a batch of inputs: its containers and keys, and for each tensor whether
     it holds integers (token ids, codes) or real values."""
-    return tree_map(lambda t: "real" if t.is_floating_point() or t.is_complex() else "int", x)
+    return tree_map(lambda t: "real" if _real(t) else "int", x)
 
 
 def _shapes(x: Any) -> list[Any]:
     """The per-example shapes of a batch's inputs that a pair must share with the training
     set: a real tensor's whole shape, an integer tensor's rank only (a model over token ids
     may take sequences of any length)."""
-    return [
-        tuple(t.shape[1:]) if t.is_floating_point() or t.is_complex() else t.ndim
-        for t in tensors_of(x)
-    ]
+    return [tuple(t.shape[1:]) if _real(t) else t.ndim for t in tensors_of(x)]
 
 
 LOW_PRECISION = (torch.bfloat16, torch.float16)

@@ -326,7 +326,7 @@ def _import_plugins(modules: list[str], command: str) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "repair":
-        from netmend.repair_cli import BadInput
+        from netmend.repair_cli import DEFAULT_OUT, BadInput
 
         try:
             return int(args.func(args))
@@ -335,7 +335,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"netmend repair: {_as_flags(str(exc))}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            out = args.resume or args.out or "netmend-repair"
+            out = args.resume or args.out or DEFAULT_OUT
             print(
                 f"\nnetmend repair: interrupted. The passes that finished are kept in "
                 f"{out}/cache: run the same command with --resume {out} (instead of --out) "

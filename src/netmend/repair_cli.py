@@ -37,7 +37,7 @@ from netmend.data.checks import resolve_device
 from netmend.data.files import FileData, load_data, load_indices
 from netmend.data.source import as_source
 from netmend.evaluation import split_failures
-from netmend.evaluation.controls import run_controls
+from netmend.evaluation.controls import MIN_DRAWS, run_controls
 from netmend.model.functional import match_dtype, param_dtype
 from netmend.model.training import TrainConfig, predict
 from netmend.report.html import ReportData, culprit_table, write_report
@@ -717,10 +717,10 @@ def _check_choices(args: argparse.Namespace) -> None:
 
     identification.get(args.identify)  # ValueError with "did you mean ...?"
     treatment.get(args.treat)
-    if not args.no_controls and args.draws < 3:
+    if not args.no_controls and args.draws < MIN_DRAWS:
         raise BadInput(
-            f"--draws {args.draws}: the random-causes control needs at least 3 draws (a mean "
-            "and its standard error); pass --draws 3 or more, or --no-controls"
+            f"--draws {args.draws}: the random-causes control needs at least {MIN_DRAWS} draws "
+            f"(a mean and its standard error); pass --draws {MIN_DRAWS} or more, or --no-controls"
         )
 
 
