@@ -927,7 +927,7 @@ def with_controls(
         # the repair's recipe without its treatment's own options (a fine-tune's "steps"
         # is not retrain's): retrain takes the shared settings and the options it declares
         shared = set(inspect.signature(_treat).parameters)
-        own = treatment.base._REGISTRY.options("retrain") or frozenset()
+        own = treatment.base.options("retrain")
         retrain = {k: v for k, v in recipe.items() if k in shared or k in own}
 
         def clean() -> nn.Module:

@@ -176,6 +176,11 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     _REGISTRY.check_options(name, options)
 
 
+def options(name: str) -> frozenset[str]:
+    """The options treatment ``name`` declares (empty when it declares none or is unchecked)."""
+    return _REGISTRY.options(name) or frozenset()
+
+
 def get(name: str) -> Treatment:
     """The registered treatment ``name``; raises with the list of known names otherwise."""
     return _REGISTRY.get(name)
