@@ -146,6 +146,9 @@ def test_deterministic_given_seed(problem, gt):
     assert np.array_equal(g2.loo_idx, g3.loo_idx) and np.array_equal(g2.lds_masks, g3.lds_masks)
     np.testing.assert_array_equal(g2.loo_effect, g3.loo_effect)
     np.testing.assert_array_equal(g2.lds_loss, g3.lds_loss)
+    # the LOO choice and the subsets come from separate streams: n_loo leaves the subsets alone
+    g4 = ground_truth(again, n_loo=5, n_subsets=4, seed=0, progress=False)
+    assert np.array_equal(g4.lds_masks, g2.lds_masks) and set(g4.loo_idx) != set(g2.loo_idx)
     other = make_problem(n_train=N_TRAIN, seed=1)
     assert not np.array_equal(other.corrupted, problem.corrupted)
 

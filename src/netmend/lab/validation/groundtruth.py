@@ -80,7 +80,8 @@ def ground_truth(
             default all of them for logistic regression and 100 for the MLP.
         n_subsets: random subsets for the LDS, each of ``round(alpha * N)`` examples.
         alpha: the share of the training set each subset keeps.
-        seed: seeds the choice of LOO examples and subsets.
+        seed: seeds the choice of LOO examples and, from a stream of their own, the subsets
+            (so ``n_loo`` does not change the subsets).
         progress: show progress bars.
 
     Returns:
@@ -93,7 +94,8 @@ def ground_truth(
         raise ValueError(f"n_loo must lie in [0, {N}]; got {n_loo}")
     if n_subsets < 0 or not 0 < alpha < 1:
         raise ValueError(f"need n_subsets >= 0 and alpha in (0, 1); got {n_subsets}, {alpha}")
-    rng = np.random.default_rng([seed, 0x6C6F6F])
+    rng = np.random.default_rng([seed, 0x6C6F6F])  # the LOO examples
+    lds_rng = np.random.default_rng([seed, 0x6C6473])  # the subsets: independent of n_loo
     seconds: dict[str, float] = {}
     base = problem.losses(problem.theta[None], problem.Xq, problem.yq)[0].numpy()
 
@@ -107,7 +109,7 @@ def ground_truth(
 
     t0 = time.perf_counter()
     keep = int(round(alpha * N))
-    order = np.argsort(rng.random((n_subsets, N)), axis=1)[:, :keep]
+    order = np.argsort(lds_rng.random((n_subsets, N)), axis=1)[:, :keep]
     lds_masks = np.zeros((n_subsets, N), dtype=bool)
     np.put_along_axis(lds_masks, order, True, axis=1)
     th, gn_lds = problem.refit(lds_masks, progress)
