@@ -3,6 +3,8 @@ float64 formulas, explicit loops and actual leave-one-out retraining."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -360,6 +362,37 @@ def test_trak_kronecker_projection_is_the_formula_on_kronecker_projected_gradien
     with pytest.raises(ValueError, match=r"kronecker.*Linear and Conv2d.*'gaussian'"):
         ln = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5)).double()
         trak_mod.KroneckerProjection(FunctionalModel.of(ln), 16, [0], DT, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 50])
+def test_trak_gram_is_phi_transpose_phi(block):
+    """The block-triangular ``Phi^T Phi`` equals the plain product (a tolerance: the blocks
+    are summed by other kernels), and is exactly symmetric."""
+    Phi = torch.randn(40, 17, generator=torch.Generator().manual_seed(2), dtype=DT)
+    K = trak_mod.gram(Phi, block)
+    close(K.numpy(), (Phi.T @ Phi).numpy(), 1e-12)
+    np.testing.assert_array_equal(K.numpy(), K.T.numpy())
+
+
+def test_trak_ridge_ratio_is_that_fraction_of_the_mean_eigenvalue(task):
+    """``ridge_ratio=r`` (with ``ridge="auto"``) is ``ridge = r * trace(Phi^T Phi) / k``: the
+    same scores as the explicit ridge, the exact formula's; the default ratio is 1e-2."""
+    model, X, y, Xq, yq = task
+    kw = dict(method="trak", projection="none", **RUN)
+    fm = FunctionalModel.of(model)
+    _, G = trak_mod.margins_and_grads(SimpleNamespace(fm=fm), fm.theta, X, y)  # [N, P]
+    mean_eig = float((G * G).sum()) / G.shape[1]
+    r = netmend.identify(model, (X, y), (Xq, yq), ridge_ratio=0.3, **kw)
+    close(r.info["ridge"][0], 0.3 * mean_eig)
+    close(r.scores, dense_trak(model, X, y, Xq, yq, 0.3 * mean_eig)[0])
+    default = netmend.identify(model, (X, y), (Xq, yq), **kw)
+    close(default.info["ridge"][0], 1e-2 * mean_eig)
+    assert not np.allclose(default.scores, r.scores)
+    for bad in (0, -1.0, "big", True):
+        with pytest.raises(ValueError, match="ridge_ratio must be a number > 0"):
+            netmend.identify(model, (X, y), (Xq, yq), ridge_ratio=bad, **kw)
+    with pytest.raises(ValueError, match="not both"):
+        netmend.identify(model, (X, y), (Xq, yq), ridge=0.1, ridge_ratio=0.3, **kw)
 
 
 def test_trak_projection_is_seeded_blockwise_and_chunk_independent(monkeypatch):
