@@ -133,6 +133,27 @@ def test_validate_refuses_bad_names_and_numbers_before_any_retraining(capsys, mo
         assert exc.value.code == 2 and "a seed is a whole number >= 0" in capsys.readouterr().err
 
 
+def test_validate_quick_keeps_the_mlp_to_30_loo_refits(monkeypatch):
+    """--quick --model mlp ran 100 MLP LOO refits (each a full training), far from a smoke
+    run; it now asks for 30 unless --n-loo says otherwise, and logistic regression all."""
+    from netmend.lab import validation
+
+    asked: list[int | None] = []
+
+    class Stop(Exception):
+        pass
+
+    def record(problem, n_loo=None, **kw):  # noqa: ANN001, ANN003, ANN202
+        asked.append(n_loo)
+        raise Stop
+
+    monkeypatch.setattr(validation, "ground_truth", record)
+    for argv in (["--model", "mlp"], ["--model", "mlp", "--n-loo", "7"], ["--model", "logreg"]):
+        with pytest.raises(Stop):
+            cli.main(["validate", "--quick", "--no-progress", *argv])
+    assert asked == [30, 7, None]
+
+
 def test_import_brings_a_users_registered_method_to_the_cli(tmp_path, capsys, monkeypatch):
     """docs/methods.md: a method is one decorated function; --import makes the command line
     see it (it could not: bench skipped it after training, validate showed an error row)."""

@@ -135,9 +135,12 @@ def _validate(args: argparse.Namespace) -> int:
     for k in [args.k, *(ks or [])]:
         if k is not None and not 0 < k < problem.N:
             raise ValueError(f"--k and --ks must lie in [1, {problem.N - 1}]; got {k}")
+    # --quick on the MLP: 30 LOO refits (each a full training run, unlike logistic
+    # regression's warm-started solves), so the smoke run stays a smoke run
+    n_loo = 30 if quick and args.n_loo is None and args.model == "mlp" else args.n_loo
     gt = validation.ground_truth(
         problem,
-        n_loo=args.n_loo,
+        n_loo=n_loo,
         n_subsets=30 if quick and args.subsets is None else (args.subsets or 100),
         seed=args.seed,
         progress=not args.no_progress,
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument(
         "--quick",
         action="store_true",
-        help="300 training examples (unless --n-train), 30 LDS subsets: a smoke run",
+        help="300 training examples (unless --n-train), 30 LDS subsets, and for the MLP 30 "
+        "LOO refits (unless --n-loo): a smoke run",
     )
     v.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     v.add_argument("--no-progress", action="store_true", help="hide progress bars")
