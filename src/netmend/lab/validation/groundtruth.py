@@ -94,8 +94,10 @@ def ground_truth(
         raise ValueError(f"n_loo must lie in [0, {N}]; got {n_loo}")
     if n_subsets < 0 or not 0 < alpha < 1:
         raise ValueError(f"need n_subsets >= 0 and alpha in (0, 1); got {n_subsets}, {alpha}")
-    rng = np.random.default_rng([seed, 0x6C6F6F])  # the LOO examples
-    lds_rng = np.random.default_rng([seed, 0x6C6473])  # the subsets: independent of n_loo
+    # separate streams, so n_loo does not change the subsets; the subsets keep the stream
+    # they always had (with every example refitted, nothing was drawn before them)
+    rng = np.random.default_rng([seed, 0x6C6F6F, 1])  # the LOO examples
+    lds_rng = np.random.default_rng([seed, 0x6C6F6F])  # the subsets
     seconds: dict[str, float] = {}
     base = problem.losses(problem.theta[None], problem.Xq, problem.yq)[0].numpy()
 
