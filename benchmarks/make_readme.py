@@ -560,6 +560,13 @@ def _models(extra: dict[str, int]) -> str:
     return ", ".join(f"+{n} {kind}" for kind, n in extra.items()) or "1 full"
 
 
+def _paired(diff: dict[str, float] | None) -> str:
+    """A per-test-point paired difference ``{mean, se}`` as ``+0.013 ± 0.003`` (``–``: none)."""
+    if diff is None or diff["se"] == 0:
+        return "–"
+    return f"{diff['mean']:+.3f} ± {diff['se']:.3f}"
+
+
 def dattri_protocol(d: dict[str, Any]) -> str:
     """dattri's MNIST-MLP LDS protocol: every attribution scored on the same retrained models."""
     pub = d["published_lds"]
@@ -575,6 +582,7 @@ def dattri_protocol(d: dict[str, Any]) -> str:
                 name,
                 _models(m["extra_models"]),
                 f"{f3(m['lds']['mean'])} ± {f3(m['lds']['se'])}",
+                _paired(m.get("lds_minus_trak50_paired")),
                 f"{m['lds']['n_test']}",
                 f3(m.get("lds_dattri_metric")),
                 f3(m["attribution"]["cpu"], "{:.1f}"),
@@ -586,9 +594,10 @@ def dattri_protocol(d: dict[str, Any]) -> str:
             ]
         )
     r = d["controls"]["random"]
-    body.append(["random scores (control)", "–", f"{f3(r['mean'])} ± {f3(r['se'])}",
+    body.append(["random scores (control)", "–", f"{f3(r['mean'])} ± {f3(r['se'])}", "–",
                  f"{r['n_test']}"] + ["–"] * 7)  # fmt: skip
-    head = ["method", "models beyond the shared one", "LDS ± s.e.", "test points"]
+    head = ["method", "models beyond the shared one", "LDS ± s.e.", "minus TRAK-50's, paired"]
+    head += ["test points"]
     head += ["dattri.metric.lds", "attribution CPU s", "wall s", "peak RSS MiB"]
     head += ["cost CPU s (with training)", "cost / TRAK-50", "dattri published"]
     return rows(head, body)
@@ -611,6 +620,24 @@ def dattri_protocol_target(d: dict[str, Any]) -> str:
     head = ["TRAK-50 cost", "CPU s", "budget (1/10) CPU s", "best netmend within budget"]
     head += ["its LDS", "best netmend overall", "its LDS", "LDS ≥ 0.45 within budget"]
     return rows(head, body)
+
+
+def dattri_dev(d: dict[str, Any]) -> str:
+    """The development problem's grid (``--problem dev``): LDS of Kronecker TRAK over 50
+    half-data models per projection dimension and ridge ratio; the chosen ratio in bold."""
+    chosen = d["ridge_ratio_chosen"]
+    grid: dict[str, dict[str, str]] = {}
+    ratios: list[str] = []
+    for name, m in d["methods"].items():
+        parts = name.split()  # netmend trak kron<D> x50 half ridge_ratio <r>
+        if "lds" not in m or len(parts) != 7:
+            continue
+        dim, ratio = parts[2][4:], parts[6]
+        ratios += [ratio] if ratio not in ratios else []
+        cell = f"{f3(m['lds']['mean'])} ± {f3(m['lds']['se'])} ({m['attribution']['cpu']:.0f} s)"
+        grid.setdefault(dim, {})[ratio] = f"**{cell}**" if float(ratio) == chosen[dim] else cell
+    body = [[dim, *(row.get(r, "–") for r in ratios)] for dim, row in grid.items()]
+    return rows(["proj_dim (rows) / ridge_ratio (columns)", *ratios], body)
 
 
 def dattri_trak50(files: list[dict[str, Any]]) -> str:
@@ -943,6 +970,9 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "dattri_protocol_target": (("benchmarks/dattri_protocol.json",), dattri_protocol_target),
     "dattri_kron": (("benchmarks/dattri_protocol_kron.json",), dattri_protocol),
     "dattri_kron_target": (("benchmarks/dattri_protocol_kron.json",), dattri_protocol_target),
+    "dattri_dev": (("benchmarks/dattri_protocol_dev.json",), dattri_dev),
+    "dattri_ridge": (("benchmarks/dattri_protocol_ridge.json",), dattri_protocol),
+    "dattri_ridge_target": (("benchmarks/dattri_protocol_ridge.json",), dattri_protocol_target),
     "dattri_trak50": (
         ("benchmarks/dattri_protocol.json", "benchmarks/dattri_protocol_trak50.json"),
         dattri_trak50,
