@@ -640,6 +640,25 @@ def dattri_dev(d: dict[str, Any]) -> str:
     return rows(["proj_dim (rows) / ridge_ratio (columns)", *ratios], body)
 
 
+def trak_ridge(d: dict[str, Any]) -> str:
+    """Single-model ``trak`` against its ridge ratio on the validation problems."""
+    body = []
+    for model, run in d["runs"].items():
+        for r in run["rows"]:
+            ratio = f"{r['ridge_ratio']:g}" + (" (default)" if r["ridge_ratio"] == 0.01 else "")
+            body.append(
+                [model, ratio, f"{r['ridge']:.3g}"]
+                + [f3(r[key]) for key in ("spearman_loo", "lds", "precision_at_k", "auroc")]
+            )
+        for method, r in run.get("references", {}).items():
+            body.append(
+                [model, f"*{method}* (reference)", "–"]
+                + [f3(r[key]) for key in ("spearman_loo", "lds", "precision_at_k", "auroc")]
+            )
+    head = ["model", "ridge_ratio", "λ", "Spearman LOO", "LDS", "precision@K", "AUROC"]
+    return rows(head, body)
+
+
 def dattri_trak50(files: list[dict[str, Any]]) -> str:
     """A rerun of the protocol with dattri's TRAK-50 (``dattri_protocol_trak50.json``) next to
     the first run (``dattri_protocol.json``): the rows both ran show whether the retrained
@@ -970,6 +989,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "dattri_protocol_target": (("benchmarks/dattri_protocol.json",), dattri_protocol_target),
     "dattri_kron": (("benchmarks/dattri_protocol_kron.json",), dattri_protocol),
     "dattri_kron_target": (("benchmarks/dattri_protocol_kron.json",), dattri_protocol_target),
+    "trak_ridge": (("benchmarks/trak_ridge.json",), trak_ridge),
     "dattri_dev": (("benchmarks/dattri_protocol_dev.json",), dattri_dev),
     "dattri_ridge": (("benchmarks/dattri_protocol_ridge.json",), dattri_protocol),
     "dattri_ridge_target": (("benchmarks/dattri_protocol_ridge.json",), dattri_protocol_target),
