@@ -388,8 +388,8 @@ def test_trak_ridge_ratio_is_that_fraction_of_the_mean_eigenvalue(task):
     default = netmend.identify(model, (X, y), (Xq, yq), **kw)
     close(default.info["ridge"][0], 1e-2 * mean_eig)
     assert not np.allclose(default.scores, r.scores)
-    for bad in (0, -1.0, "big", True):
-        with pytest.raises(ValueError, match="ridge_ratio must be a number > 0"):
+    for bad in (0, -1.0, "big", True, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="ridge_ratio must be a finite number > 0"):
             netmend.identify(model, (X, y), (Xq, yq), ridge_ratio=bad, **kw)
     with pytest.raises(ValueError, match="not both"):
         netmend.identify(model, (X, y), (Xq, yq), ridge=0.1, ridge_ratio=0.3, **kw)

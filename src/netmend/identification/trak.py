@@ -371,8 +371,10 @@ def trak(ctx: Context) -> MethodOutput:
     if not (ridge == "auto" or (isinstance(ridge, (int, float)) and ridge >= 0)):
         raise ValueError(f"ridge must be 'auto' or a number >= 0; got {ridge!r}")
     ratio = o.get("ridge_ratio", AUTO_RIDGE_RATIO)
-    if isinstance(ratio, bool) or not (isinstance(ratio, (int, float)) and ratio > 0):
-        raise ValueError(f"ridge_ratio must be a number > 0; got {ratio!r}")
+    if isinstance(ratio, bool) or not (
+        isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 0
+    ):
+        raise ValueError(f"ridge_ratio must be a finite number > 0; got {ratio!r}")
     if "ridge_ratio" in o and ridge != "auto":
         raise ValueError(
             "ridge_ratio sets ridge='auto''s fraction of the kernel's mean eigenvalue; pass one "

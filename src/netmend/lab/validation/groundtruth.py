@@ -80,7 +80,7 @@ def ground_truth(
             default all of them for logistic regression and 100 for the MLP.
         n_subsets: random subsets for the LDS, each of ``round(alpha * N)`` examples.
         alpha: the share of the training set each subset keeps.
-        seed: seeds the choice of LOO examples and, from a stream of their own, the subsets
+        seed: seeds the subsets and, from a stream of its own, the choice of LOO examples
             (so ``n_loo`` does not change the subsets).
         progress: show progress bars.
 
