@@ -78,3 +78,24 @@ def dev_run(suite: str, seed: int, gate: bool = False) -> DevRun:
     Xq, yq = data.eval.X[split.query], data.eval.y[split.query]
     ident = netmend.identify(model, (X, y), (Xq, yq), seed=seed, progress=False, gate=gate)
     return DevRun(data, spec, model, split, ident)
+
+
+class ValidationRun(NamedTuple):
+    """A validation problem of ``netmend.lab.validation`` with its ground truth."""
+
+    problem: Any
+    gt: Any
+    k: int  # the number of flipped training labels
+    data: tuple[torch.Tensor, torch.Tensor]
+    fails: tuple[torch.Tensor, torch.Tensor]
+
+
+def validation_run(model: str, n_loo: int | None, subsets: int) -> ValidationRun:
+    """``make_problem(model, seed=0)`` and its ground truth (``n_loo`` LOO refits, ``subsets``
+    random halves), as the sweeps over one method's setting use them."""
+    from netmend.lab import validation
+
+    problem = validation.make_problem(model=model, seed=0)
+    gt = validation.ground_truth(problem, n_loo=n_loo, n_subsets=subsets, seed=0, progress=False)
+    k = int(problem.corrupted.sum())
+    return ValidationRun(problem, gt, k, (problem.X, problem.y), (problem.Xq, problem.yq))

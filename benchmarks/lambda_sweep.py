@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _shared import validation_run
 from scipy.stats import spearmanr
 
 import netmend
@@ -48,10 +49,7 @@ TOP = 50
 def sweep(model: str, ratios: list[float], n_loo: int | None, subsets: int) -> dict[str, Any]:
     """One validation problem: every method at every λ, against retraining and each other."""
     t0 = time.perf_counter()
-    problem = validation.make_problem(model=model, seed=0)
-    gt = validation.ground_truth(problem, n_loo=n_loo, n_subsets=subsets, seed=0, progress=False)
-    k = int(problem.corrupted.sum())
-    data, fails = (problem.X, problem.y), (problem.Xq, problem.yq)
+    problem, gt, k, data, fails = validation_run(model, n_loo, subsets)
     kw: dict[str, Any] = dict(k=k, device="cpu", progress=False, seed=0)
     auto = netmend.identify(problem.model, data, fails, "ewc", l2="auto", **kw).info["l2"]
     mean_fisher = auto / AUTO_L2_RATIO

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _shared import validation_run
 
 import netmend
 from netmend.lab import validation
@@ -46,10 +47,7 @@ def _num(v: float) -> float | None:
 def sweep(model: str, ratios: list[float], n_loo: int | None, subsets: int) -> dict[str, Any]:
     """One validation problem: ``trak`` at every ridge ratio, against retraining."""
     t0 = time.perf_counter()
-    problem = validation.make_problem(model=model, seed=0)
-    gt = validation.ground_truth(problem, n_loo=n_loo, n_subsets=subsets, seed=0, progress=False)
-    k = int(problem.corrupted.sum())
-    data, fails = (problem.X, problem.y), (problem.Xq, problem.yq)
+    problem, gt, k, data, fails = validation_run(model, n_loo, subsets)
     rows = []
     for ratio in ratios:
         with warnings.catch_warnings():
