@@ -12,7 +12,7 @@ flipped labels. ``trak`` with ``projection="auto"`` uses exact gradients on thes
 (P < ``proj_dim``), so the ridge is the only approximation left. ``grad_dot``, ``ekfac`` and
 ``random`` are scored on the same ground truth as references.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trak_ridge.py       # ~8 min on one thread
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/trak_ridge.py       # ~12 min on one thread
 """
 
 from __future__ import annotations
