@@ -659,6 +659,24 @@ def trak_ridge(d: dict[str, Any]) -> str:
     return rows(head, body)
 
 
+def trak_cache(d: dict[str, Any]) -> str:
+    """TRAK's Gaussian projection kept whole against regenerated per chunk."""
+    body = [
+        [
+            f"{d['parameters']:,} × {d['proj_dim']}",
+            f"{d['r_mib_float32']}",
+            f"{d['models']}",
+            f"{d['regenerated']['cpu_s']:.1f}",
+            f"{d['kept']['cpu_s']:.1f}",
+            f"{d['speedup_cpu']:.2f}",
+            f"{d['max_abs_score_difference_relative']:.1e}",
+        ]
+    ]
+    head = ["R (P × k)", "R MiB (float32)", "models", "regenerated per chunk, CPU s"]
+    head += ["kept whole, CPU s", "speed-up", "max score difference (relative)"]
+    return rows(head, body)
+
+
 def dattri_trak50(files: list[dict[str, Any]]) -> str:
     """A rerun of the protocol with dattri's TRAK-50 (``dattri_protocol_trak50.json``) next to
     the first run (``dattri_protocol.json``): the rows both ran show whether the retrained
@@ -989,6 +1007,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "dattri_protocol_target": (("benchmarks/dattri_protocol.json",), dattri_protocol_target),
     "dattri_kron": (("benchmarks/dattri_protocol_kron.json",), dattri_protocol),
     "dattri_kron_target": (("benchmarks/dattri_protocol_kron.json",), dattri_protocol_target),
+    "trak_cache": (("benchmarks/trak_cache.json",), trak_cache),
     "trak_ridge": (("benchmarks/trak_ridge.json",), trak_ridge),
     "dattri_dev": (("benchmarks/dattri_protocol_dev.json",), dattri_dev),
     "dattri_ridge": (("benchmarks/dattri_protocol_ridge.json",), dattri_protocol),

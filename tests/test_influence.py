@@ -416,6 +416,18 @@ def test_trak_projection_is_seeded_blockwise_and_chunk_independent(monkeypatch):
     assert abs(float(big.var()) * 50 - 1) < 0.05 and abs(float(big.mean())) < 0.01
 
 
+def test_trak_projection_cache_is_a_byte_budget(monkeypatch):
+    """``R`` is kept whole when it fits ``CACHE_BYTES`` in the features' dtype: float32 keeps
+    twice the entries float64 does, and both give the same numbers as regenerating it."""
+    dev = torch.device("cpu")
+    monkeypatch.setattr(trak_mod, "CACHE_BYTES", 50 * 8 * 4)  # [50, 8] in float32
+    f32 = trak_mod.GaussianProjection(50, 8, [1, 0], torch.float32, dev)
+    f64 = trak_mod.GaussianProjection(50, 8, [1, 0], DT, dev)
+    assert f32.full is not None and f64.full is None
+    G = torch.randn(3, 50, dtype=DT)
+    close(f64(G).numpy(), (G @ f32.full.double()).numpy(), 1e-6)  # float32 rounding of R
+
+
 def test_trak_ensemble_averages_kernel_and_reweighting(task):
     model, X, y, Xq, yq = task
     other = MLP(4, 3, hidden=(6, 5)).double().eval()

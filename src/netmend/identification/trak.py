@@ -21,8 +21,9 @@ suspicious.
 
 **Projection.** ``R`` has i.i.d. ``N(0, 1/k)`` entries, generated in blocks of parameter rows
 from ``numpy.random.SeedSequence([seed, checkpoint, block])``: deterministic given the seed,
-identical on every device and for every ``chunk_size``. It is kept in memory only when
-``P * k <= CACHE_ELEMENTS``; otherwise each chunk regenerates it block by block, so no
+identical on every device and for every ``chunk_size``. It is kept in memory only when it
+takes at most ``CACHE_BYTES`` (256 MiB: ``P * k`` up to 2^26 entries in float32, 2^25 in
+float64); otherwise each chunk regenerates it block by block, so no
 ``[P, k]`` matrix (and never ``[N, P]``) is held. ``Phi`` ``[N, k]`` is held, one model at a
 time.
 """
@@ -52,8 +53,8 @@ from netmend.model.functional import Data, FunctionalModel
 
 BLOCK_ELEMENTS = 2**20
 """Entries of ``R`` generated at once (``BLOCK_ELEMENTS // k`` parameter rows per block)."""
-CACHE_ELEMENTS = 2**25
-"""``R`` is kept whole when ``P * k`` is at most this (256 MiB in float64)."""
+CACHE_BYTES = 2**28
+"""``R`` is kept whole when it takes at most this many bytes (256 MiB) in the features' dtype."""
 MAX_UNPROJECTED = 8192
 """``projection="none"`` holds ``[N, P]`` features and a ``[P, P]`` kernel: small models only."""
 AUTO_RIDGE_RATIO = 1e-2
@@ -79,7 +80,7 @@ class GaussianProjection:
     Args:
         num_params: ``P``; dim: ``k``; seed: any sequence of ints (e.g. ``[seed, checkpoint]``).
         dtype, device: of the projected gradients.
-        cache: keep ``R`` whole (default: when ``P * k <= CACHE_ELEMENTS``).
+        cache: keep ``R`` whole (default: when it takes at most ``CACHE_BYTES``).
     """
 
     def __init__(
@@ -97,7 +98,8 @@ class GaussianProjection:
         self.dtype, self.device = dtype, device
         self.rows = max(1, BLOCK_ELEMENTS // dim)
         if cache is None:
-            cache = num_params * dim <= CACHE_ELEMENTS
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            cache = num_params * dim * itemsize <= CACHE_BYTES
         self.full = torch.cat([self.block(b) for b in range(self.num_blocks)]) if cache else None
 
     @property
