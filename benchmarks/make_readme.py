@@ -642,19 +642,14 @@ def dattri_dev(d: dict[str, Any]) -> str:
 
 def trak_ridge(d: dict[str, Any]) -> str:
     """Single-model ``trak`` against its ridge ratio on the validation problems."""
+    cols = ("spearman_loo", "lds", "precision_at_k", "auroc")
     body = []
     for model, run in d["runs"].items():
         for r in run["rows"]:
             ratio = f"{r['ridge_ratio']:g}" + (" (default)" if r["ridge_ratio"] == 0.01 else "")
-            body.append(
-                [model, ratio, f"{r['ridge']:.3g}"]
-                + [f3(r[key]) for key in ("spearman_loo", "lds", "precision_at_k", "auroc")]
-            )
+            body.append([model, ratio, f"{r['ridge']:.3g}"] + [f3(r[c]) for c in cols])
         for method, r in run.get("references", {}).items():
-            body.append(
-                [model, f"*{method}* (reference)", "–"]
-                + [f3(r[key]) for key in ("spearman_loo", "lds", "precision_at_k", "auroc")]
-            )
+            body.append([model, f"*{method}* (reference)", "–"] + [f3(r[c]) for c in cols])
     head = ["model", "ridge_ratio", "λ", "Spearman LOO", "LDS", "precision@K", "AUROC"]
     return rows(head, body)
 

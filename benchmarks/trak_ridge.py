@@ -48,34 +48,33 @@ def sweep(model: str, ratios: list[float], n_loo: int | None, subsets: int) -> d
     """One validation problem: ``trak`` at every ridge ratio, against retraining."""
     t0 = time.perf_counter()
     problem, gt, k, data, fails = validation_run(model, n_loo, subsets)
-    rows = []
-    for ratio in ratios:
+
+    def scored(method: str, **options: Any) -> tuple[Any, dict[str, float | None]]:
+        """``identify`` (its warnings silenced) and its figures against the ground truth."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             ident = netmend.identify(
-                problem.model, data, fails, "trak", ridge_ratio=ratio, k=k, device="cpu",
-                progress=False, seed=0,
+                problem.model, data, fails, method, k=k, device="cpu", progress=False, seed=0,
+                **options,
             )  # fmt: skip
         q = validation.score_quality(problem, gt, ident.scores, np.asarray(ident.per_failure))
+        figures = {key: _num(q[key]) for key in KEYS}
+        print(model, method, options, figures, flush=True)
+        return ident, figures
+
+    rows = []
+    for ratio in ratios:
+        ident, figures = scored("trak", ridge_ratio=ratio)
         rows.append(
             {
                 "ridge_ratio": ratio,
                 "ridge": float(ident.info["ridge"][0]),
                 "projection": ident.info["projection"],
-                **{key: _num(q[key]) for key in KEYS},
+                **figures,
             }
         )
-        print(model, ratio, {key: rows[-1][key] for key in KEYS}, flush=True)
-    references = {}  # in the same run, on the same ground truth
-    for method in REFERENCES:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ident = netmend.identify(
-                problem.model, data, fails, method, k=k, device="cpu", progress=False, seed=0
-            )
-        q = validation.score_quality(problem, gt, ident.scores, np.asarray(ident.per_failure))
-        references[method] = {key: _num(q[key]) for key in KEYS}
-        print(model, method, references[method], flush=True)
+    # in the same run, on the same ground truth
+    references = {method: scored(method)[1] for method in REFERENCES}
     return {
         "problem": problem.describe(),
         "references": references,

@@ -517,8 +517,8 @@ class RunCache:
         try:
             self._verified[name] = load_tensors(path, self.settings_hash)
         except CacheRecordError as exc:
-            warn(f"{exc.args[0].split(': delete')[0]}; recomputing it")  # said once, not
-            # again as a log line (the CLI printed both)
+            # said once, as a warning (a log line as well made the CLI print it twice)
+            warn(f"{exc.args[0].split(': delete')[0]}; recomputing it")
             if _ranks()[0] == 0:  # under torch.distributed rank 0 deletes; all recompute
                 path.unlink(missing_ok=True)
             return False
