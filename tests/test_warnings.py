@@ -64,3 +64,31 @@ def test_warn_from_outside_the_package_points_at_its_caller():
     caught = _caught(lambda: warn("plain"))
     assert len(caught) == 1 and caught[0].filename == __file__
     assert caught[0].category is UserWarning
+
+
+def test_forward_mode_passes_do_not_raise_torchs_jit_deprecation():
+    """torch loads its forward-mode rules with the deprecated ``torch.jit.script`` on the first
+    Jacobian-vector product; under ``-W error::DeprecationWarning`` that made netmend's first
+    ``linear`` / GGN / Hessian pass fail inside torch (found by an outside-in trial). A fresh
+    interpreter, because the rules load once per process."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import torch, netmend\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(4, 3))\n"
+        "X, y = torch.randn(40, 4, generator=g), torch.randint(0, 3, (40,), generator=g)\n"
+        "with torch.no_grad():\n"
+        "    yq = (m(X[:3]).argmax(1) + 1) % 3\n"
+        "for kw in ({}, {'curvature': 'ggn'}):\n"
+        "    netmend.identify(m, (X, y), (X[:3], yq), 'linear', k=3, progress=False, **kw)\n"
+        "print('done')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr[-2000:]

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
-from torch.func import grad, jacrev, jvp, vjp, vmap
+from torch.func import grad, jacrev, vjp, vmap
 
 from netmend.curvature.hooks import (
     GROUPED_BLOCK_ELEMENTS,
@@ -50,7 +50,7 @@ from netmend.curvature.hooks import (
 )
 from netmend.data.streaming import chunks, map_chunks
 from netmend.data.task import tree_map
-from netmend.model.functional import Data, FunctionalModel
+from netmend.model.functional import Data, FunctionalModel, jvp
 from netmend.store import tensor_hash
 
 if TYPE_CHECKING:

@@ -9,6 +9,10 @@ cross-entropy); gradients are of ``ll`` (not of the loss) unless a name says ``l
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -16,7 +20,8 @@ from typing import Any, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, vjp, vmap
+from torch.func import jvp as _torch_jvp
 
 from netmend.data.source import DataSource
 from netmend.data.streaming import map_chunks
@@ -27,6 +32,34 @@ from netmend.store import tensor_hash
 Data = Union[torch.Tensor, DataSource]  # noqa: UP007 (a runtime alias)
 """A data set's inputs ``[N, ...]``: a tensor, or a :class:`DataSource` read batch by batch.
 Both support ``len(X)``, views ``X[s]`` and ``X[s].to(device)`` (a batch of inputs)."""
+
+
+@functools.cache
+def _load_forward_rules() -> None:
+    """Load torch's forward-mode decompositions once, without their deprecation warning.
+
+    torch registers them on the first forward-mode pass with ``torch.jit.script``, which torch
+    2.13 deprecates, so that pass warns from inside torch (18 DeprecationWarnings), and a user
+    who runs with ``-W error::DeprecationWarning`` (as many test suites do) would see netmend's
+    first Jacobian-vector product fail. The warning is torch's own, not about netmend's use,
+    so only it is silenced, only here. Same condition as torch's own loader.
+    """
+    if os.environ.get("PYTORCH_JIT", "1") != "1" or not __debug__:
+        return
+    with warnings.catch_warnings(), contextlib.suppress(ImportError):  # none in this torch
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=DeprecationWarning
+        )
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
+def jvp(
+    func: Callable[..., Any], primals: tuple[Any, ...], tangents: tuple[Any, ...]
+) -> tuple[Any, ...]:
+    """``torch.func.jvp(func, primals, tangents)`` (``(output, tangent)``), with the
+    forward-mode rules loaded quietly."""
+    _load_forward_rules()
+    return _torch_jvp(func, primals, tangents)
 
 
 def param_dtype(model: nn.Module) -> torch.dtype:
