@@ -246,3 +246,25 @@ def test_cli_validate_quick(tmp_path, capsys):
     assert set(rep["methods"]) == {"loss", "random"}
     assert np.isfinite(rep["methods"]["loss"]["spearman_loo"])
     assert "| method |" in capsys.readouterr().out
+
+
+def test_pair_flip_problem_flips_only_the_paper_pairs():
+    """``flips="pair"``: the corrupted examples are exactly those whose label moved within
+    1<->7 or 6<->9 (the paper's pairs), every other label is untouched, and the same seed
+    gives the same flips; an unknown kind of flips is refused."""
+    from netmend.lab.corrupt import PAPER_PAIRS, pair_flips
+    from netmend.lab.datasets import load_digits
+
+    prob = make_problem(n_train=None, seed=3, flips="pair")
+    clean = load_digits(seed=3)[0].y.numpy()
+    y = prob.y.numpy()
+    moved = y != clean
+    np.testing.assert_array_equal(prob.corrupted, moved)
+    assert moved.sum() > 50  # about 0.4 of 1s and 7s, 0.3 of 6s and 9s
+    partner = {1: 7, 7: 1, 6: 9, 9: 6}
+    assert all(partner.get(int(c)) == int(t) for c, t in zip(clean[moved], y[moved]))
+    expected = pair_flips(torch.as_tensor(clean), PAPER_PAIRS, seed=3)
+    np.testing.assert_array_equal(y, expected.labels.numpy())
+    assert prob.describe()["flips"] == {"1<->7": 0.4, "6<->9": 0.3}
+    with pytest.raises(ValueError, match="unknown flips 'rows'"):
+        make_problem(n_train=N_TRAIN, flips="rows")

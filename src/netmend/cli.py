@@ -131,7 +131,9 @@ def _validate(args: argparse.Namespace) -> int:
                 "pass 3 or more (the defaults: every example, 100 subsets)"
             )
     n_train = args.n_train if args.n_train is not None else (300 if quick else None)
-    problem = validation.make_problem(model=args.model, seed=args.seed, n_train=n_train)
+    problem = validation.make_problem(
+        model=args.model, seed=args.seed, n_train=n_train, flips=args.flips
+    )
     for k in [args.k, *(ks or [])]:
         if k is not None and not 0 < k < problem.N:
             raise ValueError(f"--k and --ks must lie in [1, {problem.N - 1}]; got {k}")
@@ -192,11 +194,19 @@ def main(argv: list[str] | None = None) -> int:
     v = sub.add_parser(
         "validate",
         help="measure each identification method against actual retraining",
-        description="Train a float64 model to convergence on digits with flipped labels, "
+        description="Train a float64 model to convergence on digits with flipped labels "
+        "(symmetric or pair flips), "
         "measure leave-one-out and subset-retraining effects on its failures, and score every "
         "identification method (Spearman with LOO, LDS, precision, AUROC, counterfactual).",
     )
     v.add_argument("--model", choices=("logreg", "mlp"), default="logreg")
+    v.add_argument(
+        "--flips",
+        choices=("symmetric", "pair"),
+        default="symmetric",
+        help="the label noise: 20%% symmetric flips (default) or the paper's pair flips "
+        "(1<->7 with probability 0.4, 6<->9 with 0.3)",
+    )
     v.add_argument("--methods", help="comma-separated method names (default: all registered)")
     v.add_argument("--seed", type=_seed, default=0, help="seed of everything random (default 0)")
     v.add_argument("--n-train", type=int, help="subsample the training set (--quick: 300)")

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from netmend.data.streaming import chunks
 from netmend.evaluation import split_failures
-from netmend.lab.corrupt import symmetric_flips
+from netmend.lab.corrupt import PAPER_PAIRS, pair_flips, symmetric_flips
 from netmend.lab.models import MLP, LogisticRegression
 from netmend.lab.validation.refit import DT, GRAD_TOL, LogregSolver, _lbfgs
 from netmend.model.functional import FunctionalModel
@@ -197,6 +197,10 @@ class Problem:
         }
 
 
+PAIRS_INFO = {f"{a}<->{b}": q for (a, b), q in PAPER_PAIRS.items()}
+"""``flips="pair"``'s record in :meth:`Problem.describe`."""
+
+
 def make_problem(
     dataset: str = "digits",
     model: str = "logreg",
@@ -206,6 +210,7 @@ def make_problem(
     *,
     l2: float | None = None,
     hidden: tuple[int, ...] = (32,),
+    flips: str = "symmetric",
 ) -> Problem:
     """Build a deterministic validation problem.
 
@@ -213,11 +218,14 @@ def make_problem(
         dataset: "digits" (scikit-learn's 8x8 digits, 75/25 split, standardised with the
             training mean and standard deviation).
         model: "logreg" (convex: LOO is well defined) or "mlp" (one hidden ReLU layer).
-        flip_rate: share of training labels flipped to a uniformly drawn other class.
+        flip_rate: share of training labels flipped to a uniformly drawn other class
+            (``flips="symmetric"`` only).
         seed: seeds the split, the flips, the initialisation and the failure split.
         n_train: keep only this many training examples (a seeded subset; default all).
         l2: weight decay of ``sum CE + (l2/2)||theta||^2`` (default 1.0).
         hidden: hidden widths of the MLP.
+        flips: "symmetric" (``flip_rate`` of the labels, to any other class) or "pair" (the
+            paper's pair flips, 1↔7 with probability 0.4 and 6↔9 with 0.3).
 
     Returns:
         A :class:`Problem` whose model is trained to convergence in float64.
@@ -226,6 +234,8 @@ def make_problem(
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {DATASETS}")
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {MODELS}")
+    if flips not in ("symmetric", "pair"):
+        raise ValueError(f"unknown flips {flips!r}; choose 'symmetric' or 'pair'")
     if not 0 <= flip_rate < 1:
         raise ValueError(f"flip_rate must lie in [0, 1); got {flip_rate}")
     from netmend.lab.datasets import load_digits
@@ -243,8 +253,12 @@ def make_problem(
     X = ((X - mu) / sd).contiguous()
     Xt = ((test.X.to(DT) - mu) / sd).contiguous()
     classes = 10
-    flips = symmetric_flips(y_clean, flip_rate, classes, seed=seed)
-    y = flips.labels
+    corruption = (
+        symmetric_flips(y_clean, flip_rate, classes, seed=seed)
+        if flips == "symmetric"
+        else pair_flips(y_clean, PAPER_PAIRS, seed=seed)
+    )
+    y = corruption.labels
     wd = float(DEFAULT_L2[model] if l2 is None else l2)
     if not wd > 0:
         raise ValueError(f"l2 must be > 0 (it makes the optimum unique); got {wd}")
@@ -257,7 +271,7 @@ def make_problem(
     )
     net = net.to(DT).eval()
     prob = Problem(
-        net, X, y, flips.mask.numpy().copy(), Xt[:0], test.y[:0], Xt[:0], test.y[:0],
+        net, X, y, corruption.mask.numpy().copy(), Xt[:0], test.y[:0], Xt[:0], test.y[:0],
         Xt, test.y, wd,
     )  # fmt: skip
     if model == "logreg":
@@ -276,7 +290,8 @@ def make_problem(
     prob.info = {
         "dataset": dataset,
         "model": model,
-        "flip_rate": flip_rate,
+        "flip_rate": flip_rate if flips == "symmetric" else None,
+        "flips": flips if flips == "symmetric" else PAIRS_INFO,
         "seed": seed,
         "n_train": n_train,
     }
