@@ -330,7 +330,8 @@ def dattri_cg(d: dict[str, Any], reg: float) -> tuple[np.ndarray, dict[str, Any]
 NETMEND: dict[str, dict[str, Any]] = {
     # name: identify options; "models": which checkpoints ("full"/"half", count) if any
     # "ensemble": the mean of identify's per-failure scores over these models (benchmark-level)
-    "trak": {"method": "trak", "proj_dim": 512},
+    # the trak rows were measured at ridge_ratio 0.01, the default until netmend 0.3.5
+    "trak": {"method": "trak", "proj_dim": 512, "ridge_ratio": 0.01},
     "ekfac": {"method": "ekfac"},
     "ekfac x5": {"method": "ekfac", "ensemble": ("full", 5)},
     "ekfac x10": {"method": "ekfac", "ensemble": ("full", 10)},
@@ -338,7 +339,12 @@ NETMEND: dict[str, dict[str, Any]] = {
     "ewc": {"method": "ewc"},
     "linear": {"method": "linear"},
     "tracin": {"method": "tracin", "models": ("full", 10)},
-    "trak x10 half": {"method": "trak", "proj_dim": 512, "models": ("half", 10)},
+    "trak x10 half": {
+        "method": "trak",
+        "proj_dim": 512,
+        "models": ("half", 10),
+        "ridge_ratio": 0.01,
+    },  # fmt: skip
     "influence-cg": {"method": "influence", "solver": "cg", "cg_maxiter": 10, "queries": 50},
 }  # the Kronecker TRAK rows are named by KRON_NAME (netmend_spec), not listed here
 
@@ -388,13 +394,16 @@ def run_method(name: str) -> tuple[np.ndarray, dict[str, Any]]:
 METHODS_NETMEND = {f"netmend {k}": v for k, v in NETMEND.items()}
 KRON_NAME = re.compile(r"netmend trak kron(\d+) x(\d+) half(?: ridge_ratio ([0-9.e+-]+)| (dev))?")
 """TRAK with per-layer Kronecker-factored projections (LoGra, Choe et al. 2024; features from
-the layer hooks, no [B, P] gradient) on half-data models, at the default ridge, a given
-``ridge_ratio`` or the one chosen on dev."""
+the layer hooks, no [B, P] gradient) on half-data models, at ``ridge_ratio`` 0.01 (the default
+when the rows without a ratio were measured, until netmend 0.3.5), a given ``ridge_ratio`` or the
+one chosen on dev."""
 KRON_DEFAULTS = (
     "netmend trak kron512 x50 half", "netmend trak kron256 x50 half",
     "netmend trak kron512 x30 half",
 )  # fmt: skip
 """The Kronecker rows of a default run (512 as dattri's dimension; 256 and 30 models cheaper)."""
+OLD_DEFAULT_RATIO = 0.01
+"""The ``ridge_ratio`` of the rows named without one (netmend's default until 0.3.5)."""
 DEV_JSON = HERE / "dattri_protocol_dev.json"
 DEV_NOTE = (
     "MNIST training images 5,000-9,999 and test images 500-999 (disjoint from the protocol's), "
@@ -434,6 +443,7 @@ def netmend_spec(name: str) -> dict[str, Any] | None:
         "method": "trak", "projection": "kronecker", "proj_dim": int(hit[1]),
         "models": ("half", int(hit[2])),
     }  # fmt: skip
+    spec["ridge_ratio"] = OLD_DEFAULT_RATIO
     if hit[3]:
         spec["ridge_ratio"] = float(hit[3])
     elif hit[4]:

@@ -292,6 +292,35 @@ def validate_mlp(d: dict[str, Any]) -> str:
     return _validate(d["runs"]["mlp"])
 
 
+def validate_flips(files: list[dict[str, Any]]) -> str:
+    """Each method's figures on the symmetric-flip problem next to the pair-flip one's."""
+    sym, pair = files
+    keys = ("lds", "precision_at_k", "auroc")
+    body = []
+    for model in pair["runs"]:
+        a, b = sym["runs"][model]["methods"], pair["runs"][model]["methods"]
+        for method in b:
+            if "error" in a.get(method, {"error": 1}) or "error" in b[method]:
+                continue
+            cells = [f"{f3(a[method][k])} / {f3(b[method][k])}" for k in keys]
+            cf = [
+                m["counterfactual"]["delta_heldout_acc_vs_random"] for m in (a[method], b[method])
+            ]
+            body.append([model, method, *cells, f"{cf[0]:+.3f} / {cf[1]:+.3f}"])
+        for ref, label in (
+            ("ref:loo_topk", "the top-K of actual LOO"),
+            ("ref:corrupted", "all flipped"),
+        ):
+            refs = [d["runs"][model]["counterfactual"]["references"].get(ref) for d in (sym, pair)]
+            if all(refs):
+                cf = [r["delta_heldout_acc_vs_random"] for r in refs if r]
+                body.append(
+                    [model, f"*remove {label}*", "–", "–", "–", f"{cf[0]:+.3f} / {cf[1]:+.3f}"]
+                )
+    head = ["model", "method", "LDS", "precision@K", "AUROC", "counterfactual vs random"]
+    return rows([head[0], head[1], *(f"{h}: symmetric / pair" for h in head[2:])], body)
+
+
 def validate_setup(d: dict[str, Any]) -> str:
     body = []
     for name, run in d["runs"].items():
@@ -646,7 +675,8 @@ def trak_ridge(d: dict[str, Any]) -> str:
     body = []
     for model, run in d["runs"].items():
         for r in run["rows"]:
-            ratio = f"{r['ridge_ratio']:g}" + (" (default)" if r["ridge_ratio"] == 0.01 else "")
+            mark = {0.01: " (default until 0.3.5)", 0.1: " (default)"}.get(r["ridge_ratio"], "")
+            ratio = f"{r['ridge_ratio']:g}" + mark
             body.append([model, ratio, f"{r['ridge']:.3g}"] + [f3(r[c]) for c in cols])
         for method, r in run.get("references", {}).items():
             body.append([model, f"*{method}* (reference)", "–"] + [f3(r[c]) for c in cols])
@@ -978,6 +1008,11 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "validate_setup": (("benchmarks/validate.json",), validate_setup),
     "validate_logreg": (("benchmarks/validate.json",), validate_logreg),
     "validate_mlp": (("benchmarks/validate.json",), validate_mlp),
+    "validate_pair_setup": (("benchmarks/validate_pair.json",), validate_setup),
+    "validate_flips": (
+        ("benchmarks/validate.json", "benchmarks/validate_pair.json"),
+        validate_flips,
+    ),
     "peers_methods": (("benchmarks/peers.json",), peers_methods),
     "peers_ratios": (("benchmarks/peers.json",), peers_ratios),
     "peers_trak": (("benchmarks/peers.json",), peers_trak),
@@ -1046,6 +1081,7 @@ def render_table(name: str) -> str:
         lambda_sweep,
         label_signal,
         dattri_trak50,
+        validate_flips,
     )
     return fn(data) if fn in multi else fn(data[0])
 

@@ -1,4 +1,4 @@
-"""TRAK's ridge on single models: is ``ridge_ratio=0.01`` (the default) the right damping?
+"""TRAK's ridge on single models: was ``ridge_ratio=0.01`` (the default until 0.3.5) right?
 
 On dattri's MNIST-MLP protocol an ensemble of 50 models scored best with ``ridge_ratio``
 0.1-0.2, chosen on a development problem (``dattri_protocol.py --problem dev``). This script
