@@ -50,3 +50,18 @@ def test_lds_of_constant_scores_is_nan_and_summary_drops_it(bench_script):
     assert s["n_test"] == 2
     assert s["mean"] == pytest.approx(0.3)
     assert s["se"] == pytest.approx(np.std([0.2, 0.4], ddof=1) / np.sqrt(2))
+
+
+def test_trak_rows_keep_the_ridge_ratio_they_were_measured_at(bench_script):
+    """The stored ``trak`` rows were measured at ``ridge_ratio`` 0.01, netmend's default until
+    0.3.5: a rerun of a row named without a ratio must use 0.01, not today's default, and a
+    row that names its ratio or reads it from dev keeps that one."""
+    from netmend.identification.trak import AUTO_RIDGE_RATIO
+
+    dp = bench_script("dattri_protocol")
+    assert AUTO_RIDGE_RATIO != 0.01  # otherwise this test checks nothing
+    for name in ("netmend trak", "netmend trak x10 half", "netmend trak kron512 x50 half"):
+        assert dp.netmend_spec(name)["ridge_ratio"] == 0.01, name
+    assert dp.netmend_spec("netmend trak kron1024 x50 half ridge_ratio 0.2")["ridge_ratio"] == 0.2
+    chosen = dp.chosen_ratios(dp.json.loads(dp.DEV_JSON.read_text())["methods"])
+    assert dp.netmend_spec("netmend trak kron768 x50 half dev")["ridge_ratio"] == chosen["768"]
