@@ -302,6 +302,10 @@ BASE = ["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures"
         ([*BASE, "--k", "0"], "a count of causes is at least 1"),
         ([*BASE, "--device", "gpu"], "is not a device"),
         ([*BASE, "--resume", "{train}"], "leave --out out"),
+        # failures labelled by name, training labels integers: were mapped by sorting the
+        # failure file's own names (a silent wrong label, exit 0)
+        (["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures", "{named}"],
+         "labels are class names (cat) but the training set's labels are class indices"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_2(tmp_path, capsys, argv, message):
@@ -311,8 +315,10 @@ def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     np.savez(tmp_path / "wide.npz", X=np.ones((3, 5)), y=np.zeros(3, dtype=int))
     np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
     (tmp_path / "idx.txt").write_text("3\n40\n")
+    rows = "".join(f"{a},{b},{c},{d},cat\n" for a, b, c, d in X[:3])
+    (tmp_path / "named.csv").write_text("f0,f1,f2,f3,label\n" + rows)
     paths = {k: str(tmp_path / f"{k}.npz") for k in ("train", "bad", "wide", "fail")}
-    paths["idx"] = str(tmp_path / "idx.txt")
+    paths["idx"], paths["named"] = str(tmp_path / "idx.txt"), str(tmp_path / "named.csv")
     argv = [a.format(**paths) for a in argv]
     code, _, err = _run([*argv, "--out", str(tmp_path / "o")], capsys)
     assert code == 2, err

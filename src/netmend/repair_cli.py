@@ -238,6 +238,13 @@ def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str)
         )
     except ValueError as exc:
         raise BadInput(f"--{what}: {exc}") from exc
+    if like is not None and like.classes is None and d.classes is not None:
+        # names here cannot be mapped: sorting this file's own names would invent indices
+        raise BadInput(
+            f"--{what} {path}: its labels are class names ({', '.join(d.classes[:5])}) but the "
+            "training set's labels are class indices (integers); give this file the same "
+            "integer labels as the training set"
+        )
     if like is not None and d.X.shape[1:] != like.X.shape[1:]:
         raise BadInput(
             f"--{what} {path}: inputs have shape {tuple(d.X.shape[1:])} but the training "
