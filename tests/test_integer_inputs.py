@@ -118,3 +118,46 @@ def test_token_ids_reach_an_embedding_model_as_integers():
     res = netmend.identify(model, (X, y), (Xt[wrong], yt[wrong]), method="grad_dot", k=5, **RUN)
     assert res.scores.shape == (60,) and np.isfinite(res.scores).all()
     assert len(set(res.causes.tolist())) == 5
+
+
+def test_a_token_id_out_of_vocabulary_is_bad_input_not_an_index_error():
+    """An id >= the Embedding's ``num_embeddings`` past the first example used to surface as
+    torch's ``IndexError: index out of range in self`` from inside a pass (and in the CLI as
+    an internal error, exit 1); it is bad input, said as such, wherever it sits. An
+    ``IndexError`` that does not come from an Embedding lookup is not relabelled."""
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 30, (120, 6), generator=g)
+    y = (ids == 5).any(1).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 4), nn.Flatten(), nn.Linear(24, 2)).eval()
+    wrong = predict(model, ids) != y
+    Xf, yf = ids[wrong][:6].clone(), y[wrong][:6]
+    bad_f = Xf.clone()
+    bad_f[3, 2] = 31  # a failure's id past the vocabulary
+    bad_train = ids.clone()
+    bad_train[100, 1] = 40  # a training row's, far from the first example
+    msg = "out of range for an Embedding of the model"
+    with pytest.raises(ValueError, match=msg):
+        netmend.identify(model, (ids, y), (bad_f, yf), "ewc", k=5, **RUN)
+    with pytest.raises(ValueError, match=msg):
+        netmend.identify(model, (bad_train, y), (Xf, yf), "grad_dot", k=5, **RUN)
+    with pytest.raises(ValueError, match=msg):
+        netmend.evaluate(model, (bad_train, y), device="cpu")
+    netmend.identify(model, (ids, y), (Xf, yf), "ewc", k=5, **RUN)  # the clean data run
+
+    class Picky(nn.Module):  # an IndexError of the model's own, on the 51st example
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if (x[:, 0] < 0).any():
+                raise IndexError("a negative first feature")
+            return self.lin(x.float())
+
+    Xp = torch.rand(80, 6, generator=g)
+    Xp[50, 0] = -1.0
+    with pytest.raises(IndexError, match="a negative first feature"):
+        netmend.evaluate(Picky().eval(), (Xp, torch.zeros(80, dtype=torch.long)), device="cpu")

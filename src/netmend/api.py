@@ -57,6 +57,7 @@ from netmend.model.checks import (
     check_finite_parameters,
     check_logits,
     check_model,
+    ids_in_range,
     num_classes_of,
 )
 from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
@@ -83,10 +84,13 @@ def _own_rng() -> Iterator[None]:
         yield
 
 
-def _keeps_global_rng(fn: _F) -> _F:
+def _public(fn: _F) -> _F:
+    """A public entry point: the caller's global RNG is kept (:func:`_own_rng`), and an
+    Embedding's out-of-range input id is reported as bad input (:func:`ids_in_range`)."""
+
     @functools.wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with _own_rng():
+        with _own_rng(), ids_in_range():
             return fn(*args, **kwargs)
 
     return wrapped  # type: ignore[return-value]
@@ -296,7 +300,7 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     return work
 
 
-@_keeps_global_rng
+@_public
 def identify(
     model: nn.Module,
     train: DataLike,
@@ -568,7 +572,7 @@ def _auto_causes(
     return positive[:k], info
 
 
-@_keeps_global_rng
+@_public
 def treat(
     model: nn.Module,
     train: DataLike,
@@ -702,6 +706,7 @@ def _no_causes(causes: Any) -> bool:
         return False
 
 
+@_public
 def evaluate(
     model: nn.Module,
     test: DataLike,
@@ -742,6 +747,7 @@ def available() -> dict[str, list[str]]:
 _identify, _treat = identify, treat  # repair()'s arguments shadow these names
 
 
+@_public
 def repair(
     model: nn.Module,
     train: DataLike,
@@ -855,6 +861,7 @@ def repair(
     )
 
 
+@_public
 def with_controls(
     model: nn.Module,
     train: DataLike,

@@ -6,6 +6,10 @@ do, never ``assert``.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -15,6 +19,42 @@ from netmend.model.functional import Data
 from netmend.model.training import predict
 
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.AlphaDropout)
+_LOOKUPS = ("embedding", "embedding_bag")
+"""The ``torch.nn.functional`` lookups that raise ``IndexError`` on an id out of range."""
+
+
+def _raised_by_lookup(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of ``F.embedding`` / ``F.embedding_bag`` (an id out of range)."""
+    tb, functional = exc.__traceback__, os.path.join("nn", "functional.py")
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name in _LOOKUPS and code.co_filename.endswith(functional):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+@contextmanager
+def ids_in_range() -> Iterator[None]:
+    """Report an Embedding's out-of-range id as bad input (``ValueError``), not torch's bare
+    ``IndexError: index out of range in self`` from deep inside a pass.
+
+    Only the model's first example is tried before the passes, so an id >= an Embedding's
+    ``num_embeddings`` (or a negative one) anywhere else in the training set or the failures
+    surfaces mid-pass. Other ``IndexError`` s pass through unchanged. (On CUDA the same id
+    is a device-side assertion, which cannot be caught: check ids on the CPU first.)
+    """
+    try:
+        yield
+    except IndexError as exc:
+        if not _raised_by_lookup(exc):
+            raise
+        raise ValueError(
+            "an input id is out of range for an Embedding of the model (torch: "
+            f"{exc}): a token id >= the layer's num_embeddings, or a negative one, in the "
+            "training set or the failures. Check the ids against the model's vocabulary "
+            "size, or map unknown tokens to an id the model has (e.g. its <unk>)"
+        ) from exc
 
 
 def check_model(model: nn.Module) -> None:
