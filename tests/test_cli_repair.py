@@ -306,6 +306,11 @@ BASE = ["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures"
         # failure file's own names (a silent wrong label, exit 0)
         (["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures", "{named}"],
          "labels are class names (cat) but the training set's labels are class indices"),
+        # a whole pickled model: was called TorchScript, and torch's own text advised
+        # weights_only=False
+        (["--model", "{whole}", "--train", "{train}", "--failures", "{fail}"],
+         "A pickled model (torch.save(model)) is not loaded"),
+        ([*BASE, "--weights", "{whole}"], "holds pickled Python objects"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_2(tmp_path, capsys, argv, message):
@@ -319,10 +324,13 @@ def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     (tmp_path / "named.csv").write_text("f0,f1,f2,f3,label\n" + rows)
     paths = {k: str(tmp_path / f"{k}.npz") for k in ("train", "bad", "wide", "fail")}
     paths["idx"], paths["named"] = str(tmp_path / "idx.txt"), str(tmp_path / "named.csv")
+    paths["whole"] = str(tmp_path / "whole.pt")
+    torch.save(_cli_models.tabular_net(), paths["whole"])
     argv = [a.format(**paths) for a in argv]
     code, _, err = _run([*argv, "--out", str(tmp_path / "o")], capsys)
     assert code == 2, err
     assert message in err and "Traceback" not in err
+    assert "weights_only=False" not in err  # never advise loading code from a file
 
 
 def test_method_names_are_checked_before_any_pass(tmp_path, capsys, monkeypatch):

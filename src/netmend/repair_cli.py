@@ -19,6 +19,7 @@ import argparse
 import importlib
 import json
 import os
+import pickle
 import platform
 import shutil
 import sys
@@ -126,9 +127,11 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
             )
         if path.suffix != ".pt2":
             raise BadInput(
-                f"--model {path}: netmend differentiates the model with torch.func, which "
-                "TorchScript modules do not support; save it with torch.export.save(...) as a "
-                ".pt2 file, or pass package.module:factory with --weights"
+                f"--model {path}: not a torch.export program (.pt2). A pickled model "
+                "(torch.save(model)) is not loaded, since loading it runs code from the file, "
+                "and a TorchScript module cannot be differentiated with torch.func; pass "
+                "package.module:factory with --weights (a state_dict), or save the model with "
+                "torch.export.save(...) as a .pt2 file"
             )
         try:
             program = torch.export.load(str(path))
@@ -174,6 +177,12 @@ def _load_state_dict(weights: str) -> dict[str, torch.Tensor]:
 
             return load_file(str(p))
         sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # torch's text advises weights_only=False: not here
+        raise BadInput(
+            f"--weights {p}: holds pickled Python objects (e.g. a whole model saved with "
+            "torch.save(model)), which netmend does not unpickle (that would run code from the "
+            "file); save torch.save(model.state_dict(), path) or a .safetensors file instead"
+        ) from exc
     except Exception as exc:
         raise BadInput(
             f"--weights {p}: cannot read it ({exc}); pass a .safetensors file or a state_dict "
