@@ -359,7 +359,11 @@ def check_label_values(y: torch.Tensor, name: str) -> torch.Tensor:
     if y.ndim != 1:
         raise ValueError(f"{name}: labels must have shape [N]; got shape {tuple(y.shape)}")
     if y.is_floating_point() and not torch.all(y == torch.round(y)):
-        raise ValueError(f"{name}: labels must be integer class indices, not probabilities")
+        bad = y[y != torch.round(y)][:3].tolist()
+        raise ValueError(
+            f"{name}: labels must be integer class indices (0, 1, ...); found {bad}. Pass each "
+            "example's class index, not a probability, a soft label or a regression target"
+        )
     if y.is_complex():
         raise ValueError(f"{name}: labels must be integer class indices")
     return y.long()
