@@ -495,7 +495,8 @@ def test_given_failures_are_not_held_out_and_a_recipe_loss_warns(tmp_path, capsy
     """With --failures and --test, the test rows that are the given failures are left out of
     'held-out failures' (they once counted, unlike the same failures as --failure-indices), and
     a finetune-only control that loses test accuracy says the recipe is wrong."""
-    from netmend.repair_cli import _recipe_loss, _rows_in
+    from netmend.data.checks import rows_in
+    from netmend.repair_cli import _recipe_loss
 
     X, y = _blobs(300, 4, seed=2, noise=0.2)
     clean = np.random.default_rng(2).integers(0, 3, 300)  # the true labels of _blobs
@@ -505,9 +506,11 @@ def test_given_failures_are_not_held_out_and_a_recipe_loss_warns(tmp_path, capsy
     np.savez(tmp_path / "train.npz", X=X[:200], y=y[:200])
     np.savez(tmp_path / "test.npz", X=X[200:], y=clean[200:])
     wrong = np.flatnonzero(predict(model, Xt[200:]).numpy() != clean[200:])
-    query = wrong[: len(wrong) // 2]
+    query, second = wrong[: len(wrong) // 3], wrong[len(wrong) // 3 : 2 * len(wrong) // 3]
+    assert len(query) and len(second)
     np.savez(tmp_path / "fail.npz", X=X[200:][query], y=clean[200:][query])
     np.save(tmp_path / "idx.npy", query)
+    np.save(tmp_path / "idx2.npy", second)
     base = ["--model", "_cli_models:tabular_net", "--weights", str(tmp_path / "w.safetensors"),
             "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"),
             *RECIPE_ARGS, "--no-controls"]  # fmt: skip
@@ -532,7 +535,17 @@ def test_given_failures_are_not_held_out_and_a_recipe_loss_warns(tmp_path, capsy
     assert {int(r["test_index"]) for r in rows} == set(query.tolist())
     assert all(query[int(r["failure"])] == int(r["test_index"]) for r in rows)
     t = torch.from_numpy(X[200:])
-    assert _rows_in(t, t[query]).nonzero()[0].tolist() == sorted(query.tolist())
-    assert not _rows_in(t, t[query] + 1e-9).any()
+    assert rows_in(t, t[query]).nonzero()[0].tolist() == sorted(query.tolist())
+    assert not rows_in(t, t[query] + 1e-9).any()
+    # a continual round: the first round's failures were repair inputs, so they are not
+    # held out in the second (they were, found by an outside-in trial)
+    code, _, err = _run([*base, "--failure-indices", str(tmp_path / "idx2.npy"), "--resume",
+                         str(tmp_path / "o1")], capsys)  # fmt: skip
+    assert code == 0, err
+    again = json.loads((tmp_path / "o1" / "summary.json").read_text())
+    assert [r["round"] for r in again["continual"]] == [1, 2]
+    assert again["data"]["failure_test_indices"] == second.tolist()
+    later = sorted(set(rest) - set(second.tolist()))
+    assert again["data"]["heldout_test_indices"] == later
     assert _recipe_loss({"test": 0.95}, {"test": 0.945}) is None
     assert "loses 10.0 test points" in _recipe_loss({"test": 0.95}, {"test": 0.85})

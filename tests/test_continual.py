@@ -421,3 +421,33 @@ def test_a_damaged_state_says_to_start_again_not_to_rerun(problem, tmp_path):
     with pytest.raises(ValueError, match=r"checksum.*cannot be recomputed: start a new run") as e:
         Repairer.load(tmp_path / "state", model, train, train_config=RECIPE, device="cpu")
     assert "recomputes what is missing" not in str(e.value)
+
+
+def test_a_failure_observed_before_counts_once(problem):
+    """A batch that repeats earlier failures would add their scores to the sum twice (found
+    by an outside-in trial): a wholly repeated batch is refused, a partly repeated one is
+    scored on its new failures only, with a warning naming the repeats. The same input with
+    another label is a new failure."""
+    model, train, (Xf, yf), _ = problem
+    r = _repairer(problem, k=10)
+    r.observe((Xf[:6], yf[:6]))
+    before = r.scores.copy()
+    with pytest.raises(ValueError, match="all 6 failures of this batch were observed"):
+        r.observe((Xf[:6], yf[:6]))
+    np.testing.assert_array_equal(r.scores, before)  # a refused batch changes nothing
+    assert len(r.history) == 1
+    mixed = (torch.cat([Xf[3:5], Xf[6:9]]), torch.cat([yf[3:5], yf[6:9]]))
+    with pytest.warns(UserWarning, match=r"2 of 5 failures \(rows \[0, 1\]\) were observed"):
+        r.observe(mixed)
+    expected = before + netmend.identify(
+        model, train, (Xf[6:9], yf[6:9]), "ewc", k=1, device="cpu", progress=False,
+        fisher=r.fisher,
+    ).scores  # fmt: skip
+    np.testing.assert_allclose(r.scores, expected, rtol=1e-9, atol=1e-12)
+    assert r.history[-1]["new_failures"] == 3 and r.history[-1]["failures"] == 9
+    assert torch.equal(r.failures[0], Xf[:9]) and torch.equal(r.failures[1], yf[:9])
+    # another label for an input seen before is not a repeat (the model gets it wrong too)
+    wrong = predict(model, Xf[:1])
+    other = torch.tensor([next(c for c in range(3) if c not in (int(yf[0]), int(wrong[0])))])
+    r.observe((Xf[:1], other))
+    assert r.history[-1]["new_failures"] == 1

@@ -55,7 +55,8 @@ import torch
 from torch import nn
 
 from netmend import api, identification, store
-from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device
+from netmend._warnings import warn
+from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device, rows_in
 from netmend.data.source import DataSource, as_source
 from netmend.data.task import Task, overrides
 from netmend.identification import k_rules
@@ -85,6 +86,15 @@ def _as_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 MODEL_FILE = "model.safetensors"
+
+
+def _with_labels(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each example's input bytes followed by its label's, ``[N, bytes]`` uint8: rows that are
+    equal exactly when input and label both are."""
+    x = X.detach().cpu().contiguous().reshape(len(X), math.prod(X.shape[1:]))
+    return torch.cat(
+        [x.view(torch.uint8), y.detach().cpu().long().reshape(-1, 1).view(torch.uint8)], 1
+    )
 
 
 def warm_mix(continue_fraction: float) -> float:
@@ -270,6 +280,11 @@ class Repairer:
         )
         return (self._before - after).double().numpy()
 
+    @property
+    def failures(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every failure observed so far, ``(X [M, ...], y [M])``, in the order observed."""
+        return self._failures_X, self._failures_y
+
     def _check_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
         Xb, yb = as_tensors(failures, "failures", task=self.task)
         if Xb.shape[1:] != self._failures_X.shape[1:]:
@@ -279,6 +294,20 @@ class Repairer:
             )
         check_labels(yb, self.num_classes, "failures")
         Xb = _as_dtype(Xb, param_dtype(self._work))
+        seen = rows_in(_with_labels(Xb, yb), _with_labels(self._failures_X, self._failures_y))
+        if seen.all():
+            raise ValueError(
+                f"all {len(yb)} failures of this batch were observed in earlier rounds; pass "
+                "new failures (one still wrong needs no repeating: its scores are in the sum)"
+            )
+        if seen.any():  # counted once: a repeat would add its scores to the sum twice
+            warn(
+                f"{int(seen.sum())} of {len(yb)} failures (rows {np.flatnonzero(seen)[:5].tolist()}"
+                f"{'...' if seen.sum() > 5 else ''}) were observed in earlier rounds; they are "
+                "left out of this round, so that each failure counts once"
+            )
+            keep = torch.from_numpy(~seen)
+            Xb, yb = Xb[keep], yb[keep]
         check_failures(self._work, Xb, yb, self.device, 1024, self.task)
         return Xb, yb
 

@@ -34,7 +34,7 @@ from torch import nn
 from netmend import api
 from netmend._version import __version__
 from netmend.continual import STATE_FILE, Repairer
-from netmend.data.checks import resolve_device
+from netmend.data.checks import resolve_device, rows_in
 from netmend.data.files import FileData, load_data, load_indices
 from netmend.data.source import as_source
 from netmend.evaluation import split_failures
@@ -323,12 +323,18 @@ class Inputs:
             if self.query is not None:
                 taken[self.query] = True
             else:  # --failures: test rows that are the given failures are not held out
-                taken = _rows_in(self.test.X, self.failures.X)
+                taken = rows_in(self.test.X, self.failures.X)
             self.heldout = np.flatnonzero(wrong & ~taken)
             self.correct = np.flatnonzero(~wrong)
         elif self.test is not None:
             wrong = (predict(model, self.test.X, device) != self.test.y).numpy()
             self.correct = np.flatnonzero(~wrong)
+
+    def not_held_out(self, X: torch.Tensor) -> None:
+        """Take the test rows equal to ``X`` out of the held-out failures: a continual round's
+        earlier failures were repair inputs, not failures the repair never saw."""
+        if self.test is not None and self.heldout is not None and self.heldout.size:
+            self.heldout = self.heldout[~rows_in(self.test.X[self.heldout], X)]
 
     def accuracies(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """Accuracy on the failures and, with a test set, on the test set and its parts."""
@@ -365,16 +371,6 @@ def _recipe_loss(original: dict[str, float], finetune_only: dict[str, float]) ->
         "too: --epochs, --lr and --batch-size should be the model's own training recipe "
         "(netmend fine-tunes at --lr for up to 500 steps), or the model is not converged"
     )
-
-
-def _rows_in(A: torch.Tensor, B: torch.Tensor) -> np.ndarray:
-    """Which rows of ``A`` ``[n, ...]`` are, bit for bit, rows of ``B`` ``[m, ...]``: ``[n]``."""
-    if A.dtype != B.dtype or A.shape[1:] != B.shape[1:] or not len(A) or not len(B):
-        return np.zeros(len(A), dtype=bool)
-    a = np.ascontiguousarray(A.reshape(len(A), -1).numpy())
-    b = np.ascontiguousarray(B.reshape(len(B), -1).numpy())
-    row = np.dtype((np.void, a.dtype.itemsize * a.shape[1]))  # one opaque value per row
-    return np.isin(a.view(row).ravel(), b.view(row).ravel())
 
 
 def _csv(header: list[str], rows: list[list[Any]]) -> str:
@@ -497,6 +493,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         rep = Repairer.load(state_dir, model, (train.X, train.y), **repairer_kw)
         repaired = rep.observe((fails.X, fails.y))
+        data.not_held_out(rep.failures[0])  # every round's failures, not only this one's
         scores, causes, fisher = rep.scores, rep.causes, rep.fisher
         for i, lab in rep.history[-1]["relabelled"]:
             record.setdefault("suggested", {})[i] = lab

@@ -8,6 +8,7 @@ with a message that says what to do. Validation raises :class:`ValueError` /
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from netmend.data.source import SourceLike, as_source
@@ -44,6 +45,19 @@ def as_tensors(
     if not isinstance(X, torch.Tensor):
         raise TypeError(f"{name}: inputs must be one tensor here; got {type(X).__name__}")
     return X, src.labels
+
+
+def rows_in(A: torch.Tensor, B: torch.Tensor) -> np.ndarray:
+    """Which rows of ``A`` ``[n, ...]`` are, bit for bit, rows of ``B`` ``[m, ...]``: ``[n]`` bool.
+
+    Rows of another dtype or shape never match. One hashable value per row (no Python loop).
+    """
+    if A.dtype != B.dtype or A.shape[1:] != B.shape[1:] or not len(A) or not len(B):
+        return np.zeros(len(A), dtype=bool)
+    a = np.ascontiguousarray(A.detach().cpu().reshape(len(A), -1).numpy())
+    b = np.ascontiguousarray(B.detach().cpu().reshape(len(B), -1).numpy())
+    row = np.dtype((np.void, a.dtype.itemsize * a.shape[1]))  # one opaque value per row
+    return np.isin(a.view(row).ravel(), b.view(row).ravel())
 
 
 def check_labels(y: torch.Tensor, num_classes: int, name: str) -> None:
