@@ -214,6 +214,10 @@ def test_csv(tmp_path, capsys):
     )
     np.testing.assert_allclose(s2 - s, new.scores, rtol=1e-6, atol=1e-9)  # fmt: skip
     assert len(_read_csv(out / "culprits.csv")) == 5 * len(later)
+    # the round says which it is, and its controls are its own warm-started call
+    html = (out / "report.html").read_text()
+    assert f"Continual repair, round 2: {len(later)} new failures" in html
+    assert "this round&#x27;s own treatment call" in html or "this round's own treatment" in html
     # the same failures twice would count them twice: refused
     code, _, err = _run([*argv[:-8], "--resume", str(out), *RECIPE_ARGS, "--failures",
                          str(tmp_path / "fail2.csv")], capsys)  # fmt: skip

@@ -451,3 +451,30 @@ def test_a_failure_observed_before_counts_once(problem):
     other = torch.tensor([next(c for c in range(3) if c not in (int(yf[0]), int(wrong[0])))])
     r.observe((Xf[:1], other))
     assert r.history[-1]["new_failures"] == 1
+
+
+def test_control_repeats_the_rounds_own_call_with_only_the_causes_changed(problem):
+    """A warm round starts from the previous model, runs a fraction of the first round's
+    steps and mixes: its controls must be that call, not a fresh fine-tune of the original
+    (the CLI's were, found by an outside-in trial). Given the round's own causes, the
+    control call rebuilds the round's model exactly."""
+    _, _, (Xf, yf), _ = problem
+    r = _repairer(problem, k=10)
+    with pytest.raises(ValueError, match="no treatment call to repeat"):
+        r.control(np.arange(3))
+    r.observe((Xf[:6], yf[:6]))
+    first = r.model
+    r.observe((Xf[6:12], yf[6:12]))
+    assert r.warm_start and r.mix < 1  # a warm, mixed round
+
+    def params(m):
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    assert torch.equal(params(r.control(r.causes)), params(r.model))
+    none = r.control(np.zeros(0, dtype=np.int64))
+    assert not torch.equal(params(none), params(r.model))
+    # warm: the control starts from the previous round's model, not from the original
+    fresh = netmend.treat(problem[0], problem[1], np.zeros(0, dtype=np.int64), "finetune",
+                          train_config=RECIPE, allow_no_causes=True, device="cpu", progress=False,
+                          seed=r.seed + 1)  # fmt: skip
+    assert (params(none) - params(first)).norm() < (params(none) - params(fresh)).norm()

@@ -255,6 +255,7 @@ class Repairer:
         self._failures_X = empty_x
         self._failures_y = empty_y
         self.causes = np.zeros(0, dtype=np.int64)
+        self._round_call: tuple[nn.Module, int, dict[str, Any]] | None = None
         self.model: nn.Module | None = None
         self.history: list[dict[str, Any]] = []
         self._first_steps: int | None = None
@@ -457,6 +458,7 @@ class Repairer:
             The repaired copy (also :attr:`model`); the model given at construction is untouched.
         """
         Xb, yb = self._check_batch(failures)
+        self._round_call = None  # this round's, once it treats
         t0 = time.perf_counter()
         seconds: dict[str, float] = {}
         if self._before is None:
@@ -560,6 +562,14 @@ class Repairer:
                 start = self.model
                 opts.pop("epochs", None)
                 opts["steps"] = max(1, math.ceil(self.continue_fraction * self._first_steps))
+        # the guard's trials and the round's own call share start, seed and options
+        self._round_call = (start, self.seed + len(self.history), opts)
+        return self._call(causes, record, allow_no_causes=trial)
+
+    def _call(self, causes: np.ndarray, record: dict[str, Any], allow_no_causes: bool) -> nn.Module:
+        """The treatment call of :attr:`_round_call` on ``causes`` (mixed with a warm start)."""
+        assert self._round_call is not None  # set by _treat (internal invariant)
+        start, seed, opts = self._round_call
         treated = api.treat(
             start,
             self._X,
@@ -567,7 +577,7 @@ class Repairer:
             self.treat,
             l2=self._ctx.l2,
             train_config=self.train_config,
-            seed=self.seed + len(self.history),
+            seed=seed,
             device=self.device,
             chunk_size=self.chunk_size,
             progress=self.progress,
@@ -575,13 +585,37 @@ class Repairer:
             failures=(self._failures_X, self._failures_y),
             record=record,
             task=self.task,
-            allow_no_causes=trial,  # the guard's churn trial with guard_data removes nothing
+            allow_no_causes=allow_no_causes,  # the guard's churn trial, the controls
             **opts,
         )
         if start is not self._work and self.mix < 1:
             record["mix"] = self.mix
             return _interpolate(start, treated, self.mix)
         return treated
+
+    @property
+    def controllable(self) -> bool:
+        """Whether :meth:`control` has a round's treatment call to repeat."""
+        return self._round_call is not None
+
+    def control(self, causes: np.ndarray) -> nn.Module:
+        """The last round's treatment call again with only the causes changed: its controls.
+
+        Same start (in a warm round, the previous round's model), length, seed, failures and
+        mixing as the round's own call, so ``control([])`` is the round's fine-tune with
+        nothing removed and ``control(random K)`` its random-K control (see
+        :func:`netmend.evaluation.controls.run_controls`).
+
+        Raises:
+            ValueError: no round has made a treatment call (none observed yet, or the last
+                round selected no causes and kept the model as it was).
+        """
+        if self._round_call is None:
+            raise ValueError(
+                "no treatment call to repeat: the last round made none (observe failures "
+                "first; a round with no causes keeps the previous model)"
+            )
+        return self._call(np.asarray(causes, dtype=np.int64), {}, allow_no_causes=True)
 
     def _set_first_steps(self, kk: int) -> None:
         """The first real round's fine-tune length in optimiser steps (``kk`` causes removed),

@@ -569,8 +569,11 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_controls:
         t0 = time.perf_counter()
         kk = int(causes.size)
+        # a continual round's own call starts from the previous round's model (warm, mixed):
+        # its controls repeat that call, not a fresh fine-tune of the original
+        round_call = continual and rep.controllable
         ctl = run_controls(
-            lambda c: treat_with(c, allow_no_causes=True),
+            rep.control if round_call else (lambda c: treat_with(c, allow_no_causes=True)),
             lambda m: data.accuracies(m, device),
             model,
             len(train),
@@ -584,11 +587,17 @@ def run(args: argparse.Namespace) -> int:
         }
         controls_summary = ctl.as_dict()
         times["controls"] = time.perf_counter() - t0
+        own = f"the repair's own treatment call ({args.treat})"
+        if round_call:
+            own = (
+                f"this round's own treatment call ({args.treat}, continuing from the previous "
+                "round's repaired model as the round does)"
+            )
         control_note = [
-            f"Controls: the repair's own treatment call ({args.treat}) with only the causes "
-            f"changed: none removed ('finetune only') and {kk} random training examples "
-            f"('random causes', mean of {args.draws} seeded draws). A repair earns its keep "
-            "when it beats both on the failures without losing test accuracy."
+            f"Controls: {own} with only the causes changed: none removed ('finetune only') "
+            f"and {kk} random training examples ('random causes', mean of {args.draws} seeded "
+            "draws). A repair earns its keep when it beats both on the failures without "
+            "losing test accuracy."
         ]
         lost = _recipe_loss(accuracies["original"], accuracies["control: finetune only"])
         if lost is not None:
@@ -713,7 +722,11 @@ def run(args: argparse.Namespace) -> int:
         pad_id=args.pad_id if train.kind == "tokens" else None,
         failure_names=data.failure_names,
         settings={k_: v for k_, v in settings.items() if v is not None},
-        notes=[*control_note, *_selection_notes(gate_record, guard_record)],
+        notes=[
+            *_round_note(rep if continual else None),
+            *control_note,
+            *_selection_notes(gate_record, guard_record),
+        ],  # fmt: skip
     )
     write_report(out / "report.html", report)
     times["write"] = time.perf_counter() - t0
@@ -735,6 +748,19 @@ def _check_choices(args: argparse.Namespace) -> None:
             f"--draws {args.draws}: the random-causes control needs at least {MIN_DRAWS} draws "
             f"(a mean and its standard error); pass --draws {MIN_DRAWS} or more, or --no-controls"
         )
+
+
+def _round_note(rep: Repairer | None) -> list[str]:
+    """A continual round says which round it is and how it does on every failure so far."""
+    if rep is None:
+        return []
+    h = rep.history[-1]
+    return [
+        f"Continual repair, round {h['round']}: {h['new_failures']} new failures, "
+        f"{h['failures']} observed in all. The 'failures' column is this round's new ones; on "
+        f"all {h['failures']} the repaired model gets {100 * h['accuracy']['failures']:.1f}% "
+        "right. Held-out failures leave out every round's failures."
+    ]
 
 
 def _selection_notes(gate: dict[str, Any] | None, guard: dict[str, Any] | None) -> list[str]:
