@@ -105,8 +105,22 @@ def _variants(model, train, failures):
     X2[3, 1] += 1e-12
     Xf2 = Xf.clone()
     Xf2[0, 0] += 1e-9
+    swapped = MLP(2, 3, hidden=(8,)).double().eval()  # same parameters, another function
+    swapped.load_state_dict(model.state_dict())
+    swapped.net[2] = torch.nn.Tanh()
+
+    class Scaled(netmend.ClassificationTask):  # same outputs, another task
+        def __init__(self, s: float) -> None:
+            self.s = s
+
+        def inputs(self, x):  # type: ignore[no-untyped-def]
+            return super().inputs(x) * self.s
+
     return [
         ("model", dict(model=moved)),
+        # found by an outside-in trial: neither changes a parameter, both were reused
+        ("model_outputs", dict(model=swapped)),
+        ("task", dict(task=Scaled(1.0))),
         ("train", dict(train=(X, y2))),
         ("train", dict(train=(X2, y))),
         ("failures", dict(failures=(Xf2, yf))),

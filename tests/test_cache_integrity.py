@@ -116,7 +116,7 @@ def test_record_from_another_run_is_not_reused(tmp_path, problem):
     with pytest.raises(nc.CacheRecordError, match="other settings"):
         nc.load_tensors(
             a / "result.call0.safetensors",
-            nc.settings_hash(json.loads((a / "settings.json").read_text())),
+            nc.settings_hash(json.loads((a / "settings.json").read_text())) + "/result.call0",
         )
     with pytest.warns(UserWarning, match="other settings"):
         got = netmend.identify(model, train, failures, "linear", cache_dir=a, l2=1.0, **RUN)
@@ -188,3 +188,42 @@ def test_lock_is_released_when_the_run_ends(tmp_path, problem):
     del res
     gc.collect()
     assert not (tmp_path / ".lock").exists()
+
+
+def test_record_copied_over_another_of_the_same_run_is_not_reused(tmp_path, problem):
+    """Each record's key holds its own name: a record copied over another of the same run
+    (same settings) used to be reused as that one (found by an outside-in trial)."""
+    model, train, failures = problem
+    kw = {**RUN, "k": "auto"}  # the automatic K: a call per half-split, each its own record
+    netmend.identify(model, train, failures, "ewc", cache_dir=tmp_path, **kw)
+    records = sorted(p.name for p in tmp_path.glob("result.call*.safetensors"))
+    assert len(records) >= 2, records
+    gc.collect()
+    (tmp_path / records[0]).write_bytes((tmp_path / records[1]).read_bytes())
+    with pytest.warns(UserWarning, match="as another record"):
+        got = netmend.identify(model, train, failures, "ewc", cache_dir=tmp_path, **kw)
+    ref = netmend.identify(model, train, failures, "ewc", **kw)
+    np.testing.assert_array_equal(got.scores, ref.scores)
+
+
+def test_garbled_settings_and_a_read_only_directory_say_what_to_do(tmp_path, problem, monkeypatch):
+    """Found by an outside-in trial: a flipped byte in settings.json raised a bare
+    UnicodeDecodeError, and a cache_dir without write permission a bare PermissionError."""
+    model, train, failures = problem
+    netmend.identify(model, train, failures, "linear", cache_dir=tmp_path, l2=1.0, **RUN)
+    f = tmp_path / "settings.json"
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] = 0xDD  # not UTF-8
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=r"settings\.json is not valid JSON.*overwrite_cache"):
+        netmend.identify(model, train, failures, "linear", cache_dir=tmp_path, l2=1.0, **RUN)
+    real_open = os.open
+
+    def read_only(path, flags, *a):  # type: ignore[no-untyped-def]
+        if str(path).endswith(".lock") and flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(nc.os, "open", read_only)
+    with pytest.raises(ValueError, match="is not writable .*Pass a writable cache_dir"):
+        netmend.identify(model, train, failures, "linear", cache_dir=tmp_path / "ro", **RUN)

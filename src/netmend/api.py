@@ -236,6 +236,19 @@ def _prepare(
     return work, X, X.labels, classes
 
 
+OUTPUT_ROWS = 8
+"""Training examples whose logits name the model's function in a cache key."""
+
+
+def _outputs_hash(work: nn.Module, X: DataSource, device: torch.device) -> str:
+    """A hash of ``work``'s logits on the first :data:`OUTPUT_ROWS` training examples (read
+    through the task): the function, not only the parameters, for the cache key."""
+    x = X.head(min(OUTPUT_ROWS, len(X))).to(device)
+    with torch.no_grad():
+        z = X.task.logits(X.task.call(work, x))
+    return store.tensor_hash(z.detach().cpu())
+
+
 def _failures(
     failures: DataLike, X: DataSource, classes: int, dtype: torch.dtype, task: Task | None
 ) -> DataSource:
@@ -412,8 +425,9 @@ def identify(
     run = None
     if cache_dir is not None:
         key = store.run_settings(
-            work, X.fingerprint(), Xf.fingerprint(), method, options, l2, seed, fisher
-        )
+            work, X.fingerprint(), Xf.fingerprint(), method, options, l2, seed, fisher,
+            outputs=_outputs_hash(work, X, dev), task=store.task_key(X.task),
+        )  # fmt: skip
         run = store.RunCache(cache_dir, key, overwrite=overwrite_cache)
         fn = cached_method(fn, run)
     with store.activated(run, "setup"):

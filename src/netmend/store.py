@@ -177,6 +177,8 @@ def run_settings(
     l2: float | str,
     seed: int,
     fisher: torch.Tensor | None = None,
+    outputs: str | None = None,
+    task: str | None = None,
 ) -> dict[str, Any]:
     """The settings key of an identification run (what must match for results to be reused).
 
@@ -186,6 +188,12 @@ def run_settings(
             source's ``fingerprint()``).
         method, options, l2, seed: as passed to :func:`netmend.identify`.
         fisher: a precomputed Fisher passed by the user, if any.
+        outputs: a hash of the model's logits on the first training examples. The
+            parameters do not name the function: a swapped activation, a temperature kept as
+            a plain attribute or another ``task=`` change the scores and not
+            :func:`module_hash` (found by an outside-in trial). On another device the
+            logits differ at rounding level, so a cache is not reused across devices.
+        task: the ``task=``'s class and attributes (:func:`task_key`).
     """
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     return {
@@ -200,7 +208,29 @@ def run_settings(
         "train": train if isinstance(train, str) else tensor_hash(*train),
         "failures": failures if isinstance(failures, str) else tensor_hash(*failures),
         "fisher": None if fisher is None else tensor_hash(fisher),
+        "model_outputs": outputs,
+        "task": task,
     }
+
+
+_PLAIN = (bool, int, float, str, np.generic, torch.Tensor, np.ndarray)
+
+
+def task_key(task: Any) -> str:
+    """A task's class and attributes: plain values, tensors and arrays by content, other
+    objects by their type (their ``repr`` may hold a memory address, new in every process)."""
+
+    def plain(v: Any) -> Any:
+        if v is None or isinstance(v, _PLAIN):
+            return jsonable(v)
+        if isinstance(v, Mapping):
+            return {str(k): plain(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return f"<{type(v).__qualname__}>"
+
+    attrs = plain(dict(getattr(task, "__dict__", {})))
+    return f"{type(task).__qualname__}:{json.dumps(attrs, sort_keys=True)}"
 
 
 # ----------------------------------------------------------------------------- atomic files
@@ -336,8 +366,9 @@ def load_tensors(
         )
     if settings is not None and stored != settings:
         raise CacheRecordError(
-            f"{path} was written by a run with other settings (settings hash {stored!r}, this "
-            f"run {settings!r}), e.g. copied from another cache directory; it is not used: {fix}"
+            f"{path} was written by a run with other settings or as another record (key "
+            f"{stored!r}, expected {settings!r}), e.g. copied from another cache directory or "
+            f"over another file; it is not used: {fix}"
         )
     try:
         meta = json.loads(meta_json)
@@ -466,7 +497,7 @@ class RunCache:
             return None
         try:
             return dict(json.loads(f.read_text()))
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as exc:
             raise ValueError(
                 f"{f} is not valid JSON ({exc}); delete {str(self.path)!r} or pass "
                 "overwrite_cache=True"
@@ -515,7 +546,7 @@ class RunCache:
         if not path.exists():
             return False
         try:
-            self._verified[name] = load_tensors(path, self.settings_hash)
+            self._verified[name] = load_tensors(path, self._record_key(name))
         except CacheRecordError as exc:
             # said once, as a warning (a log line as well made the CLI print it twice)
             warn(f"{exc.args[0].split(': delete')[0]}; recomputing it")
@@ -530,7 +561,12 @@ class RunCache:
         """Write the record ``name`` atomically, with its checksum and the settings hash
         (rank 0 only, under ``torch.distributed``; every rank waits for it)."""
         self._verified.pop(name, None)
-        _on_rank0(lambda: save_tensors(self.file(name), tensors, meta, self.settings_hash))
+        _on_rank0(lambda: save_tensors(self.file(name), tensors, meta, self._record_key(name)))
+
+    def _record_key(self, name: str) -> str:
+        """The settings hash and the record's own name, both checksummed: a record copied
+        over another of the same run is not reused either (found by an outside-in trial)."""
+        return f"{self.settings_hash}/{name}"
 
     def load(self, name: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Read the record ``name``: ``(tensors, meta)``, verified.
@@ -541,7 +577,7 @@ class RunCache:
         """
         if name in self._verified:
             return self._verified.pop(name)
-        return load_tensors(self.file(name), self.settings_hash)
+        return load_tensors(self.file(name), self._record_key(name))
 
     def next_label(self, scope: str, desc: str) -> str:
         """A label for the next pass in ``scope``: the scope, a per-scope counter and ``desc``."""
@@ -622,6 +658,12 @@ def _acquire_lock(path: Path, settings: str) -> None:
     for _ in range(3):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except PermissionError as exc:
+            raise ValueError(
+                f"cache_dir {str(path)!r} is not writable ({exc.strerror}): a run writes its "
+                "lock and records there, even to reuse them. Pass a writable cache_dir (copy "
+                "the cache there to reuse it)"
+            ) from exc
         except FileExistsError:
             held = _read_lock(lock)
             if held is None:
