@@ -227,3 +227,18 @@ def test_garbled_settings_and_a_read_only_directory_say_what_to_do(tmp_path, pro
     monkeypatch.setattr(nc.os, "open", read_only)
     with pytest.raises(ValueError, match="is not writable .*Pass a writable cache_dir"):
         netmend.identify(model, train, failures, "linear", cache_dir=tmp_path / "ro", **RUN)
+
+
+def test_per_failure_after_the_data_changed_in_place_is_refused_not_cached(tmp_path, problem):
+    """The per-failure pass runs on first access and is saved under the run's settings: on
+    data changed in place since identify() it gave scores that did not match, and later runs
+    on the original data were served them (found by an outside-in trial)."""
+    model, (X, y), failures = problem
+    ref = netmend.identify(model, (X, y), failures, "ewc", **RUN).per_failure
+    Xc = X.clone()
+    r = netmend.identify(model, (Xc, y), failures, "ewc", cache_dir=tmp_path, **RUN)
+    Xc.mul_(2.0)  # e.g. an in-place normalisation
+    with pytest.raises(ValueError, match="changed in place after identify"):
+        _ = r.per_failure
+    again = netmend.identify(model, (X, y), failures, "ewc", cache_dir=tmp_path, **RUN)
+    np.testing.assert_allclose(again.per_failure, ref, rtol=1e-12, atol=0)

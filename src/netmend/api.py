@@ -135,7 +135,9 @@ class Identification:
     def per_failure(self) -> np.ndarray:
         """``[N, M]`` per-failure cause scores (positive = harmful to failure ``i``).
 
-        Computed on first access (one more pass over the training set) and kept.
+        Computed on first access (one more pass over the training set) and kept. That pass
+        reads the training set and the failures as they are then: do not change them in
+        place before (with a ``cache_dir``, a change is detected and refused).
         """
         if self._per_failure is None:
             raise ValueError(f"method {self.method!r} gives no per-failure scores")
@@ -422,10 +424,11 @@ def identify(
             (store.tensor_hash(fm.theta), len(X), len(Xf)), "model and data sizes"
         )
     torch.manual_seed(seed)
-    run = None
+    run, data_fps = None, ("", "")
     if cache_dir is not None:
+        data_fps = (X.fingerprint(), Xf.fingerprint())
         key = store.run_settings(
-            work, X.fingerprint(), Xf.fingerprint(), method, options, l2, seed, fisher,
+            work, *data_fps, method, options, l2, seed, fisher,
             outputs=_outputs_hash(work, X, dev), task=store.task_key(X.task),
         )  # fmt: skip
         run = store.RunCache(cache_dir, key, overwrite=overwrite_cache)
@@ -465,8 +468,11 @@ def identify(
     elif gate or (gate is None and auto):
         causes, info["label_gate"] = gate_causes(work, X, y, causes, dev)
     _warn_emptied_classes(causes, y, info)
+    per_failure = out.per_failure
     if run is not None:
         info["cache"] = run.summary()
+        if callable(per_failure):  # computed later, and saved under this run's settings
+            per_failure = _on_unchanged_data(per_failure, X, Xf, data_fps)
     return Identification(
         method,
         scores,
@@ -474,9 +480,28 @@ def identify(
         time.perf_counter() - t0,
         info,
         ctx.fisher.cpu() if ctx.fisher is not None else None,
-        out.per_failure,
+        per_failure,
         len(Xf),
     )
+
+
+def _on_unchanged_data(
+    fn: Callable[[], np.ndarray], X: DataSource, Xf: DataSource, fps: tuple[str, str]
+) -> Callable[[], np.ndarray]:
+    """``fn`` (a lazy per-failure pass), refused if the data changed in place since the run:
+    its result would not match the scores, and would be saved in the cache under the run's
+    settings, for later runs on the original data (found by an outside-in trial)."""
+
+    def checked() -> np.ndarray:
+        if (X.fingerprint(), Xf.fingerprint()) != fps:
+            raise ValueError(
+                "the training set or the failures were changed in place after identify(): "
+                "per-failure scores computed now would not match its scores (and would be "
+                "saved in cache_dir as that run's). Call identify again on the data as it is"
+            )
+        return fn()
+
+    return checked
 
 
 def _check_fisher(fisher: torch.Tensor | None, fm: FunctionalModel) -> None:
