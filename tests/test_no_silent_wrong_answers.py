@@ -79,12 +79,28 @@ def test_boolean_mask_causes_are_a_mask(blobs, blobs_logreg):
         ([0, 10_000], ValueError, r"in \[0, "),
         ([-1, 2], ValueError, r"in \[0, "),
         ([3, 4, 3], ValueError, "duplicate"),
-        ([], ValueError, "no causes"),
+        ([], ValueError, "no causes.*allow_no_causes=True"),
+        # found by an outside-in trial: a matrix was flattened, a scalar taken as one cause
+        (np.array([[1, 2], [3, 4]]), ValueError, r"1-D list .* shape \(2, 2\)"),
+        (3, ValueError, r"1-D list .* shape \(\)"),
     ],
 )
 def test_bad_causes_are_refused(blobs, blobs_logreg, causes, error, match):
     with pytest.raises(error, match=match):
         netmend.treat(blobs_logreg, _train(blobs), causes, "newton", **RUN)
+
+
+def test_retrain_on_nothing_is_refused(blobs, blobs_logreg):
+    """Causes that cover the whole training set left 'retrain' nothing to fit, and it returned
+    the freshly initialised model at chance accuracy (found by an outside-in trial); finetune
+    already refused."""
+    from netmend.model.training import TrainConfig
+
+    everything = np.ones(len(_train(blobs)[1]), dtype=bool)
+    for name in ("retrain", "finetune"):
+        with pytest.raises(ValueError, match="cover the whole training set"):
+            netmend.treat(blobs_logreg, _train(blobs), everything, name,
+                          train_config=TrainConfig(epochs=2), **RUN)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- options

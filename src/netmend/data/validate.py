@@ -124,9 +124,18 @@ def check_causes(causes: Any, n: int) -> torch.Tensor:
             f"causes must be integer training indices or a boolean mask; got dtype {arr.dtype}. "
             "Scores are not causes: pick them with netmend.identification.select(scores, k)"
         )
-    arr = arr.reshape(-1).astype(np.int64)
+    if arr.ndim != 1:  # a scalar or a matrix is not a list of causes: say so, don't flatten
+        raise ValueError(
+            f"causes must be a 1-D list of training indices or a boolean mask; got shape "
+            f"{arr.shape}"
+        )
+    arr = arr.astype(np.int64)
     if arr.size == 0:
-        raise ValueError("no causes to treat: the identification selected none (try a larger k)")
+        raise ValueError(
+            "no causes to treat (an empty list: the identification selected none, try a larger "
+            "k). To run the treatment with nothing removed, as a control, pass "
+            "allow_no_causes=True"
+        )
     if int(arr.min()) < 0 or int(arr.max()) >= n:
         bad = arr[(arr < 0) | (arr >= n)]
         raise ValueError(

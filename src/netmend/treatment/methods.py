@@ -232,9 +232,11 @@ def retrain(ctx: TreatContext) -> nn.Module:
             "the 'retrain' treatment needs the recipe the model was trained with: pass "
             "train_config=TrainConfig(epochs=..., lr=..., batch_size=..., ...) to treat()/repair()"
         )
+    keep = ctx.keep
+    if not keep.any():  # as finetune: fit() on nothing would return the untrained model
+        raise ValueError("the causes cover the whole training set: nothing is left to retrain on")
     factory = ctx.options.get("model_factory")
     model = factory() if factory is not None else fresh_copy(ctx.model, ctx.seed)
-    keep = ctx.keep
     return fit(
         model,
         ctx.X[keep],
