@@ -215,3 +215,30 @@ def test_available_lists_what_identify_and_treat_accept():
     assert names["treat"] == treatment.available() and "finetune" in names["treat"]
     assert names["research_only"] == sorted(treatment.research_only())
     assert set(names["research_only"]) <= set(names["treat"])
+
+
+def test_results_compare_by_identity_print_short_and_refuse_bad_failure_indices(
+    blobs, bn_model, bn_failures
+):
+    """Found by an outside-in trial: ``result == copy`` raised numpy's 'truth value of an
+    array is ambiguous', ``repr`` dumped every array and the model (10k characters at
+    N = 400), and ``culprits(True)`` / ``culprits(1.5)`` raised numpy's IndexError."""
+    import copy
+
+    kw = dict(identify="ewc", treat="finetune", k=6,
+              train_config=TrainConfig(epochs=1, batch_size=16, lr=0.01), **RUN)  # fmt: skip
+    res = netmend.repair(bn_model, (blobs.X, blobs.y), bn_failures, **kw)
+    ident = res.identification
+    assert ident == ident and ident != copy.deepcopy(ident) and res != copy.deepcopy(res)
+    text = repr(res)
+    assert len(text) < 400 and "method='ewc'" in text and f"examples={len(blobs.y)}" in text
+    assert "causes=6" in repr(ident) and "treatment='finetune'" in text
+    m = ident.per_failure.shape[1]
+    for bad, error in ((True, TypeError), (1.5, TypeError), (m, IndexError), (-m - 1, IndexError)):
+        with pytest.raises(error, match="failure index i"):
+            ident.culprits(bad)
+    last = ident.culprits(-1, 2)  # negative counts from the end, as in Python
+    np.testing.assert_array_equal(last.indices, ident.culprits(m - 1, 2).indices)
+    np.testing.assert_array_equal(
+        ident.culprits(np.int64(1), 2).indices, ident.culprits(torch.tensor(1), 2).indices
+    )

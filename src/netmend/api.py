@@ -28,7 +28,7 @@ from netmend.data import distributed
 from netmend.data.checks import check_labels, resolve_device
 from netmend.data.source import PROBE_ROWS, DataSource, SourceLike, as_source
 from netmend.data.task import Task, tensors_of, tree_map
-from netmend.data.validate import check_causes, check_count, check_k, check_seed
+from netmend.data.validate import check_causes, check_count, check_index, check_k, check_seed
 from netmend.evaluation import FailureSplit, accuracies
 from netmend.evaluation.controls import (
     MAX_CLASS_DROP,
@@ -108,7 +108,7 @@ class Culprits(NamedTuple):
     scores: np.ndarray
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: field-wise == of arrays has no single truth value
 class Identification:
     """Result of :func:`identify`.
 
@@ -130,6 +130,13 @@ class Identification:
     fisher: torch.Tensor | None = None
     _per_failure: np.ndarray | Callable[[], np.ndarray] | None = field(default=None, repr=False)
     _failures: int | None = field(default=None, repr=False)  # M, to check per-failure scores
+
+    def __repr__(self) -> str:
+        return (
+            f"Identification(method={self.method!r}, examples={self.scores.shape[0]}, "
+            f"failures={self._failures}, causes={self.causes.size}, "
+            f"seconds={self.seconds:.3g})"
+        )
 
     @property
     def per_failure(self) -> np.ndarray:
@@ -166,16 +173,14 @@ class Identification:
         """
         n = check_count(n, "n")
         pf = self.per_failure
-        if not -pf.shape[1] <= i < pf.shape[1]:
-            raise IndexError(f"failure index {i} out of range for {pf.shape[1]} failures")
-        col = pf[:, i]
+        col = pf[:, check_index(i, pf.shape[1], "failure index i")]
         n = min(n, col.shape[0])
         top = np.argpartition(-col, n - 1)[:n] if n < col.shape[0] else np.arange(col.shape[0])
         top = top[np.argsort(-col[top], kind="stable")]
         return Culprits(top.astype(np.int64), col[top].astype(np.float64))
 
 
-@dataclass
+@dataclass(eq=False)
 class RepairResult:
     """Result of :func:`repair`.
 
@@ -196,6 +201,16 @@ class RepairResult:
     seconds: dict[str, float]
     treatment_info: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def __repr__(self) -> str:
+        secs = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, (int, float)) else f"{k}=..."
+            for k, v in self.seconds.items()
+        )
+        return (
+            f"RepairResult(model={type(self.model).__name__}, identification="
+            f"{self.identification!r}, treatment={self.treatment!r}, seconds={{{secs}}})"
+        )
 
     @property
     def scores(self) -> np.ndarray:

@@ -171,6 +171,21 @@ def check_count(n: Any, name: str = "n") -> int:
     return v
 
 
+def check_index(i: Any, size: int, name: str = "i") -> int:
+    """An index into ``size`` items (Python, numpy or 0-d torch integer; negative counts from
+    the end, as in Python).
+
+    Raises:
+        TypeError: not an integer (a bool or a float is not an index). IndexError: out of range.
+    """
+    v = _integer(i)
+    if v is None:
+        raise TypeError(f"{name} must be an integer index; got {i!r}")
+    if not -size <= v < size:
+        raise IndexError(f"{name} = {v} is out of range for {size} item(s)")
+    return v
+
+
 # ----------------------------------------------------------------------------- pandas
 
 
