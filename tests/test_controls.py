@@ -229,6 +229,37 @@ def test_retrain_clean_takes_the_recipe_without_the_fine_tunes_own_options(
     )
 
 
+def test_with_controls_refuses_inputs_that_do_not_belong_together(
+    blobs, blobs_logreg, repaired_blobs
+):
+    """Found by an outside-in trial: a split from another test set, a shuffled test set, a
+    split whose indices run past the test set, a training set other than the repair's and a
+    float or mask ``truth`` were accepted (or raised numpy's IndexError), and measured the
+    controls on the wrong examples."""
+    from netmend.evaluation import FailureSplit
+
+    train, (X, y), split, res, _ = repaired_blobs
+    kw = dict(device="cpu")
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="the split does not belong to this model"):
+        netmend.with_controls(blobs_logreg, train, (X[perm], y[perm]), split, res, **kw)
+    swapped = FailureSplit(split.correct[: len(split.query)], split.heldout, split.query)
+    with pytest.raises(ValueError, match="the split does not belong to this model"):
+        netmend.with_controls(blobs_logreg, train, (X, y), swapped, res, **kw)
+    past = FailureSplit(np.append(split.query, len(y) + 3), split.heldout, split.correct)
+    with pytest.raises(ValueError, match=r"split.query holds indices outside"):
+        netmend.with_controls(blobs_logreg, train, (X, y), past, res, **kw)
+    with pytest.raises(ValueError, match="the training set the repair used"):
+        netmend.with_controls(blobs_logreg, (train[0][:-5], train[1][:-5]), (X, y), split, res)
+    with pytest.raises(TypeError, match="integer training indices"):
+        netmend.with_controls(blobs_logreg, train, (X, y), split, res, truth=[3.9, 5.9], **kw)
+    # a boolean mask is a mask (it was read as indices 0 and 1, "398 duplicates")
+    mask = np.zeros(len(train[1]), dtype=bool)
+    mask[blobs.planted] = True
+    out = netmend.with_controls(blobs_logreg, train, (X, y), split, res, truth=mask, **kw)
+    assert out["controls"]["oracle_causes"]["k"] == len(blobs.planted)
+
+
 def test_treat_refuses_no_causes_unless_asked(blobs, blobs_logreg):
     with pytest.raises(ValueError, match="no causes"):
         netmend.treat(blobs_logreg, (blobs.X, blobs.y), [], **RUN)

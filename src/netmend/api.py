@@ -61,7 +61,7 @@ from netmend.model.checks import (
     num_classes_of,
 )
 from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
-from netmend.model.training import TrainConfig
+from netmend.model.training import TrainConfig, predict
 from netmend.treatment.base import check_options as check_treat_options
 from netmend.treatment.guard import guard_k, resolve_guard
 
@@ -916,6 +916,36 @@ def repair(
 
 
 @_public
+def _check_split(model: nn.Module, X: DataSource, split: FailureSplit, dev: torch.device) -> None:
+    """Refuse a split that is not this model's on this test set (indices out of range, or
+    'failures' the model gets right and 'correct' examples it gets wrong): the figures
+    would be measured on the wrong examples (found by an outside-in trial). A few
+    disagreements are allowed, for a split made on another device."""
+    n = len(X)
+    parts = {"query": split.query, "heldout": split.heldout, "correct": split.correct}
+    for name, idx in parts.items():
+        idx = np.asarray(idx)
+        if idx.size and (idx.min() < 0 or idx.max() >= n):
+            raise ValueError(
+                f"split.{name} holds indices outside the test set's [0, {n}): pass the test set "
+                "the split was drawn from"
+            )
+    work = _private_copy(model, dev)
+    Xm = match_dtype(X, param_dtype(work))
+    assert isinstance(Xm, DataSource)  # match_dtype keeps a source a source
+    right = (predict(work, Xm, dev, task=X.task) == X.labels).numpy()
+    failures = np.concatenate([np.asarray(split.query), np.asarray(split.heldout)]).astype(int)
+    off = int(right[failures].sum()) + int((~right[np.asarray(split.correct, dtype=int)]).sum())
+    if off > max(2, 0.01 * (failures.size + len(split.correct))):
+        raise ValueError(
+            f"the split does not belong to this model and test set: the model gets "
+            f"{int(right[failures].sum())} of the split's {failures.size} failures right and "
+            f"{int((~right[np.asarray(split.correct, dtype=int)]).sum())} of its correct examples "
+            "wrong. Pass the original model and the test set the split was drawn from, in the "
+            "same order"
+        )
+
+
 def with_controls(
     model: nn.Module,
     train: DataLike,
@@ -967,6 +997,13 @@ def with_controls(
     classes = int(y.max()) + 1 if len(y) else 0
     train = as_source(train, "train", task)  # read once: every control reuses it
     n_train = len(train)
+    if n_train != len(result.scores):
+        raise ValueError(
+            f"train has {n_train} examples but the repair scored {len(result.scores)}: pass "
+            "the training set the repair used"
+        )
+    _check_split(model, X, split, dev)
+    truth_idx = None if truth is None else check_causes(truth, n_train).numpy()
 
     def measure(m: nn.Module) -> dict[str, Any]:
         work = _private_copy(m, dev)
@@ -1000,7 +1037,7 @@ def with_controls(
         model,
         n_train,
         int(len(result.causes)),
-        truth=None if truth is None else np.asarray(truth, dtype=np.int64).reshape(-1),
+        truth=truth_idx,
         clean_model=clean,
         draws=draws,
         seed=recipe.get("seed", 0) if seed is None else seed,
