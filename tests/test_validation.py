@@ -268,3 +268,15 @@ def test_pair_flip_problem_flips_only_the_paper_pairs():
     assert prob.describe()["flips"] == {"1<->7": 0.4, "6<->9": 0.3}
     with pytest.raises(ValueError, match="unknown flips 'rows'"):
         make_problem(n_train=N_TRAIN, flips="rows")
+
+
+def test_validate_refuses_foreign_ground_truth_and_no_random_removals(problem, gt):
+    """Found by an outside-in trial: ground truth of another problem was scored against when
+    the sizes happened to match, and ``counterfactual_repeats=0`` filled every vs-random
+    figure with NaN (no longer strict JSON)."""
+    other = make_problem(n_train=N_TRAIN, seed=1)
+    with pytest.raises(ValueError, match="gt was not measured on this problem"):
+        validation.validate(["loss"], problem=other, gt=gt, progress=False)
+    with pytest.raises(ValueError, match="counterfactual_repeats must be >= 1"):
+        validation.validate(["loss"], problem=problem, gt=gt, progress=False,
+                            counterfactual_repeats=0)  # fmt: skip

@@ -382,7 +382,8 @@ def identify(
         seed: seeds anything random: an int (``None`` is refused: there is no unseeded
             mode). The caller's global torch RNG is left untouched.
         device: "cpu", "cuda", or "auto" (CUDA when available).
-        chunk_size: examples per batched pass (does not change the scores).
+        chunk_size: examples per batched pass (changes the scores only at float rounding
+            level: sums are taken in another order).
         progress: show progress bars.
         fisher: a precomputed summed diagonal Fisher ``[P]`` (from an earlier result).
         cache_dir: a directory in which to save this run (see :mod:`netmend.store`): the

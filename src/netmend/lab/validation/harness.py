@@ -77,10 +77,16 @@ def validate(
     from netmend import api, identification
 
     check_methods(methods, options)
+    if int(counterfactual_repeats) < 1:
+        raise ValueError(
+            f"counterfactual_repeats must be >= 1 (random removals to compare with); got "
+            f"{counterfactual_repeats}"
+        )
     if problem is None:
         problem = make_problem(seed=seed)
     if gt is None:
         gt = ground_truth(problem, seed=seed, progress=progress)
+    _check_ground_truth(problem, gt)
     labels = list(identification.available() if methods is None else methods)
     options = dict(options or {})
     n_bad = int(problem.corrupted.sum())
@@ -185,3 +191,16 @@ def _curve(
         for n in out["methods"]:
             out["methods"][n].append(cf["sets"][n]["delta_heldout_acc_vs_random"])
     return out
+
+
+def _check_ground_truth(problem: Problem, gt: GroundTruth) -> None:
+    """Refuse ground truth measured on another problem: its sizes, and its base query losses
+    against this problem's model (found by an outside-in trial: with equal sizes it was
+    silently scored against)."""
+    same_size = gt.lds_masks.shape[1] == problem.N and gt.base_loss.shape[0] == len(problem.yq)
+    base = problem.losses(problem.theta[None], problem.Xq, problem.yq)[0].numpy()
+    if not same_size or not np.allclose(base, gt.base_loss, rtol=1e-6, atol=1e-9):
+        raise ValueError(
+            "gt was not measured on this problem (its training-set size, query failures or "
+            "base losses differ): pass the ground_truth(problem, ...) of this problem"
+        )
