@@ -236,6 +236,8 @@ def test_with_controls_refuses_inputs_that_do_not_belong_together(
     split whose indices run past the test set, a training set other than the repair's and a
     float or mask ``truth`` were accepted (or raised numpy's IndexError), and measured the
     controls on the wrong examples."""
+    import copy
+
     from netmend.evaluation import FailureSplit
 
     train, (X, y), split, res, _ = repaired_blobs
@@ -253,6 +255,11 @@ def test_with_controls_refuses_inputs_that_do_not_belong_together(
         netmend.with_controls(blobs_logreg, (train[0][:-5], train[1][:-5]), (X, y), split, res)
     with pytest.raises(TypeError, match="integer training indices"):
         netmend.with_controls(blobs_logreg, train, (X, y), split, res, truth=[3.9, 5.9], **kw)
+    other = copy.deepcopy(blobs_logreg)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match="the repair of another model"):
+        netmend.with_controls(other, train, (X, y), split, res, **kw)
     # a boolean mask is a mask (it was read as indices 0 and 1, "398 duplicates")
     mask = np.zeros(len(train[1]), dtype=bool)
     mask[blobs.planted] = True

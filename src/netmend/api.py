@@ -193,6 +193,8 @@ class RepairResult:
             empty for treatments that record nothing).
         recipe: every keyword argument the :func:`treat` call received besides the model, the
             training set, the causes and the method (what :func:`with_controls` repeats).
+        original: a hash of the model that was repaired (:func:`netmend.store.module_hash`),
+            so that :func:`with_controls` refuses another model.
     """
 
     model: nn.Module
@@ -201,6 +203,7 @@ class RepairResult:
     seconds: dict[str, float]
     treatment_info: dict[str, Any] = field(default_factory=dict)
     recipe: dict[str, Any] = field(default_factory=dict, repr=False)
+    original: str | None = field(default=None, repr=False)  # hash of the model repaired
 
     def __repr__(self) -> str:
         secs = ", ".join(
@@ -913,10 +916,10 @@ def repair(
         {"identify": ident.seconds, "treat": time.perf_counter() - t0},
         record,
         recipe,
+        store.module_hash(model),
     )
 
 
-@_public
 def _check_split(model: nn.Module, X: DataSource, split: FailureSplit, dev: torch.device) -> None:
     """Refuse a split that is not this model's on this test set (indices out of range, or
     'failures' the model gets right and 'correct' examples it gets wrong): the figures
@@ -947,6 +950,7 @@ def _check_split(model: nn.Module, X: DataSource, split: FailureSplit, dev: torc
         )
 
 
+@_public
 def with_controls(
     model: nn.Module,
     train: DataLike,
@@ -998,6 +1002,11 @@ def with_controls(
     classes = int(y.max()) + 1 if len(y) else 0
     train = as_source(train, "train", task)  # read once: every control reuses it
     n_train = len(train)
+    if result.original is not None and store.module_hash(model) != result.original:
+        raise ValueError(
+            "result is the repair of another model (its parameters differ from model's): pass "
+            "the model that netmend.repair repaired"
+        )
     if n_train != len(result.scores):
         raise ValueError(
             f"train has {n_train} examples but the repair scored {len(result.scores)}: pass "
