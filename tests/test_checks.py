@@ -295,3 +295,13 @@ def test_cuda_requested_without_cuda(setup, device):
         netmend.treat(model, train, [0], device=device, progress=False)
     with pytest.raises(ValueError, match=msg):
         netmend.evaluate(model, train, device=device)
+
+
+def test_a_negative_seed_is_refused_up_front(setup):
+    """numpy's generators refuse negative seeds; the error came from deep inside a run
+    (numpy's '_coerce_to_uint32_array'), after the identification (found by an outside-in
+    trial)."""
+    model, (X, y), fail = setup
+    for call in (netmend.identify, netmend.repair):
+        with pytest.raises(ValueError, match="seed must be a whole number >= 0; got -1"):
+            call(model, (X, y), fail, seed=-1, **RUN)

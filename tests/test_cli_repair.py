@@ -553,3 +553,28 @@ def test_given_failures_are_not_held_out_and_a_recipe_loss_warns(tmp_path, capsy
     assert again["data"]["heldout_test_indices"] == later
     assert _recipe_loss({"test": 0.95}, {"test": 0.945}) is None
     assert "loses 10.0 test points" in _recipe_loss({"test": 0.95}, {"test": 0.85})
+
+
+def test_a_negative_seed_is_refused_before_any_work(tmp_path, capsys):
+    """It failed after the identification, with 'expected non-negative integer' and no flag
+    named, leaving a cache behind (found by an outside-in trial)."""
+    X, y = _blobs(40, 4, seed=4)
+    np.savez(tmp_path / "train.npz", X=X, y=y)
+    np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
+    argv = [
+        "--model",
+        "_cli_models:tabular_net",
+        "--train",
+        str(tmp_path / "train.npz"),
+        "--failures",
+        str(tmp_path / "fail.npz"),
+        "--seed",
+        "-1",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(SystemExit) as exit_:
+        _run(argv, capsys)
+    assert exit_.value.code == 2
+    assert "argument --seed: a seed is a whole number >= 0, not -1" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -17,6 +17,7 @@ from typing import Any
 
 from netmend._version import __version__
 from netmend.data import distributed
+from netmend.data.validate import seed_argument
 from netmend.store import write_json_atomic
 
 
@@ -208,7 +209,9 @@ def main(argv: list[str] | None = None) -> int:
         "(1<->7 with probability 0.4, 6<->9 with 0.3)",
     )
     v.add_argument("--methods", help="comma-separated method names (default: all registered)")
-    v.add_argument("--seed", type=_seed, default=0, help="seed of everything random (default 0)")
+    v.add_argument(
+        "--seed", type=seed_argument, default=0, help="seed of everything random (default 0)"
+    )
     v.add_argument("--n-train", type=int, help="subsample the training set (--quick: 300)")
     v.add_argument("--n-loo", type=int, help="examples with an exact LOO refit (default all)")
     v.add_argument("--subsets", type=int, help="random subsets for the LDS (default 100)")
@@ -244,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         help="e.g. ewc/finetune or knn_shapley[embed=input]/relabel",
     )
     b.add_argument("--references", nargs="*", metavar="REF", help="original retrain-clean cleanlab")
-    b.add_argument("--seeds", nargs="+", type=_seed, metavar="S", help="one run per seed")
+    b.add_argument("--seeds", nargs="+", type=seed_argument, metavar="S", help="one run per seed")
     b.add_argument("--out", metavar="DIR", default="bench-out", help="output folder")
     b.add_argument(
         "--cv-folds", type=int, metavar="K", help="cleanlab's cross-validation folds (5)"
@@ -308,17 +311,6 @@ def _as_flags(message: str) -> str:
     for python, flag in _FLAGS:
         message = message.replace(python, flag)
     return message
-
-
-def _seed(text: str) -> int:
-    """A seed: a whole number >= 0 (numpy's generators refuse negative ones)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a seed is a whole number >= 0, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a seed is a whole number >= 0, not {value}")
-    return value
 
 
 def _import_plugins(modules: list[str], command: str) -> int:

@@ -37,6 +37,7 @@ from netmend.continual import STATE_FILE, Repairer
 from netmend.data.checks import resolve_device, rows_in
 from netmend.data.files import FileData, load_data, load_indices
 from netmend.data.source import as_source
+from netmend.data.validate import seed_argument
 from netmend.evaluation import split_failures
 from netmend.evaluation.controls import MIN_DRAWS, run_controls
 from netmend.model.functional import match_dtype, param_dtype
@@ -854,7 +855,7 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--identify", default=api.DEFAULT_IDENTIFY, help="identification method")
     r.add_argument("--treat", default=api.DEFAULT_TREAT, help="treatment")
     r.add_argument("--k", help="causes: an int, a fraction, 'positive' or 'auto' (default)")
-    r.add_argument("--seed", type=int, default=0, help="seed of everything random (0)")
+    r.add_argument("--seed", type=seed_argument, default=0, help="seed of everything random (0)")
     r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     r.add_argument("--chunk-size", type=int, default=128, help="examples per batched pass")
     r.add_argument("--epochs", type=float, default=3.0, help="epochs the model trained for (3)")

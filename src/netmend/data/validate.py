@@ -7,6 +7,7 @@ pandas is never imported here: a pandas object is recognised by its type's modul
 
 from __future__ import annotations
 
+import argparse
 import numbers
 from typing import Any
 
@@ -37,7 +38,7 @@ def check_seed(seed: Any) -> int:
     the wrong one for the caller.
 
     Raises:
-        TypeError: ``seed`` is not an integer.
+        TypeError: ``seed`` is not an integer. ValueError: a negative seed.
     """
     s = _integer(seed)
     if s is None:
@@ -46,7 +47,20 @@ def check_seed(seed: Any) -> int:
             "Pass seed=0 for the default, or e.g. seed=secrets.randbits(32) for a fresh draw "
             "(and keep it to reproduce the run)."
         )
+    if s < 0:  # numpy's generators refuse them, deep inside a run
+        raise ValueError(f"seed must be a whole number >= 0; got {s}")
     return s
+
+
+def seed_argument(text: str) -> int:
+    """A command-line seed: a whole number >= 0 (numpy's generators refuse negative ones)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number >= 0, not {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number >= 0, not {value}")
+    return value
 
 
 def check_k(k: Any, n: int) -> Any:
