@@ -371,6 +371,20 @@ def test_interrupt_says_how_to_continue_and_missing_weights_warn(tmp_path, capsy
     assert code == 130 and "Traceback" not in err
     assert f"--resume {out}" in err
     assert "no --weights" in err  # the factory's own (random) parameters are repaired
+    # warnings are said as the CLI's own, once each, in flags: not Python's format, which
+    # pointed at the console script's sys.exit(main()) line (found by an outside-in trial)
+    import warnings
+
+    def twice() -> int:
+        for _ in range(2):
+            warnings.warn("delete it, or pass overwrite_cache=True", UserWarning, 2)
+        return 0
+
+    monkeypatch.setattr(netmend.cli, "_dispatch", lambda args: twice())
+    code, _, err = _run(argv, capsys)
+    assert code == 0 and "UserWarning" not in err
+    lines = [line for line in err.splitlines() if "delete it" in line]
+    assert lines == ["netmend repair: warning: delete it, or pass --overwrite"], lines
 
 
 def test_library_advice_is_said_in_flags(capsys):
