@@ -592,3 +592,30 @@ def test_a_negative_seed_is_refused_before_any_work(tmp_path, capsys):
     assert exit_.value.code == 2
     assert "argument --seed: a seed is a whole number >= 0, not -1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_research_only_treatments_are_marked_and_a_copied_test_set_is_no_guard_data(
+    tmp_path, capsys
+):
+    """Found by an outside-in trial: a research-only treatment was flagged only by a warning
+    (summary.json and report.html said nothing), the flags that shape a run were missing from
+    summary.json, and --guard-data that was the --test file under another name was taken."""
+    X, y = _blobs(120, 4, seed=5, noise=0.2)
+    Xt = torch.from_numpy(X).double()
+    _train(_cli_models.tabular_net, Xt[:80], torch.from_numpy(y[:80]), tmp_path / "w.safetensors")
+    np.savez(tmp_path / "train.npz", X=X[:80], y=y[:80])
+    np.savez(tmp_path / "test.npz", X=X[80:], y=y[80:])
+    np.savez(tmp_path / "copy.npz", X=X[80:], y=y[80:])
+    base = ["--model", "_cli_models:tabular_net", "--weights", str(tmp_path / "w.safetensors"),
+            "--train", str(tmp_path / "train.npz"), "--test", str(tmp_path / "test.npz"),
+            "--failure-indices", "auto", "--no-controls", *RECIPE_ARGS]  # fmt: skip
+    code, _, err = _run([*base, "--treat", "newton", "--k", "5", "--out", str(tmp_path / "n")],
+                        capsys)  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((tmp_path / "n" / "summary.json").read_text())
+    assert summary["research_only"].startswith("one-step Newton deletion")
+    assert {"no_gate", "no_guard", "controls", "draws"} <= set(summary["settings"])
+    assert "Research-only treatment" in (tmp_path / "n" / "report.html").read_text()
+    code, _, err = _run([*base, "--guard-data", str(tmp_path / "copy.npz"), "--out",
+                         str(tmp_path / "g")], capsys)  # fmt: skip
+    assert code == 2 and "same examples as the --test file" in err and "Traceback" not in err

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from netmend import api
+from netmend import api, treatment
 from netmend._version import __version__
 from netmend.continual import STATE_FILE, Repairer
 from netmend.data.checks import resolve_device, rows_in
@@ -298,6 +298,14 @@ class Inputs:
                 raise BadInput(f"--guard-data needs --treat finetune, not {args.treat!r}")
             self.guard_data = _load(args.guard_data, args, self.train, "guard data")
             self.guard_data.X = _as_dtype(self.guard_data.X, dt)
+            # by content, not by path: a copy of --test (or --train) under another name
+            for flag, other in (("--train", self.train), ("--test", self.test)):
+                if other is not None and _same_content(self.guard_data, other):
+                    raise BadInput(
+                        f"--guard-data holds the same examples as the {flag} file: the guard "
+                        "must measure on labelled data the model never trained on, and that "
+                        "the test figures do not judge; pass a separate validation split"
+                    )
         if args.failure_indices is not None:
             if self.test is None:
                 raise BadInput("--failure-indices needs --test (the set the indices point into)")
@@ -372,6 +380,13 @@ def _recipe_loss(original: dict[str, float], finetune_only: dict[str, float]) ->
         "too: --epochs, --lr and --batch-size should be the model's own training recipe "
         "(netmend fine-tunes at --lr for up to 500 steps), or the model is not converged"
     )
+
+
+def _same_content(a: FileData, b: FileData) -> bool:
+    """Whether two data files hold the same examples (inputs and labels, in any dtype)."""
+    if len(a) != len(b) or a.X.shape[1:] != b.X.shape[1:]:
+        return False
+    return bool(torch.equal(a.y, b.y) and torch.equal(a.X, b.X.to(a.X.dtype)))
 
 
 def _csv(header: list[str], rows: list[list[Any]]) -> str:
@@ -661,7 +676,12 @@ def run(args: argparse.Namespace) -> int:
         "device": str(device),
         "chunk_size": args.chunk_size,
         "train_config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
+        "no_gate": args.no_gate,
+        "no_guard": args.no_guard,
+        "controls": not args.no_controls,
+        "draws": args.draws,
     }
+    research = treatment.research_only().get(args.treat)
     selection = rep.history[-1]["selection"] if continual else {**ident.info, **record}
     gate_record: dict[str, Any] | None = selection.get("label_gate")
     guard_record: dict[str, Any] | None = selection.get("guard")
@@ -684,6 +704,7 @@ def run(args: argparse.Namespace) -> int:
             "heldout_test_indices": None if data.heldout is None else data.heldout.tolist(),
         },
         "causes": int(causes.size),
+        "research_only": research,  # why the treatment is research-only, or null
         "auto_k": rep.history[-1]["selection"] if continual else ident.info.get("auto_k"),
         "label_gate": gate_record,
         "guard": guard_record,
@@ -724,6 +745,7 @@ def run(args: argparse.Namespace) -> int:
         failure_names=data.failure_names,
         settings={k_: v for k_, v in settings.items() if v is not None},
         notes=[
+            *([f"Research-only treatment '{args.treat}': {research}."] if research else []),
             *_round_note(rep if continual else None),
             *control_note,
             *_selection_notes(gate_record, guard_record),
@@ -733,6 +755,11 @@ def run(args: argparse.Namespace) -> int:
     times["write"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
     write_json_atomic(out / "summary.json", summary)
+    if guard_record and guard_record.get("k", 0) < guard_record.get("k_start", 0):
+        print(
+            f"The class guard cut K from {guard_record['k_start']} to {guard_record['k']} "
+            "(a class fell too far in its trial fine-tune; report.html says which)."
+        )
     _print_summary(accuracies, causes.size, out)
     return 0
 
@@ -841,7 +868,8 @@ def add_parser(sub: Any) -> None:
     r.add_argument(
         "--guard-data",
         help="a labelled validation split the model never trained on (same formats): the class "
-        "guard measures its trial repairs there instead of on a slice of the training set",
+        "guard measures its trial repairs there instead of on a slice of the training set; "
+        "with it the guard also runs for a fixed --k, and may cut it",
     )
     r.add_argument(
         "--failure-indices",
