@@ -619,3 +619,39 @@ def test_research_only_treatments_are_marked_and_a_copied_test_set_is_no_guard_d
     code, _, err = _run([*base, "--guard-data", str(tmp_path / "copy.npz"), "--out",
                          str(tmp_path / "g")], capsys)  # fmt: skip
     assert code == 2 and "same examples as the --test file" in err and "Traceback" not in err
+
+
+def test_method_options_in_brackets_reach_the_methods(tmp_path, capsys):
+    """``--identify 'trak[proj_dim=8]'`` was refused as an unknown method, so no method option
+    could be set from the command line, and ``--identify tracin`` silently gave grad_dot's
+    ranking (found by an outside-in trial). The bracket syntax is netmend bench's; a misspelt
+    option is refused before any pass."""
+    X, y = _blobs(120, 4, seed=5, noise=0.2)
+    Xt = torch.from_numpy(X).double()
+    model = _train(_cli_models.tabular_net, Xt[:80], torch.from_numpy(y[:80]),
+                   tmp_path / "w.safetensors")  # fmt: skip
+    np.savez(tmp_path / "train.npz", X=X[:80], y=y[:80])
+    wrong = np.flatnonzero(predict(model, Xt[80:]).numpy() != y[80:])
+    np.savez(tmp_path / "fail.npz", X=X[80:][wrong], y=y[80:][wrong])
+    base = ["--model", "_cli_models:tabular_net", "--weights", str(tmp_path / "w.safetensors"),
+            "--train", str(tmp_path / "train.npz"), "--failures", str(tmp_path / "fail.npz"),
+            "--no-controls", "--k", "5", *RECIPE_ARGS]  # fmt: skip
+    out = tmp_path / "t"
+    code, _, err = _run([*base, "--identify", "trak[proj_dim=8,projection=gaussian]",
+                         "--treat", "finetune[steps=7]", "--out", str(out)], capsys)  # fmt: skip
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["identify"] == "trak"
+    assert summary["settings"]["identify_options"] == {"proj_dim": 8, "projection": "gaussian"}
+    assert summary["settings"]["treat_options"] == {"steps": 7}
+    fails = (torch.from_numpy(X[80:][wrong]).float(), torch.from_numpy(y[80:][wrong]))
+    ref = netmend.identify(model, (Xt[:80].float(), torch.from_numpy(y[:80])), fails, "trak",
+                           k=5, proj_dim=8, projection="gaussian", progress=False,
+                           device="cpu")  # fmt: skip
+    got = np.array([float(r["score"]) for r in _read_csv(out / "scores.csv")])
+    np.testing.assert_allclose(got, ref.scores, rtol=1e-6, atol=1e-9)
+    code, _, err = _run([*base, "--identify", "trak[proj_dims=8]", "--out", str(tmp_path / "u")],
+                        capsys)  # fmt: skip
+    assert code == 2 and "proj_dims" in err and "proj_dim" in err and not (tmp_path / "u").exists()
+    code, _, err = _run([*base, "--identify", "tracin", "--out", str(tmp_path / "c")], capsys)
+    assert code == 0 and "ranks the training set as grad_dot does" in err

@@ -477,6 +477,8 @@ def run(args: argparse.Namespace) -> int:
         gate=False if args.no_gate else None,
         guard=False if args.no_guard else None,
         guard_data=None if data.guard_data is None else (data.guard_data.X, data.guard_data.y),
+        identify_options=args.identify_options,
+        treat_options=args.treat_options,
         **common,
     )
     record: dict[str, Any] = {}
@@ -495,6 +497,7 @@ def run(args: argparse.Namespace) -> int:
             fisher=fisher,
             failures=(fails.X, fails.y),
             theta_plus_f=theta_plus_f,
+            **args.treat_options,
             **extra,
             **common,
         )
@@ -531,6 +534,7 @@ def run(args: argparse.Namespace) -> int:
             cache_dir=out / "cache",
             overwrite_cache=args.resume is None,
             gate=False if args.no_gate else None,
+            **args.identify_options,
             **common,
         )
         times["identify"] = time.perf_counter() - t0
@@ -670,7 +674,9 @@ def run(args: argparse.Namespace) -> int:
         "guard_data": args.guard_data,
         "failure_indices": args.failure_indices,
         "identify": args.identify,
+        "identify_options": args.identify_options or None,
         "treat": args.treat,
+        "treat_options": args.treat_options or None,
         "k": k,  # parsed: 50, 0.1, "auto", "positive" or null (the automatic K)
         "seed": args.seed,
         "device": str(device),
@@ -768,9 +774,15 @@ def _check_choices(args: argparse.Namespace) -> None:
     """Refuse misspelt method names, their options and too few control draws before any data
     is read or pass is run (docs/safety.md: options are checked before the identification)."""
     from netmend import identification, treatment
+    from netmend.lab.bench import parse_step
 
+    # METHOD[opt=value,...], as netmend bench takes them: the method's own options
+    args.identify, args.identify_options = parse_step(args.identify)
+    args.treat, args.treat_options = parse_step(args.treat)
     identification.get(args.identify)  # ValueError with "did you mean ...?"
     treatment.get(args.treat)
+    identification.base.check_options(args.identify, args.identify_options)
+    treatment.base.check_options(args.treat, args.treat_options)
     if not args.no_controls and args.draws < MIN_DRAWS:
         raise BadInput(
             f"--draws {args.draws}: the random-causes control needs at least {MIN_DRAWS} draws "
@@ -880,8 +892,20 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--label-column", default="label", help="label column of CSV files")
     r.add_argument("--pad-id", type=int, default=0, help="padding id of JSONL token ids (0)")
     r.add_argument("--vocab", help="a text file of tokens, one per line (id = line number)")
-    r.add_argument("--identify", default=api.DEFAULT_IDENTIFY, help="identification method")
-    r.add_argument("--treat", default=api.DEFAULT_TREAT, help="treatment")
+    r.add_argument(
+        "--identify",
+        default=api.DEFAULT_IDENTIFY,
+        metavar="METHOD[opt=value,...]",
+        help=f"identification method, with its options in brackets, e.g. 'trak[proj_dim=512]' "
+        f"(default {api.DEFAULT_IDENTIFY}; netmend.available() lists them)",
+    )
+    r.add_argument(
+        "--treat",
+        default=api.DEFAULT_TREAT,
+        metavar="METHOD[opt=value,...]",
+        help=f"treatment, with its options in brackets, e.g. 'finetune[steps=200]' (default "
+        f"{api.DEFAULT_TREAT})",
+    )
     r.add_argument("--k", help="causes: an int, a fraction, 'positive' or 'auto' (default)")
     r.add_argument("--seed", type=seed_argument, default=0, help="seed of everything random (0)")
     r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from netmend._warnings import warn
 from netmend.identification.base import Context, MethodOutput, NegDot, grad_rows, register
 from netmend.identification.influence import (
     check_options,
@@ -98,6 +99,12 @@ def tracin(ctx: Context) -> MethodOutput:
     """
     check_options(ctx, TRACIN_OPTIONS, "tracin")
     target = option_target(ctx, "tracin")
+    if not ctx.options.get("checkpoints"):
+        warn(
+            "tracin without checkpoints scores the final model alone, which ranks the "
+            "training set as grad_dot does: pass checkpoints=[state_dict, ...] saved during "
+            "training for TracIn proper"
+        )
     thetas = checkpoint_thetas(ctx, ctx.options.get("checkpoints"))
     lrs = checkpoint_lrs(ctx.options.get("lrs"), len(thetas))
     if target == "failures" and ctx.N * len(ctx.Xq) <= EAGER_PER_FAILURE:
