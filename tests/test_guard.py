@@ -392,3 +392,17 @@ def test_no_halvings_tries_the_automatic_k_only() -> None:
         g = guard.guard_k(lambda c: Rule(collapse=True), Rule(), as_source((X, y), "t"),
                           np.arange(64), 0, "cpu", max_halvings=0)  # fmt: skip
     assert [t["k"] for t in g.tries] == [64] and not g.passed
+
+
+def test_resolve_guard_takes_only_booleans() -> None:
+    """``guard="no"`` was accepted as truthy, i.e. on (found by an outside-in trial; the bench
+    had the same bug once, GUARD_VALUES)."""
+    from netmend.treatment.guard import resolve_guard
+
+    for bad in ("no", "yes", 1, 0.0):
+        with pytest.raises(TypeError, match="guard must be True, False or None"):
+            resolve_guard(bad, False, True, "finetune")  # type: ignore[arg-type]
+    assert resolve_guard(np.bool_(False), False, True, "finetune") is False
+    assert resolve_guard(None, False, True, "finetune") is True
+    with pytest.raises(ValueError, match="drop it or pass guard=True"):
+        resolve_guard(np.bool_(False), True, True, "finetune")

@@ -139,8 +139,12 @@ def resolve_guard(guard: bool | None, with_data: bool, auto_k: bool, treat: str)
     (``with_data``) or with the automatic K (``auto_k``) and the "finetune" treatment.
 
     Raises:
+        TypeError: ``guard`` is not a bool or None.
         ValueError: ``guard_data`` with ``guard=False``, or a guard with another treatment.
     """
+    if guard is not None and not isinstance(guard, (bool, np.bool_)):  # "no" is truthy
+        raise TypeError(f"guard must be True, False or None (the default); got {guard!r}")
+    guard = None if guard is None else bool(guard)
     if with_data and guard is False:
         raise ValueError("guard_data is read only by the class guard: drop it or pass guard=True")
     if guard is None:
