@@ -197,3 +197,22 @@ def test_the_demo_does_not_warn_about_the_research_treatments_it_shows():
         with demo._research_shown_quietly():
             warnings.warn("treatment 'newton' is research-only: ...", UserWarning, stacklevel=1)
     assert demo._research_shown() == ["newton", "ewc"]
+
+
+def test_demo_table_keeps_wide_mean_and_se_figures_apart():
+    """The random-K row's mean±s.e. figures ran into each other ('79.99±1.2318.37±16.63') in
+    a quick run's table (found by an outside-in trial)."""
+    import copy
+    import json
+    from pathlib import Path
+
+    stored = json.loads((Path(__file__).parents[1] / "benchmarks/demo_seeds.json").read_text())
+    result = copy.deepcopy(stored["seeds"][0])
+    rk = result["runs"][0]["controls"]["random_k"]
+    rk.update(test_acc=0.7999, test_acc_se=0.0123, heldout_failure_acc=0.1837,
+              heldout_failure_acc_se=0.1663)  # fmt: skip
+    lines = demo.table(result).splitlines()
+    row = next(line for line in lines if line.lstrip().startswith("random-K"))
+    assert "79.99±1.23 " in row and " 18.37±16.63" in row, row
+    head = lines[0]
+    assert row.index("79.99±1.23") + len("79.99±1.23") == head.index("test") + len("test")

@@ -273,15 +273,15 @@ def _pm(mean: float | None, se: float | None) -> str:
 def table(result: dict[str, Any]) -> str:
     """The demo's figures as a fixed-width text table: each pipeline, then its controls."""
     head = (
-        f"{'pipeline':<26}{'K':>6}{'prec':>7}{'test':>8}{'heldout F':>11}{'query F':>9}"
+        f"{'pipeline':<26}{'K':>6}{'prec':>7}{'test':>13}{'heldout F':>13}{'query F':>9}"
         f"{'correct':>9}{'gain F vs rand':>16}{'gain test':>12}{'Pareto':>8}"
     )
     lines = [head, "-" * len(head)]
 
     def row(name: str, k: Any, prec: str, r: dict[str, Any], tail: str = "") -> str:
         return (
-            f"{name:<26}{k:>6}{prec:>7}{_pct(r.get('test_acc')):>8}"
-            f"{_pct(r.get('heldout_failure_acc')):>11}{_pct(r.get('query_failure_acc')):>9}"
+            f"{name:<26}{k:>6}{prec:>7}{_pct(r.get('test_acc')):>13}"
+            f"{_pct(r.get('heldout_failure_acc')):>13}{_pct(r.get('query_failure_acc')):>9}"
             f"{_pct(r.get('correct_acc')):>9}{tail}"
         )
 
@@ -299,8 +299,9 @@ def table(result: dict[str, Any]) -> str:
             lines.append(row("  finetune-only", 0, "", c["finetune_only"]))
         rk_name = f"  random-K ({rk['draws']} draws)"
         lines.append(
-            f"{rk_name:<26}{c['k']:>6}{'':>7}{_pm(rk['test_acc'], rk['test_acc_se'])[1:]:>8}"
-            f"{_pm(rk['heldout_failure_acc'], rk['heldout_failure_acc_se'])[1:]:>11}"
+            # mean±s.e. is wider than a plain figure: columns wide enough for 100.00±10.00
+            f"{rk_name:<26}{c['k']:>6}{'':>7}{_pm(rk['test_acc'], rk['test_acc_se'])[1:]:>13}"
+            f"{_pm(rk['heldout_failure_acc'], rk['heldout_failure_acc_se'])[1:]:>13}"
             f"{_pct(rk['query_failure_acc']):>9}{_pct(rk['correct_acc']):>9}"
         )
         if c.get("oracle_causes") is not None:
