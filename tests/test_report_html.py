@@ -125,3 +125,33 @@ def test_demo_writes_a_report(monkeypatch, tmp_path, capsys):
     top = ident.culprits(0, 5)
     assert [c["i"] for c in first["culprits"]] == top.indices.tolist()
     assert "report written to" in capsys.readouterr().out
+
+
+def test_demo_report_shows_the_defaults_controls(tmp_path):
+    """The demo report's table is titled 'with controls' but held none, and its note named
+    rows that were not there ('random/finetune', 'oracle_clean') (found by an outside-in
+    trial)."""
+    import json
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from netmend.evaluation import FailureSplit
+    from netmend.report.html import demo_report
+
+    stored = json.loads((Path(__file__).parents[1] / "benchmarks/demo_seeds.json").read_text())
+    result = stored["seeds"][0]
+    g = torch.Generator().manual_seed(0)
+    train = SimpleNamespace(X=torch.rand(20, 1, 28, 28, generator=g), y=torch.arange(20) % 10)
+    test = SimpleNamespace(X=torch.rand(6, 1, 28, 28, generator=g), y=torch.arange(6) % 10)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)).eval()
+    split = FailureSplit(np.arange(3), np.arange(3, 5), np.arange(5, 6))
+    ident = SimpleNamespace(scores=np.linspace(1, -1, 20), causes=np.arange(4))
+    artifacts = {
+        "split": split, "test": test, "identification": ident, "train": train, "model": model,
+        "per_failure": np.random.default_rng(0).normal(size=(20, 3)), "noisy_labels": train.y,
+    }  # fmt: skip
+    html = demo_report(result, artifacts, tmp_path / "r.html").read_text()
+    assert "control: finetune only" in html and "control: oracle causes" in html
+    c = next(r for r in result["runs"] if r["default"])["controls"]
+    assert f"control: random {c['k']} causes (mean of {c['random_k']['draws']} draws)" in html
+    assert "oracle_clean" not in html and "random/finetune" not in html
