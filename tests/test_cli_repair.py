@@ -397,6 +397,8 @@ def test_library_advice_is_said_in_flags(capsys):
     assert "overwrite_cache" not in said and "cache_dir" not in said
     assert "(or pass --overwrite) to replace it" in said and "choose another --out" in said
     assert "--device cpu" in _as_flags("not available here; use device='cpu' or 'auto'")
+    assert _as_flags("chunk_size must be >= 1; got 0") == "--chunk-size must be >= 1; got 0"
+    assert "Pass --k (a count" in _as_flags("by construction. Pass k= (a count, a fraction)")
     with pytest.raises(SystemExit):
         cli.main(["--version"])
     assert capsys.readouterr().out.strip() == f"netmend {netmend.__version__}"

@@ -330,6 +330,11 @@ _FLAGS = (
     ("or pass overwrite_cache=True", "or pass --overwrite"),
     ("pass another cache_dir", "choose another --out"),
     ("use device='cpu' or 'auto'", "use --device cpu or --device auto"),
+    # found by an outside-in trial: the library's argument names, said in a CLI's error
+    ("chunk_size must be", "--chunk-size must be"),
+    ("guard_data: ", "--guard-data: "),
+    ("Pass k= (a count", "Pass --k (a count"),
+    ("or k='auto'", "or --k auto"),
 )
 """The library's advice in Python terms, and the same advice in the command's flags."""
 

@@ -296,7 +296,7 @@ class Inputs:
                 raise BadInput("--guard-data is read only by the class guard: drop --no-guard")
             if args.treat != "finetune":
                 raise BadInput(f"--guard-data needs --treat finetune, not {args.treat!r}")
-            self.guard_data = _load(args.guard_data, args, self.train, "guard data")
+            self.guard_data = _load(args.guard_data, args, self.train, "guard-data")
             self.guard_data.X = _as_dtype(self.guard_data.X, dt)
             # by content, not by path: a copy of --test (or --train) under another name
             for flag, other in (("--train", self.train), ("--test", self.test)):
