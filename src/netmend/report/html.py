@@ -511,8 +511,8 @@ def demo_report(result: dict[str, Any], artifacts: dict[str, Any], path: str | P
     for r in result["runs"]:
         name = "repaired" if r["default"] else f"{r['identify']}/{r['treat']}"
         acc[name] = {v: r[k] for k, v in cols.items()}
-        if r["default"]:  # its controls, next to it (the table's title promises them)
-            c = r["controls"]
+        c = r.get("controls") if r["default"] else None
+        if c is not None:  # the default's controls, next to it (the table's title says so)
             rows = {
                 "control: finetune only": c.get("finetune_only"),
                 f"control: random {c['k']} causes (mean of {c['random_k']['draws']} draws)": (
