@@ -321,6 +321,32 @@ def validate_flips(files: list[dict[str, Any]]) -> str:
     return rows([head[0], head[1], *(f"{h}: symmetric / pair" for h in head[2:])], body)
 
 
+def trak_default_seeds(d: dict[str, Any]) -> str:
+    """``trak`` at its new and its old ``ridge_ratio`` default, on the MLP problem of three
+    seeds: LDS / counterfactual (top-K removal minus random), with references."""
+    methods = ("trak", "trak-ratio0.01", "grad_dot", "ekfac")
+    body = []
+    for s in d["seeds"]:
+        cells = [f"{s['methods'][m]['lds']:.3f} / {s['methods'][m]['counterfactual']:+.3f}"
+                 for m in methods]  # fmt: skip
+        body.append([str(s["seed"]), *cells, f"{s['random_removal_sd']:.3f}",
+                     str(s["heldout_failures"])])  # fmt: skip
+
+    def ms(v: dict[str, float], fmt: str) -> str:
+        return f"{v['mean']:{fmt}} ± {v['se']:.3f}"
+
+    sm = d["summary"]
+    body.append(["mean ± s.e."]
+                + [f"{ms(sm[m]['lds'], '.3f')} / {ms(sm[m]['counterfactual'], '+.3f')}"
+                   for m in methods] + ["", ""])  # fmt: skip
+    nm = d["new_minus_old"]
+    body.append(["0.1 minus 0.01, paired",
+                 f"{ms(nm['lds'], '+.3f')} / {ms(nm['counterfactual'], '+.3f')}", "", "", "",
+                 "", ""])  # fmt: skip
+    head = ["seed", "`trak` (0.1, default)", "`trak` (0.01, old default)", "`grad_dot`", "`ekfac`"]
+    return rows([*head, "random removals' sd", "held-out failures"], body)
+
+
 def validate_setup(d: dict[str, Any]) -> str:
     body = []
     for name, run in d["runs"].items():
@@ -1009,6 +1035,7 @@ TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "validate_logreg": (("benchmarks/validate.json",), validate_logreg),
     "validate_mlp": (("benchmarks/validate.json",), validate_mlp),
     "validate_pair_setup": (("benchmarks/validate_pair.json",), validate_setup),
+    "trak_default_seeds": (("benchmarks/trak_default_seeds.json",), trak_default_seeds),
     "validate_flips": (
         ("benchmarks/validate.json", "benchmarks/validate_pair.json"),
         validate_flips,

@@ -34,6 +34,7 @@ from netmend.lab.demo import machine
 EXTRA: dict[str, dict[str, Any]] = {
     "linear-ggn": {"method": "linear", "curvature": "ggn", "cg_tol": 1e-10, "cg_maxiter": 1000},
     "knn_shapley-failures": {"method": "knn_shapley", "valid": None},
+    "trak-ratio0.01": {"method": "trak", "ridge_ratio": 0.01},  # the default until 0.3.5
 }
 
 
@@ -114,6 +115,7 @@ def main() -> None:
         help="counterfactual curve: removal sizes as multiples of K, e.g. 0.25 0.5 2",
     )
     ap.add_argument("--flips", choices=sorted(FLIPS), default="symmetric")
+    ap.add_argument("--seed", type=int, default=0, help="the problem's seed (split, flips, model)")
     ap.add_argument("--out", default="benchmarks/validate.json")
     ap.add_argument("--md", default="benchmarks/validate.md")
     args = ap.parse_args()
@@ -122,7 +124,8 @@ def main() -> None:
         m for m in args.methods or [*identification.available(), *EXTRA] if m not in args.skip
     ]
     result: dict[str, Any] = {
-        "machine": machine(), "methods": methods, "flips": args.flips, "runs": {},
+        "machine": machine(), "methods": methods, "flips": args.flips, "seed": args.seed,
+        "runs": {},
     }  # fmt: skip
     if Path(args.out).exists() and not args.fresh:  # keep the models not rerun now
         old = json.loads(Path(args.out).read_text())
@@ -135,14 +138,20 @@ def main() -> None:
         result["methods"] = list(dict.fromkeys([*old.get("methods", []), *methods]))
     for model in args.models:
         t0 = time.perf_counter()
-        problem = validation.make_problem(model=model, seed=0, flips=args.flips)
+        problem = validation.make_problem(model=model, seed=args.seed, flips=args.flips)
         gt = validation.ground_truth(
-            problem, n_loo=args.n_loo, n_subsets=args.subsets, seed=0, progress=False
+            problem, n_loo=args.n_loo, n_subsets=args.subsets, seed=args.seed, progress=False
         )
         n_bad = int(problem.corrupted.sum())
         ks = [max(1, round(f * n_bad)) for f in args.ks] or None
         report = validation.validate(
-            methods, problem, gt, options=EXTRA, progress=False, seed=0, counterfactual_ks=ks
+            methods,
+            problem,
+            gt,
+            options=EXTRA,
+            progress=False,
+            seed=args.seed,
+            counterfactual_ks=ks,
         )
         report["seconds_total"] = time.perf_counter() - t0
         report["methods_run"] = methods
