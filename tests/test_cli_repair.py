@@ -315,6 +315,8 @@ BASE = ["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures"
         (["--model", "{whole}", "--train", "{train}", "--failures", "{fail}"],
          "A pickled model (torch.save(model)) is not loaded"),
         ([*BASE, "--weights", "{whole}"], "holds pickled Python objects"),
+        # said after the identification, which left a cache that refused the corrected rerun
+        ([*BASE, "--k", "40"], "--k 40: the causes would be the whole training set"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_2(tmp_path, capsys, argv, message):
@@ -335,6 +337,7 @@ def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     assert code == 2, err
     assert message in err and "Traceback" not in err
     assert "weights_only=False" not in err  # never advise loading code from a file
+    assert not (tmp_path / "o" / "cache").exists()  # refused before any pass: no cache left
 
 
 def test_method_names_are_checked_before_any_pass(tmp_path, capsys, monkeypatch):

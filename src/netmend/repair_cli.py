@@ -449,6 +449,12 @@ def run(args: argparse.Namespace) -> int:
         )
     data = Inputs(args, model, device)
     train, fails = data.train, data.failures
+    if isinstance(k, int) and k >= len(train) and args.treat in ("finetune", "retrain"):
+        # said before the identification, so no cache is left behind to refuse the rerun
+        raise BadInput(
+            f"--k {k}: the causes would be the whole training set ({len(train)} examples), and "
+            f"'{args.treat}' would have nothing left to train on; pass a smaller --k"
+        )
     times["load"] = time.perf_counter() - t0
     vocab = None
     if args.vocab is not None:
@@ -897,14 +903,15 @@ def add_parser(sub: Any) -> None:
         default=api.DEFAULT_IDENTIFY,
         metavar="METHOD[opt=value,...]",
         help=f"identification method, with its options in brackets, e.g. 'trak[proj_dim=512]' "
-        f"(default {api.DEFAULT_IDENTIFY}; netmend.available() lists them)",
+        f"(default {api.DEFAULT_IDENTIFY}; one of {', '.join(api.available()['identify'])})",
     )
     r.add_argument(
         "--treat",
         default=api.DEFAULT_TREAT,
         metavar="METHOD[opt=value,...]",
         help=f"treatment, with its options in brackets, e.g. 'finetune[steps=200]' (default "
-        f"{api.DEFAULT_TREAT})",
+        f"{api.DEFAULT_TREAT}; one of {', '.join(api.available()['treat'])}; research-only: "
+        f"{', '.join(api.available()['research_only'])})",
     )
     r.add_argument("--k", help="causes: an int, a fraction, 'positive' or 'auto' (default)")
     r.add_argument("--seed", type=seed_argument, default=0, help="seed of everything random (0)")
