@@ -16,10 +16,10 @@ references, into one JSON with per-seed figures and their means over seeds::
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
+from netmend.evaluation import controls
 from netmend.store import write_json_atomic
 
 HERE = Path(__file__).resolve().parent
@@ -28,10 +28,9 @@ METHODS = ("trak", "trak-ratio0.01", "grad_dot", "ekfac")
 
 
 def mean_se(values: list[float]) -> dict[str, float]:
-    """Mean and standard error of the mean over seeds."""
-    m = sum(values) / len(values)
-    var = sum((v - m) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return {"mean": m, "se": math.sqrt(var / len(values))}
+    """Mean and standard error of the mean over seeds (:func:`controls.mean_se`), as JSON."""
+    m, se = controls.mean_se(values)
+    return {"mean": m, "se": se}
 
 
 def main() -> None:

@@ -939,14 +939,14 @@ def _check_split(model: nn.Module, X: DataSource, split: FailureSplit, dev: torc
     assert isinstance(Xm, DataSource)  # match_dtype keeps a source a source
     right = (predict(work, Xm, dev, task=X.task) == X.labels).numpy()
     failures = np.concatenate([np.asarray(split.query), np.asarray(split.heldout)]).astype(int)
-    off = int(right[failures].sum()) + int((~right[np.asarray(split.correct, dtype=int)]).sum())
-    if off > max(2, 0.01 * (failures.size + len(split.correct))):
+    correct = np.asarray(split.correct, dtype=int)
+    got_right, got_wrong = int(right[failures].sum()), int((~right[correct]).sum())
+    if got_right + got_wrong > max(2, 0.01 * (failures.size + correct.size)):
         raise ValueError(
-            f"the split does not belong to this model and test set: the model gets "
-            f"{int(right[failures].sum())} of the split's {failures.size} failures right and "
-            f"{int((~right[np.asarray(split.correct, dtype=int)]).sum())} of its correct examples "
-            "wrong. Pass the original model and the test set the split was drawn from, in the "
-            "same order"
+            f"the split does not belong to this model and test set: the model gets {got_right} "
+            f"of the split's {failures.size} failures right and {got_wrong} of its correct "
+            "examples wrong. Pass the original model and the test set the split was drawn "
+            "from, in the same order"
         )
 
 

@@ -19,7 +19,6 @@ from typing import Any
 
 from netmend._version import __version__
 from netmend.data import distributed
-from netmend.data.validate import seed_argument
 from netmend.store import write_json_atomic
 
 
@@ -179,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"netmend {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from netmend.repair_cli import add_parser as add_repair_parser
+    from netmend.repair_cli import seed_argument
 
     add_repair_parser(sub)
     d = sub.add_parser(

@@ -37,7 +37,7 @@ from netmend.continual import STATE_FILE, Repairer
 from netmend.data.checks import resolve_device, rows_in
 from netmend.data.files import FileData, load_data, load_indices
 from netmend.data.source import as_source
-from netmend.data.validate import seed_argument
+from netmend.data.validate import check_seed
 from netmend.evaluation import split_failures
 from netmend.evaluation.controls import MIN_DRAWS, run_controls
 from netmend.model.functional import match_dtype, param_dtype
@@ -860,6 +860,15 @@ def _positive_int(v: str) -> int:
     return n
 
 
+def seed_argument(text: str) -> int:
+    """A command-line seed (every command's), by :func:`netmend.data.validate.check_seed`'s
+    rule (a whole number >= 0: numpy's generators refuse negative ones), as argparse says it."""
+    try:
+        return check_seed(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a seed is a whole number >= 0, not {text}") from None
+
+
 def add_parser(sub: Any) -> None:
     """Add the ``repair`` subcommand to the CLI's subparsers."""
     r = sub.add_parser(
@@ -898,20 +907,21 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--label-column", default="label", help="label column of CSV files")
     r.add_argument("--pad-id", type=int, default=0, help="padding id of JSONL token ids (0)")
     r.add_argument("--vocab", help="a text file of tokens, one per line (id = line number)")
+    names = api.available()
     r.add_argument(
         "--identify",
         default=api.DEFAULT_IDENTIFY,
         metavar="METHOD[opt=value,...]",
         help=f"identification method, with its options in brackets, e.g. 'trak[proj_dim=512]' "
-        f"(default {api.DEFAULT_IDENTIFY}; one of {', '.join(api.available()['identify'])})",
+        f"(default {api.DEFAULT_IDENTIFY}; one of {', '.join(names['identify'])})",
     )
     r.add_argument(
         "--treat",
         default=api.DEFAULT_TREAT,
         metavar="METHOD[opt=value,...]",
         help=f"treatment, with its options in brackets, e.g. 'finetune[steps=200]' (default "
-        f"{api.DEFAULT_TREAT}; one of {', '.join(api.available()['treat'])}; research-only: "
-        f"{', '.join(api.available()['research_only'])})",
+        f"{api.DEFAULT_TREAT}; one of {', '.join(names['treat'])}; research-only: "
+        f"{', '.join(names['research_only'])})",
     )
     r.add_argument("--k", help="causes: an int, a fraction, 'positive' or 'auto' (default)")
     r.add_argument("--seed", type=seed_argument, default=0, help="seed of everything random (0)")

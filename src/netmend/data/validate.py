@@ -7,7 +7,6 @@ pandas is never imported here: a pandas object is recognised by its type's modul
 
 from __future__ import annotations
 
-import argparse
 import numbers
 from typing import Any
 
@@ -50,17 +49,6 @@ def check_seed(seed: Any) -> int:
     if s < 0:  # numpy's generators refuse them, deep inside a run
         raise ValueError(f"seed must be a whole number >= 0; got {s}")
     return s
-
-
-def seed_argument(text: str) -> int:
-    """A command-line seed: a whole number >= 0 (numpy's generators refuse negative ones)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a seed is a whole number >= 0, not {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"a seed is a whole number >= 0, not {value}")
-    return value
 
 
 def check_k(k: Any, n: int) -> Any:
