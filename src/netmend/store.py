@@ -147,8 +147,9 @@ def module_hash(model: nn.Module) -> str:
     return h.hexdigest()
 
 
-def jsonable(value: Any) -> Any:
-    """``value`` as JSON: plain values as they are, tensors/arrays/modules/others as hashes."""
+def jsonable(value: Any, other: Callable[[Any], Any] | None = None) -> Any:
+    """``value`` as JSON: plain values as they are, tensors/arrays/modules as hashes, and any
+    other object as ``other(value)`` (default: a hash of its ``repr``)."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
@@ -162,9 +163,13 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, nn.Module):
         return {"module": module_hash(value)}
     if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {
+            str(k): jsonable(v, other) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+        }
     if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
+        return [jsonable(v, other) for v in value]
+    if other is not None:
+        return other(value)
     return {"repr": hashlib.blake2b(repr(value).encode(), digest_size=16).hexdigest()}
 
 
@@ -213,23 +218,11 @@ def run_settings(
     }
 
 
-_PLAIN = (bool, int, float, str, np.generic, torch.Tensor, np.ndarray)
-
-
 def task_key(task: Any) -> str:
-    """A task's class and attributes: plain values, tensors and arrays by content, other
-    objects by their type (their ``repr`` may hold a memory address, new in every process)."""
-
-    def plain(v: Any) -> Any:
-        if v is None or isinstance(v, _PLAIN):
-            return jsonable(v)
-        if isinstance(v, Mapping):
-            return {str(k): plain(x) for k, x in sorted(v.items(), key=lambda kv: str(kv[0]))}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return f"<{type(v).__qualname__}>"
-
-    attrs = plain(dict(getattr(task, "__dict__", {})))
+    """A task's class and attributes: plain values, tensors, arrays and modules by content,
+    other objects by their type (their ``repr`` may hold a memory address, new in every
+    process)."""
+    attrs = jsonable(dict(getattr(task, "__dict__", {})), lambda v: f"<{type(v).__qualname__}>")
     return f"{type(task).__qualname__}:{json.dumps(attrs, sort_keys=True)}"
 
 

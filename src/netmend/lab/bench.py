@@ -54,6 +54,7 @@ from netmend.evaluation.controls import (
     TreatFn,
     class_accuracies,
     diagnosis_gain,
+    mean_se,
     run_controls,
 )
 from netmend.evaluation.controls import repaired as repaired_verdict
@@ -1025,13 +1026,6 @@ def _collect(
 # --- reports -------------------------------------------------------------------------------------
 
 SUMMARY_KEYS = ("heldout_failure_acc", "test_acc")
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean of ``values`` and its standard error (NaN with fewer than two values)."""
-    v = np.asarray(values, dtype=np.float64)
-    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
-    return float(v.mean()), se
 
 
 def latest_runs(results: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
