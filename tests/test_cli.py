@@ -133,6 +133,32 @@ def test_validate_refuses_bad_names_and_numbers_before_any_retraining(capsys, mo
         assert exc.value.code == 2 and "a seed is a whole number >= 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["validate", "bench"])
+def test_every_command_says_bad_input_interrupts_and_internal_errors_alike(
+    command, capsys, monkeypatch
+):
+    """One handler for every command: validate used to turn only ValueError into exit 2 and
+    let a TypeError, an interrupt or an internal error escape as a raw traceback."""
+    from netmend.lab import bench, validation
+
+    target = (validation, "ground_truth") if command == "validate" else (bench, "run")
+    argv = [command, "--quick", "--no-progress"] + (["--no-plots"] if command == "bench" else [])
+    for raised, code, said in (
+        (TypeError("labels must be integers: pass class indices"), 2, "pass class indices"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+        (RuntimeError("boom"), 1, "internal error (please report it)"),
+    ):
+
+        def fail(*a, _raised=raised, **k):  # noqa: ANN002, ANN003, ANN202
+            raise _raised
+
+        monkeypatch.setattr(*target, fail)
+        assert cli.main(argv) == code, raised
+        err = capsys.readouterr().err
+        assert f"netmend {command}: " in err and said in err, err
+        assert ("Traceback" in err) == (code == 1), err
+
+
 def test_validate_quick_keeps_the_mlp_to_30_loo_refits(monkeypatch):
     """--quick --model mlp ran 100 MLP LOO refits (each a full training), far from a smoke
     run; it now asks for 30 unless --n-loo says otherwise, and logistic regression all."""
@@ -140,7 +166,7 @@ def test_validate_quick_keeps_the_mlp_to_30_loo_refits(monkeypatch):
 
     asked: list[int | None] = []
 
-    class Stop(Exception):
+    class Stop(BaseException):  # not an Exception: the CLI's handler would say it, exit 1
         pass
 
     def record(problem, n_loo=None, **kw):  # noqa: ANN001, ANN003, ANN202

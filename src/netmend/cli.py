@@ -69,11 +69,8 @@ def _bench(args: argparse.Namespace) -> int:
         chosen["draws"] = args.draws
     if args.validation_share is not None:
         chosen["validation_share"] = args.validation_share
-    try:
-        config = bench.BenchConfig.quick(**chosen) if args.quick else bench.BenchConfig(**chosen)
-    except ValueError as exc:  # a bad suite, pipeline or reference name
-        print(f"netmend: {exc}", file=sys.stderr)
-        return 2
+    # a bad suite, pipeline or reference name is a ValueError: _dispatch says it, exit 2
+    config = bench.BenchConfig.quick(**chosen) if args.quick else bench.BenchConfig(**chosen)
     reports: list[Path] = []
     report_errors: list[str] = []
 
@@ -364,37 +361,34 @@ def _import_plugins(modules: list[str], command: str) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; bad input (netmend raises ValueError/TypeError with what to fix) exits
+    2 with its message, an interrupt 130, anything else 1 with the traceback."""
+    bad_input: tuple[type[Exception], ...] = (ValueError, TypeError, FileNotFoundError)
+    interrupted = ""
     if args.command == "repair":
         from netmend.repair_cli import DEFAULT_OUT, BadInput
 
-        try:
-            return int(args.func(args))
-        except (BadInput, ValueError, TypeError, FileNotFoundError) as exc:
-            # netmend raises ValueError/TypeError for bad input, with what to fix
-            print(f"netmend repair: {_as_flags(str(exc))}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            out = args.resume or args.out or DEFAULT_OUT
-            print(
-                f"\nnetmend repair: interrupted. The passes that finished are kept in "
-                f"{out}/cache: run the same command with --resume {out} (instead of --out) "
-                "to continue from them",
-                file=sys.stderr,
-            )
-            return 130
-        except Exception:  # an internal error: say so, with the traceback
-            import traceback
+        bad_input = (BadInput, *bad_input)
+        out = args.resume or args.out or DEFAULT_OUT
+        interrupted = (
+            f" The passes that finished are kept in {out}/cache: run the same command with "
+            f"--resume {out} (instead of --out) to continue from them"
+        )
+    name = f"netmend {args.command}"
+    try:
+        return int(args.func(args))
+    except bad_input as exc:
+        print(f"{name}: {_as_flags(str(exc))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\n{name}: interrupted.{interrupted}", file=sys.stderr)
+        return 130
+    except Exception:  # an internal error: say so, with the traceback
+        import traceback
 
-            traceback.print_exc()
-            print("netmend repair: internal error (please report it)", file=sys.stderr)
-            return 1
-    if args.command == "validate":
-        try:
-            return int(args.func(args))
-        except ValueError as exc:  # names, k and options are checked before any retraining
-            print(f"netmend validate: {exc}", file=sys.stderr)
-            return 2
-    return int(args.func(args))
+        traceback.print_exc()
+        print(f"{name}: internal error (please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover
