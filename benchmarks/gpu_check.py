@@ -16,7 +16,9 @@ about 5 minutes on one H100-class GPU (``--quick``: about 1 minute).
    seconds, examples per second, peak GPU memory. Methods whose cost grows faster than
    linearly (tmc_shapley, banzhaf) run on the first 10,000 images.
 3. **Demo.** ``netmend.lab.demo.run`` (the quick configuration with ``--quick``), timed,
-   with its table's figures.
+   with its table's figures, and its HTML report and plots drawn from the CUDA models.
+4. **Command line.** ``netmend repair --device cuda`` on ``.npz`` files and saved weights
+   (exit code, seconds, the accuracies of its ``summary.json``).
 
 Under ``torchrun`` every rank runs the same script; netmend shards each pass across the
 ranks (one GPU each: ``cuda:LOCAL_RANK``) and rank 0 writes the JSON.
@@ -109,14 +111,82 @@ def demo(quick: bool) -> dict[str, Any]:
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     result = demo_mod.run(config, progress=False)
-    result.pop("_artifacts", None)
+    seconds = time.perf_counter() - t
+    artifacts = result.pop("_artifacts", None)
     return {
-        "seconds": time.perf_counter() - t,
+        "seconds": seconds,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated(),
         "runs": result["runs"],
         "references": result.get("references"),
         "timing": result.get("timing"),
+        "report_and_plots": _attempt(lambda: _demo_outputs(result, artifacts)),
     }
+
+
+def _attempt(work: Any) -> dict[str, Any]:
+    """``work()``'s result, or the exception it raised, said (one step must not stop the
+    rest of a check on a machine lent for minutes)."""
+    try:
+        return {"ok": True, **work()}
+    except Exception as exc:  # recorded in the JSON, not raised
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _demo_outputs(result: dict[str, Any], artifacts: Any) -> dict[str, Any]:
+    """The demo's HTML report and plots drawn from its CUDA models (they once moved the
+    failures back to the CPU for a model on the GPU)."""
+    import tempfile
+    from pathlib import Path
+
+    from netmend.report.html import demo_report
+    from netmend.report.plots import demo_plots
+
+    with tempfile.TemporaryDirectory() as tmp:
+        page = demo_report(result, artifacts, Path(tmp) / "report.html")
+        plots = demo_plots(result, artifacts, tmp)
+        return {"report_bytes": page.stat().st_size, "plots": len(plots)}
+
+
+def cli_repair(quick: bool) -> dict[str, Any]:
+    """``netmend repair --device cuda`` on files: a trained SmallCNN, 2,000 (quick) or 10,000
+    MNIST training images and the test set, failures chosen with ``--failure-indices auto``."""
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    from netmend import cli
+    from netmend.lab.datasets import load_mnist
+    from netmend.lab.models import SmallCNN
+    from netmend.model.training import TrainConfig, fit
+
+    def run() -> dict[str, Any]:
+        train, test = load_mnist()
+        n = 2000 if quick else 10000
+        torch.manual_seed(0)
+        model = SmallCNN()
+        fit(model, train.X[:n], train.y[:n], TrainConfig(epochs=2), seed=0, device="cuda",
+            progress=False)  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Path(tmp)
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, d / "w.pt")
+            np.savez(d / "train.npz", X=train.X[:n].numpy(), y=train.y[:n].numpy())
+            np.savez(d / "test.npz", X=test.X[:2000].numpy(), y=test.y[:2000].numpy())
+            t = time.perf_counter()
+            code = cli.main([
+                "repair", "--model", "netmend.lab.models:SmallCNN", "--weights", str(d / "w.pt"),
+                "--train", str(d / "train.npz"), "--test", str(d / "test.npz"),
+                "--failure-indices", "auto", "--device", "cuda", "--epochs", "2",
+                "--out", str(d / "out"), "--no-progress",
+            ])  # fmt: skip
+            seconds = time.perf_counter() - t
+            summary = (d / "out" / "summary.json").read_text() if code == 0 else "{}"
+        import json
+
+        s = json.loads(summary)
+        return {"exit_code": code, "seconds": seconds, "accuracies": s.get("accuracies")}
+
+    return _attempt(run)
 
 
 def main() -> int:
@@ -136,13 +206,23 @@ def main() -> int:
     result["agreement"] = agreement(args.quick)
     result["throughput"] = throughput(args.quick)
     result["demo"] = demo(args.quick)
-    result["ok"] = all(v["ok"] for v in result["agreement"].values())
+    result["cli_repair"] = cli_repair(args.quick)
+    result["ok"] = (
+        all(v["ok"] for v in result["agreement"].values())
+        and result["demo"]["report_and_plots"]["ok"]
+        and result["cli_repair"]["ok"]
+        and result["cli_repair"].get("exit_code") == 0
+    )
     write_json_atomic(args.out, result)  # rank 0 only under torchrun
     if rank == 0:
         bad = [k for k, v in result["agreement"].items() if not v["ok"]]
+        for step, v in (("demo report", result["demo"]["report_and_plots"]),
+                        ("netmend repair", result["cli_repair"])):  # fmt: skip
+            if not v["ok"] or v.get("exit_code", 0) != 0:
+                bad.append(f"{step} ({v.get('error', 'exit code ' + str(v.get('exit_code')))})")
         print(
             f"gpu_check: written to {args.out}; CPU vs CUDA agreement "
-            + ("ok" if not bad else f"FAILED for {', '.join(bad)}")
+            + ("ok" if not bad else f"FAILED: {', '.join(bad)}")
         )
     return 0 if result["ok"] else 1
 

@@ -305,3 +305,20 @@ def test_a_negative_seed_is_refused_up_front(setup):
     for call in (netmend.identify, netmend.repair):
         with pytest.raises(ValueError, match="seed must be a whole number >= 0; got -1"):
             call(model, (X, y), fail, seed=-1, **RUN)
+
+
+def test_predictions_run_where_the_model_is_whatever_device_is_asked():
+    """``predict(model, X, device)`` moved the batches to ``device`` even when the model sat
+    elsewhere: the reports and plots pass the model's own inputs with the default "cpu",
+    and ``netmend repair --device cuda`` predicted with its CPU copy, so on a GPU both failed
+    with torch's device-mismatch error. The batches now go where the model's parameters are
+    (here a CPU model asked for the "meta" device, which would compute nothing)."""
+    from netmend.model.training import logits, model_device, predict
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).eval()
+    X = torch.randn(5, 3)
+    expected = model(X).argmax(1)
+    assert torch.equal(predict(model, X, device="meta"), expected)
+    assert logits(model, X, device="meta").device.type == "cpu"
+    assert model_device(nn.ReLU(), "meta") == torch.device("meta")  # no parameters: as asked

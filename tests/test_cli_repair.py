@@ -317,6 +317,8 @@ BASE = ["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures"
         ([*BASE, "--weights", "{whole}"], "holds pickled Python objects"),
         # said after the identification, which left a cache that refused the corrected rerun
         ([*BASE, "--k", "40"], "--k 40: the causes would be the whole training set"),
+        ([*BASE, "--guard-data", "{badlab}"], "--guard-data: labels must lie in [0, 3)"),
+        ([*BASE, "--test", "{badlab}"], "--test: labels must lie in [0, 3)"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_2(tmp_path, capsys, argv, message):
@@ -325,10 +327,11 @@ def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     np.savez(tmp_path / "bad.npz", inputs=X, y=y)
     np.savez(tmp_path / "wide.npz", X=np.ones((3, 5)), y=np.zeros(3, dtype=int))
     np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
+    np.savez(tmp_path / "badlab.npz", X=X[:20] + 0.5, y=np.full(20, 7))
     (tmp_path / "idx.txt").write_text("3\n40\n")
     rows = "".join(f"{a},{b},{c},{d},cat\n" for a, b, c, d in X[:3])
     (tmp_path / "named.csv").write_text("f0,f1,f2,f3,label\n" + rows)
-    paths = {k: str(tmp_path / f"{k}.npz") for k in ("train", "bad", "wide", "fail")}
+    paths = {k: str(tmp_path / f"{k}.npz") for k in ("train", "bad", "wide", "fail", "badlab")}
     paths["idx"], paths["named"] = str(tmp_path / "idx.txt"), str(tmp_path / "named.csv")
     paths["whole"] = str(tmp_path / "whole.pt")
     torch.save(_cli_models.tabular_net(), paths["whole"])

@@ -34,12 +34,13 @@ from torch import nn
 from netmend import api, treatment
 from netmend._version import __version__
 from netmend.continual import STATE_FILE, Repairer
-from netmend.data.checks import resolve_device, rows_in
+from netmend.data.checks import check_labels, resolve_device, rows_in
 from netmend.data.files import FileData, load_data, load_indices
 from netmend.data.source import as_source
 from netmend.data.validate import check_seed
 from netmend.evaluation import split_failures
 from netmend.evaluation.controls import MIN_DRAWS, run_controls
+from netmend.model.checks import num_classes_of
 from netmend.model.functional import match_dtype, param_dtype
 from netmend.model.training import TrainConfig, predict
 from netmend.report.html import ReportData, culprit_table, write_report
@@ -306,6 +307,12 @@ class Inputs:
                         "must measure on labelled data the model never trained on, and that "
                         "the test figures do not judge; pass a separate validation split"
                     )
+        # said before any pass: found later, a bad label left a cache that refused the rerun
+        classes = num_classes_of(model, self.train.X, device)
+        named = (("--train", self.train), ("--test", self.test), ("--guard-data", self.guard_data))
+        for flag, d in named:
+            if d is not None:
+                check_labels(d.y, classes, flag)
         if args.failure_indices is not None:
             if self.test is None:
                 raise BadInput("--failure-indices needs --test (the set the indices point into)")
@@ -447,6 +454,8 @@ def run(args: argparse.Namespace) -> int:
             "returns it (random parameters, unless the factory loads trained ones)",
             file=sys.stderr,
         )
+    # the CLI's own copy (loaded from files): it computes where the run does
+    model = model.to(device)
     data = Inputs(args, model, device)
     train, fails = data.train, data.failures
     if isinstance(k, int) and k >= len(train) and args.treat in ("finetune", "retrain"):

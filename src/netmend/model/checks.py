@@ -16,7 +16,7 @@ from torch import nn
 from netmend._warnings import warn
 from netmend.data.task import Task, resolve_task, tree_map
 from netmend.model.functional import Data
-from netmend.model.training import predict
+from netmend.model.training import model_device, predict
 
 _STOCHASTIC = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.AlphaDropout)
 _LOOKUPS = ("embedding", "embedding_bag")
@@ -85,7 +85,7 @@ def num_classes_of(
             outputs are understood).
         ValueError: the logits are not of shape ``[batch, classes]``.
     """
-    x, t = X[:1].to(device), resolve_task(task)
+    x, t = X[:1].to(model_device(model, device)), resolve_task(task)
     try:
         with torch.no_grad():
             output = t.call(model, x)

@@ -7,6 +7,7 @@ It is deterministic given ``seed`` (the shuffling uses its own generator).
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ def fit(
     task = task_of(X, task)
     if class_weight is not None and y.ndim != 1:
         raise ValueError("class_weight needs hard labels [N], not soft targets [N, C]")
-    device = torch.device(device)
+    device = model_device(model, device)
     weight = None if class_weight is None else class_weight.to(device)
     model.to(device).train()
     batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -213,6 +214,13 @@ def _all_reduce_grads(model: nn.Module) -> None:
         i += k
 
 
+def model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
+    """The device of ``model``'s first parameter or buffer, else ``default``."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        return t.device
+    return torch.device(default)
+
+
 @torch.no_grad()
 def logits(
     model: nn.Module,
@@ -224,10 +232,13 @@ def logits(
     """Logits ``[N, C]`` of ``model`` on ``X`` (on CPU), computed in batches without gradients.
 
     ``X`` is a tensor ``[N, ...]`` or a :class:`DataSource` (read batch by batch); ``task``
-    calls the model and reads its logits (default: ``X``'s, else the default task).
+    calls the model and reads its logits (default: ``X``'s, else the default task). The
+    batches go where the model's parameters (or buffers) are; ``device`` is used only for a
+    module that has neither (a model on one device cannot compute on another, and moving it
+    would change the caller's model).
     """
     task = task_of(X, task)
-    device = torch.device(device)
+    device = model_device(model, device)
     out: torch.Tensor | None = None
     n = len(X)
     for i in range(0, n, batch_size):
