@@ -52,14 +52,21 @@ class SmallCNN(nn.Module):
 
 
 class MLP(nn.Module):
-    """A fully connected ReLU network: ``[B, in_features]`` (flattened) -> ``[B, classes]``."""
+    """A fully connected network: ``[B, in_features]`` (flattened) -> ``[B, classes]``, with
+    ``activation`` (default ReLU) after each hidden layer."""
 
-    def __init__(self, in_features: int, num_classes: int, hidden: tuple[int, ...] = (128,)):
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        hidden: tuple[int, ...] = (128,),
+        activation: type[nn.Module] = nn.ReLU,
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
+            layers += [nn.Linear(width, h), activation()]
             width = h
         layers.append(nn.Linear(width, num_classes))
         self.net = nn.Sequential(*layers)

@@ -204,11 +204,17 @@ def _lbfgs(
     loss: Callable[[torch.Tensor], torch.Tensor],
     theta0: torch.Tensor,
     tol: float = GRAD_TOL,
-    max_rounds: int = 40,
+    max_rounds: int = 100,
 ) -> tuple[torch.Tensor, float]:
     """Minimise ``loss(theta)`` by full-batch L-BFGS (strong Wolfe) from ``theta0``.
 
-    Returns the minimiser and its gradient norm.
+    Rounds of up to 500 iterations run until the gradient norm is at most ``tol`` or a round
+    no longer lowers the objective (float64's floor). A gradient norm that rises between
+    rounds is not a stop: L-BFGS does not lower it monotonically, and stopping there left the
+    validation MLP at a gradient norm of 1.9 (tanh) to 18.8 (ReLU).
+
+    Returns:
+        The minimiser ``[P]`` and its gradient norm.
     """
     theta = theta0.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
@@ -227,13 +233,13 @@ def _lbfgs(
         val.backward()
         return val
 
-    gnorm = float("inf")
+    best = float(loss(theta).detach())
     for _ in range(max_rounds):
         opt.step(closure)
-        (g,) = torch.autograd.grad(loss(theta), theta)
-        new = float(g.norm())
-        if new <= tol or new >= gnorm:
-            gnorm = min(new, gnorm)
+        value = loss(theta)
+        (g,) = torch.autograd.grad(value, theta)
+        if float(g.norm()) <= tol or float(value.detach()) >= best:
             break
-        gnorm = new
-    return theta.detach(), gnorm
+        best = float(value.detach())
+    (g,) = torch.autograd.grad(loss(theta), theta)
+    return theta.detach(), float(g.norm())
