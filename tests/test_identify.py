@@ -3,6 +3,8 @@ cause selection, the automatic K and the automatic l2."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +87,32 @@ def test_linear_gamma_scales_scores(blobs, blobs_logreg, failset):
     a = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, **kw).scores
     b = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, gamma=2.5, **kw).scores
     np.testing.assert_allclose(b, 2.5 * a, rtol=1e-12)
+    # per-failure culprits scale with it too (they ignored gamma, so they summed to 1/gamma
+    # of the scores: found by an outside-in trial)
+    res = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, gamma=2.5, **kw)
+    np.testing.assert_allclose(res.per_failure.sum(1), res.scores, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "method, options, said",
+    [
+        ("linear", {"gamma": -1.0}, "gamma must be a number > 0"),  # reversed every sign
+        ("linear", {"gamma": 0}, "gamma must be a number > 0"),
+        ("ewc", {"steps": 0}, "steps must be an integer >= 1"),
+        ("ewc", {"steps": 2.7}, "steps must be an integer >= 1"),  # was taken as 2
+        ("ewc", {"step_size": -1.0}, "step_size must be a number > 0"),
+        ("influence", {"solver": "cg", "cg_maxiter": 0}, "cg_maxiter must be an integer >= 1"),
+        ("influence", {"solver": "cg", "cg_tol": -1.0}, "cg_tol must be a number > 0"),
+        ("trak", {"proj_dim": 2.5}, "proj_dim must be an integer >= 1"),  # was taken as 2
+        ("ekfac", {"solver": "dense"}, "solver='dense' does not apply"),
+        ("knn_shapley", {"K": True}, "K must be an integer >= 1"),
+    ],
+)
+def test_bad_method_options_are_named(blobs, blobs_logreg, failset, method, options, said):
+    """An outside-in trial: these ended in an unrelated error (all scores equal, "softmax is
+    saturated"), named another option, or were rounded or accepted silently."""
+    with pytest.raises(ValueError, match=re.escape(said)):
+        netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, method, k=3, **options, **RUN)
 
 
 def test_linear_unknown_curvature_raises(blobs, blobs_logreg, failset):

@@ -50,6 +50,7 @@ from netmend.curvature.hooks import (
 )
 from netmend.data.streaming import chunks, map_chunks
 from netmend.data.task import tree_map
+from netmend.data.validate import number_option
 from netmend.model.functional import Data, FunctionalModel, jvp
 from netmend.store import tensor_hash
 
@@ -450,10 +451,10 @@ def solver_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """
     return {
         "solver": str(options.get("solver", "auto")),
-        "cg_tol": float(options.get("cg_tol", 1e-6)),
-        "cg_maxiter": int(options.get("cg_maxiter", 100)),
+        "cg_tol": number_option(options, "cg_tol", 1e-6, strict=True),
+        "cg_maxiter": number_option(options, "cg_maxiter", 100, integer=True, low=1),
         "fisher_type": options.get("fisher_type"),
-        "mc_samples": int(options.get("mc_samples", 1)),
+        "mc_samples": number_option(options, "mc_samples", 1, integer=True, low=1),
         "covariance_max_examples": options.get("covariance_max_examples"),
         "correction_max_examples": options.get("correction_max_examples"),
     }

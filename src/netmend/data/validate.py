@@ -264,3 +264,41 @@ def _pandas_values(obj: Any, name: str, what: str) -> Any:
             "netmend"
         ) from None
     return arr if arr.flags.writeable else arr.copy()
+
+
+def number_option(
+    options: Any,
+    name: str,
+    default: float,
+    *,
+    integer: bool = False,
+    low: float = 0.0,
+    strict: bool = False,
+) -> Any:
+    """A method's numeric option, checked: ``options[name]`` (or ``default``).
+
+    A float where an integer is needed (``steps=2.7``), a bool, a non-finite number or one
+    below ``low`` (at or below it when ``strict``) is refused rather than rounded or passed
+    on (``gamma=-1`` reversed the sign of every score; ``steps=0`` ended in an unrelated
+    error about saturated softmax).
+
+    Returns:
+        The value as an ``int`` (``integer``) or a ``float``.
+
+    Raises:
+        ValueError: what was passed and what is allowed.
+    """
+    v = options.get(name, default)
+    bound = f"> {low:g}" if strict else f">= {low:g}"
+    kind = "an integer" if integer else "a number"
+    n = _integer(v)
+    if integer:
+        ok = n is not None
+        value: float = n if n is not None else 0
+    else:
+        ok = not isinstance(v, (bool, np.bool_)) and isinstance(v, (numbers.Real, np.floating))
+        value = float(v) if ok else 0.0
+        ok = ok and bool(np.isfinite(value))
+    if not ok or value < low or (strict and value == low):
+        raise ValueError(f"{name} must be {kind} {bound}; got {v!r}")
+    return int(value) if integer else value

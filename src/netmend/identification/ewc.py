@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from netmend.data.validate import number_option
 from netmend.identification.base import Context, MethodOutput, register
 from netmend.model.functional import log_likelihoods
 from netmend.model.optim import preconditioned_ascent
@@ -60,8 +61,8 @@ def ewc_influence(ctx: Context) -> MethodOutput:
     """
     theta_f, info = fit_theta_plus_f(
         ctx,
-        steps=int(ctx.options.get("steps", 30)),
-        step_size=float(ctx.options.get("step_size", 1.0)),
+        steps=number_option(ctx.options, "steps", 30, integer=True, low=1),
+        step_size=number_option(ctx.options, "step_size", 1.0, strict=True),
     )
     kw: dict[str, Any] = dict(chunk_size=ctx.chunk_size, device=ctx.device, progress=ctx.progress)
     before = ctx.shared.get("ll_theta_hat")  # the same for every set of failures

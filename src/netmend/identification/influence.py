@@ -35,6 +35,7 @@ from torch import nn
 from netmend._warnings import warn
 from netmend.curvature import DENSE_MAX_PARAMS, Curvature, cg, per_example_grads
 from netmend.data.streaming import chunks
+from netmend.data.validate import number_option
 from netmend.identification.base import Context, MethodOutput, NegDot, grad_rows, register
 from netmend.model.functional import Data, stream
 from netmend.store import tensor_hash
@@ -247,7 +248,9 @@ class InverseCurvature:
         # dense and Kronecker kinds are solved by the Curvature itself (Cholesky / eigenbasis)
         self.direct = kind in DIRECT_KINDS or solver == "dense"
         self.A = build_curvature(ctx, kind, damping, solver="dense" if self.direct else "cg")
-        self.cg_tol, self.cg_maxiter = cg_tol, cg_maxiter
+        tolerances = {"cg_tol": cg_tol, "cg_maxiter": cg_maxiter}
+        self.cg_tol = number_option(tolerances, "cg_tol", cg_tol, strict=True)
+        self.cg_maxiter = number_option(tolerances, "cg_maxiter", cg_maxiter, integer=True, low=1)
         self.lissa_opts = dict(lissa or {})
         self.info: dict[str, Any] = {"curvature": kind, "damping": damping, "solver": solver}
         self._lissa_setup: tuple[float, int] | None = None
@@ -533,11 +536,14 @@ def ekfac_influence(ctx: Context) -> MethodOutput:
     ``influence`` (``damping`` "auto" = 0.1 x the mean eigenvalue, ``target``), except that
     ``curvature`` and ``solver`` are fixed.
     """
-    if ctx.options.get("curvature", "ekfac") != "ekfac" or ctx.options.get(
-        "solver", "auto"
-    ) not in (
-        "auto",
-        "cg",
-    ):
-        raise ValueError("method 'ekfac' fixes curvature='ekfac'; use method='influence' to choose")
+    if ctx.options.get("curvature", "ekfac") != "ekfac":
+        raise ValueError(
+            "method 'ekfac' fixes curvature='ekfac'; use method='influence' to choose another"
+        )
+    if ctx.options.get("solver", "auto") not in ("auto", "cg"):
+        raise ValueError(
+            f"method 'ekfac' inverts its eigenvalue-corrected factors directly: solver="
+            f"{ctx.options['solver']!r} does not apply (leave solver out, or use method="
+            "'influence' with curvature='ggn' for a dense or iterative solve)"
+        )
     return influence_scores(ctx, "ekfac", "ekfac")

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from netmend.curvature import SOLVER_OPTIONS, Curvature, solver_options
+from netmend.data.validate import number_option
 from netmend.identification.base import Context, MethodOutput, register
 from netmend.model.functional import stream
 
@@ -54,7 +55,7 @@ def linear_influence(ctx: Context) -> MethodOutput:
     Options: ``curvature`` ("diag"; or "fisher", "ggn", "hessian", "kfac", "ekfac"), ``gamma``
     (1.0), ``cg_tol``, ``cg_maxiter``, ``fisher_type`` and ``mc_samples`` (Kronecker kinds).
     """
-    gamma = float(ctx.options.get("gamma", 1.0))
+    gamma = number_option(ctx.options, "gamma", 1.0, strict=True)  # <= 0: no step, or away
     A = curvature_for(ctx, str(ctx.options.get("curvature", "diag")))
     v = A.solve(ctx.failure_grad())  # [P]
     theta = ctx.theta
@@ -64,4 +65,7 @@ def linear_influence(ctx: Context) -> MethodOutput:
 
     gv = stream(ctx.X, ctx.y, directional, ctx.chunk_size, ctx.device, ctx.progress, "linear")
     scores = (-gamma * gv).double().numpy()
-    return MethodOutput(scores=np.asarray(scores), per_failure=lambda: ctx.per_failure_scores(A))
+    return MethodOutput(
+        scores=np.asarray(scores),
+        per_failure=lambda: gamma * ctx.per_failure_scores(A),  # summing to the scores
+    )

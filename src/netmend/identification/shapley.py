@@ -56,6 +56,7 @@ from netmend.data.checks import as_tensors, check_labels
 from netmend.data.source import DataSource
 from netmend.data.streaming import chunks
 from netmend.data.task import Task, tree_map
+from netmend.data.validate import number_option
 from netmend.identification.base import Context, MethodOutput, register
 from netmend.model.functional import Data
 from netmend.model.training import task_of
@@ -494,22 +495,6 @@ def knn_game_values(
 # ----------------------------------------------------------------------------- options
 
 
-def _int_option(ctx: Context, name: str, default: int, low: int = 1) -> int:
-    v = ctx.options.get(name, default)
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
-        raise ValueError(f"{name} must be an integer >= {low}; got {v!r}")
-    return int(v)
-
-
-def _float_option(ctx: Context, name: str, default: float, low: float = 0.0) -> float:
-    v = ctx.options.get(name, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{name} must be a number >= {low}; got {v!r}")
-    if not (np.isfinite(v) and v >= low):
-        raise ValueError(f"{name} must be a finite number >= {low}; got {v!r}")
-    return float(v)
-
-
 def check_options(ctx: Context, known: set[str]) -> None:
     """Raise on an option the method does not know (a typo would otherwise be ignored)."""
     unknown = set(ctx.options) - known
@@ -526,7 +511,7 @@ error of a value over them falls as ``1/sqrt(V)``; each costs a sort of the trai
 
 def _self_validation(ctx: Context) -> torch.Tensor:
     """``valid="train"``: a seeded draw of ``min(N, valid_size)`` training indices ``[V]``."""
-    size = _int_option(ctx, "valid_size", DEFAULT_VALID_SIZE)
+    size = number_option(ctx.options, "valid_size", DEFAULT_VALID_SIZE, integer=True, low=1)
     g = torch.Generator().manual_seed(ctx.seed)
     return torch.randperm(ctx.N, generator=g)[: min(ctx.N, size)].sort().values
 
@@ -547,11 +532,11 @@ def build_game(ctx: Context) -> KNNGame:
     * an ``(Xv, yv)`` pair or dataset of trusted clean examples with correct labels;
     * ``None``: the failures alone.
     """
-    K = _int_option(ctx, "K", DEFAULT_K)
+    K = number_option(ctx.options, "K", DEFAULT_K, integer=True, low=1)
     metric = ctx.options.get("metric", "euclidean")
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}; got {metric!r}")
-    valid_weight = _float_option(ctx, "valid_weight", 1.0)
+    valid_weight = number_option(ctx.options, "valid_weight", 1.0)
     embed = _embedder(ctx)
     M = int(len(ctx.Xq))
     Xt, yt = ctx.Xq, ctx.yq
@@ -685,7 +670,7 @@ def knn_shapley(ctx: Context) -> MethodOutput:
     Cost: ``O(T N (D + log N))`` for ``T`` failures + validation points, memory ``O(N M)``.
     """
     check_options(ctx, GAME_OPTIONS | {"se_z"})
-    se_z = _float_option(ctx, "se_z", DEFAULT_SE_Z["knn_shapley"])
+    se_z = number_option(ctx.options, "se_z", DEFAULT_SE_Z["knn_shapley"])
     game = build_game(ctx)
     values = knn_game_values(game, ctx.device)
     out = game_output(game, values, {"estimator": "exact"})

@@ -52,13 +52,12 @@ import torch
 from tqdm.auto import tqdm
 
 from netmend.data.streaming import chunks
+from netmend.data.validate import number_option
 from netmend.identification.base import Context, MethodOutput, register
 from netmend.identification.shapley import (
     DEFAULT_SE_Z,
     GAME_OPTIONS,
     KNNGame,
-    _float_option,
-    _int_option,
     build_game,
     check_options,
     game_output,
@@ -580,10 +579,10 @@ BANZHAF_OPTIONS = GAME_OPTIONS | _RUN_OPTIONS | {"max_samples", "estimator"}
 def _common(ctx: Context, window: int, block: int) -> dict[str, Any]:
     return {
         "seed": ctx.seed,
-        "tol": _float_option(ctx, "tol", 0.05),
-        "window": _int_option(ctx, "window", window),
-        "block": _int_option(ctx, "block", block),
-        "n_jobs": _int_option(ctx, "n_jobs", 1),
+        "tol": number_option(ctx.options, "tol", 0.05),
+        "window": number_option(ctx.options, "window", window, integer=True, low=1),
+        "block": number_option(ctx.options, "block", block, integer=True, low=1),
+        "n_jobs": number_option(ctx.options, "n_jobs", 1, integer=True, low=1),
         "progress": ctx.progress,
     }
 
@@ -629,12 +628,13 @@ def tmc_shapley_method(ctx: Context) -> MethodOutput:
     game = build_game(ctx)
     res = tmc_shapley(
         KNNUtility(game),
-        max_permutations=_int_option(ctx, "max_permutations", 1000),
+        max_permutations=number_option(ctx.options, "max_permutations", 1000, integer=True, low=1),
         truncation_tol=float(ctx.options.get("truncation_tol", 1e-3)),
-        patience=_int_option(ctx, "patience", 5),
+        patience=number_option(ctx.options, "patience", 5, integer=True, low=1),
         **_common(ctx, 100, 10),
     )
-    return _mc_output(game, res, "tmc", _float_option(ctx, "se_z", DEFAULT_SE_Z["tmc_shapley"]))
+    se_z = number_option(ctx.options, "se_z", DEFAULT_SE_Z["tmc_shapley"])
+    return _mc_output(game, res, "tmc", se_z)
 
 
 @register("banzhaf", options=BANZHAF_OPTIONS)
@@ -660,7 +660,7 @@ def banzhaf_method(ctx: Context) -> MethodOutput:
     if estimator not in ("msr", "exact"):
         raise ValueError(f"estimator must be 'msr' or 'exact'; got {estimator!r}")
     key = "banzhaf_exact" if estimator == "exact" else "banzhaf"
-    se_z = _float_option(ctx, "se_z", DEFAULT_SE_Z[key])
+    se_z = number_option(ctx.options, "se_z", DEFAULT_SE_Z[key])
     game = build_game(ctx)
     if estimator == "exact":
         values = knn_game_values(game, ctx.device, kind="banzhaf")
@@ -668,7 +668,7 @@ def banzhaf_method(ctx: Context) -> MethodOutput:
         return with_se_z(out, values.stderr, se_z)
     res = msr_banzhaf(
         KNNUtility(game),
-        max_samples=_int_option(ctx, "max_samples", 5000),
+        max_samples=number_option(ctx.options, "max_samples", 5000, integer=True, low=1),
         **_common(ctx, 1000, 100),
     )
     return _mc_output(game, res, "banzhaf", se_z)

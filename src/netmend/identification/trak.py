@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from netmend.curvature.hooks import hook_deltas, hook_forward, layer_slices, unfold_input
 from netmend.data.streaming import chunks
 from netmend.data.task import tree_map
+from netmend.data.validate import number_option
 from netmend.identification.base import Context, MethodOutput, register
 from netmend.identification.influence import (
     check_options,
@@ -355,9 +356,7 @@ def trak(ctx: Context) -> MethodOutput:
     check_options(ctx, TRAK_OPTIONS, "trak")
     target = option_target(ctx, "trak")
     thetas = checkpoint_thetas(ctx, o.get("checkpoints"))
-    k = int(o.get("proj_dim", 1024))
-    if k < 1:
-        raise ValueError(f"proj_dim must be >= 1; got {k}")
+    k = number_option(o, "proj_dim", 1024, integer=True, low=1)
     mode = o.get("projection", "auto")
     if mode not in ("auto", "gaussian", "none", "kronecker"):
         raise ValueError(
