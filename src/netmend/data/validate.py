@@ -7,6 +7,7 @@ pandas is never imported here: a pandas object is recognised by its type's modul
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any
 
@@ -277,10 +278,10 @@ def number_option(
 ) -> Any:
     """A method's numeric option, checked: ``options[name]`` (or ``default``).
 
-    A float where an integer is needed (``steps=2.7``), a bool, a non-finite number or one
-    below ``low`` (at or below it when ``strict``) is refused rather than rounded or passed
-    on (``gamma=-1`` reversed the sign of every score; ``steps=0`` ended in an unrelated
-    error about saturated softmax).
+    A fractional number where an integer is needed (``steps=2.7``), a bool, a non-finite
+    number or one below ``low`` (at or below it when ``strict``) is refused rather than
+    rounded or passed on (``gamma=-1`` reversed the sign of every score; ``steps=0`` ended
+    in an unrelated error about saturated softmax). A string is read as the number it spells.
 
     Returns:
         The value as an ``int`` (``integer``) or a ``float``.
@@ -289,9 +290,14 @@ def number_option(
         ValueError: what was passed and what is allowed.
     """
     v = options.get(name, default)
+    if isinstance(v, str):  # "7", "1e-3": as a number, as the command line's values arrive
+        with contextlib.suppress(ValueError):  # else refused below, as given
+            v = int(v) if integer and v.strip().lstrip("+-").isdigit() else float(v)
     bound = f"> {low:g}" if strict else f">= {low:g}"
     kind = "an integer" if integer else "a number"
     n = _integer(v)
+    if n is None and isinstance(v, (float, np.floating)) and float(v).is_integer():
+        n = int(v)  # 30.0 is 30; 2.7 is refused, not rounded
     if integer:
         ok = n is not None
         value: float = n if n is not None else 0
