@@ -3,6 +3,8 @@ AssertionError, never a deep torch error)."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -322,3 +324,22 @@ def test_predictions_run_where_the_model_is_whatever_device_is_asked():
     assert torch.equal(predict(model, X, device="meta"), expected)
     assert logits(model, X, device="meta").device.type == "cpu"
     assert model_device(nn.ReLU(), "meta") == torch.device("meta")  # no parameters: as asked
+
+
+def test_predictions_and_the_class_guard_take_a_half_precision_model_and_float32_data():
+    """The class guard read its slice in float32 with a bf16 model (torch: "mat1 and mat2
+    must have the same dtype"), so netmend.repair(bf16_model, ..., k=None) failed: found by a
+    code audit. Predictions now cast floating inputs to the model's dtype batch by batch."""
+    from netmend.data.source import as_source
+    from netmend.model.training import predict
+    from netmend.treatment.guard import guard_k
+
+    torch.manual_seed(0)
+    X = torch.randn(600, 4)
+    y = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).eval()
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    expected = half(X.to(torch.bfloat16)).argmax(1)
+    assert torch.equal(predict(half, X), expected)
+    record = guard_k(lambda c: half, half, as_source((X, y), "train"), np.arange(30), 0, "cpu")
+    assert record.k == 30 and record.passed  # the trial is the original: no class falls

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from netmend.data import distributed
 from netmend.data.source import DataSource
 from netmend.data.task import Task, batch_len, resolve_task
-from netmend.model.functional import Data
+from netmend.model.functional import Data, match_dtype, param_dtype
 
 
 def task_of(X: Data, task: Task | None) -> Task:
@@ -235,14 +235,16 @@ def logits(
     calls the model and reads its logits (default: ``X``'s, else the default task). The
     batches go where the model's parameters (or buffers) are; ``device`` is used only for a
     module that has neither (a model on one device cannot compute on another, and moving it
-    would change the caller's model).
+    would change the caller's model). Floating inputs are cast to the model's floating dtype
+    batch by batch (a bf16 model and float32 data, as everywhere in netmend).
     """
     task = task_of(X, task)
     device = model_device(model, device)
+    dtype = param_dtype(model)
     out: torch.Tensor | None = None
     n = len(X)
     for i in range(0, n, batch_size):
-        x = X[i : i + batch_size].to(device)
+        x = match_dtype(X[i : i + batch_size], dtype).to(device)
         z = task.forward(model, x).cpu()
         if out is None:  # one [N, C] buffer, no list of chunks
             out = torch.empty((n, *z.shape[1:]), dtype=z.dtype)
