@@ -343,3 +343,15 @@ def test_predictions_and_the_class_guard_take_a_half_precision_model_and_float32
     assert torch.equal(predict(half, X), expected)
     record = guard_k(lambda c: half, half, as_source((X, y), "train"), np.arange(30), 0, "cpu")
     assert record.k == 30 and record.passed  # the trial is the original: no class falls
+
+
+def test_fit_trains_on_the_device_it_is_given():
+    """fit(..., device=D) trains on D (a regression, found by a code audit: for one commit it
+    trained wherever the model already was, so the demo and the bench would have trained on
+    the CPU of a GPU machine). The "meta" device stands in for a GPU on this CPU."""
+    from netmend.model.training import TrainConfig, fit
+
+    model = nn.Linear(3, 2)
+    X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    fit(model, X, y, TrainConfig(epochs=1), device="meta", progress=False)
+    assert next(model.parameters()).device.type == "meta"

@@ -115,7 +115,7 @@ def fit(
     task = task_of(X, task)
     if class_weight is not None and y.ndim != 1:
         raise ValueError("class_weight needs hard labels [N], not soft targets [N, C]")
-    device = model_device(model, device)
+    device = torch.device(device)
     weight = None if class_weight is None else class_weight.to(device)
     model.to(device).train()
     batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
