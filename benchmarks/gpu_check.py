@@ -19,6 +19,8 @@ about 5 minutes on one H100-class GPU (``--quick``: about 1 minute).
    with its table's figures, and its HTML report and plots drawn from the CUDA models.
 4. **Command line.** ``netmend repair --device cuda`` on ``.npz`` files and saved weights
    (exit code, seconds, the accuracies of its ``summary.json``).
+5. **Placement.** ``netmend.repair`` of a CPU model (float32 and bf16) from data held on the
+   GPU: the repaired model comes back on the CPU.
 
 Under ``torchrun`` every rank runs the same script; netmend shards each pass across the
 ranks (one GPU each: ``cuda:LOCAL_RANK``) and rank 0 writes the JSON.
@@ -147,6 +149,42 @@ def _demo_outputs(result: dict[str, Any], artifacts: Any) -> dict[str, Any]:
         return {"report_bytes": page.stat().st_size, "plots": len(plots)}
 
 
+def placement() -> dict[str, Any]:
+    """``netmend.repair`` of a CPU model from data held on the GPU, with the automatic K (so
+    the class guard runs), and of a bf16 copy: the repaired model must come back where the
+    user's model is, and no step may mix devices (found by a code audit, not yet run)."""
+    import copy
+
+    import netmend
+    from netmend.lab.datasets import load_digits
+    from netmend.lab.models import MLP
+    from netmend.model.training import TrainConfig, fit, predict
+
+    def run() -> dict[str, Any]:
+        train, test = load_digits()
+        torch.manual_seed(0)
+        cfg = TrainConfig(epochs=10)
+        y = train.y.clone()
+        y[:200] = (y[:200] + 1) % 10
+        model = fit(MLP(64, 10), train.X, y, cfg, progress=False).eval()
+        wrong = predict(model, test.X) != test.y
+        fails = (test.X[wrong].cuda(), test.y[wrong].cuda())
+        out: dict[str, Any] = {}
+        for name, m in (("float32", model), ("bf16", copy.deepcopy(model).to(torch.bfloat16))):
+            r = netmend.repair(m, (train.X.cuda(), y.cuda()), fails, train_config=cfg,
+                               device="cuda", seed=0, progress=False)  # fmt: skip
+            out[name] = {
+                "causes": int(r.causes.size),
+                "repaired_on": str(next(r.model.parameters()).device),
+                "test_acc": float((predict(r.model, test.X) == test.y).float().mean()),
+            }
+        if any(v["repaired_on"] != "cpu" for v in out.values()):
+            raise RuntimeError(f"the repaired model left the user's device: {out}")
+        return out
+
+    return _attempt(run)
+
+
 def cli_repair(quick: bool) -> dict[str, Any]:
     """``netmend repair --device cuda`` on files: a trained SmallCNN, 2,000 (quick) or 10,000
     MNIST training images and the test set, failures chosen with ``--failure-indices auto``."""
@@ -207,17 +245,20 @@ def main() -> int:
     result["throughput"] = throughput(args.quick)
     result["demo"] = demo(args.quick)
     result["cli_repair"] = cli_repair(args.quick)
+    result["placement"] = placement()
     result["ok"] = (
         all(v["ok"] for v in result["agreement"].values())
         and result["demo"]["report_and_plots"]["ok"]
         and result["cli_repair"]["ok"]
         and result["cli_repair"].get("exit_code") == 0
+        and result["placement"]["ok"]
     )
     write_json_atomic(args.out, result)  # rank 0 only under torchrun
     if rank == 0:
         bad = [k for k, v in result["agreement"].items() if not v["ok"]]
         for step, v in (("demo report", result["demo"]["report_and_plots"]),
-                        ("netmend repair", result["cli_repair"])):  # fmt: skip
+                        ("netmend repair", result["cli_repair"]),
+                        ("placement", result["placement"])):  # fmt: skip
             if not v["ok"] or v.get("exit_code", 0) != 0:
                 bad.append(f"{step} ({v.get('error', 'exit code ' + str(v.get('exit_code')))})")
         print(

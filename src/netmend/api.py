@@ -61,7 +61,7 @@ from netmend.model.checks import (
     num_classes_of,
 )
 from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
-from netmend.model.training import TrainConfig, predict
+from netmend.model.training import TrainConfig, model_device, predict
 from netmend.treatment.base import check_options as check_treat_options
 from netmend.treatment.guard import guard_k, resolve_guard
 
@@ -79,7 +79,10 @@ def _own_rng() -> Iterator[None]:
     """Run with the global torch RNG saved and restored: the library may seed it (code that
     draws from it, e.g. ``reset_parameters``, stays deterministic given the seed), but the
     caller's stream is left exactly where it was."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    # CUDA's generators only once CUDA is up: saving them initialises it, which a process
+    # that never asked for a GPU must not pay (and a forked child could not do again)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    devices = list(range(torch.cuda.device_count())) if cuda else []
     with torch.random.fork_rng(devices=devices):
         yield
 
@@ -392,8 +395,10 @@ def identify(
         cache_dir: a directory in which to save this run (see :mod:`netmend.store`): the
             Fisher, every pass over the training set (checkpointed while it runs) and the
             scores. Rerunning with the same settings reuses them, and resumes an interrupted
-            run where it stopped, with bit-for-bit the same scores. ``chunk_size``, ``device``,
-            ``progress`` and ``k`` may change between runs; any other setting may not.
+            run where it stopped, with bit-for-bit the same scores. ``chunk_size``,
+            ``progress`` and ``k`` may change between runs; any other setting may not. The
+            key holds the model's logits on a few examples, which differ at rounding level
+            between devices: a cache made on one device is refused on another.
         overwrite_cache: replace a ``cache_dir`` that holds a run with other settings
             (otherwise that raises ``ValueError``).
         task: a :class:`netmend.data.task.Task`: how a batch splits into inputs and labels,
@@ -682,7 +687,8 @@ def treat(
         **options: treatment options (e.g. ``epochs`` for "finetune", ``step_size`` for "newton").
 
     Returns:
-        A new ``nn.Module`` in eval mode.
+        A new ``nn.Module`` in eval mode, on the device of ``model`` (the work runs on
+        ``device``) and, for a bf16/fp16 ``model``, in its dtype: a drop-in replacement.
     """
     fn = treatment.get(method)
     if method in treatment.research_only():
@@ -735,6 +741,7 @@ def treat(
     if record is not None:
         record.update(ctx.record)
     dtype = param_dtype(model)
+    out = out.to(model_device(model, dev))
     return out.to(dtype) if dtype in LOW_PRECISION else out
 
 

@@ -346,7 +346,8 @@ class KroneckerFactors:
 
     def dense(self) -> torch.Tensor:
         """The full ``[P, P]`` matrix (for tests and tiny models only)."""
-        eye = torch.eye(self.num_params, dtype=self.layers[0].A.dtype)
+        A = self.layers[0].A
+        eye = torch.eye(self.num_params, dtype=A.dtype, device=A.device)
         return self.matvec(eye)
 
     def to(self, device: torch.device | str) -> KroneckerFactors:

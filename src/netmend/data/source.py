@@ -344,8 +344,8 @@ SourceLike = Union[DataSource, Dataset, DataLoader, Sequence[Any]]  # noqa: UP00
 
 
 def _to_tensor(a: Any, name: str) -> torch.Tensor:
-    if isinstance(a, torch.Tensor):
-        return a.detach()
+    if isinstance(a, torch.Tensor):  # read on the CPU, as every source is (a no-op there)
+        return a.detach().cpu()
     if isinstance(a, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(a))
     try:

@@ -53,7 +53,10 @@ class Checkpoints:
 
     def __call__(self, step: int, model: nn.Module) -> None:
         if (step + 1) % self.every == 0:
-            self.states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            # on the CPU: one copy of the model per checkpoint would fill a GPU
+            self.states.append(
+                {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            )
 
 
 def neg_dot(V: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -314,7 +314,8 @@ def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
         ValueError: a submodule with trainable parameters cannot be re-initialised (named).
     """
     clone = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
+    on_gpu = {t.device.index or 0 for t in clone.parameters() if t.device.type == "cuda"}
+    with torch.random.fork_rng(devices=sorted(on_gpu)):  # reset_parameters draws there
         torch.manual_seed(seed)
         for name, m in clone.named_modules():
             own = list(m.named_parameters(recurse=False))
