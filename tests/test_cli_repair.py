@@ -144,6 +144,14 @@ def test_image_folder(tmp_path, capsys):
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html
     assert n_fail >= 1 and test.X.shape[0] == 80
+    # each training example's file and class name, so a culprit can be found and fixed
+    # (the outputs gave only the row index: an outside-in trial)
+    order = train_order(y, 160)
+    rows = _read_csv(out / "scores.csv")
+    assert [Path(r["path"]).name for r in rows] == [f"{i:04d}.png" for i in order]
+    assert [r["label_name"] for r in rows] == [names[y[i]] for i in order]
+    culprit = _read_csv(out / "culprits.csv")[0]
+    assert culprit["path"] == rows[int(culprit["training_index"])]["path"]
 
 
 def train_order(y: np.ndarray, n: int) -> list[int]:
@@ -663,3 +671,38 @@ def test_method_options_in_brackets_reach_the_methods(tmp_path, capsys):
     assert code == 2 and "proj_dims" in err and "proj_dim" in err and not (tmp_path / "u").exists()
     code, _, err = _run([*base, "--identify", "tracin", "--out", str(tmp_path / "c")], capsys)
     assert code == 0 and "ranks the training set as grad_dot does" in err
+
+
+def test_class_names_in_an_order_the_model_contradicts_are_refused(tmp_path, capsys):
+    """Names were numbered in sorted order whatever the model's order: an outside-in trial
+    repaired a 94%-accurate model onto the wrong labels (12% in truth) and the report showed
+    a repair to 91%. The model's predictions now test the order, and --classes gives it."""
+    X, y = _blobs(300, 4, seed=6)
+    model = _train(_cli_models.tabular_net, torch.from_numpy(X), torch.from_numpy(y),
+                   tmp_path / "w.safetensors")  # fmt: skip
+    wrong = (predict(model, torch.from_numpy(X)).numpy() != y).nonzero()[0]
+    assert len(wrong) >= 3
+    names = ["zebra", "ant", "mole"]  # the model's outputs 0, 1, 2; sorted: ant, mole, zebra
+
+    def csv_file(path: Path, rows: np.ndarray, labels: np.ndarray) -> str:
+        lines = ["f0,f1,f2,f3,label"]
+        lines += [",".join(f"{v:.6f}" for v in X[i]) + f",{names[labels[j]]}" for j, i in
+                  enumerate(rows)]  # fmt: skip
+        path.write_text("\n".join(lines) + "\n")
+        return str(path)
+
+    train = csv_file(tmp_path / "train.csv", np.arange(300), y)
+    fail = csv_file(tmp_path / "fail.csv", wrong, (y[wrong] + 1) % 3)
+    argv = ["--model", "_cli_models:tabular_net", "--weights", str(tmp_path / "w.safetensors"),
+            "--train", train, "--failures", fail, "--no-controls", *RECIPE_ARGS]  # fmt: skip
+    code, _, err = _run([*argv, "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and "Pass --classes FILE" in err, err
+    assert "predictions suggest zebra, ant, mole" in err, err
+    assert not (tmp_path / "a" / "cache").exists()
+    (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
+    code, _, err = _run([*argv, "--classes", str(tmp_path / "classes.txt"), "--out",
+                         str(tmp_path / "b")], capsys)  # fmt: skip
+    assert code == 0, err
+    rows = _read_csv(tmp_path / "b" / "scores.csv")  # the labels as given, and as indices
+    assert [r["label_name"] for r in rows] == [names[v] for v in y]
+    assert [int(r["label"]) for r in rows] == y.tolist()

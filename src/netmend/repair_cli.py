@@ -235,6 +235,68 @@ def _subset(d: FileData, idx: np.ndarray) -> FileData:
     )
 
 
+def _class_names(args: argparse.Namespace) -> list[str] | None:
+    """``--classes``: one name per line, in the model's output order."""
+    if args.classes is None:
+        return None
+    try:
+        names = [line.strip() for line in Path(args.classes).read_text().splitlines()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"--classes {args.classes}: cannot be read ({exc})") from exc
+    names = [n for n in names if n]
+    if not names or len(set(names)) != len(names):
+        raise BadInput(
+            f"--classes {args.classes}: give each class name once, one per line, in the "
+            "model's output order"
+        )
+    return names
+
+
+ORDER_CHECK_ROWS = 2000
+"""Training examples on which the model's predictions test the order of named classes."""
+
+
+def check_class_order(model: nn.Module, d: FileData, device: torch.device, seed: int) -> None:
+    """Refuse named classes whose order the model contradicts.
+
+    Names are numbered in sorted order unless ``--classes`` says otherwise, and nothing in
+    the files says which output of the model is which name. A model trained with another
+    order agrees with the numbered labels at about chance level, and the repair would then
+    fine-tune it onto the wrong labels and report a large "gain" (an outside-in trial: test
+    accuracy 94% -> 12% in truth, shown as a repair to 91%). On a seeded sample of the
+    training set: if the labels agree with the model's predictions less than half as often
+    as the best label-by-label matching would, the order is wrong.
+
+    Raises:
+        BadInput: with the order the model's predictions suggest.
+    """
+    if d.classes is None:
+        return
+    rng = np.random.default_rng(seed)
+    rows = rng.permutation(len(d))[:ORDER_CHECK_ROWS]
+    pred = predict(model, d.X[torch.from_numpy(np.sort(rows))], device).numpy()
+    labels = d.y[torch.from_numpy(np.sort(rows))].numpy()
+    c = max(int(pred.max()), int(labels.max())) + 1
+    table = np.zeros((c, c), dtype=np.int64)  # [label, predicted]
+    np.add.at(table, (labels, pred), 1)
+    agree, best = np.trace(table), table.max(1).sum()
+    if agree >= 0.5 * best:
+        return
+    guess = table.argmax(1)  # per name index: the output the model gives it most
+    order = ["?"] * c
+    for name_index, out in enumerate(guess):
+        if name_index < len(d.classes) and order[out] == "?":
+            order[out] = d.classes[name_index]
+    raise BadInput(
+        f"the model agrees with these class names on {agree / len(rows):.0%} of "
+        f"{len(rows)} training examples, where its outputs read in another order would "
+        f"agree on up to {best / len(rows):.0%}: the names were numbered "
+        f"{', '.join(f'{i}={n}' for i, n in enumerate(d.classes[:10]))}, which is not the "
+        "model's order. Pass --classes FILE with one name per line in the model's output "
+        f"order (its predictions suggest {', '.join(order[:10])})"
+    )
+
+
 def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str) -> FileData:
     length = None
     if like is not None and like.kind == "tokens":
@@ -243,7 +305,7 @@ def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str)
         d = load_data(
             path,
             label_column=args.label_column,
-            classes=None if like is None else like.classes,
+            classes=_class_names(args) if like is None else like.classes,
             pad_id=args.pad_id,
             length=length,
         )
@@ -307,12 +369,19 @@ class Inputs:
                         "must measure on labelled data the model never trained on, and that "
                         "the test figures do not judge; pass a separate validation split"
                     )
+        if args.classes is not None and self.train.classes is None:
+            raise BadInput(
+                "--classes names the classes of files labelled by name; the training set's "
+                "labels are already class indices: drop --classes"
+            )
         # said before any pass: found later, a bad label left a cache that refused the rerun
         classes = num_classes_of(model, self.train.X, device)
         named = (("--train", self.train), ("--test", self.test), ("--guard-data", self.guard_data))
         for flag, d in named:
             if d is not None:
                 check_labels(d.y, classes, flag)
+        if args.classes is None:
+            check_class_order(model, self.train, device, args.seed)
         if args.failure_indices is not None:
             if self.test is None:
                 raise BadInput("--failure-indices needs --test (the set the indices point into)")
@@ -655,13 +724,24 @@ def run(args: argparse.Namespace) -> int:
     selected = np.zeros(len(train), dtype=bool)
     selected[causes] = True
     ylist = train.y.tolist()
+    # where a training example came from: its class name and its file, when the files say
+    class_names, paths = train.classes, train.paths
+
+    def origin(i: int) -> list[Any]:
+        return ([class_names[ylist[i]]] if class_names is not None else []) + (
+            [paths[i]] if paths is not None else []
+        )
+
+    origin_head = (["label_name"] if class_names is not None else []) + (
+        ["path"] if paths is not None else []
+    )
     rows = [
-        [i, _fmt(s), ylist[i], suggested.get(i), int(selected[i])]
+        [i, _fmt(s), ylist[i], suggested.get(i), int(selected[i]), *origin(i)]
         for i, s in enumerate(scores.tolist())
     ]
     write_text_atomic(
         out / "scores.csv",
-        _csv(["index", "score", "label", "suggested_label", "selected"], rows),
+        _csv(["index", "score", "label", "suggested_label", "selected", *origin_head], rows),
     )
     m = len(fails)
     if per_failure is not None:
@@ -672,13 +752,14 @@ def run(args: argparse.Namespace) -> int:
     crow = [
         [f, r + 1, int(cidx[f, r]), _fmt(float(cscore[f, r])), ylist[int(cidx[f, r])]]
         + ([test_index[f]] if test_index is not None else [])
+        + origin(int(cidx[f, r]))
         for f in range(m)
         for r in range(cidx.shape[1])
     ]
     head = ["failure", "rank", "training_index", "score", "label"]
     write_text_atomic(
         out / "culprits.csv",
-        _csv(head + (["test_index"] if test_index is not None else []), crow),
+        _csv(head + (["test_index"] if test_index is not None else []) + origin_head, crow),
     )
     settings = {
         "model": args.model,
@@ -912,6 +993,13 @@ def add_parser(sub: Any) -> None:
         metavar="FILE|auto",
         help="failures as indices into --test (.npy or text), or 'auto': the model's test "
         "mistakes split in two halves, one to repair from and one held out",
+    )
+    r.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="class names in the model's output order, one per line (line 0 is output 0): how "
+        "names in folders and CSV/JSONL labels map to the model's classes (default: sorted "
+        "names, which are refused when the model's predictions say another order)",
     )
     r.add_argument("--label-column", default="label", help="label column of CSV files")
     r.add_argument("--pad-id", type=int, default=0, help="padding id of JSONL token ids (0)")
