@@ -768,6 +768,7 @@ def run(args: argparse.Namespace) -> int:
         "failures": args.failures,
         "test": args.test,
         "guard_data": args.guard_data,
+        "classes": args.classes,
         "failure_indices": args.failure_indices,
         "identify": args.identify,
         "identify_options": args.identify_options or None,
