@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -110,6 +112,21 @@ def test_save_load_continues_exactly(problem, tmp_path):
         Repairer.load(tmp_path / "state", model, train, treat="relabel", seed=1)
     with pytest.raises(ValueError, match="no continual-repair state"):
         Repairer.load(tmp_path, model, train)
+    # the treatment's recipe is a setting too (netmend repair --resume --lr 0.01 was taken)
+    faster = dataclasses.replace(RECIPE, lr=RECIPE.lr * 10)
+    with pytest.raises(ValueError, match="saved with other train_config"):
+        Repairer.load(tmp_path / "state", model, train, treat="relabel", train_config=faster,
+                      device="cpu", progress=False)  # fmt: skip
+
+
+def test_a_rounds_failures_must_look_like_the_training_inputs(problem):
+    """uint8 failures for a float model were refused by the first run but reached the model
+    in a continual round, which failed inside torch (an internal error in the CLI)."""
+    _, _, (Xf, yf), _ = problem
+    rep = _repairer(problem)
+    rep.observe((Xf[:8], yf[:8]))
+    with pytest.raises(ValueError, match="failures have inputs int but train has real"):
+        rep.observe(((Xf[8:] * 50).clamp(0, 255).to(torch.uint8), yf[8:]))
 
 
 def test_bad_settings_refused(problem):

@@ -146,6 +146,11 @@ def test_a_token_id_out_of_vocabulary_is_bad_input_not_an_index_error():
     with pytest.raises(ValueError, match=msg):
         netmend.evaluate(model, (bad_train, y), device="cpu")
     netmend.identify(model, (ids, y), (Xf, yf), "ewc", k=5, **RUN)  # the clean data run
+    # a continual round said it as an internal error too (an outside-in trial)
+    rep = netmend.Repairer(model, (ids, y), k=5, device="cpu", progress=False)
+    rep.observe((Xf[:3], yf[:3]))
+    with pytest.raises(ValueError, match=msg):
+        rep.observe((bad_f[3:], yf[3:]))
 
     class Picky(nn.Module):  # an IndexError of the model's own, on the 51st example
         def __init__(self) -> None:

@@ -278,9 +278,10 @@ def _failures(
     """The failures as a source like the training set's (same input structure and dtype)."""
     F = as_source(failures, "failures", task)
     fx, tx = F.head(1).read(), X.head(1).read()  # one example each (kept by as_source)
-    if _layout(fx) != _layout(tx):
+    if input_layout(fx) != input_layout(tx):
         raise ValueError(
-            f"failures have inputs {_layout(fx)} but train has {_layout(tx)}: pass failures "
+            f"failures have inputs {input_layout(fx)} but train has {input_layout(tx)}: pass "
+            "failures "
             "with inputs like the training set's (the same keys, integer ids where it has them)"
         )
     if F.signature is not None and X.signature is not None and _shapes(fx) != _shapes(tx):
@@ -299,9 +300,10 @@ def _real(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
 
 
-def _layout(x: Any) -> Any:
+def input_layout(x: Any) -> Any:
     """The structure of a batch of inputs: its containers and keys, and for each tensor whether
-    it holds integers (token ids, codes) or real values."""
+    it holds integers (token ids, codes) or real values (failures must match the training
+    set's: uint8 images against float training images are refused, not cast)."""
     return tree_map(lambda t: "real" if _real(t) else "int", x)
 
 

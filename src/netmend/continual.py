@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -70,7 +71,7 @@ from netmend.identification.base import (
 )
 from netmend.identification.ewc import fit_theta_plus_f
 from netmend.identification.label_gate import gate_causes
-from netmend.model.checks import check_failures
+from netmend.model.checks import check_failures, ids_in_range
 from netmend.model.functional import FunctionalModel, log_likelihoods, match_dtype, param_dtype
 from netmend.model.training import TrainConfig, predict
 from netmend.treatment.guard import guard_k, resolve_guard
@@ -121,6 +122,21 @@ def _interpolate(previous: nn.Module, new: nn.Module, w: float) -> nn.Module:
     out = copy.deepcopy(new)
     out.load_state_dict(mixed)
     return out.eval()
+
+
+_M = TypeVar("_M", bound=Callable[..., Any])
+
+
+def _ids_said(fn: _M) -> _M:
+    """A Repairer method whose out-of-vocabulary token ids are said as bad input, as in the
+    one-shot calls (:func:`netmend.model.checks.ids_in_range`)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with ids_in_range():
+            return fn(*args, **kwargs)
+
+    return cast(_M, wrapped)
 
 
 class Repairer:
@@ -288,6 +304,13 @@ class Repairer:
 
     def _check_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
         Xb, yb = as_tensors(failures, "failures", task=self.task)
+        seen, train = api.input_layout(Xb[:1]), api.input_layout(self._X.head(1).read())
+        if seen != train:  # uint8 images against float ones: refused, as by identify
+            raise ValueError(
+                f"failures have inputs {seen} but train has {train}: pass failures with "
+                "inputs like the training set's (the same dtype kind, integer ids where it has "
+                "them, images scaled as in training)"
+            )
         if Xb.shape[1:] != self._failures_X.shape[1:]:
             raise ValueError(
                 f"failures have input shape {tuple(Xb.shape[1:])} but train has "
@@ -398,6 +421,7 @@ class Repairer:
                 if part.numel():
                     self._halves[split, h] += self._ewc_scores(Xb[part], yb[part])
 
+    @_ids_said
     def adopt(
         self,
         failures: DataLike,
@@ -430,6 +454,7 @@ class Repairer:
             self._set_first_steps(kk)
         self._record(int(yb.shape[0]), set(), {}, secs)
 
+    @_ids_said
     def per_failure(self, failures: DataLike) -> np.ndarray:
         """Per-failure cause scores ``[N, M]`` of ``failures`` (positive = harmful to failure i).
 
@@ -442,6 +467,7 @@ class Repairer:
         return ctx.per_failure_scores(ctx.diag_curvature())
 
     # ------------------------------------------------------------------ a round
+    @_ids_said
     def observe(self, failures: DataLike) -> nn.Module:
         """Take a batch of new failures (with their correct labels) and return the repaired model.
 
@@ -598,6 +624,7 @@ class Repairer:
         """Whether :meth:`control` has a round's treatment call to repeat."""
         return self._round_call is not None
 
+    @_ids_said
     def control(self, causes: np.ndarray) -> nn.Module:
         """The last round's treatment call again with only the causes changed: its controls.
 
@@ -653,6 +680,8 @@ class Repairer:
             "warm_start": self.warm_start,
             "continue_fraction": self.continue_fraction,
             "mix": self.mix,
+            # the treatment's recipe: a round at another learning rate is another repair
+            "train_config": dataclasses.asdict(self.train_config),
         }
 
     def save(self, directory: str | Path) -> Path:
