@@ -327,6 +327,9 @@ BASE = ["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures"
         ([*BASE, "--k", "40"], "--k 40: the causes would be the whole training set"),
         ([*BASE, "--guard-data", "{badlab}"], "--guard-data: labels must lie in [0, 3)"),
         ([*BASE, "--test", "{badlab}"], "--test: labels must lie in [0, 3)"),
+        ([*BASE, "--chunk-size", "0"], "--chunk-size must be >= 1"),
+        ([*BASE, "--vocab", "{idx}_missing"], "--vocab"),
+        ([*BASE, "--vocab", "{folder}"], "cannot be read as text"),
     ],
 )  # fmt: skip
 def test_bad_input_exits_2(tmp_path, capsys, argv, message):
@@ -342,13 +345,14 @@ def test_bad_input_exits_2(tmp_path, capsys, argv, message):
     paths = {k: str(tmp_path / f"{k}.npz") for k in ("train", "bad", "wide", "fail", "badlab")}
     paths["idx"], paths["named"] = str(tmp_path / "idx.txt"), str(tmp_path / "named.csv")
     paths["whole"] = str(tmp_path / "whole.pt")
+    paths["folder"] = str(tmp_path)
     torch.save(_cli_models.tabular_net(), paths["whole"])
     argv = [a.format(**paths) for a in argv]
     code, _, err = _run([*argv, "--out", str(tmp_path / "o")], capsys)
     assert code == 2, err
     assert message in err and "Traceback" not in err
     assert "weights_only=False" not in err  # never advise loading code from a file
-    assert not (tmp_path / "o" / "cache").exists()  # refused before any pass: no cache left
+    assert not (tmp_path / "o").exists()  # refused before any pass: no folder left behind
 
 
 def test_method_names_are_checked_before_any_pass(tmp_path, capsys, monkeypatch):

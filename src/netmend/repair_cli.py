@@ -508,7 +508,8 @@ def run(args: argparse.Namespace) -> int:
             f"--out {out}: the folder is not empty; pass --resume {out} to reuse its cache, "
             "--overwrite to replace it, or choose a new folder"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if args.chunk_size < 1:  # said before any pass (later, it left a cache behind)
+        raise BadInput(f"--chunk-size must be >= 1; got {args.chunk_size}")
     device = resolve_device(args.device)
     # bars redraw with carriage returns: in a log file they are one long line of noise
     progress = not args.no_progress and sys.stderr.isatty()
@@ -536,7 +537,11 @@ def run(args: argparse.Namespace) -> int:
     times["load"] = time.perf_counter() - t0
     vocab = None
     if args.vocab is not None:
-        vocab = Path(args.vocab).read_text().splitlines()
+        try:
+            vocab = Path(args.vocab).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:  # missing, a folder, not text
+            raise BadInput(f"--vocab {args.vocab}: cannot be read as text ({exc})") from exc
+    out.mkdir(parents=True, exist_ok=True)  # once the inputs are read: bad ones leave nothing
 
     common: dict[str, Any] = dict(
         seed=args.seed, device=device, chunk_size=args.chunk_size, progress=progress
