@@ -530,9 +530,10 @@ def test_guard_data_option_gives_the_validation_split_to_the_guard(monkeypatch):
     )
     full = len(bench.make_suite("digits/sym20", seed=0).train)
     assert r["data"]["train"] + r["data"]["info"]["validation"] == full
-    res = bench.run(dataclasses.replace(config, validation_share=0.0), device="cpu")
-    cell = res["results"][0]["cells"][0]
-    assert cell["status"] == "error" and "validation_share" in cell["error"]
+    # without a split it is refused before any suite is trained (it used to train every
+    # suite, fail every cell and exit 1: an outside-in trial)
+    with pytest.raises(ValueError, match="guard=data measures on a validation split"):
+        dataclasses.replace(config, validation_share=0.0)
 
 
 def test_validation_share_is_checked():

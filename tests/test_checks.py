@@ -355,3 +355,24 @@ def test_fit_trains_on_the_device_it_is_given():
     X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
     fit(model, X, y, TrainConfig(epochs=1), device="meta", progress=False)
     assert next(model.parameters()).device.type == "meta"
+
+
+def test_failures_scaled_unlike_the_training_inputs_are_flagged():
+    """Failures in 0-255 for a model trained on 0-1 inputs ran without a word (an outside-in
+    trial); netmend now warns, and says nothing for failures on the training scale."""
+    import warnings
+
+    torch.manual_seed(0)
+    X = torch.rand(80, 4)
+    y = (X[:, 0] > 0.5).long()
+    model = nn.Sequential(nn.Linear(4, 2)).eval()
+    from netmend.model.training import predict
+
+    wrong = predict(model, X) != y
+    Xf, yf = X[wrong][:5], y[wrong][:5]
+    kw = dict(method="grad_dot", k=3, device="cpu", progress=False)
+    with pytest.warns(UserWarning, match="scaled differently"):
+        netmend.identify(model, (X, y), (Xf * 255, yf), **kw)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*scaled differently")
+        netmend.identify(model, (X, y), (Xf, yf), **kw)

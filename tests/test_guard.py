@@ -3,6 +3,8 @@ trial fine-tune, measured on a held-out slice of the training set, loses a class
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -406,3 +408,25 @@ def test_resolve_guard_takes_only_booleans() -> None:
     assert resolve_guard(None, False, True, "finetune") is True
     with pytest.raises(ValueError, match="drop it or pass guard=True"):
         resolve_guard(np.bool_(False), True, True, "finetune")
+
+
+def test_repair_says_when_the_guard_cuts_the_users_own_k(
+    blobs, blobs_logreg, blobs_validation, monkeypatch
+) -> None:
+    """With guard_data the guard runs for a fixed k too, and may cut it: it did so without a
+    word (an outside-in trial asked for k=300 and got 75). The automatic K is cut silently
+    (choosing it is the guard's job); a k the user gave is said to have been cut."""
+    import netmend.api as api_mod
+
+    def cutting(treat_fn, model, train, causes, seed, device, guard_data=None):
+        return guard.GuardRecord(len(causes), 2, source="guard_data")
+
+    monkeypatch.setattr(api_mod, "guard_k", cutting)
+    data, failures = (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
+    kw = dict(seed=0, progress=False, guard_data=blobs_validation)
+    with pytest.warns(UserWarning, match=r"the class guard cut k=6 \(6 causes\) to 2"):
+        r = netmend.repair(blobs_logreg, data, failures, k=6, **kw)
+    assert r.causes.size == 2
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="the class guard cut")
+        netmend.repair(blobs_logreg, data, failures, **kw)

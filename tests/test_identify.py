@@ -351,6 +351,9 @@ def test_select_top_k_fraction_positive():
     np.testing.assert_array_equal(select(s, 0.3), [2, 4])  # round(0.3 * 7) = 2
     np.testing.assert_array_equal(select(s, "positive"), [2, 4, 0, 6])  # ties stay in index order
     assert select(s, 3).dtype == np.int64
+    np.testing.assert_array_equal(select(s, torch.tensor(2)), [2, 4])  # as identify takes k
+    with pytest.raises(ValueError, match="1 scores are NaN"):  # NaN ranked last, silently
+        select(np.array([1.0, np.nan, 0.5]), 2)
 
 
 @pytest.mark.parametrize("bad", [-1, 0.0, 1.0, 1.5, "top", True, [3], None, "auto"])

@@ -289,12 +289,15 @@ def test_docs_data_example_runs(capsys):
     """docs/data.md's Hugging Face-style example (dict batches, padding collate, ``.logits``
     outputs) runs as written."""
     import re
+    import warnings
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
     block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[-1]
     ns: dict = {}
-    exec(compile(block, "docs/data.md example", "exec"), ns)
+    with warnings.catch_warnings():  # it passes the recipe: no "no train_config" warning
+        warnings.filterwarnings("error", message="no train_config")
+        exec(compile(block, "docs/data.md example", "exec"), ns)
     result = ns["result"]
     assert result.scores.shape == (len(ns["train_set"]),)
     assert len(result.causes) > 0 and (result.scores[result.causes] > 0).all()

@@ -290,9 +290,36 @@ def _failures(
             "failures with inputs like the training set's"
         )
     check_labels(F.labels, classes, "failures")
+    _check_scale(F, X)
     out = match_dtype(F, dtype)
     assert isinstance(out, DataSource)
     return out
+
+
+SCALE_RATIO = 10.0
+"""The failures' largest input magnitude may differ from the training set's by this factor
+before :func:`_check_scale` warns."""
+
+
+def _check_scale(F: DataSource, X: DataSource) -> None:
+    """Warn when the failures' real-valued inputs are scaled unlike the training set's (images
+    in 0-255 against 0-1: the scores would be about inputs the model never saw, and an
+    outside-in trial's held-out figure counted the repaired failures as unseen). Compares the
+    largest magnitude of each input tensor over the first examples of each (their probes)."""
+    fx = F.head(min(PROBE_ROWS, len(F))).read()
+    tx = X.head(min(PROBE_ROWS, len(X))).read()
+    for a, b in zip(tensors_of(fx), tensors_of(tx), strict=False):
+        if not (_real(a) and _real(b)):
+            continue
+        ma, mb = float(a.detach().abs().max()), float(b.detach().abs().max())
+        if ma > 0 and mb > 0 and not 1 / SCALE_RATIO <= ma / mb <= SCALE_RATIO:
+            warn(
+                f"the failures' inputs reach |x| = {ma:.4g} where the training set's reach "
+                f"{mb:.4g} (first {min(PROBE_ROWS, len(X))} examples): are they scaled "
+                "differently (e.g. images in 0-255 against 0-1)? Pass failures prepared as the "
+                "training inputs were"
+            )
+            return
 
 
 def _real(t: torch.Tensor) -> bool:
@@ -913,6 +940,12 @@ def repair(
         record["guard"] = g.as_dict()
         repaired = g.model  # with guard_data: the accepted trial, the same treatment call
         if g.k < len(ident.causes):
+            if not is_auto_k(k):  # the user's own K: say that it was not kept
+                warn(
+                    f"the class guard cut k={k!r} ({len(ident.causes)} causes) to {g.k}: "
+                    f"removing more made a class fall by more than the guard's limit on "
+                    f"{g.source}; pass guard=False to remove the {len(ident.causes)} as asked"
+                )
             ident = dataclasses.replace(
                 ident, causes=ident.causes[: g.k], info={**ident.info, "guard": g.as_dict()}
             )

@@ -18,12 +18,15 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import pickle
 import platform
 import shutil
 import sys
 import time
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +181,20 @@ def _load_state_dict(weights: str) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(p))
-        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+        if zipfile.is_zipfile(p) and any(
+            n.endswith("/constants.pkl") or "/code/" in n for n in zipfile.ZipFile(p).namelist()
+        ):
+            raise BadInput(
+                f"--weights {p}: a TorchScript archive, which netmend does not load (its code "
+                "runs outside Python's reach); pass --model package.module:factory with "
+                "--weights holding torch.save(model.state_dict(), path), or a torch.export "
+                ".pt2 program as --model"
+            )
+        with warnings.catch_warnings():  # torch's own advice would be weights_only=False
+            warnings.simplefilter("ignore", UserWarning)
+            sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except BadInput:
+        raise
     except pickle.UnpicklingError as exc:  # torch's text advises weights_only=False: not here
         raise BadInput(
             f"--weights {p}: holds pickled Python objects (e.g. a whole model saved with "
@@ -190,14 +206,56 @@ def _load_state_dict(weights: str) -> dict[str, torch.Tensor]:
             f"--weights {p}: cannot read it ({exc}); pass a .safetensors file or a state_dict "
             "saved with torch.save(model.state_dict(), path)"
         ) from exc
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if isinstance(sd, dict) and not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        # a training checkpoint: the weights under one of the usual keys, beside the optimiser
+        inner = [k for k in CHECKPOINT_KEYS if _is_state_dict(sd.get(k))]
+        if not inner:
+            raise BadInput(
+                f"--weights {p}: a dict with keys {sorted(map(str, sd))[:8]} and no state_dict "
+                f"under {', '.join(repr(k) for k in CHECKPOINT_KEYS)}; save the weights alone "
+                "with torch.save(model.state_dict(), path)"
+            )
+        sd = sd[inner[0]]
+    if not _is_state_dict(sd):
         raise BadInput(f"--weights {p}: holds a {type(sd).__name__}, not a state_dict")
     return sd
 
 
+CHECKPOINT_KEYS = ("state_dict", "model_state_dict", "model")
+"""Where a training checkpoint (a dict with the optimiser's state, the epoch, ...) keeps the
+model's weights: the first of these keys that holds a state_dict is read."""
+
+
+def _is_state_dict(d: Any) -> bool:
+    return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+
+
 # ----------------------------------------------------------------------------- the data
+
+
+def _recipe(args: argparse.Namespace) -> TrainConfig:
+    """The recipe the model was trained with, from --epochs/--batch-size/--lr (each missing
+    one from ``TrainConfig()``); with none of them, said once: the fine-tune runs at the
+    training rate for a length sized by the training's steps, as the Python API warns."""
+    given = {
+        k: v
+        for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size), ("lr", args.lr))
+        if v is not None
+    }
+    if not given:
+        c = TrainConfig()
+        print(
+            f"netmend repair: warning: no --epochs/--batch-size/--lr: the fine-tune assumes "
+            f"the model was trained with Adam at lr {c.lr:g}, batch {c.batch_size}, "
+            f"{c.epochs:g} epochs; pass the recipe it was trained with, or a model trained at "
+            "another rate may barely move",
+            file=sys.stderr,
+        )
+    bad = [k for k, v in given.items() if not (v > 0 and math.isfinite(v))]
+    if bad:
+        flags = ", ".join(f"--{k.replace('_', '-')} {given[k]:g}" for k in bad)
+        raise BadInput(f"{flags}: the training recipe's values must be > 0")
+    return TrainConfig(**given)
 
 
 def _parse_k(k: str | None) -> int | float | str | None:
@@ -317,11 +375,24 @@ def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str)
             f"--{what} {path}: its labels are class names ({', '.join(d.classes[:5])}) but the "
             "training set's labels are class indices (integers); give this file the same "
             "integer labels as the training set"
+            + (
+                " (an image folder's labels are its sub-folders' names: pass the training set "
+                "as an image folder with the same class folders, or this file as an .npz)"
+                if Path(path).is_dir()
+                else ""
+            )
         )
     if like is not None and d.X.shape[1:] != like.X.shape[1:]:
+        a, b = tuple(d.X.shape[1:]), tuple(like.X.shape[1:])
+        colour = len(a) == len(b) == 3 and a[1:] == b[1:] and {a[0], b[0]} == {1, 3}
         raise BadInput(
-            f"--{what} {path}: inputs have shape {tuple(d.X.shape[1:])} but the training "
-            f"inputs have {tuple(like.X.shape[1:])}"
+            f"--{what} {path}: inputs have shape {a} but the training inputs have {b}"
+            + (
+                ": one is in colour (3 channels), the other grey (1); convert the images to "
+                "the training set's mode (e.g. PIL's Image.convert('L') or 'RGB')"
+                if colour
+                else ""
+            )
         )
     return d
 
@@ -514,7 +585,7 @@ def run(args: argparse.Namespace) -> int:
     # bars redraw with carriage returns: in a log file they are one long line of noise
     progress = not args.no_progress and sys.stderr.isatty()
     k = _parse_k(args.k)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    config = _recipe(args)
 
     t0 = time.perf_counter()
     model = load_model(args.model, args.weights)
@@ -783,7 +854,7 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed,
         "device": str(device),
         "chunk_size": args.chunk_size,
-        "train_config": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
+        "train_config": {"epochs": config.epochs, "batch_size": config.batch_size, "lr": config.lr},
         "no_gate": args.no_gate,
         "no_guard": args.no_guard,
         "controls": not args.no_controls,
@@ -1030,9 +1101,9 @@ def add_parser(sub: Any) -> None:
     r.add_argument("--seed", type=seed_argument, default=0, help="seed of everything random (0)")
     r.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     r.add_argument("--chunk-size", type=int, default=128, help="examples per batched pass")
-    r.add_argument("--epochs", type=float, default=3.0, help="epochs the model trained for (3)")
-    r.add_argument("--batch-size", type=int, default=128, help="its training batch size (128)")
-    r.add_argument("--lr", type=float, default=1e-3, help="its Adam learning rate (1e-3)")
+    r.add_argument("--epochs", type=float, help="epochs the model trained for (3)")
+    r.add_argument("--batch-size", type=int, help="its training batch size (128)")
+    r.add_argument("--lr", type=float, help="its Adam learning rate (1e-3)")
     r.add_argument(
         "--culprits", type=_positive_int, default=5, help="culprits listed per failure (5)"
     )

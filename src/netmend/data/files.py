@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import zipfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -101,7 +102,7 @@ def load_data(
         return load_image_folder(p, classes=classes, workers=workers)
     suffix = p.suffix.lower()
     if suffix == ".npz":
-        return load_npz(p)
+        return load_npz(p, classes=classes)
     if suffix == ".csv":
         return load_csv(p, label_column=label_column, classes=classes)
     if suffix in (".jsonl", ".ndjson"):
@@ -112,9 +113,17 @@ def load_data(
     )
 
 
-def load_npz(path: str | os.PathLike[str]) -> FileData:
-    """Read arrays ``X`` ``[N, ...]`` and ``y`` ``[N]`` from an ``.npz`` file (no pickles)."""
+def load_npz(path: str | os.PathLike[str], classes: Sequence[str] | None = None) -> FileData:
+    """Read arrays ``X`` ``[N, ...]`` and ``y`` ``[N]`` from an ``.npz`` file (no pickles).
+
+    ``y`` holds class indices, or class names (a string array) numbered through ``classes``
+    (the training set's) or in sorted order, as the CSV and JSONL labels are.
+    """
     p = Path(path)
+    if p.is_file() and not zipfile.is_zipfile(p):  # numpy would call it "pickled data"
+        raise ValueError(
+            f"{p}: not an .npz archive (numpy.savez writes one: numpy.savez(path, X=X, y=y))"
+        )
     try:
         with np.load(p, allow_pickle=False) as z:
             missing = [k for k in ("X", "y") if k not in z.files]
@@ -130,17 +139,25 @@ def load_npz(path: str | os.PathLike[str]) -> FileData:
         raise ValueError(f"{p}: cannot read it as an .npz of numeric arrays ({exc})") from exc
     except (OSError, EOFError) as exc:
         raise ValueError(f"{p}: cannot read it as an .npz file ({exc})") from exc
-    if X.dtype.kind not in "biuf" or y.dtype.kind not in "biuf":
-        raise ValueError(f"{p}: X and y must be numeric arrays; got {X.dtype} and {y.dtype}")
+    if X.dtype.kind not in "biuf":
+        raise ValueError(f"{p}: X must be a numeric array; got {X.dtype}")
+    if y.dtype.kind not in "biufUS":
+        raise ValueError(
+            f"{p}: y must hold class indices (integers) or class names (strings); got {y.dtype}"
+        )
     if y.ndim != 1 or X.ndim < 1 or X.shape[0] != y.shape[0]:
         raise ValueError(
             f"{p}: X must be [N, ...] and y [N] with the same N; got {X.shape} and {y.shape}"
         )
-    if y.dtype.kind == "f" and not np.all(y == np.round(y)):
+    names = None
+    if y.dtype.kind in "US":
+        raw = [v.decode() if isinstance(v, bytes) else str(v) for v in y.tolist()]
+        labels, names = _label_indices(raw, classes, str(p))
+    elif y.dtype.kind == "f" and not np.all(y == np.round(y)):
         raise ValueError(f"{p}: y must hold integer class indices")
-    return FileData(
-        torch.from_numpy(X.copy()), torch.from_numpy(y.astype(np.int64)), "array", source=str(p)
-    )
+    else:
+        labels = torch.from_numpy(y.astype(np.int64))
+    return FileData(torch.from_numpy(X.copy()), labels, "array", classes=names, source=str(p))
 
 
 def _label_indices(

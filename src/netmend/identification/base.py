@@ -249,8 +249,20 @@ def select(scores: np.ndarray, k: int | float | str | None) -> np.ndarray:
             :func:`reproducible_k`.)
 
     Returns:
-        Training indices, int64, sorted by decreasing score.
+        Training indices, int64, sorted by decreasing score (ties by index); an int ``k``
+        above ``N`` selects all ``N`` (:func:`netmend.identify` refuses such a ``k``).
+
+    Raises:
+        ValueError: NaN scores (they would rank last, silently), a negative or unknown ``k``.
     """
+    scores = np.asarray(scores)
+    if np.isnan(scores).any():
+        raise ValueError(
+            f"{int(np.isnan(scores).sum())} scores are NaN: a method that failed on some "
+            "examples; check the model's outputs on them before selecting causes"
+        )
+    if isinstance(k, torch.Tensor) and k.ndim == 0 and not k.is_floating_point():
+        k = int(k.item())  # a 0-d integer tensor, as identify takes it
     order = np.argsort(-scores, kind="stable")
     if k == "positive":
         return order[scores[order] > 0]

@@ -529,6 +529,13 @@ class BenchConfig:
                 f"validation_share is a share of each class in [0, 0.5), not "
                 f"{self.validation_share}"
             )
+        needs = [p for p in self.pipelines if parse_step(parse_pipeline(p)[1])[1].get("guard")
+                 == "data"]  # fmt: skip
+        if needs and not self.validation_share:
+            raise ValueError(
+                f"{needs[0]}: guard=data measures on a validation split, and there is none: "
+                "pass validation_share (netmend bench --validation-share, e.g. 0.05)"
+            )
 
     @classmethod
     def quick(cls, **overrides: Any) -> BenchConfig:
