@@ -350,8 +350,9 @@ def check_class_order(model: nn.Module, d: FileData, device: torch.device, seed:
         f"{len(rows)} training examples, where its outputs read in another order would "
         f"agree on up to {best / len(rows):.0%}: the names were numbered "
         f"{', '.join(f'{i}={n}' for i, n in enumerate(d.classes[:10]))}, which is not the "
-        "model's order. Pass --classes FILE with one name per line in the model's output "
-        f"order (its predictions suggest {', '.join(order[:10])})"
+        "model's order (or the model is not the trained one: check --weights). Pass "
+        "--classes FILE with one name per line in the model's output order (its predictions "
+        f"suggest {', '.join(order[:10])})"
     )
 
 
