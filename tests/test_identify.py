@@ -680,3 +680,22 @@ def test_automatic_k_warns_when_the_scores_ignore_the_failures(blobs, blobs_logr
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*scores the training set the same")
         netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", **RUN)
+
+
+def test_culprits_break_ties_by_index_as_select_does():
+    """argpartition picked any of a tied block (KNN-Shapley's per-failure values tie in
+    blocks), so culprits(i) and the report's culprit table were not the lowest indices of
+    the tie, unlike select(): an outside-in trial."""
+    from netmend.identification.base import top_indices
+    from netmend.report.html import culprit_table
+
+    rng = np.random.default_rng(0)
+    col = np.repeat([3.0, 2.0, 1.0], [2, 40, 58])[rng.permutation(100)]
+    top = top_indices(col, 5)
+    expected = select(col, 5)  # the top 2, then the 3 lowest indices of the 40 tied at 2.0
+    np.testing.assert_array_equal(top, expected)
+    assert col[top].tolist() == [3.0, 3.0, 2.0, 2.0, 2.0]
+    idx, sc = culprit_table(np.stack([col, -col], 1), 5)
+    np.testing.assert_array_equal(idx[0], expected)
+    np.testing.assert_array_equal(idx[1], select(-col, 5))
+    assert top_indices(col, 0).size == 0 and top_indices(col, 500).size == 100

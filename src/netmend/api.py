@@ -48,6 +48,7 @@ from netmend.identification.base import (
     class_capped,
     is_auto_k,
     per_failure_top,
+    top_indices,
 )
 from netmend.identification.base import check_options as check_identify_options
 from netmend.identification.caching import cached_method
@@ -177,10 +178,8 @@ class Identification:
         n = check_count(n, "n")
         pf = self.per_failure
         col = pf[:, check_index(i, pf.shape[1], "failure index i")]
-        n = min(n, col.shape[0])
-        top = np.argpartition(-col, n - 1)[:n] if n < col.shape[0] else np.arange(col.shape[0])
-        top = top[np.argsort(-col[top], kind="stable")]
-        return Culprits(top.astype(np.int64), col[top].astype(np.float64))
+        top = top_indices(col, n)  # ties by index, as select() breaks them
+        return Culprits(top, col[top].astype(np.float64))
 
 
 @dataclass(eq=False)

@@ -347,6 +347,21 @@ CULPRITS_PER_FAILURE = 5
 """With fewer than 4 failures, the automatic K takes this many top culprits per failure."""
 
 
+def top_indices(values: np.ndarray, n: int) -> np.ndarray:
+    """The indices of the ``n`` largest of ``values`` ``[N]``, largest first, ties broken by
+    index as :func:`select` breaks them (``argpartition`` alone picks any of a tied block:
+    KNN-Shapley's per-failure values tie in blocks of up to 40). O(N), no full sort.
+    """
+    n = min(int(n), values.shape[0])
+    if n <= 0:
+        return np.zeros(0, dtype=np.int64)
+    kth = np.partition(-values, n - 1)[n - 1]  # minus the n-th largest value
+    above = np.flatnonzero(-values < kth)
+    tied = np.flatnonzero(-values == kth)[: n - above.size]
+    top = np.concatenate([above, tied])
+    return top[np.lexsort((top, -values[top]))].astype(np.int64)
+
+
 def class_capped(
     causes: np.ndarray, labels: np.ndarray | torch.Tensor, max_share: float = MAX_CLASS_SHARE
 ) -> np.ndarray:

@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from netmend.identification.base import top_indices
+
 PAGE_SIZE = 20
 
 
@@ -481,11 +483,8 @@ def culprit_table(per_failure: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarr
     n = min(n, pf.shape[0])
     if n <= 0:
         raise ValueError(f"n must be at least 1; got {n}")
-    top = np.argpartition(-pf, n - 1, axis=0)[:n] if n < pf.shape[0] else np.argsort(-pf, 0)
-    vals = np.take_along_axis(pf, top, 0)
-    order = np.argsort(-vals, axis=0, kind="stable")
-    top = np.take_along_axis(top, order, 0)
-    return top.T.astype(np.int64), np.take_along_axis(vals, order, 0).T
+    top = np.stack([top_indices(pf[:, j], n) for j in range(pf.shape[1])])  # [M, n]
+    return top, np.take_along_axis(pf.T, top, 1)
 
 
 def demo_report(result: dict[str, Any], artifacts: dict[str, Any], path: str | Path) -> Path:
