@@ -322,6 +322,11 @@ def test_class_capped_stops_before_half_of_a_class():
     assert class_capped(causes, labels).tolist() == [10, 0]
     assert class_capped(causes, labels, max_share=1.0).tolist() == causes.tolist()
     assert class_share(causes[:4], labels) == pytest.approx({0: 0.2, 1: 0.5, 2: 0.0})
+    # a class of 3 examples may give none at 30%: its examples are passed over; they used
+    # to end the list at the first of them (an outside-in trial: K 128 became 14)
+    tiny = np.array([0] * 10 + [1] * 10 + [2] * 3)
+    order = np.array([0, 20, 10, 1, 21, 11, 2])
+    assert class_capped(order, tiny).tolist() == [0, 10, 1, 11, 2]
 
 
 def test_explicit_k_that_empties_a_class_is_warned_and_recorded(blobs, blobs_logreg):
