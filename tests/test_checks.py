@@ -376,3 +376,24 @@ def test_failures_scaled_unlike_the_training_inputs_are_flagged():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*scaled differently")
         netmend.identify(model, (X, y), (Xf, yf), **kw)
+
+
+@pytest.mark.parametrize("labels", [np.array(["cat", "dog"] * 10), ["cat", "dog"] * 10])
+def test_class_names_as_labels_are_refused_with_the_fix(labels):
+    """String labels reached torch, whose message named numpy.str_ (an outside-in trial)."""
+    model = nn.Linear(3, 2).eval()
+    X = torch.randn(20, 3)
+    with pytest.raises(TypeError, match="class index in the model's output order"):
+        netmend.identify(model, (X, labels), (X[:3], torch.tensor([0, 1, 0])), "grad_dot", k=3,
+                         device="cpu", progress=False)  # fmt: skip
+
+
+def test_self_influence_with_k_positive_is_refused_before_scoring():
+    """target='self' scores are never negative: k='positive' selected the whole training set
+    at the noise rate's precision, found by an outside-in trial."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).eval()
+    X, y = torch.randn(20, 3), torch.randint(0, 2, (20,))
+    with pytest.raises(ValueError, match="never negative"):
+        netmend.identify(model, (X, y), (X[:3], 1 - y[:3]), "grad_dot", k="positive",
+                         target="self", device="cpu", progress=False)  # fmt: skip

@@ -466,6 +466,12 @@ def identify(
     dev = resolve_device(device)
     work, X, y, classes = _prepare(model, train, dev, task, chunk_size)
     k = check_k(k, len(X))
+    if k == "positive" and options.get("target") == "self":
+        raise ValueError(
+            "target='self' scores self-influence, which is never negative: k='positive' would "
+            "select the whole training set. Pass a count or a fraction (k=100, k=0.05), or "
+            "k='auto' (with a warning: self-influence ignores the failures)"
+        )
     Xf = _failures(failures, X, classes, param_dtype(work), task)
     yf = Xf.labels
     check_failures(work, Xf, yf, dev, 1024, Xf.task)

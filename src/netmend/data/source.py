@@ -346,6 +346,15 @@ SourceLike = Union[DataSource, Dataset, DataLoader, Sequence[Any]]  # noqa: UP00
 def _to_tensor(a: Any, name: str) -> torch.Tensor:
     if isinstance(a, torch.Tensor):  # read on the CPU, as every source is (a no-op there)
         return a.detach().cpu()
+    arr = a if isinstance(a, np.ndarray) else None
+    if arr is None and isinstance(a, (list, tuple)) and a and isinstance(a[0], (str, bytes)):
+        arr = np.asarray(a)
+    if arr is not None and arr.dtype.kind in "USO":  # torch's message names numpy.str_
+        raise TypeError(
+            f"{name}: holds {'strings' if arr.dtype.kind in 'US' else 'Python objects'} (class "
+            "names?); pass numbers: for labels, each example's class index in the model's "
+            "output order, e.g. y = [classes.index(c) for c in labels] with classes that order"
+        )
     if isinstance(a, np.ndarray):
         return torch.from_numpy(np.ascontiguousarray(a))
     try:
