@@ -1,15 +1,16 @@
 """Does ``trak``'s new default ``ridge_ratio`` (0.1) cost the MLP's top-K removal? Three seeds.
 
-``validate.json`` (seed 0) showed the digits MLP's ``trak`` counterfactual (held-out failures
-fixed by retraining without the top-K, minus K random removals) falling from +0.409 at the old
-default ``ridge_ratio=0.01`` to +0.231 at 0.1, about two standard deviations of the random
-removals' spread, while its LDS rose. This gathers the same problem on seeds 0, 1 and 2, each
+``validate.json`` (seed 0, the former ReLU MLP) showed the digits MLP's ``trak`` counterfactual
+(held-out failures fixed by retraining without the top-K, minus K random removals) falling
+from +0.409 at the old default ``ridge_ratio=0.01`` to +0.231 at 0.1, about two standard
+deviations of the random removals' spread, while its LDS rose. Rerun in 0.3.6 on the converged
+tanh MLP of ``make_problem(model="mlp")``. This gathers the same problem on seeds 0, 1 and 2, each
 run with both ratios (``trak`` and ``trak-ratio0.01``) and ``grad_dot`` and ``ekfac`` as
 references, into one JSON with per-seed figures and their means over seeds::
 
     for s in 0 1 2; do OMP_NUM_THREADS=1 .venv/bin/python benchmarks/validate.py --models mlp \\
         --seed $s --n-loo 0 --methods trak trak-ratio0.01 grad_dot ekfac random --fresh \\
-        --out benchmarks/validate_trak_s$s.json --md /tmp/validate_trak_s$s.md; done  # ~8 min each
+        --out benchmarks/validate_trak_s$s.json --md /tmp/validate_trak_s$s.md; done  # ~16 min each
     .venv/bin/python benchmarks/trak_default_seeds.py
 """
 
