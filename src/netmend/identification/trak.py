@@ -341,7 +341,7 @@ def trak(ctx: Context) -> MethodOutput:
             own default: beware a singular kernel).
         ridge_ratio: that fraction, a float > 0 (default 0.1). The best LDS came at 0.3
             (digits logistic regression), 3 (digits MLP) and 0.2 (an ensemble of 50 MNIST
-            MLPs); 0.1 was within 0.005, 0.054 and 0.003 of those, and 0.01 (the default
+            MLPs); 0.1 was within 0.005, 0.041 and 0.003 of those, and 0.01 (the default
             until 0.3.5) below every ratio from 0.03 to 0.2 on all three (benchmarks/README.md,
             "TRAK's ridge"). Tune it on a development split, not on the figures you report.
         proj_seed: seed of the projection (default: the identification's ``seed``); checkpoint
