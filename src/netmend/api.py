@@ -277,12 +277,7 @@ def _failures(
     """The failures as a source like the training set's (same input structure and dtype)."""
     F = as_source(failures, "failures", task)
     fx, tx = F.head(1).read(), X.head(1).read()  # one example each (kept by as_source)
-    if input_layout(fx) != input_layout(tx):
-        raise ValueError(
-            f"failures have inputs {input_layout(fx)} but train has {input_layout(tx)}: pass "
-            "failures "
-            "with inputs like the training set's (the same keys, integer ids where it has them)"
-        )
+    check_input_layout(fx, tx)
     if F.signature is not None and X.signature is not None and _shapes(fx) != _shapes(tx):
         raise ValueError(
             f"failures have input shape {F.signature} but train has {X.signature}: pass "
@@ -328,9 +323,25 @@ def _real(t: torch.Tensor) -> bool:
 
 def input_layout(x: Any) -> Any:
     """The structure of a batch of inputs: its containers and keys, and for each tensor whether
-    it holds integers (token ids, codes) or real values (failures must match the training
-    set's: uint8 images against float training images are refused, not cast)."""
+    it holds integers (token ids, codes) or real values."""
     return tree_map(lambda t: "real" if _real(t) else "int", x)
+
+
+def check_input_layout(failures: Any, train: Any) -> None:
+    """Refuse failures whose inputs are laid out unlike the training set's (batches of either;
+    :func:`input_layout`): other keys, or uint8 images against float ones, refused rather than
+    cast. :func:`identify` and every continual round (:class:`netmend.Repairer`) check this.
+
+    Raises:
+        ValueError: both layouts, and what to pass.
+    """
+    seen, want = input_layout(failures), input_layout(train)
+    if seen != want:
+        raise ValueError(
+            f"failures have inputs {seen} but train has {want}: pass failures with inputs like "
+            "the training set's (the same keys, integer ids where it has them, images scaled "
+            "as in training)"
+        )
 
 
 def _shapes(x: Any) -> list[Any]:

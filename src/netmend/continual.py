@@ -304,13 +304,7 @@ class Repairer:
 
     def _check_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
         Xb, yb = as_tensors(failures, "failures", task=self.task)
-        seen, train = api.input_layout(Xb[:1]), api.input_layout(self._X.head(1).read())
-        if seen != train:  # uint8 images against float ones: refused, as by identify
-            raise ValueError(
-                f"failures have inputs {seen} but train has {train}: pass failures with "
-                "inputs like the training set's (the same dtype kind, integer ids where it has "
-                "them, images scaled as in training)"
-            )
+        api.check_input_layout(Xb[:1], self._X.head(1).read())  # as identify checks it
         if Xb.shape[1:] != self._failures_X.shape[1:]:
             raise ValueError(
                 f"failures have input shape {tuple(Xb.shape[1:])} but train has "

@@ -330,10 +330,11 @@ def check_class_order(model: nn.Module, d: FileData, device: torch.device, seed:
     """
     if d.classes is None:
         return
-    rng = np.random.default_rng(seed)
-    rows = rng.permutation(len(d))[:ORDER_CHECK_ROWS]
-    pred = predict(model, d.X[torch.from_numpy(np.sort(rows))], device).numpy()
-    labels = d.y[torch.from_numpy(np.sort(rows))].numpy()
+    rows = torch.from_numpy(
+        np.sort(np.random.default_rng(seed).permutation(len(d))[:ORDER_CHECK_ROWS])
+    )
+    pred = predict(model, d.X[rows], device).numpy()
+    labels = d.y[rows].numpy()
     c = max(int(pred.max()), int(labels.max())) + 1
     table = np.zeros((c, c), dtype=np.int64)  # [label, predicted]
     np.add.at(table, (labels, pred), 1)
@@ -947,7 +948,7 @@ def run(args: argparse.Namespace) -> int:
 def _check_choices(args: argparse.Namespace) -> None:
     """Refuse misspelt method names, their options and too few control draws before any data
     is read or pass is run (docs/safety.md: options are checked before the identification)."""
-    from netmend import identification, treatment
+    from netmend import identification
     from netmend.lab.bench import parse_step
 
     # METHOD[opt=value,...], as netmend bench takes them: the method's own options

@@ -276,7 +276,15 @@ def number_option(
     low: float = 0.0,
     strict: bool = False,
 ) -> Any:
-    """A method's numeric option, checked: ``options[name]`` (or ``default``).
+    """A method's numeric option, checked (:func:`check_number`): ``options[name]``, or
+    ``default`` when it is not given."""
+    return check_number(options.get(name, default), name, integer=integer, low=low, strict=strict)
+
+
+def check_number(
+    v: Any, name: str, *, integer: bool = False, low: float = 0.0, strict: bool = False
+) -> Any:
+    """A numeric setting named ``name``, checked.
 
     A fractional number where an integer is needed (``steps=2.7``), a bool, a non-finite
     number or one below ``low`` (at or below it when ``strict``) is refused rather than
@@ -289,7 +297,6 @@ def number_option(
     Raises:
         ValueError: what was passed and what is allowed.
     """
-    v = options.get(name, default)
     if isinstance(v, str):  # "7", "1e-3": as a number, as the command line's values arrive
         with contextlib.suppress(ValueError):  # else refused below, as given
             v = int(v) if integer and v.strip().lstrip("+-").isdigit() else float(v)

@@ -35,7 +35,7 @@ from torch import nn
 from netmend._warnings import warn
 from netmend.curvature import DENSE_MAX_PARAMS, Curvature, cg, per_example_grads
 from netmend.data.streaming import chunks
-from netmend.data.validate import number_option
+from netmend.data.validate import check_number
 from netmend.identification.base import Context, MethodOutput, NegDot, grad_rows, register
 from netmend.model.functional import Data, stream
 from netmend.store import tensor_hash
@@ -248,9 +248,8 @@ class InverseCurvature:
         # dense and Kronecker kinds are solved by the Curvature itself (Cholesky / eigenbasis)
         self.direct = kind in DIRECT_KINDS or solver == "dense"
         self.A = build_curvature(ctx, kind, damping, solver="dense" if self.direct else "cg")
-        tolerances = {"cg_tol": cg_tol, "cg_maxiter": cg_maxiter}
-        self.cg_tol = number_option(tolerances, "cg_tol", cg_tol, strict=True)
-        self.cg_maxiter = number_option(tolerances, "cg_maxiter", cg_maxiter, integer=True, low=1)
+        self.cg_tol = check_number(cg_tol, "cg_tol", strict=True)
+        self.cg_maxiter = check_number(cg_maxiter, "cg_maxiter", integer=True, low=1)
         self.lissa_opts = dict(lissa or {})
         self.info: dict[str, Any] = {"curvature": kind, "damping": damping, "solver": solver}
         self._lissa_setup: tuple[float, int] | None = None

@@ -234,6 +234,7 @@ def _lbfgs(
         return val
 
     best = float(loss(theta).detach())
+    g: torch.Tensor | None = None  # the gradient at theta, once a round has run
     for _ in range(max_rounds):
         opt.step(closure)
         value = loss(theta)
@@ -241,5 +242,6 @@ def _lbfgs(
         if float(g.norm()) <= tol or float(value.detach()) >= best:
             break
         best = float(value.detach())
-    (g,) = torch.autograd.grad(loss(theta), theta)
+    if g is None:
+        (g,) = torch.autograd.grad(loss(theta), theta)
     return theta.detach(), float(g.norm())
