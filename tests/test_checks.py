@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import netmend
 from netmend import TrainConfig
 from netmend.data.checks import as_tensors
+from netmend.model.training import fit
 
 DT = torch.float64
 RUN = dict(progress=False, device="cpu")
@@ -259,11 +260,23 @@ def test_repair_with_no_selected_causes(setup):
         dict(batch_size=0),
         dict(lr=-1.0),
         dict(weight_decay=-0.1),
+        dict(lr=float("nan")),  # nan <= 0 is False: a plain sign check let it through
+        dict(lr=float("inf")),
+        dict(weight_decay=float("nan")),
     ],
 )
 def test_bad_train_config(kw):
     with pytest.raises(ValueError, match="invalid TrainConfig"):
         TrainConfig(**kw)
+
+
+def test_an_overflowing_learning_rate_is_said_to_diverge(setup):
+    """lr=1e38 is finite, but Adam's update overflows float32: torch's own message named
+    neither the training nor the fix."""
+    model, (X, y), _ = setup
+    model = copy.deepcopy(model).float()
+    with pytest.raises(RuntimeError, match="diverged at step 0.*Lower the learning rate"):
+        fit(model, X.float(), y, TrainConfig(epochs=1, lr=1e38), progress=False)
 
 
 @pytest.mark.parametrize("opt", ["rmsprop", "Adam", "SGD", ""])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import itertools
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,6 +65,8 @@ class TrainConfig:
     freeze_batchnorm: bool = False
 
     def __post_init__(self) -> None:
+        if not (math.isfinite(self.lr) and math.isfinite(self.weight_decay)):
+            raise ValueError(f"invalid TrainConfig {self}: lr and weight_decay must be finite")
         if self.epochs <= 0 or self.batch_size <= 0 or self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"invalid TrainConfig {self}: epochs, batch_size, lr must be > 0")
         if not 0 <= self.average_tail < 1:
@@ -162,7 +165,15 @@ def fit(
                 logits = task.forward(model, xb)
                 (_loss(logits, yb, weight, "sum") / idx.numel()).backward()
             _all_reduce_grads(model)
-        opt.step()
+        try:
+            opt.step()
+        except RuntimeError as exc:  # an update too large for the parameters' dtype
+            if "overflow" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"training diverged at step {step} (lr={config.lr:g}): an update overflowed "
+                "the parameters' dtype. Lower the learning rate."
+            ) from exc
         if callback is not None:
             callback(step, model)
         if step >= start_avg:
