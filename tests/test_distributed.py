@@ -141,3 +141,23 @@ def test_a_failed_rank_stops_every_rank(tmp_path, mode):
         assert r0[mode][2] < _dist_worker.STALL_TIMEOUT_S
     else:  # the group's timeout ends the wait
         assert _dist_worker.STALL_TIMEOUT_S - 1 < r0[mode][2] < _dist_worker.STALL_TIMEOUT_S + 15
+
+
+def test_check_same_names_what_differs(monkeypatch):
+    """Ranks holding other parameter values were reported as holding 'different model and
+    data sizes'; the refusal now names what differs, with each rank's reading."""
+    ranks = [
+        {"model parameters": "ab12", "training examples": 100, "failures": 8},
+        {"model parameters": "ff00", "training examples": 100, "failures": 8},
+    ]
+    monkeypatch.setattr(distributed, "agree", lambda error, what, meta: ranks)
+    with pytest.raises(ValueError) as exc:
+        distributed.check_same(ranks[0], "identify")
+    msg = str(exc.value)
+    assert "different model parameters (by rank: model parameters: ['ab12', 'ff00'])" in msg
+    assert "training examples" not in msg and "sizes" not in msg
+    ranks[1] = dict(ranks[0], failures=9)
+    with pytest.raises(ValueError, match=r"different failures \(by rank: failures: \[8, 9\]\)"):
+        distributed.check_same(ranks[0], "identify")
+    ranks[1] = dict(ranks[0])
+    distributed.check_same(ranks[0], "identify")  # equal readings pass

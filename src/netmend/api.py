@@ -490,7 +490,12 @@ def identify(
     _check_fisher(fisher, fm)
     if distributed.world()[1] > 1:  # sharded passes combine the ranks' work: same inputs
         distributed.check_same(
-            (store.tensor_hash(fm.theta), len(X), len(Xf)), "model and data sizes"
+            {
+                "model parameters": store.tensor_hash(fm.theta),
+                "training examples": len(X),
+                "failures": len(Xf),
+            },
+            "identify",
         )
     torch.manual_seed(seed)
     run, data_fps = None, ("", "")

@@ -224,17 +224,26 @@ def agree(error: BaseException | None, what: str, meta: Any = None) -> list[Any]
     return [g[1] for g in gathered]
 
 
-def check_same(value: Any, what: str) -> None:
-    """Raise ``ValueError`` on every rank unless every rank passes an equal ``value``.
+def check_same(values: dict[str, Any], what: str) -> None:
+    """Raise ``ValueError`` on every rank unless every rank passes equal ``values``.
 
-    E.g. a hash of the model's parameters: sharded passes combine the ranks' work, so every
-    rank must hold the same model and data (nothing in a single process).
+    Args:
+        values: named values that must agree, e.g. ``{"model parameters": hash, "training
+            examples": N}``: sharded passes combine the ranks' work, so every rank must hold
+            the same model and data (nothing in a single process).
+        what: the step checked, for the messages.
+
+    Raises:
+        ValueError: on every rank, naming the values that differ and each rank's reading.
     """
-    values = agree(None, what, value)
-    if any(v != values[0] for v in values[1:]):
+    ranks = agree(None, what, values)
+    differ = [k for k in values if any(r[k] != ranks[0][k] for r in ranks[1:])]
+    if differ:
+        readings = "; ".join(f"{k}: {[r[k] for r in ranks]}" for k in differ)
         raise ValueError(
-            f"the ranks hold different {what} ({values}): every rank must load the same model "
-            "and data (same seed, same files) before calling netmend"
+            f"{what}: the ranks hold different {' and '.join(differ)} (by rank: {readings}). "
+            "Every rank must load the same model and data (same seed, same files) before "
+            "calling netmend"
         )
 
 
