@@ -541,7 +541,8 @@ def test_guard_data_is_where_the_class_guard_measures(tmp_path, capsys):
     more = [*argv[:8], "--resume", str(out), "--failures", str(tmp_path / "fail2.npz"),
             *RECIPE_ARGS]  # fmt: skip
     code, _, err = _run(more, capsys)
-    assert code == 2 and "saved with other guard_data" in err and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
+    assert "saved with other guard_data (given there, none here)" in err
     code, _, err = _run([*more, "--guard-data", str(tmp_path / "val.npz")], capsys)
     assert code == 0, err
     rounds = json.loads((out / "summary.json").read_text())

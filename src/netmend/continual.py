@@ -733,7 +733,12 @@ class Repairer:
             hashed = ("model", "train", "guard_data")  # content hashes: the values say nothing
 
             def said(key: str) -> str:
-                if key in hashed:
+                if key in hashed:  # say at least whether one side had none
+                    there, here = saved[key] is not None, now.get(key) is not None
+                    if there != here:
+                        return f"{key} ({'given' if there else 'none'} there, " + (
+                            "given here)" if here else "none here)"
+                        )
                     return key
                 return f"{key} ({saved[key]!r} there, {store.jsonable(now.get(key))!r} here)"
 
