@@ -322,8 +322,16 @@ def check_class_order(model: nn.Module, d: FileData, device: torch.device, seed:
     order agrees with the numbered labels at about chance level, and the repair would then
     fine-tune it onto the wrong labels and report a large "gain" (an outside-in trial: test
     accuracy 94% -> 12% in truth, shown as a repair to 91%). On a seeded sample of the
-    training set: if the labels agree with the model's predictions less than half as often
-    as the best label-by-label matching would, the order is wrong.
+    training set the order is wrong when either
+
+    * the labels agree with the model's predictions less than half as often as the best
+      label-by-label matching would; or
+    * some names are permuted among themselves: each of them is given one other output by
+      most of its examples, and those outputs are the same names' (two names swapped in a
+      ``--classes`` file: 75% agreement against 92%, which the first test let through, and the
+      repair fell from 94% to 76% in truth). A weak model that confuses a class with another
+      does not also confuse the other back, and label noise under 50% leaves each name's
+      examples predicted mostly as itself.
 
     Raises:
         BadInput: with the order the model's predictions suggest.
@@ -339,22 +347,54 @@ def check_class_order(model: nn.Module, d: FileData, device: torch.device, seed:
     table = np.zeros((c, c), dtype=np.int64)  # [label, predicted]
     np.add.at(table, (labels, pred), 1)
     agree, best = np.trace(table), table.max(1).sum()
-    if agree >= 0.5 * best:
+    permuted = _permuted_names(table)
+    if agree >= 0.5 * best and not permuted:
         return
     guess = table.argmax(1)  # per name index: the output the model gives it most
     order = ["?"] * c
     for name_index, out in enumerate(guess):
         if name_index < len(d.classes) and order[out] == "?":
             order[out] = d.classes[name_index]
+    which = (
+        f"the names {', '.join(d.classes[i] for i in permuted)} are each predicted as "
+        "another of them"
+        if permuted and agree >= 0.5 * best
+        else f"its outputs read in another order would agree on up to {best / len(rows):.0%}"
+    )
     raise BadInput(
         f"the model agrees with these class names on {agree / len(rows):.0%} of "
-        f"{len(rows)} training examples, where its outputs read in another order would "
-        f"agree on up to {best / len(rows):.0%}: the names were numbered "
+        f"{len(rows)} training examples, and {which}: the names were numbered "
         f"{', '.join(f'{i}={n}' for i, n in enumerate(d.classes[:10]))}, which is not the "
         "model's order (or the model is not the trained one: check --weights). Pass "
         "--classes FILE with one name per line in the model's output order (its predictions "
         f"suggest {', '.join(order[:10])})"
     )
+
+
+def _permuted_names(table: np.ndarray, min_rows: int = 5) -> list[int]:
+    """The label indices whose examples the model mostly gives one other output, where those
+    outputs form cycles among the same indices (a swap or a rotation of names); else ``[]``.
+
+    Args:
+        table: ``[C, C]`` counts of (label, predicted output) on a sample.
+        min_rows: labels with fewer sampled examples are not judged.
+    """
+    rows = table.sum(1)
+    top = table.argmax(1)
+    moved = {
+        i: int(top[i])
+        for i in range(len(table))
+        if rows[i] >= min_rows and top[i] != i and table[i, top[i]] > 0.5 * rows[i]
+    }
+    cycles: set[int] = set()
+    for start in moved:  # follow each moved label; a return to it closes a cycle of names
+        path, i = [start], moved[start]
+        while i in moved and i not in path:
+            path.append(i)
+            i = moved[i]
+        if i == start:
+            cycles.update(path)
+    return sorted(cycles)
 
 
 def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str) -> FileData:
@@ -370,7 +410,13 @@ def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str)
             length=length,
         )
     except ValueError as exc:
-        raise BadInput(f"--{what}: {exc}") from exc
+        hint = ""
+        if like is None and args.classes is not None and "are not" in str(exc):
+            hint = (
+                f" (the classes are the lines of --classes {args.classes}: list every class "
+                "name there, in the model's output order)"
+            )
+        raise BadInput(f"--{what}: {exc}{hint}") from exc
     if like is not None and like.classes is None and d.classes is not None:
         # names here cannot be mapped: sorting this file's own names would invent indices
         raise BadInput(
@@ -449,12 +495,17 @@ class Inputs:
             )
         # said before any pass: found later, a bad label left a cache that refused the rerun
         classes = num_classes_of(model, self.train.X, device)
+        names = self.train.classes
+        if args.classes is not None and names is not None and len(names) != classes:
+            raise BadInput(
+                f"--classes {args.classes} lists {len(names)} names but the "
+                f"model has {classes} outputs: give one name per output, in its order"
+            )
         named = (("--train", self.train), ("--test", self.test), ("--guard-data", self.guard_data))
         for flag, d in named:
             if d is not None:
                 check_labels(d.y, classes, flag)
-        if args.classes is None:
-            check_class_order(model, self.train, device, args.seed)
+        check_class_order(model, self.train, device, args.seed)  # a --classes file too
         if args.failure_indices is not None:
             if self.test is None:
                 raise BadInput("--failure-indices needs --test (the set the indices point into)")
