@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import netmend
 from netmend import cli
+from netmend import repair_cli as cli_repair
 from netmend.data.files import load_data
 from netmend.model.training import TrainConfig, fit, predict
 
@@ -835,3 +836,24 @@ def test_a_classes_file_must_name_every_output_once(tmp_path, capsys):
     code, _, err = _run([*argv, "--classes", str(tmp_path / "two.txt"), "--out",
                          str(tmp_path / "b")], capsys)  # fmt: skip
     assert code == 2 and "['zebra']" in err and "the lines of --classes" in err, err
+
+
+def test_an_out_folder_that_cannot_be_written_is_bad_input(tmp_path, capsys, monkeypatch):
+    """A read-only --out, or one under a file, failed when the cache was first written, with
+    exit 1 and 'internal error (please report it)'."""
+    X, y = _blobs(60, 4, seed=4)
+    np.savez(tmp_path / "train.npz", X=X, y=y)
+    np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
+    (tmp_path / "a_file").write_text("x")
+    argv = ["--model", "_cli_models:tabular_net", "--train", str(tmp_path / "train.npz"),
+            "--failures", str(tmp_path / "fail.npz"), "--no-controls", "--k", "5",
+            *RECIPE_ARGS]  # fmt: skip
+    code, _, err = _run([*argv, "--out", str(tmp_path / "a_file" / "run")], capsys)
+    assert code == 2 and "cannot write there" in err and "internal error" not in err, err
+
+    def read_only(*args, **kwargs):  # as a read-only folder answers (root ignores chmod)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cli_repair.tempfile, "NamedTemporaryFile", read_only)
+    code, _, err = _run([*argv, "--out", str(tmp_path / "ro")], capsys)
+    assert code == 2 and "--out" in err and "cannot write there (Permission denied)" in err, err

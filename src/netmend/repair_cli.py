@@ -24,6 +24,7 @@ import pickle
 import platform
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 import zipfile
@@ -256,6 +257,21 @@ def _recipe(args: argparse.Namespace) -> TrainConfig:
         flags = ", ".join(f"--{k.replace('_', '-')} {given[k]:g}" for k in bad)
         raise BadInput(f"{flags}: the training recipe's values must be > 0")
     return TrainConfig(**given)
+
+
+def _writable(out: Path, flag: str) -> None:
+    """Create ``out`` (once the inputs are read: bad ones leave nothing) and prove that files
+    can be written in it, before any pass: a read-only folder failed only when the cache was
+    first written, as an internal error."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".netmend-probe-"):
+            pass
+    except OSError as exc:
+        raise BadInput(
+            f"{flag} {out}: cannot write there ({exc.strerror or exc}); choose a folder you can "
+            "write to"
+        ) from exc
 
 
 def _parse_k(k: str | None) -> int | float | str | None:
@@ -665,7 +681,7 @@ def run(args: argparse.Namespace) -> int:
             vocab = Path(args.vocab).read_text().splitlines()
         except (OSError, UnicodeDecodeError) as exc:  # missing, a folder, not text
             raise BadInput(f"--vocab {args.vocab}: cannot be read as text ({exc})") from exc
-    out.mkdir(parents=True, exist_ok=True)  # once the inputs are read: bad ones leave nothing
+    _writable(out, "--resume" if args.resume is not None else "--out")
 
     common: dict[str, Any] = dict(
         seed=args.seed, device=device, chunk_size=args.chunk_size, progress=progress
