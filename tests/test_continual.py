@@ -112,6 +112,10 @@ def test_save_load_continues_exactly(problem, tmp_path):
         Repairer.load(tmp_path / "state", model, train, treat="relabel", seed=1)
     with pytest.raises(ValueError, match="no continual-repair state"):
         Repairer.load(tmp_path, model, train)
+    # k="auto" names the default k=None: netmend repair --resume --k auto was refused
+    c = Repairer.load(tmp_path / "state", model, train, treat="relabel", k="auto",
+                      train_config=RECIPE, device="cpu", progress=False)  # fmt: skip
+    assert c.history == a.history[:1]
     # the treatment's recipe is a setting too (netmend repair --resume --lr 0.01 was taken)
     faster = dataclasses.replace(RECIPE, lr=RECIPE.lr * 10)
     with pytest.raises(ValueError, match="saved with other train_config"):

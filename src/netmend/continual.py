@@ -661,7 +661,7 @@ class Repairer:
             "model": store.module_hash(self._work),
             "train": self._train_hash(),
             "treat": self.treat,
-            "k": self.k,
+            "k": None if is_auto_k(self.k) else self.k,  # "auto" is the default's name
             "guard": self.guard,
             "guard_data": None
             if self._guard_data is None
