@@ -16,7 +16,7 @@ import _cli_models  # noqa: E402  (tests/ is on sys.path under pytest's rootdir 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 import netmend
 from netmend import cli
@@ -206,9 +206,31 @@ def test_csv(tmp_path, capsys):
     again = json.loads((out / "summary.json").read_text())
     assert again["cache"]["examples_computed"] == 0 and again["cache"]["results_reused"]
     # new failures for the same folder: a round of continual repair that adds their scores
-    code, _, err = _run([*argv[:-8], "--resume", str(out), *RECIPE_ARGS, "--failures",
-                         str(tmp_path / "fail2.csv")], capsys)  # fmt: skip
+    outputs = ("summary.json", "scores.csv", "culprits.csv", "repaired.safetensors", "report.html")
+    first = {f: (out / f).read_bytes() for f in outputs}
+    round2 = [*argv[:-8], "--resume", str(out), *RECIPE_ARGS, "--failures",
+              str(tmp_path / "fail2.csv")]  # fmt: skip
+    code, _, err = _run(round2, capsys)
     assert code == 0, err
+    done = {f: (out / f).read_bytes() for f in outputs}
+    # interrupted after the round's state was saved, before its outputs were written: the
+    # same command was refused ("observed in earlier rounds"); it now finishes the round
+    for f in outputs:
+        (out / f).write_bytes(first[f])
+    code, _, err = _run(round2, capsys)
+    assert code == 0 and "round 2 of" in err and "saved before an interruption" in err, err
+    assert "No controls: this round was finished from the state" in err
+    finished = {f: (out / f).read_bytes() for f in outputs}
+    a, b = (load(d["repaired.safetensors"]) for d in (finished, done))
+    assert a.keys() == b.keys() and all(torch.equal(a[k_], b[k_]) for k_ in a)
+    assert finished["scores.csv"] == done["scores.csv"]
+    assert finished["culprits.csv"] == done["culprits.csv"]
+    third = json.loads((out / "summary.json").read_text())
+    assert third["controls"] is None
+    code, _, err = _run(round2, capsys)  # the round measured with its controls: compared below
+    assert code == 2 and "already observed" in err, err
+    for f in outputs:
+        (out / f).write_bytes(done[f])
     third = json.loads((out / "summary.json").read_text())
     assert [r["round"] for r in third["continual"]] == [1, 2]
     assert third["continual"][1]["failures"] == len(wrong) + len(later)

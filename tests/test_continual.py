@@ -102,7 +102,10 @@ def test_save_load_continues_exactly(problem, tmp_path):
     b = Repairer.load(tmp_path / "state", model, train, treat="relabel", train_config=RECIPE,
                       device="cpu", progress=False, eval_sets={"test": problem[3]})  # fmt: skip
     assert b.history == a.history[:1]
+    assert b.last_round_was((Xf[:8], yf[:8])) and not b.last_round_was((Xf[8:], yf[8:]))
     b.observe((Xf[8:], yf[8:]))
+    assert b.last_round_was((Xf[8:], yf[8:])) and not b.last_round_was((Xf[:8], yf[:8]))
+    assert not b.last_round_was((Xf[:12], yf[:12]))  # part of the last round's batch
     np.testing.assert_allclose(b.scores, a.scores, rtol=1e-12, atol=1e-14)
     np.testing.assert_array_equal(b.causes, a.causes)
     for p, q in zip(a.model.parameters(), b.model.parameters()):

@@ -448,6 +448,25 @@ class Repairer:
             self._set_first_steps(kk)
         self._record(int(yb.shape[0]), set(), {}, secs)
 
+    def last_round_was(self, failures: DataLike) -> bool:
+        """Whether the last round observed exactly this batch: every row of it had been
+        observed, and every row new in that round is in it.
+
+        A caller that saves the state and then writes outputs of its own (``netmend repair
+        --resume``) may be interrupted in between; rerun with the same batch, it finishes the
+        round from the state instead of having the batch refused as already observed.
+        """
+        if not self.history:
+            return False
+        Xb, yb = as_tensors(failures, "failures", task=self.task)
+        if Xb.shape[1:] != self._failures_X.shape[1:]:
+            return False
+        batch = _with_labels(_as_dtype(Xb, param_dtype(self._work)), yb)
+        m = int(self.history[-1]["new_failures"])
+        new = _with_labels(self._failures_X[-m:], self._failures_y[-m:]) if m else batch[:0]
+        every = _with_labels(self._failures_X, self._failures_y)
+        return bool(rows_in(batch, every).all() and rows_in(new, batch).all())
+
     @_ids_said
     def per_failure(self, failures: DataLike) -> np.ndarray:
         """Per-failure cause scores ``[N, M]`` of ``failures`` (positive = harmful to failure i).

@@ -687,6 +687,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, device=device, chunk_size=args.chunk_size, progress=progress
     )
     state_dir = out / "continual"
+    finishing = False  # a continual round saved before an interruption, its outputs unwritten
     failures_hash = tensor_hash(fails.X, fails.y)
     previous = _previous_summary(out) if args.resume is not None else None
     observed: list[str] = list((previous or {}).get("observed_failures", []))
@@ -740,7 +741,16 @@ def run(args: argparse.Namespace) -> int:
             )
         t0 = time.perf_counter()
         rep = Repairer.load(state_dir, model, (train.X, train.y), **repairer_kw)
-        repaired = rep.observe((fails.X, fails.y))
+        finishing = rep.last_round_was((fails.X, fails.y))
+        if finishing:  # saved, then interrupted while its outputs were written
+            print(
+                f"netmend repair: round {len(rep.history)} of {out} was saved before an "
+                "interruption; writing its outputs from the saved state",
+                file=sys.stderr,
+            )
+            repaired = rep.model
+        else:
+            repaired = rep.observe((fails.X, fails.y))
         data.not_held_out(rep.failures[0])  # every round's failures, not only this one's
         scores, causes, fisher = rep.scores, rep.causes, rep.fisher
         for i, lab in rep.history[-1]["relabelled"]:
@@ -750,8 +760,7 @@ def run(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         per_failure = rep.per_failure((fails.X, fails.y))
         times["culprits"] = time.perf_counter() - t
-        rep.save(state_dir)
-        times["round"] = time.perf_counter() - t0
+        times["round"] = time.perf_counter() - t0  # saved with the outputs, below
     else:
         t0 = time.perf_counter()
         ident = api.identify(
@@ -815,7 +824,16 @@ def run(args: argparse.Namespace) -> int:
     times["accuracies"] = time.perf_counter() - t0
     control_note = []
     controls_summary: dict[str, Any] | None = None
-    if not args.no_controls:
+    if continual and finishing and not args.no_controls:
+        # the round's call started from the previous round's model, which the state no
+        # longer holds: controls from the original would not be this round's controls
+        control_note = [
+            "No controls: this round was finished from the state saved before an "
+            "interruption, and its treatment call (warm-started from the previous round's "
+            "model) cannot be repeated."
+        ]
+        print(f"netmend repair: warning: {control_note[0]}", file=sys.stderr)
+    elif not args.no_controls:
         t0 = time.perf_counter()
         kk = int(causes.size)
         # a continual round's own call starts from the previous round's model (warm, mixed):
@@ -855,6 +873,10 @@ def run(args: argparse.Namespace) -> int:
 
     # ---- outputs
     t0 = time.perf_counter()
+    if continual and not finishing:
+        # saved once the round is measured: interrupted before this, a rerun of the same
+        # command redoes the round; after it, the rerun finishes the outputs from the state
+        rep.save(state_dir)
     state = (
         repaired.original_state_dict() if isinstance(repaired, Exported) else repaired.state_dict()
     )
