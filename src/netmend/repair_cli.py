@@ -748,6 +748,8 @@ def run(args: argparse.Namespace) -> int:
                 "interruption; writing its outputs from the saved state",
                 file=sys.stderr,
             )
+            if rep.model is None:  # load() restores the last round's model
+                raise RuntimeError(f"{state_dir}: the saved state holds no repaired model")
             repaired = rep.model
         else:
             repaired = rep.observe((fails.X, fails.y))
