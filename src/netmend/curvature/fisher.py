@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from torch.func import grad, jacrev, vjp, vmap
 
+from netmend._warnings import warn
 from netmend.curvature.hooks import (
     GROUPED_BLOCK_ELEMENTS,
     HookFallback,
@@ -635,5 +636,11 @@ class Curvature:
             )
         if b.ndim != 1:
             return torch.stack([self.solve(b[:, j]) for j in range(b.shape[1])], 1)
-        x, _ = cg(self.matvec, b, tol=self.cg_tol, maxiter=self.cg_maxiter)
+        x, its = cg(self.matvec, b, tol=self.cg_tol, maxiter=self.cg_maxiter)
+        if its >= self.cg_maxiter:  # silently 20-25% off a dense solve on an outside MLP
+            warn(
+                f"conjugate gradients stopped at cg_maxiter={self.cg_maxiter} before reaching "
+                f"cg_tol={self.cg_tol:g}: the {self.kind} solve is inexact; raise cg_maxiter, "
+                "the damping (l2), or use solver='dense' on a small model"
+            )
         return x
