@@ -73,8 +73,10 @@ def test_first_unit_step_is_natural_gradient_step():
         return b @ t - 0.05 * (t * t).sum()
 
     theta, info = preconditioned_ascent(gain, theta0, A, steps=1)
-    assert info["steps"] == 1
+    assert info["steps"] == 1 and not info["converged"]  # still rising: steps ran out
     torch.testing.assert_close(theta, theta0 + b / A, rtol=1e-12, atol=1e-14)
+    theta, info = preconditioned_ascent(gain, theta0, A, steps=500)
+    assert info["steps"] < 500 and info["converged"]
 
 
 def test_non_positive_penalty_is_rejected():

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from netmend._warnings import warn
 from netmend.data.validate import number_option
 from netmend.identification.base import Context, MethodOutput, register
 from netmend.model.functional import log_likelihoods
@@ -64,6 +65,12 @@ def ewc_influence(ctx: Context) -> MethodOutput:
         steps=number_option(ctx.options, "steps", 30, integer=True, low=1),
         step_size=number_option(ctx.options, "step_size", 1.0, strict=True),
     )
+    if not info.get("converged", True):  # an outside trial: 5% from the optimum at l2=1, no word
+        warn(
+            f"ewc: the fit of theta_+F used all its steps={int(info['steps'])} while its "
+            "objective was still rising: the scores approximate those of the converged fit. "
+            "Raise the option steps (e.g. steps=300), or use a larger l2"
+        )
     kw: dict[str, Any] = dict(chunk_size=ctx.chunk_size, device=ctx.device, progress=ctx.progress)
     before = ctx.shared.get("ll_theta_hat")  # the same for every set of failures
     if before is None:

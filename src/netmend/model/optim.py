@@ -37,7 +37,9 @@ def preconditioned_ascent(
             unless ``accept(theta)`` is true.
 
     Returns:
-        The maximiser found and a record (objective and gain at start and end, steps, distance).
+        The maximiser found and a record (objective and gain at start and end, steps, distance,
+        and ``converged``: false when ``steps`` ran out while ``J`` still rose by more than
+        ``tol * |J|`` a step).
     """
     if not bool((A > 0).all()):
         raise ValueError("the penalty curvature must be positive; increase the damping/l2")
@@ -53,6 +55,7 @@ def preconditioned_ascent(
     theta = theta0.detach().clone()
     J0, g, G0 = evaluate(theta)
     J, G, eta, taken = J0, G0, step_size, 0
+    converged = False  # stopped by tol, or no step up the objective remains
     for _ in range(steps):
         accepted = False
         while eta >= 1e-4:
@@ -63,11 +66,13 @@ def preconditioned_ascent(
                 break
             eta /= 2
         if not accepted:
+            converged = True
             break
         improvement = float(Jc - J)
         theta, J, g, G, taken = cand, Jc, gc, Gc, taken + 1
         eta = min(step_size, eta * 2)
         if improvement <= tol * abs(float(J)):
+            converged = True
             break
     info = {
         "objective_start": float(J0),
@@ -76,5 +81,6 @@ def preconditioned_ascent(
         "gain_end": float(G),
         "steps": float(taken),
         "distance": float(torch.linalg.vector_norm(theta - theta0)),
+        "converged": converged,
     }
     return theta.detach(), info
