@@ -422,3 +422,20 @@ def test_an_ewc_fit_that_runs_out_of_steps_warns(setup):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         netmend.identify(model, train, fail, "ewc", k=3, l2=1.0, steps=500, **RUN)
+
+
+def test_l2_given_to_a_method_that_ignores_it_warns(setup):
+    """influence took l2=5.0 and ignored it silently (its damping stayed 'auto'): a user
+    passing their weight decay got no signal that it was dropped."""
+    model, train, fail = setup
+    with pytest.warns(UserWarning, match="l2=5.0 is not used by method 'influence'.*damping"):
+        netmend.identify(model, train, fail, "influence", k=3, l2=5.0, **RUN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        netmend.identify(model, train, fail, "linear", k=3, l2=5.0, **RUN)  # it reads l2
+        netmend.identify(model, train, fail, "influence", k=3, damping=5.0, **RUN)
+    # repair's l2 is the treatment's too: handed to the identification only where read
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        netmend.repair(model, train, fail, "grad_dot", k=3, treat="newton", l2=5.0, **RUN)
+    assert not [w for w in seen if "is not used by method" in str(w.message)]

@@ -43,6 +43,7 @@ from netmend.identification import k_rules
 from netmend.identification.base import (
     CULPRITS_PER_FAILURE,
     EMPTIED_CLASS_SHARE,
+    IGNORES_L2,
     MAX_CLASS_SHARE,
     Context,
     class_capped,
@@ -471,6 +472,14 @@ def identify(
     """
     fn = identification.get(method)
     check_identify_options(method, options)
+    if method in IGNORES_L2 and not (isinstance(l2, str) and l2 == DEFAULT_L2):
+        hint = (
+            " Its curvature is damped by the option damping (give the model's weight decay "
+            "of the summed objective for the exact influence function)"
+            if method in ("influence", "ekfac", "trak")
+            else ""
+        )
+        warn(f"l2={l2!r} is not used by method {method!r} (only 'ewc' and 'linear' use it).{hint}")
     if not (gate is None or isinstance(gate, bool) or gate in ("fill", "balance")):
         raise ValueError(f"gate must be None, True, False, 'fill' or 'balance'; got {gate!r}")
     seed = check_seed(seed)
@@ -936,7 +945,9 @@ def repair(
     failures = as_source(failures, "failures", task)
     held = None if guard_data is None else as_source(guard_data, "guard_data", task)
     opts = dict(identify_options or {}, cache_dir=cache_dir, gate=gate)
-    ident = _identify(model, train, failures, identify, k, **common, **opts)
+    # l2 is the identification's only for the methods that read it; the treatment's always
+    l2_identify = DEFAULT_L2 if identify in IGNORES_L2 else l2
+    ident = _identify(model, train, failures, identify, k, **dict(common, l2=l2_identify), **opts)
     t0 = time.perf_counter()
     record: dict[str, Any] = {}
     recipe: dict[str, Any] = dict(

@@ -28,6 +28,14 @@ AUTO_L2_RATIO = 1e4
 """``l2="auto"`` sets ``lambda = AUTO_L2_RATIO * mean(diag F_sum)`` (see :func:`resolve_l2`)."""
 
 
+IGNORES_L2 = frozenset(
+    {"influence", "ekfac", "tracin", "grad_dot", "grad_cos", "trak"}
+    | {"knn_shapley", "tmc_shapley", "banzhaf", "loss", "random"}
+)
+"""The built-in methods that never read ``l2`` (only "ewc" and "linear" do): the influence
+family damps its curvature by its own ``damping`` option."""
+
+
 def resolve_l2(l2: float | str, fisher_diag: Callable[[], torch.Tensor]) -> float:
     """Turn ``l2`` (a positive float or "auto") into the ``lambda`` used everywhere.
 

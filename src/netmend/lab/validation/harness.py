@@ -75,6 +75,7 @@ def validate(
         examples and, when every LOO effect was measured, the top-k by actual LOO effect).
     """
     from netmend import api, identification
+    from netmend.identification.base import IGNORES_L2
 
     check_methods(methods, options)
     if int(counterfactual_repeats) < 1:
@@ -106,7 +107,8 @@ def validate(
     for label in labels:
         opts = dict(options.get(label, {}))
         name = str(opts.pop("method", label))
-        opts.setdefault("l2", l2_default)
+        if name not in IGNORES_L2:  # the others damp by their own option, and say so
+            opts.setdefault("l2", l2_default)
         opts.setdefault("seed", seed)
         entry: dict[str, Any] = {"method": name, "options": _jsonable(opts)}
         try:
