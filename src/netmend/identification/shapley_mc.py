@@ -641,9 +641,9 @@ def tmc_shapley_method(ctx: Context) -> MethodOutput:
 def banzhaf_method(ctx: Context) -> MethodOutput:
     """Data Banzhaf (MSR) cause scores ``r = -value``, ``[N]``, positive = harmful.
 
-    Same game and game options as "knn_shapley"; Banzhaf values weight all subset sizes
-    equally (Shapley values weight each size equally), which makes them the most robust
-    semivalue to noise in the utility. They are not efficient.
+    Same game and game options as "knn_shapley"; Banzhaf values weight every subset equally
+    (``1 / 2^(N-1)``; Shapley values weight each subset *size* equally), which makes them the
+    most robust semivalue to noise in the utility. They are not efficient.
 
     Options: ``estimator`` ("msr": the sampler; "exact": the closed form of the KNN game,
     :func:`netmend.identification.shapley.knn_banzhaf_from_distances`), ``max_samples``
