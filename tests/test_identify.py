@@ -106,6 +106,11 @@ def test_linear_gamma_scales_scores(blobs, blobs_logreg, failset):
         ("trak", {"proj_dim": 2.5}, "proj_dim must be an integer >= 1"),  # was taken as 2
         ("ekfac", {"solver": "dense"}, "solver='dense' does not apply"),
         ("knn_shapley", {"K": True}, "K must be an integer >= 1"),
+        ("influence", {"damping": True}, "damping must be > 0"),  # was taken as 1.0
+        ("trak", {"ridge": True}, "ridge must be 'auto' or a number >= 0"),  # likewise
+        ("trak", {"ridge": float("nan")}, "ridge must be 'auto' or a number >= 0"),
+        # NaN never truncated, silently (a negative value is the documented "never")
+        ("tmc_shapley", {"truncation_tol": float("nan")}, "truncation_tol must be a number"),
     ],
 )
 def test_bad_method_options_are_named(blobs, blobs_logreg, failset, method, options, said):

@@ -165,7 +165,9 @@ def resolve_damping(ctx: Context, damping: Any) -> float:
             raise ValueError(f"damping must be a positive number or 'auto'; got {damping!r}")
         mean = float(ctx.fisher_diag().mean())
         return AUTO_DAMPING_RATIO * mean if mean > 0 else 1.0
-    if not (isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0):
+    if isinstance(damping, bool) or not (
+        isinstance(damping, (int, float)) and math.isfinite(damping) and damping > 0
+    ):
         raise ValueError(
             f"damping must be > 0 (it regularises a singular curvature); got {damping}"
         )

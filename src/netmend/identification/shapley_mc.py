@@ -629,7 +629,7 @@ def tmc_shapley_method(ctx: Context) -> MethodOutput:
     res = tmc_shapley(
         KNNUtility(game),
         max_permutations=number_option(ctx.options, "max_permutations", 1000, integer=True, low=1),
-        truncation_tol=float(ctx.options.get("truncation_tol", 1e-3)),
+        truncation_tol=number_option(ctx.options, "truncation_tol", 1e-3, low=-math.inf),
         patience=number_option(ctx.options, "patience", 5, integer=True, low=1),
         **_common(ctx, 100, 10),
     )

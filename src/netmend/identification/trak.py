@@ -371,7 +371,15 @@ def trak(ctx: Context) -> MethodOutput:
             "use projection='gaussian' with a proj_dim"
         )
     ridge = o.get("ridge", "auto")
-    if not (ridge == "auto" or (isinstance(ridge, (int, float)) and ridge >= 0)):
+    if not (
+        ridge == "auto"
+        or (
+            isinstance(ridge, (int, float))
+            and not isinstance(ridge, bool)
+            and math.isfinite(ridge)
+            and ridge >= 0
+        )
+    ):
         raise ValueError(f"ridge must be 'auto' or a number >= 0; got {ridge!r}")
     ratio = o.get("ridge_ratio", AUTO_RIDGE_RATIO)
     if isinstance(ratio, bool) or not (
