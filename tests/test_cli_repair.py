@@ -142,7 +142,19 @@ def test_image_folder(tmp_path, capsys):
     n_fail = summary["data"]["failures"]
     assert "held-out failures" in summary["accuracies"]["repaired"]
     assert "test" in summary["accuracies"]["original"]
+    # the Pareto verdict, on held-out failures and the test set (the report stated a rule on
+    # the failures the causes were chosen from, and gave no verdict: an outside-in trial)
+    verdict, acc = summary["verdict"], summary["accuracies"]
+    random_k = next(v for k_, v in acc.items() if k_.startswith("control: random"))
+    gain = acc["repaired"]["held-out failures"] - random_k["held-out failures"]
+    assert verdict["heldout_gain"] == pytest.approx(gain, abs=1e-12)
+    floor = max(acc["original"]["test"], acc["control: finetune only"]["test"]) - 0.002
+    assert verdict["test_floor"] == pytest.approx(floor, abs=1e-12)
+    assert verdict["passed"] == (not verdict["reasons"])
+    assert len(summary["class_accuracies"]["repaired"]) == 3
+    assert ("Verdict: passed" if verdict["passed"] else "Verdict: failed") in err
     html = (out / "report.html").read_text()
+    assert "Verdict: " in html and "held-out failures" in html
     assert "data:image/png;base64," in html
     assert n_fail >= 1 and test.X.shape[0] == 80
     # each training example's file and class name, so a culprit can be found and fixed
@@ -194,6 +206,9 @@ def test_csv(tmp_path, capsys):
         out, 200, len(wrong), _cli_models.tabular_net, fX, torch.from_numpy(clean[wrong])
     )
     assert summary["accuracies"]["original"]["failures"] == 0.0
+    # no test set: the controls ran, but the criterion has no held-out failures to read
+    assert summary["verdict"] is None and summary["controls"] is not None
+    assert "No verdict: the criterion reads held-out failures" in (out / "report.html").read_text()
     # scores.csv holds the scores of the API with the same settings (float32 file data)
     ref = netmend.identify(
         model, (Xt[:200].float(), torch.from_numpy(y[:200])), (fX.float(), torch.from_numpy(
@@ -226,7 +241,7 @@ def test_csv(tmp_path, capsys):
     assert finished["scores.csv"] == done["scores.csv"]
     assert finished["culprits.csv"] == done["culprits.csv"]
     third = json.loads((out / "summary.json").read_text())
-    assert third["controls"] is None
+    assert third["controls"] is None and third["verdict"] is None
     code, _, err = _run(round2, capsys)  # the round measured with its controls: compared below
     assert code == 2 and "already observed" in err, err
     for f in outputs:

@@ -43,10 +43,17 @@ from netmend.data.files import FileData, load_data, load_indices
 from netmend.data.source import as_source
 from netmend.data.validate import check_seed
 from netmend.evaluation import split_failures
-from netmend.evaluation.controls import MIN_DRAWS, run_controls
+from netmend.evaluation.controls import (
+    MAX_CLASS_DROP,
+    MIN_DRAWS,
+    TEST_TOLERANCE,
+    Controls,
+    run_controls,
+)
+from netmend.evaluation.controls import repaired as pareto_repaired
 from netmend.model.checks import num_classes_of
 from netmend.model.functional import match_dtype, param_dtype
-from netmend.model.training import TrainConfig, predict
+from netmend.model.training import TrainConfig, class_accuracies_of, predict
 from netmend.report.html import ReportData, culprit_table, write_report
 from netmend.store import save_tensors, tensor_hash, write_json_atomic, write_text_atomic
 from netmend.treatment.guard import guard_k
@@ -561,13 +568,22 @@ class Inputs:
         if self.test is not None and self.heldout is not None and self.heldout.size:
             self.heldout = self.heldout[~rows_in(self.test.X[self.heldout], X)]
 
-    def accuracies(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """Accuracy on the failures and, with a test set, on the test set and its parts."""
+    def accuracies(
+        self, model: nn.Module, device: torch.device, classes: int | None = None
+    ) -> dict[str, Any]:
+        """Accuracy on the failures and, with a test set, on the test set and its parts; with
+        ``classes``, also ``"class_acc"``: each class's test accuracy (a list, NaN for a class
+        the test set lacks), for the Pareto criterion's class rule."""
         f = self.failures
-        out = {"failures": float((predict(model, f.X, device) == f.y).double().mean())}
+        out: dict[str, Any] = {
+            "failures": float((predict(model, f.X, device) == f.y).double().mean())
+        }
         if self.test is not None:
-            ok = (predict(model, self.test.X, device) == self.test.y).numpy()
+            pred = predict(model, self.test.X, device)
+            ok = (pred == self.test.y).numpy()
             out["test"] = float(ok.mean())
+            if classes is not None:
+                out["class_acc"] = class_accuracies_of(pred, self.test.y, classes)
             if self.heldout is not None and self.heldout.size:
                 out["held-out failures"] = float(ok[self.heldout].mean())
             if self.correct.size:
@@ -821,11 +837,17 @@ def run(args: argparse.Namespace) -> int:
             times["continual_state"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    accuracies = {"original": data.accuracies(model, device)}
-    accuracies["repaired"] = data.accuracies(repaired, device)
+    n_classes = num_classes_of(model, train.X, device)
+
+    def measure(m: nn.Module) -> dict[str, Any]:
+        return data.accuracies(m, device, classes=n_classes)
+
+    before, ours = measure(model), measure(repaired)
+    accuracies = {"original": _scalars(before), "repaired": _scalars(ours)}
     times["accuracies"] = time.perf_counter() - t0
     control_note = []
     controls_summary: dict[str, Any] | None = None
+    verdict: dict[str, Any] | None = None
     if continual and finishing and not args.no_controls:
         # the round's call started from the previous round's model, which the state no
         # longer holds: controls from the original would not be this round's controls
@@ -843,16 +865,18 @@ def run(args: argparse.Namespace) -> int:
         round_call = continual and rep.controllable
         ctl = run_controls(
             rep.control if round_call else (lambda c: treat_with(c, allow_no_causes=True)),
-            lambda m: data.accuracies(m, device),
+            measure,
             model,
             len(train),
             kk,
             draws=args.draws,
             seed=args.seed,
         )
-        accuracies["control: finetune only"] = ctl.finetune_only or {}
+        accuracies["control: finetune only"] = _scalars(ctl.finetune_only or {})
         accuracies[f"control: random {kk} causes (mean of {args.draws} draws)"] = {
-            key: ctl.random_k_mean(key)[0] for key in ctl.random_k[0] if key != "causes"
+            key: ctl.random_k_mean(key)[0]
+            for key in ctl.random_k[0]
+            if key not in ("causes", "class_acc")
         }
         controls_summary = ctl.as_dict()
         times["controls"] = time.perf_counter() - t0
@@ -865,9 +889,33 @@ def run(args: argparse.Namespace) -> int:
         control_note = [
             f"Controls: {own} with only the causes changed: none removed ('finetune only') "
             f"and {kk} random training examples ('random causes', mean of {args.draws} seeded "
-            "draws). A repair earns its keep when it beats both on the failures without "
-            "losing test accuracy."
+            "draws). A repair counts (the Pareto criterion) when it fixes more held-out "
+            "failures than the random causes, keeps test accuracy within "
+            f"{100 * TEST_TOLERANCE:.1f} points of the better of the original and "
+            f"'finetune only', and no class loses more than {100 * MAX_CLASS_DROP:.0f} points. "
+            "The failures the causes were chosen from do not count: they are not held out."
         ]
+        verdict = _verdict(ours, ctl)
+        if verdict is None:
+            control_note.append(
+                "No verdict: the criterion reads held-out failures and the test set; pass "
+                "--test with --failure-indices auto (failures found in the test set and split "
+                "into the ones netmend sees and the ones held out)."
+            )
+        else:
+            said = "passed" if verdict["passed"] else "failed: " + "; ".join(verdict["reasons"])
+            control_note.append(
+                f"Verdict: {said} (held-out failures {100 * verdict['heldout_gain']:+.1f} points "
+                "over the random causes"
+                + (
+                    f"; worst class {verdict['worst_class']} "
+                    f"{-100 * verdict['worst_class_drop']:+.1f} points"
+                    if verdict["worst_class"] is not None
+                    else ""
+                )
+                + ")."
+            )
+            print(f"netmend repair: {control_note[-1]}", file=sys.stderr)
         lost = _recipe_loss(accuracies["original"], accuracies["control: finetune only"])
         if lost is not None:
             print(f"netmend repair: warning: {lost}", file=sys.stderr)
@@ -990,7 +1038,12 @@ def run(args: argparse.Namespace) -> int:
         ],
         "relabelled": len([i for i, s in suggested.items() if s != ylist[i]]),
         "accuracies": accuracies,
+        "class_accuracies": {
+            "original": before.get("class_acc"),
+            "repaired": ours.get("class_acc"),
+        },
         "controls": controls_summary,
+        "verdict": verdict,
         "cache": None if continual else ident.info.get("cache"),
         "times": times,
     }
@@ -1069,6 +1122,34 @@ def _round_note(rep: Repairer | None) -> list[str]:
     ]
 
 
+def _scalars(figures: dict[str, Any]) -> dict[str, float]:
+    """The accuracies shown in the tables (the per-class list goes to the verdict)."""
+    return {k: v for k, v in figures.items() if k != "class_acc"}
+
+
+def _verdict(ours: dict[str, Any], ctl: Controls) -> dict[str, Any] | None:
+    """The Pareto criterion (:func:`netmend.evaluation.controls.repaired`) on this run's
+    figures, or ``None`` without held-out failures and a test set to read it on."""
+
+    def figures(d: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "heldout_failure_acc": d["held-out failures"],
+            "test_acc": d["test"],
+            "class_acc": d.get("class_acc"),
+        }
+
+    runs = [ours, ctl.original, *ctl.random_k] + ([ctl.finetune_only] if ctl.finetune_only else [])
+    if not all("held-out failures" in r and "test" in r for r in runs):
+        return None
+    view = Controls(
+        ctl.k,
+        figures(ctl.original),
+        None if ctl.finetune_only is None else figures(ctl.finetune_only),
+        [figures(r) for r in ctl.random_k],
+    )
+    return pareto_repaired(figures(ours), view).as_dict()
+
+
 def _selection_notes(gate: dict[str, Any] | None, guard: dict[str, Any] | None) -> list[str]:
     """What the label gate and the class guard did to the automatic causes, in words."""
     notes = []
@@ -1082,6 +1163,12 @@ def _selection_notes(gate: dict[str, Any] | None, guard: dict[str, Any] | None) 
         notes.append(
             f"Label gate: only {gate['candidates']} of the {gate['of']} automatic causes are "
             "likely label errors, so the causes are something the model learned; all were kept."
+        )
+    if guard and guard.get("skipped") and guard["skipped"] != "no causes":
+        notes.append(
+            f"Class guard: did not run ({guard['skipped']}), so no trial checked whether "
+            f"removing the {guard['k']} causes empties a class: read each class's accuracy, "
+            "or pass --guard-data (a labelled validation split)."
         )
     if guard and guard.get("tries") and guard["k"] < guard["k_start"]:
         last = guard["tries"][-1]

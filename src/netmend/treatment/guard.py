@@ -49,7 +49,7 @@ seed of 4; with both readings, 3 of 4, as with the default guard.
 
 Classes with fewer than :data:`MIN_PER_CLASS` held-out examples are not judged (their
 accuracy moves by more than the limit with a handful of examples); when no class can be
-judged, the guard is skipped and says so. The guard only chooses K: without ``guard_data``
+judged, the guard is skipped and warns. The guard only chooses K: without ``guard_data``
 the repair then makes its usual treatment call on the chosen causes with V back in the
 training set, so its controls are the same call as before (with ``guard_data`` the trial it
 returns is that call).
@@ -231,6 +231,11 @@ def guard_k(
         val, classes = holdout_slice(train.labels, seed)
         if not classes:
             why = f"no class has {MIN_PER_CLASS} examples in a {HOLDOUT_SHARE:.0%} slice"
+            warn(  # said: an outside trial's class fell 20 points behind a silent skip
+                f"the class guard did not run: {why} of the {len(train)} training examples, so "
+                f"K = {k0} was not checked for a class it empties; pass guard_data (a labelled "
+                f"validation split with at least {MIN_PER_CLASS} examples of each class)"
+            )
             return GuardRecord(k0, k0, skipped=why)
         held = train[torch.from_numpy(val)]
         n_classes = int(train.labels.max()) + 1
