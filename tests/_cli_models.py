@@ -20,6 +20,23 @@ def tabular_net() -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
 
 
+class Scaled(nn.Module):
+    """``tabular_net`` times a learned temperature: a top-level ``nn.Parameter``, which has no
+    ``reset_parameters()`` to retrain it from scratch with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = tabular_net()
+        self.scale = nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.scale
+
+
+def scaled_tabular_net() -> nn.Module:
+    return Scaled()
+
+
 class TokenNet(nn.Module):
     """Token ids ``[B, L]`` (0 = padding) -> mean embedding -> 3 classes."""
 

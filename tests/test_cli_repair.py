@@ -894,3 +894,19 @@ def test_an_out_folder_that_cannot_be_written_is_bad_input(tmp_path, capsys, mon
     monkeypatch.setattr(cli_repair.tempfile, "NamedTemporaryFile", read_only)
     code, _, err = _run([*argv, "--out", str(tmp_path / "ro")], capsys)
     assert code == 2 and "--out" in err and "cannot write there (Permission denied)" in err, err
+
+
+def test_retrain_builds_its_fresh_model_from_the_model_factory(tmp_path, capsys):
+    """--treat retrain on a model with a top-level nn.Parameter said 'pass model_factory=', an
+    option the command line cannot pass, though --model is that factory."""
+    X, y = _blobs(90, 4, seed=5)
+    np.savez(tmp_path / "train.npz", X=X, y=y)
+    _train(_cli_models.scaled_tabular_net, torch.from_numpy(X), torch.from_numpy(y),
+           tmp_path / "w.safetensors")  # fmt: skip
+    np.savez(tmp_path / "fail.npz", X=X[:6], y=(y[:6] + 1) % 3)
+    argv = ["--model", "_cli_models:scaled_tabular_net", "--weights",
+            str(tmp_path / "w.safetensors"), "--train", str(tmp_path / "train.npz"),
+            "--failures", str(tmp_path / "fail.npz"), "--treat", "retrain", "--k", "5",
+            "--no-controls", "--out", str(tmp_path / "run"), *RECIPE_ARGS]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err

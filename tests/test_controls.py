@@ -229,6 +229,61 @@ def test_retrain_clean_takes_the_recipe_without_the_fine_tunes_own_options(
     )
 
 
+class _ScaledLogreg(torch.nn.Module):
+    """A top-level nn.Parameter: no reset_parameters() to retrain it from scratch with."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.scale = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) * self.scale
+
+
+def test_retrain_clean_takes_a_model_factory_and_says_so_before_any_control(
+    blobs, blobs_logreg, repaired_blobs
+):
+    """A model with a top-level nn.Parameter failed the retrain-clean control after every
+    other control had run, naming a model_factory= that with_controls did not take."""
+    import copy
+
+    train, (Xt, yt), split, _, cfg = repaired_blobs
+    test, q = (Xt, yt), split.query
+    model = _ScaledLogreg(copy.deepcopy(blobs_logreg)).eval()
+    res = netmend.repair(model, train, (Xt[q], yt[q]), k=6, train_config=cfg,
+                         treat_options={"steps": 20}, **RUN)  # fmt: skip
+    calls: list[int] = []
+    real = netmend.treat
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    import netmend.api as api_module
+
+    saved = api_module._treat
+    api_module._treat = counting
+    try:
+        with pytest.raises(ValueError, match=r"cannot be retrained from scratch.*model_factory"):
+            netmend.with_controls(model, train, test, split, res, clean_train=train, device="cpu")
+    finally:
+        api_module._treat = saved
+    assert not calls  # refused before any control's treatment call
+    fresh = []
+
+    def factory() -> torch.nn.Module:
+        fresh.append(1)
+        torch.manual_seed(0)
+        from netmend.lab.models import LogisticRegression
+
+        return _ScaledLogreg(LogisticRegression(2, blobs.classes).double())
+
+    out = netmend.with_controls(model, train, test, split, res, clean_train=train,
+                                model_factory=factory, device="cpu")  # fmt: skip
+    assert fresh and out["controls"]["retrain_clean"]["test_acc"] > 0.5
+
+
 def test_with_controls_refuses_inputs_that_do_not_belong_together(
     blobs, blobs_logreg, repaired_blobs
 ):

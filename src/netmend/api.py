@@ -63,7 +63,7 @@ from netmend.model.checks import (
     num_classes_of,
 )
 from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
-from netmend.model.training import TrainConfig, model_device, predict
+from netmend.model.training import TrainConfig, fresh_copy, model_device, predict
 from netmend.treatment.base import check_options as check_treat_options
 from netmend.treatment.guard import guard_k, resolve_guard
 
@@ -1039,6 +1039,7 @@ def with_controls(
     device: str | torch.device | None = "auto",
     tolerance: float = TEST_TOLERANCE,
     max_class_drop: float = MAX_CLASS_DROP,
+    model_factory: Callable[[], nn.Module] | None = None,
 ) -> dict[str, Any]:
     """A repair next to its controls, and whether it counts (the Pareto criterion).
 
@@ -1057,6 +1058,10 @@ def with_controls(
         result: what :func:`repair` returned.
         truth: ground-truth corrupted training indices, if known.
         clean_train: a clean version of the training set, if there is one.
+        model_factory: for ``retrain-clean``, a zero-argument callable returning a new,
+            untrained model (the "retrain" treatment's option): needed when a submodule with
+            trainable parameters has no ``reset_parameters()`` (e.g. a top-level
+            ``nn.Parameter``); checked before any control runs.
         draws: random-K draws (>= 3). seed: seeds the draws (default: the repair's seed).
         device: where to measure.
         tolerance, max_class_drop: the Pareto criterion's thresholds
@@ -1111,6 +1116,18 @@ def with_controls(
         shared = set(inspect.signature(_treat).parameters)
         own = treatment.base.options("retrain")
         retrain = {k: v for k, v in recipe.items() if k in shared or k in own}
+        if model_factory is not None:
+            retrain["model_factory"] = model_factory
+        elif "model_factory" not in retrain:  # refused now, not after every other control
+            try:
+                fresh_copy(model, 0)
+            except ValueError as exc:
+                why = exc.args[0].split(";")[0]
+                raise ValueError(
+                    f"clean_train asks for the retrain-clean reference, but the model cannot "
+                    f"be retrained from scratch ({why}): pass with_controls(..., "
+                    "model_factory=...), a callable returning a new, untrained model"
+                ) from None
 
         def clean() -> nn.Module:
             return _treat(model, clean_data, [], "retrain", allow_no_causes=True, **retrain)

@@ -53,7 +53,7 @@ from netmend.evaluation.controls import (
 from netmend.evaluation.controls import repaired as pareto_repaired
 from netmend.model.checks import num_classes_of
 from netmend.model.functional import match_dtype, param_dtype
-from netmend.model.training import TrainConfig, class_accuracies_of, predict
+from netmend.model.training import TrainConfig, class_accuracies_of, fresh_copy, predict
 from netmend.report.html import ReportData, culprit_table, write_report
 from netmend.store import save_tensors, tensor_hash, write_json_atomic, write_text_atomic
 from netmend.treatment.guard import guard_k
@@ -732,6 +732,13 @@ def run(args: argparse.Namespace) -> int:
     theta_plus_f = None
     fisher: torch.Tensor | None = None
 
+    factory: dict[str, Any] = {}
+    if args.treat == "retrain" and "model_factory" not in args.treat_options:
+        try:  # retrained from the layers' reset_parameters() where every layer has one
+            fresh_copy(model, args.seed)
+        except ValueError:  # else from --model itself, which builds the untrained model
+            factory["model_factory"] = lambda: load_model(args.model, None).to(device)
+
     def treat_with(c: np.ndarray, **extra: Any) -> nn.Module:
         """The repair's treatment call; the controls repeat it with only the causes changed."""
         return api.treat(
@@ -744,6 +751,7 @@ def run(args: argparse.Namespace) -> int:
             failures=(fails.X, fails.y),
             theta_plus_f=theta_plus_f,
             **args.treat_options,
+            **factory,
             **extra,
             **common,
         )
