@@ -54,6 +54,31 @@ def test_split_failures_errors(fixed):
     y_one[3] = (y_one[3] + 1) % 3
     with pytest.raises(ValueError, match="misclassifies 1 test example"):
         split_failures(model, X, y_one)
+    # a model in train mode with dropout drew another "split" at every call, with examples
+    # it gets right among the failures (an outside-in trial); refused as repair refuses it
+    noisy = nn.Sequential(nn.Identity(), nn.Dropout(0.5)).train()
+    with pytest.raises(ValueError, match=r"train mode.*model\.eval\(\)"):
+        split_failures(noisy, X, y)
+    with pytest.raises(ValueError, match="out of range for an Embedding"):
+        split_failures(nn.Sequential(nn.Embedding(5, 3), nn.Flatten()), torch.tensor([[7]]),
+                       torch.tensor([0]))  # fmt: skip
+
+
+def test_split_failures_reads_any_test_set(fixed):
+    """(X, y) only: a DataLoader of dict batches was "not subscriptable"."""
+    from torch.utils.data import DataLoader
+
+    model, X, y, wrong = fixed
+    items = [{"x": X[i], "labels": y[i]} for i in range(len(y))]
+
+    class Dicts(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # called as model(**inputs)
+            return x
+
+    loader = DataLoader(items, batch_size=4)  # default collate: a dict of stacked tensors
+    s = split_failures(Dicts(), loader, seed=0)
+    np.testing.assert_array_equal(s.failures, wrong)
+    np.testing.assert_array_equal(s.query, split_failures(model, X, y, seed=0).query)
 
 
 def test_accuracies(fixed):

@@ -361,6 +361,16 @@ def test_evaluate_refuses_labels_outside_the_models_classes(blobs, blobs_logreg)
     assert 0 < netmend.evaluate(blobs_logreg, (blobs.X, blobs.y), device="cpu")["test_acc"] <= 1
 
 
+def test_evaluate_refuses_a_split_of_another_test_set(blobs, blobs_logreg):
+    """A split of the full test set against its first half was numpy's IndexError."""
+    n = len(blobs.y)
+    split = netmend.evaluation.FailureSplit(np.array([0]), np.array([n - 1]), np.arange(1, n - 1))
+    with pytest.raises(ValueError, match=r"split\.heldout holds indices outside the test set"):
+        netmend.evaluate(blobs_logreg, (blobs.X[: n // 2], blobs.y[: n // 2]), split, device="cpu")
+    assert "heldout_failure_acc" in netmend.evaluate(blobs_logreg, (blobs.X, blobs.y), split,
+                                                      device="cpu")  # fmt: skip
+
+
 def test_a_single_logit_model_is_told_to_return_two(blobs):
     one = nn.Linear(2, 1).double()
     with pytest.raises(ValueError, match=r"one logit z must return two.*sigmoid"):

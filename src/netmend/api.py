@@ -844,6 +844,8 @@ def evaluate(
     ``test`` is read batch by batch (any form :func:`identify` takes for ``train``);
     ``task`` as in :func:`identify`."""
     X = as_source(test, "test", task)
+    if split is not None:
+        _check_split_indices(split, len(X))
     dev = resolve_device(device)
     work = _private_copy(model, dev)
     Xm = match_dtype(X, param_dtype(work))
@@ -994,12 +996,9 @@ def repair(
     )
 
 
-def _check_split(model: nn.Module, X: DataSource, split: FailureSplit, dev: torch.device) -> None:
-    """Refuse a split that is not this model's on this test set (indices out of range, or
-    'failures' the model gets right and 'correct' examples it gets wrong): the figures
-    would be measured on the wrong examples (found by an outside-in trial). A few
-    disagreements are allowed, for a split made on another device."""
-    n = len(X)
+def _check_split_indices(split: FailureSplit, n: int) -> None:
+    """Refuse a split with indices outside a test set of ``n`` examples (numpy's IndexError
+    from deep inside the accuracies, or a silent wrap for negative ones, before)."""
     parts = {"query": split.query, "heldout": split.heldout, "correct": split.correct}
     for name, idx in parts.items():
         idx = np.asarray(idx)
@@ -1008,6 +1007,14 @@ def _check_split(model: nn.Module, X: DataSource, split: FailureSplit, dev: torc
                 f"split.{name} holds indices outside the test set's [0, {n}): pass the test set "
                 "the split was drawn from"
             )
+
+
+def _check_split(model: nn.Module, X: DataSource, split: FailureSplit, dev: torch.device) -> None:
+    """Refuse a split that is not this model's on this test set (indices out of range, or
+    'failures' the model gets right and 'correct' examples it gets wrong): the figures
+    would be measured on the wrong examples (found by an outside-in trial). A few
+    disagreements are allowed, for a split made on another device."""
+    _check_split_indices(split, len(X))
     work = _private_copy(model, dev)
     Xm = match_dtype(X, param_dtype(work))
     assert isinstance(Xm, DataSource)  # match_dtype keeps a source a source

@@ -9,12 +9,16 @@ original model scores 0 there by construction).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from netmend.data.source import as_source
+from netmend.data.task import Task
+from netmend.model.checks import check_eval_mode, ids_in_range
 from netmend.model.functional import Data
 from netmend.model.training import predict
 
@@ -40,16 +44,39 @@ class FailureSplit:
 
 def split_failures(
     model: nn.Module,
-    X: Data,
-    y: torch.Tensor,
+    X: Any,
+    y: torch.Tensor | None = None,
     seed: int = 0,
     query_fraction: float = 0.5,
     device: torch.device | str = "cpu",
+    task: Task | None = None,
 ) -> FailureSplit:
-    """Find the test examples ``model`` gets wrong and split them into query and held-out halves."""
+    """Find the test examples ``model`` gets wrong and split them into query and held-out halves.
+
+    Args:
+        model: the original model (in eval mode: dropout or BatchNorm in train mode would
+            draw another split at every call).
+        X: test inputs ``[T, ...]`` with labels ``y`` ``[T]``; or, with ``y=None``, the test
+            set in any form :func:`netmend.evaluate` takes (a ``Dataset``, a ``DataLoader``
+            of dict batches, ``(X, y)``).
+        seed: seeds the split. query_fraction: the share of failures netmend sees.
+        device: where the model predicts. task: as in :func:`netmend.identify`.
+
+    Returns:
+        A :class:`FailureSplit` of test indices.
+
+    Raises:
+        ValueError: a stochastic model in train mode, an out-of-range token id, fewer than
+            two failures, or ``query_fraction`` outside ``(0, 1)``.
+    """
     if not 0 < query_fraction < 1:
         raise ValueError(f"query_fraction must lie in (0, 1); got {query_fraction}")
-    wrong = (predict(model, X, device) != y).numpy()
+    check_eval_mode(model)
+    if y is None:
+        source = as_source(X, "test", task)
+        X, y, task = source, source.labels, source.task
+    with ids_in_range():
+        wrong = (predict(model, X, device, task=task) != y).numpy()
     fail = np.flatnonzero(wrong)
     if fail.size < 2:
         raise ValueError(

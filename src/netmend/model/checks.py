@@ -67,6 +67,12 @@ def check_model(model: nn.Module) -> None:
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameters (requires_grad=True): nothing to score")
+    check_eval_mode(model)
+
+
+def check_eval_mode(model: nn.Module) -> None:
+    """Raise if dropout or BatchNorm layers of ``model`` are in train mode (its outputs, and
+    so its predictions, would change between passes)."""
     stochastic = [n for n, m in model.named_modules() if isinstance(m, _STOCHASTIC) and m.training]
     if stochastic:
         raise ValueError(
