@@ -54,3 +54,9 @@ class TokenNet(nn.Module):
 def token_net() -> nn.Module:
     torch.manual_seed(0)
     return TokenNet().double()
+
+
+def meta_tabular_net() -> nn.Module:
+    """``tabular_net`` built on the "meta" device (shapes only), as fast-init code does."""
+    with torch.device("meta"):
+        return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()

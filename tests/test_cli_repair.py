@@ -910,3 +910,33 @@ def test_retrain_builds_its_fresh_model_from_the_model_factory(tmp_path, capsys)
             "--no-controls", "--out", str(tmp_path / "run"), *RECIPE_ARGS]  # fmt: skip
     code, _, err = _run(argv, capsys)
     assert code == 0, err
+
+
+def test_weights_as_saved_by_data_parallel_and_meta_built_models_load(tmp_path, capsys):
+    """A 'module.'-prefixed state_dict (nn.DataParallel) was refused with a dump of missing
+    and unexpected keys; a factory building on the 'meta' device ended as an internal error."""
+    X, y = _blobs(90, 4, seed=5)
+    np.savez(tmp_path / "train.npz", X=X, y=y)
+    model = _train(_cli_models.tabular_net, torch.from_numpy(X), torch.from_numpy(y),
+                   tmp_path / "w.safetensors")  # fmt: skip
+    save_file({f"module.{k}": v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "dp.safetensors"))  # fmt: skip
+    np.savez(tmp_path / "fail.npz", X=X[:6], y=(y[:6] + 1) % 3)
+    base = ["--train", str(tmp_path / "train.npz"), "--failures", str(tmp_path / "fail.npz"),
+            "--k", "5", "--no-controls", *RECIPE_ARGS]  # fmt: skip
+    runs = {}
+    for name, spec, weights in [
+        ("plain", "_cli_models:tabular_net", "w.safetensors"),
+        ("dp", "_cli_models:tabular_net", "dp.safetensors"),
+        ("meta", "_cli_models:meta_tabular_net", "w.safetensors"),
+    ]:
+        argv = ["--model", spec, "--weights", str(tmp_path / weights), *base, "--out",
+                str(tmp_path / name)]  # fmt: skip
+        code, _, err = _run(argv, capsys)
+        assert code == 0, (name, err)
+        runs[name] = load_file(str(tmp_path / name / "repaired.safetensors"))
+    for name in ("dp", "meta"):
+        assert all(torch.equal(runs[name][k], runs["plain"][k]) for k in runs["plain"])
+    code, _, err = _run(["--model", "_cli_models:meta_tabular_net", *base, "--out",
+                         str(tmp_path / "none")], capsys)  # fmt: skip
+    assert code == 2 and "on the 'meta' device" in err and "internal error" not in err, err

@@ -3,6 +3,7 @@ says what to do (issue 14, scope 4; docs/safety.md)."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import numpy as np
@@ -414,3 +415,13 @@ def test_what_a_plugin_returns_is_checked(blobs, blobs_logreg, monkeypatch):
         netmend.treat(blobs_logreg, (blobs.X, blobs.y), [0, 1], "plug_none", **RUN)
     with pytest.raises(ValueError, match=r"^an identification method named 'ewc' is already"):
         ident_base.register("ewc")(lambda ctx: None)
+
+
+def test_a_model_on_the_meta_device_is_refused_with_the_fix(blobs, blobs_logreg):
+    """identify raised 'Tensor.item() cannot be called on meta tensors', evaluate 'Cannot copy
+    out of meta tensor' (an outside-in trial)."""
+    meta = copy.deepcopy(blobs_logreg).to("meta")
+    with pytest.raises(ValueError, match=r"on the 'meta' device.*to_empty"):
+        netmend.identify(meta, (blobs.X, blobs.y), (blobs.Xf, blobs.yf), k=2, **RUN)
+    with pytest.raises(ValueError, match=r"on the 'meta' device.*assign=True"):
+        netmend.evaluate(meta, (blobs.X, blobs.y), device="cpu")

@@ -58,6 +58,7 @@ from netmend.model.checks import (
     check_failures,
     check_finite_parameters,
     check_logits,
+    check_materialised,
     check_model,
     ids_in_range,
     num_classes_of,
@@ -364,6 +365,7 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     A low-precision model is computed in float32 (a lossless upcast of its parameters) and the
     user is told so by a ``UserWarning``; treatments cast the repaired copy back.
     """
+    check_materialised(model)
     work = copy.deepcopy(model).to(device).eval()
     dtype = param_dtype(work)
     if dtype in LOW_PRECISION:

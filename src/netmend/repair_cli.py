@@ -173,10 +173,26 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
             )
     if weights is not None:
         target = model.program if isinstance(model, Exported) else model
-        try:
-            target.load_state_dict(_load_state_dict(weights))
+        state = _load_state_dict(weights)
+        ours = set(target.state_dict())
+        if set(state) != ours and all(k.startswith("module.") for k in state):
+            stripped = {k[len("module.") :]: v for k, v in state.items()}
+            if set(stripped) == ours:  # saved from nn.DataParallel / DistributedDataParallel
+                state = stripped
+        on_meta = any(t.is_meta for t in target.state_dict().values())
+        try:  # a factory that builds on the "meta" device is given the weights' own tensors
+            target.load_state_dict(state, assign=on_meta)
         except RuntimeError as exc:
             raise BadInput(f"--weights {weights}: does not fit the model ({exc})") from exc
+    if isinstance(model, nn.Module) and not isinstance(model, Exported):
+        meta = [n for n, t in model.state_dict().items() if t.is_meta]
+        if meta:
+            raise BadInput(
+                f"--model {spec!r}: {len(meta)} tensors ({', '.join(meta[:3])}) are on the "
+                "'meta' device, with no values"
+                + (" (--weights holds none for them)" if weights is not None else "")
+                + ": build the model on a real device, or pass --weights with every tensor"
+            )
     return model.eval()
 
 

@@ -65,9 +65,23 @@ def check_model(model: nn.Module) -> None:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    check_materialised(model)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("model has no trainable parameters (requires_grad=True): nothing to score")
     check_eval_mode(model)
+
+
+def check_materialised(model: nn.Module) -> None:
+    """Raise if ``model`` has parameters or buffers on the "meta" device (shapes, no values):
+    torch failed later with "Tensor.item() cannot be called on meta tensors" or "Cannot copy
+    out of meta tensor"."""
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"model has {len(meta)} tensors on the 'meta' device, with no values "
+            f"({', '.join(meta[:3])}): load its weights first, e.g. model.to_empty(device='cpu') "
+            "then load_state_dict(...), or load_state_dict(state, assign=True)"
+        )
 
 
 def check_eval_mode(model: nn.Module) -> None:
