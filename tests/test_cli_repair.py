@@ -318,6 +318,13 @@ def test_jsonl_tokens(tmp_path, capsys):
     _check_outputs(out, 160, wrong.size, _cli_models.token_net, tst.X[wrong], tst.y[wrong])
     html = (out / "report.html").read_text()
     assert "w4" in html or "w5" in html  # tokens decoded through the vocabulary
+    # the same ids as float features (a .npz of float X): the fix said "or a task=", which
+    # no flag sets (an outside-in trial)
+    np.savez(tmp_path / "float.npz", X=train.X.double().numpy(), y=train.y.numpy())
+    code, _, err = _run([*argv[:4], "--train", str(tmp_path / "float.npz"), "--failures",
+                         str(tmp_path / "float.npz"), "--out", str(tmp_path / "f"),
+                         *RECIPE_ARGS], capsys)  # fmt: skip
+    assert code == 2 and "Token ids must be integers" in err and "task=" not in err, err
 
 
 BASE = ["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures", "{fail}"]

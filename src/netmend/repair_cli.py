@@ -533,7 +533,16 @@ class Inputs:
                 "labels are already class indices: drop --classes"
             )
         # said before any pass: found later, a bad label left a cache that refused the rerun
-        classes = num_classes_of(model, self.train.X, device)
+        try:
+            classes = num_classes_of(model, self.train.X, device)
+        except ValueError as exc:  # the library's fix names task=, which no flag sets
+            msg = str(exc).replace(
+                ", or convert them in the model or a task=",
+                ". Token ids must be integers: pass a .jsonl file of ids or an .npz with an "
+                "integer X (a .csv is read as float features); other conversions belong in "
+                "the model",
+            )
+            raise BadInput(f"--train {args.train}: {msg}") from exc
         names = self.train.classes
         if args.classes is not None and names is not None and len(names) != classes:
             raise BadInput(
