@@ -439,3 +439,13 @@ def test_l2_given_to_a_method_that_ignores_it_warns(setup):
         warnings.simplefilter("always")
         netmend.repair(model, train, fail, "grad_dot", k=3, treat="newton", l2=5.0, **RUN)
     assert not [w for w in seen if "is not used by method" in str(w.message)]
+
+
+def test_a_repair_argument_given_to_identify_is_named_as_such(setup):
+    """identify(..., guard=False) said "unknown option(s) ['guard'] for identification method
+    'ewc'. It accepts: step_size, steps", blaming the method."""
+    model, train, fail = setup
+    with pytest.raises(ValueError, match=r"guard: an argument of netmend\.repair"):
+        netmend.identify(model, train, fail, k=3, guard=False, **RUN)
+    with pytest.raises(ValueError, match=r"unknown option.*'stepz'"):
+        netmend.identify(model, train, fail, k=3, stepz=3, **RUN)

@@ -378,6 +378,13 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     return work
 
 
+_REPAIR_ARGUMENTS = frozenset(
+    {"treat", "train_config", "identify_options", "treat_options", "guard", "guard_data"}
+    | {"causes", "theta_plus_f", "record", "allow_no_causes", "identify"}
+)
+"""Keywords of :func:`repair` / :func:`treat` that :func:`identify` does not take."""
+
+
 @_public
 def identify(
     model: nn.Module,
@@ -473,6 +480,12 @@ def identify(
         TypeError: a ``seed`` that is not an integer.
     """
     fn = identification.get(method)
+    misplaced = sorted(set(options) & _REPAIR_ARGUMENTS)
+    if misplaced:  # "unknown option(s) ['guard'] for method 'ewc'" blamed the method
+        raise ValueError(
+            f"{', '.join(misplaced)}: an argument of netmend.repair (or netmend.treat), not of "
+            "identify; pass it there, or drop it"
+        )
     check_identify_options(method, options)
     if method in IGNORES_L2 and not (isinstance(l2, str) and l2 == DEFAULT_L2):
         hint = (
