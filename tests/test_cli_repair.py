@@ -315,6 +315,7 @@ def test_jsonl_tokens(tmp_path, capsys):
     ]  # fmt: skip
     code, stdout, err = _run(argv, capsys)
     assert code == 0, err
+    assert "--pad-id" not in err  # 0, as the model's Embedding pads
     _check_outputs(out, 160, wrong.size, _cli_models.token_net, tst.X[wrong], tst.y[wrong])
     html = (out / "report.html").read_text()
     assert "w4" in html or "w5" in html  # tokens decoded through the vocabulary
@@ -325,6 +326,10 @@ def test_jsonl_tokens(tmp_path, capsys):
                          str(tmp_path / "float.npz"), "--out", str(tmp_path / "f"),
                          *RECIPE_ARGS], capsys)  # fmt: skip
     assert code == 2 and "Token ids must be integers" in err and "task=" not in err, err
+    # another pad id than the Embedding's padding_idx: the padding reads as a real token
+    code, _, err = _run([*argv[:-len(RECIPE_ARGS) - 2], "--pad-id", "1", "--out",
+                         str(tmp_path / "p"), *RECIPE_ARGS], capsys)  # fmt: skip
+    assert "warning: --pad-id 1 pads the token ids, but the model's Embedding pads with id 0" in err
 
 
 BASE = ["--model", "_cli_models:tabular_net", "--train", "{train}", "--failures", "{fail}"]

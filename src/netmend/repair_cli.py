@@ -533,6 +533,21 @@ class Inputs:
                 "labels are already class indices: drop --classes"
             )
         # said before any pass: found later, a bad label left a cache that refused the rerun
+        if self.train.kind == "tokens":
+            pads = sorted(
+                {
+                    int(m.padding_idx)
+                    for m in model.modules()
+                    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.padding_idx is not None
+                }
+            )
+            if pads and args.pad_id not in pads:
+                print(
+                    f"netmend repair: warning: --pad-id {args.pad_id} pads the token ids, but "
+                    f"the model's Embedding pads with id {pads[0]} (padding_idx): pass "
+                    f"--pad-id {pads[0]}, or the padding is read as a real token",
+                    file=sys.stderr,
+                )
         try:
             classes = num_classes_of(model, self.train.X, device)
         except ValueError as exc:  # the library's fix names task=, which no flag sets
