@@ -952,3 +952,21 @@ def test_weights_as_saved_by_data_parallel_and_meta_built_models_load(tmp_path, 
     code, _, err = _run(["--model", "_cli_models:meta_tabular_net", *base, "--out",
                          str(tmp_path / "none")], capsys)  # fmt: skip
     assert code == 2 and "on the 'meta' device" in err and "internal error" not in err, err
+
+
+def test_an_image_that_cannot_be_decoded_is_named(tmp_path):
+    """A truncated PNG among thousands was 'an image cannot be decoded (image file is
+    truncated)', with no path; an empty one and a text file were named."""
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((6, 6), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(
+        tmp_path / "b" / "big.png"
+    )
+    data = (tmp_path / "b" / "big.png").read_bytes()
+    (tmp_path / "b" / "big.png").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"big\.png"):
+        load_data(tmp_path)

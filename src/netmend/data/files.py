@@ -280,9 +280,14 @@ def load_jsonl(
 def _decode(path: Path) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as im:
-        mode = "L" if im.mode in ("L", "1", "I", "I;16", "F") else "RGB"
-        return np.asarray(im.convert(mode))
+    try:
+        with Image.open(path) as im:
+            mode = "L" if im.mode in ("L", "1", "I", "I;16", "F") else "RGB"
+            return np.asarray(im.convert(mode))
+    except OSError as exc:  # a truncated file fails in convert(), with no path in the message
+        if str(path) in str(exc):
+            raise
+        raise OSError(f"{path}: {exc}") from exc
 
 
 def load_image_folder(
