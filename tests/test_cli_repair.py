@@ -165,6 +165,14 @@ def test_image_folder(tmp_path, capsys):
     assert [r["label_name"] for r in rows] == [names[y[i]] for i in order]
     culprit = _read_csv(out / "culprits.csv")[0]
     assert culprit["path"] == rows[int(culprit["training_index"])]["path"]
+    # and each failure's own file (failures were named only by position)
+    assert culprit["failure_path"] == test.paths[int(culprit["test_index"])]
+    # a relabelling run names its suggestion too ("1" beside "dog" read as sorted index 1)
+    code, _, err = _run([*argv[:-len(RECIPE_ARGS) - 2], "--out", str(tmp_path / "rel"),
+                         "--treat", "relabel", "--no-controls", *RECIPE_ARGS], capsys)  # fmt: skip
+    assert code == 0, err
+    rel = [r for r in _read_csv(tmp_path / "rel" / "scores.csv") if r["suggested_label"]]
+    assert rel and all(r["suggested_label_name"] == names[int(r["suggested_label"])] for r in rel)
 
 
 def train_order(y: np.ndarray, n: int) -> list[int]:

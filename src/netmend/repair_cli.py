@@ -1000,13 +1000,23 @@ def run(args: argparse.Namespace) -> int:
     origin_head = (["label_name"] if class_names is not None else []) + (
         ["path"] if paths is not None else []
     )
+
+    def suggested_name(i: int) -> list[Any]:  # the suggested index read as a name, beside it
+        if class_names is None:
+            return []
+        lab = suggested.get(i)
+        return [None if lab is None else class_names[lab]]
+
     rows = [
-        [i, _fmt(s), ylist[i], suggested.get(i), int(selected[i]), *origin(i)]
+        [i, _fmt(s), ylist[i], suggested.get(i), int(selected[i]), *origin(i), *suggested_name(i)]
         for i, s in enumerate(scores.tolist())
     ]
+    named = ["suggested_label_name"] if class_names is not None else []
     write_text_atomic(
         out / "scores.csv",
-        _csv(["index", "score", "label", "suggested_label", "selected", *origin_head], rows),
+        _csv(
+            ["index", "score", "label", "suggested_label", "selected", *origin_head, *named], rows
+        ),
     )
     m = len(fails)
     if per_failure is not None:
@@ -1014,18 +1024,19 @@ def run(args: argparse.Namespace) -> int:
     else:
         cidx, cscore = np.zeros((m, 0), np.int64), np.zeros((m, 0))
     test_index = data.query.tolist() if data.query is not None else None  # joins to --test
+    fail_paths = fails.paths  # a failure's own file, when it came from an image folder
     crow = [
         [f, r + 1, int(cidx[f, r]), _fmt(float(cscore[f, r])), ylist[int(cidx[f, r])]]
         + ([test_index[f]] if test_index is not None else [])
         + origin(int(cidx[f, r]))
+        + ([fail_paths[f]] if fail_paths is not None else [])
         for f in range(m)
         for r in range(cidx.shape[1])
     ]
     head = ["failure", "rank", "training_index", "score", "label"]
-    write_text_atomic(
-        out / "culprits.csv",
-        _csv(head + (["test_index"] if test_index is not None else []) + origin_head, crow),
-    )
+    head += ["test_index"] if test_index is not None else []
+    head += origin_head + (["failure_path"] if fail_paths is not None else [])
+    write_text_atomic(out / "culprits.csv", _csv(head, crow))
     settings = {
         "model": args.model,
         "weights": args.weights,
