@@ -39,9 +39,28 @@ def call_method(
         info.update({k[8:]: v.numpy() for k, v in tensors.items() if k.startswith("info_np.")})
         per_failure = None
         if meta.get("per_failure"):
-            # rerun the method in its own scope: its finished passes are read back
-            per_failure = _per_failure(run, name, lambda: fn(ctx).per_failure, name)
+
+            def rerun() -> Any:
+                """The method again in its own scope, as its first run saw the context (no
+                Fisher if it computed one, nothing shared), so that its passes take the same
+                numbers and are read back; a loaded Fisher or a pass shared by a later call
+                shifted them onto other passes' records, recomputed and overwrote those."""
+                saved = ctx.fisher, ctx.shared
+                if meta.get("fisher_computed"):
+                    ctx.fisher = None
+                ctx.shared = {}
+                try:
+                    with run.activated(name):
+                        return fn(ctx).per_failure
+                finally:
+                    loaded = ctx.fisher
+                    ctx.fisher, ctx.shared = saved
+                    if ctx.fisher is None:
+                        ctx.fisher = loaded
+
+            per_failure = _per_failure(run, name, rerun, f"{name}.per_failure")
         return MethodOutput(tensors["scores"].numpy(), per_failure, info)
+    fisher_computed = ctx.fisher is None
     with run.activated(name):
         out = fn(ctx)
     tensors = {"scores": torch.as_tensor(np.asarray(out.scores, dtype=np.float64))}
@@ -55,7 +74,12 @@ def call_method(
             tensors[f"info_np.{k}"] = torch.from_numpy(np.ascontiguousarray(v))
         elif _is_json(v):
             info_json[k] = v
-    run.save(record, tensors, {"info": info_json, "per_failure": out.per_failure is not None})
+    meta = {
+        "info": info_json,
+        "per_failure": out.per_failure is not None,
+        "fisher_computed": fisher_computed and ctx.fisher is not None,
+    }
+    run.save(record, tensors, meta)
     pf = out.per_failure
     per_failure = None
     if pf is not None:
