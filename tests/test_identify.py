@@ -105,6 +105,10 @@ def test_linear_gamma_scales_scores(blobs, blobs_logreg, failset):
         ("influence", {"solver": "cg", "cg_tol": -1.0}, "cg_tol must be a number > 0"),
         ("trak", {"proj_dim": 2.5}, "proj_dim must be an integer >= 1"),  # was taken as 2
         ("ekfac", {"solver": "dense"}, "solver='dense' does not apply"),
+        ("ekfac", {"solver": "cg"}, "solver='cg' does not apply"),
+        # accepted, and info said "dense", though the factors' eigenbasis was inverted
+        ("influence", {"curvature": "ekfac", "solver": "dense"}, "solver='dense' does not apply"),
+        ("influence", {"curvature": "diag", "solver": "cg"}, "solver='cg' does not apply"),
         ("knn_shapley", {"K": True}, "K must be an integer >= 1"),
         ("influence", {"damping": True}, "damping must be > 0"),  # was taken as 1.0
         ("trak", {"ridge": True}, "ridge must be 'auto' or a number >= 0"),  # likewise
@@ -421,6 +425,7 @@ def test_l2_strings_other_than_auto_raise(blobs, blobs_logreg, failset, bad):
 def test_info_keys(ref, blobs, blobs_logreg, failset):
     """EWC: the fit record of preconditioned_ascent plus theta_+F and l2; others: l2."""
     fit_keys = {"objective_start", "objective_end", "gain_start", "gain_end", "steps", "distance"}
+    fit_keys |= {"converged"}
     ewc = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "ewc", k=3, l2=0.5, **RUN)
     # classes_over_half: classes of which the causes hold more than half (none here)
     assert set(ewc.info) == fit_keys | {"theta_plus_f", "l2", "classes_over_half"}

@@ -238,14 +238,15 @@ class InverseCurvature:
     ) -> None:
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+        if solver != "auto" and kind in DIRECT_KINDS:  # was accepted, and info said "dense"
+            raise ValueError(
+                f"curvature {kind!r} is inverted directly (its factors' eigenbasis or diagonal): "
+                f"solver={solver!r} does not apply; leave solver out, or pick curvature 'ggn', "
+                "'hessian' or 'fisher' for it"
+            )
         if solver == "auto":
             small = ctx.fm.num_params <= DENSE_MAX_PARAMS
-            solver = "dense" if small and kind not in DIRECT_KINDS else "cg"
-        if solver == "lissa" and kind in DIRECT_KINDS:
-            raise ValueError(
-                f"curvature {kind!r} is inverted directly; solver='lissa' needs 'ggn', "
-                "'hessian' or 'fisher'"
-            )
+            solver = "direct" if kind in DIRECT_KINDS else ("dense" if small else "cg")
         self.ctx, self.kind, self.damping, self.solver = ctx, kind, damping, solver
         # dense and Kronecker kinds are solved by the Curvature itself (Cholesky / eigenbasis)
         self.direct = kind in DIRECT_KINDS or solver == "dense"
@@ -541,7 +542,7 @@ def ekfac_influence(ctx: Context) -> MethodOutput:
         raise ValueError(
             "method 'ekfac' fixes curvature='ekfac'; use method='influence' to choose another"
         )
-    if ctx.options.get("solver", "auto") not in ("auto", "cg"):
+    if ctx.options.get("solver", "auto") != "auto":
         raise ValueError(
             f"method 'ekfac' inverts its eigenvalue-corrected factors directly: solver="
             f"{ctx.options['solver']!r} does not apply (leave solver out, or use method="
