@@ -144,6 +144,8 @@ def test_image_folder(tmp_path, capsys):
     assert "test" in summary["accuracies"]["original"]
     # the Pareto verdict, on held-out failures and the test set (the report stated a rule on
     # the failures the causes were chosen from, and gave no verdict: an outside-in trial)
+    strict = (out / "summary.json").read_text()  # JSON without NaN: strict readers refuse it
+    json.loads(strict, parse_constant=lambda c: pytest.fail(f"summary.json holds {c}"))
     verdict, acc = summary["verdict"], summary["accuracies"]
     random_k = next(v for k_, v in acc.items() if k_.startswith("control: random"))
     gain = acc["repaired"]["held-out failures"] - random_k["held-out failures"]

@@ -1138,7 +1138,7 @@ def run(args: argparse.Namespace) -> int:
     write_report(out / "report.html", report)
     times["write"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
-    write_json_atomic(out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", _finite(summary))
     if guard_record and guard_record.get("k", 0) < guard_record.get("k_start", 0):
         print(
             f"The class guard cut K from {guard_record['k_start']} to {guard_record['k']} "
@@ -1179,6 +1179,18 @@ def _round_note(rep: Repairer | None) -> list[str]:
         f"all {h['failures']} the repaired model gets {100 * h['accuracy']['failures']:.1f}% "
         "right. Held-out failures leave out every round's failures."
     ]
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float as ``None`` (JSON has no NaN: a class the
+    test set lacks has no accuracy, and strict readers refuse the bare ``NaN`` token)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _scalars(figures: dict[str, Any]) -> dict[str, float]:
