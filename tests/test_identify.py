@@ -709,3 +709,19 @@ def test_culprits_break_ties_by_index_as_select_does():
     np.testing.assert_array_equal(idx[0], expected)
     np.testing.assert_array_equal(idx[1], select(-col, 5))
     assert top_indices(col, 0).size == 0 and top_indices(col, 500).size == 100
+
+
+@pytest.mark.parametrize(
+    "options, idle",
+    [
+        ({"curvature": "ggn", "solver": "dense", "mc_samples": 7}, "mc_samples"),
+        ({"curvature": "ggn", "solver": "cg", "lissa_depth": 3}, "lissa_depth"),
+        ({"curvature": "ekfac", "cg_maxiter": 5}, "cg_maxiter"),
+    ],
+)
+def test_options_the_solver_never_reads_warn(blobs, blobs_logreg, failset, options, idle):
+    """A sweep over options the chosen curvature or solver ignores returned bit-identical
+    scores with no word (an outside attribution trial)."""
+    with pytest.warns(UserWarning, match=f"does not read {idle}"):
+        netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "influence", k=3,
+                         **options, **RUN)  # fmt: skip

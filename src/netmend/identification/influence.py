@@ -432,6 +432,35 @@ INFLUENCE_OPTIONS = (
 )
 
 
+KRONECKER_OPTIONS = (
+    "fisher_type",
+    "mc_samples",
+    "covariance_max_examples",
+    "correction_max_examples",
+)
+"""Options read only by the Kronecker-factored curvatures ("kfac", "ekfac")."""
+
+
+def _warn_idle_options(o: dict[str, Any], kind: str, solver: str, method: str) -> None:
+    """Warn of options that the chosen curvature or solver never reads: a sweep over them
+    returned bit-identical scores with no word (an outside trial: ``mc_samples=7`` with the
+    dense GGN, ``lissa_depth`` with CG). A warning, not a refusal: one option set shared by
+    several solvers is a common way to compare them."""
+    idle = []
+    if kind not in ("kfac", "ekfac"):
+        idle += [k for k in KRONECKER_OPTIONS if k in o]
+    if solver != "lissa":
+        idle += [k for k in o if k.startswith("lissa_")]
+    if solver not in ("cg", "auto") or kind in DIRECT_KINDS:
+        idle += [k for k in ("cg_tol", "cg_maxiter") if k in o]
+    if idle:
+        warn(
+            f"method {method!r} with curvature={kind!r} and solver={solver!r} does not read "
+            f"{', '.join(sorted(idle))}: they change nothing (fisher_type, mc_samples, ...: "
+            "curvature 'kfac'/'ekfac'; lissa_*: solver='lissa'; cg_*: solver='cg')"
+        )
+
+
 SELF_ITERATIVE_MAX = 200
 """Self-influence by an iterative solver warns above this many training examples."""
 
@@ -444,6 +473,7 @@ def influence_scores(ctx: Context, kind: str, method: str) -> MethodOutput:
     damping = resolve_damping(ctx, o.get("damping", "auto"))
     lissa_opts = {k[len("lissa_") :]: v for k, v in o.items() if k.startswith("lissa_")}
     lissa_opts["seed"] = ctx.seed
+    _warn_idle_options(o, kind, str(o.get("solver", "auto")), method)
     inv = InverseCurvature(
         ctx,
         kind,
