@@ -172,9 +172,17 @@ def test_guard_needs_no_churn_trial_when_the_agreement_reading_is_within_the_lim
 def test_guard_is_skipped_when_no_class_can_be_judged() -> None:
     X, y = _train(per_class=300)  # 5% = 15 per class
     calls: list[np.ndarray] = []
-    # said, with the fix: an outside trial's class fell 20 points behind a silent skip
-    with pytest.warns(UserWarning, match=r"did not run.*K = 10 was not checked.*guard_data"):
-        g = guard.guard_k(calls.append, Rule(), as_source((X, y), "t"), np.arange(10), 0, "cpu")  # type: ignore[arg-type]
+    src = as_source((X, y), "t")
+    # said, with the fix, when the causes hold 10% of a class or more: an outside trial's
+    # class fell 20 points behind a silent skip
+    many = np.flatnonzero(y.numpy() == 1)[:40]  # 40 of 300
+    with pytest.warns(UserWarning, match=r"did not run.*K = 40 causes \(13% of class 1\) was not"):
+        g = guard.guard_k(calls.append, Rule(), src, many, 0, "cpu")  # type: ignore[arg-type]
+    assert g.skipped and g.k == 40 and not calls
+    few = np.flatnonzero(y.numpy() == 1)[:10]  # 3% of the class: cannot empty it, not said
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        g = guard.guard_k(calls.append, Rule(), src, few, 0, "cpu")  # type: ignore[arg-type]
     assert g.skipped and g.k == 10 and not calls
 
 
