@@ -236,9 +236,9 @@ def guard_k(
         val, classes = holdout_slice(train.labels, seed)
         if not classes:
             why = f"no class has {MIN_PER_CLASS} examples in a {HOLDOUT_SHARE:.0%} slice"
-            labels = train.labels.cpu().numpy().astype(np.int64)
-            share = np.bincount(labels[causes], minlength=labels.max() + 1) / np.maximum(
-                np.bincount(labels), 1
+            ylab = train.labels.cpu().numpy().astype(np.int64)
+            share = np.bincount(ylab[causes], minlength=ylab.max() + 1) / np.maximum(
+                np.bincount(ylab), 1
             )
             if share.max() >= UNCHECKED_SHARE:  # said: a trial's class fell 20 points, silently
                 c = int(share.argmax())
