@@ -60,3 +60,32 @@ def meta_tabular_net() -> nn.Module:
     """``tabular_net`` built on the "meta" device (shapes only), as fast-init code does."""
     with torch.device("meta"):
         return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+
+
+def preloaded_scaled_net() -> nn.Module:
+    """``scaled_tabular_net`` loading its trained weights itself (from the file named by the
+    ``NETMEND_TEST_WEIGHTS`` environment variable), as some users' factories do."""
+    import os
+
+    from safetensors.torch import load_file
+
+    model = Scaled()
+    model.load_state_dict(load_file(os.environ["NETMEND_TEST_WEIGHTS"]))
+    return model
+
+
+class _WithRope(nn.Sequential):
+    """``tabular_net``'s layers (the same weights' keys) and an unsaved buffer."""
+
+    def __init__(self) -> None:
+        super().__init__(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        self.register_buffer("freq", torch.ones(4), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x * self.freq)
+
+
+def meta_buffer_net() -> nn.Module:
+    """Built on the "meta" device with a buffer its weights do not hold (persistent=False)."""
+    with torch.device("meta"):
+        return _WithRope().double()

@@ -254,6 +254,11 @@ def test_csv(tmp_path, capsys):
     assert third["controls"] is None and third["verdict"] is None
     code, _, err = _run(round2, capsys)  # the round measured with its controls: compared below
     assert code == 2 and "already observed" in err, err
+    # the same rows in another order after a finished round: refused, not "finished" again
+    lines = (tmp_path / "fail2.csv").read_text().splitlines()
+    (tmp_path / "fail2r.csv").write_text("\n".join([lines[0], *lines[:0:-1]]) + "\n")
+    code, _, err = _run([*round2[:-1], str(tmp_path / "fail2r.csv")], capsys)
+    assert code == 2 and "observed in earlier rounds" in err, err
     for f in outputs:
         (out / f).write_bytes(done[f])
     third = json.loads((out / "summary.json").read_text())
@@ -832,6 +837,9 @@ def test_two_swapped_class_names_are_refused():
     noisy = table.copy()  # 45% pair noise each way: most of each class still predicted itself
     noisy[1], noisy[3] = [0, 110, 0, 90, 0], [0, 90, 0, 110, 0]
     assert _permuted_names(noisy) == []
+    even = table.copy()  # two classes the model cannot tell apart: about 50/50 both ways,
+    even[1], even[3] = [0, 90, 0, 110, 0], [0, 112, 0, 88, 0]  # sampling noise past half
+    assert _permuted_names(even) == []
     few = np.diag([n, n, 3, 3, n])  # too few sampled examples to judge
     assert _permuted_names(few[[0, 1, 3, 2, 4]]) == []
 
@@ -918,7 +926,7 @@ def test_an_out_folder_that_cannot_be_written_is_bad_input(tmp_path, capsys, mon
     assert code == 2 and "--out" in err and "cannot write there (Permission denied)" in err, err
 
 
-def test_retrain_builds_its_fresh_model_from_the_model_factory(tmp_path, capsys):
+def test_retrain_builds_its_fresh_model_from_the_model_factory(tmp_path, capsys, monkeypatch):
     """--treat retrain on a model with a top-level nn.Parameter said 'pass model_factory=', an
     option the command line cannot pass, though --model is that factory."""
     X, y = _blobs(90, 4, seed=5)
@@ -932,6 +940,23 @@ def test_retrain_builds_its_fresh_model_from_the_model_factory(tmp_path, capsys)
             "--no-controls", "--out", str(tmp_path / "run"), *RECIPE_ARGS]  # fmt: skip
     code, _, err = _run(argv, capsys)
     assert code == 0, err
+    # the API's retrain from the same factory, on the same causes: the same weights
+    model = _cli_models.scaled_tabular_net()
+    model.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
+    causes = [int(r["index"]) for r in _read_csv(tmp_path / "run" / "scores.csv")
+              if r["selected"] == "1"]  # fmt: skip
+    again = netmend.treat(model.eval(), (torch.from_numpy(X).float(), torch.from_numpy(y)),
+                          causes, "retrain", model_factory=_cli_models.scaled_tabular_net,
+                          train_config=RECIPE, seed=0, progress=False, device="cpu")  # fmt: skip
+    saved = load_file(str(tmp_path / "run" / "repaired.safetensors"))
+    for k_, v in again.state_dict().items():
+        torch.testing.assert_close(saved[k_], v.double())
+    # a factory that loads the trained weights itself would only fine-tune them: refused
+    monkeypatch.setenv("NETMEND_TEST_WEIGHTS", str(tmp_path / "w.safetensors"))
+    argv[1] = "_cli_models:preloaded_scaled_net"
+    code, _, err = _run([*argv[:-len(RECIPE_ARGS) - 1], str(tmp_path / "pre"), *RECIPE_ARGS],
+                        capsys)  # fmt: skip
+    assert code == 2 and "returns the trained weights" in err, err
 
 
 def test_weights_as_saved_by_data_parallel_and_meta_built_models_load(tmp_path, capsys):
@@ -962,6 +987,11 @@ def test_weights_as_saved_by_data_parallel_and_meta_built_models_load(tmp_path, 
     code, _, err = _run(["--model", "_cli_models:meta_tabular_net", *base, "--out",
                          str(tmp_path / "none")], capsys)  # fmt: skip
     assert code == 2 and "on the 'meta' device" in err and "internal error" not in err, err
+    # a buffer the weights do not hold (persistent=False) stays on meta: said, not exit 1
+    code, _, err = _run(["--model", "_cli_models:meta_buffer_net", "--weights",
+                         str(tmp_path / "w.safetensors"), *base, "--out",
+                         str(tmp_path / "buf")], capsys)  # fmt: skip
+    assert code == 2 and "freq" in err and "persistent=False" in err, err
 
 
 def test_an_image_that_cannot_be_decoded_is_named(tmp_path):

@@ -93,6 +93,22 @@ def test_rounds_add_the_new_failures_scores_and_reuse_the_fisher(problem, monkey
     assert h[-1]["fixed"] == np.flatnonzero(ok).tolist()
 
 
+def test_a_state_saved_with_k_auto_by_0_3_6_resumes(problem, tmp_path, monkeypatch):
+    """0.3.6 saved k="auto" as given; 0.3.7 saves the default's name, None, and must still
+    resume the folders 0.3.6 wrote (a review)."""
+    model, train, (Xf, yf), _ = problem
+    a = _repairer(problem, k="auto")
+    a.observe((Xf[:8], yf[:8]))
+    plain = Repairer._fingerprint
+    monkeypatch.setattr(Repairer, "_fingerprint", lambda self: {**plain(self), "k": "auto"})
+    a.save(tmp_path / "state")
+    monkeypatch.undo()
+    for k in ("auto", None):
+        b = Repairer.load(tmp_path / "state", model, train, k=k, train_config=RECIPE,
+                          device="cpu", progress=False)  # fmt: skip
+        assert [h["k"] for h in b.history] == [h["k"] for h in a.history] == [a.causes.size]
+
+
 def test_save_load_continues_exactly(problem, tmp_path):
     model, train, (Xf, yf), _ = problem
     a = _repairer(problem, treat="relabel")

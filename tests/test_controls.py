@@ -82,6 +82,22 @@ def test_pareto_passes_a_repair_that_beats_random_k_and_keeps_accuracy():
     assert g["heldout_gain_se"] == pytest.approx(np.std([0, 0.2, 0], ddof=1) / np.sqrt(3))
 
 
+def test_a_class_the_test_set_lacks_is_read_without_numpy_warnings():
+    """The CLI printed numpy's 'Mean of empty slice' / 'All-NaN slice' warnings when the test
+    set had no example of a class (its accuracy is NaN in every run)."""
+    ctl = _controls([0, 1, 0])
+    ours = _figures(_with({35: 0, 36: 0, 37: 0}), Y, SPLIT, 4)  # 4 classes: class 3 absent
+    ctl.original = _figures(ORIGINAL, Y, SPLIT, 4)
+    ctl.finetune_only = dict(ctl.original)
+    ctl.random_k = [_figures(_with({35: 0}), Y, SPLIT, 4) for _ in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        v = repaired(ours, ctl)
+        summary = ctl.as_dict()
+    assert v.passed and v.worst_class != 3
+    assert np.isnan(summary["random_k"]["class_acc"][3])
+
+
 def test_pareto_refuses_a_repair_no_better_than_random_k():
     ctl = _controls([2, 2, 2])
     ours = _figures(_with({35: 0, 36: 0}), Y, SPLIT, 3)

@@ -746,7 +746,9 @@ class Repairer:
                 "recomputed: start a new run (a new folder) with all the failures so far"
             ) from None
         self = cls(model, train, fisher=tensors.get("fisher"), **kwargs)
-        now, saved = self._fingerprint(), meta["settings"]
+        now, saved = self._fingerprint(), dict(meta["settings"])
+        if is_auto_k(saved.get("k")):  # 0.3.6 saved k="auto" as given; the name of None
+            saved["k"] = None
         diff = [key for key in saved if saved[key] != store.jsonable(now.get(key))]
         if diff:
             hashed = ("model", "train", "guard_data")  # content hashes: the values say nothing

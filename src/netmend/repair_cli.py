@@ -179,19 +179,22 @@ def load_model(spec: str, weights: str | None) -> nn.Module:
             stripped = {k[len("module.") :]: v for k, v in state.items()}
             if set(stripped) == ours:  # saved from nn.DataParallel / DistributedDataParallel
                 state = stripped
-        on_meta = any(t.is_meta for t in target.state_dict().values())
+        on_meta = any(t.is_meta for t in [*target.parameters(), *target.buffers()])
         try:  # a factory that builds on the "meta" device is given the weights' own tensors
             target.load_state_dict(state, assign=on_meta)
         except RuntimeError as exc:
             raise BadInput(f"--weights {weights}: does not fit the model ({exc})") from exc
     if isinstance(model, nn.Module) and not isinstance(model, Exported):
-        meta = [n for n, t in model.state_dict().items() if t.is_meta]
+        tensors = [*model.named_parameters(), *model.named_buffers()]  # non-persistent too
+        meta = [n for n, t in tensors if t.is_meta]
         if meta:
             raise BadInput(
                 f"--model {spec!r}: {len(meta)} tensors ({', '.join(meta[:3])}) are on the "
                 "'meta' device, with no values"
                 + (" (--weights holds none for them)" if weights is not None else "")
-                + ": build the model on a real device, or pass --weights with every tensor"
+                + ": build the model on a real device (a buffer that is not saved, e.g. "
+                "register_buffer(..., persistent=False), must be computed there), or pass "
+                "--weights with every tensor"
             )
     return model.eval()
 
@@ -282,6 +285,39 @@ def _recipe(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**given)
 
 
+def _retrain_factory(
+    model: nn.Module, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
+    """``--treat retrain``'s fresh model: ``{}`` when every trained layer of ``model`` has a
+    ``reset_parameters()`` (the treatment re-initialises a copy), else ``{"model_factory":
+    ...}`` building it from ``--model``.
+
+    Raises:
+        BadInput: ``--model`` cannot give an untrained model: a ``.pt2`` program holds its
+            trained weights, and a factory may load them.
+    """
+    try:
+        fresh_copy(model, args.seed)
+        return {}
+    except ValueError as exc:
+        why = exc.args[0].split(";")[0]
+    if isinstance(model, Exported):
+        raise BadInput(
+            f"--treat retrain needs an untrained model, and {why}: a .pt2 program holds its "
+            "trained weights. Pass --model package.module:factory (returning the untrained "
+            "model) with --weights"
+        )
+    fresh = load_model(args.model, None)
+    trained, new = model.state_dict(), fresh.state_dict()
+    if all(torch.equal(trained[k].cpu(), new[k].cpu()) for k in trained if k in new):
+        raise BadInput(
+            f"--treat retrain needs an untrained model, and {why}; --model {args.model} "
+            "returns the trained weights, so 'retraining' would only fine-tune them. Pass a "
+            "factory that returns the untrained model"
+        )
+    return {"model_factory": lambda: load_model(args.model, None).to(device)}
+
+
 def _writable(out: Path, flag: str) -> None:
     """Create ``out`` (once the inputs are read: bad ones leave nothing) and prove that files
     can be written in it, before any pass: a read-only folder failed only when the cache was
@@ -368,9 +404,11 @@ def check_class_order(model: nn.Module, d: FileData, device: torch.device, seed:
     * some names are permuted among themselves: each of them is given one other output by
       most of its examples, and those outputs are the same names' (two names swapped in a
       ``--classes`` file: 75% agreement against 92%, which the first test let through, and the
-      repair fell from 94% to 76% in truth). A weak model that confuses a class with another
-      does not also confuse the other back, and label noise under 50% leaves each name's
-      examples predicted mostly as itself.
+      repair fell from 94% to 76% in truth). "Most" is more than half of a name's examples
+      and at least twice as many as the model gives that name: two classes a correctly ordered
+      model cannot tell apart split about evenly both ways, and sampling noise took both over
+      half in 22% of draws (a review); label noise under a third leaves each name's examples
+      predicted mostly as itself.
 
     Raises:
         BadInput: with the order the model's predictions suggest.
@@ -420,10 +458,13 @@ def _permuted_names(table: np.ndarray, min_rows: int = 5) -> list[int]:
     """
     rows = table.sum(1)
     top = table.argmax(1)
-    moved = {
+    moved = {  # most examples go to one other output, at least twice as many as stay
         i: int(top[i])
         for i in range(len(table))
-        if rows[i] >= min_rows and top[i] != i and table[i, top[i]] > 0.5 * rows[i]
+        if rows[i] >= min_rows
+        and top[i] != i
+        and table[i, top[i]] > 0.5 * rows[i]
+        and table[i, top[i]] >= 2 * table[i, i]
     }
     cycles: set[int] = set()
     for start in moved:  # follow each moved label; a return to it closes a cycle of names
@@ -774,10 +815,7 @@ def run(args: argparse.Namespace) -> int:
 
     factory: dict[str, Any] = {}
     if args.treat == "retrain" and "model_factory" not in args.treat_options:
-        try:  # retrained from the layers' reset_parameters() where every layer has one
-            fresh_copy(model, args.seed)
-        except ValueError:  # else from --model itself, which builds the untrained model
-            factory["model_factory"] = lambda: load_model(args.model, None).to(device)
+        factory = _retrain_factory(model, args, device)
 
     def treat_with(c: np.ndarray, **extra: Any) -> nn.Module:
         """The repair's treatment call; the controls repeat it with only the causes changed."""
@@ -805,7 +843,9 @@ def run(args: argparse.Namespace) -> int:
             )
         t0 = time.perf_counter()
         rep = Repairer.load(state_dir, model, (train.X, train.y), **repairer_kw)
-        finishing = rep.last_round_was((fails.X, fails.y))
+        # the state a round ahead of summary.json, on this batch: saved, then interrupted
+        ahead = len(rep.history) == len((previous or {}).get("observed_failures", [])) + 1
+        finishing = ahead and rep.last_round_was((fails.X, fails.y))
         if finishing:  # saved, then interrupted while its outputs were written
             print(
                 f"netmend repair: round {len(rep.history)} of {out} was saved before an "
@@ -946,9 +986,14 @@ def run(args: argparse.Namespace) -> int:
         verdict = _verdict(ours, ctl)
         if verdict is None:
             control_note.append(
-                "No verdict: the criterion reads held-out failures and the test set; pass "
-                "--test with --failure-indices auto (failures found in the test set and split "
-                "into the ones netmend sees and the ones held out)."
+                "No verdict: the criterion reads held-out failures and the test set; "
+                + (
+                    "this run holds none out (every test failure was among the failures "
+                    "given or observed in earlier rounds)."
+                    if args.test is not None and args.failure_indices is not None
+                    else "pass --test with --failure-indices auto (failures found in the test "
+                    "set and split into the ones netmend sees and the ones held out)."
+                )
             )
         else:
             said = "passed" if verdict["passed"] else "failed: " + "; ".join(verdict["reasons"])
@@ -957,7 +1002,7 @@ def run(args: argparse.Namespace) -> int:
                 "over the random causes"
                 + (
                     f"; worst class {verdict['worst_class']} "
-                    f"{-100 * verdict['worst_class_drop']:+.1f} points"
+                    f"{-100 * verdict['worst_class_drop'] + 0.0:+.1f} points"  # no "-0.0"
                     if verdict["worst_class"] is not None
                     else ""
                 )
@@ -1236,10 +1281,15 @@ def _selection_notes(gate: dict[str, Any] | None, guard: dict[str, Any] | None) 
             "likely label errors, so the causes are something the model learned; all were kept."
         )
     if guard and guard.get("skipped") and guard["skipped"] != "no causes":
+        fix = (
+            "pass a --guard-data with at least 50 examples of each class"
+            if guard.get("source") == "guard_data"
+            else "or pass --guard-data (a labelled validation split)"
+        )
         notes.append(
             f"Class guard: did not run ({guard['skipped']}), so no trial checked whether "
             f"removing the {guard['k']} causes empties a class: read each class's accuracy, "
-            "or pass --guard-data (a labelled validation split)."
+            f"{fix}."
         )
     if guard and guard.get("tries") and guard["k"] < guard["k_start"]:
         last = guard["tries"][-1]

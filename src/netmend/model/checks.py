@@ -79,8 +79,10 @@ def check_materialised(model: nn.Module) -> None:
     if meta:
         raise ValueError(
             f"model has {len(meta)} tensors on the 'meta' device, with no values "
-            f"({', '.join(meta[:3])}): load its weights first, e.g. model.to_empty(device='cpu') "
-            "then load_state_dict(...), or load_state_dict(state, assign=True)"
+            f"({', '.join(meta[:3])}): load its weights first, e.g. "
+            "load_state_dict(state, assign=True), or model.to_empty(device='cpu') then "
+            "load_state_dict(...); a buffer that is not saved (persistent=False) must be "
+            "computed again after either"
         )
 
 
