@@ -109,6 +109,28 @@ def test_a_state_saved_with_k_auto_by_0_3_6_resumes(problem, tmp_path, monkeypat
         assert [h["k"] for h in b.history] == [h["k"] for h in a.history] == [a.causes.size]
 
 
+def test_a_save_writes_the_model_and_the_state_as_one(problem, tmp_path):
+    """save() wrote model.safetensors, then state.safetensors: interrupted between them, or
+    saved over by a Repairer with no model, a load paired one round's model with another's
+    state (an outside-in trial)."""
+    model, train, (Xf, yf), _ = problem
+    a = _repairer(problem)
+    a.observe((Xf[:8], yf[:8]))
+    a.save(tmp_path / "s")
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [
+        "history.json",
+        "state.safetensors",
+    ]
+    b = Repairer.load(tmp_path / "s", model, train, train_config=RECIPE, device="cpu",
+                      progress=False)  # fmt: skip
+    for p, q in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    _repairer(problem).save(tmp_path / "s")  # no round yet: no model either
+    c = Repairer.load(tmp_path / "s", model, train, train_config=RECIPE, device="cpu",
+                      progress=False)  # fmt: skip
+    assert c.history == [] and c.model is None
+
+
 def test_save_load_continues_exactly(problem, tmp_path):
     model, train, (Xf, yf), _ = problem
     a = _repairer(problem, treat="relabel")

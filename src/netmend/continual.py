@@ -87,6 +87,11 @@ def _as_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 MODEL_FILE = "model.safetensors"
+"""Where netmend 0.3.6 kept the round's model, apart from the state (read when present)."""
+
+MODEL_PREFIX = "model."
+"""The round's model's tensors, in the state file since 0.3.7: one atomic write for both (a
+save interrupted between two files paired one round's model with another's state)."""
 
 
 def _with_labels(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -718,10 +723,11 @@ class Repairer:
             "half_sizes": self._half_sizes,
             "history": self.history,
         }
-        if self.model is not None:
-            sd = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
-            store.save_tensors(d / MODEL_FILE, sd)
+        if self.model is not None:  # in the state's own file: one atomic write for both
+            for k, v in self.model.state_dict().items():
+                tensors[MODEL_PREFIX + k] = v.detach().cpu().clone()
         store.save_tensors(d / STATE_FILE, tensors, meta)
+        (d / MODEL_FILE).unlink(missing_ok=True)  # 0.3.6 kept the model apart: now stale
         store.write_json_atomic(d / "history.json", self.history)
         return d
 
@@ -739,7 +745,13 @@ class Repairer:
             raise ValueError(f"{d}: no continual-repair state ({STATE_FILE}) to resume from")
         try:
             tensors, meta = store.load_tensors(d / STATE_FILE)
-            model_sd = store.load_tensors(d / MODEL_FILE)[0] if (d / MODEL_FILE).is_file() else None
+            model_sd = {
+                k[len(MODEL_PREFIX) :]: tensors.pop(k)
+                for k in list(tensors)
+                if k.startswith(MODEL_PREFIX)
+            } or None
+            if model_sd is None and (d / MODEL_FILE).is_file():  # saved by 0.3.6
+                model_sd = store.load_tensors(d / MODEL_FILE)[0]
         except store.CacheRecordError as exc:  # unlike a cache, a round's state is not recomputed
             raise ValueError(
                 f"{str(exc).split(': delete it')[0]}. The continual-repair state cannot be "
