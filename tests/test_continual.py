@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
 import torch
 
 import netmend
+from netmend import api
 from netmend.continual import Repairer
 from netmend.identification import class_capped
 from netmend.identification.label_gate import label_gate
@@ -540,3 +542,52 @@ def test_control_repeats_the_rounds_own_call_with_only_the_causes_changed(proble
                           train_config=RECIPE, allow_no_causes=True, device="cpu", progress=False,
                           seed=r.seed + 1)  # fmt: skip
     assert (params(none) - params(first)).norm() < (params(none) - params(fresh)).norm()
+
+
+def test_a_round_that_fails_midway_leaves_the_state_as_it_was(problem, monkeypatch):
+    """observe() added the batch's scores, failures and causes before treating: a treatment
+    error or Ctrl-C left them in, and the same batch was then refused as already observed."""
+    model, train, (Xf, yf), _ = problem
+    plain = _repairer(problem)
+    plain.observe((Xf[:8], yf[:8]))
+    plain.observe((Xf[8:], yf[8:]))
+    rep = _repairer(problem)
+    rep.observe((Xf[:8], yf[:8]))
+    real = api.treat
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "treat", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rep.observe((Xf[8:], yf[8:]))
+    assert len(rep.history) == 1 and len(rep.failures[1]) == 8
+    monkeypatch.setattr(api, "treat", real)
+    rep.observe((Xf[8:], yf[8:]))  # the same batch again: the round as if never interrupted
+    np.testing.assert_array_equal(rep.scores, plain.scores)
+    np.testing.assert_array_equal(rep.causes, plain.causes)
+    for p, q in zip(rep.model.parameters(), plain.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(
+    "kw, said",
+    [
+        (dict(identify_options={"steps": -3}), "steps must be an integer >= 1"),
+        (dict(identify_options={"step_size": 0}), "step_size must be a number > 0"),
+        (dict(treat_options={"bogus": 1}), "bogus"),
+    ],
+)
+def test_settings_a_round_would_fail_on_are_refused_at_construction(problem, kw, said):
+    """steps=-3 gave all-zero scores and no repair, silently; a misspelt treatment option
+    failed once a round had scored its failures."""
+    with pytest.raises(ValueError, match=re.escape(said)):
+        _repairer(problem, **kw)
+
+
+def test_eval_sets_and_guard_data_are_checked_at_construction(problem):
+    model, train, _, (Xt, yt) = problem
+    with pytest.raises(ValueError, match="labels must lie in"):
+        Repairer(model, train, device="cpu", progress=False, eval_sets={"t": (Xt, yt + 10)})
+    with pytest.raises(ValueError, match="input shape"):
+        Repairer(model, train, device="cpu", progress=False, guard_data=(Xt[:, :1], yt))

@@ -55,11 +55,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from netmend import api, identification, store
+from netmend import api, identification, store, treatment
 from netmend._warnings import warn
 from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device, rows_in
 from netmend.data.source import DataSource, as_source
 from netmend.data.task import Task, overrides
+from netmend.data.validate import number_option
 from netmend.identification import k_rules
 from netmend.identification.base import (
     CULPRITS_PER_FAILURE,
@@ -74,6 +75,7 @@ from netmend.identification.label_gate import gate_causes
 from netmend.model.checks import check_failures, ids_in_range
 from netmend.model.functional import FunctionalModel, log_likelihoods, match_dtype, param_dtype
 from netmend.model.training import TrainConfig, predict
+from netmend.treatment.base import check_options as check_treat_options
 from netmend.treatment.guard import guard_k, resolve_guard
 from netmend.treatment.methods import finetune_recipe
 
@@ -92,6 +94,14 @@ MODEL_FILE = "model.safetensors"
 MODEL_PREFIX = "model."
 """The round's model's tensors, in the state file since 0.3.7: one atomic write for both (a
 save interrupted between two files paired one round's model with another's state)."""
+
+
+_ROUND_STATE = (
+    "scores", "_halves", "_half_sizes", "_failures_X", "_failures_y", "causes", "model",
+    "_selection", "_first_steps", "history", "_round_call",
+)  # fmt: skip
+"""What a round of :meth:`Repairer.observe` changes, restored when it fails midway (the Fisher
+and the training log-likelihoods it may compute first are the same whatever the round)."""
 
 
 def _with_labels(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -227,6 +237,12 @@ class Repairer:
             raise ValueError(
                 f"unknown identify option(s) {sorted(unknown)}; the ewc fit takes steps, step_size"
             )
+        # said now, not after a round's passes (steps=-3 gave all-zero scores and no repair;
+        # a misspelt treat option failed once the round had scored its failures)
+        number_option(identify_options or {}, "steps", 30, integer=True, low=1)
+        number_option(identify_options or {}, "step_size", 1.0, strict=True)
+        treatment.get(treat)
+        check_treat_options(treat, treat_options or {})
         if task is not None and overrides(task, "inputs"):
             raise ValueError(
                 "the Repairer keeps every round's failures as tensors and passes them on, so a "
@@ -260,6 +276,16 @@ class Repairer:
         self.eval_sets = {
             name: as_tensors(d, name, task=self.task) for name, d in (eval_sets or {}).items()
         }
+        held = [("guard_data", self._guard_data)] if self._guard_data is not None else []
+        for name, (eX, ey) in held + list(self.eval_sets.items()):
+            # checked as the failures are: said now, not as a round ends
+            api.check_input_layout(eX[:1], probe)
+            if eX.shape[1:] != probe.shape[1:]:
+                raise ValueError(
+                    f"{name} has input shape {tuple(eX.shape[1:])} but train has "
+                    f"{tuple(probe.shape[1:])}"
+                )
+            check_labels(ey, self.num_classes, name)
         fm = FunctionalModel.of(self._work)
         api._check_fisher(fisher, fm)
         n = len(self._X)
@@ -294,8 +320,8 @@ class Repairer:
         ctx = dataclasses.replace(self._ctx, Xq=Xb, yq=yb, progress=False)
         theta_f, _ = fit_theta_plus_f(
             ctx,
-            steps=int(self.identify_options.get("steps", 30)),
-            step_size=float(self.identify_options.get("step_size", 1.0)),
+            steps=number_option(self.identify_options, "steps", 30, integer=True, low=1),
+            step_size=number_option(self.identify_options, "step_size", 1.0, strict=True),
         )
         after = log_likelihoods(
             ctx.fm, theta_f, self._X, self._y, self.chunk_size, self.device, self.progress
@@ -498,10 +524,28 @@ class Repairer:
         (the failures this round's model gets right, as indices into all failures so far)
         and ``seconds`` per stage.
 
+        A round is all or nothing: one that fails or is interrupted (an error in the
+        treatment, Ctrl-C) leaves the state as it was, so the same batch can be observed again.
+
         Returns:
             The repaired copy (also :attr:`model`); the model given at construction is untouched.
         """
         Xb, yb = self._check_batch(failures)
+        # copied where a round changes them in place; the rest it only reassigns
+        kept = {
+            a: copy.deepcopy(v) if a in ("_halves", "_half_sizes", "_selection", "history") else v
+            for a in _ROUND_STATE
+            for v in [getattr(self, a)]
+        }
+        try:
+            return self._round(Xb, yb)
+        except BaseException:  # an error or an interrupt mid-round: the state before it
+            for a, v in kept.items():
+                setattr(self, a, v)
+            raise
+
+    def _round(self, Xb: torch.Tensor, yb: torch.Tensor) -> nn.Module:
+        """:meth:`observe` on a checked batch (see there)."""
         self._round_call = None  # this round's, once it treats
         t0 = time.perf_counter()
         seconds: dict[str, float] = {}
