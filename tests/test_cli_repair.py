@@ -259,6 +259,10 @@ def test_csv(tmp_path, capsys):
     (tmp_path / "fail2r.csv").write_text("\n".join([lines[0], *lines[:0:-1]]) + "\n")
     code, _, err = _run([*round2[:-1], str(tmp_path / "fail2r.csv")], capsys)
     assert code == 2 and "observed in earlier rounds" in err, err
+    # another --identify for a round that continues the saved ewc run: refused, not ignored
+    code, _, err = _run([*argv[:-8], "--resume", str(out), *RECIPE_ARGS, "--identify", "loss",
+                         "--failures", str(tmp_path / "fail2r.csv")], capsys)  # fmt: skip
+    assert code == 2 and "identified with 'ewc'" in err, err
     for f in outputs:
         (out / f).write_bytes(done[f])
     third = json.loads((out / "summary.json").read_text())

@@ -161,7 +161,9 @@ def test_save_load_continues_exactly(problem, tmp_path):
     assert c.history == a.history[:1]
     # the treatment's recipe is a setting too (netmend repair --resume --lr 0.01 was taken)
     faster = dataclasses.replace(RECIPE, lr=RECIPE.lr * 10)
-    with pytest.raises(ValueError, match="saved with other train_config"):
+    with pytest.raises(
+        ValueError, match=r"saved with other train_config \(\{'lr': 0\.0\d+\} there"
+    ):
         Repairer.load(tmp_path / "state", model, train, treat="relabel", train_config=faster,
                       device="cpu", progress=False)  # fmt: skip
 
@@ -591,3 +593,19 @@ def test_eval_sets_and_guard_data_are_checked_at_construction(problem):
         Repairer(model, train, device="cpu", progress=False, eval_sets={"t": (Xt, yt + 10)})
     with pytest.raises(ValueError, match="input shape"):
         Repairer(model, train, device="cpu", progress=False, guard_data=(Xt[:, :1], yt))
+
+
+def test_control_and_per_failure_check_their_inputs(problem):
+    """control([1.5, 2.0]) trained on causes [1, 2]; per_failure with labels out of range
+    was torch's IndexError; a batch holding a failure twice counted it twice."""
+    model, train, (Xf, yf), _ = problem
+    rep = _repairer(problem)
+    rep.observe((Xf[:8], yf[:8]))
+    with pytest.raises(TypeError, match="causes must be integer training indices"):
+        rep.control(np.array([1.5, 2.0]))
+    with pytest.raises(ValueError, match="labels must lie in"):
+        rep.per_failure((Xf[:3], yf[:3] + 10))
+    twice = _repairer(problem)
+    with pytest.warns(UserWarning, match="1 of 9 failures repeat others of this batch"):
+        twice.observe((torch.cat([Xf[:8], Xf[:1]]), torch.cat([yf[:8], yf[:1]])))
+    np.testing.assert_array_equal(twice.scores, rep.scores)

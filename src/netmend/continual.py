@@ -60,7 +60,7 @@ from netmend._warnings import warn
 from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device, rows_in
 from netmend.data.source import DataSource, as_source
 from netmend.data.task import Task, overrides
-from netmend.data.validate import number_option
+from netmend.data.validate import check_causes, number_option
 from netmend.identification import k_rules
 from netmend.identification.base import (
     CULPRITS_PER_FAILURE,
@@ -333,7 +333,9 @@ class Repairer:
         """Every failure observed so far, ``(X [M, ...], y [M])``, in the order observed."""
         return self._failures_X, self._failures_y
 
-    def _check_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of failures as tensors, checked against the training inputs' layout and the
+        model's classes (a round's, or :meth:`per_failure`'s)."""
         Xb, yb = as_tensors(failures, "failures", task=self.task)
         api.check_input_layout(Xb[:1], self._X.head(1).read())  # as identify checks it
         if Xb.shape[1:] != self._failures_X.shape[1:]:
@@ -342,7 +344,19 @@ class Repairer:
                 f"{tuple(self._failures_X.shape[1:])}"
             )
         check_labels(yb, self.num_classes, "failures")
-        Xb = _as_dtype(Xb, param_dtype(self._work))
+        return _as_dtype(Xb, param_dtype(self._work)), yb
+
+    def _check_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
+        Xb, yb = self._read_batch(failures)
+        rows = _with_labels(Xb, yb)
+        first = np.unique(rows.numpy(), axis=0, return_index=True)[1]
+        if first.size < len(yb):  # a repeat within the batch would count twice as well
+            warn(
+                f"{len(yb) - first.size} of {len(yb)} failures repeat others of this batch; "
+                "each is counted once"
+            )
+            keep = torch.from_numpy(np.sort(first))
+            Xb, yb = Xb[keep], yb[keep]
         seen = rows_in(_with_labels(Xb, yb), _with_labels(self._failures_X, self._failures_y))
         if seen.all():
             raise ValueError(
@@ -505,8 +519,7 @@ class Repairer:
         Linearised with the stored curvature (as "ewc"'s culprits): one pass of per-example
         gradients over the training set.
         """
-        Xb, yb = as_tensors(failures, "failures", task=self.task)
-        Xb = _as_dtype(Xb, param_dtype(self._work))
+        Xb, yb = self._read_batch(failures)
         ctx = dataclasses.replace(self._ctx, Xq=Xb, yq=yb)
         return ctx.per_failure_scores(ctx.diag_curvature())
 
@@ -700,11 +713,21 @@ class Repairer:
                 round selected no causes and kept the model as it was).
         """
         if self._round_call is None:
-            raise ValueError(
-                "no treatment call to repeat: the last round made none (observe failures "
-                "first; a round with no causes keeps the previous model)"
-            )
-        return self._call(np.asarray(causes, dtype=np.int64), {}, allow_no_causes=True)
+            if not self.history:
+                why = "no round yet (observe failures first)"
+            elif self.causes.size == 0:
+                why = "the last round selected no causes and kept the model as it was"
+            else:  # loaded: the round's start, the previous round's model, is not saved
+                why = (
+                    "the last round's call started from the previous round's model, which a "
+                    "saved state does not keep; controls are made in the session that "
+                    "observed the round"
+                )
+            raise ValueError(f"no treatment call to repeat: {why}")
+        empty = np.asarray(causes).size == 0  # finetune-only: nothing removed
+        # checked as treat() checks them: 1.5 was truncated to 1
+        picked = np.zeros(0, np.int64) if empty else check_causes(causes, len(self._X)).numpy()
+        return self._call(picked, {}, allow_no_causes=True)
 
     def _set_first_steps(self, kk: int) -> None:
         """The first real round's fine-tune length in optimiser steps (``kk`` causes removed),
@@ -801,6 +824,8 @@ class Repairer:
                 f"{str(exc).split(': delete it')[0]}. The continual-repair state cannot be "
                 "recomputed: start a new run (a new folder) with all the failures so far"
             ) from None
+        if "fisher" in kwargs:  # the saved run's own Fisher is loaded with it
+            raise ValueError("Repairer.load takes the Fisher from the saved state: drop fisher=")
         self = cls(model, train, fisher=tensors.get("fisher"), **kwargs)
         now, saved = self._fingerprint(), dict(meta["settings"])
         if is_auto_k(saved.get("k")):  # 0.3.6 saved k="auto" as given; the name of None
@@ -817,7 +842,13 @@ class Repairer:
                             "given here)" if here else "none here)"
                         )
                     return key
-                return f"{key} ({saved[key]!r} there, {store.jsonable(now.get(key))!r} here)"
+                was: Any = saved[key]
+                now_: Any = store.jsonable(now.get(key))
+                if isinstance(was, dict) and isinstance(now_, dict):  # name the fields
+                    fields = sorted(f for f in {*was, *now_} if was.get(f) != now_.get(f))
+                    was = {f: was.get(f) for f in fields}
+                    now_ = {f: now_.get(f) for f in fields}
+                return f"{key} ({was!r} there, {now_!r} here)"
 
             raise ValueError(
                 f"{d}: saved with other {', '.join(said(k) for k in diff)}; pass the model, "

@@ -835,6 +835,13 @@ def run(args: argparse.Namespace) -> int:
         )
 
     if continual:  # new failures for an earlier run: one more round of continual repair
+        first = (previous or {}).get("settings", {}).get("identify", "ewc")
+        if args.identify != first:  # the round scores with the saved state's method, ewc
+            raise BadInput(
+                f"--resume {out}: the saved run identified with {first!r}; a continual round "
+                f"continues it, so --identify {args.identify} would be recorded but not used. "
+                f"Drop --identify (or pass --identify {first}), or start a new folder"
+            )
         if not (state_dir / STATE_FILE).is_file():
             raise BadInput(
                 f"--resume {out} with new failures needs the continual-repair state of an "
