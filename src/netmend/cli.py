@@ -22,9 +22,40 @@ from netmend.data import distributed
 from netmend.store import write_json_atomic
 
 
+def _outputs_writable(files: list[str | None], folders: list[str | None]) -> None:
+    """Refuse output paths that cannot be written before any work: a --json under a file
+    failed after the whole run, as an internal error, and its figures were lost.
+
+    Raises:
+        ValueError: a path under a file, or a folder that cannot be created or written to.
+    """
+    import tempfile
+
+    for path, is_dir in [(f, False) for f in files] + [(d, True) for d in folders]:
+        if path is None:
+            continue
+        p = Path(path)
+        folder = p if is_dir else p.parent
+        if is_dir and p.exists() and not p.is_dir():
+            raise ValueError(f"{path}: exists and is not a folder; choose another output folder")
+        if not is_dir and p.is_dir():
+            raise ValueError(f"{path}: is a folder; give a file name")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".netmend-probe-"):
+                pass
+        except OSError as exc:
+            raise ValueError(
+                f"{path}: cannot write there ({exc.strerror or exc}); choose a path you can "
+                "write to"
+            ) from exc
+
+
 def _demo(args: argparse.Namespace) -> int:
     from netmend.lab import demo
     from netmend.lab.datasets import DatasetMissingError
+
+    _outputs_writable([args.json, args.report], [args.plots])
 
     config = demo.DemoConfig.quick_config(args.seed) if args.quick else demo.DemoConfig(args.seed)
     try:
@@ -63,6 +94,11 @@ def _bench(args: argparse.Namespace) -> int:
         )
         if v is not None
     }
+    for key, values in chosen.items():  # one seed given twice was counted as two, s.e. 0
+        twice = sorted({str(v) for v in values if list(values).count(v) > 1})
+        if twice:
+            raise ValueError(f"--{key} lists {', '.join(twice)} more than once; give each once")
+    _outputs_writable([], [args.out])
     if args.cv_folds is not None:
         chosen["cv_folds"] = args.cv_folds
     if args.draws is not None:
@@ -119,6 +155,7 @@ def _validate(args: argparse.Namespace) -> int:
     if methods is not None and not methods:
         raise ValueError("--methods is empty: name at least one method, or leave it out (all)")
     validation.check_methods(methods)  # before any retraining: a misspelt name costs nothing
+    _outputs_writable([args.json], [])
     try:
         ks = [int(c) for c in args.ks.split(",") if c] if args.ks else None
     except ValueError:
@@ -247,7 +284,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="IDENTIFY/TREAT",
         help="e.g. ewc/finetune or knn_shapley[embed=input]/relabel",
     )
-    b.add_argument("--references", nargs="*", metavar="REF", help="original retrain-clean cleanlab")
+    b.add_argument(
+        "--references",
+        nargs="*",
+        metavar="REF",
+        help="original finetune-only oracle-causes retrain-clean cleanlab",
+    )
     b.add_argument("--seeds", nargs="+", type=seed_argument, metavar="S", help="one run per seed")
     b.add_argument("--out", metavar="DIR", default="bench-out", help="output folder")
     b.add_argument(
