@@ -324,8 +324,11 @@ def test_with_controls_refuses_inputs_that_do_not_belong_together(
         netmend.with_controls(blobs_logreg, train, (X, y), past, res, **kw)
     with pytest.raises(ValueError, match="the training set the repair used"):
         netmend.with_controls(blobs_logreg, (train[0][:-5], train[1][:-5]), (X, y), split, res)
-    with pytest.raises(TypeError, match="integer training indices"):
+    with pytest.raises(TypeError, match=r"truth \(the ground-truth.*integer training indices"):
         netmend.with_controls(blobs_logreg, train, (X, y), split, res, truth=[3.9, 5.9], **kw)
+    # empty: "no causes to treat ... pass allow_no_causes=True", a flag with_controls lacks
+    with pytest.raises(ValueError, match="truth is empty.*truth=None"):
+        netmend.with_controls(blobs_logreg, train, (X, y), split, res, truth=[], **kw)
     other = copy.deepcopy(blobs_logreg)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)

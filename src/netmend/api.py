@@ -1114,7 +1114,19 @@ def with_controls(
             "the training set the repair used"
         )
     _check_split(model, X, split, dev)
-    truth_idx = None if truth is None else check_causes(truth, n_train).numpy()
+    truth_idx = None
+    if truth is not None:  # said as truth: the messages about "causes" named treat()'s flags
+        if np.asarray(truth).size == 0:
+            raise ValueError(
+                "truth is empty: it is the ground-truth corrupted set for the oracle-causes "
+                "control; pass truth=None when none is known"
+            )
+        try:
+            truth_idx = check_causes(truth, n_train).numpy()
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(
+                f"truth (the ground-truth corrupted set, as indices or a mask): {exc}"
+            ) from None
 
     def measure(m: nn.Module) -> dict[str, Any]:
         work = _private_copy(m, dev)
