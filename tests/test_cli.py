@@ -144,6 +144,8 @@ def test_validate_refuses_bad_names_and_numbers_before_any_retraining(capsys, mo
         (["--ks", "50,abc"], "--ks takes whole numbers"),
         (["--n-loo", "1"], "--n-loo 1: a rank correlation over fewer than 3"),
         (["--subsets", "2"], "--subsets 2: a rank correlation"),
+        (["--n-loo", "1000"], "--n-loo 1000: must lie in [3, 300]"),  # said [0, 300]
+        (["--n-train", "5"], "--n-train"),  # the flag, not the argument's name
     ):
         code = cli.main(["validate", "--quick", "--no-progress", *argv])
         err = capsys.readouterr().err

@@ -167,9 +167,14 @@ def _validate(args: argparse.Namespace) -> int:
                 "pass 3 or more (the defaults: every example, 100 subsets)"
             )
     n_train = args.n_train if args.n_train is not None else (300 if quick else None)
-    problem = validation.make_problem(
-        model=args.model, seed=args.seed, n_train=n_train, flips=args.flips
-    )
+    try:
+        problem = validation.make_problem(
+            model=args.model, seed=args.seed, n_train=n_train, flips=args.flips
+        )
+    except ValueError as exc:  # named by the flag the user typed
+        raise ValueError(str(exc).replace("n_train", "--n-train")) from None
+    if args.n_loo is not None and args.n_loo > problem.N:
+        raise ValueError(f"--n-loo {args.n_loo}: must lie in [3, {problem.N}] (the training set)")
     for k in [args.k, *(ks or [])]:
         if k is not None and not 0 < k < problem.N:
             raise ValueError(f"--k and --ks must lie in [1, {problem.N - 1}]; got {k}")
