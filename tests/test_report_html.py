@@ -155,3 +155,7 @@ def test_demo_report_shows_the_defaults_controls(tmp_path):
     c = next(r for r in result["runs"] if r["default"])["controls"]
     assert f"control: random {c['k']} causes (mean of {c['random_k']['draws']} draws)" in html
     assert "oracle_clean" not in html and "random/finetune" not in html
+    # the verdict and the gain beside the table (the page had neither: an outside-in trial)
+    run = next(r for r in result["runs"] if r["default"])
+    assert ("): passed." if run["verdict"]["passed"] else "): failed: ") in html
+    assert f"held-out failures {100 * run['gain']['heldout_gain']:+.1f} ± " in html

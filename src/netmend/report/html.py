@@ -487,6 +487,23 @@ def culprit_table(per_failure: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarr
     return top, np.take_along_axis(pf.T, top, 1)
 
 
+def verdict_notes(run: dict[str, Any], name: str) -> list[str]:
+    """The Pareto verdict and the diagnosis gain of one run of the demo or the bench (their
+    ``gain`` and ``verdict`` records), in a sentence; none without them."""
+    g, v = run.get("gain"), run.get("verdict")
+    if not g or not v:
+        return []
+    said = "passed" if v["passed"] else "failed: " + "; ".join(v["reasons"])
+    return [
+        f"Verdict for {name} (the Pareto criterion: more held-out failures fixed than random "
+        "K, test accuracy within 0.2 points of the better of original and finetune only, no "
+        f"class down 10 points): {said}. Diagnosis gain over random K: held-out failures "
+        f"{100 * g['heldout_gain']:+.1f} ± {100 * g['heldout_gain_se']:.1f} points, test "
+        f"{100 * g['test_gain']:+.2f} ± {100 * g['test_gain_se']:.2f} points (± the standard "
+        "error over the random draws)."
+    ]
+
+
 def demo_report(result: dict[str, Any], artifacts: dict[str, Any], path: str | Path) -> Path:
     """The report of a ``netmend demo`` run (query failures, default pipeline's causes)."""
     from netmend.model.training import predict
@@ -548,7 +565,8 @@ def demo_report(result: dict[str, Any], artifacts: dict[str, Any], path: str | P
                 "the same treatment call with only the causes changed: none removed (finetune "
                 "only), K random training examples (mean of the draws) and the truly corrupted "
                 "set (oracle causes). The other pipeline rows are research-only treatments, "
-                "shown to measure why; retrain-clean retrains on the clean labels."
+                "shown to measure why; retrain-clean retrains on the clean labels.",
+                *[n for r in result["runs"] if r["default"] for n in verdict_notes(r, "repaired")],
             ],
         ),
     )
@@ -638,7 +656,8 @@ def bench_report(
             notes=[
                 f"The culprits below are {shown['pipeline']}'s; every pipeline and reference "
                 "of the suite is a row of the table. 'random K' removes as many random "
-                "training examples with the same treatment (mean over the draws)."
+                "training examples with the same treatment (mean over the draws).",
+                *verdict_notes(shown, shown["pipeline"]),
             ],
         ),
     )
