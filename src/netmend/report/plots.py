@@ -101,13 +101,26 @@ def accuracy_bars(result: dict[str, Any], path: str | Path) -> Path:
         path: PNG file to write.
     """
     plt = _pyplot()
-    names = [
-        f"{r['identify']}/{r['treat']}" + ("*" if r["default"] else "") for r in result["runs"]
-    ]
-    rows = list(result["runs"])
+    names, rows, colours = [], [], []
+    for r in result["runs"]:
+        names.append(f"{r['identify']}/{r['treat']}" + ("*" if r["default"] else ""))
+        rows.append(r)
+        colours.append("C0")
+        c = r.get("controls") if r["default"] else None
+        if c:  # the default's controls beside it: a bar alone read as a large repair
+            for label, fig_ in (
+                ("  control: finetune only", c.get("finetune_only")),
+                (f"  control: random {c['k']} causes", c.get("random_k")),
+                ("  control: oracle causes", c.get("oracle_causes")),
+            ):
+                if fig_:
+                    names.append(label)
+                    rows.append(fig_)
+                    colours.append("C1")
     for name, ref in result["references"].items():
         names.append(name)
         rows.append(ref)
+        colours.append("C7")
     keys = [
         ("test_acc", "whole test set"),
         ("heldout_failure_acc", "held-out failures"),
@@ -115,20 +128,19 @@ def accuracy_bars(result: dict[str, Any], path: str | Path) -> Path:
     ]
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 0.45 * len(names) + 1.5))
     for ax, (key, title) in zip(axes, keys):
-        vals = [100 * float(r[key]) for r in rows]
-        ax.barh(
-            range(len(names)),
-            vals,
-            color=["C0"] * len(result["runs"]) + ["C7"] * (len(names) - len(result["runs"])),
-        )
+        vals = [100 * float(r.get(key, float("nan"))) for r in rows]
+        ax.barh(range(len(names)), vals, color=colours)
         ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names))
         ax.invert_yaxis()
         ax.set_title(f"{title} (%)")
-        lo = min(vals)
+        lo = min(v for v in vals if v == v) if any(v == v for v in vals) else 0.0
         ax.set_xlim(max(0.0, lo - (100 - lo) * 0.3 - 1), 100)
         for i, v in enumerate(vals):
             ax.text(v, i, f" {v:.1f}", va="center", fontsize=8)
-    fig.suptitle("Accuracy after each repair (* = netmend.repair default; grey = references)")
+    fig.suptitle(
+        "Accuracy after each repair (* = netmend.repair default; orange = its controls, the "
+        "same treatment with other causes; grey = references)"
+    )
     return _save(plt, fig, path)
 
 
