@@ -60,8 +60,8 @@ def test_accuracy_bars_draw_the_defaults_controls(tmp_path, monkeypatch):
 
     monkeypatch.setattr(plots, "_save", spy)
     fig_ = {"test_acc": 0.95, "heldout_failure_acc": 0.2, "correct_acc": 0.99}
-    run = {"identify": "ewc", "treat": "finetune", "default": True, **fig_,
-           "controls": {"k": 7, "finetune_only": fig_, "random_k": dict(fig_, draws=3)}}  # fmt: skip
+    controls = {"k": 7, "finetune_only": fig_, "random_k": dict(fig_, draws=3)}
+    run = {"identify": "ewc", "treat": "finetune", "default": True, **fig_, "controls": controls}
     accuracy_bars({"runs": [run], "references": {"original": fig_}}, tmp_path / "a.png")
     assert drawn[0] == [
         "ewc/finetune*", "  control: finetune only", "  control: random 7 causes", "original"
