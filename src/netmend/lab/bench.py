@@ -840,7 +840,11 @@ def run_suite(
                 **cell,
                 "status": "ok",
                 **ident_metrics(ident.scores, ident.causes),
-                "k_rule": "ewc's K" if ident_name in FAILURE_BLIND else "auto",
+                "k_rule": (
+                    "the K of plain 'ewc' (netmend.identify's default: automatic K, label gate)"
+                    if ident_name in FAILURE_BLIND
+                    else "auto"
+                ),
                 **figures,
                 "seconds": seconds,
                 **judged,
