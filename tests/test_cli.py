@@ -95,6 +95,23 @@ def test_output_paths_are_checked_before_any_run(fake_demo, tmp_path, capsys):
     assert code == 2 and "exists and is not a folder" in capsys.readouterr().err
 
 
+def test_bench_removes_an_earlier_runs_pages_before_writing_its_own(tmp_path, capsys, monkeypatch):
+    """A rerun into the same --out replaced bench.json but left the earlier run's report pages
+    and plots, which then showed pipelines the new bench.json did not hold."""
+    from netmend.lab import bench
+
+    out = tmp_path / "b"
+    out.mkdir()
+    for name in ("bench.json", "report_digits_pair_s0.html", "pr_digits_pair_s0.png", "mine.txt"):
+        (out / name).write_text("{}")
+    monkeypatch.setattr(bench, "run", lambda *a, **k: {"errors": [], "results": []})
+    monkeypatch.setattr(bench, "write", lambda result, out, with_plots=True: [])
+    monkeypatch.setattr(bench, "markdown", lambda result: "")
+    assert cli.main(["bench", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "mine.txt"]
+    assert "removed 2 report/plot file(s)" in capsys.readouterr().err
+
+
 def test_bench_refuses_a_seed_suite_or_pipeline_given_twice(tmp_path, capsys):
     """--seeds 0 0 ran everything twice and reported one seed as two, with a s.e. of 0."""
     for flag, values in [("--seeds", ["0", "0"]), ("--suites", ["digits/pair", "digits/pair"])]:

@@ -51,6 +51,16 @@ def _outputs_writable(files: list[str | None], folders: list[str | None]) -> Non
             ) from exc
 
 
+def _earlier_bench_files(out: Path) -> list[Path]:
+    """The pages and plots an earlier ``netmend bench`` wrote in ``out`` (only where its
+    ``bench.json`` says one ran there): ``report_*.html``, ``pr_*.png``, ``accuracy.png``,
+    ``time.png``."""
+    if not (out / "bench.json").is_file():
+        return []
+    names = ("report_*.html", "pr_*.png", "accuracy.png", "time.png")
+    return sorted(p for pattern in names for p in out.glob(pattern) if p.is_file())
+
+
 def _demo(args: argparse.Namespace) -> int:
     from netmend.lab import demo
     from netmend.lab.datasets import DatasetMissingError
@@ -99,6 +109,15 @@ def _bench(args: argparse.Namespace) -> int:
         if twice:
             raise ValueError(f"--{key} lists {', '.join(twice)} more than once; give each once")
     _outputs_writable([], [args.out])
+    stale = _earlier_bench_files(Path(args.out))
+    if stale:  # an earlier run's pages and plots would sit beside this run's bench.json
+        for p in stale:
+            p.unlink()
+        print(
+            f"netmend bench: removed {len(stale)} report/plot file(s) of an earlier run in "
+            f"{args.out} (its bench.json and bench.md are replaced)",
+            file=sys.stderr,
+        )
     if args.cv_folds is not None:
         chosen["cv_folds"] = args.cv_folds
     if args.draws is not None:
