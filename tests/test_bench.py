@@ -554,3 +554,17 @@ def test_guard_trials_are_read_on_the_test_set_one_per_try_without_the_churn_tri
     g = GuardRecord(40, 20, tries=[{"k": 40}, {"k": 20}], source="guard_data")
     calls = [(np.arange(40), [0.1]), (np.zeros(0, np.int64), [0.2]), (np.arange(20), [0.3])]
     assert _trial_readings(calls, g, y, seed=4) == [[0.1], [0.3]]
+
+
+def test_a_record_written_midway_says_it_is_partial():
+    """bench.json is written after every suite; interrupted after the first of three, it read
+    as complete ("repairs 0 of 1 suites") with no mark that the rest never ran."""
+    config = bench.BenchConfig.quick()
+    planned = len(config.suites) * len(config.seeds)
+    assert planned >= 2
+    skipped = [{"suite": config.suites[0], "seed": config.seeds[0], "reason": "x"}]
+    partial = bench._collect(config, {}, [], skipped, 0.0)
+    assert partial["complete"] is False and partial["suites_done"] == f"1 of {planned} suite runs"
+    assert f"partial run: 1 of {planned} suite runs finished" in bench.markdown(partial)
+    whole = bench._collect(config, {}, [], skipped * planned, 0.0)
+    assert whole["complete"] is True and "partial run" not in bench.markdown(whole)

@@ -1023,9 +1023,14 @@ def _collect(
         for c in r["cells"]
         if c["status"] == "error"
     ]
+    planned = len(config.suites) * len(config.seeds)
+    done = len(results) + len(skipped_suites)
     return {
         "config": asdict(config),
         "machine": machine,
+        # written after every suite: a run stopped midway leaves a partial record, said so
+        "complete": done >= planned,
+        "suites_done": f"{done} of {planned} suite runs",
         "results": list(results),
         "skipped": [{"pipeline": p, "reason": why} for p, why in skipped],
         "skipped_suites": list(skipped_suites),
@@ -1333,6 +1338,11 @@ def markdown(result: dict[str, Any]) -> str:
                         f"| {_pct(fig['test_acc'])} | {_pct(fig['correct_acc'])} | | | |"
                     )
     notes = []
+    if result.get("complete") is False:  # the record of a run stopped midway
+        notes.append(
+            f"* **partial run: {result['suites_done']} finished** (stopped before the rest; "
+            "rerun the command for the whole matrix)"
+        )
     for s in result["skipped"]:
         notes.append(f"* skipped `{s['pipeline']}`: {s['reason']}")
     for s in result.get("skipped_suites", []):
