@@ -20,7 +20,6 @@ from safetensors.torch import load, load_file, save_file
 
 import netmend
 from netmend import cli
-from netmend import repair_cli as cli_repair
 from netmend.data.files import load_data
 from netmend.model.training import TrainConfig, fit, predict
 
@@ -767,6 +766,17 @@ def test_method_options_in_brackets_reach_the_methods(tmp_path, capsys):
     assert code == 0 and "ranks the training set as grad_dot does" in err
 
 
+def _named_csv(
+    path: Path, X: np.ndarray, rows: np.ndarray, labels: np.ndarray, names: list[str]
+) -> str:
+    """Rows ``rows`` of ``X`` (4 features) as a CSV whose labels are ``names[labels[j]]``."""
+    lines = ["f0,f1,f2,f3,label"]
+    lines += [",".join(f"{v:.6f}" for v in X[i]) + f",{names[labels[j]]}" for j, i in
+              enumerate(rows)]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
 def test_class_names_in_an_order_the_model_contradicts_are_refused(tmp_path, capsys):
     """Names were numbered in sorted order whatever the model's order: an outside-in trial
     repaired a 94%-accurate model onto the wrong labels (12% in truth) and the report showed
@@ -779,11 +789,7 @@ def test_class_names_in_an_order_the_model_contradicts_are_refused(tmp_path, cap
     names = ["zebra", "ant", "mole"]  # the model's outputs 0, 1, 2; sorted: ant, mole, zebra
 
     def csv_file(path: Path, rows: np.ndarray, labels: np.ndarray) -> str:
-        lines = ["f0,f1,f2,f3,label"]
-        lines += [",".join(f"{v:.6f}" for v in X[i]) + f",{names[labels[j]]}" for j, i in
-                  enumerate(rows)]  # fmt: skip
-        path.write_text("\n".join(lines) + "\n")
-        return str(path)
+        return _named_csv(path, X, rows, labels, names)
 
     train = csv_file(tmp_path / "train.csv", np.arange(300), y)
     fail = csv_file(tmp_path / "fail.csv", wrong, (y[wrong] + 1) % 3)
@@ -863,11 +869,7 @@ def test_a_swapped_pair_of_names_is_refused_end_to_end(tmp_path, capsys):
     names = ["ant", "mole", "zebra"]  # the model's order, and sorted
 
     def write(path: Path, rows: np.ndarray, labels: np.ndarray) -> str:
-        lines = ["f0,f1,f2,f3,label"]
-        lines += [",".join(f"{v:.6f}" for v in X[i]) + f",{names[labels[j]]}" for j, i in
-                  enumerate(rows)]  # fmt: skip
-        path.write_text("\n".join(lines) + "\n")
-        return str(path)
+        return _named_csv(path, X, rows, labels, names)
 
     argv = ["--model", "_cli_models:tabular_net", "--weights", str(tmp_path / "w.safetensors"),
             "--train", write(tmp_path / "train.csv", np.arange(len(y)), y),
@@ -925,7 +927,7 @@ def test_an_out_folder_that_cannot_be_written_is_bad_input(tmp_path, capsys, mon
     def read_only(*args, **kwargs):  # as a read-only folder answers (root ignores chmod)
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(cli_repair.tempfile, "NamedTemporaryFile", read_only)
+    monkeypatch.setattr(netmend.store.tempfile, "NamedTemporaryFile", read_only)
     code, _, err = _run([*argv, "--out", str(tmp_path / "ro")], capsys)
     assert code == 2 and "--out" in err and "cannot write there (Permission denied)" in err, err
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from netmend._version import __version__
 from netmend.data import distributed
-from netmend.store import write_json_atomic
+from netmend.store import check_writable, write_json_atomic
 
 
 def _outputs_writable(files: list[str | None], folders: list[str | None]) -> None:
@@ -29,8 +29,6 @@ def _outputs_writable(files: list[str | None], folders: list[str | None]) -> Non
     Raises:
         ValueError: a path under a file, or a folder that cannot be created or written to.
     """
-    import tempfile
-
     for path, is_dir in [(f, False) for f in files] + [(d, True) for d in folders]:
         if path is None:
             continue
@@ -40,15 +38,7 @@ def _outputs_writable(files: list[str | None], folders: list[str | None]) -> Non
             raise ValueError(f"{path}: exists and is not a folder; choose another output folder")
         if not is_dir and p.is_dir():
             raise ValueError(f"{path}: is a folder; give a file name")
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=folder, prefix=".netmend-probe-"):
-                pass
-        except OSError as exc:
-            raise ValueError(
-                f"{path}: cannot write there ({exc.strerror or exc}); choose a path you can "
-                "write to"
-            ) from exc
+        check_writable(folder, path)
 
 
 def _earlier_bench_files(out: Path) -> list[Path]:

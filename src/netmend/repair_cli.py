@@ -24,7 +24,6 @@ import pickle
 import platform
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 import zipfile
@@ -55,7 +54,13 @@ from netmend.model.checks import num_classes_of
 from netmend.model.functional import match_dtype, param_dtype
 from netmend.model.training import TrainConfig, class_accuracies_of, fresh_copy, predict
 from netmend.report.html import ReportData, culprit_table, write_report
-from netmend.store import save_tensors, tensor_hash, write_json_atomic, write_text_atomic
+from netmend.store import (
+    check_writable,
+    save_tensors,
+    tensor_hash,
+    write_json_atomic,
+    write_text_atomic,
+)
 from netmend.treatment.guard import guard_k
 
 DEFAULT_OUT = "netmend-repair"
@@ -323,14 +328,9 @@ def _writable(out: Path, flag: str) -> None:
     can be written in it, before any pass: a read-only folder failed only when the cache was
     first written, as an internal error."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".netmend-probe-"):
-            pass
-    except OSError as exc:
-        raise BadInput(
-            f"{flag} {out}: cannot write there ({exc.strerror or exc}); choose a folder you can "
-            "write to"
-        ) from exc
+        check_writable(out, f"{flag} {out}")
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
 
 
 def _parse_k(k: str | None) -> int | float | str | None:

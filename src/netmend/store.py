@@ -370,6 +370,28 @@ def load_tensors(
     return tensors, meta
 
 
+def check_writable(folder: str | Path, what: str) -> None:
+    """Create ``folder`` and prove that a file can be written in it, before any work: a
+    read-only folder, or one under a file, otherwise failed only at the first write, after
+    the work, as an internal error.
+
+    Args:
+        folder: the folder to write in (created with its parents).
+        what: how the message names it (e.g. ``"--out run/"``).
+
+    Raises:
+        ValueError: it cannot be created or written to, with the reason.
+    """
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".netmend-probe-"):
+            pass
+    except OSError as exc:
+        raise ValueError(
+            f"{what}: cannot write there ({exc.strerror or exc}); choose a folder you can write to"
+        ) from exc
+
+
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (missing parent folders are created);
     ``indent=None`` writes it compactly (large benchmark records)."""
