@@ -43,7 +43,9 @@ changed (`netmend.evaluation.controls`):
   `newton`/`ewc`, which move nothing without causes, the original model);
 * **random-K**: K uniformly drawn training examples, K = the pipeline's own K, over at least
   3 seeded draws (mean ± standard error);
-* **oracle-causes**: the ground-truth corrupted set, where one is known;
+* **oracle-causes**: the ground-truth corrupted set, where one is known (not on
+  `digits/subgroup`, whose mask marks the under-represented members left in the training set:
+  removing them is no oracle, so its oracle column is `-`);
 * **retrain-clean**: the training recipe on the clean data (a reference, where one exists).
 
 The **diagnosis gain** is the pipeline's held-out-failure (and test) accuracy minus the mean
@@ -79,11 +81,13 @@ case). Over seeds, `netmend bench` applies the same rule to the seed means
 
 ```python
 import netmend
+from netmend import TrainConfig
 from netmend.evaluation import split_failures
 
 split = split_failures(model, X_test, y_test, seed=0)
 failures = (X_test[split.query], y_test[split.query])
-result = netmend.repair(model, (X_train, y_train), failures)
+recipe = TrainConfig(epochs=20)  # how `model` was trained: the repair's fine-tune follows it
+result = netmend.repair(model, (X_train, y_train), failures, train_config=recipe)
 judged = netmend.with_controls(
     model, (X_train, y_train), (X_test, y_test), split, result,
     truth=None,            # known corrupted training indices, if any (oracle-causes)
@@ -92,6 +96,12 @@ judged = netmend.with_controls(
 judged["gain"]     # held-out failures and test accuracy vs random-K, with s.e.
 judged["verdict"]  # {"passed": ..., "reasons": [...], ...}
 ```
+
+`with_controls` refuses inputs that do not belong together, since the figures would be
+measured on the wrong examples: a `result` that repaired another model, a training set of
+another size than the repair scored, a split whose "failures" the model gets right (another
+or reordered test set; a few disagreements are allowed for a split made on another device),
+split indices past the test set, and a `truth` that is neither integer indices nor a mask.
 
 `netmend demo` and `netmend bench` print the same controls, gain and verdict for every
 pipeline (`--json` / `bench.json` hold them).
@@ -118,7 +128,9 @@ pipeline (`--json` / `bench.json` hold them).
   `k`) is warned about and recorded in `Identification.info["classes_over_half"]`.
 * With the `finetune` treatment, `netmend.repair` then runs the **class guard**
   (`netmend.treatment.guard`): a trial fine-tune with 5% of each class held out, K halved
-  while some class loses more than 10 points on that slice. It was added after the converged
+  while some class loses more than 10 points on that slice (by its labels, or by agreement
+  with the original's predictions net of the churn of a fine-tune that removes nothing;
+  with `guard_data`, a validation split the user supplies, by its labels there). It was added after the converged
   Fashion-MNIST test suite showed the automatic K collapsing a class; it judges no class of
   the digits (too few examples), so the digits figures below are unchanged by it.
 """
@@ -135,6 +147,8 @@ def bench_summary(result: dict[str, Any]) -> dict[str, Any]:
             if c["kind"] == "pipeline" and c.get("k_rule") == "auto":
                 ks.setdefault(name, {}).setdefault(r["suite"], []).append(int(c["k"]))
         o, ref = cells.get("oracle-causes"), cells.get("ewc/finetune")
+        if not bench.masks_causes(r["suite"]):  # its mask marks members to keep, not causes
+            o = None
         if o is not None and ref is not None and ref.get("controls"):
             rk = ref["controls"]["random_k"]["heldout_failure_acc"]
             oracle.setdefault(r["suite"], []).append(o["heldout_failure_acc"] - rk)

@@ -568,3 +568,20 @@ def test_a_record_written_midway_says_it_is_partial():
     assert f"partial run: 1 of {planned} suite runs finished" in bench.markdown(partial)
     whole = bench._collect(config, {}, [], skipped * planned, 0.0)
     assert whole["complete"] is True and "partial run" not in bench.markdown(whole)
+
+
+def test_the_subgroup_suites_mask_is_not_scored_as_causes():
+    """digits/subgroup's mask marks the under-represented members left in the training set:
+    'oracle-causes' removed them (the opposite of a fix: 0% held-out) and precision was
+    scored against them (an outside-in trial)."""
+    assert not bench.masks_causes("digits/subgroup") and bench.masks_causes("digits/pair")
+    config = bench.BenchConfig.quick(
+        suites=("digits/subgroup",), pipelines=("ewc/finetune",),
+        references=("original", "oracle-causes"), draws=0,
+    )  # fmt: skip
+    cells = {c["pipeline"]: c for c in bench.run(config, device="cpu")["results"][0]["cells"]}
+    assert cells["oracle-causes"]["status"] == "skipped"
+    assert cells["oracle-causes"]["reason"] == bench.NOT_CAUSES
+    ewc = cells["ewc/finetune"]
+    assert ewc["status"] == "ok" and ewc["precision"] is None and ewc["pr_curve"] is None
+    assert ewc["k"] > 0

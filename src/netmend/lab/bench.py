@@ -236,6 +236,19 @@ CORRUPTIONS: dict[str, Callable[[Split, int, DatasetSpec], Corruption]] = {
 """
 
 
+NOT_CAUSES = (
+    "the subgroup suite's mask marks the subgroup's remaining members, which are not causes "
+    "(removing them is no oracle, and precision against them measures nothing)"
+)
+
+
+def masks_causes(suite: str) -> bool:
+    """Whether a suite's corruption mask is a set of causes (the flipped, noisy, poisoned or
+    outlying examples): not for ``subgroup``, whose mask marks the under-represented members
+    left in the training set, which a repair should keep."""
+    return not suite.endswith("/subgroup")
+
+
 @dataclass
 class SuiteData:
     """One suite's data, model-independent.
@@ -724,6 +737,8 @@ def run_suite(
 
     def ident_metrics(scores: np.ndarray, causes: np.ndarray) -> dict[str, Any]:
         m = identification_metrics(scores, causes, data.mask)
+        if not masks_causes(data.name):  # no set of causes to score the selection against
+            return {**{key: None for key in m}, "k": int(m["k"]), "pr_curve": None}
         return {**m, "k": int(m["k"]), "pr_curve": pr_curve(scores, data.mask)}
 
     def measure(m: nn.Module) -> dict[str, Any]:
@@ -871,6 +886,8 @@ def run_suite(
             truth = np.flatnonzero(data.mask)
             if truth.size == 0:
                 return {**cell, "status": "skipped", "reason": "the mask is empty"}
+            if not masks_causes(data.name):
+                return {**cell, "status": "skipped", "reason": NOT_CAUSES}
             repaired = api.treat(
                 model, noisy, truth, "finetune", train_config=recipe, **common, **finetune_options
             )
@@ -1389,7 +1406,7 @@ def plots(result: dict[str, Any], out_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(5.5, 4.2))
         seen = set()
         for c in r["cells"]:
-            if c["status"] != "ok" or "pr_curve" not in c:
+            if c["status"] != "ok" or not c.get("pr_curve"):
                 continue
             label = c["pipeline"].split("/")[0] if c["kind"] == "pipeline" else c["pipeline"]
             if label in seen:
