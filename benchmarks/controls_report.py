@@ -130,9 +130,10 @@ pipeline (`--json` / `bench.json` hold them).
   (`netmend.treatment.guard`): a trial fine-tune with 5% of each class held out, K halved
   while some class loses more than 10 points on that slice (by its labels, or by agreement
   with the original's predictions net of the churn of a fine-tune that removes nothing;
-  with `guard_data`, a validation split the user supplies, by its labels there). It was added after the converged
-  Fashion-MNIST test suite showed the automatic K collapsing a class; it judges no class of
-  the digits (too few examples), so the digits figures below are unchanged by it.
+  with `guard_data`, a validation split the user supplies, by its labels there). It was
+  added after the converged Fashion-MNIST test suite showed the automatic K collapsing a
+  class; it judges no class of the digits (too few examples), so the digits figures below
+  are unchanged by it.
 """
 
 
