@@ -139,3 +139,17 @@ def test_the_checks_catch_the_old_circle():
         ]
     ]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_registries_reserve_the_calls_own_keywords():
+    """An option named like an argument of identify/treat (k, seed) could never reach its
+    method; the registries refuse such options, from these lists, kept to the signatures."""
+    import inspect
+
+    from netmend import api
+    from netmend.identification.base import IDENTIFY_ARGUMENTS
+    from netmend.treatment.base import TREAT_ARGUMENTS
+
+    for fn, names in ((api.identify, IDENTIFY_ARGUMENTS), (api.treat, TREAT_ARGUMENTS)):
+        params = inspect.signature(fn).parameters.values()
+        assert names == {p.name for p in params if p.kind != p.VAR_KEYWORD}

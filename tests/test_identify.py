@@ -319,8 +319,21 @@ def test_precomputed_fisher_is_used(blobs, blobs_logreg, failset):
 
 def test_registry(monkeypatch, blobs, blobs_logreg, failset):
     assert {"ewc", "linear", "loss", "random"} <= set(available())
-    with pytest.raises(ValueError, match="already registered"):
+    with pytest.raises(ValueError, match="already registered .a built-in identification"):
         register("ewc")(lambda ctx: None)
+    # found by a plug-in author: each of these registered, or broke every later lookup
+    with pytest.raises(ValueError, match="name must be a non-empty string"):
+        register(None)  # type: ignore[arg-type]  # available() then failed on sorting
+    for bad in ("", "my/method", "x[y]", "a,b", "two words"):
+        with pytest.raises(ValueError, match="name must be a non-empty string"):
+            register(bad)
+    with pytest.raises(TypeError, match="@register\\('my_name'"):
+        register(lambda ctx: None)  # type: ignore[arg-type]  # a bare @register
+    with pytest.raises(TypeError, match="options=\\('scale',\\)"):
+        register("strop", options="scale")  # read as the options s, c, a, l, e
+    with pytest.raises(ValueError, match=r"\['k', 'seed'\].*could never reach it"):
+        register("nbr", options=("k", "seed", "width"))  # identify's own k and seed
+    assert "nbr" not in available() and "strop" not in available()
     with pytest.raises(ValueError, match="unknown identification method.*ewc"):
         ident_base.get("no_such_method")
 

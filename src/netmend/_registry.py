@@ -17,8 +17,9 @@ class Registry(Generic[F]):
     misspelt option (``epocs=3``) is refused instead of silently ignored.
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, reserved: Iterable[str] = ()) -> None:
         self.kind = kind
+        self.reserved = frozenset(reserved)  # the calling function's own keywords
         self._items: dict[str, F] = {}
         self._options: dict[str, frozenset[str] | None] = {}
         self._research: dict[str, str] = {}
@@ -38,14 +39,41 @@ class Registry(Generic[F]):
                 :meth:`available` lists it only when asked and :meth:`research_only` says
                 why.
         """
+        article = "an" if self.kind[:1] in "aeiou" else "a"
+        if callable(name):  # @register without its call: the function came as the name
+            raise TypeError(
+                f"register takes the {self.kind}'s name first: @register('my_name', "
+                "options=(...)) above the function, not a bare @register"
+            )
+        if not isinstance(name, str) or not name or any(c in name for c in _NOT_IN_NAMES):
+            raise ValueError(
+                f"{article} {self.kind}'s name must be a non-empty string without spaces or any "
+                f"of {' '.join(_NOT_IN_NAMES.strip())} (the command line splits pipelines and "
+                f"options at them); got {name!r}"
+            )
+        if isinstance(options, str):  # a string is an iterable of its letters
+            raise TypeError(
+                f"options must be a list of option names, e.g. options=({options!r},); got the "
+                f"string {options!r}"
+            )
         declared = None if options is None else frozenset(options)
+        clash = sorted((declared or frozenset()) & self.reserved)
+        if clash:
+            raise ValueError(
+                f"option(s) {clash} of {self.kind} {name!r} share a name with an argument of "
+                "the call that runs it, so they could never reach it: rename them"
+            )
 
         def deco(fn: F) -> F:
             if name in self._items:
-                article = "an" if self.kind[:1] in "aeiou" else "a"
+                builtin = getattr(self._items[name], "__module__", "").startswith("netmend.")
+                why = (
+                    f"a built-in {self.kind} has that name: choose another"
+                    if builtin
+                    else "a module imported twice registers twice: register each name once"
+                )
                 raise ValueError(
-                    f"{article} {self.kind} named {name!r} is already registered (a module "
-                    "imported twice registers twice: register each name once)"
+                    f"{article} {self.kind} named {name!r} is already registered ({why})"
                 )
             self._items[name] = fn
             self._options[name] = declared
@@ -95,6 +123,11 @@ class Registry(Generic[F]):
     def research_only(self) -> dict[str, str]:
         """The research-only names, each with why it is not recommended."""
         return dict(self._research)
+
+
+_NOT_IN_NAMES = " /[],=\t\n"
+"""Characters a registered name may not hold: ``bench --pipelines`` splits at ``/``,
+options are given in brackets, lists at commas."""
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:

@@ -155,7 +155,15 @@ class TreatContext:
 
 
 Treatment = Callable[[TreatContext], nn.Module]
-_REGISTRY: Registry[Treatment] = Registry("treatment")
+TREAT_ARGUMENTS = frozenset(
+    {"model", "train", "causes", "method", "l2", "train_config", "seed", "device"}
+    | {"chunk_size", "progress", "fisher", "failures", "theta_plus_f", "record", "task"}
+    | {"allow_no_causes"}
+)
+""":func:`netmend.treat`'s own keywords: a treatment option of one of these names could never
+reach the treatment (``tests/test_architecture.py`` holds it to the signature)."""
+
+_REGISTRY: Registry[Treatment] = Registry("treatment", TREAT_ARGUMENTS)
 
 
 def register(
