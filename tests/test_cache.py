@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -39,6 +40,7 @@ def _counting(monkeypatch):
     def counted(name):
         fn = get(name)
 
+        @functools.wraps(fn)  # the same method, counted: the cache key is fn's
         def wrapped(ctx):
             calls.append(name)
             return fn(ctx)
@@ -387,3 +389,55 @@ def test_written_files_get_the_mode_open_would_give(tmp_path):
         os.umask(umask)
     for name in ("a.safetensors", "b.json"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_an_edited_method_is_not_read_back_from_the_cache(tmp_path, problem, monkeypatch):
+    """A plug-in author fixed a sign and reran with the same cache_dir: the cache key held
+    the method's name only, and the old causes came back with no word."""
+    from netmend.identification import base as ident_base
+
+    model, train, failures = problem
+
+    def up(ctx):
+        return ident_base.MethodOutput(scores=np.arange(ctx.N, dtype=np.float64))
+
+    def down(ctx):
+        return ident_base.MethodOutput(scores=-np.arange(ctx.N, dtype=np.float64))
+
+    monkeypatch.setitem(ident_base._REGISTRY._items, "edited-test", up)
+    first = netmend.identify(model, train, failures, "edited-test", k=3, cache_dir=tmp_path, **RUN)
+    monkeypatch.setitem(ident_base._REGISTRY._items, "edited-test", down)
+    with pytest.raises(ValueError, match="different settings"):
+        netmend.identify(model, train, failures, "edited-test", k=3, cache_dir=tmp_path, **RUN)
+    again = netmend.identify(model, train, failures, "edited-test", k=3, cache_dir=tmp_path,
+                             overwrite_cache=True, **RUN)  # fmt: skip
+    assert first.causes.tolist() != again.causes.tolist() == [0, 1, 2]
+
+
+def test_a_whole_float_option_and_a_function_option_keep_one_key():
+    """l2=100 then l2=100.0 recomputed every record, warning they came from 'another cache
+    directory'; a function option's key held its memory address, so no new process reused it."""
+
+    def square(x):
+        return x * x
+
+    assert nc.jsonable({"l2": 100.0}) == nc.jsonable({"l2": 100}) == {"l2": 100}
+    assert nc.jsonable(0.5) == 0.5 and nc.jsonable(float("inf")) == "inf"
+    key = nc.jsonable({"weight_fn": square})["weight_fn"]
+    assert key == {"function": nc.code_fingerprint(square)} and "0x" not in str(key)
+    script = (
+        "import netmend.store as nc\n"
+        "def square(x):\n    return x * x\n"
+        "print(nc.code_fingerprint(square).split(':')[1])"
+    )
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", script],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": s},
+            check=True,
+        ).stdout  # fmt: skip
+        for s in ("1", "2")
+    }
+    assert len(runs) == 1  # the same in every process

@@ -528,6 +528,7 @@ def identify(
         key = store.run_settings(
             work, *data_fps, method, options, l2, seed, fisher,
             outputs=_outputs_hash(work, X, dev), task=store.task_key(X.task),
+            method_code=store.code_fingerprint(fn),
         )  # fmt: skip
         run = store.RunCache(cache_dir, key, overwrite=overwrite_cache)
         fn = cached_method(fn, run)

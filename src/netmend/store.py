@@ -152,8 +152,10 @@ def jsonable(value: Any, other: Callable[[Any], Any] | None = None) -> Any:
     other object as ``other(value)`` (default: a hash of its ``repr``)."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, float):  # 2.0 as 2: an option given as 100 and as 100.0 is one run
+        if not math.isfinite(value):
+            return repr(value)
+        return int(value) if value.is_integer() and abs(value) < 2**53 else value
     if isinstance(value, (np.integer, np.floating, np.bool_)):
         return jsonable(value.item())
     if isinstance(value, torch.Tensor):
@@ -162,6 +164,8 @@ def jsonable(value: Any, other: Callable[[Any], Any] | None = None) -> Any:
         return {"array": tensor_hash(torch.from_numpy(np.ascontiguousarray(value)))}
     if isinstance(value, nn.Module):
         return {"module": module_hash(value)}
+    if callable(value) and hasattr(value, "__code__"):  # by its code: its repr holds an address
+        return {"function": code_fingerprint(value)}
     if isinstance(value, Mapping):
         return {
             str(k): jsonable(v, other) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
@@ -171,6 +175,35 @@ def jsonable(value: Any, other: Callable[[Any], Any] | None = None) -> Any:
     if other is not None:
         return other(value)
     return {"repr": hashlib.blake2b(repr(value).encode(), digest_size=16).hexdigest()}
+
+
+def code_fingerprint(fn: Any) -> str:
+    """``module.qualname`` and a hash of a function's code (its bytecode, constants and
+    names), stable across processes: a method whose code is edited is another method, and its
+    cached results are not reused (a plug-in author's sign fix returned the old causes). A
+    wrapper made with ``functools.wraps`` counts as the function it wraps."""
+    while hasattr(fn, "__wrapped__"):  # functools.wraps: the wrapped function's identity
+        fn = fn.__wrapped__
+    code = getattr(fn, "__code__", None)
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(type(fn)))}"
+    if code is None:
+        return name
+
+    def stable(const: Any) -> str:  # a set constant's repr follows the process's str hashing
+        if isinstance(const, (frozenset, set)):
+            return "{" + ",".join(sorted(stable(v) for v in const)) + "}"
+        if isinstance(const, tuple):
+            return "(" + ",".join(stable(v) for v in const) + ")"
+        return repr(const)
+
+    def parts(c: Any) -> list[bytes]:
+        out = [c.co_code, repr(c.co_names).encode(), repr(c.co_varnames).encode()]
+        for const in c.co_consts:  # nested functions by their own code, not their address
+            out += parts(const) if hasattr(const, "co_code") else [stable(const).encode()]
+        return out
+
+    digest = hashlib.blake2b(b"\0".join(parts(code)), digest_size=8).hexdigest()
+    return f"{name}:{digest}"
 
 
 def run_settings(
@@ -184,6 +217,7 @@ def run_settings(
     fisher: torch.Tensor | None = None,
     outputs: str | None = None,
     task: str | None = None,
+    method_code: str | None = None,
 ) -> dict[str, Any]:
     """The settings key of an identification run (what must match for results to be reused).
 
@@ -199,12 +233,15 @@ def run_settings(
             :func:`module_hash` (found by an outside-in trial). On another device the
             logits differ at rounding level, so a cache is not reused across devices.
         task: the ``task=``'s class and attributes (:func:`task_key`).
+        method_code: the registered function's :func:`code_fingerprint`: a method edited
+            between runs is not read back from the cache.
     """
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     return {
         "format": FORMAT_VERSION,
         "netmend_version": __version__,
         "method": method,
+        "method_code": method_code,
         "options": jsonable(dict(options)),
         "l2": jsonable(l2),
         "seed": int(seed),
