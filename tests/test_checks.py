@@ -250,8 +250,9 @@ def test_bad_causes(setup, causes, match):
 
 def test_repair_with_no_selected_causes(setup):
     model, train, fail = setup
-    with pytest.raises(ValueError, match="no causes to treat"):
+    with pytest.raises(ValueError, match="no causes to treat") as exc:
         netmend.repair(model, train, fail, k=0, **RUN)
+    assert "allow_no_causes" not in str(exc.value)  # a treat() flag repair does not take
 
 
 @pytest.mark.parametrize(

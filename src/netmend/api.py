@@ -976,6 +976,11 @@ def repair(
         **common,
         **(treat_options or {}),
     )
+    if len(ident.causes) == 0:  # treat()'s message would name its allow_no_causes=
+        raise ValueError(
+            f"no causes to treat: {identify!r} selected none (k={k!r}: no training example "
+            "scores as harmful enough). Try a larger k, or another identify method"
+        )
     repaired: nn.Module | None = None
     if guard:
         g = guard_k(
