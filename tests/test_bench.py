@@ -115,6 +115,7 @@ def test_references(result):
         ("ewc[k=30]/finetune", "'k' is not a step option"),
         ("ewc/finetune[guard=no]", "guard='no'; write guard=true, false, unbalanced or data"),
         ("ewc/finetune[guard=2]", "guard=2"),
+        ("ewc/relabel[guard=true]", "finetune treatment only"),  # was an error per cell
     ],
 )
 def test_bad_pipelines_are_refused_before_any_suite_runs(pipeline, message):

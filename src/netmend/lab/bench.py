@@ -650,6 +650,10 @@ def check_pipeline(name: str) -> None:
     # `in` compares with ==, and 1 == True: a number is refused whatever its value
     if guard not in GUARD_VALUES or isinstance(guard, (int, float)) and not isinstance(guard, bool):
         raise ValueError(f"{name}: guard={guard!r}; write guard=true, false, unbalanced or data")
+    if guard and parse_step(treat_spec)[0] != "finetune":  # found after a suite had trained
+        raise ValueError(
+            f"{name}: the class guard runs with the finetune treatment only; drop guard="
+        )
 
 
 def _nan_to_none(obj: Any) -> Any:
