@@ -1016,3 +1016,15 @@ def test_an_image_that_cannot_be_decoded_is_named(tmp_path):
     (tmp_path / "b" / "big.png").write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(ValueError, match=r"big\.png"):
         load_data(tmp_path)
+
+
+def test_a_resume_asks_for_the_plugins_the_run_imported(tmp_path, capsys):
+    """--resume without the first run's --import said only "unknown identification method
+    'margin'", and summary.json did not record the import."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"settings": {"import": ["myplug"]}}))
+    argv = ["--model", "_cli_models:tabular_net", "--train", "t.npz", "--failures", "f.npz",
+            "--identify", "margin", "--resume", str(run)]  # fmt: skip
+    code, _, err = _run(argv, capsys)
+    assert code == 2 and "the run imported myplug; pass --import myplug again" in err, err

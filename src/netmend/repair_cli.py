@@ -727,12 +727,21 @@ def run(args: argparse.Namespace) -> int:
     """The ``repair`` subcommand (see the module docstring)."""
     t_start = time.perf_counter()
     times: dict[str, float] = {}
-    _check_choices(args)
     if args.resume is not None and args.out is not None and Path(args.out) != Path(args.resume):
         raise BadInput(
             f"--resume {args.resume} writes this round into that folder; --out {args.out} "
             "would be ignored: leave --out out"
         )
+    if args.resume is not None:  # its plug-ins first: without them its method is "unknown"
+        saved = ((_previous_summary(Path(args.resume)) or {}).get("settings") or {}).get("import")
+        missing = [m for m in saved or [] if m not in getattr(args, "plugins", [])]
+        if missing:
+            raise BadInput(
+                f"--resume {args.resume}: the run imported {', '.join(missing)}; pass "
+                + " ".join(f"--import {m}" for m in missing)
+                + " again"
+            )
+    _check_choices(args)
     out = Path(args.out or DEFAULT_OUT)
     if out.exists() and not out.is_dir():
         raise BadInput(f"--out {out}: exists and is not a folder")
@@ -1099,6 +1108,7 @@ def run(args: argparse.Namespace) -> int:
         "classes": args.classes,
         "failure_indices": args.failure_indices,
         "identify": args.identify,
+        "import": list(getattr(args, "plugins", [])) or None,  # a resume needs them again
         "identify_options": args.identify_options or None,
         "treat": args.treat,
         "treat_options": args.treat_options or None,
