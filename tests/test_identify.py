@@ -359,6 +359,26 @@ def test_registry(monkeypatch, blobs, blobs_logreg, failset):
     )
     with pytest.raises(RuntimeError, match="non-finite"):
         netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "nan", k=2, **RUN)
+    # per-failure columns: NaN made culprits() empty and an inf topped them, silently; a
+    # tensor of the right shape was refused as "shape [N, M]; expected [N, M]"
+    m = len(failset[1])
+
+    def columns(values):
+        return lambda ctx: ident_base.MethodOutput(np.arange(ctx.N, dtype=float), values(ctx))
+
+    monkeypatch.setitem(
+        ident_base._REGISTRY._items, "nan-cols",
+        columns(lambda ctx: np.where(np.arange(m) == 1, np.nan, np.ones((ctx.N, m)))),
+    )  # fmt: skip
+    bad = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "nan-cols", k=2, **RUN)
+    with pytest.raises(RuntimeError, match=r"NaN or inf \(failure columns \[1\]\)"):
+        bad.culprits(0, 3)
+    monkeypatch.setitem(
+        ident_base._REGISTRY._items, "tensor-cols",
+        columns(lambda ctx: torch.ones(ctx.N, m, dtype=torch.float64)),
+    )  # fmt: skip
+    ok = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "tensor-cols", k=2, **RUN)
+    assert len(ok.culprits(0, 3).indices) == 3
 
 
 # ----------------------------------------------------------------------------- selection

@@ -157,6 +157,8 @@ class Identification:
         if callable(self._per_failure):
             self._per_failure = self._per_failure()
         pf = self._per_failure
+        if isinstance(pf, torch.Tensor):  # a plug-in's tensor, read as the array it holds
+            pf = self._per_failure = pf.detach().cpu().numpy()
         n, m = self.scores.shape[0], self._failures
         if (
             not isinstance(pf, np.ndarray)
@@ -168,6 +170,12 @@ class Identification:
                 f"method {self.method!r} returned per-failure scores of shape "
                 f"{getattr(pf, 'shape', type(pf).__name__)}; expected [{n}, {m}] (training "
                 "examples x failures)"
+            )
+        if pf.dtype.kind == "f" and not np.isfinite(pf).all():  # culprits would skip or top NaN
+            bad = np.flatnonzero(~np.isfinite(pf).all(0))
+            raise RuntimeError(
+                f"method {self.method!r} returned per-failure scores with NaN or inf (failure "
+                f"columns {bad[:5].tolist()}): its culprits would be meaningless"
             )
         return pf
 
