@@ -413,6 +413,14 @@ def test_what_a_plugin_returns_is_checked(blobs, blobs_logreg, monkeypatch):
     monkeypatch.setitem(treat_base._REGISTRY._items, "plug_none", lambda ctx: None)
     with pytest.raises(TypeError, match=r"returned a NoneType.*nn.Module"):
         netmend.treat(blobs_logreg, (blobs.X, blobs.y), [0, 1], "plug_none", **RUN)
+    # a model of other outputs, and one in train mode, were handed back as they were
+    monkeypatch.setitem(treat_base._REGISTRY._items, "plug_wide",
+                        lambda ctx: nn.Linear(2, 7).double())  # fmt: skip
+    with pytest.raises(RuntimeError, match="returned a model with 7 outputs; the model has 3"):
+        netmend.treat(blobs_logreg, (blobs.X, blobs.y), [0, 1], "plug_wide", **RUN)
+    monkeypatch.setitem(treat_base._REGISTRY._items, "plug_train",
+                        lambda ctx: nn.Sequential(ctx.model, nn.Dropout(0.5)).train())  # fmt: skip
+    assert not netmend.treat(blobs_logreg, (blobs.X, blobs.y), [0, 1], "plug_train", **RUN).training
     with pytest.raises(ValueError, match=r"^an identification method named 'ewc' is already"):
         ident_base.register("ewc")(lambda ctx: None)
 
