@@ -823,7 +823,7 @@ def treat(
     _check_treated(out, method)
     out.eval()  # as documented: a treatment handing back train mode changed its predictions
     with torch.no_grad():  # the repaired model must still classify into the same classes
-        width = num_classes_of(out, X.head(1).read(), model_device(out, dev), X.task)
+        width = num_classes_of(out, X.head(1), model_device(out, dev), X.task)
     if width != classes:
         raise RuntimeError(
             f"treatment {method!r} returned a model with {width} outputs; the model has "
