@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, SubsetRandomSampler
 
 import netmend
-from netmend.data.source import DataSource, as_source
+from netmend.data.source import REPEAT_ROWS, DataSource, as_source
 
 RUN = dict(progress=False, device="cpu")
 
@@ -92,7 +92,9 @@ def test_every_pass_reads_each_index_once(blobs, blobs_logreg, failset):
     is read exactly four times, none more (no extra full reads, no probe re-reads)."""
     ds = Counting(blobs.X, blobs.y)
     netmend.identify(blobs_logreg, ds, failset, "ewc", k=10, chunk_size=16, **RUN)
-    assert ds.reads.min() == ds.reads.max() == 4
+    first = REPEAT_ROWS  # read once more by the check that the Dataset repeats its values
+    assert ds.reads[:first].min() == ds.reads[:first].max() == 5
+    assert ds.reads[first:].min() == ds.reads[first:].max() == 4
     # the automatic K scores the training set against both halves of each of the three
     # half-splits of the failures: one more log-likelihood pass each (at theta_+F of the
     # half; the Fisher and log p(z|theta_hat) are shared); where the halves agree on nothing,
@@ -104,6 +106,7 @@ def test_every_pass_reads_each_index_once(blobs, blobs_logreg, failset):
     # the label gate reads the automatic causes once more (the model's prediction on them)
     gated = np.zeros(len(ds2), int)
     gated[np.argsort(-auto.scores, kind="stable")[: auto.info["label_gate"]["of"]]] = 1
+    gated[:REPEAT_ROWS] += 1  # the repeat check
     np.testing.assert_array_equal(ds2.reads, expected + gated)
 
 
@@ -212,3 +215,36 @@ def test_nested_views_compose_like_tensor_indexing(blobs):
             if len(want):
                 rows = torch.from_numpy(want.copy())
                 torch.testing.assert_close(view.to("cpu"), blobs.X[rows], rtol=0.0, atol=0.0)
+
+
+class Augmented(Counting):
+    """Random noise on every read: data augmentation left on."""
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        x, y = super().__getitem__(i)
+        return x + 0.05 * torch.randn_like(x), y
+
+
+def test_a_dataset_with_augmentation_left_on_is_refused(blobs, blobs_logreg, failset):
+    """Every pass read other examples: on MNIST the causes' precision fell from 0.95 to 0.07,
+    below chance, with no word (an outside-in trial)."""
+    with pytest.raises(ValueError, match="random transform .data augmentation. is on"):
+        netmend.identify(blobs_logreg, Augmented(blobs.X, blobs.y), failset, k=5, **RUN)
+
+
+def test_a_dataset_changed_in_place_is_refused_before_its_culprits_are_cached(
+    tmp_path, blobs, blobs_logreg, failset
+):
+    """A Dataset's hash was its checking pass's, never taken again: the lazy culprit pass ran
+    on the changed data and was saved as the run's, for later runs on the original data."""
+    X = blobs.X.clone()
+    ds = Counting(X, blobs.y)
+    r = netmend.identify(blobs_logreg, ds, failset, k=5, cache_dir=tmp_path, **RUN)
+    X.mul_(-1)  # the file rewritten in place
+    with pytest.raises(ValueError, match="changed in place after identify"):
+        r.culprits(0, 3)
+    X.mul_(-1)
+    again = netmend.identify(blobs_logreg, Counting(X, blobs.y), failset, k=5,
+                             cache_dir=tmp_path, **RUN)  # fmt: skip
+    plain = netmend.identify(blobs_logreg, (X, blobs.y), failset, k=5, **RUN)
+    np.testing.assert_allclose(again.per_failure, plain.per_failure, rtol=1e-6, atol=1e-9)

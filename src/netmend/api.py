@@ -599,8 +599,8 @@ def _on_unchanged_data(
     its result would not match the scores, and would be saved in the cache under the run's
     settings, for later runs on the original data (found by an outside-in trial)."""
 
-    def checked() -> np.ndarray:
-        if (X.fingerprint(), Xf.fingerprint()) != fps:
+    def checked() -> np.ndarray:  # a Dataset is read again to hash it: its first hash is kept
+        if (X.fingerprint(fresh=True), Xf.fingerprint(fresh=True)) != fps:
             raise ValueError(
                 "the training set or the failures were changed in place after identify(): "
                 "per-failure scores computed now would not match its scores (and would be "
