@@ -217,6 +217,10 @@ def test_garbled_settings_and_a_read_only_directory_say_what_to_do(tmp_path, pro
     f.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match=r"settings\.json is not valid JSON.*overwrite_cache"):
         netmend.identify(model, train, failures, "linear", cache_dir=tmp_path, l2=1.0, **RUN)
+    # the fix it names works (overwrite_cache=True failed on the same garbled file)
+    netmend.identify(model, train, failures, "linear", cache_dir=tmp_path, l2=1.0,
+                     overwrite_cache=True, **RUN)  # fmt: skip
+    assert json.loads(f.read_text())["method"] == "linear"
     real_open = os.open
 
     def read_only(path, flags, *a):  # type: ignore[no-untyped-def]

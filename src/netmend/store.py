@@ -525,7 +525,12 @@ class RunCache:
     def _open(self, overwrite: bool) -> None:
         for tmp in self.path.glob(".*.tmp"):  # left by a run killed while writing
             tmp.unlink(missing_ok=True)
-        stored = self._stored_settings()
+        try:
+            stored = self._stored_settings()
+        except ValueError:  # garbled: what overwrite replaces (the message advised it)
+            if not overwrite:
+                raise
+            stored = {"garbled": True}
         if stored is not None and stored != self.settings:
             if not overwrite:
                 raise ValueError(self._mismatch_message(stored))
