@@ -248,3 +248,13 @@ def test_a_dataset_changed_in_place_is_refused_before_its_culprits_are_cached(
                              cache_dir=tmp_path, **RUN)  # fmt: skip
     plain = netmend.identify(blobs_logreg, (X, blobs.y), failset, k=5, **RUN)
     np.testing.assert_allclose(again.per_failure, plain.per_failure, rtol=1e-6, atol=1e-9)
+
+
+def test_culprits_leave_the_global_rng_alone(blobs, blobs_logreg, failset):
+    """The lazy per-failure pass ran outside the entry points' RNG guard: a DataLoader with
+    workers drew its base seed from the caller's global torch RNG."""
+    loader = DataLoader(Counting(blobs.X, blobs.y), batch_size=16, num_workers=1)
+    r = netmend.identify(blobs_logreg, loader, failset, k=5, **RUN)
+    state = torch.get_rng_state()
+    r.culprits(0, 3)
+    assert torch.equal(state, torch.get_rng_state())

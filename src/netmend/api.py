@@ -155,7 +155,8 @@ class Identification:
         if self._per_failure is None:
             raise ValueError(f"method {self.method!r} gives no per-failure scores")
         if callable(self._per_failure):
-            self._per_failure = self._per_failure()
+            with _own_rng(), ids_in_range():  # a pass as the entry points' are (a DataLoader's
+                self._per_failure = self._per_failure()  # workers drew from the global RNG)
         pf = self._per_failure
         if isinstance(pf, torch.Tensor):  # a plug-in's tensor, read as the array it holds
             pf = self._per_failure = pf.detach().cpu().numpy()
