@@ -258,3 +258,21 @@ def test_culprits_leave_the_global_rng_alone(blobs, blobs_logreg, failset):
     state = torch.get_rng_state()
     r.culprits(0, 3)
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_a_batch_samplers_shuffle_and_a_long_len_are_named(blobs):
+    """The refusal named the DataLoader's SequentialSampler, not the RandomSampler inside its
+    batch_sampler; a __len__ past the data was numpy's bare IndexError."""
+    from torch.utils.data import BatchSampler, RandomSampler
+
+    ds = Counting(blobs.X, blobs.y)
+    shuffled = DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 16, False))
+    with pytest.raises(ValueError, match=r"shuffles or samples \(RandomSampler\)"):
+        as_source(shuffled, "train")
+
+    class Long(Counting):
+        def __len__(self) -> int:
+            return len(self.y) + 3
+
+    with pytest.raises(ValueError, match="check that __len__ matches the data"):
+        as_source(Long(blobs.X, blobs.y), "train")

@@ -465,12 +465,17 @@ def as_source(
     if isinstance(data, DataLoader):
         if isinstance(data.dataset, IterableDataset):
             raise ValueError(_ITERABLE.format(name=name))
+        inner = getattr(data.batch_sampler, "sampler", None)
         if not isinstance(data.sampler, SequentialSampler) or (
-            data.batch_sampler is not None
-            and not isinstance(getattr(data.batch_sampler, "sampler", None), SequentialSampler)
+            data.batch_sampler is not None and not isinstance(inner, SequentialSampler)
         ):
+            which = (  # the one that shuffles: a batch_sampler's own sampler, if it is that
+                data.sampler
+                if not isinstance(data.sampler, SequentialSampler) or data.batch_sampler is None
+                else (inner if inner is not None else data.batch_sampler)
+            )
             raise ValueError(
-                f"{name}: the DataLoader shuffles or samples ({type(data.sampler).__name__}); "
+                f"{name}: the DataLoader shuffles or samples ({type(which).__name__}); "
                 "netmend returns one score per example in dataset order, so pass the Dataset "
                 "itself or a DataLoader built with shuffle=False and no sampler."
             )
@@ -556,7 +561,13 @@ def _label_pass(
     h = hashlib.blake2b(digest_size=16)
     for i in range(0, n, batch_size):
         j = min(i + batch_size, n)
-        items = [reader.dataset[k] for k in range(i, j)]
+        try:
+            items = [reader.dataset[k] for k in range(i, j)]
+        except IndexError as exc:  # a __len__ larger than the data: torch's bare IndexError
+            raise ValueError(
+                f"{name}: reading examples {i}..{j - 1} of the {n} its __len__ gives failed "
+                f"({exc}): check that __len__ matches the data the Dataset can read"
+            ) from exc
         if not check:
             x, y = reader.task.inputs_and_labels(reader.collate(items))
             y = check_label_values(_to_tensor(y, name), name)  # as hashed the first time
