@@ -1028,3 +1028,36 @@ def test_a_resume_asks_for_the_plugins_the_run_imported(tmp_path, capsys):
             "--identify", "margin", "--resume", str(run)]  # fmt: skip
     code, _, err = _run(argv, capsys)
     assert code == 2 and "the run imported myplug; pass --import myplug again" in err, err
+
+
+def test_a_plugin_that_breaks_its_contract_is_bad_input(tmp_path, capsys, monkeypatch):
+    """A plug-in returning scores of the wrong shape was reported as netmend's own bug:
+    'internal error (please report it)', exit 1 (an outside-in trial)."""
+    import sys
+
+    from netmend.identification.base import _REGISTRY
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "shortplug.py").write_text(
+        "import numpy as np\n"
+        "from netmend.identification import MethodOutput, register\n\n"
+        "@register('short_plugin_test', options=())\n"
+        "def score(ctx):\n"
+        "    return MethodOutput(scores=np.zeros(ctx.N - 1))\n"
+    )
+    monkeypatch.delitem(sys.modules, "shortplug", raising=False)
+    X, y = _blobs(60, 4, seed=4)
+    np.savez(tmp_path / "train.npz", X=X, y=y)
+    np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
+    try:
+        code = cli.main(["repair", "--no-progress", "--import", "shortplug", "--model",
+                         "_cli_models:tabular_net", "--train", str(tmp_path / "train.npz"),
+                         "--failures", str(tmp_path / "fail.npz"), "--identify",
+                         "short_plugin_test", "--k", "3", "--no-controls", "--out",
+                         str(tmp_path / "run"), *RECIPE_ARGS])  # fmt: skip
+    finally:
+        _REGISTRY._items.pop("short_plugin_test", None)
+        _REGISTRY._options.pop("short_plugin_test", None)
+    err = capsys.readouterr().err
+    assert code == 2 and "registered by shortplug: fix it there" in err, err
+    assert "internal error" not in err

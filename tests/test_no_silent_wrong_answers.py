@@ -13,6 +13,7 @@ from torch import nn
 
 import netmend
 from netmend import identification, treatment
+from netmend.api import PluginContractError
 from netmend.model.training import TrainConfig
 
 RUN = dict(progress=False, device="cpu")
@@ -406,9 +407,9 @@ def test_what_a_plugin_returns_is_checked(blobs, blobs_logreg, monkeypatch):
         netmend.identify(blobs_logreg, (blobs.X, blobs.y), failures, "plug_array", k=2, **RUN)
     narrow = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failures, "plug_narrow", k=2,
                               **RUN)  # fmt: skip
-    with pytest.raises(RuntimeError, match=rf"shape \({n}, 3\); expected \[{n}, 1\]"):
+    with pytest.raises(PluginContractError, match=rf"shape \({n}, 3\); expected \[{n}, 1\]"):
         narrow.culprits(0)
-    with pytest.raises(RuntimeError, match=rf"expected \({n},\), one per training example"):
+    with pytest.raises(PluginContractError, match=rf"expected \({n},\), one per training example"):
         netmend.identify(blobs_logreg, (blobs.X, blobs.y), failures, "plug_short", k=2, **RUN)
     monkeypatch.setitem(treat_base._REGISTRY._items, "plug_none", lambda ctx: None)
     with pytest.raises(TypeError, match=r"returned a NoneType.*nn.Module"):
@@ -416,7 +417,9 @@ def test_what_a_plugin_returns_is_checked(blobs, blobs_logreg, monkeypatch):
     # a model of other outputs, and one in train mode, were handed back as they were
     monkeypatch.setitem(treat_base._REGISTRY._items, "plug_wide",
                         lambda ctx: nn.Linear(2, 7).double())  # fmt: skip
-    with pytest.raises(RuntimeError, match="returned a model with 7 outputs; the model has 3"):
+    with pytest.raises(
+        PluginContractError, match="returned a model with 7 outputs; the model has 3"
+    ):
         netmend.treat(blobs_logreg, (blobs.X, blobs.y), [0, 1], "plug_wide", **RUN)
     monkeypatch.setitem(treat_base._REGISTRY._items, "plug_train",
                         lambda ctx: nn.Sequential(ctx.model, nn.Dropout(0.5)).train())  # fmt: skip

@@ -167,16 +167,20 @@ class Identification:
             or pf.shape[0] != n
             or (m is not None and pf.shape[1] != m)
         ):
-            raise RuntimeError(
+            raise _broken(
+                "identification method",
+                self.method,
                 f"method {self.method!r} returned per-failure scores of shape "
                 f"{getattr(pf, 'shape', type(pf).__name__)}; expected [{n}, {m}] (training "
-                "examples x failures)"
+                "examples x failures)",
             )
         if pf.dtype.kind == "f" and not np.isfinite(pf).all():  # culprits would skip or top NaN
             bad = np.flatnonzero(~np.isfinite(pf).all(0))
-            raise RuntimeError(
+            raise _broken(
+                "identification method",
+                self.method,
                 f"method {self.method!r} returned per-failure scores with NaN or inf (failure "
-                f"columns {bad[:5].tolist()}): its culprits would be meaningless"
+                f"columns {bad[:5].tolist()}): its culprits would be meaningless",
             )
         return pf
 
@@ -620,17 +624,38 @@ def _check_fisher(fisher: torch.Tensor | None, fm: FunctionalModel) -> None:
         )
 
 
+class PluginContractError(ValueError):
+    """A method or treatment registered outside netmend returned something its contract
+    excludes: bad input from the plug-in, not an internal error (the command line exits 2)."""
+
+
+def _broken(kind: str, name: str, message: str) -> Exception:
+    """The error for ``message``: a built-in's broken output is netmend's bug
+    (``RuntimeError``); a plug-in's names the plug-in (:class:`PluginContractError`)."""
+    get = identification.get if kind == "identification method" else treatment.get
+    module = str(getattr(get(name), "__module__", ""))
+    if module == "netmend" or module.startswith("netmend."):
+        return RuntimeError(message)
+    return PluginContractError(
+        f"{message} (the {kind} {name!r} is registered by {module}: fix it there)"
+    )
+
+
 def _checked_scores(raw: np.ndarray, n: int, method: str, l2: float | str) -> np.ndarray:
     scores = np.asarray(raw, dtype=np.float64)
     if scores.shape != (n,):
-        raise RuntimeError(
+        raise _broken(
+            "identification method",
+            method,
             f"method {method!r} returned scores of shape {scores.shape}; expected ({n},), one "
-            "per training example"
+            "per training example",
         )
     if not np.isfinite(scores).all():
-        raise RuntimeError(
+        raise _broken(
+            "identification method",
+            method,
             f"method {method!r} produced non-finite scores; increase l2 (now {l2}) or check the "
-            "model's outputs for overflow"
+            "model's outputs for overflow",
         )
     if n > 1 and float(scores.max()) == float(scores.min()):
         raise ValueError(
@@ -826,9 +851,11 @@ def treat(
     with torch.no_grad():  # the repaired model must still classify into the same classes
         width = num_classes_of(out, X.head(1), model_device(out, dev), X.task)
     if width != classes:
-        raise RuntimeError(
+        raise _broken(
+            "treatment",
+            method,
             f"treatment {method!r} returned a model with {width} outputs; the model has "
-            f"{classes} classes"
+            f"{classes} classes",
         )
     if record is not None:
         record.update(ctx.record)
