@@ -7,6 +7,8 @@ are computed in the same chunks, so they agree far tighter). A Dataset that coun
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -276,3 +278,36 @@ def test_a_batch_samplers_shuffle_and_a_long_len_are_named(blobs):
 
     with pytest.raises(ValueError, match="check that __len__ matches the data"):
         as_source(Long(blobs.X, blobs.y), "train")
+
+
+class PerWorker(Counting):
+    """Data behind a handle opened per process, as HDF5 or LMDB files are: read in a worker,
+    it must have been reopened there by the DataLoader's worker_init_fn."""
+
+    def __init__(self, X: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__(X, y)
+        self.open()
+
+    def open(self) -> None:
+        self.pid = os.getpid()
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        if self.pid != os.getpid():
+            raise RuntimeError("the handle was opened in another process")
+        return super().__getitem__(i)
+
+
+def _reopen(_: int) -> None:
+    from torch.utils.data import get_worker_info
+
+    get_worker_info().dataset.open()
+
+
+def test_a_dataloaders_worker_init_fn_is_kept(blobs, blobs_logreg, failset):
+    """netmend built its own DataLoader from collate_fn and num_workers only: the user's
+    worker_init_fn was dropped, and a Dataset reopening its file per worker crashed."""
+    loader = DataLoader(PerWorker(blobs.X, blobs.y), batch_size=16, num_workers=1,
+                        worker_init_fn=_reopen)  # fmt: skip
+    got = netmend.identify(blobs_logreg, loader, failset, k=5, **RUN)
+    plain = netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, k=5, **RUN)
+    np.testing.assert_array_equal(got.causes, plain.causes)

@@ -156,10 +156,12 @@ class _DatasetReader(_Reader):
         task: Task,
         collate_fn: Callable[[list[Any]], Any] | None,
         num_workers: int,
+        worker_options: dict[str, Any] | None = None,
     ) -> None:
         self.dataset, self.task = dataset, task
         self.collate = collate_fn or default_collate
         self.num_workers = num_workers
+        self.worker_options = dict(worker_options or {})  # the user's DataLoader's, passed on
         self.n = len(dataset)  # type: ignore[arg-type]
         self._it: Iterator[Any] | None = None
         self._next, self._size = -1, 0
@@ -195,6 +197,7 @@ class _DatasetReader(_Reader):
                 batch_sampler=_Chunks(a, self.n, size),
                 collate_fn=self.collate,
                 num_workers=self.num_workers,
+                **self.worker_options,
             )
             self._it, self._size = iter(loader), size
         self._next = b
@@ -462,6 +465,7 @@ def as_source(
         return data
     data = unwrap_pandas(data, name)  # pandas (X, y): paired by position, never imported
     collate: Callable[[list[Any]], Any] | None = None
+    worker_options: dict[str, Any] = {}
     if isinstance(data, DataLoader):
         if isinstance(data.dataset, IterableDataset):
             raise ValueError(_ITERABLE.format(name=name))
@@ -486,6 +490,15 @@ def as_source(
             )
         collate = None if data.collate_fn is default_collate else data.collate_fn
         num_workers = data.num_workers
+        # how its workers are started (worker_init_fn reopening an HDF5/LMDB handle per worker
+        # is the usual pattern for data on disk; dropped, the workers crashed); not its
+        # generator, whose state would move with every pass
+        worker_options = {
+            k: getattr(data, k)
+            for k in ("worker_init_fn", "multiprocessing_context", "timeout", "pin_memory")
+        }
+        if num_workers > 0:
+            worker_options["prefetch_factor"] = data.prefetch_factor
         data = data.dataset
         if not isinstance(data, Dataset) and isinstance(data, Sequence):
             data = _SequenceDataset(data)  # a DataLoader over a list of items
@@ -528,7 +541,7 @@ def as_source(
     if isinstance(data, Dataset):
         if not hasattr(data, "__len__"):
             raise TypeError(f"{name}: the Dataset has no __len__; netmend needs a map-style one")
-        reader = _DatasetReader(data, task, collate, num_workers)
+        reader = _DatasetReader(data, task, collate, num_workers, worker_options)
         labels = _label_pass(reader, name, batch_size)
         _check_empty(reader.n, name, allow_empty)
         return DataSource(reader, labels, task)
