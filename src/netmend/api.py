@@ -43,6 +43,7 @@ from netmend.identification import k_rules
 from netmend.identification.base import (
     CULPRITS_PER_FAILURE,
     EMPTIED_CLASS_SHARE,
+    IDENTIFY_ARGUMENTS,
     IGNORES_L2,
     MAX_CLASS_SHARE,
     Context,
@@ -65,6 +66,7 @@ from netmend.model.checks import (
 )
 from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
 from netmend.model.training import TrainConfig, fresh_copy, model_device, predict
+from netmend.treatment.base import TREAT_ARGUMENTS
 from netmend.treatment.base import check_options as check_treat_options
 from netmend.treatment.guard import guard_k, resolve_guard
 
@@ -391,10 +393,9 @@ def _private_copy(model: nn.Module, device: torch.device) -> nn.Module:
     return work
 
 
-_REPAIR_ARGUMENTS = frozenset(
-    {"treat", "train_config", "identify_options", "treat_options", "guard", "guard_data"}
-    | {"causes", "theta_plus_f", "record", "allow_no_causes", "identify"}
-)
+_REPAIR_ARGUMENTS = (TREAT_ARGUMENTS - IDENTIFY_ARGUMENTS) | {
+    "treat", "identify", "identify_options", "treat_options", "guard", "guard_data"
+}  # fmt: skip
 """Keywords of :func:`repair` / :func:`treat` that :func:`identify` does not take."""
 
 
