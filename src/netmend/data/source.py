@@ -209,7 +209,12 @@ class _DatasetReader(_Reader):
     def rehash(self, name: str) -> str:
         """The content hash taken again, by reading the whole ``Dataset`` once more (the
         fingerprint is the checking pass's): to detect data changed in place since then."""
-        return str(_label_pass(self, name, self.hash_batch, check=False))
+        h = hashlib.blake2b(digest_size=16)
+        for i in range(0, self.n, self.hash_batch):
+            items = _read_items(self, name, i, min(i + self.hash_batch, self.n))
+            x, y = self.task.inputs_and_labels(self.collate(items))
+            h.update(_batch_hash(x, check_label_values(_to_tensor(y, name), name)))
+        return h.hexdigest()
 
 
 class DataSource:
@@ -563,29 +568,31 @@ def _check_empty(n: int, name: str, allow_empty: bool) -> None:
         raise ValueError(f"{name} is empty: pass at least one example")
 
 
-def _label_pass(
-    reader: _DatasetReader, name: str, batch_size: int, check: bool = True
-) -> torch.Tensor:
+def _read_items(reader: _DatasetReader, name: str, i: int, j: int) -> list[Any]:
+    """Items ``i..j-1`` of the ``Dataset``, a ``__len__`` that runs past its data said so."""
+    try:
+        return [reader.dataset[k] for k in range(i, j)]
+    except IndexError as exc:  # a __len__ larger than the data: torch's bare IndexError
+        raise ValueError(
+            f"{name}: reading examples {i}..{j - 1} of the {reader.n} its __len__ gives failed "
+            f"({exc}): check that __len__ matches the data the Dataset can read"
+        ) from exc
+
+
+def _batch_hash(x: Inputs, y: torch.Tensor) -> bytes:
+    """One batch's part of a ``Dataset``'s content hash (its inputs and checked labels)."""
+    return tensor_hash(*tensors_of(x), y).encode()
+
+
+def _label_pass(reader: _DatasetReader, name: str, batch_size: int) -> torch.Tensor:
     """Read a ``Dataset`` once in order: collect its labels ``[N]``, check every batch and hash
-    the content (the source's fingerprint). Memory: the labels and one batch. With
-    ``check=False`` (a later re-hash) the batches are only hashed."""
+    the content (the source's fingerprint). Memory: the labels and one batch."""
     n = reader.n
     labels = torch.empty(n, dtype=torch.long)
     h = hashlib.blake2b(digest_size=16)
     for i in range(0, n, batch_size):
         j = min(i + batch_size, n)
-        try:
-            items = [reader.dataset[k] for k in range(i, j)]
-        except IndexError as exc:  # a __len__ larger than the data: torch's bare IndexError
-            raise ValueError(
-                f"{name}: reading examples {i}..{j - 1} of the {n} its __len__ gives failed "
-                f"({exc}): check that __len__ matches the data the Dataset can read"
-            ) from exc
-        if not check:
-            x, y = reader.task.inputs_and_labels(reader.collate(items))
-            y = check_label_values(_to_tensor(y, name), name)  # as hashed the first time
-            h.update(tensor_hash(*tensors_of(x), y).encode())
-            continue
+        items = _read_items(reader, name, i, j)
         try:
             batch = reader.collate(items)
         except Exception as exc:
@@ -604,9 +611,7 @@ def _label_pass(
             )
         _check_inputs(x, name)
         labels[i:j] = y
-        h.update(tensor_hash(*tensors_of(x), y).encode())
-    if not check:
-        return h.hexdigest()  # type: ignore[return-value]  # the re-hash's only result
+        h.update(_batch_hash(x, y))
     reader.hash, reader.hash_batch = h.hexdigest(), batch_size
     _check_repeatable(reader, name)
     log.debug("%s: read %d examples to check them and collect their labels", name, n)
