@@ -65,7 +65,7 @@ from netmend.model.checks import (
     num_classes_of,
 )
 from netmend.model.functional import FunctionalModel, match_dtype, param_dtype
-from netmend.model.training import TrainConfig, fresh_copy, model_device, predict
+from netmend.model.training import TrainConfig, check_resettable, model_device, predict
 from netmend.treatment.base import TREAT_ARGUMENTS
 from netmend.treatment.base import check_options as check_treat_options
 from netmend.treatment.guard import guard_k, resolve_guard
@@ -1205,7 +1205,7 @@ def with_controls(
             retrain["model_factory"] = model_factory
         elif "model_factory" not in retrain:  # refused now, not after every other control
             try:
-                fresh_copy(model, 0)
+                check_resettable(model)
             except ValueError as exc:
                 why = exc.args[0].split(";")[0]
                 raise ValueError(

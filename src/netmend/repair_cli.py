@@ -52,7 +52,12 @@ from netmend.evaluation.controls import (
 from netmend.evaluation.controls import repaired as pareto_repaired
 from netmend.model.checks import num_classes_of
 from netmend.model.functional import match_dtype, param_dtype
-from netmend.model.training import TrainConfig, class_accuracies_of, fresh_copy, predict
+from netmend.model.training import (
+    TrainConfig,
+    check_resettable,
+    class_accuracies_of,
+    predict,
+)
 from netmend.report.html import ReportData, culprit_table, write_report
 from netmend.store import (
     check_writable,
@@ -302,7 +307,7 @@ def _retrain_factory(
             trained weights, and a factory may load them.
     """
     try:
-        fresh_copy(model, args.seed)
+        check_resettable(model)
         return {}
     except ValueError as exc:
         why = exc.args[0].split(";")[0]

@@ -309,6 +309,28 @@ def class_accuracies_of(pred: torch.Tensor, y: torch.Tensor, num_classes: int) -
         return [float(v) for v in right / total]
 
 
+def check_resettable(model: nn.Module) -> None:
+    """Raise unless every submodule of ``model`` that owns trainable parameters has a
+    ``reset_parameters()`` (or ``_reset_parameters()``): what :func:`fresh_copy` needs, checked
+    without copying the model.
+
+    Raises:
+        ValueError: names the first submodule that cannot be re-initialised.
+    """
+    for name, m in model.named_modules():
+        if not any(p.requires_grad for p in m.parameters(recurse=False)):
+            continue
+        if (
+            getattr(m, "reset_parameters", None) is None
+            and getattr(m, "_reset_parameters", None) is None
+        ):
+            raise ValueError(
+                f"cannot re-initialise submodule {name!r} ({type(m).__name__}): it has no "
+                "reset_parameters(); pass model_factory= to build a fresh model for "
+                "retraining"
+            )
+
+
 def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
     """A deep copy of ``model`` with every trainable parameter re-initialised (for retraining).
 
@@ -324,21 +346,17 @@ def fresh_copy(model: nn.Module, seed: int) -> nn.Module:
     Raises:
         ValueError: a submodule with trainable parameters cannot be re-initialised (named).
     """
+    check_resettable(model)
     clone = copy.deepcopy(model)
     on_gpu = {t.device.index or 0 for t in clone.parameters() if t.device.type == "cuda"}
     with torch.random.fork_rng(devices=sorted(on_gpu)):  # reset_parameters draws there
         torch.manual_seed(seed)
-        for name, m in clone.named_modules():
+        for m in clone.modules():
             own = list(m.named_parameters(recurse=False))
             if not any(p.requires_grad for _, p in own):
                 continue
             reset = getattr(m, "reset_parameters", None) or getattr(m, "_reset_parameters", None)
-            if reset is None:
-                raise ValueError(
-                    f"cannot re-initialise submodule {name!r} ({type(m).__name__}): it has no "
-                    "reset_parameters(); pass model_factory= to build a fresh model for "
-                    "retraining"
-                )
+            assert reset is not None  # check_resettable above
             frozen = {n: p.detach().clone() for n, p in own if not p.requires_grad}
             reset()
             with torch.no_grad():
