@@ -220,3 +220,43 @@ def test_balance_gate_adds_the_reverse_errors_of_each_direction_by_score() -> No
     # with no direction that large, the causes are the plain gate's
     none, info4 = balance_gate(model, X, labels, scores, causes, share=0.3, min_direction_share=1)
     assert none.tolist() == kept and info4["balanced"] == 0
+
+
+def test_all_gate_removes_every_disagreeing_example_by_score_once_the_gate_applies() -> None:
+    """Brute force: applied, the causes are all examples whose label the model does not
+    predict (any score, any class), most harmful first; not applied, the causes unchanged."""
+    from netmend.identification.label_gate import all_gate
+
+    rng = np.random.default_rng(2)
+    n, c = 300, 3
+    labels = torch.from_numpy(rng.integers(0, c, n))
+    predicted = labels.clone()
+    flip = torch.from_numpy(rng.random(n) < 0.2)
+    predicted[flip] = (labels[flip] + 1) % c
+    scores = rng.normal(size=n)
+    disagree = (predicted != labels).numpy()
+    ranked = np.argsort(-scores, kind="stable")
+    causes = np.concatenate([ranked[disagree[ranked]][:12], ranked[~disagree[ranked]][:8]])
+    X = torch.arange(n, dtype=torch.float32)[:, None]
+    model = _Lookup(predicted, c)
+    out, info = all_gate(model, X, labels, scores, causes, share=0.3)
+    expect = sorted(np.flatnonzero(disagree).tolist(), key=lambda i: -scores[i])
+    assert info["applied"] and info["candidates"] == 12 and out.tolist() == expect
+    assert info["added"] == int(disagree.sum()) - 12 > 0
+    assert (scores[out] <= 0).any()  # failure-blind in which examples, not only r > 0
+    agree = np.flatnonzero(~disagree)[:20]
+    same, info2 = all_gate(model, X, labels, scores, agree, share=0.3)
+    assert same.tolist() == agree.tolist() and not info2["applied"] and info2["added"] == 0
+
+
+def test_identify_all_gate_takes_every_disagreeing_training_example(pair_noise) -> None:
+    model, (X, y), fails, _ = pair_noise
+    kw = dict(device="cpu", progress=False)
+    gated = netmend.identify(model, (X, y), fails, **kw)
+    every = netmend.identify(model, (X, y), fails, gate="all", **kw)
+    np.testing.assert_array_equal(every.scores, gated.scores)
+    wrong = np.flatnonzero((predict(model, X) != y).numpy())
+    assert sorted(every.causes.tolist()) == wrong.tolist()
+    assert np.all(np.diff(every.scores[every.causes]) <= 0)  # most harmful first
+    assert set(gated.causes) < set(every.causes)
+    assert every.info["label_gate"]["added"] == wrong.size - gated.causes.size

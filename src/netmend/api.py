@@ -54,7 +54,7 @@ from netmend.identification.base import (
 )
 from netmend.identification.base import check_options as check_identify_options
 from netmend.identification.caching import cached_method
-from netmend.identification.label_gate import balance_gate, fill_gate, gate_causes
+from netmend.identification.label_gate import all_gate, balance_gate, fill_gate, gate_causes
 from netmend.model.checks import (
     check_failures,
     check_finite_parameters,
@@ -477,8 +477,10 @@ def identify(
             (:func:`netmend.identification.label_gate.fill_gate`; measured on dev runs, not
             the default); ``"balance"`` also removes as many label errors of the reverse
             direction of each confused pair of classes
-            (:func:`netmend.identification.label_gate.balance_gate`; not the default).
-            Its record is ``info["label_gate"]``.
+            (:func:`netmend.identification.label_gate.balance_gate`; not the default);
+            ``"all"`` then removes every training example the model does not predict the
+            given label of (:func:`netmend.identification.label_gate.all_gate`; not the
+            default). Its record is ``info["label_gate"]``.
         **options: method options (e.g. ``steps`` for "ewc", ``curvature`` for "linear").
 
     Returns:
@@ -509,8 +511,10 @@ def identify(
             else ""
         )
         warn(f"l2={l2!r} is not used by method {method!r} (only 'ewc' and 'linear' use it).{hint}")
-    if not (gate is None or isinstance(gate, bool) or gate in ("fill", "balance")):
-        raise ValueError(f"gate must be None, True, False, 'fill' or 'balance'; got {gate!r}")
+    if not (gate is None or isinstance(gate, bool) or gate in ("fill", "balance", "all")):
+        raise ValueError(
+            f"gate must be None, True, False, 'fill', 'balance' or 'all'; got {gate!r}"
+        )
     seed = check_seed(seed)
     dev = resolve_device(device)
     work, X, y, classes = _prepare(model, train, dev, task, chunk_size)
@@ -578,6 +582,8 @@ def identify(
         causes, info["label_gate"] = balance_gate(
             work, X, y, scores, causes, dev, max_class_share=MAX_CLASS_SHARE if auto else None
         )
+    elif gate == "all":
+        causes, info["label_gate"] = all_gate(work, X, y, scores, causes, dev)
     elif gate or (gate is None and auto):
         causes, info["label_gate"] = gate_causes(work, X, y, causes, dev)
     _warn_emptied_classes(causes, y, info)

@@ -498,7 +498,7 @@ class BenchConfig:
         pipelines: ``identify/treat`` names; a step may carry options, ``method[opt=value,...]``
             (e.g. ``knn_shapley[embed=input]/relabel[neighbours=20]``, see :func:`parse_step`).
             ``finetune[guard=...]`` runs :func:`netmend.repair`'s class guard first: ``true``
-            (as the repair does), ``unbalanced`` (unless the balance gate balanced the causes),
+            (as the repair does), ``unbalanced`` (unless the balance or all gate added causes),
             or ``data`` (measured on the ``validation_share`` split, as ``guard_data``); every
             trial is also read on the test set (``guard.trial_test_class_acc``).
         references: any of :data:`REFERENCES`.
@@ -806,8 +806,9 @@ def run_suite(
                 cell["label_gate"] = ident.info["label_gate"]
             guard_opt = options.pop("guard", False)
             shrink = float(options.pop("guard_shrink", 0.5))  # dev runs: the back-off factor
-            if guard_opt == "unbalanced":  # the guard, unless the balance gate balanced C
-                guard_opt = not ident.info.get("label_gate", {}).get("balanced", 0)
+            if guard_opt == "unbalanced":  # the guard, unless a gate balanced C
+                gated = ident.info.get("label_gate", {})
+                guard_opt = not (gated.get("balanced", 0) or gated.get("added", 0))
             use_guard = bool(guard_opt)
             treat_fn = _treatment_call(
                 model, noisy, treat_name, recipe, ident, (Xq, yq), common, options
