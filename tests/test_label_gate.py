@@ -260,3 +260,13 @@ def test_identify_all_gate_takes_every_disagreeing_training_example(pair_noise) 
     assert np.all(np.diff(every.scores[every.causes]) <= 0)  # most harmful first
     assert set(gated.causes) < set(every.causes)
     assert every.info["label_gate"]["added"] == wrong.size - gated.causes.size
+
+
+def test_the_automatic_k_shows_one_bar_for_its_six_scorings(pair_noise, capfd) -> None:
+    """The six half-failure scorings run with their own bars off; the automatic K has one."""
+    model, train, fails, _ = pair_noise
+    netmend.identify(model, train, fails, device="cpu", progress=True)
+    err = capfd.readouterr().err
+    assert "automatic K: scoring halves" in err and "/6 " in err
+    netmend.identify(model, train, fails, device="cpu", progress=False)
+    assert "automatic K" not in capfd.readouterr().err

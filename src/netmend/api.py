@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from netmend import identification, store, treatment
 from netmend._warnings import warn
@@ -726,11 +727,17 @@ def _auto_causes(
     if m < 4:
         return handful(f"only {m} failure(s): too few to choose K from two halves")
     halves: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
-    for split in range(AUTO_K_SPLITS):
-        perm = torch.from_numpy(np.random.default_rng([seed, split]).permutation(m))
-        for side, part in zip(halves, (perm[: m // 2], perm[m // 2 :]), strict=True):
-            sub = dataclasses.replace(ctx, Xq=ctx.Xq[part], yq=ctx.yq[part], progress=False)
-            side.append(_checked_scores(fn(sub).scores, scores.shape[0], method, ctx.l2))
+    bar = tqdm(  # the six passes' own bars are off: one bar for the automatic K's work
+        total=2 * AUTO_K_SPLITS, desc="automatic K: scoring halves", unit="half",
+        disable=not ctx.progress, leave=False,
+    )  # fmt: skip
+    with bar:
+        for split in range(AUTO_K_SPLITS):
+            perm = torch.from_numpy(np.random.default_rng([seed, split]).permutation(m))
+            for side, part in zip(halves, (perm[: m // 2], perm[m // 2 :]), strict=True):
+                sub = dataclasses.replace(ctx, Xq=ctx.Xq[part], yq=ctx.yq[part], progress=False)
+                side.append(_checked_scores(fn(sub).scores, scores.shape[0], method, ctx.l2))
+                bar.update()
     if all(np.array_equal(a, b) for a, b in zip(*halves, strict=True)):
         warn(
             f"method {method!r} scores the training set the same for every half of the "
