@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from pathlib import Path
 
 import _cli_models  # noqa: E402  (tests/ is on sys.path under pytest's rootdir conftest)
@@ -1061,3 +1062,35 @@ def test_a_plugin_that_breaks_its_contract_is_bad_input(tmp_path, capsys, monkey
     err = capsys.readouterr().err
     assert code == 2 and "registered by shortplug: fix it there" in err, err
     assert "internal error" not in err
+
+
+def test_a_folder_another_process_is_writing_is_refused(tmp_path, capsys):
+    """Two processes resuming one continual folder each read round N and saved their own
+    round N + 1: one set of failures was lost without a word. The run holds the folder."""
+    import subprocess
+
+    X, y = _blobs(60, 4, seed=4)
+    np.savez(tmp_path / "train.npz", X=X, y=y)
+    np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(  # another process holding the folder, as a running repair does
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    argv = ["--model", "_cli_models:tabular_net", "--train", str(tmp_path / "train.npz"),
+            "--failures", str(tmp_path / "fail.npz"), "--no-controls", "--k", "5",
+            "--out", str(out), *RECIPE_ARGS]  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        code, _, err = _run(argv, capsys)
+        assert code == 2 and "another netmend process is writing to this folder" in err, err
+        assert list(out.iterdir()) == []  # nothing written next to the other run
+    finally:
+        holder.communicate("")
+    code, _, err = _run(argv, capsys)  # released: the run goes ahead (and releases it in turn)
+    assert code == 0, err
+    code, _, err = _run([*argv[:-len(RECIPE_ARGS) - 2], "--resume", str(out), *RECIPE_ARGS],
+                        capsys)  # fmt: skip
+    assert code == 0, err

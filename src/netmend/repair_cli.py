@@ -16,6 +16,7 @@ reused by ``--resume``). See docs/cli.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import math
@@ -61,6 +62,7 @@ from netmend.model.training import (
 from netmend.report.html import ReportData, culprit_table, write_report
 from netmend.store import (
     check_writable,
+    folder_lock,
     save_tensors,
     tensor_hash,
     write_json_atomic,
@@ -730,6 +732,11 @@ def _previous_summary(out: Path) -> dict[str, Any] | None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``repair`` subcommand (see the module docstring)."""
+    with contextlib.ExitStack() as hold:  # the output folder's lock, once it exists
+        return _run(args, hold)
+
+
+def _run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
     t_start = time.perf_counter()
     times: dict[str, float] = {}
     if args.resume is not None and args.out is not None and Path(args.out) != Path(args.resume):
@@ -792,7 +799,12 @@ def run(args: argparse.Namespace) -> int:
             vocab = Path(args.vocab).read_text().splitlines()
         except (OSError, UnicodeDecodeError) as exc:  # missing, a folder, not text
             raise BadInput(f"--vocab {args.vocab}: cannot be read as text ({exc})") from exc
-    _writable(out, "--resume" if args.resume is not None else "--out")
+    flag = "--resume" if args.resume is not None else "--out"
+    _writable(out, flag)
+    try:
+        hold.enter_context(folder_lock(out, f"{flag} {out}"))
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
 
     common: dict[str, Any] = dict(
         seed=args.seed, device=device, chunk_size=args.chunk_size, progress=progress

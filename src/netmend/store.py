@@ -429,6 +429,46 @@ def check_writable(folder: str | Path, what: str) -> None:
         ) from exc
 
 
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` (an existing directory) while the block runs, so
+    that two processes never write one run's folder at once: two rounds of a continual repair
+    resumed together would each read round N and save their own round N + 1, and one of the
+    two sets of failures would be lost without a word.
+
+    The lock is the operating system's advisory ``flock`` on the folder itself (no lock file
+    is left behind, and a killed process releases it). Where ``fcntl`` does not exist
+    (Windows) the block runs unlocked.
+
+    Args:
+        folder: the folder (it must exist: :func:`check_writable` creates it).
+        what: how the message names it (e.g. ``"--out run/"``).
+
+    Raises:
+        ValueError: another process holds the lock, with what to do.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"{what}: another netmend process is writing to this folder (a run, or a "
+                "--resume of it); wait for it to end, or choose another folder"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> None:
     """Write ``obj`` as JSON to ``path`` atomically (missing parent folders are created);
     ``indent=None`` writes it compactly (large benchmark records)."""
