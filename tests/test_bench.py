@@ -281,9 +281,9 @@ def test_cli_bench(monkeypatch, tmp_path, capsys):
 
     seen = {}
 
-    def fake_run(config, device, progress, on_suite=None, on_result=None):
+    def fake_run(config, device, progress, on_suite=None, on_result=None, resume=None):
         seen["config"] = config
-        assert on_result is None  # no --report: no page
+        assert on_result is None and resume is None  # no --report: no page; no --resume
         partial = {"config": {}, "results": [], "skipped": [], "errors": [], "seconds": 0.0}
         on_suite(partial)  # the CLI writes the partial result after every suite
         seen["partial"] = json.loads((tmp_path / "bench.json").read_text())
@@ -417,7 +417,7 @@ def test_cli_bench_report(result, monkeypatch, tmp_path, capsys):
     res = result["results"][0]
     public = {k: v for k, v in res.items() if k != "_artifacts"}
 
-    def fake_run(config, device, progress, on_suite=None, on_result=None):
+    def fake_run(config, device, progress, on_suite=None, on_result=None, resume=None):
         on_result(public, res["_artifacts"])
         return {"config": {}, "results": [public], "skipped": [], "errors": [], "seconds": 0.0}
 

@@ -282,3 +282,62 @@ def test_demo_table_keeps_wide_mean_and_se_figures_apart():
     assert "79.99±1.23 " in row and " 18.37±16.63" in row, row
     head = lines[0]
     assert row.index("79.99±1.23") + len("79.99±1.23") == head.index("test") + len("test")
+
+
+def test_bench_resume_runs_only_the_suites_an_interrupted_run_did_not_finish(
+    tmp_path, capsys, monkeypatch
+):
+    """An interrupted bench kept its finished suites in bench.json but could only be rerun
+    from the start (hours on the full suites). --resume keeps them and runs the rest; the
+    record equals an uninterrupted run's, and a record it cannot pair with is refused."""
+    from netmend.lab import bench
+
+    flags = ["bench", "--suites", "digits/sym20", "digits/pair", "--pipelines", "ewc/finetune",
+             "--references", "original", "--draws", "0", "--seeds", "0", "--no-plots",
+             "--no-progress"]  # fmt: skip
+    real = bench.run_suite
+    ran: list[str] = []
+
+    def stop_at_second(data, *a, **k):
+        if ran:
+            raise KeyboardInterrupt
+        ran.append(data.name)
+        return real(data, *a, **k)
+
+    out, fresh = tmp_path / "b", tmp_path / "fresh"
+    monkeypatch.setattr(bench, "run_suite", stop_at_second)
+    assert cli.main([*flags, "--out", str(out)]) == 130
+    partial = json.loads((out / "bench.json").read_text())
+    assert partial["complete"] is False and [r["suite"] for r in partial["results"]] == [
+        "digits/sym20"
+    ]
+    monkeypatch.setattr(bench, "run_suite", lambda data, *a, **k: ran.append(data.name) or real(
+        data, *a, **k))  # fmt: skip
+    ran.clear()
+    capsys.readouterr()
+    # another matrix, then the same one
+    assert cli.main([*flags, "--seeds", "1", "--out", str(out), "--resume"]) == 2
+    assert "ran another matrix (seeds: [0] there, [1] here)" in capsys.readouterr().err
+    assert cli.main([*flags, "--out", str(out), "--resume"]) == 0
+    assert ran == ["digits/pair"] and "1 of 2 suite runs kept, 1 to run" in capsys.readouterr().err
+    resumed = json.loads((out / "bench.json").read_text())
+    assert cli.main([*flags, "--out", str(fresh)]) == 0
+    whole = json.loads((fresh / "bench.json").read_text())
+
+    def cells(record):  # everything but the timings
+        drop = {"seconds", "timing"}
+        return [[{k: v for k, v in c.items() if k not in drop} for c in r["cells"]]
+                for r in record["results"]]  # fmt: skip
+
+    assert resumed["complete"] and cells(resumed) == cells(whole)
+    assert resumed["results"][0] == partial["results"][0]  # kept, not rerun
+    # nothing left to resume; another netmend; another machine
+    assert cli.main([*flags, "--out", str(out), "--resume"]) == 2
+    assert "its record is complete" in capsys.readouterr().err
+    for key, value in (("netmend", "0.0.1"), ("machine", {**partial["machine"], "cpus": 99})):
+        (out / "bench.json").write_text(json.dumps({**partial, key: value}))
+        assert cli.main([*flags, "--out", str(out), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert ("netmend 0.0.1" in err) if key == "netmend" else ("cpus: 99 there" in err), err
+    assert cli.main([*flags, "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no bench.json" in capsys.readouterr().err

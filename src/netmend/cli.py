@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -83,6 +84,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from netmend.lab import bench
     from netmend.lab.datasets import DatasetMissingError
+    from netmend.lab.demo import machine
 
     chosen: dict[str, Any] = {
         k: tuple(v)
@@ -99,7 +101,18 @@ def _bench(args: argparse.Namespace) -> int:
         if twice:
             raise ValueError(f"--{key} lists {', '.join(twice)} more than once; give each once")
     _outputs_writable([], [args.out])
-    stale = _earlier_bench_files(Path(args.out))
+    resume = None
+    if args.resume:  # the interrupted run's record: its finished suites and their pages stay
+        record = Path(args.out) / "bench.json"
+        if not record.is_file():
+            raise ValueError(f"--resume: no bench.json in --out {args.out} to resume")
+        try:
+            resume = json.loads(record.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(
+                f"--resume: {record} cannot be read ({exc}); rerun without --resume"
+            ) from None
+    stale = [] if resume is not None else _earlier_bench_files(Path(args.out))
     if stale:  # an earlier run's pages and plots would sit beside this run's bench.json
         for p in stale:
             p.unlink()
@@ -135,11 +148,21 @@ def _bench(args: argparse.Namespace) -> int:
         else:
             reports.append(written)
 
+    if resume is not None:
+        try:
+            bench.check_resumable(resume, config, machine())
+        except ValueError as exc:
+            raise ValueError(f"--resume {args.out}: {exc}") from None
+        left = len(config.suites) * len(config.seeds) - len(resume["results"])
+        left -= len(resume["skipped_suites"])
+        print(f"netmend bench: resuming {args.out}: {resume['suites_done']} kept, {left} to run",
+              file=sys.stderr)  # fmt: skip
     try:
         result = bench.run(
             config,
             args.device,
             progress=not args.no_progress,
+            resume=resume,
             on_suite=lambda partial: (
                 bench.write(partial, args.out, with_plots=False) if distributed.is_writer() else []
             ),
@@ -321,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="S",
         help="hold this share of each class out of the training set as a validation split "
         "(0: none); finetune[guard=data] gives it to the class guard",
+    )
+    b.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out (its bench.json) with the same flags: its "
+        "finished suite runs are kept, the others run",
     )
     b.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     b.add_argument(

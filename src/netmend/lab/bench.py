@@ -29,6 +29,7 @@ Scores follow netmend's convention everywhere: **positive = harmful**.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -43,6 +44,7 @@ import torch
 from torch import nn
 
 from netmend import api, identification, treatment
+from netmend._version import __version__
 from netmend.data.checks import resolve_device
 from netmend.data.source import as_source
 from netmend.evaluation import FailureSplit, identification_metrics, split_failures
@@ -978,10 +980,14 @@ def run(
     keep_artifacts: bool = False,
     on_suite: Callable[[dict[str, Any]], object] | None = None,
     on_result: Callable[[dict[str, Any], dict[str, Any]], object] | None = None,
+    resume: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the whole matrix (suites x seeds, each with every pipeline and reference).
 
     Args:
+        resume: the partial record of an interrupted run of the same matrix (its bench.json,
+            as :func:`check_resumable` accepts it): its finished suite runs are kept, and only
+            the others run.
         on_suite: called after every suite with the result so far (the same dict as the
             return value, covering the suites done), e.g. to write it: a long matrix can be
             followed, and an interrupted one keeps what it finished.
@@ -999,11 +1005,18 @@ def run(
     from netmend.lab.demo import machine
 
     dev = resolve_device(device)
-    t0 = time.perf_counter()
     results: list[dict[str, Any]] = []
     skipped_suites: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    if resume is not None:
+        check_resumable(resume, config, machine())
+        results, skipped_suites = list(resume["results"]), list(resume["skipped_suites"])
+        t0 -= float(resume.get("seconds") or 0.0)  # the record's seconds cover both parts
+    done = {(r["suite"], r["seed"]) for r in [*results, *skipped_suites]}
     for seed in config.seeds:
         for name in config.suites:
+            if (name, seed) in done:
+                continue
             data = make_suite(name, seed)
             try:
                 res = run_suite(data, config, dev, progress)
@@ -1050,6 +1063,7 @@ def _collect(
     return {
         "config": asdict(config),
         "machine": machine,
+        "netmend": __version__,
         # written after every suite: a run stopped midway leaves a partial record, said so
         "complete": done >= planned,
         "suites_done": f"{done} of {planned} suite runs",
@@ -1059,6 +1073,56 @@ def _collect(
         "errors": errors,
         "seconds": time.perf_counter() - t0,
     }
+
+
+RESUME_MACHINE_KEYS = (
+    "platform", "processor", "cpu_model", "cpus", "torch_threads", "torch", "cuda"
+)  # fmt: skip
+"""What a resumed run's machine must share with the interrupted one's: the trained models, and
+so every cell, follow the CPU's float kernels, the thread count and torch's version."""
+
+
+def check_resumable(
+    record: Mapping[str, Any], config: BenchConfig, here: Mapping[str, Any]
+) -> None:
+    """Refuse to resume ``record`` (a bench.json) unless it is the partial record of the same
+    matrix, written by this netmend on this machine: otherwise its cells would not pair with
+    the new ones (the models of a full suite differ between machines, docs/test-suites.md).
+
+    Raises:
+        ValueError: it is complete, or was run with other settings (named), by another
+            netmend version, or on another machine (the fields that differ named).
+    """
+    if record.get("complete", False):
+        raise ValueError("its record is complete: nothing to resume (rerun without --resume)")
+    if record.get("netmend") != __version__:
+        raise ValueError(
+            f"it was recorded by netmend {record.get('netmend') or '(an older one)'}, this is "
+            f"{__version__}: its cells would not pair with this version's; rerun without --resume"
+        )
+    saved = dict(record.get("config") or {})
+    now = _nan_to_none(json_roundtrip(asdict(config)))
+    diff = sorted(k for k in {*saved, *now} if saved.get(k) != now.get(k))
+    if diff:
+        raise ValueError(
+            "it ran another matrix ("
+            + "; ".join(f"{k}: {saved.get(k)!r} there, {now.get(k)!r} here" for k in diff)
+            + "): pass the interrupted run's flags again"
+        )
+    was = record.get("machine") or {}
+    other = [k for k in RESUME_MACHINE_KEYS if was.get(k) != here.get(k)]
+    if other:
+        raise ValueError(
+            "it ran on another machine or set-up ("
+            + "; ".join(f"{k}: {was.get(k)!r} there, {here.get(k)!r} here" for k in other)
+            + "), whose models differ: its cells would not pair with this one's. Resume it "
+            "there, or rerun without --resume"
+        )
+
+
+def json_roundtrip(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(obj))
 
 
 # --- reports -------------------------------------------------------------------------------------
