@@ -414,3 +414,27 @@ def test_explicit_k_that_empties_a_class_is_warned_and_recorded(blobs, blobs_log
         warnings.simplefilter("error")
         small = netmend.identify(blobs_logreg, (blobs.X, blobs.y), (Xf, yf), "loss", k=5, **RUN)
     assert small.info["classes_over_half"] == {}
+
+
+def test_with_controls_warns_when_the_fine_tune_alone_loses_test_accuracy(
+    blobs_logreg, repaired_blobs
+):
+    """netmend repair warned when the finetune-only control lost test accuracy (the recipe
+    does not match the model's training); the same control from Python said nothing."""
+    train, (X, y), split, _, _ = repaired_blobs
+    for lr in (0.05, 40.0):  # the fixture's recipe, and one far off the model's scale
+        cfg = TrainConfig(epochs=2, batch_size=16, lr=lr)
+        res = netmend.repair(
+            blobs_logreg, train, (X[split.query], y[split.query]), k=6, train_config=cfg,
+            treat_options={"steps": 20}, **RUN,
+        )  # fmt: skip
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = netmend.with_controls(blobs_logreg, train, (X, y), split, res, device="cpu")
+        ctl = out["controls"]
+        lost = ctl["original"]["test_acc"] - ctl["finetune_only"]["test_acc"]
+        said = [str(w.message) for w in seen if "the fine-tune alone" in str(w.message)]
+        assert bool(said) == (lost > 0.01), (lr, lost, said)
+        if said:
+            assert f"loses {100 * lost:.1f} test points" in said[0] and "train_config=" in said[0]
+    assert said  # the far-off recipe was caught

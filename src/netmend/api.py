@@ -37,6 +37,7 @@ from netmend.evaluation.controls import (
     class_accuracies,
     class_share,
     diagnosis_gain,
+    recipe_loss,
     run_controls,
 )
 from netmend.evaluation.controls import repaired as pareto_repaired
@@ -1241,6 +1242,14 @@ def with_controls(
         draws=draws,
         seed=recipe.get("seed", 0) if seed is None else seed,
     )
+    if ctl.finetune_only is not None:  # the same check as netmend repair's
+        lost = recipe_loss(
+            ctl.original.get("test_acc"),
+            ctl.finetune_only.get("test_acc"),
+            "netmend.repair's train_config= (TrainConfig: epochs, lr, batch_size)",
+        )
+        if lost is not None:
+            warn(lost)
     ours = measure(result.model)
     return {
         "pipeline": ours,

@@ -48,6 +48,7 @@ from netmend.evaluation.controls import (
     MIN_DRAWS,
     TEST_TOLERANCE,
     Controls,
+    recipe_loss,
     run_controls,
 )
 from netmend.evaluation.controls import repaired as pareto_repaired
@@ -682,23 +683,10 @@ class Inputs:
 # ----------------------------------------------------------------------------- outputs
 
 
-RECIPE_LOSS = 0.01
-"""Test accuracy the fine-tune alone may lose before the run warns about the recipe."""
-
-
 def _recipe_loss(original: dict[str, float], finetune_only: dict[str, float]) -> str | None:
-    """A warning when the fine-tune alone (no causes removed) loses test accuracy: a converged
-    model fine-tuned with its own recipe keeps it (within 0.3 points on issue 11's suites), so a
-    loss says the recipe flags do not match its training (an outside-in trial lost 10 points,
-    and the repair with it, with no word)."""
-    before, after = original.get("test"), finetune_only.get("test")
-    if before is None or after is None or before - after <= RECIPE_LOSS:
-        return None
-    return (
-        f"the fine-tune alone (the 'finetune only' control, no causes removed) loses "
-        f"{100 * (before - after):.1f} test points, so the repair's figures carry that loss "
-        "too: --epochs, --lr and --batch-size should be the model's own training recipe "
-        "(netmend fine-tunes at --lr for up to 500 steps), or the model is not converged"
+    """:func:`netmend.evaluation.controls.recipe_loss` on the run's accuracies, naming the flags."""
+    return recipe_loss(
+        original.get("test"), finetune_only.get("test"), "--epochs, --lr and --batch-size"
     )
 
 

@@ -41,6 +41,9 @@ TEST_TOLERANCE = 0.002
 MAX_CLASS_DROP = 0.10
 """No class's test accuracy may fall by more than 10 points below the better of original and
 finetune-only on that class (a class collapse buys held-out failures of its neighbour)."""
+RECIPE_LOSS = 0.01
+"""Test accuracy the fine-tune alone (finetune-only) may lose before a run warns about the
+fine-tune's recipe."""
 MIN_DRAWS = 3
 EPS = 1e-9
 """Differences of accuracies below this are float noise (accuracies are counts over ``n``)."""
@@ -67,6 +70,27 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
         return math.nan, math.nan
     se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else math.nan
     return float(v.mean()), se
+
+
+def recipe_loss(original: float | None, finetune_only: float | None, recipe: str) -> str | None:
+    """A warning when the fine-tune alone (no causes removed) loses more than
+    :data:`RECIPE_LOSS` of test accuracy: a converged model fine-tuned with its own recipe keeps
+    it (within 0.3 points on issue 11's suites), so a loss says the recipe does not match the
+    model's training, or the model is not converged (an outside-in trial lost 10 points, and
+    the repair with it, with no word).
+
+    Args:
+        original, finetune_only: test accuracies (fractions; ``None`` when not measured).
+        recipe: how the caller names the recipe to fix (e.g. the CLI's flags).
+    """
+    if original is None or finetune_only is None or original - finetune_only <= RECIPE_LOSS:
+        return None
+    return (
+        f"the fine-tune alone (the 'finetune only' control, no causes removed) loses "
+        f"{100 * (original - finetune_only):.1f} test points, so the repair's figures carry that "
+        f"loss too: {recipe} should be the model's own training recipe (netmend fine-tunes for "
+        "up to 500 steps at its learning rate), or the model is not converged"
+    )
 
 
 @dataclass
