@@ -341,6 +341,36 @@ def test_predictions_run_where_the_model_is_whatever_device_is_asked():
     assert model_device(nn.ReLU(), "meta") == torch.device("meta")  # no parameters: as asked
 
 
+def test_predict_takes_each_batchs_argmax_without_an_n_by_c_buffer(monkeypatch):
+    """predict once held every logit ([N, C]: 5 GB for 1.28M examples of 1,000 classes) to
+    take one argmax; it now reads each batch's, with the same classes as the logits'."""
+    from netmend.data.source import as_source
+    from netmend.model.training import logits, predict
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 7).eval()
+    X = torch.randn(23, 3)
+    want = logits(model, X).argmax(1)
+    for data in (X, as_source((X, torch.zeros(23, dtype=torch.long)), "x")):
+        got = predict(model, data, batch_size=5)  # 23 = 4 batches of 5 and one of 3
+        assert got.dtype == torch.int64 and torch.equal(got, want)
+    sizes: list[tuple[int, ...]] = []
+    real_empty = torch.empty
+
+    def empty(*a, **k):
+        sizes.append(tuple(a[0]) if isinstance(a[0], tuple) else tuple(a))
+        return real_empty(*a, **k)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    predict(model, X, batch_size=5)
+    assert (23,) in sizes and (23, 7) not in sizes  # one [N] buffer, never [N, C]
+    logits(model, X, batch_size=5)
+    assert (23, 7) in sizes  # (the check sees the buffer when there is one)
+    monkeypatch.undo()
+    none = predict(model, X[:0])
+    assert none.dtype == torch.int64 and none.shape == (0,)
+
+
 def test_predictions_and_the_class_guard_take_a_half_precision_model_and_float32_data():
     """The class guard read its slice in float32 with a bf16 model (torch: "mat1 and mat2
     must have the same dtype"), so netmend.repair(bf16_model, ..., k=None) failed: found by a

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -1067,8 +1069,6 @@ def test_a_plugin_that_breaks_its_contract_is_bad_input(tmp_path, capsys, monkey
 def test_a_folder_another_process_is_writing_is_refused(tmp_path, capsys):
     """Two processes resuming one continual folder each read round N and saved their own
     round N + 1: one set of failures was lost without a word. The run holds the folder."""
-    import subprocess
-
     X, y = _blobs(60, 4, seed=4)
     np.savez(tmp_path / "train.npz", X=X, y=y)
     np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
@@ -1094,3 +1094,65 @@ def test_a_folder_another_process_is_writing_is_refused(tmp_path, capsys):
     code, _, err = _run([*argv[:-len(RECIPE_ARGS) - 2], "--resume", str(out), *RECIPE_ARGS],
                         capsys)  # fmt: skip
     assert code == 0, err
+
+
+def _torchrun(argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(netmend.__file__).parents[1]),
+                                          str(Path(__file__).parent)])}  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "-m", "netmend", "repair", "--no-progress", *argv],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+
+
+def test_under_torchrun_the_writing_rank_holds_the_folder_for_every_rank(tmp_path):
+    """Every rank took the folder lock: rank 1 was refused by rank 0's and rank 0 then died
+    in its next collective, an internal error on every run under torchrun."""
+    X, y = _blobs(60, 4, seed=4)
+    np.savez(tmp_path / "train.npz", X=X, y=y)
+    np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
+    argv = ["--model", "_cli_models:tabular_net", "--train", "train.npz", "--failures",
+            "fail.npz", "--no-controls", "--k", "5", *RECIPE_ARGS]  # fmt: skip
+    done = _torchrun([*argv, "--out", "run"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "run" / "summary.json").is_file()
+    (tmp_path / "held").mkdir()
+    holder = subprocess.Popen(  # another process holding the folder
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()",
+         str(tmp_path / "held")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        refused = _torchrun([*argv, "--out", "held"], tmp_path)
+    finally:
+        holder.communicate("")
+    assert refused.returncode != 0
+    err = refused.stderr
+    assert err.count("another netmend process is writing to this folder") >= 2, err[-3000:]
+    assert "internal error" not in err, err[-3000:]  # (torchrun's launcher has a traceback)
+    assert "failed on another rank (rank 0: ValueError" in err  # said on the other rank too
+    assert list((tmp_path / "held").iterdir()) == []
+
+
+def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, capsys, monkeypatch):
+    """Lustre without -o flock answers ENOSYS: every run ended as an internal error."""
+    import errno
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    X, y = _blobs(60, 4, seed=4)
+    np.savez(tmp_path / "train.npz", X=X, y=y)
+    np.savez(tmp_path / "fail.npz", X=X[:5], y=(y[:5] + 1) % 3)
+    code, _, err = _run(["--model", "_cli_models:tabular_net", "--train",
+                         str(tmp_path / "train.npz"), "--failures", str(tmp_path / "fail.npz"),
+                         "--no-controls", "--k", "5", "--out", str(tmp_path / "run"),
+                         *RECIPE_ARGS], capsys)  # fmt: skip
+    assert code == 0, err
+    assert "running without the folder lock (its file system does not lock" in err, err

@@ -480,9 +480,10 @@ def identify(
             the default); ``"balance"`` also removes as many label errors of the reverse
             direction of each confused pair of classes
             (:func:`netmend.identification.label_gate.balance_gate`; not the default);
-            ``"all"`` then removes every training example the model does not predict the
-            given label of (:func:`netmend.identification.label_gate.all_gate`; not the
-            default). Its record is ``info["label_gate"]``.
+            ``"all"``, once the gate applies, replaces the causes (an explicit ``k``'s too) by
+            every training example the model does not predict the given label of
+            (:func:`netmend.identification.label_gate.all_gate`; not the default). Its record
+            is ``info["label_gate"]``.
         **options: method options (e.g. ``steps`` for "ewc", ``curvature`` for "linear").
 
     Returns:
@@ -730,7 +731,7 @@ def _auto_causes(
     halves: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
     bar = tqdm(  # the six passes' own bars are off: one bar for the automatic K's work
         total=2 * AUTO_K_SPLITS, desc="automatic K: scoring halves", unit="half",
-        disable=not ctx.progress, leave=False,
+        disable=not ctx.progress or distributed.world()[0] != 0, leave=False,
     )  # fmt: skip
     with bar:
         for split in range(AUTO_K_SPLITS):

@@ -38,6 +38,7 @@ from torch import nn
 from netmend import api, treatment
 from netmend._version import __version__
 from netmend.continual import STATE_FILE, Repairer
+from netmend.data import distributed
 from netmend.data.checks import check_labels, resolve_device, rows_in
 from netmend.data.files import FileData, load_data, load_indices
 from netmend.data.source import as_source
@@ -789,9 +790,13 @@ def _run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
             raise BadInput(f"--vocab {args.vocab}: cannot be read as text ({exc})") from exc
     flag = "--resume" if args.resume is not None else "--out"
     _writable(out, flag)
+    taken = distributed.Captured()
+    with taken:  # under torchrun the rank that writes holds the folder for them all
+        if distributed.is_writer():
+            hold.enter_context(folder_lock(out, f"{flag} {out}"))
     try:
-        hold.enter_context(folder_lock(out, f"{flag} {out}"))
-    except ValueError as exc:
+        distributed.agree(taken.error, "locking the output folder")
+    except (ValueError, distributed.RankFailedError) as exc:
         raise BadInput(str(exc)) from exc
 
     common: dict[str, Any] = dict(

@@ -438,7 +438,9 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
 
     The lock is the operating system's advisory ``flock`` on the folder itself (no lock file
     is left behind, and a killed process releases it). Where ``fcntl`` does not exist
-    (Windows) the block runs unlocked.
+    (Windows), or the file system does not lock (Lustre without ``-o flock``, some network
+    and FUSE mounts), or the folder cannot be opened for reading, the block runs unlocked,
+    with a warning in the last two cases.
 
     Args:
         folder: the folder (it must exist: :func:`check_writable` creates it).
@@ -452,7 +454,16 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    fd = os.open(folder, os.O_RDONLY)
+    unlocked = (
+        f"{what}: running without the folder lock (%s): do not run two netmend processes on "
+        "this folder at once"
+    )
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as exc:  # e.g. a folder that can be written but not read
+        warn(unlocked % f"the folder cannot be opened: {exc.strerror or exc}")
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -461,6 +472,10 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
                 f"{what}: another netmend process is writing to this folder (a run, or a "
                 "--resume of it); wait for it to end, or choose another folder"
             ) from None
+        except OSError as exc:  # ENOSYS, EOPNOTSUPP, ENOLCK: a file system that does not lock
+            warn(unlocked % f"its file system does not lock: {exc.strerror or exc}")
+            yield
+            return
         try:
             yield
         finally:

@@ -249,18 +249,7 @@ def logits(
     would change the caller's model). Floating inputs are cast to the model's floating dtype
     batch by batch (a bf16 model and float32 data, as everywhere in netmend).
     """
-    task = task_of(X, task)
-    device = model_device(model, device)
-    dtype = param_dtype(model)
-    out: torch.Tensor | None = None
-    n = len(X)
-    for i in range(0, n, batch_size):
-        x = match_dtype(X[i : i + batch_size], dtype).to(device)
-        z = task.forward(model, x).cpu()
-        if out is None:  # one [N, C] buffer, no list of chunks
-            out = torch.empty((n, *z.shape[1:]), dtype=z.dtype)
-        out[i : i + batch_len(x)] = z
-    return out if out is not None else torch.empty(0)
+    return _per_batch(model, X, device, batch_size, task, lambda z: z, torch.empty(0))
 
 
 def predict(
@@ -270,8 +259,37 @@ def predict(
     batch_size: int = 1024,
     task: Task | None = None,
 ) -> torch.Tensor:
-    """Predicted classes ``[N]`` (int64, CPU)."""
-    return logits(model, X, device, batch_size, task).argmax(1)
+    """Predicted classes ``[N]`` (int64, CPU), as :func:`logits` reads them, each batch's
+    argmax taken where it is computed (no ``[N, C]`` buffer: 5 GB for 1.28M examples of 1,000
+    classes)."""
+    empty = torch.empty(0, dtype=torch.int64)
+    return _per_batch(model, X, device, batch_size, task, lambda z: z.argmax(1), empty)
+
+
+@torch.no_grad()
+def _per_batch(
+    model: nn.Module,
+    X: Data,
+    device: torch.device | str,
+    batch_size: int,
+    task: Task | None,
+    read: Callable[[torch.Tensor], torch.Tensor],
+    empty: torch.Tensor,
+) -> torch.Tensor:
+    """``read`` of the model's logits on every batch of ``X``, stacked on CPU (``empty`` for
+    an empty ``X``); see :func:`logits`."""
+    task = task_of(X, task)
+    device = model_device(model, device)
+    dtype = param_dtype(model)
+    out: torch.Tensor | None = None
+    n = len(X)
+    for i in range(0, n, batch_size):
+        x = match_dtype(X[i : i + batch_size], dtype).to(device)
+        z = read(task.forward(model, x)).cpu()
+        if out is None:  # one buffer, no list of chunks
+            out = torch.empty((n, *z.shape[1:]), dtype=z.dtype)
+        out[i : i + batch_len(x)] = z
+    return out if out is not None else empty
 
 
 def accuracy(
