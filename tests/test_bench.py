@@ -586,3 +586,18 @@ def test_the_subgroup_suites_mask_is_not_scored_as_causes():
     ewc = cells["ewc/finetune"]
     assert ewc["status"] == "ok" and ewc["precision"] is None and ewc["pr_curve"] is None
     assert ewc["k"] > 0
+
+
+def test_guard_unbalanced_is_skipped_when_the_all_gate_added_causes():
+    """finetune[guard=unbalanced] runs the class guard unless a gate added causes to make
+    the removal balanced: the balance gate's reverse errors, or the all gate's candidates."""
+    config = bench.BenchConfig(
+        suites=("digits/sym20",), references=("original",), seeds=(0,), draws=0,
+        pipelines=(
+            "ewc[gate=all]/finetune[guard=unbalanced]", "ewc[gate=all]/finetune[guard=true]"
+        ),
+    )  # fmt: skip
+    cells = {c["pipeline"]: c for c in bench.run(config, "cpu")["results"][0]["cells"]}
+    skipped, guarded = (cells[p] for p in config.pipelines)
+    assert skipped["label_gate"]["added"] > 0 and skipped["k"] == guarded["k"]
+    assert "guard" not in skipped and guarded["guard"] is not None
