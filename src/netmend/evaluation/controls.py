@@ -306,10 +306,10 @@ def repaired(
     refs = [controls.original] + ([controls.finetune_only] if controls.finetune_only else [])
     floor = max(float(r["test_acc"]) for r in refs) - tolerance
     if float(pipeline["test_acc"]) < floor - EPS:
+        ours_pct, floor_pct = _distinct(100 * float(pipeline["test_acc"]), 100 * floor)
         reasons.append(
-            f"test accuracy {100 * float(pipeline['test_acc']):.2f}% below the floor "
-            f"{100 * floor:.2f}% (max of original and finetune-only, minus "
-            f"{100 * tolerance:.1f} points)"
+            f"test accuracy {ours_pct}% below the floor {floor_pct}% (max of original and "
+            f"finetune-only, minus {100 * tolerance:.1f} points)"
         )
     worst, worst_class = math.nan, None
     ours = pipeline.get("class_acc")
@@ -328,6 +328,16 @@ def repaired(
                     f"(more than {100 * max_class_drop:.0f})"
                 )
     return Verdict(not reasons, heldout_gain, floor, worst, worst_class, tuple(reasons))
+
+
+def _distinct(a: float, b: float) -> tuple[str, str]:
+    """``a`` and ``b`` with the fewest decimals (2 to 6) that tell them apart: at two, a
+    verdict once read "96.38% below the floor 96.38%"."""
+    for d in range(2, 7):
+        x, y = f"{a:.{d}f}", f"{b:.{d}f}"
+        if x != y:
+            break
+    return x, y
 
 
 def class_share(causes: np.ndarray, labels: np.ndarray | torch.Tensor) -> dict[int, float]:
