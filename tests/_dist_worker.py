@@ -127,3 +127,73 @@ def failing(rank: int, size: int, rendezvous: str, out: str, mode: str) -> None:
                 time.monotonic() - t0,
             )
         torch.save(seen, Path(out) / f"rank{rank}.pt")
+
+
+def rank_differences(rank: int, size: int, rendezvous: str, problem_file: str, out: str) -> None:
+    """Rank 1 holds one thing different at a time (a BatchNorm-like buffer, labels or images
+    of the same shape, the seed, a per-rank cache folder); every rank records the error it
+    got. Then a Repairer saved and at once loaded on every rank, and the warnings each rank
+    raised."""
+    import warnings
+
+    import netmend
+
+    _join(rank, size, rendezvous)
+    problem = torch.load(problem_file, weights_only=False)
+    model, (X, y), fail = problem["model"], problem["train"], problem["failures"]
+    seen: dict[str, Any] = {}
+
+    def differing(what: str) -> dict[str, Any]:
+        m, Xr, yr, kw = model, X, y, {}
+        if rank == 1:
+            if what == "buffer":
+                m = copy.deepcopy(model)
+                m.register_buffer("stat", torch.ones(1))  # e.g. BatchNorm's running mean
+            elif what == "labels":
+                yr = y.clone()
+                yr[:5] = (yr[:5] + 1) % 3
+            elif what == "images":
+                Xr = X.flip(0)
+            elif what == "seed":
+                kw["seed"] = 1
+            elif what == "cache":
+                kw["cache_dir"] = str(Path(out) / "cache_rank1")
+        if rank == 0 and what == "buffer":
+            m = copy.deepcopy(model)
+            m.register_buffer("stat", torch.zeros(1))
+        if what == "cache" and rank == 0:
+            kw["cache_dir"] = str(Path(out) / "cache_rank0")
+        return {"model": m, "train": (Xr, yr), "kw": kw}
+
+    for what in ("buffer", "labels", "images", "seed", "cache"):
+        d = differing(what)
+        try:
+            netmend.identify(d["model"], d["train"], fail, k=5, chunk_size=CHUNK,
+                             progress=False, **d["kw"])  # fmt: skip
+            seen[what] = "no error"
+        except ValueError as exc:
+            seen[what] = str(exc)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = netmend.Repairer(model, (X, y), k=5, chunk_size=CHUNK, progress=False,
+                               train_config=netmend.TrainConfig(epochs=1))  # fmt: skip
+        rep.observe(fail)
+        state = Path(out) / "state"
+        rep.save(state)
+        again = netmend.Repairer.load(
+            state,
+            model,
+            (X, y),
+            k=5,
+            chunk_size=CHUNK,
+            progress=False,
+            train_config=netmend.TrainConfig(epochs=1),
+        )
+        seen["loaded_causes"] = again.causes.tolist()
+        seen["saved_causes"] = rep.causes.tolist()
+        some_right = fail[1].clone()
+        some_right[:2] = (some_right[:2] - 1) % 3  # the model's own predictions: 2 not failures
+        netmend.identify(model, (X, y), (fail[0], some_right), k=5, progress=False)
+    seen["warnings"] = [str(w.message) for w in caught]
+    torch.save(seen, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()

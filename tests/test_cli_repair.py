@@ -88,6 +88,7 @@ def _check_outputs(out: Path, n_train: int, n_fail: int, factory, failures_X, fa
         assert [int(r["rank"]) for r in rows] == [1, 2, 3, 4, 5]
         sc = [float(r["score"]) for r in rows]
         assert sc == sorted(sc, reverse=True)
+    assert summary["ranks"] == 1
     guard = summary["guard"]  # netmend.repair's class guard; these sets are too small to judge
     assert guard is None or (guard["skipped"] and guard["k"] == summary["causes"])
     acc = summary["accuracies"]
@@ -1118,6 +1119,11 @@ def test_under_torchrun_the_writing_rank_holds_the_folder_for_every_rank(tmp_pat
     done = _torchrun([*argv, "--out", "run"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "run" / "summary.json").is_file()
+    assert done.stderr.count("warning: no --weights") == 1  # rank 0 speaks for both
+    assert (tmp_path / "run" / "continual").is_dir()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["ranks"] == 2
+    again = _torchrun([*argv, "--out", "run", "--overwrite"], tmp_path)  # both ranks deleted
+    assert again.returncode == 0, again.stderr[-3000:]  # its stale state: "No such file" on one
     (tmp_path / "held").mkdir()
     holder = subprocess.Popen(  # another process holding the folder
         [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "

@@ -161,3 +161,30 @@ def test_check_same_names_what_differs(monkeypatch):
         distributed.check_same(ranks[0], "identify")
     ranks[1] = dict(ranks[0])
     distributed.check_same(ranks[0], "identify")  # equal readings pass
+
+
+def test_ranks_holding_other_inputs_are_refused_and_only_rank_0_warns(tmp_path):
+    """Ranks with another buffer, other labels or images of the same shape, another seed or
+    another cache folder chose other causes with no word (or hung on different collectives);
+    a Repairer loaded right after its save read the folder before rank 0 had written it; and
+    every warning was printed once per rank."""
+    problem = _problem()
+    torch.save(problem, tmp_path / "problem.pt")
+    hung = _spawn(
+        _dist_worker.rank_differences,
+        (str(tmp_path / "rdv"), str(tmp_path / "problem.pt"), str(tmp_path)),
+        2,
+        180,
+    )
+    assert not hung
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    named = {"buffer": "model parameters and buffers", "labels": "training data (content hash)",
+             "images": "training data (content hash)", "seed": "seed",
+             "cache": "cache_dir"}  # fmt: skip
+    for what, name in named.items():
+        for got in ranks:  # refused on every rank, naming what differs
+            assert got[what] != "no error" and name in got[what], (what, got[what])
+    for got in ranks:
+        assert got["loaded_causes"] == got["saved_causes"] == ranks[0]["saved_causes"]
+    # the failures (labelled as the model predicts) warn, on rank 0 only
+    assert ranks[0]["warnings"] and not ranks[1]["warnings"]

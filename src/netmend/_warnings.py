@@ -19,13 +19,27 @@ _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 def warn(message: str, category: type[Warning] = UserWarning) -> None:
     """``warnings.warn(message, category)``, attributed to the first caller outside netmend.
 
+    Under ``torch.distributed`` only rank 0 warns: the ranks hold the same model and data
+    (checked before any pass), so every rank would say the same thing, once per rank.
+
     Args:
         message: what happened and what to do about it.
         category: the warning class (default ``UserWarning``).
     """
+    if _other_rank():
+        return
     level, frame = 1, sys._getframe(0)  # level 1: this function's own frame
     while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
         _PACKAGE
     ):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
+
+
+def _other_rank() -> bool:
+    """Whether this process is a rank other than 0 of an initialised process group (read
+    without importing torch: a process that never imported it has no group)."""
+    dist = sys.modules.get("torch.distributed")
+    return bool(
+        dist is not None and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+    )

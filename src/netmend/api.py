@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -401,6 +402,50 @@ _REPAIR_ARGUMENTS = (TREAT_ARGUMENTS - IDENTIFY_ARGUMENTS) | {
 """Keywords of :func:`repair` / :func:`treat` that :func:`identify` does not take."""
 
 
+def check_ranks_agree(
+    what: str,
+    model: nn.Module,
+    X: DataSource,
+    seed: int,
+    failures: DataSource | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> None:
+    """Under ``torchrun``, refuse ranks that hold other inputs (nothing in one process).
+
+    Sharded passes combine the ranks' work, and every rank returns the whole result: ranks
+    with other BatchNorm statistics, other labels or images of the same shape, another seed
+    (a common data-parallel habit) or another cache folder once chose other causes with no
+    word, or waited on different collectives until the group's timeout.
+
+    Args:
+        what: the step checked, for the message.
+        model: the model (its parameters and buffers are compared).
+        X, failures: the training set and the failures (sizes and content hashes).
+        seed: the run's seed.
+        cache_dir: the run's cache folder: the same folder (a shared file system) with the
+            same files on every rank.
+
+    Raises:
+        ValueError: on every rank, naming what differs and each rank's reading.
+    """
+    if distributed.world()[1] == 1:
+        return
+    values: dict[str, Any] = {
+        "model parameters and buffers": store.module_hash(model),
+        "training examples": len(X),
+        "training data (content hash)": X.fingerprint(),
+        "seed": seed,
+    }
+    if failures is not None:
+        values["failures"] = len(failures)
+        values["failures (content hash)"] = failures.fingerprint()
+    if cache_dir is not None:
+        folder = Path(cache_dir).resolve()
+        values["cache_dir"] = str(folder)
+        values["cache_dir's files"] = sorted(os.listdir(folder)) if folder.is_dir() else []
+    distributed.check_same(values, what)
+
+
 @_public
 def identify(
     model: nn.Module,
@@ -533,15 +578,7 @@ def identify(
     check_failures(work, Xf, yf, dev, 1024, Xf.task)
     fm = FunctionalModel.of(work, X.task)
     _check_fisher(fisher, fm)
-    if distributed.world()[1] > 1:  # sharded passes combine the ranks' work: same inputs
-        distributed.check_same(
-            {
-                "model parameters": store.tensor_hash(fm.theta),
-                "training examples": len(X),
-                "failures": len(Xf),
-            },
-            "identify",
-        )
+    check_ranks_agree("identify", work, X, seed, Xf, cache_dir)
     torch.manual_seed(seed)
     run, data_fps = None, ("", "")
     if cache_dir is not None:

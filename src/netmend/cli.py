@@ -445,6 +445,21 @@ def _import_plugins(modules: list[str], command: str) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _quiet(on: bool) -> Iterator[None]:
+    """Send the block's output (tables, warnings, bars) nowhere when ``on``: every rank of a
+    ``torchrun`` runs the command, and each printed the same lines, bars and warnings."""
+    if not on:
+        yield
+        return
+    with (
+        open(os.devnull, "w") as null,
+        contextlib.redirect_stdout(null),
+        contextlib.redirect_stderr(null),
+    ):
+        yield
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     """Run the command; bad input (netmend raises ValueError/TypeError with what to fix) exits
     2 with its message, an interrupt 130, anything else 1 with the traceback."""
@@ -460,8 +475,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             f"--resume {out} (instead of --out) to continue from them"
         )
     name = f"netmend {args.command}"
+    rank = distributed.world()[0]
+    if rank != 0:  # under torchrun: rank 0 speaks for all, the others only of their own errors
+        name = f"{name} (rank {rank})"
     try:
-        return int(args.func(args))
+        with _quiet(rank != 0):
+            return int(args.func(args))
     except bad_input as exc:
         print(f"{name}: {_as_flags(str(exc))}", file=sys.stderr)
         return 2

@@ -57,6 +57,7 @@ from torch import nn
 
 from netmend import api, identification, store, treatment
 from netmend._warnings import warn
+from netmend.data import distributed
 from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device, rows_in
 from netmend.data.source import DataSource, as_source
 from netmend.data.task import Task, overrides
@@ -372,6 +373,9 @@ class Repairer:
             keep = torch.from_numpy(~seen)
             Xb, yb = Xb[keep], yb[keep]
         check_failures(self._work, Xb, yb, self.device, 1024, self.task)
+        api.check_ranks_agree(  # under torchrun: the same batch on every rank
+            "Repairer.observe", self._work, self._X, self.seed, as_source((Xb, yb), "failures")
+        )
         return Xb, yb
 
     def _select(self) -> np.ndarray:
@@ -770,9 +774,16 @@ class Repairer:
         }
 
     def save(self, directory: str | Path) -> Path:
-        """Write the state, the current model and the history to ``directory`` (atomically)."""
+        """Write the state, the current model and the history to ``directory`` (atomically).
+
+        Under ``torchrun`` rank 0 writes, and every rank returns once it has: a
+        :meth:`load` right after reads the new state on every rank (rank 1 read the folder
+        before rank 0 had written it, and resumed another round's state with no word).
+        """
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        writer = distributed.is_writer()
+        if writer:
+            d.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, torch.Tensor] = {
             "scores": torch.from_numpy(self.scores),
             "halves": torch.from_numpy(self._halves),
@@ -794,8 +805,10 @@ class Repairer:
             for k, v in self.model.state_dict().items():
                 tensors[MODEL_PREFIX + k] = v.detach().cpu().clone()
         store.save_tensors(d / STATE_FILE, tensors, meta)
-        (d / MODEL_FILE).unlink(missing_ok=True)  # 0.3.6 kept the model apart: now stale
+        if writer:
+            (d / MODEL_FILE).unlink(missing_ok=True)  # 0.3.6 kept the model apart: now stale
         store.write_json_atomic(d / "history.json", self.history)
+        distributed.barrier()
         return d
 
     @classmethod

@@ -789,13 +789,13 @@ def _run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
         except (OSError, UnicodeDecodeError) as exc:  # missing, a folder, not text
             raise BadInput(f"--vocab {args.vocab}: cannot be read as text ({exc})") from exc
     flag = "--resume" if args.resume is not None else "--out"
-    _writable(out, flag)
     taken = distributed.Captured()
-    with taken:  # under torchrun the rank that writes holds the folder for them all
+    with taken:  # under torchrun the rank that writes makes and holds the folder for them all
         if distributed.is_writer():
+            _writable(out, flag)
             hold.enter_context(folder_lock(out, f"{flag} {out}"))
     try:
-        distributed.agree(taken.error, "locking the output folder")
+        distributed.agree(taken.error, "making and locking the output folder")
     except (ValueError, distributed.RankFailedError) as exc:
         raise BadInput(str(exc)) from exc
 
@@ -813,8 +813,10 @@ def _run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
             f"--resume {out}: these failures were already observed (round "
             f"{observed.index(failures_hash) + 1} of {len(observed)}); pass new failures"
         )
-    if args.resume is None and state_dir.is_dir():
-        shutil.rmtree(state_dir)  # --overwrite: an earlier run's continual state is stale
+    if args.resume is None:  # --overwrite: an earlier run's continual state is stale
+        if distributed.is_writer() and state_dir.is_dir():
+            shutil.rmtree(state_dir)  # rank 0 alone: every rank deleting it raced
+        distributed.barrier()  # (every rank: each read is_dir() at another moment)
     observed = [*observed, failures_hash] if continual else [failures_hash]
     repairer_kw: dict[str, Any] = dict(
         treat=args.treat,
@@ -1138,6 +1140,7 @@ def _run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
     guard_record: dict[str, Any] | None = selection.get("guard")
     summary = {
         "settings": settings,
+        "ranks": distributed.world()[1],  # the repaired model varies with it (data-parallel)
         "versions": {
             "netmend": __version__,
             "torch": torch.__version__,

@@ -136,15 +136,16 @@ def fit(
     n = len(X)
     steps = max(1, int(round(config.epochs * n / config.batch_size)))
     order = torch.empty(0, dtype=torch.long)
-    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    rank, size = distributed.world()
+    bar = tqdm(range(steps), desc=desc, disable=not progress or rank != 0, leave=False)
     pos = 0
     start_avg = steps - int(config.average_tail * steps) if config.average_tail > 0 else steps
     # frozen parameters stay bit for bit: the mean of equal values can round differently
     trained = [p for p in model.parameters() if p.requires_grad]
     avg = [torch.zeros_like(p) for p in trained] if start_avg < steps else []
-    rank, size = distributed.world()
     if size > 1 and batchnorms and not config.freeze_batchnorm:
-        log.warning("batch norm: each of the %d ranks trains on the whole batch", size)
+        if rank == 0:  # said once, not once per rank
+            log.warning("batch norm: each of the %d ranks trains on the whole batch", size)
         rank, size = 0, 1
     for step in bar:
         if pos + config.batch_size > order.numel():
