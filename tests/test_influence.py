@@ -467,6 +467,11 @@ def test_bad_options_raise(task):
             damping=1e-12,
             **RUN,
         )
+    # the same through conjugate gradients: it said only "increase damping", with no value
+    with pytest.raises(ValueError, match=r"not positive definite \(conjugate gradients met .* "
+                       r"at damping 1e-12\): increase damping, or use 'ggn'"):  # fmt: skip
+        netmend.identify(model, data, fail, method="influence", curvature="hessian",
+                         solver="cg", damping=1e-12, **RUN)  # fmt: skip
     with pytest.raises(ValueError, match="projection"):
         netmend.identify(model, data, fail, method="trak", projection="srht", **RUN)
 

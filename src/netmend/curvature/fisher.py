@@ -603,6 +603,26 @@ class Curvature:
             return self.factors.quadratic(v)
         return torch.dot(v, self.matvec(v.detach()) - self.damping * v.detach())
 
+    def cg_solve(self, b: torch.Tensor, tol: float, maxiter: int) -> tuple[torch.Tensor, int]:
+        """:func:`cg` on this damped curvature ``[P]``; a direction of non-positive curvature
+        is said as the dense solve says it, with the damping and what to change.
+
+        Returns:
+            The solution ``[P]`` and the number of iterations used.
+        """
+        try:
+            return cg(self.matvec, b, tol=tol, maxiter=maxiter)
+        except ValueError as exc:
+            if "non-positive curvature" not in str(exc):
+                raise
+            fix = "" if self.kind == "ggn" else ", or use 'ggn' (always PSD)"
+            raise ValueError(
+                f"the damped {self.kind} curvature is not positive definite (conjugate gradients "
+                f"met a direction of non-positive curvature at damping {self.damping:g}): "
+                f"increase damping{fix}. The Hessian of a non-convex model (an MLP) is usually "
+                "indefinite"
+            ) from None
+
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """``A^{-1} b`` for ``b`` of shape ``[P]`` or ``[P, m]``.
 
@@ -636,7 +656,7 @@ class Curvature:
             )
         if b.ndim != 1:
             return torch.stack([self.solve(b[:, j]) for j in range(b.shape[1])], 1)
-        x, its = cg(self.matvec, b, tol=self.cg_tol, maxiter=self.cg_maxiter)
+        x, its = self.cg_solve(b, self.cg_tol, self.cg_maxiter)
         # cg returns maxiter also when it converged on that step: the true residual tells,
         # with slack (it drifts from CG's recursive one by rounding: 11x at cg_tol=1e-13)
         unmet = its >= self.cg_maxiter and float(

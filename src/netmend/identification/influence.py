@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from netmend._warnings import warn
-from netmend.curvature import DENSE_MAX_PARAMS, Curvature, cg, per_example_grads
+from netmend.curvature import DENSE_MAX_PARAMS, Curvature, per_example_grads
 from netmend.data.streaming import chunks
 from netmend.data.validate import check_number
 from netmend.identification.base import Context, MethodOutput, NegDot, grad_rows, register
@@ -263,7 +263,7 @@ class InverseCurvature:
         if self.direct:
             return self.A.solve(b)
         if self.solver == "cg":
-            x, its = cg(self.A.matvec, b, tol=self.cg_tol, maxiter=self.cg_maxiter)
+            x, its = self.A.cg_solve(b, self.cg_tol, self.cg_maxiter)
             self.info["cg_iterations"] = max(int(self.info.get("cg_iterations", 0)), its)
             if its >= self.cg_maxiter:
                 warn(
