@@ -307,6 +307,8 @@ def test_bench_resume_runs_only_the_suites_an_interrupted_run_did_not_finish(
     out, fresh = tmp_path / "b", tmp_path / "fresh"
     monkeypatch.setattr(bench, "run_suite", stop_at_second)
     assert cli.main([*flags, "--out", str(out)]) == 130
+    said = capsys.readouterr().err  # what was kept, and how to go on
+    assert f"kept in {out}/bench.json: run the same command with --resume added" in said
     partial = json.loads((out / "bench.json").read_text())
     assert partial["complete"] is False and [r["suite"] for r in partial["results"]] == [
         "digits/sym20"
@@ -318,6 +320,22 @@ def test_bench_resume_runs_only_the_suites_an_interrupted_run_did_not_finish(
     # another matrix, then the same one
     assert cli.main([*flags, "--seeds", "1", "--out", str(out), "--resume"]) == 2
     assert "ran another matrix (seeds: [0] there, [1] here)" in capsys.readouterr().err
+    # cleanlab's folds change no cell of a run without the cleanlab reference: not refused
+    assert (
+        bench.check_resumable(
+            partial,
+            bench.BenchConfig(
+                suites=("digits/sym20", "digits/pair"),
+                pipelines=("ewc/finetune",),
+                references=("original",),
+                draws=0,
+                seeds=(0,),
+                cv_folds=3,
+            ),
+            partial["machine"],
+        )
+        is None
+    )
     assert cli.main([*flags, "--out", str(out), "--resume"]) == 0
     assert ran == ["digits/pair"] and "1 of 2 suite runs kept, 1 to run" in capsys.readouterr().err
     resumed = json.loads((out / "bench.json").read_text())

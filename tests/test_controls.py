@@ -445,3 +445,20 @@ def test_with_controls_warns_when_the_fine_tune_alone_loses_test_accuracy(
         if said:
             assert f"loses {100 * lost:.1f} test points" in said[0] and "train_config=" in said[0]
     assert said  # the far-off recipe was caught
+
+
+def test_a_gain_that_is_only_rounding_is_zero():
+    """Draws of 0.1, 0.2 and 0.3 average to 0.20000000000000004: a pipeline at 0.2 was
+    recorded with a gain of -4e-17 and its verdict said '-0.00 points'."""
+    orig = {"test_acc": 0.9, "heldout_failure_acc": 0.0, "query_failure_acc": 0.0}
+    draws = [{**orig, "heldout_failure_acc": a, "test_acc": t}
+             for a, t in ((0.1, 0.7), (0.2, 0.8), (0.3, 0.9))]  # fmt: skip
+    ctl = Controls(k=3, original=orig, finetune_only=dict(orig), random_k=draws)
+    assert ctl.random_k_mean("heldout_failure_acc")[0] != 0.2  # the rounding is there
+    ours = {**orig, "heldout_failure_acc": 0.2, "test_acc": 0.8}
+    gain = diagnosis_gain(ours, ctl)
+    assert gain["heldout_gain"] == 0.0 and gain["test_gain"] == 0.0
+    v = repaired(ours, ctl)
+    assert v.heldout_gain == 0.0 and "held-out failures +0.00 points vs random-K" in v.reasons
+    # a real difference of one example in 10,000 stays
+    assert diagnosis_gain({**ours, "heldout_failure_acc": 0.2001}, ctl)["heldout_gain"] > 0

@@ -474,6 +474,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             f" The passes that finished are kept in {out}/cache: run the same command with "
             f"--resume {out} (instead of --out) to continue from them"
         )
+    if args.command == "bench":
+        interrupted = (
+            f" The suite runs that finished are kept in {args.out}/bench.json: run the same "
+            "command with --resume added to run the rest"
+        )
     name = f"netmend {args.command}"
     rank = distributed.world()[0]
     if rank != 0:  # under torchrun: rank 0 speaks for all, the others only of their own errors

@@ -228,7 +228,9 @@ def diagnosis_gain(pipeline: Mapping[str, Any], controls: Controls) -> dict[str,
     out: dict[str, float] = {}
     for key, name in (("heldout_failure_acc", "heldout_gain"), ("test_acc", "test_gain")):
         mean, se = controls.random_k_mean(key)
-        out[name], out[f"{name}_se"] = float(pipeline[key]) - mean, se
+        gain = float(pipeline[key]) - mean
+        # equal accuracies whose mean was taken in another order: 0, not 6.9e-18
+        out[name], out[f"{name}_se"] = (0.0 if abs(gain) < EPS else gain), se
     return out
 
 
@@ -301,6 +303,7 @@ def repaired(
     heldout_gain = (
         float(pipeline["heldout_failure_acc"]) - controls.random_k_mean("heldout_failure_acc")[0]
     )
+    heldout_gain = 0.0 if abs(heldout_gain) < EPS else heldout_gain  # rounding, not a gain
     if not heldout_gain > EPS:
         reasons.append(f"held-out failures {100 * heldout_gain:+.2f} points vs random-K")
     refs = [controls.original] + ([controls.finetune_only] if controls.finetune_only else [])

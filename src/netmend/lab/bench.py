@@ -1103,6 +1103,8 @@ def check_resumable(
     saved = dict(record.get("config") or {})
     now = _nan_to_none(json_roundtrip(asdict(config)))
     diff = sorted(k for k in {*saved, *now} if saved.get(k) != now.get(k))
+    if "cleanlab" not in [*saved.get("references", []), *now.get("references", [])]:
+        diff = [k for k in diff if k != "cv_folds"]  # cleanlab's folds: no cell reads them
     if diff:
         raise ValueError(
             "it ran another matrix ("
@@ -1427,7 +1429,7 @@ def markdown(result: dict[str, Any]) -> str:
     if result.get("complete") is False:  # the record of a run stopped midway
         notes.append(
             f"* **partial run: {result['suites_done']} finished** (stopped before the rest; "
-            "rerun the command for the whole matrix)"
+            "the same command with --resume runs the rest)"
         )
     for s in result["skipped"]:
         notes.append(f"* skipped `{s['pipeline']}`: {s['reason']}")
@@ -1449,6 +1451,11 @@ def markdown(result: dict[str, Any]) -> str:
     pareto = pareto_markdown(result)
     if pareto:
         text = pareto + "\n" + text
+    if result.get("complete") is False:  # said first too: the verdicts above cover only these
+        text = (
+            f"**Partial run: {result['suites_done']} finished.** The verdicts and tables cover "
+            "only those; the same command with --resume runs the rest.\n\n" + text
+        )
     text += (
         "\n\nAccuracies in %. held-out F / query F: accuracy on the failures withheld from / "
         "shown to identification; correct: on test examples the original model got right. "
