@@ -1162,3 +1162,26 @@ def test_a_file_system_without_flock_runs_unlocked_with_a_warning(tmp_path, caps
                          *RECIPE_ARGS], capsys)  # fmt: skip
     assert code == 0, err
     assert "running without the folder lock (its file system does not lock" in err, err
+
+
+def test_an_out_of_range_token_id_names_the_file_that_holds_it(tmp_path, capsys):
+    """The refusal said "in the training set or the failures", and the user searched both."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 120)
+    seqs = [[int(i) for i in rng.integers(1, 12, 4)] for _ in y]
+
+    def write(path: Path, rows, extra: int | None = None) -> None:
+        path.write_text("".join(json.dumps({"ids": seqs[i][:-1] + [extra or seqs[i][-1]],
+                                            "label": int(y[i])}) + "\n" for i in rows))  # fmt: skip
+
+    write(tmp_path / "train.jsonl", range(100))
+    train = load_data(tmp_path / "train.jsonl")
+    _train(_cli_models.token_net, train.X, train.y, tmp_path / "w.safetensors")
+    write(tmp_path / "fail.jsonl", range(100, 110), extra=40)  # past the 12-id vocabulary
+    code, _, err = _run(["--model", "_cli_models:token_net", "--weights",
+                         str(tmp_path / "w.safetensors"), "--train", str(tmp_path / "train.jsonl"),
+                         "--failures", str(tmp_path / "fail.jsonl"), "--no-controls", "--k", "5",
+                         "--out", str(tmp_path / "run"), *RECIPE_ARGS], capsys)  # fmt: skip
+    assert code == 2 and "internal error" not in err, err
+    assert "an input id is out of range" in err and "--failures 1..40" in err, err
+    assert "--train 1..11" in err and "embed 0..11" in err.split("Embedding layers take")[1], err

@@ -73,6 +73,8 @@ from netmend.store import (
 from netmend.treatment.guard import guard_k
 
 DEFAULT_OUT = "netmend-repair"
+OUT_OF_RANGE_ID = "an input id is out of range for an Embedding"
+"""How :func:`netmend.model.checks.ids_in_range`'s refusal begins."""
 
 
 class BadInput(Exception):
@@ -543,7 +545,30 @@ def _as_dtype(X: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class Inputs:
     """The training set, the failures and (optionally) the test set of one run."""
 
+    def id_ranges(self) -> str:
+        """Which file holds which token ids, and which ids the model's Embedding layers take:
+        said when a pass meets an id out of range ("in the training set or the failures"
+        left the user to search every file)."""
+        files = [("--train", self.train), ("--test", self.test),
+                 ("--failures", getattr(self, "failures", None)),
+                 ("--guard-data", self.guard_data)]  # fmt: skip
+        seen = [
+            f"{flag} {int(d.X.min())}..{int(d.X.max())}"
+            for flag, d in files
+            if d is not None and len(d) and not d.X.is_floating_point()
+        ]
+        layers = [
+            f"{name or 'the model'} 0..{m.num_embeddings - 1}"
+            for name, m in self.model.named_modules()
+            if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+        ]
+        return (
+            f"The ids in each file: {', '.join(seen) or 'none (no integer inputs)'}; the "
+            f"model's Embedding layers take {', '.join(layers) or 'none'}"
+        )
+
     def __init__(self, args: argparse.Namespace, model: nn.Module, device: torch.device):
+        self.model = model
         dt = param_dtype(model)  # floating inputs in the model's dtype, as netmend.identify does
         self.train = _load(args.train, args, None, "train")
         self.train.X = _as_dtype(self.train.X, dt)
@@ -721,11 +746,17 @@ def _previous_summary(out: Path) -> dict[str, Any] | None:
 
 def run(args: argparse.Namespace) -> int:
     """The ``repair`` subcommand (see the module docstring)."""
-    with contextlib.ExitStack() as hold:  # the output folder's lock, once it exists
-        return _run(args, hold)
+    read: dict[str, Inputs] = {}  # the files, once read: an out-of-range id names its file
+    try:
+        with contextlib.ExitStack() as hold:  # the output folder's lock, once it exists
+            return _run(args, hold, read)
+    except ValueError as exc:
+        if not str(exc).startswith(OUT_OF_RANGE_ID) or "inputs" not in read:
+            raise
+        raise BadInput(f"{exc}. {read['inputs'].id_ranges()}") from None
 
 
-def _run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
+def _run(args: argparse.Namespace, hold: contextlib.ExitStack, read: dict[str, Inputs]) -> int:
     t_start = time.perf_counter()
     times: dict[str, float] = {}
     if args.resume is not None and args.out is not None and Path(args.out) != Path(args.resume):
@@ -774,6 +805,7 @@ def _run(args: argparse.Namespace, hold: contextlib.ExitStack) -> int:
     # the CLI's own copy (loaded from files): it computes where the run does
     model = model.to(device)
     data = Inputs(args, model, device)
+    read["inputs"] = data
     train, fails = data.train, data.failures
     if isinstance(k, int) and k >= len(train) and args.treat in ("finetune", "retrain"):
         # said before the identification, so no cache is left behind to refuse the rerun
