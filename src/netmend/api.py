@@ -347,18 +347,20 @@ def input_layout(x: Any) -> Any:
     return tree_map(lambda t: "real" if _real(t) else "int", x)
 
 
-def check_input_layout(failures: Any, train: Any) -> None:
+def check_input_layout(failures: Any, train: Any, name: str = "failures") -> None:
     """Refuse failures whose inputs are laid out unlike the training set's (batches of either;
     :func:`input_layout`): other keys, or uint8 images against float ones, refused rather than
-    cast. :func:`identify` and every continual round (:class:`netmend.Repairer`) check this.
+    cast. :func:`identify` and every continual round (:class:`netmend.Repairer`) check this;
+    the Repairer checks its ``guard_data`` and ``eval_sets`` the same way (``name``).
 
     Raises:
         ValueError: both layouts, and what to pass.
     """
     seen, want = input_layout(failures), input_layout(train)
     if seen != want:
+        verb = "have" if name == "failures" else "has"
         raise ValueError(
-            f"failures have inputs {seen} but train has {want}: pass failures with inputs like "
+            f"{name} {verb} inputs {seen} but train has {want}: pass {name} with inputs like "
             "the training set's (the same keys, integer ids where it has them, images scaled "
             "as in training)"
         )

@@ -265,7 +265,6 @@ class Repairer:
         self._guard_data = None
         if guard_data is not None:
             gX, gy = as_tensors(guard_data, "guard_data", task=self.task)
-            check_labels(gy, self.num_classes, "guard_data")
             self._guard_data = (_as_dtype(gX, param_dtype(self._work)), gy)
         self.treat, self.k, self.seed, self.l2 = treat, k, seed, l2
         self.train_config = train_config or TrainConfig()
@@ -279,14 +278,7 @@ class Repairer:
         }
         held = [("guard_data", self._guard_data)] if self._guard_data is not None else []
         for name, (eX, ey) in held + list(self.eval_sets.items()):
-            # checked as the failures are: said now, not as a round ends
-            api.check_input_layout(eX[:1], probe)
-            if eX.shape[1:] != probe.shape[1:]:
-                raise ValueError(
-                    f"{name} has input shape {tuple(eX.shape[1:])} but train has "
-                    f"{tuple(probe.shape[1:])}"
-                )
-            check_labels(ey, self.num_classes, name)
+            self._check_like_train(name, eX, ey)  # as the failures are: now, not as a round ends
         fm = FunctionalModel.of(self._work)
         api._check_fisher(fisher, fm)
         n = len(self._X)
@@ -338,14 +330,22 @@ class Repairer:
         """A batch of failures as tensors, checked against the training inputs' layout and the
         model's classes (a round's, or :meth:`per_failure`'s)."""
         Xb, yb = as_tensors(failures, "failures", task=self.task)
-        api.check_input_layout(Xb[:1], self._X.head(1).read())  # as identify checks it
-        if Xb.shape[1:] != self._failures_X.shape[1:]:
-            raise ValueError(
-                f"failures have input shape {tuple(Xb.shape[1:])} but train has "
-                f"{tuple(self._failures_X.shape[1:])}"
-            )
-        check_labels(yb, self.num_classes, "failures")
+        self._check_like_train("failures", Xb, yb)
         return _as_dtype(Xb, param_dtype(self._work)), yb
+
+    def _check_like_train(self, name: str, X: torch.Tensor, y: torch.Tensor) -> None:
+        """Refuse inputs laid out or shaped unlike the training inputs (the Repairer stacks
+        them as tensors), and labels outside the model's classes: failures as
+        :func:`netmend.identify` checks them, and ``guard_data`` and ``eval_sets`` alike."""
+        train = self._X.head(1).read()
+        api.check_input_layout(X[:1], train, name)
+        if X.shape[1:] != train.shape[1:]:
+            verb = "have" if name == "failures" else "has"
+            raise ValueError(
+                f"{name} {verb} input shape {tuple(X.shape[1:])} but train has "
+                f"{tuple(train.shape[1:])}"
+            )
+        check_labels(y, self.num_classes, name)
 
     def _check_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
         Xb, yb = self._read_batch(failures)
