@@ -454,33 +454,34 @@ def folder_lock(folder: str | Path, what: str) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX
         yield
         return
-    unlocked = (
-        f"{what}: running without the folder lock (%s): do not run two netmend processes on "
-        "this folder at once"
-    )
+    why_unlocked = None  # the block runs outside the except clauses: its own errors unchained
+    fd = -1
     try:
         fd = os.open(folder, os.O_RDONLY)
-    except OSError as exc:  # e.g. a folder that can be written but not read
-        warn(unlocked % f"the folder cannot be opened: {exc.strerror or exc}")
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ValueError(
+            f"{what}: another netmend process is writing to this folder (a run, or a "
+            "--resume of it); wait for it to end, or choose another folder"
+        ) from None
+    except OSError as exc:  # unreadable folder; ENOSYS, EOPNOTSUPP, ENOLCK: no locking there
+        if fd < 0:
+            why_unlocked = f"the folder cannot be opened: {exc.strerror or exc}"
+        else:
+            why_unlocked = f"its file system does not lock: {exc.strerror or exc}"
+            os.close(fd)
+    if why_unlocked is not None:
+        warn(
+            f"{what}: running without the folder lock ({why_unlocked}): do not run two "
+            "netmend processes on this folder at once"
+        )
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(
-                f"{what}: another netmend process is writing to this folder (a run, or a "
-                "--resume of it); wait for it to end, or choose another folder"
-            ) from None
-        except OSError as exc:  # ENOSYS, EOPNOTSUPP, ENOLCK: a file system that does not lock
-            warn(unlocked % f"its file system does not lock: {exc.strerror or exc}")
-            yield
-            return
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
 
 
