@@ -64,6 +64,7 @@ from netmend.model.training import (
 from netmend.report.html import ReportData, culprit_table, write_report
 from netmend.store import (
     check_writable,
+    finite_or_none,
     folder_lock,
     save_tensors,
     tensor_hash,
@@ -624,7 +625,7 @@ class Inputs:
                     file=sys.stderr,
                 )
         try:
-            classes = num_classes_of(model, self.train.X, device)
+            self.num_classes = classes = num_classes_of(model, self.train.X, device)
         except ValueError as exc:  # the library's fix names task=, which no flag sets
             msg = str(exc).replace(
                 ", or convert them in the model or a task=",
@@ -985,10 +986,9 @@ def _run(args: argparse.Namespace, hold: contextlib.ExitStack, read: dict[str, I
             times["continual_state"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    n_classes = num_classes_of(model, train.X, device)
 
     def measure(m: nn.Module) -> dict[str, Any]:
-        return data.accuracies(m, device, classes=n_classes)
+        return data.accuracies(m, device, classes=data.num_classes)
 
     before, ours = measure(model), measure(repaired)
     accuracies = {"original": _scalars(before), "repaired": _scalars(ours)}
@@ -1245,7 +1245,7 @@ def _run(args: argparse.Namespace, hold: contextlib.ExitStack, read: dict[str, I
     write_report(out / "report.html", report)
     times["write"] = time.perf_counter() - t0
     times["total"] = time.perf_counter() - t_start
-    write_json_atomic(out / "summary.json", _finite(summary))
+    write_json_atomic(out / "summary.json", finite_or_none(summary))
     if guard_record and guard_record.get("k", 0) < guard_record.get("k_start", 0):
         print(
             f"The class guard cut K from {guard_record['k_start']} to {guard_record['k']} "
@@ -1286,18 +1286,6 @@ def _round_note(rep: Repairer | None) -> list[str]:
         f"all {h['failures']} the repaired model gets {100 * h['accuracy']['failures']:.1f}% "
         "right. Held-out failures leave out every round's failures."
     ]
-
-
-def _finite(value: Any) -> Any:
-    """``value`` with every NaN or infinite float as ``None`` (JSON has no NaN: a class the
-    test set lacks has no accuracy, and strict readers refuse the bare ``NaN`` token)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _scalars(figures: dict[str, Any]) -> dict[str, float]:

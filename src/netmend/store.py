@@ -177,6 +177,19 @@ def jsonable(value: Any, other: Callable[[Any], Any] | None = None) -> Any:
     return {"repr": hashlib.blake2b(repr(value).encode(), digest_size=16).hexdigest()}
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` (nested dicts, lists, tuples) with every NaN or infinite float as ``None``:
+    JSON has no NaN (a class the test set lacks has no accuracy), and strict readers refuse
+    the bare ``NaN`` token. Tuples come back as lists, as JSON reads them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def code_fingerprint(fn: Any) -> str:
     """``module.qualname`` and a hash of a function's code (its bytecode, constants and
     names), stable across processes: a method whose code is edited is another method, and its

@@ -77,6 +77,7 @@ from netmend.lab.corrupt import (
 from netmend.lab.datasets import Split, load_digits, load_fashion_mnist, load_mnist
 from netmend.lab.models import MLP, SmallCNN
 from netmend.model.training import TrainConfig, fit, logits, predict
+from netmend.store import finite_or_none
 from netmend.treatment.guard import guard_k, holdout_slice
 from netmend.treatment.methods import finetune_recipe
 
@@ -658,16 +659,6 @@ def check_pipeline(name: str) -> None:
         )
 
 
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    return obj
-
-
 def _treatment_call(
     model: nn.Module,
     noisy: tuple[torch.Tensor, torch.Tensor],
@@ -1026,7 +1017,7 @@ def run(
                 skipped_suites.append({"suite": name, "seed": seed, "reason": str(exc)})
                 continue
             artifacts = res.pop("_artifacts")
-            res = _nan_to_none(res)
+            res = finite_or_none(res)
             if on_result is not None:
                 on_result(res, artifacts)
             if keep_artifacts:
@@ -1101,7 +1092,7 @@ def check_resumable(
             f"{__version__}: its cells would not pair with this version's; rerun without --resume"
         )
     saved = dict(record.get("config") or {})
-    now = _nan_to_none(json_roundtrip(asdict(config)))
+    now = finite_or_none(json_roundtrip(asdict(config)))
     diff = sorted(k for k in {*saved, *now} if saved.get(k) != now.get(k))
     if "cleanlab" not in [*saved.get("references", []), *now.get("references", [])]:
         diff = [k for k in diff if k != "cv_folds"]  # cleanlab's folds: no cell reads them
@@ -1557,7 +1548,7 @@ def write(result: dict[str, Any], out_dir: str | Path, with_plots: bool = True) 
     public["results"] = [
         {k: v for k, v in r.items() if not k.startswith("_")} for r in result["results"]
     ]
-    public["pareto"] = _nan_to_none(pareto_summary(public))  # the verdicts bench.md shows
+    public["pareto"] = finite_or_none(pareto_summary(public))  # the verdicts bench.md shows
     write_json_atomic(out / "bench.json", public)
     (out / "bench.md").write_text(markdown(public))
     paths = [out / "bench.json", out / "bench.md"]
