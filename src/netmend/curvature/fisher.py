@@ -603,15 +603,22 @@ class Curvature:
             return self.factors.quadratic(v)
         return torch.dot(v, self.matvec(v.detach()) - self.damping * v.detach())
 
-    def cg_solve(self, b: torch.Tensor, tol: float, maxiter: int) -> tuple[torch.Tensor, int]:
-        """:func:`cg` on this damped curvature ``[P]``; a direction of non-positive curvature
-        is said as the dense solve says it, with the damping and what to change.
+    def cg_solve(
+        self, b: torch.Tensor, tol: float, maxiter: int, damping_name: str = "the damping (l2)"
+    ) -> tuple[torch.Tensor, int]:
+        """:func:`cg` on this damped curvature ``[P]``, for every CG solve in netmend: a
+        direction of non-positive curvature is said as the dense solve says it, with the
+        damping and what to change, and a solve stopped at ``maxiter`` short of ``tol`` warns.
+
+        Args:
+            b: the right-hand side ``[P]``. tol, maxiter: as :func:`cg`.
+            damping_name: how the warning names the damping the caller's user sets.
 
         Returns:
             The solution ``[P]`` and the number of iterations used.
         """
         try:
-            return cg(self.matvec, b, tol=tol, maxiter=maxiter)
+            x, its = cg(self.matvec, b, tol=tol, maxiter=maxiter)
         except ValueError as exc:
             if "non-positive curvature" not in str(exc):
                 raise
@@ -622,6 +629,18 @@ class Curvature:
                 f"increase damping{fix}. The Hessian of a non-convex model (an MLP) is usually "
                 "indefinite"
             ) from None
+        # cg returns maxiter also when it converged on that step: the true residual tells,
+        # with slack (it drifts from CG's recursive one by rounding: 11x at cg_tol=1e-13)
+        unmet = its >= maxiter and float(torch.linalg.vector_norm(b - self.matvec(x))) > max(
+            100 * tol, 1e-10
+        ) * float(torch.linalg.vector_norm(b))
+        if unmet:  # silently 20-25% off a dense solve on an outside MLP
+            warn(
+                f"conjugate gradients stopped at cg_maxiter={maxiter} before reaching "
+                f"cg_tol={tol:g}: the {self.kind} solve is inexact; raise cg_maxiter, "
+                f"{damping_name}, or use solver='dense' on a small model"
+            )
+        return x, its
 
     def solve(self, b: torch.Tensor) -> torch.Tensor:
         """``A^{-1} b`` for ``b`` of shape ``[P]`` or ``[P, m]``.
@@ -656,16 +675,4 @@ class Curvature:
             )
         if b.ndim != 1:
             return torch.stack([self.solve(b[:, j]) for j in range(b.shape[1])], 1)
-        x, its = self.cg_solve(b, self.cg_tol, self.cg_maxiter)
-        # cg returns maxiter also when it converged on that step: the true residual tells,
-        # with slack (it drifts from CG's recursive one by rounding: 11x at cg_tol=1e-13)
-        unmet = its >= self.cg_maxiter and float(
-            torch.linalg.vector_norm(b - self.matvec(x))
-        ) > max(100 * self.cg_tol, 1e-10) * float(torch.linalg.vector_norm(b))
-        if unmet:  # silently 20-25% off a dense solve on an outside MLP
-            warn(
-                f"conjugate gradients stopped at cg_maxiter={self.cg_maxiter} before reaching "
-                f"cg_tol={self.cg_tol:g}: the {self.kind} solve is inexact; raise cg_maxiter, "
-                "the damping (l2), or use solver='dense' on a small model"
-            )
-        return x
+        return self.cg_solve(b, self.cg_tol, self.cg_maxiter)[0]

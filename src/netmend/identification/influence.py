@@ -263,13 +263,8 @@ class InverseCurvature:
         if self.direct:
             return self.A.solve(b)
         if self.solver == "cg":
-            x, its = self.A.cg_solve(b, self.cg_tol, self.cg_maxiter)
+            x, its = self.A.cg_solve(b, self.cg_tol, self.cg_maxiter, "the damping")
             self.info["cg_iterations"] = max(int(self.info.get("cg_iterations", 0)), its)
-            if its >= self.cg_maxiter:
-                warn(
-                    f"conjugate gradients stopped at cg_maxiter={self.cg_maxiter} before reaching "
-                    f"cg_tol={self.cg_tol}; raise cg_maxiter or damping",
-                )
             return x
         return self._lissa(b)
 
