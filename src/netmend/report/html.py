@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from netmend.evaluation.controls import MAX_CLASS_DROP, TEST_TOLERANCE
 from netmend.identification.base import top_indices
 
 PAGE_SIZE = 20
@@ -496,8 +497,9 @@ def verdict_notes(run: dict[str, Any], name: str) -> list[str]:
     said = "passed" if v["passed"] else "failed: " + "; ".join(v["reasons"])
     return [
         f"Verdict for {name} (the Pareto criterion: more held-out failures fixed than random "
-        "K, test accuracy within 0.2 points of the better of original and finetune only, no "
-        f"class down 10 points): {said}. Diagnosis gain over random K: held-out failures "
+        f"K, test accuracy within {100 * TEST_TOLERANCE:.1f} points of the better of original "
+        f"and finetune only, no class down {100 * MAX_CLASS_DROP:.0f} points): {said}. "
+        "Diagnosis gain over random K: held-out failures "
         f"{100 * g['heldout_gain']:+.1f} ± {100 * g['heldout_gain_se']:.1f} points, test "
         f"{100 * g['test_gain']:+.2f} ± {100 * g['test_gain_se']:.2f} points (± the standard "
         "error over the random draws)."
