@@ -90,17 +90,18 @@ def _spawn(target, args, size: int, wait_s: float) -> list:
     return hung
 
 
+def _on_two_ranks(worker, problem: dict, tmp_path, wait_s: float) -> list:
+    """``worker`` on 2 gloo ranks over ``problem`` (saved for them); what each rank recorded.
+    A rank that hangs fails the test."""
+    torch.save(problem, tmp_path / "problem.pt")
+    args = (str(tmp_path / "rdv"), str(tmp_path / "problem.pt"), str(tmp_path))
+    assert not _spawn(worker, args, 2, wait_s)
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+
+
 def test_two_processes_score_as_one(tmp_path):
     problem = _problem()
-    torch.save(problem, tmp_path / "problem.pt")
-    hung = _spawn(
-        _dist_worker.equal_scores,
-        (str(tmp_path / "rdv"), str(tmp_path / "problem.pt"), str(tmp_path)),
-        2,
-        120,
-    )
-    assert not hung
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = _on_two_ranks(_dist_worker.equal_scores, problem, tmp_path, 120)
     one = _dist_worker.score_all(problem)
     for name in [*_dist_worker.METHODS, "ewc_dataset", "ewc_per_failure", "fit"]:
         want = one[name].numpy()
@@ -168,16 +169,7 @@ def test_ranks_holding_other_inputs_are_refused_and_only_rank_0_warns(tmp_path):
     another cache folder chose other causes with no word (or hung on different collectives);
     a Repairer loaded right after its save read the folder before rank 0 had written it; and
     every warning was printed once per rank."""
-    problem = _problem()
-    torch.save(problem, tmp_path / "problem.pt")
-    hung = _spawn(
-        _dist_worker.rank_differences,
-        (str(tmp_path / "rdv"), str(tmp_path / "problem.pt"), str(tmp_path)),
-        2,
-        180,
-    )
-    assert not hung
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = _on_two_ranks(_dist_worker.rank_differences, _problem(), tmp_path, 180)
     named = {"buffer": "model parameters and buffers", "labels": "training data (content hash)",
              "images": "training data (content hash)", "seed": "seed",
              "cache": "cache_dir"}  # fmt: skip
