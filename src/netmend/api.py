@@ -654,7 +654,8 @@ def _on_unchanged_data(
     settings, for later runs on the original data (found by an outside-in trial)."""
 
     def checked() -> np.ndarray:  # a Dataset is read again to hash it: its first hash is kept
-        if (X.fingerprint(fresh=True), Xf.fingerprint(fresh=True)) != fps:
+        now = (X.fingerprint(fresh=True, name="train"), Xf.fingerprint(fresh=True, name="failures"))
+        if now != fps:
             raise ValueError(
                 "the training set or the failures were changed in place after identify(): "
                 "per-failure scores computed now would not match its scores (and would be "

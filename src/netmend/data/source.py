@@ -316,13 +316,14 @@ class DataSource:
             s = slice(i, min(i + size, n))
             yield s, self[s].read(), self.labels[s]
 
-    def fingerprint(self, fresh: bool = False) -> str:
+    def fingerprint(self, fresh: bool = False, name: str = "data") -> str:
         """A hash naming the content of this view (inputs, labels, index, dtype). A
         ``Dataset``'s content is hashed once, by its checking pass; ``fresh=True`` reads it
-        again (one more pass) to see whether it changed in place since."""
+        again (one more pass, whose errors name the set ``name``) to see whether it changed
+        in place since."""
         h = hashlib.blake2b(digest_size=16)
         if fresh and isinstance(self._reader, _DatasetReader):
-            h.update(self._reader.rehash("train").encode())
+            h.update(self._reader.rehash(name).encode())
         else:
             h.update(self._reader.fingerprint().encode())
         h.update(str(self.dtype).encode())
