@@ -372,7 +372,13 @@ def test_pipeline_cells_carry_controls_with_their_own_k_and_recipe(result):
         )
         assert c["verdict"]["passed"] == (not c["verdict"]["reasons"])
     # loss/finetune has ewc's K and the same treatment call: it shares ewc's random-K draws
+    # and its oracle-at-K (K members of the corrupted set, the same call)
     assert ewc["controls"]["random_k"] == loss["controls"]["random_k"]
+    at_k = ewc["controls"]["oracle_at_k"]
+    assert at_k == loss["controls"]["oracle_at_k"]
+    assert at_k["gain"]["heldout_gain"] == pytest.approx(
+        at_k["heldout_failure_acc"] - ewc["controls"]["random_k"]["heldout_failure_acc"]
+    )
     # the pipeline's finetune-only control is the finetune-only reference (same call)
     ft = cells["finetune-only"]
     assert ewc["controls"]["finetune_only"]["test_acc"] == pytest.approx(ft["test_acc"])
@@ -602,3 +608,42 @@ def test_guard_unbalanced_is_skipped_when_the_all_gate_added_causes():
     skipped, guarded = (cells[p] for p in config.pipelines)
     assert skipped["label_gate"]["added"] > 0 and skipped["k"] == guarded["k"]
     assert "guard" not in skipped and guarded["guard"] is not None
+
+
+def test_oracle_at_k_is_the_pipelines_call_with_k_corrupted_examples(monkeypatch):
+    """Beside random-K, where the oracle reference runs: the very same treatment call, its
+    causes K members of the corrupted set (K = the pipeline's own)."""
+    from netmend import api
+    from netmend.evaluation.controls import truth_at_k
+
+    calls = []
+    real_identify = api.identify
+
+    def identify(model, train, failures, method, k=None, **kw):
+        kw = {k: v for k, v in kw.items() if k in ("seed", "device", "progress")}
+        return real_identify(model, train, failures, "loss", 6, **kw)
+
+    def treat(model, train, causes, method, **kw):
+        calls.append((np.asarray(causes).copy(), kw.get("neighbours")))
+        return model
+
+    monkeypatch.setattr(api, "identify", identify)
+    monkeypatch.setattr(api, "treat", treat)
+    config = bench.BenchConfig(
+        suites=("digits/sym20",),
+        pipelines=("loss/relabel[neighbours=7]",),
+        references=("oracle-causes",),
+    )
+    res = bench.run(config, device="cpu")
+    cell = res["results"][0]["cells"][0]
+    truth = np.flatnonzero(bench.make_suite("digits/sym20", seed=0).mask)
+    # the pipeline, finetune-only, 3 random-K draws, oracle-at-K; then the oracle reference
+    assert [c.size for c, _ in calls] == [6, 0, 6, 6, 6, 6, truth.size]
+    assert [n for _, n in calls[:6]] == [7] * 6  # every control with the pipeline's options
+    assert np.array_equal(calls[5][0], truth_at_k(truth, 6, seed=0))
+    assert set(calls[5][0]) <= set(truth)
+    assert np.array_equal(calls[6][0], truth)
+    assert cell["controls"]["oracle_at_k"]["gain"]["heldout_gain"] == pytest.approx(
+        cell["controls"]["oracle_at_k"]["heldout_failure_acc"]
+        - cell["controls"]["random_k"]["heldout_failure_acc"]
+    )

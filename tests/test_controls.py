@@ -22,6 +22,7 @@ from netmend.evaluation import (
     random_causes,
     repaired,
     run_controls,
+    truth_at_k,
 )
 from netmend.identification.base import class_capped, per_failure_top
 
@@ -184,6 +185,42 @@ def test_run_controls_treats_with_the_pipelines_k_and_nothing_else():
     assert ctl.as_dict()["random_k"]["draws"] == 4
     with pytest.raises(ValueError, match="at least 3 draws"):
         run_controls(treat, measure, base, 50, 7, draws=2)
+
+
+def test_oracle_at_k_treats_k_members_of_the_truth_and_only_when_asked():
+    seen: list[np.ndarray] = []
+    base = nn.Linear(1, 2)
+
+    def treat(causes: np.ndarray) -> nn.Module:
+        seen.append(np.asarray(causes))
+        return base
+
+    def measure(m: nn.Module) -> dict:
+        return {"test_acc": 0.5, "heldout_failure_acc": float(len(seen))}
+
+    truth = np.array([30, 2, 11, 40, 7, 19, 25, 3])
+    ctl = run_controls(
+        treat, measure, base, 50, 5, truth=truth, draws=3, seed=4,
+        finetune_only=False, oracle_causes=False, oracle_at_k=True,
+    )  # fmt: skip
+    assert len(seen) == 4 and ctl.oracle_causes is None and ctl.finetune_only is None
+    at_k = seen[3]
+    assert at_k.size == 5 and len(set(at_k.tolist())) == 5 and set(at_k) <= set(truth)
+    assert np.array_equal(at_k, np.sort(at_k))
+    assert np.array_equal(ctl.oracle_at_k["causes"], at_k)
+    assert ctl.as_dict()["oracle_at_k"]["causes"] == at_k.tolist()
+    # seeded: the same draw again, another with another seed
+    assert np.array_equal(truth_at_k(truth, 5, seed=4), at_k)
+    draws = {tuple(truth_at_k(truth, 5, seed=s)) for s in range(10)}
+    assert len(draws) > 1
+    # K at or above the truth's size: the whole truth, once each
+    assert np.array_equal(truth_at_k(np.array([3, 1, 3]), 9), [1, 3])
+    ctl = run_controls(treat, measure, base, 50, 5, draws=3)
+    assert ctl.oracle_at_k is None
+    with pytest.raises(ValueError, match="non-empty truth"):
+        run_controls(treat, measure, base, 50, 5, draws=3, oracle_at_k=True)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        truth_at_k(truth, -1)
 
 
 @pytest.fixture

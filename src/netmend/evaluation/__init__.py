@@ -10,6 +10,7 @@ from netmend.evaluation.controls import (
     random_causes,
     repaired,
     run_controls,
+    truth_at_k,
 )
 from netmend.evaluation.protocol import (
     FailureSplit,
@@ -30,5 +31,6 @@ __all__ = [
     "random_causes",
     "repaired",
     "run_controls",
+    "truth_at_k",
     "split_failures",
 ]

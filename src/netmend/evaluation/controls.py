@@ -10,6 +10,9 @@ options, recipe and seed) with only the causes changed:
 * ``random-K``: K uniformly drawn training examples, K = the pipeline's own K, over
   ``draws >= 3`` seeded draws (mean and standard error);
 * ``oracle-causes``: the ground-truth corrupted set, where one is known;
+* ``oracle-at-K`` (opt-in): K examples drawn from that set, K = the pipeline's own K: a
+  diagnosis of perfect precision that chose the same number of causes, which tells a
+  pipeline that picked the wrong examples from one that picked too few;
 * ``retrain-clean``: the reference, a model trained on clean data (where one exists).
 
 The **diagnosis gain** is the pipeline's held-out-failure and test accuracy minus the mean of
@@ -63,6 +66,24 @@ def random_causes(n_train: int, k: int, draw: int, seed: int = 0) -> np.ndarray:
     return np.sort(rng.choice(n_train, size=k, replace=False)).astype(np.int64)
 
 
+def truth_at_k(truth: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """The ``oracle-at-K`` cause set: ``k`` distinct members of ``truth`` (all of it when
+    ``k >= len(truth)``), sorted.
+
+    Seeded by ``seed`` alone (a local generator; the global RNG is untouched).
+
+    Raises:
+        ValueError: a negative ``k``.
+    """
+    t = np.unique(np.asarray(truth, dtype=np.int64))
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got {k}")
+    if k >= t.size:
+        return t
+    rng = np.random.default_rng([seed, 104729])
+    return np.sort(rng.choice(t, size=k, replace=False)).astype(np.int64)
+
+
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
     """Mean of ``values`` and its standard error (NaN with fewer than two values)."""
     v = np.asarray(values, dtype=np.float64)
@@ -103,6 +124,8 @@ class Controls:
         finetune_only: the treatment with no causes removed (``None`` if not run).
         random_k: one dict per draw (each also holds its ``causes``).
         oracle_causes: the treatment without the ground-truth corrupted set, if known.
+        oracle_at_k: the treatment without ``k`` members of that set (:func:`truth_at_k`;
+            holds its ``causes``), if asked for.
         retrain_clean: the clean-data reference, if given.
         seconds: wall time per control.
     """
@@ -112,6 +135,7 @@ class Controls:
     finetune_only: dict[str, Any] | None = None
     random_k: list[dict[str, Any]] = field(default_factory=list)
     oracle_causes: dict[str, Any] | None = None
+    oracle_at_k: dict[str, Any] | None = None
     retrain_clean: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -122,7 +146,7 @@ class Controls:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: every control's figures, random-K's mean ± s.e. per accuracy."""
         out: dict[str, Any] = {"k": self.k, "original": _public(self.original)}
-        for name in ("finetune_only", "oracle_causes", "retrain_clean"):
+        for name in ("finetune_only", "oracle_causes", "oracle_at_k", "retrain_clean"):
             v = getattr(self, name)
             if v is not None:
                 out[name] = _public(v)
@@ -168,6 +192,8 @@ def run_controls(
     draws: int = MIN_DRAWS,
     seed: int = 0,
     finetune_only: bool = True,
+    oracle_causes: bool = True,
+    oracle_at_k: bool = False,
 ) -> Controls:
     """Run the controls of a repair whose pipeline selected ``k`` causes.
 
@@ -185,6 +211,8 @@ def run_controls(
         draws: random-K draws (at least 3).
         seed: seeds the draws (see :func:`random_causes`).
         finetune_only: run the ``finetune-only`` control.
+        oracle_causes: run ``oracle-causes`` when ``truth`` is given.
+        oracle_at_k: also run ``oracle-at-K`` (needs ``truth``).
 
     Returns:
         The :class:`Controls`.
@@ -193,6 +221,8 @@ def run_controls(
         raise ValueError(f"random-K needs at least {MIN_DRAWS} draws for a standard error")
     if not 0 <= k <= n_train:
         raise ValueError(f"k must lie in [0, {n_train}]; got {k}")
+    if oracle_at_k and (truth is None or not len(truth)):
+        raise ValueError("oracle-at-K draws from the ground-truth causes: pass a non-empty truth")
     seconds: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], nn.Module]) -> dict[str, Any]:
@@ -211,7 +241,11 @@ def run_controls(
         ctl.random_k.append({**row, "causes": causes})
     if truth is not None and len(truth):
         t = np.asarray(truth, dtype=np.int64)
-        ctl.oracle_causes = {**timed("oracle_causes", lambda: treat(t)), "k": int(t.size)}
+        if oracle_causes:
+            ctl.oracle_causes = {**timed("oracle_causes", lambda: treat(t)), "k": int(t.size)}
+        if oracle_at_k:
+            at_k = truth_at_k(t, k, seed)
+            ctl.oracle_at_k = {**timed("oracle_at_k", lambda: treat(at_k)), "causes": at_k}
     if clean_model is not None:
         ctl.retrain_clean = timed("retrain_clean", clean_model)
     return ctl

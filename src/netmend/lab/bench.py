@@ -512,7 +512,9 @@ class BenchConfig:
         draws: random-K draws per pipeline (>= 3; 0 runs no controls). Every pipeline cell
             carries its controls (:mod:`netmend.evaluation.controls`): the same treatment call
             with no causes (``finetune_only``) and with K random causes (``random_k``), the
-            diagnosis ``gain`` over random-K and the Pareto ``verdict``.
+            diagnosis ``gain`` over random-K and the Pareto ``verdict``. Where the
+            ``oracle-causes`` reference runs, the controls also hold ``oracle_at_k``: the
+            same call without K members of the corrupted set, and its gain over random-K.
         validation_share: if > 0, this share of each (noisy) class of the training set is
             held out of everything (the original's training, identification, treatments,
             controls, references) as the user's validation split, noisy labels and all; the
@@ -747,6 +749,9 @@ def run_suite(
     # pipelines get ewc's K, so ewc/finetune, loss/finetune and random/finetune share them)
     original_figures = measure(model)
     shared: dict[Any, dict[Any, Any]] = {}
+    truth = np.flatnonzero(data.mask)
+    # oracle-at-K beside every pipeline's random-K, where the oracle reference runs
+    at_k = "oracle-causes" in config.references and truth.size > 0 and masks_causes(data.name)
 
     def _judge(
         figures: dict[str, Any], treat_fn: TreatFn, key: Any, ident: api.Identification
@@ -764,19 +769,29 @@ def run_suite(
                 model,
                 len(data.train),
                 k,
+                truth=truth if at_k else None,
                 draws=config.draws,
                 seed=seed,
                 finetune_only=False,
+                oracle_causes=False,
+                oracle_at_k=at_k and k > 0,
             )
-            shared[key][k] = ctl.random_k
-        ctl = Controls(k, original_figures, shared[key]["finetune_only"], list(shared[key][k]))
+            shared[key][k] = (ctl.random_k, ctl.oracle_at_k)
+        random_k, oracle = shared[key][k]
+        ctl = Controls(k, original_figures, shared[key]["finetune_only"], list(random_k))
         rk = ctl.as_dict()["random_k"]
+        controls: dict[str, Any] = {
+            "finetune_only": {**ctl.finetune_only},  # type: ignore[dict-item]
+            "random_k": {n: v for n, v in rk.items() if n != "runs"},
+        }
+        if oracle is not None:  # how a diagnosis of perfect precision at this K does
+            at = Controls(k, original_figures, ctl.finetune_only, list(random_k))
+            controls["oracle_at_k"] = {
+                **{n: v for n, v in oracle.items() if n != "causes"},
+                "gain": diagnosis_gain(oracle, at),
+            }
         return {
-            "controls": {
-                "finetune_only": {**ctl.finetune_only},  # type: ignore[dict-item]
-                "random_k": {n: v for n, v in rk.items() if n != "runs"},
-                "seconds": time.perf_counter() - t,
-            },
+            "controls": {**controls, "seconds": time.perf_counter() - t},
             "gain": diagnosis_gain(figures, ctl),
             "verdict": repaired_verdict(figures, ctl).as_dict(),
         }
@@ -1409,12 +1424,14 @@ def markdown(result: dict[str, Any]) -> str:
                     ctl.get("random_k"),
                     c.get("k", "-"),
                 ),
+                ("↳ oracle-at-K", ctl.get("oracle_at_k"), c.get("k", "-")),
             ):
                 if fig:  # the controls' own accuracies, under the pipeline they judge
                     lines.append(
                         f"| {r['suite']} | {r['seed']} | {label} | {k} | | | "
                         f"| {_pct(fig['heldout_failure_acc'])} | {_pct(fig['query_failure_acc'])} "
-                        f"| {_pct(fig['test_acc'])} | {_pct(fig['correct_acc'])} | | | |"
+                        f"| {_pct(fig['test_acc'])} | {_pct(fig['correct_acc'])} "
+                        f"| {_gain(fig['gain']) if 'gain' in fig else ''} | | |"
                     )
     notes = []
     if result.get("complete") is False:  # the record of a run stopped midway
