@@ -264,6 +264,15 @@ def test_with_controls_random_k_is_the_pipelines_treat_call(blobs, blobs_logreg,
         pytest.approx(ctl["finetune_only"]["heldout_failure_acc"], abs=1e-12)
     )
     assert ctl["oracle_causes"]["k"] == len(blobs.planted)
+    # oracle-at-K: the same call without K members of the truth (here all 6 of the planted 6)
+    at_k = ctl["oracle_at_k"]
+    assert at_k["causes"] == sorted(np.asarray(blobs.planted).tolist())
+    again = netmend.treat(
+        blobs_logreg, train, at_k["causes"], "finetune", train_config=cfg, steps=20, **RUN
+    )
+    assert netmend.evaluate(again, test, split, device="cpu")["test_acc"] == pytest.approx(
+        at_k["test_acc"], abs=1e-12
+    )
     mean = np.mean([r["heldout_failure_acc"] for r in ctl["random_k"]["runs"]])
     assert out["gain"]["heldout_gain"] == pytest.approx(
         out["pipeline"]["heldout_failure_acc"] - mean, abs=1e-12

@@ -1174,7 +1174,8 @@ def with_controls(
     Every control is the repair's own :func:`treat` call (``result.recipe``: the same method,
     options, training recipe, Fisher and seed), with only the causes changed:
     ``finetune-only`` (no causes), ``random-K`` (``draws`` sets of K random training
-    examples, K = ``len(result.causes)``), ``oracle-causes`` (``truth``, if given) and
+    examples, K = ``len(result.causes)``), ``oracle-causes`` (``truth``, if given),
+    ``oracle-at-K`` (K members of ``truth``: perfect precision at the repair's own K) and
     ``retrain-clean`` (the "retrain" treatment on ``clean_train``, if given). See
     :mod:`netmend.evaluation.controls`.
 
@@ -1282,6 +1283,7 @@ def with_controls(
         clean_model=clean,
         draws=draws,
         seed=recipe.get("seed", 0) if seed is None else seed,
+        oracle_at_k=truth_idx is not None and len(result.causes) > 0,
     )
     if ctl.finetune_only is not None:  # the same check as netmend repair's
         lost = recipe_loss(
