@@ -614,7 +614,7 @@ def test_oracle_at_k_is_the_pipelines_call_with_k_corrupted_examples(monkeypatch
     """Beside random-K, where the oracle reference runs: the very same treatment call, its
     causes K members of the corrupted set (K = the pipeline's own)."""
     from netmend import api
-    from netmend.evaluation.controls import truth_at_k
+    from netmend.evaluation.controls import truth_at_k, truth_ranked
 
     calls = []
     real_identify = api.identify
@@ -634,15 +634,23 @@ def test_oracle_at_k_is_the_pipelines_call_with_k_corrupted_examples(monkeypatch
         pipelines=("loss/relabel[neighbours=7]",),
         references=("oracle-causes",),
     )
-    res = bench.run(config, device="cpu")
+    res = bench.run(config, device="cpu", keep_artifacts=True)
     cell = res["results"][0]["cells"][0]
     truth = np.flatnonzero(bench.make_suite("digits/sym20", seed=0).mask)
-    # the pipeline, finetune-only, 3 random-K draws, oracle-at-K; then the oracle reference
-    assert [c.size for c, _ in calls] == [6, 0, 6, 6, 6, 6, truth.size]
-    assert [n for _, n in calls[:6]] == [7] * 6  # every control with the pipeline's options
+    # the pipeline, finetune-only, 3 random-K draws, oracle-at-K, oracle-ranked; then the
+    # oracle reference
+    assert [c.size for c, _ in calls] == [6, 0, 6, 6, 6, 6, 6, truth.size]
+    assert [n for _, n in calls[:7]] == [7] * 7  # every control with the pipeline's options
     assert np.array_equal(calls[5][0], truth_at_k(truth, 6, seed=0))
     assert set(calls[5][0]) <= set(truth)
-    assert np.array_equal(calls[6][0], truth)
+    # oracle-ranked: the corrupted examples the pipeline's own scores put first
+    ident = res["results"][0]["_artifacts"]["identifications"]["loss/relabel[neighbours=7]"]
+    assert np.array_equal(calls[6][0], truth_ranked(truth, ident.scores, 6))
+    assert np.array_equal(calls[7][0], truth)
+    ranked = cell["controls"]["oracle_ranked"]
+    assert ranked["gain"]["test_gain"] == pytest.approx(
+        ranked["test_acc"] - cell["controls"]["random_k"]["test_acc"]
+    )
     assert cell["controls"]["oracle_at_k"]["gain"]["heldout_gain"] == pytest.approx(
         cell["controls"]["oracle_at_k"]["heldout_failure_acc"]
         - cell["controls"]["random_k"]["heldout_failure_acc"]

@@ -23,6 +23,7 @@ from netmend.evaluation import (
     repaired,
     run_controls,
     truth_at_k,
+    truth_ranked,
 )
 from netmend.identification.base import class_capped, per_failure_top
 
@@ -221,6 +222,21 @@ def test_oracle_at_k_treats_k_members_of_the_truth_and_only_when_asked():
         run_controls(treat, measure, base, 50, 5, draws=3, oracle_at_k=True)
     with pytest.raises(ValueError, match="k must be >= 0"):
         truth_at_k(truth, -1)
+
+
+def test_truth_ranked_takes_the_corrupted_examples_the_scores_rank_highest():
+    scores = np.array([0.9, -1.0, 0.5, 0.7, 0.1, 2.0, 0.5, 0.0])
+    truth = np.array([6, 2, 4, 1, 3])  # not 0 or 5, the two highest scores overall
+    # within the truth: 3 (0.7), then 2 and 6 tie at 0.5 (the lower index first), then 4
+    assert truth_ranked(truth, scores, 1).tolist() == [3]
+    assert truth_ranked(truth, scores, 2).tolist() == [2, 3]
+    assert truth_ranked(truth, torch.tensor(scores), 3).tolist() == [2, 3, 6]
+    assert truth_ranked(truth, scores, 9).tolist() == [1, 2, 3, 4, 6]
+    assert truth_ranked(truth, scores, 0).size == 0
+    with pytest.raises(ValueError, match="outside the 8 scores"):
+        truth_ranked(np.array([8]), scores, 1)
+    with pytest.raises(ValueError, match="k must be >= 0"):
+        truth_ranked(truth, scores, -2)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ from netmend.evaluation.controls import (
     repaired,
     run_controls,
     truth_at_k,
+    truth_ranked,
 )
 from netmend.evaluation.protocol import (
     FailureSplit,
@@ -32,5 +33,6 @@ __all__ = [
     "repaired",
     "run_controls",
     "truth_at_k",
+    "truth_ranked",
     "split_failures",
 ]

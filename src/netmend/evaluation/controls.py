@@ -11,8 +11,11 @@ options, recipe and seed) with only the causes changed:
   ``draws >= 3`` seeded draws (mean and standard error);
 * ``oracle-causes``: the ground-truth corrupted set, where one is known;
 * ``oracle-at-K`` (opt-in): K examples drawn from that set, K = the pipeline's own K: a
-  diagnosis of perfect precision that chose the same number of causes, which tells a
-  pipeline that picked the wrong examples from one that picked too few;
+  diagnosis of perfect precision that chose the same number of causes but knows nothing of
+  the failures;
+* ``oracle-ranked`` (opt-in, :func:`truth_ranked`): the K members of that set the pipeline's
+  own scores rank highest: the pipeline's ranking with its clean picks skipped, which tells
+  what its false positives cost at its K;
 * ``retrain-clean``: the reference, a model trained on clean data (where one exists).
 
 The **diagnosis gain** is the pipeline's held-out-failure and test accuracy minus the mean of
@@ -82,6 +85,29 @@ def truth_at_k(truth: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
         return t
     rng = np.random.default_rng([seed, 104729])
     return np.sort(rng.choice(t, size=k, replace=False)).astype(np.int64)
+
+
+def truth_ranked(truth: np.ndarray, scores: np.ndarray | torch.Tensor, k: int) -> np.ndarray:
+    """The ``oracle-ranked`` cause set: the ``k`` members of ``truth`` with the highest
+    ``scores`` (positive = harmful; ties by index), sorted by index; all of ``truth`` when
+    ``k >= len(truth)``.
+
+    Args:
+        truth: ground-truth corrupted training indices.
+        scores: ``[N]`` the pipeline's cause scores.
+        k: the pipeline's K.
+
+    Raises:
+        ValueError: a negative ``k``, or a truth index outside the scores.
+    """
+    t = np.unique(np.asarray(truth, dtype=np.int64))
+    s = np.asarray(scores.detach().cpu() if isinstance(scores, torch.Tensor) else scores)
+    if k < 0:
+        raise ValueError(f"k must be >= 0; got {k}")
+    if t.size and (t[0] < 0 or t[-1] >= s.shape[0]):
+        raise ValueError(f"truth holds indices outside the {s.shape[0]} scores")
+    order = np.argsort(-s[t], kind="stable")  # t is sorted: ties go to the lower index
+    return np.sort(t[order[:k]])
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:

@@ -58,6 +58,7 @@ from netmend.evaluation.controls import (
     diagnosis_gain,
     mean_se,
     run_controls,
+    truth_ranked,
 )
 from netmend.evaluation.controls import repaired as repaired_verdict
 from netmend.lab.corrupt import (
@@ -513,8 +514,10 @@ class BenchConfig:
             carries its controls (:mod:`netmend.evaluation.controls`): the same treatment call
             with no causes (``finetune_only``) and with K random causes (``random_k``), the
             diagnosis ``gain`` over random-K and the Pareto ``verdict``. Where the
-            ``oracle-causes`` reference runs, the controls also hold ``oracle_at_k``: the
-            same call without K members of the corrupted set, and its gain over random-K.
+            ``oracle-causes`` reference runs, the controls also hold ``oracle_at_k`` (the
+            same call without K random members of the corrupted set) and ``oracle_ranked``
+            (without the K members the pipeline's scores rank highest), each with its gain
+            over random-K.
         validation_share: if > 0, this share of each (noisy) class of the training set is
             held out of everything (the original's training, identification, treatments,
             controls, references) as the user's validation split, noisy labels and all; the
@@ -785,11 +788,13 @@ def run_suite(
             "random_k": {n: v for n, v in rk.items() if n != "runs"},
         }
         if oracle is not None:  # how a diagnosis of perfect precision at this K does
-            at = Controls(k, original_figures, ctl.finetune_only, list(random_k))
+            ranked = truth_ranked(truth, ident.scores, k)  # and with this pipeline's ranking
             controls["oracle_at_k"] = {
                 **{n: v for n, v in oracle.items() if n != "causes"},
-                "gain": diagnosis_gain(oracle, at),
+                "gain": diagnosis_gain(oracle, ctl),
             }
+            tr = measure(treat_fn(ranked))
+            controls["oracle_ranked"] = {**tr, "gain": diagnosis_gain(tr, ctl)}
         return {
             "controls": {**controls, "seconds": time.perf_counter() - t},
             "gain": diagnosis_gain(figures, ctl),
@@ -1425,6 +1430,7 @@ def markdown(result: dict[str, Any]) -> str:
                     c.get("k", "-"),
                 ),
                 ("↳ oracle-at-K", ctl.get("oracle_at_k"), c.get("k", "-")),
+                ("↳ oracle-ranked", ctl.get("oracle_ranked"), c.get("k", "-")),
             ):
                 if fig:  # the controls' own accuracies, under the pipeline they judge
                     lines.append(
