@@ -289,6 +289,11 @@ def test_with_controls_random_k_is_the_pipelines_treat_call(blobs, blobs_logreg,
     assert netmend.evaluate(again, test, split, device="cpu")["test_acc"] == pytest.approx(
         at_k["test_acc"], abs=1e-12
     )
+    ranked = ctl["oracle_ranked"]
+    assert ranked["causes"] == truth_ranked(blobs.planted, res.scores, 6).tolist()
+    assert ranked["gain"]["heldout_gain"] == pytest.approx(
+        ranked["heldout_failure_acc"] - ctl["random_k"]["heldout_failure_acc"], abs=1e-12
+    )
     mean = np.mean([r["heldout_failure_acc"] for r in ctl["random_k"]["runs"]])
     assert out["gain"]["heldout_gain"] == pytest.approx(
         out["pipeline"]["heldout_failure_acc"] - mean, abs=1e-12

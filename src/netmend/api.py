@@ -40,6 +40,7 @@ from netmend.evaluation.controls import (
     diagnosis_gain,
     recipe_loss,
     run_controls,
+    truth_ranked,
 )
 from netmend.evaluation.controls import repaired as pareto_repaired
 from netmend.identification import k_rules
@@ -1175,8 +1176,10 @@ def with_controls(
     options, training recipe, Fisher and seed), with only the causes changed:
     ``finetune-only`` (no causes), ``random-K`` (``draws`` sets of K random training
     examples, K = ``len(result.causes)``), ``oracle-causes`` (``truth``, if given),
-    ``oracle-at-K`` (K members of ``truth``: perfect precision at the repair's own K) and
-    ``retrain-clean`` (the "retrain" treatment on ``clean_train``, if given). See
+    ``oracle-at-K`` (K random members of ``truth``: perfect precision at the repair's own K),
+    ``oracle-ranked`` (the K members of ``truth`` the repair's scores rank highest: its
+    ranking with the clean picks skipped) and ``retrain-clean`` (the "retrain" treatment on
+    ``clean_train``, if given). See
     :mod:`netmend.evaluation.controls`.
 
     Args:
@@ -1197,7 +1200,8 @@ def with_controls(
             (:func:`netmend.evaluation.repaired`).
 
     Returns:
-        ``{"pipeline": figures, "controls": Controls.as_dict(), "gain": diagnosis gain
+        ``{"pipeline": figures, "controls": Controls.as_dict() (with ``oracle_ranked``;
+        the two K-sized oracles with their ``gain``), "gain": diagnosis gain
         (held-out failures and test accuracy vs random-K, with s.e.), "verdict":
         Verdict.as_dict()}``; figures are ``test_acc``, ``heldout_failure_acc``,
         ``query_failure_acc``, ``correct_acc`` and ``class_acc`` (per class), as fractions.
@@ -1285,6 +1289,15 @@ def with_controls(
         seed=recipe.get("seed", 0) if seed is None else seed,
         oracle_at_k=truth_idx is not None and len(result.causes) > 0,
     )
+    controls = ctl.as_dict()
+    if (
+        ctl.oracle_at_k is not None and truth_idx is not None
+    ):  # the repair's ranking, corrupted only
+        ranked = truth_ranked(truth_idx, result.scores, ctl.k)
+        figures = measure(treat_with(ranked))
+        controls["oracle_ranked"] = {**figures, "causes": ranked.tolist()}
+        for name, fig in (("oracle_at_k", ctl.oracle_at_k), ("oracle_ranked", figures)):
+            controls[name]["gain"] = diagnosis_gain(fig, ctl)  # over random-K, as the repair's
     if ctl.finetune_only is not None:  # the same check as netmend repair's
         lost = recipe_loss(
             ctl.original.get("test_acc"),
@@ -1296,7 +1309,7 @@ def with_controls(
     ours = measure(result.model)
     return {
         "pipeline": ours,
-        "controls": ctl.as_dict(),
+        "controls": controls,
         "gain": diagnosis_gain(ours, ctl),
         "verdict": pareto_repaired(
             ours, ctl, tolerance=tolerance, max_class_drop=max_class_drop
