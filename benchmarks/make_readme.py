@@ -1014,8 +1014,41 @@ def guard_calibration_summary(d: dict[str, Any]) -> str:
     return rows(head, body)
 
 
+def oracle_at_k(d: dict[str, Any]) -> str:
+    """The default's held-out gain next to oracle-at-K's (K members of the corrupted set) and
+    oracle-causes' (all of it), from benchmarks/oracle_at_k.json."""
+
+    def share(v: float | None, half: bool | None) -> str:
+        return "–" if v is None else f"{v:.2f} ({'met' if half else 'not met'})"
+
+    body = []
+    for s in d["suites"]:
+        body.append(
+            [
+                f"{s['suite']} (seeds {', '.join(map(str, s['seeds']))})",
+                " / ".join(str(k) for k in s["k"]),
+                " / ".join(str(k) for k in s["corrupted"]),
+                f3(s["precision"]),
+                _pts(s["heldout_gain"]),
+                _pts(s["at_k_heldout_gain"]),
+                _pts(s["full_heldout_gain"]),
+                share(s["share_of_at_k"], s["half_of_at_k"]),
+                share(s["share_of_full"], s["half_of_full"]),
+                _pts(s["test_gain"], digits=2),
+                _pts(s["at_k_test_gain"], digits=2),
+                f"{s['passed']} of {len(s['seeds'])}",
+            ]
+        )
+    head = ["suite", "K per seed", "corrupted per seed", "cause precision"]
+    head += ["default's gain, held-out F", "oracle-at-K's gain", "oracle-causes' gain"]
+    head += ["share of oracle-at-K's (≥ 0.5?)", "share of oracle-causes' (≥ 0.5?)"]
+    head += ["default's gain, test", "oracle-at-K's gain, test", "default repairs (seeds)"]
+    return rows(head, body)
+
+
 TABLES: dict[str, tuple[tuple[str, ...], Callable[..., str]]] = {
     "headline": (("benchmarks/demo_seeds.json",), headline),
+    "oracle_at_k": (("benchmarks/oracle_at_k.json",), oracle_at_k),
     "demo_seeds": (("benchmarks/demo_seeds.json",), demo_seeds),
     "fisher_timing": (("benchmarks/fisher_timing.json",), fisher_timing),
     "arch_timing": (("benchmarks/arch_timing.json",), arch_timing),

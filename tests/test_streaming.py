@@ -196,6 +196,31 @@ def test_bad_items_are_refused_clearly(blobs):
     with pytest.raises(ValueError, match="integer class indices"):
         as_source(soft, "train")
 
+    class Holes(Counting):  # an item that could not be read: None, not an example
+        def __getitem__(self, i: int):  # noqa: ANN204
+            return None if i in (5, 9) else super().__getitem__(i)
+
+    def pad(items: list) -> tuple:  # the user's own collate_fn: it cannot take None
+        return torch.stack([x for x, _ in items]), [y for _, y in items]
+
+    for loader in (Holes(blobs.X, blobs.y), DataLoader(Holes(blobs.X, blobs.y), collate_fn=pad)):
+        with pytest.raises(ValueError, match="returned None for examples 5, 9: every index"):
+            as_source(loader, "train")
+
+    class Unlabelled(Counting):  # a label not yet given: None (torch said "NoneType")
+        def __getitem__(self, i: int):  # noqa: ANN204
+            x, y = super().__getitem__(i)
+            return x, (None if i == 70 else int(y))
+
+    with pytest.raises(ValueError, match="failures: example 70 has no label"):
+        as_source(DataLoader(Unlabelled(blobs.X, blobs.y), collate_fn=pad), "failures")
+
+    def broken(items: list) -> tuple:
+        raise KeyError("input_ids")
+
+    with pytest.raises(TypeError, match=r"\('input_ids'\); your collate_fn raised it"):
+        as_source(DataLoader(Counting(blobs.X, blobs.y), collate_fn=broken), "train")
+
 
 def test_nested_views_compose_like_tensor_indexing(blobs):
     """Views of views (ranges with steps, reversed, index arrays, empty) select what numpy

@@ -36,6 +36,7 @@ from torch.utils.data.dataloader import default_collate
 
 from netmend.data.task import (
     Inputs,
+    MissingLabel,
     Task,
     batch_len,
     overrides,
@@ -594,14 +595,34 @@ def _label_pass(reader: _DatasetReader, name: str, batch_size: int) -> torch.Ten
     for i in range(0, n, batch_size):
         j = min(i + batch_size, n)
         items = _read_items(reader, name, i, j)
+        nones = [i + t for t, item in enumerate(items) if item is None]
+        if nones:  # the user's collate_fn, or torch's, would fail on it with another message
+            raise ValueError(
+                f"{name}: the Dataset returned None for example{'s' if len(nones) > 1 else ''} "
+                f"{', '.join(map(str, nones[:5]))}{' ...' if len(nones) > 5 else ''}: every "
+                "index below its __len__ must give an example; fix __getitem__ or leave those "
+                "out of the Dataset"
+            )
         try:
             batch = reader.collate(items)
         except Exception as exc:
+            advice = (
+                "pass a DataLoader with a collate_fn that pads them"
+                if reader.collate is default_collate
+                else "your collate_fn raised it: check it on these examples"
+            )
             raise TypeError(
-                f"{name}: examples {i}..{j - 1} cannot be collated into a batch ({exc}); pass a "
-                "DataLoader with a collate_fn that pads them"
+                f"{name}: examples {i}..{j - 1} cannot be collated into a batch ({exc}); {advice}"
             ) from exc
-        x, y = reader.task.inputs_and_labels(batch)
+        try:
+            x, y = reader.task.inputs_and_labels(batch)
+        except MissingLabel as exc:
+            at = ", ".join(str(i + p) for p in exc.positions[:5])
+            raise ValueError(
+                f"{name}: example{'s' if len(exc.positions) > 1 else ''} {at} "
+                f"{'have' if len(exc.positions) > 1 else 'has'} no label (None): every example "
+                "needs its class index; leave the unlabelled ones out"
+            ) from None
         if i == 0:
             reader.head = items[:PROBE_ROWS]
         y = check_label_values(_to_tensor(y, name), name)

@@ -69,6 +69,31 @@ def batch_len(x: Inputs) -> int:
     return int(ts[0].shape[0])
 
 
+
+class MissingLabel(ValueError):
+    """A batch's labels hold ``None`` (an example without a label).
+
+    Attributes:
+        positions: where in the batch.
+    """
+
+    def __init__(self, positions: list[int]) -> None:
+        self.positions = positions
+        super().__init__(
+            f"the labels hold None at batch positions {positions[:5]}: every example needs its "
+            "class index (drop the unlabelled ones, or label them)"
+        )
+
+
+def _labels(v: Any) -> torch.Tensor:
+    """A batch's labels as a tensor; ``None`` among them refused by position (torch said only
+    "Could not infer dtype of NoneType")."""
+    if isinstance(v, (list, tuple)):
+        missing = [i for i, e in enumerate(v) if e is None]
+        if missing:
+            raise MissingLabel(missing)
+    return torch.as_tensor(v)
+
 class Task:
     """How netmend reads a batch and a model's output. Subclass it to adapt other conventions.
 
@@ -100,9 +125,9 @@ class Task:
                     "Rename the key or pass task= a netmend.data.task.Task subclass"
                 )
             rest = {k: v for k, v in batch.items() if k != key}
-            return self.inputs(rest), torch.as_tensor(batch[key])
+            return self.inputs(rest), _labels(batch[key])
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            return self.inputs(batch[0]), torch.as_tensor(batch[1])
+            return self.inputs(batch[0]), _labels(batch[1])
         raise TypeError(
             f"each batch must be (x, y) or a dict with 'labels'; got {type(batch).__name__}. "
             "Pass task= a netmend.data.task.Task subclass that reads it"
