@@ -1185,3 +1185,29 @@ def test_an_out_of_range_token_id_names_the_file_that_holds_it(tmp_path, capsys)
     assert code == 2 and "internal error" not in err, err
     assert "an input id is out of range" in err and "--failures 1..40" in err, err
     assert "--train 1..11" in err and "embed 0..11" in err.split("Embedding layers take")[1], err
+
+
+def test_failures_longer_than_every_training_sequence_take_length(tmp_path, capsys):
+    """Production failures longer than any training sequence are normal: the refusal named
+    no flag ("pad the training set"), and --length pads every file to one width."""
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 120)
+    seqs = [[int(i) for i in rng.integers(1, 12, 4)] for _ in y]
+    rows = [{"ids": seqs[i], "label": int(y[i])} for i in range(100)]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = load_data(tmp_path / "train.jsonl")
+    _train(_cli_models.token_net, train.X, train.y, tmp_path / "w.safetensors")
+    fails = [{"ids": seqs[i] * (3 if i == 100 else 1), "label": int(y[i])} for i in range(100, 110)]
+    (tmp_path / "fail.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fails))
+    args = ["--model", "_cli_models:token_net", "--weights", str(tmp_path / "w.safetensors"),
+            "--train", str(tmp_path / "train.jsonl"), "--failures", str(tmp_path / "fail.jsonl"),
+            "--no-controls", "--k", "5", *RECIPE_ARGS]  # fmt: skip
+    code, _, err = _run([*args, "--out", str(tmp_path / "a")], capsys)
+    assert code == 2 and "a sequence has 12 ids" in err and "pass --length 12 or more" in err, err
+    code, _, err = _run([*args, "--length", "12", "--out", str(tmp_path / "b")], capsys)
+    assert code == 0, err
+    # a null label names its line (it was read as a class named "None": "labels in [0, 3]")
+    rows[7]["label"] = None
+    (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"bad.jsonl, line 8: \"label\" is null"):
+        load_data(tmp_path / "bad.jsonl")

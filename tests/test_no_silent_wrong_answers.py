@@ -38,6 +38,31 @@ def test_probability_outputs_are_refused(blobs, blobs_logreg):
         netmend.treat(probs, _train(blobs), [0, 1], "newton", **RUN)
 
 
+class _NaNWhereZero(nn.Module):
+    """The blobs model, with NaN logits on an all-zero input (as torch's attention gives on
+    a sequence that is all padding)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.inner(x)
+        return torch.where((x == 0).all(1, keepdim=True), torch.nan, out)
+
+
+def test_nan_logits_are_named_not_read_as_class_0(blobs, blobs_logreg):
+    m = _NaNWhereZero(blobs_logreg).eval()
+    X = blobs.X.clone()
+    X[[4, 17]] = 0
+    # evaluate used to call the NaN rows class 0 (an all-zero test set labelled 0: 100%)
+    with pytest.raises(ValueError, match=r"logits are NaN or infinite on 2 examples \(4, 17\)"):
+        netmend.evaluate(m, (X, blobs.y), device="cpu")
+    # scores used to fail later, as advice to raise l2
+    with pytest.raises(ValueError, match=r"train: the model's log-probability is NaN .*\(4, 17\)"):
+        netmend.identify(m, (X, blobs.y), _fail(blobs), "ewc", k=5, **RUN)
+
+
 def test_log_probability_outputs_warn_and_score_as_logits(blobs, blobs_logreg):
     logp = nn.Sequential(blobs_logreg, nn.LogSoftmax(dim=1)).eval()
     with pytest.warns(UserWarning, match="look like log-probabilities"):

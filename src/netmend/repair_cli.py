@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import shutil
 import sys
 import time
@@ -490,7 +491,7 @@ def _permuted_names(table: np.ndarray, min_rows: int = 5) -> list[int]:
 
 
 def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str) -> FileData:
-    length = None
+    length = getattr(args, "length", None)
     if like is not None and like.kind == "tokens":
         length = int(like.X.shape[1])
     try:
@@ -507,6 +508,12 @@ def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str)
             hint = (
                 f" (the classes are the lines of --classes {args.classes}: list every class "
                 "name there, in the model's output order)"
+            )
+        longer = re.search(r"a sequence has (\d+) ids but the training sequences", str(exc))
+        if longer and like is not None:
+            hint = (
+                f" (pass --length {longer[1]} or more to pad every file's sequences to one "
+                "length; netmend gives every file the training set's width)"
             )
         raise BadInput(f"--{what}: {exc}{hint}") from exc
     if like is not None and like.classes is None and d.classes is not None:
@@ -1431,6 +1438,13 @@ def add_parser(sub: Any) -> None:
     )
     r.add_argument("--label-column", default="label", help="label column of CSV files")
     r.add_argument("--pad-id", type=int, default=0, help="padding id of JSONL token ids (0)")
+    r.add_argument(
+        "--length",
+        type=_positive_int,
+        metavar="N",
+        help="pad the token ids of every JSONL file to N (default: the longest training "
+        "sequence; failures or test sequences longer than that need a larger N)",
+    )
     r.add_argument("--vocab", help="a text file of tokens, one per line (id = line number)")
     names = api.available()
     r.add_argument(

@@ -259,6 +259,11 @@ def load_jsonl(
                 isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
             ):
                 raise ValueError(f'{p}, line {n}: "ids" must be a list of token ids (ints >= 0)')
+            if obj["label"] is None or isinstance(obj["label"], (bool, list, dict)):
+                raise ValueError(
+                    f'{p}, line {n}: "label" is {json.dumps(obj["label"])}: every example needs '
+                    "its class (an index, or a name); leave unlabelled lines out"
+                )
             seqs.append(ids)
             labels.append(obj["label"])
     if not seqs:

@@ -69,7 +69,6 @@ def batch_len(x: Inputs) -> int:
     return int(ts[0].shape[0])
 
 
-
 class MissingLabel(ValueError):
     """A batch's labels hold ``None`` (an example without a label).
 
@@ -93,6 +92,7 @@ def _labels(v: Any) -> torch.Tensor:
         if missing:
             raise MissingLabel(missing)
     return torch.as_tensor(v)
+
 
 class Task:
     """How netmend reads a batch and a model's output. Subclass it to adapt other conventions.

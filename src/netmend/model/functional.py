@@ -224,11 +224,17 @@ def log_likelihoods(
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> torch.Tensor:
-    """``log p(y_n|x_n, theta)`` for every example, ``[N]`` on CPU."""
+    """``log p(y_n|x_n, theta)`` for every example, ``[N]`` on CPU.
+
+    Raises:
+        ValueError: one is NaN or infinite (the model's logits are, on those examples): every
+            score built on it would be, and the error would surface later as advice to raise
+            ``l2``.
+    """
     device = torch.device(device)
     theta = theta.to(device)
     with torch.no_grad():
-        return stream(
+        ll = stream(
             X,
             y,
             lambda x, t: fm.ll(theta, x, t),
@@ -238,6 +244,38 @@ def log_likelihoods(
             "ll",
             fingerprint=lambda: tensor_hash(theta),
         )
+    check_finite_outputs(~torch.isfinite(ll), "train", "log-probability")
+    return ll
+
+
+def check_finite_outputs(
+    bad: torch.Tensor, name: str | None, what: str = "logits", offset: int = 0
+) -> None:
+    """Refuse outputs that are NaN or infinite, naming the examples.
+
+    Args:
+        bad: ``[B]`` (or ``[B, ...]``) True where an example's output is not finite.
+        name: the data set ("train", "failures", ...), if known.
+        what: the output ("logits", "log-probability").
+        offset: the index of ``bad``'s first example in its data set.
+
+    Raises:
+        ValueError: any is.
+    """
+    rows = bad.reshape(bad.shape[0], -1).any(dim=1) if bad.ndim > 1 else bad
+    if not bool(rows.any()):
+        return
+    idx = torch.nonzero(rows).flatten().cpu() + offset
+    shown = ", ".join(str(int(i)) for i in idx[:5]) + (" ..." if idx.numel() > 5 else "")
+    where = f"{name}: the" if name else "The"
+    verb = "are" if what.endswith("s") else "is"
+    raise ValueError(
+        f"{where} model's {what} {verb} NaN or infinite on {idx.numel()} example"
+        f"{'s' if idx.numel() > 1 else ''} ({shown}): netmend would count them as class 0 or "
+        "score them as infinitely harmful. Make the model's forward finite on such inputs (an "
+        "input that is all padding gives NaN attention in torch's transformer layers), or "
+        "leave those examples out"
+    )
 
 
 def summed_grad(

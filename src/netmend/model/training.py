@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from netmend.data import distributed
 from netmend.data.source import DataSource
 from netmend.data.task import Task, batch_len, resolve_task
-from netmend.model.functional import Data, match_dtype, param_dtype
+from netmend.model.functional import Data, check_finite_outputs, match_dtype, param_dtype
 
 
 def task_of(X: Data, task: Task | None) -> Task:
@@ -286,7 +286,11 @@ def _per_batch(
     n = len(X)
     for i in range(0, n, batch_size):
         x = match_dtype(X[i : i + batch_size], dtype).to(device)
-        z = read(task.forward(model, x)).cpu()
+        logit = task.forward(model, x)
+        bad = ~torch.isfinite(logit.detach())
+        if bool(bad.any()):  # argmax reads NaN as the largest value: class 0, silently
+            check_finite_outputs(bad, None, offset=i)
+        z = read(logit).cpu()
         if out is None:  # one buffer, no list of chunks
             out = torch.empty((n, *z.shape[1:]), dtype=z.dtype)
         out[i : i + batch_len(x)] = z
