@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 import netmend
 from netmend import api
@@ -139,8 +140,10 @@ def test_save_load_continues_exactly(problem, tmp_path):
     a.observe((Xf[:8], yf[:8]))
     a.save(tmp_path / "state")
     a.observe((Xf[8:], yf[8:]))
-    b = Repairer.load(tmp_path / "state", model, train, treat="relabel", train_config=RECIPE,
-                      device="cpu", progress=False, eval_sets={"test": problem[3]})  # fmt: skip
+    kw = dict(treat="relabel", train_config=RECIPE, device="cpu", progress=False)
+    with pytest.warns(UserWarning, match=r"evaluated every round on eval_sets \['test'\]"):
+        Repairer.load(tmp_path / "state", model, train, **kw)  # dropped them, silently
+    b = Repairer.load(tmp_path / "state", model, train, eval_sets={"test": problem[3]}, **kw)
     assert b.history == a.history[:1]
     assert b.last_round_was((Xf[:8], yf[:8])) and not b.last_round_was((Xf[8:], yf[8:]))
     b.observe((Xf[8:], yf[8:]))
@@ -609,3 +612,61 @@ def test_control_and_per_failure_check_their_inputs(problem):
     with pytest.warns(UserWarning, match="1 of 9 failures repeat others of this batch"):
         twice.observe((torch.cat([Xf[:8], Xf[:1]]), torch.cat([yf[:8], yf[:1]])))
     np.testing.assert_array_equal(twice.scores, rep.scores)
+
+
+class _MeanOfTokens(nn.Module):
+    """Embedding mean over the non-padding tokens (id 0): padding changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(12, 4, padding_idx=0)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        keep = (ids != 0).unsqueeze(-1).to(self.emb.weight.dtype)
+        pooled = (self.emb(ids) * keep).sum(1) / keep.sum(1).clamp(min=1)
+        return self.out(pooled)
+
+
+def _pad(X: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(X, (0, width - X.shape[1]), value=0)
+
+
+def test_token_batches_of_other_widths_are_padded_with_pad_id(tmp_path):
+    """A collate_fn pads each batch to its longest sequence: the Repairer refused every batch
+    not as wide as the training set's first item. With pad_id it right-pads the failures to
+    one width, which a model that ignores padding scores exactly as failures padded first."""
+    g = torch.Generator().manual_seed(0)
+    n = 150
+    lengths = torch.randint(1, 7, (n,), generator=g)
+    ids = torch.randint(1, 12, (n, 6), generator=g)
+    X = torch.where(torch.arange(6) < lengths[:, None], ids, 0)
+    y = (ids[:, 0] % 3).long()
+    y[:15] = (y[:15] + 1) % 3  # flipped labels to blame
+    torch.manual_seed(0)
+    model = fit(_MeanOfTokens().double(), X, y, RECIPE, seed=0, progress=False).eval()
+    Xf = torch.where(torch.arange(8) < torch.randint(1, 9, (20,), generator=g)[:, None],
+                     torch.randint(1, 12, (20, 8), generator=g), 0)  # fmt: skip
+    yf = (Xf[:, 0] % 3).long()
+    a, b = (_pad(Xf[:10, :4], 4), yf[:10]), (Xf[10:], yf[10:])  # 4 ids wide, then 8
+    kw = dict(train_config=RECIPE, device="cpu", progress=False, k=10, gate=False, guard=False)
+    plain = Repairer(model, (X, y), **kw)
+    plain.observe(a)
+    with pytest.raises(ValueError, match=r"token ids 8 wide and the earlier rounds' 4.*pad_id="):
+        plain.observe(b)
+    padded = Repairer(model, (X, y), pad_id=0, **kw)
+    padded.observe(a)
+    padded.observe(b)
+    assert padded.failures[0].shape == (20, 8)
+    same = Repairer(model, (X, y), pad_id=0, **kw)  # every batch padded to 8 by the user
+    same.observe((_pad(a[0], 8), a[1]))
+    same.observe(b)
+    np.testing.assert_allclose(padded.scores, same.scores, rtol=1e-9, atol=1e-12)
+    np.testing.assert_array_equal(padded.causes, same.causes)
+    # a batch seen before is known again at its own width; pad_id is a saved setting
+    assert padded.last_round_was(b) and not padded.last_round_was(a)
+    padded.save(tmp_path / "s")
+    with pytest.raises(ValueError, match="pad_id"):
+        Repairer.load(tmp_path / "s", model, (X, y), pad_id=3, **kw)
+    with pytest.raises(TypeError, match="pad_id must be an integer"):
+        Repairer(model, (X, y), pad_id=0.5, **kw)

@@ -192,6 +192,10 @@ class Repairer:
             :func:`netmend.repair`'s: every round's guard measures its trials there, and the
             accepted trial is the round's model (no second fine-tune). Implies the guard; part
             of the saved settings (:meth:`load` needs the same split).
+        pad_id: the padding id of token-id inputs (what the user's ``collate_fn`` pads with).
+            The Repairer keeps every round's failures in one tensor: batches of token ids of
+            other widths (sequences padded to each batch's longest) are right-padded with it
+            to one width. Without it, such a batch is refused. Part of the saved settings.
 
     Attributes:
         model: the current repaired model (``None`` before the first round).
@@ -224,6 +228,7 @@ class Repairer:
         guard: bool | None = None,
         guard_data: DataLike | None = None,
         task: Task | None = None,
+        pad_id: int | None = None,
     ):
         if not 0 < continue_fraction <= 1:
             raise ValueError(f"continue_fraction must lie in (0, 1]; got {continue_fraction}")
@@ -266,6 +271,9 @@ class Repairer:
         if guard_data is not None:
             gX, gy = as_tensors(guard_data, "guard_data", task=self.task)
             self._guard_data = (_as_dtype(gX, param_dtype(self._work)), gy)
+        if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
+            raise TypeError(f"pad_id must be an integer token id; got {pad_id!r}")
+        self.pad_id = pad_id
         self.treat, self.k, self.seed, self.l2 = treat, k, seed, l2
         self.train_config = train_config or TrainConfig()
         self.chunk_size, self.progress = chunk_size, progress
@@ -339,7 +347,7 @@ class Repairer:
         :func:`netmend.identify` checks them, and ``guard_data`` and ``eval_sets`` alike."""
         train = self._X.head(1).read()
         api.check_input_layout(X[:1], train, name)
-        if X.shape[1:] != train.shape[1:]:
+        if api._shapes(X[:1]) != api._shapes(train):  # token ids: any length, as identify's
             verb = "have" if name == "failures" else "has"
             raise ValueError(
                 f"{name} {verb} input shape {tuple(X.shape[1:])} but train has "
@@ -347,8 +355,37 @@ class Repairer:
             )
         check_labels(y, self.num_classes, name)
 
+    def _widths(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``a`` and ``b`` right-padded with ``pad_id`` to one width, when both are token ids
+        ``[n, L]`` of other widths; unchanged otherwise.
+
+        Raises:
+            ValueError: they differ and there is no ``pad_id``.
+        """
+        if a.shape[1:] == b.shape[1:] or api._real(a) or a.ndim != 2:
+            return a, b
+        if not len(a) or not len(b):  # no rows to pad: the empty one takes the other's width
+            return (a.new_empty((0, *b.shape[1:])) if not len(a) else a), (
+                b.new_empty((0, *a.shape[1:])) if not len(b) else b
+            )
+        if self.pad_id is None:
+            raise ValueError(
+                f"these failures are token ids {a.shape[1]} wide and the earlier rounds' "
+                f"{b.shape[1]}: the Repairer keeps every failure in one tensor, so it pads them "
+                "to one width. Pass Repairer(..., pad_id=P), the id your collate_fn pads with "
+                "(or pad every batch to one length)"
+            )
+        width = max(a.shape[1], b.shape[1])
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=self.pad_id)
+
+        return pad(a), pad(b)
+
     def _check_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
         Xb, yb = self._read_batch(failures)
+        if len(self._failures_y) and Xb.shape[1:] != self._failures_X.shape[1:]:
+            Xb = self._widths(Xb, self._failures_X)[0]  # refused here without a pad_id
         rows = _with_labels(Xb, yb)
         first = np.unique(rows.numpy(), axis=0, return_index=True)[1]
         if first.size < len(yb):  # a repeat within the batch would count twice as well
@@ -358,7 +395,8 @@ class Repairer:
             )
             keep = torch.from_numpy(np.sort(first))
             Xb, yb = Xb[keep], yb[keep]
-        seen = rows_in(_with_labels(Xb, yb), _with_labels(self._failures_X, self._failures_y))
+        Xw, Fw = self._widths(Xb, self._failures_X)
+        seen = rows_in(_with_labels(Xw, yb), _with_labels(Fw, self._failures_y))
         if seen.all():
             raise ValueError(
                 f"all {len(yb)} failures of this batch were observed in earlier rounds; pass "
@@ -451,7 +489,8 @@ class Repairer:
                 h = int(sizes[1] < sizes[0])
                 self._halves[split, h] += s_b
                 sizes[h] += int(yb.shape[0])
-        self._failures_X = torch.cat([self._failures_X, Xb])
+        Fw, Xw = self._widths(self._failures_X, Xb)
+        self._failures_X = torch.cat([Fw, Xw])
         self._failures_y = torch.cat([self._failures_y, yb])
 
     def _score_halves(self, Xb: torch.Tensor, yb: torch.Tensor, rnd: int) -> None:
@@ -508,12 +547,17 @@ class Repairer:
         if not self.history:
             return False
         Xb, yb = as_tensors(failures, "failures", task=self.task)
-        if Xb.shape[1:] != self._failures_X.shape[1:]:
+        Xb = _as_dtype(Xb, param_dtype(self._work))
+        try:
+            Xb, stored = self._widths(Xb, self._failures_X)
+        except ValueError:  # other widths and no pad_id: not the batch it stored
             return False
-        batch = _with_labels(_as_dtype(Xb, param_dtype(self._work)), yb)
+        if Xb.shape[1:] != stored.shape[1:]:
+            return False
+        batch = _with_labels(Xb, yb)
         m = int(self.history[-1]["new_failures"])
-        new = _with_labels(self._failures_X[-m:], self._failures_y[-m:]) if m else batch[:0]
-        every = _with_labels(self._failures_X, self._failures_y)
+        new = _with_labels(stored[-m:], self._failures_y[-m:]) if m else batch[:0]
+        every = _with_labels(stored, self._failures_y)
         return bool(rows_in(batch, every).all() and rows_in(new, batch).all())
 
     @_ids_said
@@ -771,6 +815,7 @@ class Repairer:
             "mix": self.mix,
             # the treatment's recipe: a round at another learning rate is another repair
             "train_config": dataclasses.asdict(self.train_config),
+            "pad_id": self.pad_id,
         }
 
     def save(self, directory: str | Path) -> Path:
@@ -800,6 +845,7 @@ class Repairer:
             "first_steps": self._first_steps,
             "half_sizes": self._half_sizes,
             "history": self.history,
+            "eval_sets": sorted(self.eval_sets),  # names only: load warns when they are not given
         }
         if self.model is not None:  # in the state's own file: one atomic write for both
             for k, v in self.model.state_dict().items():
@@ -818,7 +864,10 @@ class Repairer:
         """A :class:`Repairer` continuing from :meth:`save`'s ``directory``.
 
         ``model``, ``train`` and the settings (``kwargs``, as for the constructor) must be the
-        ones it was saved with; otherwise :class:`ValueError` names what differs.
+        ones it was saved with; otherwise :class:`ValueError` names what differs. The
+        constructor's other arguments (``eval_sets``, ``progress``, ``device``, ...) are not
+        saved: pass them again (a warning names ``eval_sets`` the saved run had and this call
+        lacks).
         """
         d = Path(directory)
         if not (d / STATE_FILE).is_file():
@@ -866,6 +915,13 @@ class Repairer:
             raise ValueError(
                 f"{d}: saved with other {', '.join(said(k) for k in diff)}; pass the model, "
                 "training set and settings of the saved run, or start a new folder"
+            )
+        dropped = sorted(set(meta.get("eval_sets", [])) - set(self.eval_sets))
+        if dropped:  # they only measure, so not refused; but every later round lacks them
+            warn(
+                f"{d}: the saved run evaluated every round on eval_sets {dropped}, which this "
+                "load was not given: later rounds' history will lack them. Pass "
+                "Repairer.load(..., eval_sets={...}) to keep them"
             )
         if not isinstance(meta["l2"], str):
             self._ctx.l2 = float(meta["l2"])
