@@ -156,6 +156,13 @@ def test_misspelt_options_suggest_the_right_name(blobs, blobs_logreg):
         netmend.treat(blobs_logreg, _train(blobs), [0, 1], "ewc", stepz=3, **RUN)
     with pytest.raises(ValueError, match="did you mean 'epochs'"):
         netmend.treat(blobs_logreg, _train(blobs), [0, 1], "finetune", epocs=3, **RUN)
+    # a misspelt argument of the function itself was offered a method option, or nothing
+    ident = "an argument of netmend.identify itself"
+    for kw, name in ((dict(cache_directory="x"), "cache_dir"), (dict(seeds=1), "seed")):
+        with pytest.raises(ValueError, match=f"did you mean '{name}', {ident}"):
+            netmend.identify(blobs_logreg, _train(blobs), _fail(blobs), "ewc", k=5, **kw, **RUN)
+    with pytest.raises(ValueError, match="'train_config', an argument of netmend.treat itself"):
+        netmend.treat(blobs_logreg, _train(blobs), [0, 1], "finetune", train_cfg=None, **RUN)
 
 
 def test_declared_options_are_accepted(blobs, blobs_logreg):
@@ -461,3 +468,16 @@ def test_a_model_on_the_meta_device_is_refused_with_the_fix(blobs, blobs_logreg)
         netmend.identify(meta, (blobs.X, blobs.y), (blobs.Xf, blobs.yf), k=2, **RUN)
     with pytest.raises(ValueError, match=r"on the 'meta' device.*assign=True"):
         netmend.evaluate(meta, (blobs.X, blobs.y), device="cpu")
+
+
+def test_treating_most_of_a_class_warns_as_identify_does(blobs, blobs_logreg):
+    """Causes a user brings (cleanlab's, or a class) that empty a class: identify warned, treat
+    did not (an outside-in trial: class 3 fell from 96% to 2%, no word)."""
+    cls = np.flatnonzero(blobs.y.numpy() == 2)
+    cfg = TrainConfig(epochs=1, batch_size=32)
+    with pytest.warns(UserWarning, match="most of a class's training examples \\(class 2: 100%"):
+        netmend.treat(blobs_logreg, _train(blobs), cls, train_config=cfg, **RUN)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a few causes of a class, or correcting them: no word
+        netmend.treat(blobs_logreg, _train(blobs), cls[:5], train_config=cfg, **RUN)
+        netmend.treat(blobs_logreg, _train(blobs), cls, "relabel", train_config=cfg, **RUN)

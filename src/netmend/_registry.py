@@ -17,9 +17,10 @@ class Registry(Generic[F]):
     misspelt option (``epocs=3``) is refused instead of silently ignored.
     """
 
-    def __init__(self, kind: str, reserved: Iterable[str] = ()) -> None:
+    def __init__(self, kind: str, reserved: Iterable[str] = (), caller: str = "") -> None:
         self.kind = kind
         self.reserved = frozenset(reserved)  # the calling function's own keywords
+        self.caller = caller  # that function, as a user calls it ("netmend.identify")
         self._items: dict[str, F] = {}
         self._options: dict[str, frozenset[str] | None] = {}
         self._research: dict[str, str] = {}
@@ -109,12 +110,24 @@ class Registry(Generic[F]):
         unknown = sorted(set(given) - known)
         if not unknown:
             return
-        hints = "".join(_suggest(u, known) for u in unknown)
+        hints = "".join(self._hint(u, known) for u in unknown)
         accepted = ", ".join(sorted(known)) if known else "no options"
         raise ValueError(
             f"unknown option(s) {unknown} for {self.kind} {name!r}{hints}. It accepts: "
             f"{accepted}. A misspelt option would otherwise be ignored silently."
         )
+
+    def _hint(self, word: str, known: Iterable[str]) -> str:
+        """The closest option, or the closest of the calling function's own keywords when that
+        is closer (``cache_directory`` -> ``cache_dir``, not a method option; ``seeds`` ->
+        ``seed``, not ``steps``)."""
+        ours = set(self.reserved) - {"model", "train", "failures", "causes", "method"}
+        close = difflib.get_close_matches(word, [*known, *ours], n=1, cutoff=0.6)
+        if not close:
+            return ""
+        if close[0] in ours and self.caller:
+            return f" (did you mean {close[0]!r}, an argument of {self.caller} itself?)"
+        return f" (did you mean {close[0]!r}?)"
 
     def available(self, research: bool = True) -> list[str]:
         """The registered names, sorted; ``research=False`` leaves out the research-only ones."""

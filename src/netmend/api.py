@@ -720,6 +720,10 @@ def _checked_scores(raw: np.ndarray, n: int, method: str, l2: float | str) -> np
     return scores
 
 
+DELETING = ("finetune", "newton", "ewc", "retrain")
+"""The built-in treatments that remove the causes (``align`` and ``relabel`` correct them)."""
+
+
 def _warn_emptied_classes(causes: np.ndarray, y: torch.Tensor, info: dict[str, Any]) -> None:
     """Record (``info["classes_over_half"]``) and warn when the causes hold more than half of
     a class's training examples: a fine-tune without them forgets the class."""
@@ -869,6 +873,8 @@ def treat(
         idx = torch.zeros(0, dtype=torch.int64)  # a control: the treatment with nothing removed
     else:
         idx = check_causes(causes, len(X))
+        if method in DELETING:  # causes a user brought (cleanlab's, a class) are checked too
+            _warn_emptied_classes(idx.numpy(), y, {})
     fm = FunctionalModel.of(work, X.task)
     _check_fisher(fisher, fm)
     fail = None

@@ -218,7 +218,9 @@ IDENTIFY_ARGUMENTS = frozenset(
 """:func:`netmend.identify`'s own keywords: a method option of one of these names could never
 reach the method (``tests/test_architecture.py`` holds it to the signature)."""
 
-_REGISTRY: Registry[Method] = Registry("identification method", IDENTIFY_ARGUMENTS)
+_REGISTRY: Registry[Method] = Registry(
+    "identification method", IDENTIFY_ARGUMENTS, "netmend.identify"
+)
 
 
 def register(name: str, options: Iterable[str] | None = None) -> Callable[[Method], Method]:

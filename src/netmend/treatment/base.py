@@ -163,7 +163,7 @@ TREAT_ARGUMENTS = frozenset(
 """:func:`netmend.treat`'s own keywords: a treatment option of one of these names could never
 reach the treatment (``tests/test_architecture.py`` holds it to the signature)."""
 
-_REGISTRY: Registry[Treatment] = Registry("treatment", TREAT_ARGUMENTS)
+_REGISTRY: Registry[Treatment] = Registry("treatment", TREAT_ARGUMENTS, "netmend.treat")
 
 
 def register(
