@@ -181,6 +181,16 @@ def test_validate_report_and_errors(problem, gt, monkeypatch):
     monkeypatch.setitem(ident_base._REGISTRY._items, "boom", boom)
     with pytest.raises(ValueError, match="did you mean 'loss'"):  # refused before any work
         validation.validate(["los"], problem=problem, gt=gt, progress=False)
+    # and, before any work too: a string read letter by letter ("unknown method 'l'"),
+    # options for a method not run (ignored) or misspelt (each method failed alone, late)
+    with pytest.raises(TypeError, match=r"pass \['loss'\], not 'loss'"):
+        validation.validate("loss", problem=problem, gt=gt, progress=False)
+    with pytest.raises(ValueError, match=r"options are given for \['grad_dot'\], which are not"):
+        validation.validate(["loss"], problem=problem, gt=gt, progress=False,
+                            options={"grad_dot": {"target": "self"}})  # fmt: skip
+    with pytest.raises(ValueError, match="unknown option.*'stepz'.*did you mean 'steps'"):
+        validation.validate(["ewc"], problem=problem, gt=gt, progress=False,
+                            options={"ewc": {"stepz": 3, "l2": 1.0}})  # fmt: skip
     rep = validation.validate(
         ["loss", "random", "boom"],
         problem=problem,

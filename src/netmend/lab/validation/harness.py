@@ -18,15 +18,33 @@ from netmend.lab.validation.render import _jsonable
 def check_methods(
     methods: list[str] | None, options: dict[str, dict[str, Any]] | None = None
 ) -> None:
-    """Refuse labels that name no registered method (before any retraining is spent).
+    """Refuse, before any retraining is spent: labels that name no registered method, a
+    string for the list of labels (read letter by letter: "unknown method 'e'"), options for a
+    label that is not run (silently unused) and options the method does not declare (each
+    method failed alone, after the ground truth's retraining).
 
     Raises:
-        ValueError: the unknown name, with "did you mean" and the registered names.
+        ValueError: the unknown name, with "did you mean" and the registered names; the
+            options that would not be used.
+        TypeError: ``methods`` is a string.
     """
     from netmend import identification
+    from netmend.identification.base import IDENTIFY_ARGUMENTS, check_options
 
-    for label in methods or []:
-        identification.get(str(dict((options or {}).get(label, {})).get("method", label)))
+    if isinstance(methods, str):
+        raise TypeError(f"methods is a list of labels: pass [{methods!r}], not {methods!r}")
+    labels = identification.available() if methods is None else list(methods)
+    unused = sorted(set(options or {}) - set(labels))
+    if unused:
+        raise ValueError(
+            f"options are given for {unused}, which are not among the methods run ({labels}): "
+            "add them to methods, or drop their options"
+        )
+    for label in labels:
+        opts = dict((options or {}).get(label, {}))
+        name = str(opts.get("method", label))
+        identification.get(name)
+        check_options(name, {o: v for o, v in opts.items() if o not in IDENTIFY_ARGUMENTS})
 
 
 def validate(
