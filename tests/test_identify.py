@@ -761,3 +761,26 @@ def test_options_the_solver_never_reads_warn(blobs, blobs_logreg, failset, optio
     with pytest.warns(UserWarning, match=f"does not read {idle}"):
         netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "influence", k=3,
                          **options, **RUN)  # fmt: skip
+
+
+def test_auditing_a_training_set_without_failures(blobs, blobs_logreg):
+    """failures=None: the methods that ignore failures rank the training set as they do with
+    any failures; the others, the automatic K, culprits and repair are refused by name (a
+    cleanlab-style user got "failures: expected a torch Dataset ...; got NoneType")."""
+    train, fail = (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
+    run = dict(device="cpu", progress=False)
+    for method, opts in (("loss", {}), ("grad_dot", {"target": "self"})):
+        audit = netmend.identify(blobs_logreg, train, None, method, k=6, **opts, **run)
+        given = netmend.identify(blobs_logreg, train, fail, method, k=6, **opts, **run)
+        np.testing.assert_allclose(audit.scores, given.scores, rtol=1e-12, atol=1e-15)
+        np.testing.assert_array_equal(audit.causes, given.causes)
+        if method == "loss":  # most of the planted labels have the largest losses
+            assert len(set(audit.causes) & set(blobs.planted)) >= 4
+        with pytest.raises(ValueError, match="without failures .*no culprits per failure"):
+            audit.culprits(0)
+    with pytest.raises(ValueError, match="method 'ewc' scores the training set against"):
+        netmend.identify(blobs_logreg, train, None, "ewc", k=6, **run)
+    with pytest.raises(ValueError, match="failures=None needs a k"):
+        netmend.identify(blobs_logreg, train, None, "loss", **run)
+    with pytest.raises(ValueError, match="repair needs failures.*identify\\(model, train, None"):
+        netmend.repair(blobs_logreg, train, None, **run)

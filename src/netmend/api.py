@@ -13,7 +13,7 @@ import functools
 import inspect
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -197,6 +197,12 @@ class Identification:
         and help another); this is the per-failure view.
         """
         n = check_count(n, "n")
+        if self._failures == 0:
+            raise ValueError(
+                "this identification audited the training set without failures "
+                "(failures=None): it has no culprits per failure; its scores and causes rank "
+                "the training set itself"
+            )
         pf = self.per_failure
         col = pf[:, check_index(i, pf.shape[1], "failure index i")]
         top = top_indices(col, n)  # ties by index, as select() breaks them
@@ -453,7 +459,7 @@ def check_ranks_agree(
 def identify(
     model: nn.Module,
     train: DataLike,
-    failures: DataLike,
+    failures: DataLike | None,
     method: str = DEFAULT_IDENTIFY,
     k: int | float | str | None = None,
     *,
@@ -481,6 +487,9 @@ def identify(
             ``num_workers`` are used), or ``(X, y)`` tensors (see
             :func:`netmend.data.source.as_source`).
         failures: inputs the model gets wrong, with their **correct** labels, ``M`` examples.
+            ``None`` audits the training set without failures (as a label-issue finder
+            does): only with a method that ignores them ("loss", "random", or "grad_dot"
+            with ``target="self"``) and an explicit ``k``.
         method: a registered method (``netmend.identification.available()``): "ewc"
             (EWC-influence, default), "linear"; the influence family "influence", "ekfac",
             "tracin", "grad_dot", "grad_cos", "trak"; Data Shapley "knn_shapley",
@@ -576,9 +585,13 @@ def identify(
             "select the whole training set. Pass a count or a fraction (k=100, k=0.05), or "
             "k='auto' (with a warning: self-influence ignores the failures)"
         )
-    Xf = _failures(failures, X, classes, param_dtype(work), task)
+    if failures is None:  # auditing a training set: only the methods that ignore failures
+        _check_audit(method, options, k)
+        Xf = X.head(0)
+    else:
+        Xf = _failures(failures, X, classes, param_dtype(work), task)
+        check_failures(work, Xf, Xf.labels, dev, 1024, Xf.task)
     yf = Xf.labels
-    check_failures(work, Xf, yf, dev, 1024, Xf.task)
     fm = FunctionalModel.of(work, X.task)
     _check_fisher(fisher, fm)
     check_ranks_agree("identify", work, X, seed, Xf, cache_dir)
@@ -645,6 +658,30 @@ def identify(
         per_failure,
         len(Xf),
     )
+
+
+AUDIT_METHODS = ("loss", "random")
+"""Methods that score the training set without failures (so does ``grad_dot`` with
+``target="self"``): :func:`identify` takes ``failures=None`` for them."""
+
+
+def _check_audit(method: str, options: Mapping[str, Any], k: Any) -> None:
+    """Refuse ``failures=None`` for a method that scores against failures, or without a K.
+
+    Raises:
+        ValueError: what to pass instead.
+    """
+    if method not in AUDIT_METHODS and options.get("target") != "self":
+        raise ValueError(
+            f"failures=None: method {method!r} scores the training set against failures. To "
+            "audit a training set without failures, pass method='loss' (each example's own "
+            "loss) or method='grad_dot' with target='self' (self-influence), and a k"
+        )
+    if is_auto_k(k):
+        raise ValueError(
+            "failures=None needs a k (a count, k=100, or a fraction, k=0.05): the automatic K "
+            "is read from the failures"
+        )
 
 
 def _on_unchanged_data(
@@ -1058,6 +1095,12 @@ def repair(
         ``model`` (the repaired copy) and ``culprits(i, n)``.
     """
     seed = check_seed(seed)
+    if failures is None:
+        raise ValueError(
+            "repair needs failures: they are what it repairs and how its repair is judged. To "
+            "clean a training set without failures, call identify(model, train, None, 'loss', "
+            "k=...) and treat(model, train, result.causes)"
+        )
     treatment.get(treat)  # a wrong treatment name or option fails now, not after identifying
     check_treat_options(treat, treat_options or {})
     common: dict[str, Any] = dict(
