@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -442,3 +443,26 @@ def test_embeddings_are_the_head_input_and_leave_the_model_alone(ref):
     np.testing.assert_allclose(E.numpy(), expected.numpy(), atol=1e-14)
     assert ref.state_hash(model) == before
     assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_n_jobs_refuses_a_script_without_a_main_guard(tmp_path, monkeypatch):
+    """Each worker imports the caller's script again: without the guard, every worker reran
+    it (an outside-in trial: 376 s against 25 s, all output repeated)."""
+    import types
+
+    from netmend.identification.shapley_mc import check_main_guard
+
+    script = tmp_path / "audit.py"
+    script.write_text("import netmend\nnetmend.identify(...)\n")
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    with pytest.raises(ValueError, match=r"audit.py again: it has no `if __name__"):
+        check_main_guard()
+    u = tiny_knn_utility()
+    with pytest.raises(ValueError, match="or pass n_jobs=1"):
+        tmc_shapley(u, n_jobs=2, max_permutations=2, seed=0)
+    script.write_text('import netmend\nif __name__ == "__main__":\n    netmend.identify(...)\n')
+    check_main_guard()  # guarded: fine
+    del fake.__file__  # an interactive session: nothing to rerun
+    check_main_guard()

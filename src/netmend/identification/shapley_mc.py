@@ -41,10 +41,12 @@ from __future__ import annotations
 
 import math
 import multiprocessing as mp
+import sys
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -362,6 +364,32 @@ def _blocks_serial(
         yield _BLOCKS[kind](utility, seed, b, size, p)
 
 
+def check_main_guard() -> None:
+    """Refuse ``n_jobs > 1`` from a script without an ``if __name__ == "__main__":`` guard.
+
+    Every worker of a "forkserver"/"spawn" pool imports the caller's script again: without
+    the guard each reruns it, its whole computation and output included (an outside-in
+    trial: 376 s against 25 s with ``n_jobs=1``, every line printed once per worker).
+
+    Raises:
+        ValueError: the script's source holds no ``__main__`` test.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or mp.parent_process() is not None:
+        return  # an interactive session, python -c, or a worker itself
+    try:
+        source = Path(path).read_text(errors="replace")
+    except OSError:
+        return
+    if "__main__" not in source:
+        raise ValueError(
+            f"n_jobs > 1 starts worker processes, and each one imports {path} again: it has no "
+            '`if __name__ == "__main__":` guard, so every worker would rerun the whole script. '
+            "Put the script's work under that guard, or pass n_jobs=1"
+        )
+
+
 def _mp_context() -> mp.context.BaseContext:
     """The "forkserver" context where available, else "spawn".
 
@@ -410,6 +438,8 @@ def _run(
 ) -> MCResult:
     if n_jobs < 1:
         raise ValueError(f"n_jobs must be >= 1; got {n_jobs}")
+    if n_jobs > 1:
+        check_main_guard()
     if block < 1 or max_draws < 1 or window < 1:
         raise ValueError("block, max draws and window must be >= 1")
     estimate = _tmc_estimate if kind == "tmc" else _banzhaf_estimate
