@@ -4,6 +4,7 @@ cause selection, the automatic K and the automatic l2."""
 from __future__ import annotations
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -784,3 +785,24 @@ def test_auditing_a_training_set_without_failures(blobs, blobs_logreg):
         netmend.identify(blobs_logreg, train, None, "loss", **run)
     with pytest.raises(ValueError, match="repair needs failures.*identify\\(model, train, None"):
         netmend.repair(blobs_logreg, train, None, **run)
+
+
+def test_auto_k_says_a_methods_warning_once_not_once_per_half(blobs, blobs_logreg, failset,
+                                                              monkeypatch):  # fmt: skip
+    """The automatic K refits the method on six halves of the failures: each refit's warning
+    (e.g. CG stopping with another residual) came again, seven warnings per call."""
+    from netmend._warnings import warn as netmend_warn
+
+    def method(ctx):
+        xq = ctx.Xq.read()
+        netmend_warn(f"the fit stopped with residual {float(xq.abs().sum()):.4g}")
+        g = torch.Generator().manual_seed(int(xq.shape[0]))
+        return ident_base.MethodOutput(scores=torch.rand(ctx.N, generator=g).double().numpy())
+
+    monkeypatch.setitem(ident_base._REGISTRY._items, "warns-test", method)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        netmend.identify(blobs_logreg, (blobs.X, blobs.y), failset, "warns-test", **RUN)
+    fits = [str(w.message) for w in got if "the fit stopped" in str(w.message)]
+    assert len(fits) == 2, fits  # the full fit's, and one for the six halves
+    assert fits[1].endswith("(on 6 of the automatic K's 6 half-failure refits)")

@@ -12,7 +12,9 @@ import dataclasses
 import functools
 import inspect
 import os
+import re
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -777,6 +779,20 @@ def _warn_emptied_classes(causes: np.ndarray, y: torch.Tensor, info: dict[str, A
         )
 
 
+def _say_once(said: list[warnings.WarningMessage], runs: int) -> None:
+    """Warn once for each kind of warning the automatic K's ``runs`` refits raised (a method's
+    warning came 7 times per call, the full fit's and the six halves'), its numbers read as
+    one and the count said."""
+    kinds: dict[tuple[type[Warning], str], tuple[str, int]] = {}
+    for w in said:
+        text = str(w.message)
+        key = (w.category, re.sub(r"[-+]?\d[\d.,e+-]*", "#", text))
+        first, n = kinds.get(key, (text, 0))
+        kinds[key] = (first, n + 1)
+    for (category, _), (text, n) in kinds.items():
+        warn(f"{text} (on {n} of the automatic K's {runs} half-failure refits)", category)
+
+
 def _auto_causes(
     fn: Callable[[Context], identification.MethodOutput],
     ctx: Context,
@@ -815,13 +831,15 @@ def _auto_causes(
         total=2 * AUTO_K_SPLITS, desc="automatic K: scoring halves", unit="half",
         disable=not ctx.progress or distributed.world()[0] != 0, leave=False,
     )  # fmt: skip
-    with bar:
+    with bar, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")  # each refit says what the full fit said: once, below
         for split in range(AUTO_K_SPLITS):
             perm = torch.from_numpy(np.random.default_rng([seed, split]).permutation(m))
             for side, part in zip(halves, (perm[: m // 2], perm[m // 2 :]), strict=True):
                 sub = dataclasses.replace(ctx, Xq=ctx.Xq[part], yq=ctx.yq[part], progress=False)
                 side.append(_checked_scores(fn(sub).scores, scores.shape[0], method, ctx.l2))
                 bar.update()
+    _say_once(said, 2 * AUTO_K_SPLITS)
     if all(np.array_equal(a, b) for a, b in zip(*halves, strict=True)):
         warn(
             f"method {method!r} scores the training set the same for every half of the "
