@@ -153,7 +153,7 @@ def test_changed_settings_are_refused_naming_the_field(tmp_path, problem, monkey
         if field == "dtype":  # a float32 model: the failures must stay failures for it
             m32 = kw["model"]
             m32.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
-        with pytest.raises(ValueError, match=rf"different settings: .*\b{field} ") as err:
+        with pytest.raises(ValueError, match=rf"different settings: .*\b{field}[ .\[]") as err:
             netmend.identify(cache_dir=tmp_path, k=3, **RUN, **kw)
         msg = str(err.value)
         assert "another cache_dir" in msg and "overwrite_cache=True" in msg
@@ -441,3 +441,14 @@ def test_a_whole_float_option_and_a_function_option_keep_one_key():
         for s in ("1", "2")
     }
     assert len(runs) == 1  # the same in every process
+
+
+def test_a_refusal_names_where_nested_settings_differ(tmp_path):
+    """Two long option values cut at the same 57-character prefix showed no difference."""
+    long = [{"array": "99b7628cd11ad34b428b1e7103709e35"}, {"array": "a" * 32}]
+    nc.RunCache(tmp_path, {"options": {"valid": long, "K": 5}, "seed": 0})
+    changed = [long[0], {"array": "b" * 32}]
+    with pytest.raises(ValueError, match=r"options\.valid\[1\]\.array \(\"a{32}\" there, \"b{32}"):
+        nc.RunCache(tmp_path, {"options": {"valid": changed, "K": 5}, "seed": 0})
+    with pytest.raises(ValueError, match=r"options\.K \(5 there, 7 here\), seed \(0 there, 1 here"):
+        nc.RunCache(tmp_path, {"options": {"valid": long, "K": 7}, "seed": 1})

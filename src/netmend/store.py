@@ -527,6 +527,28 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 # ----------------------------------------------------------------------------- the run cache
 
 
+def _differences(a: Any, b: Any, where: str, limit: int = 3) -> list[tuple[str, Any, Any]]:
+    """Where two JSON values differ, down to the first differing leaves (at most ``limit``):
+    ``options.valid[1]`` rather than two long values cut at the same prefix."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for k in sorted(set(a) | set(b), key=str):
+            if a.get(k) != b.get(k):
+                out += _differences(a.get(k), b.get(k), f"{where}.{k}", limit - len(out))
+            if len(out) >= limit:
+                break
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        out = []
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            if x != y:
+                out += _differences(x, y, f"{where}[{i}]", limit - len(out))
+            if len(out) >= limit:
+                break
+        return out
+    return [(where, a, b)]
+
+
 def _short(v: Any) -> str:
     s = json.dumps(v)
     return s if len(s) <= 60 else s[:57] + "..."
@@ -633,7 +655,10 @@ class RunCache:
         keys = sorted(set(stored) | set(self.settings))
         diff = [k for k in keys if stored.get(k) != self.settings.get(k)]
         parts = ", ".join(
-            f"{k} ({_short(stored.get(k))} there, {_short(self.settings.get(k))} here)"
+            ", ".join(
+                f"{where} ({_short(a)} there, {_short(b)} here)"
+                for where, a, b in _differences(stored.get(k), self.settings.get(k), k)
+            )
             for k in diff
         )
         return (
