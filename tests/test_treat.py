@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +16,7 @@ from torch import nn
 
 import netmend
 from netmend import TrainConfig
-from netmend.lab.models import LogisticRegression
+from netmend.lab.models import MLP, LogisticRegression
 from netmend.model.training import fit, fresh_copy
 from netmend.treatment import available as treat_available
 
@@ -558,3 +559,19 @@ def test_finetune_keeps_the_trained_batchnorm_statistics(blobs, ref):
     )
     assert not torch.allclose(moved.bn.running_mean, mean0)
     torch.testing.assert_close(model.bn.running_mean, mean0, rtol=0, atol=0)  # user's model
+
+
+def test_an_ewc_deletion_that_moves_nothing_says_so(blobs):
+    """At the automatic l2 the deletion's penalty held the parameters in place: no prediction
+    changed, and only the research-only notice was said."""
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=30, lr=0.05, batch_size=32)
+    m = fit(MLP(2, 3, (8,)).double(), blobs.X, blobs.y, cfg, seed=0, progress=False).eval()
+    with pytest.warns(UserWarning, match="barely moved the model: the causes' mean loss rose"):
+        netmend.treat(m, (blobs.X, blobs.y), blobs.planted, "ewc", **RUN)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        moved = netmend.treat(m, (blobs.X, blobs.y), blobs.planted, "ewc", l2=1.0, **RUN)
+    assert not [w for w in got if "barely moved" in str(w.message)]
+    change = max((p - q).abs().max().item() for p, q in zip(moved.parameters(), m.parameters()))
+    assert change > 0.05

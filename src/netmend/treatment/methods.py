@@ -335,6 +335,11 @@ def newton(ctx: TreatContext) -> nn.Module:
     return ctx.model_at(new)
 
 
+EWC_MIN_RISE = 0.01
+"""The causes' mean loss (nats) an ``ewc`` deletion must raise before it is said to have done
+nothing."""
+
+
 @register("ewc", options=EWC_OPTIONS, research=EWC_DELETION_RESEARCH)
 def ewc_deletion(ctx: TreatContext) -> nn.Module:
     """EWC deletion: maximise the loss of ``C`` under the EWC penalty of what is retained.
@@ -415,4 +420,13 @@ def ewc_deletion(ctx: TreatContext) -> nn.Module:
         step_size=float(ctx.options.get("step_size", 1.0)),
         accept=lambda t: retained(t) - base <= tol,
     )
+    with torch.no_grad():
+        rise = float(gain(theta) - gain(theta0)) / max(len(yc), 1)
+    if rise < EWC_MIN_RISE:  # an outside-in trial: no prediction changed, no word
+        warn(
+            f"the ewc deletion barely moved the model: the causes' mean loss rose by {rise:.2g} "
+            "nats, so it forgets nothing. Its penalty (l2 and the retained examples' Fisher) "
+            "holds the parameters in place: pass a smaller l2 (e.g. l2=1.0), or use the "
+            "'finetune' treatment"
+        )
     return ctx.model_at(theta)
