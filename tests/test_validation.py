@@ -269,10 +269,16 @@ def test_bad_input_raises(problem, gt):
 
 def test_cli_validate_quick(tmp_path, capsys):
     out = tmp_path / "v.json"
-    argv = ["validate", "--quick", "--methods", "loss,random", "--json", str(out)]
+    # a method's options in brackets, as --identify and bench --pipelines take them (the
+    # validator's ewc warned "raise the option steps", which the command could not)
+    argv = ["validate", "--quick", "--methods", "loss,ewc[steps=40,step_size=0.5],random",
+            "--json", str(out)]  # fmt: skip
     assert cli.main([*argv, "--no-progress"]) == 0
     rep = json.loads(out.read_text())
-    assert set(rep["methods"]) == {"loss", "random"}
+    assert set(rep["methods"]) == {"loss", "ewc[steps=40,step_size=0.5]", "random"}
+    ran = rep["methods"]["ewc[steps=40,step_size=0.5]"]
+    assert ran["method"] == "ewc" and ran["options"]["steps"] == 40
+    assert ran["options"]["step_size"] == 0.5
     assert np.isfinite(rep["methods"]["loss"]["spearman_loo"])
     assert "| method |" in capsys.readouterr().out
 

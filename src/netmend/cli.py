@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -181,12 +182,21 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from netmend.lab import validation
+    from netmend.lab.bench import parse_step
 
     quick = args.quick
-    methods = [m for m in args.methods.split(",") if m] if args.methods is not None else None
+    methods, options = None, {}
+    if args.methods is not None:  # METHOD or METHOD[opt=value,...], comma-separated
+        methods = [m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.methods)]
+        methods = [m for m in methods if m]
+        for spec in methods:
+            name, opts = parse_step(spec)
+            if spec != name:
+                options[spec] = {"method": name, **opts}
     if methods is not None and not methods:
         raise ValueError("--methods is empty: name at least one method, or leave it out (all)")
-    validation.check_methods(methods)  # before any retraining: a misspelt name costs nothing
+    # before any retraining: a misspelt name or option costs nothing
+    validation.check_methods(methods, options)
     _outputs_writable([args.json], [])
     try:
         ks = [int(c) for c in args.ks.split(",") if c] if args.ks else None
@@ -226,6 +236,7 @@ def _validate(args: argparse.Namespace) -> int:
         gt,
         k=args.k,
         counterfactual_repeats=2 if quick else 5,
+        options=options or None,
         progress=not args.no_progress,
         seed=args.seed,
         counterfactual_ks=ks,
@@ -283,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
         help="the label noise: 20%% symmetric flips (default) or the paper's pair flips "
         "(1<->7 with probability 0.4, 6<->9 with 0.3)",
     )
-    v.add_argument("--methods", help="comma-separated method names (default: all registered)")
+    v.add_argument(
+        "--methods",
+        help="comma-separated methods, each with its options in brackets if any, e.g. "
+        "'ewc[steps=300],loss' (default: all registered)",
+    )
     v.add_argument(
         "--seed", type=seed_argument, default=0, help="seed of everything random (default 0)"
     )
