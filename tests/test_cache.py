@@ -452,3 +452,8 @@ def test_a_refusal_names_where_nested_settings_differ(tmp_path):
         nc.RunCache(tmp_path, {"options": {"valid": changed, "K": 5}, "seed": 0})
     with pytest.raises(ValueError, match=r"options\.K \(5 there, 7 here\), seed \(0 there, 1 here"):
         nc.RunCache(tmp_path, {"options": {"valid": long, "K": 7}, "seed": 1})
+
+    from netmend.store import _differences
+
+    assert _differences({"a": None}, {}, "options") == [("options.a", None, "(absent)")]
+    assert _differences({"k": 1}, {"k": 1.5}, "options") == [("options.k", 1, 1.5)]

@@ -670,3 +670,25 @@ def test_token_batches_of_other_widths_are_padded_with_pad_id(tmp_path):
         Repairer.load(tmp_path / "s", model, (X, y), pad_id=3, **kw)
     with pytest.raises(TypeError, match="pad_id must be an integer"):
         Repairer(model, (X, y), pad_id=0.5, **kw)
+
+
+def test_integer_images_of_another_shape_are_still_refused_clearly():
+    """Only token ids [n, L] may differ in length: uint8 images of another size passed the
+    loosened check and crashed in torch.cat."""
+    g = torch.Generator().manual_seed(1)
+    X = torch.randint(0, 255, (60, 4, 4), generator=g, dtype=torch.uint8)
+    y = torch.randint(0, 3, (60,), generator=g)
+
+    class Scaled(nn.Module):  # uint8 images, scaled in the model
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(16, 3).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x.flatten(1).double() / 255)
+
+    model = Scaled().eval()
+    rep = Repairer(model, (X, y), train_config=RECIPE, device="cpu", progress=False, pad_id=0)
+    bad = torch.randint(0, 255, (6, 5, 5), generator=g, dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"failures have input shape \(5, 5\) but train has"):
+        rep.observe((bad, torch.zeros(6, dtype=torch.long)))

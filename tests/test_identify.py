@@ -770,7 +770,8 @@ def test_auditing_a_training_set_without_failures(blobs, blobs_logreg):
     cleanlab-style user got "failures: expected a torch Dataset ...; got NoneType")."""
     train, fail = (blobs.X, blobs.y), (blobs.Xf, blobs.yf)
     run = dict(device="cpu", progress=False)
-    for method, opts in (("loss", {}), ("grad_dot", {"target": "self"})):
+    for method, opts in (("loss", {}), ("grad_dot", {"target": "self"}),
+                         ("influence", {"target": "self"})):  # fmt: skip
         audit = netmend.identify(blobs_logreg, train, None, method, k=6, **opts, **run)
         given = netmend.identify(blobs_logreg, train, fail, method, k=6, **opts, **run)
         np.testing.assert_allclose(audit.scores, given.scores, rtol=1e-12, atol=1e-15)
@@ -781,6 +782,11 @@ def test_auditing_a_training_set_without_failures(blobs, blobs_logreg):
             audit.culprits(0)
     with pytest.raises(ValueError, match="method 'ewc' scores the training set against"):
         netmend.identify(blobs_logreg, train, None, "ewc", k=6, **run)
+    # trak's target='self' still builds failure features (it crashed in torch.cat)
+    with pytest.raises(ValueError, match="method 'trak' scores .*one of grad_dot, influence"):
+        netmend.identify(blobs_logreg, train, None, "trak", k=6, target="self", **run)
+    with pytest.raises(ValueError, match="'grad_dot' with these options scores"):
+        netmend.identify(blobs_logreg, train, None, "grad_dot", k=6, **run)
     with pytest.raises(ValueError, match="failures=None needs a k"):
         netmend.identify(blobs_logreg, train, None, "loss", **run)
     with pytest.raises(ValueError, match="repair needs failures.*identify\\(model, train, None"):

@@ -51,6 +51,15 @@ class _NaNWhereZero(nn.Module):
         return torch.where((x == 0).all(1, keepdim=True), torch.nan, out)
 
 
+class _AddRow(nn.Module):
+    def __init__(self, row: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("row", row.double())
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.row
+
+
 def test_nan_logits_are_named_not_read_as_class_0(blobs, blobs_logreg):
     m = _NaNWhereZero(blobs_logreg).eval()
     X = blobs.X.clone()
@@ -58,6 +67,13 @@ def test_nan_logits_are_named_not_read_as_class_0(blobs, blobs_logreg):
     # evaluate used to call the NaN rows class 0 (an all-zero test set labelled 0: 100%)
     with pytest.raises(ValueError, match=r"logits are NaN or infinite on 2 examples \(4, 17\)"):
         netmend.evaluate(m, (X, blobs.y), device="cpu")
+    # -inf masks a class: argmax and softmax take it (refused by the first version of this
+    # check); a row of -inf has no class at all
+    masked = nn.Sequential(blobs_logreg, _AddRow(torch.tensor([0.0, 0.0, -torch.inf]))).eval()
+    netmend.evaluate(masked, (blobs.X, blobs.y), device="cpu")
+    dead = nn.Sequential(blobs_logreg, _AddRow(torch.full((3,), -torch.inf))).eval()
+    with pytest.raises(ValueError, match="logits are NaN or infinite on"):
+        netmend.evaluate(dead, (blobs.X, blobs.y), device="cpu")
     # scores used to fail later, as advice to raise l2
     with pytest.raises(ValueError, match=r"train: the model's log-probability is NaN .*\(4, 17\)"):
         netmend.identify(m, (X, blobs.y), _fail(blobs), "ewc", k=5, **RUN)
@@ -481,3 +497,14 @@ def test_treating_most_of_a_class_warns_as_identify_does(blobs, blobs_logreg):
         warnings.simplefilter("error")  # a few causes of a class, or correcting them: no word
         netmend.treat(blobs_logreg, _train(blobs), cls[:5], train_config=cfg, **RUN)
         netmend.treat(blobs_logreg, _train(blobs), cls, "relabel", train_config=cfg, **RUN)
+
+
+def test_repair_says_a_class_emptying_selection_once(blobs, blobs_logreg):
+    """identify warned, then treat warned again on the same causes (and on every guard
+    trial): the warning is treat's only when a user calls it with causes of their own."""
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        netmend.repair(blobs_logreg, _train(blobs), _fail(blobs), "loss", k=70, guard=False,
+                       train_config=TrainConfig(epochs=1, batch_size=32), **RUN)  # fmt: skip
+    said = [w for w in got if "most of a class's training examples" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in said]

@@ -212,8 +212,12 @@ def test_bad_items_are_refused_clearly(blobs):
             x, y = super().__getitem__(i)
             return x, (None if i == 70 else int(y))
 
-    with pytest.raises(ValueError, match="failures: example 70 has no label"):
-        as_source(DataLoader(Unlabelled(blobs.X, blobs.y), collate_fn=pad), "failures")
+    for data in (
+        DataLoader(Unlabelled(blobs.X, blobs.y), collate_fn=pad),
+        Unlabelled(blobs.X, blobs.y),
+    ):  # torch's collate: "NoneType", of the chunk
+        with pytest.raises(ValueError, match="failures: example 70 has no label"):
+            as_source(data, "failures")
 
     def broken(items: list) -> tuple:
         raise KeyError("input_ids")

@@ -36,6 +36,20 @@ def warn(message: str, category: type[Warning] = UserWarning) -> None:
     warnings.warn(message, category, stacklevel=level)
 
 
+def called_by_user() -> bool:
+    """Whether the public entry point that called this function was called from outside
+    netmend (the user's code), not by netmend itself (``repair``, the class guard, the
+    controls, the CLI): a warning its own caller already gave is not said twice."""
+    frame = sys._getframe(2)  # above this function and the entry point's own body
+    while (
+        frame is not None
+        and os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE)
+        and frame.f_code.co_name == "wrapped"
+    ):  # the entry point's wrappers (api._public)
+        frame = frame.f_back  # type: ignore[assignment]
+    return frame is not None and not os.path.abspath(frame.f_code.co_filename).startswith(_PACKAGE)
+
+
 def _other_rank() -> bool:
     """Whether this process is a rank other than 0 of an initialised process group (read
     without importing torch: a process that never imported it has no group)."""

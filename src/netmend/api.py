@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from netmend import identification, store, treatment
-from netmend._warnings import warn
+from netmend._warnings import called_by_user, warn
 from netmend.data import distributed
 from netmend.data.checks import check_labels, resolve_device
 from netmend.data.source import PROBE_ROWS, DataSource, SourceLike, as_source
@@ -490,8 +490,8 @@ def identify(
             :func:`netmend.data.source.as_source`).
         failures: inputs the model gets wrong, with their **correct** labels, ``M`` examples.
             ``None`` audits the training set without failures (as a label-issue finder
-            does): only with a method that ignores them ("loss", "random", or "grad_dot"
-            with ``target="self"``) and an explicit ``k``.
+            does): only with a method that ignores them ("loss", "random", or "grad_dot",
+            "influence", "ekfac", "tracin" with ``target="self"``) and an explicit ``k``.
         method: a registered method (``netmend.identification.available()``): "ewc"
             (EWC-influence, default), "linear"; the influence family "influence", "ekfac",
             "tracin", "grad_dot", "grad_cos", "trak"; Data Shapley "knn_shapley",
@@ -663,8 +663,11 @@ def identify(
 
 
 AUDIT_METHODS = ("loss", "random")
-"""Methods that score the training set without failures (so does ``grad_dot`` with
-``target="self"``): :func:`identify` takes ``failures=None`` for them."""
+"""Methods that score the training set without failures: :func:`identify` takes
+``failures=None`` for them, and for :data:`SELF_AUDIT_METHODS` with ``target="self"``."""
+SELF_AUDIT_METHODS = ("grad_dot", "influence", "ekfac", "tracin")
+"""Methods whose ``target="self"`` (self-influence) reads no failures (``trak``'s still
+builds failure features)."""
 
 
 def _check_audit(method: str, options: Mapping[str, Any], k: Any) -> None:
@@ -673,11 +676,14 @@ def _check_audit(method: str, options: Mapping[str, Any], k: Any) -> None:
     Raises:
         ValueError: what to pass instead.
     """
-    if method not in AUDIT_METHODS and options.get("target") != "self":
+    self_audit = method in SELF_AUDIT_METHODS and options.get("target") == "self"
+    if method not in AUDIT_METHODS and not self_audit:
         raise ValueError(
-            f"failures=None: method {method!r} scores the training set against failures. To "
-            "audit a training set without failures, pass method='loss' (each example's own "
-            "loss) or method='grad_dot' with target='self' (self-influence), and a k"
+            f"failures=None: method {method!r}"
+            + (" with these options" if method in SELF_AUDIT_METHODS else "")
+            + " scores the training set against failures. To audit a training set without "
+            "failures, pass method='loss' (each example's own loss), or target='self' "
+            f"(self-influence) with one of {', '.join(SELF_AUDIT_METHODS)}; and a k"
         )
     if is_auto_k(k):
         raise ValueError(
@@ -928,8 +934,8 @@ def treat(
         idx = torch.zeros(0, dtype=torch.int64)  # a control: the treatment with nothing removed
     else:
         idx = check_causes(causes, len(X))
-        if method in DELETING:  # causes a user brought (cleanlab's, a class) are checked too
-            _warn_emptied_classes(idx.numpy(), y, {})
+        if method in DELETING and called_by_user():  # a user's own causes (cleanlab's, a
+            _warn_emptied_classes(idx.numpy(), y, {})  # class); identify's were said there
     fm = FunctionalModel.of(work, X.task)
     _check_fisher(fisher, fm)
     fail = None

@@ -347,7 +347,8 @@ class Repairer:
         :func:`netmend.identify` checks them, and ``guard_data`` and ``eval_sets`` alike."""
         train = self._X.head(1).read()
         api.check_input_layout(X[:1], train, name)
-        if api._shapes(X[:1]) != api._shapes(train):  # token ids: any length, as identify's
+        tokens = X.ndim == train.ndim == 2 and not api._real(X) and not api._real(train)
+        if not tokens and X.shape[1:] != train.shape[1:]:  # token ids [n, L]: any length
             verb = "have" if name == "failures" else "has"
             raise ValueError(
                 f"{name} {verb} input shape {tuple(X.shape[1:])} but train has "

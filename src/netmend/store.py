@@ -530,23 +530,22 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def _differences(a: Any, b: Any, where: str, limit: int = 3) -> list[tuple[str, Any, Any]]:
     """Where two JSON values differ, down to the first differing leaves (at most ``limit``):
     ``options.valid[1]`` rather than two long values cut at the same prefix."""
+    out: list[tuple[str, Any, Any]] = []
     if isinstance(a, dict) and isinstance(b, dict):
-        out: list[tuple[str, Any, Any]] = []
         for k in sorted(set(a) | set(b), key=str):
-            if a.get(k) != b.get(k):
-                out += _differences(a.get(k), b.get(k), f"{where}.{k}", limit - len(out))
+            if k not in a or k not in b:  # absent, not None: said as such
+                out.append((f"{where}.{k}", a.get(k, "(absent)"), b.get(k, "(absent)")))
+            elif a[k] != b[k]:
+                out += _differences(a[k], b[k], f"{where}.{k}", limit - len(out))
             if len(out) >= limit:
                 break
-        return out
-    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        out = []
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
         for i, (x, y) in enumerate(zip(a, b, strict=True)):
             if x != y:
                 out += _differences(x, y, f"{where}[{i}]", limit - len(out))
             if len(out) >= limit:
                 break
-        return out
-    return [(where, a, b)]
+    return out or [(where, a, b)]  # 1 against 1.0, or a leaf: the values themselves
 
 
 def _short(v: Any) -> str:

@@ -586,6 +586,28 @@ def _batch_hash(x: Inputs, y: torch.Tensor) -> bytes:
     return tensor_hash(*tensors_of(x), y).encode()
 
 
+def _check_item_labels(items: list[Any], task: Task, name: str, start: int) -> None:
+    """Refuse items whose label is ``None`` (``(x, None)``, ``{"label": None, ...}``) before
+    they are collated: torch's collate said only "Could not infer dtype of NoneType", of the
+    whole chunk."""
+    keys = getattr(task, "label_keys", ())
+    missing = []
+    for t, item in enumerate(items):
+        if isinstance(item, (tuple, list)) and len(item) >= 2 and item[1] is None:
+            missing.append(start + t)
+        elif isinstance(item, Mapping):
+            key = next((k for k in keys if k in item), None)
+            if key is not None and item[key] is None:
+                missing.append(start + t)
+    if missing:
+        at = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"{name}: example{'s' if len(missing) > 1 else ''} {at} "
+            f"{'have' if len(missing) > 1 else 'has'} no label (None): every example needs "
+            "its class index; leave the unlabelled ones out"
+        )
+
+
 def _label_pass(reader: _DatasetReader, name: str, batch_size: int) -> torch.Tensor:
     """Read a ``Dataset`` once in order: collect its labels ``[N]``, check every batch and hash
     the content (the source's fingerprint). Memory: the labels and one batch."""
@@ -595,6 +617,7 @@ def _label_pass(reader: _DatasetReader, name: str, batch_size: int) -> torch.Ten
     for i in range(0, n, batch_size):
         j = min(i + batch_size, n)
         items = _read_items(reader, name, i, j)
+        _check_item_labels(items, reader.task, name, i)
         nones = [i + t for t, item in enumerate(items) if item is None]
         if nones:  # the user's collate_fn, or torch's, would fail on it with another message
             raise ValueError(

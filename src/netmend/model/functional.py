@@ -244,7 +244,8 @@ def log_likelihoods(
             "ll",
             fingerprint=lambda: tensor_hash(theta),
         )
-    check_finite_outputs(~torch.isfinite(ll), "train", "log-probability")
+    check_finite_outputs(~torch.isfinite(ll), "train", "log-probability")  # -inf too: a
+    # label the model gives probability 0 (a masked class) has no finite score
     return ll
 
 
@@ -271,7 +272,7 @@ def check_finite_outputs(
     verb = "are" if what.endswith("s") else "is"
     raise ValueError(
         f"{where} model's {what} {verb} NaN or infinite on {idx.numel()} example"
-        f"{'s' if idx.numel() > 1 else ''} ({shown}): netmend would count them as class 0 or "
+        f"{'s' if idx.numel() > 1 else ''} ({shown}): netmend would read a class from a NaN or "
         "score them as infinitely harmful. Make the model's forward finite on such inputs (an "
         "input that is all padding gives NaN attention in torch's transformer layers), or "
         "leave those examples out"
