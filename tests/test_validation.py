@@ -281,6 +281,8 @@ def test_cli_validate_quick(tmp_path, capsys):
     assert ran["options"]["step_size"] == 0.5
     assert np.isfinite(rep["methods"]["loss"]["spearman_loo"])
     assert "| method |" in capsys.readouterr().out
+    assert cli.main(["validate", "--quick", "--methods", "ewc[steps=3"]) == 2
+    assert "a bracket is not closed" in capsys.readouterr().err
 
 
 def test_pair_flip_problem_flips_only_the_paper_pairs():

@@ -187,6 +187,11 @@ def _validate(args: argparse.Namespace) -> int:
     quick = args.quick
     methods, options = None, {}
     if args.methods is not None:  # METHOD or METHOD[opt=value,...], comma-separated
+        if args.methods.count("[") != args.methods.count("]"):
+            raise ValueError(
+                f"--methods {args.methods!r}: a bracket is not closed; write each method's "
+                "options as METHOD[opt=value,...]"
+            )
         methods = [m.strip() for m in re.findall(r"[^,\[]+(?:\[[^\]]*\])?", args.methods)]
         methods = [m for m in methods if m]
         for spec in methods:
