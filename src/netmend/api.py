@@ -1242,6 +1242,7 @@ def with_controls(
     tolerance: float = TEST_TOLERANCE,
     max_class_drop: float = MAX_CLASS_DROP,
     model_factory: Callable[[], nn.Module] | None = None,
+    k_oracles: bool = True,
 ) -> dict[str, Any]:
     """A repair next to its controls, and whether it counts (the Pareto criterion).
 
@@ -1268,6 +1269,8 @@ def with_controls(
             trainable parameters has no ``reset_parameters()`` (e.g. a top-level
             ``nn.Parameter``); checked before any control runs.
         draws: random-K draws (>= 3). seed: seeds the draws (default: the repair's seed).
+        k_oracles: with ``truth``, also run ``oracle-at-K`` and ``oracle-ranked`` (two more
+            treatments).
         device: where to measure.
         tolerance, max_class_drop: the Pareto criterion's thresholds
             (:func:`netmend.evaluation.repaired`).
@@ -1360,7 +1363,7 @@ def with_controls(
         clean_model=clean,
         draws=draws,
         seed=recipe.get("seed", 0) if seed is None else seed,
-        oracle_at_k=truth_idx is not None and len(result.causes) > 0,
+        oracle_at_k=k_oracles and truth_idx is not None and len(result.causes) > 0,
     )
     controls = ctl.as_dict()
     if (

@@ -424,8 +424,9 @@ def ewc_deletion(ctx: TreatContext) -> nn.Module:
         rise = float(gain(theta) - gain(theta0)) / max(len(yc), 1)
     if rise < EWC_MIN_RISE:  # an outside-in trial: no prediction changed, no word
         warn(
-            f"the ewc deletion barely moved the model: the causes' mean loss rose by {rise:.2g} "
-            "nats, so it forgets nothing. Its penalty (l2 and the retained examples' Fisher) "
+            "the ewc deletion barely moved the model: the causes' mean loss rose by under "
+            f"{EWC_MIN_RISE:g} nats, so it forgets nothing. Its penalty (l2 and the retained "
+            "examples' Fisher) "
             "holds the parameters in place: pass a smaller l2 (e.g. l2=1.0), or use the "
             "'finetune' treatment"
         )
