@@ -1015,8 +1015,9 @@ def guard_calibration_summary(d: dict[str, Any]) -> str:
 
 
 def oracle_at_k(d: dict[str, Any]) -> str:
-    """The default's held-out gain next to oracle-at-K's (K members of the corrupted set) and
-    oracle-causes' (all of it), from benchmarks/oracle_at_k.json."""
+    """The default's gain over random-K next to oracle-at-K's (K random members of the
+    corrupted set), oracle-ranked's (the K its scores rank highest) and oracle-causes' (all of
+    it), from benchmarks/oracle_at_k.json."""
 
     def share(v: float | None, half: bool | None) -> str:
         return "–" if v is None else f"{v:.2f} ({'met' if half else 'not met'})"
@@ -1031,18 +1032,21 @@ def oracle_at_k(d: dict[str, Any]) -> str:
                 f3(s["precision"]),
                 _pts(s["heldout_gain"]),
                 _pts(s["at_k_heldout_gain"]),
+                _pts(s["ranked_heldout_gain"]),
                 _pts(s["full_heldout_gain"]),
-                share(s["share_of_at_k"], s["half_of_at_k"]),
+                share(s["share_of_ranked"], s["half_of_ranked"]),
                 share(s["share_of_full"], s["half_of_full"]),
                 _pts(s["test_gain"], digits=2),
                 _pts(s["at_k_test_gain"], digits=2),
-                f"{s['passed']} of {len(s['seeds'])}",
+                _pts(s["ranked_test_gain"], digits=2),
+                f"{'yes' if s['repairs'] else 'no'} ({s['passed']} of {len(s['seeds'])} seeds)",
             ]
         )
     head = ["suite", "K per seed", "corrupted per seed", "cause precision"]
-    head += ["default's gain, held-out F", "oracle-at-K's gain", "oracle-causes' gain"]
-    head += ["share of oracle-at-K's (≥ 0.5?)", "share of oracle-causes' (≥ 0.5?)"]
-    head += ["default's gain, test", "oracle-at-K's gain, test", "default repairs (seeds)"]
+    head += ["default's gain, held-out F", "oracle-at-K's", "oracle-ranked's"]
+    head += ["oracle-causes'", "share of oracle-ranked's (≥ 0.5?)"]
+    head += ["share of oracle-causes' (≥ 0.5?)", "default's gain, test", "oracle-at-K's, test"]
+    head += ["oracle-ranked's, test", "default repairs (Pareto on seed means)"]
     return rows(head, body)
 
 

@@ -24,7 +24,9 @@ def _rec(seed: int, gain: float, at_k: float, full: float) -> dict:
     return {
         "suite": "s", "seed": seed, "k": 10, "corrupted": 100, "precision": 0.5,
         "heldout_gain": gain, "test_gain": 0.0, "at_k_heldout_gain": at_k,
-        "at_k_test_gain": 0.0, "full_heldout_gain": full, "passed": gain > 0,
+        "at_k_test_gain": 0.0, "ranked_heldout_gain": at_k, "ranked_test_gain": 0.0,
+        "full_heldout_gain": full, "passed": gain > 0, "test_margin": 0.001,
+        "worst_class_drop": 0.02,
     }  # fmt: skip
 
 
@@ -38,7 +40,7 @@ def test_shares_of_each_oracle_and_where_they_are_not_read(bench_script) -> None
     assert s["half_of_at_k"] is True
     assert s["share_of_full"] == pytest.approx(0.021 / 0.102)
     assert s["half_of_full"] is False
-    assert s["passed"] == 3
+    assert s["passed"] == 3 and s["repairs"] is True  # on the seed means
     # an oracle gain within two standard errors of zero: no share is read
     noisy = [_rec(s, 0.02, g, 0.1) for s, g in enumerate([0.05, -0.04, 0.01])]
     s = mod.summarise(noisy)["suites"][0]
