@@ -4,6 +4,7 @@ cases, the safe automatic K and the class-emptying guard."""
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -166,7 +167,8 @@ def test_random_causes_are_seeded_distinct_and_leave_the_global_rng_alone():
         random_causes(5, 6, 0)
 
 
-def test_run_controls_treats_with_the_pipelines_k_and_nothing_else():
+def _recording() -> tuple[list[np.ndarray], nn.Module, Callable, Callable]:
+    """A treatment that records the causes it is given, and a measure that numbers its calls."""
     seen: list[np.ndarray] = []
     base = nn.Linear(1, 2)
 
@@ -177,6 +179,11 @@ def test_run_controls_treats_with_the_pipelines_k_and_nothing_else():
     def measure(m: nn.Module) -> dict:
         return {"test_acc": 0.5, "heldout_failure_acc": float(len(seen))}
 
+    return seen, base, treat, measure
+
+
+def test_run_controls_treats_with_the_pipelines_k_and_nothing_else():
+    seen, base, treat, measure = _recording()
     truth = np.array([1, 4, 9])
     ctl = run_controls(treat, measure, base, 50, 7, truth=truth, draws=4, seed=2)
     assert seen[0].size == 0  # finetune-only
@@ -189,16 +196,7 @@ def test_run_controls_treats_with_the_pipelines_k_and_nothing_else():
 
 
 def test_oracle_at_k_treats_k_members_of_the_truth_and_only_when_asked():
-    seen: list[np.ndarray] = []
-    base = nn.Linear(1, 2)
-
-    def treat(causes: np.ndarray) -> nn.Module:
-        seen.append(np.asarray(causes))
-        return base
-
-    def measure(m: nn.Module) -> dict:
-        return {"test_acc": 0.5, "heldout_failure_acc": float(len(seen))}
-
+    seen, base, treat, measure = _recording()
     truth = np.array([30, 2, 11, 40, 7, 19, 25, 3])
     ctl = run_controls(
         treat, measure, base, 50, 5, truth=truth, draws=3, seed=4,
