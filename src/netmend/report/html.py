@@ -536,6 +536,10 @@ def demo_report(result: dict[str, Any], artifacts: dict[str, Any], path: str | P
                 f"control: random {c['k']} causes (mean of {c['random_k']['draws']} draws)": (
                     c["random_k"]
                 ),
+                f"control: {c['k']} random corrupted (oracle at K)": c.get("oracle_at_k"),
+                f"control: the {c['k']} corrupted ranked highest (oracle ranked)": c.get(
+                    "oracle_ranked"
+                ),
                 "control: oracle causes": c.get("oracle_causes"),
             }
             for label, fig in rows.items():

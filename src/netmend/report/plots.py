@@ -111,6 +111,8 @@ def accuracy_bars(result: dict[str, Any], path: str | Path) -> Path:
             for label, fig_ in (
                 ("  control: finetune only", c.get("finetune_only")),
                 (f"  control: random {c['k']} causes", c.get("random_k")),
+                ("  control: oracle at K", c.get("oracle_at_k")),
+                ("  control: oracle ranked", c.get("oracle_ranked")),
                 ("  control: oracle causes", c.get("oracle_causes")),
             ):
                 if fig_:
