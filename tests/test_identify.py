@@ -789,6 +789,8 @@ def test_auditing_a_training_set_without_failures(blobs, blobs_logreg):
         netmend.identify(blobs_logreg, train, None, "grad_dot", k=6, **run)
     with pytest.raises(ValueError, match="failures=None needs a k"):
         netmend.identify(blobs_logreg, train, None, "loss", **run)
+    with pytest.raises(ValueError, match="failures is empty: .*or failures=None, to audit"):
+        netmend.identify(blobs_logreg, train, (blobs.X[:0], blobs.y[:0]), "loss", k=6, **run)
     with pytest.raises(ValueError, match="repair needs failures.*identify\\(model, train, None"):
         netmend.repair(blobs_logreg, train, None, **run)
 

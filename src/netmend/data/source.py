@@ -567,7 +567,13 @@ _ITERABLE = (
 
 def _check_empty(n: int, name: str, allow_empty: bool) -> None:
     if n == 0 and not allow_empty:
-        raise ValueError(f"{name} is empty: pass at least one example")
+        audit = (
+            " (or failures=None, to audit the training set with a method that ignores "
+            "failures, e.g. identify(model, train, None, 'loss', k=100))"
+            if name == "failures"
+            else ""
+        )
+        raise ValueError(f"{name} is empty: pass at least one example{audit}")
 
 
 def _read_items(reader: _DatasetReader, name: str, i: int, j: int) -> list[Any]:
