@@ -1206,6 +1206,16 @@ def test_failures_longer_than_every_training_sequence_take_length(tmp_path, caps
     assert code == 2 and "a sequence has 12 ids" in err and "pass --length 12 or more" in err, err
     code, _, err = _run([*args, "--length", "12", "--out", str(tmp_path / "b")], capsys)
     assert code == 0, err
+    code, _, err = _run([*args, "--length", "3", "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and "--length 3 is shorter than the longest sequence of --train" in err, err
+    # a continual round keeps the first run's width: the refusal says which --length that was
+    more = [{"ids": seqs[i] * 2, "label": int(y[i])} for i in range(110, 116)]
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in more))
+    resume = [a if a != str(tmp_path / "fail.jsonl") else str(tmp_path / "more.jsonl")
+              for a in args]  # fmt: skip
+    code, _, err = _run([*resume, "--length", "14", "--resume", str(tmp_path / "b")], capsys)
+    assert code == 2 and "padded the token ids to --length 12" in err, err
+    assert "so pass --length 12" in err, err
     # a null label names its line (it was read as a class named "None": "labels in [0, 3]")
     rows[7]["label"] = None
     (tmp_path / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -668,8 +668,10 @@ def test_token_batches_of_other_widths_are_padded_with_pad_id(tmp_path):
     padded.save(tmp_path / "s")
     with pytest.raises(ValueError, match="pad_id"):
         Repairer.load(tmp_path / "s", model, (X, y), pad_id=3, **kw)
-    with pytest.raises(TypeError, match="pad_id must be an integer"):
-        Repairer(model, (X, y), pad_id=0.5, **kw)
+    for bad in (0.5, -1):
+        with pytest.raises(TypeError, match="pad_id must be a token id"):
+            Repairer(model, (X, y), pad_id=bad, **kw)
+    assert Repairer(model, (X, y), pad_id=np.int64(0), **kw).pad_id == 0  # as k takes them
 
 
 def test_integer_images_of_another_shape_are_still_refused_clearly():

@@ -401,6 +401,11 @@ def test_with_controls_refuses_inputs_that_do_not_belong_together(
     # empty: "no causes to treat ... pass allow_no_causes=True", a flag with_controls lacks
     with pytest.raises(ValueError, match="truth is empty.*truth=None"):
         netmend.with_controls(blobs_logreg, train, (X, y), split, res, truth=[], **kw)
+    nothing = np.zeros(len(train[1]), dtype=bool)  # an all-False mask: empty too (it was told
+    with pytest.raises(ValueError, match="truth is empty.*truth=None"):  # allow_no_causes=)
+        netmend.with_controls(blobs_logreg, train, (X, y), split, res, truth=nothing, **kw)
+    with pytest.raises(TypeError, match="k_oracles must be True or False"):
+        netmend.with_controls(blobs_logreg, train, (X, y), split, res, k_oracles="no", **kw)
     other = copy.deepcopy(blobs_logreg)
     with torch.no_grad():
         next(other.parameters()).add_(1e-3)

@@ -780,6 +780,8 @@ def test_auditing_a_training_set_without_failures(blobs, blobs_logreg):
             assert len(set(audit.causes) & set(blobs.planted)) >= 4
         with pytest.raises(ValueError, match="without failures .*no culprits per failure"):
             audit.culprits(0)
+        with pytest.raises(ValueError, match="without failures .*no per-failure scores"):
+            audit.per_failure  # noqa: B018  (torch.cat of nothing, for self-influence)
     with pytest.raises(ValueError, match="method 'ewc' scores the training set against"):
         netmend.identify(blobs_logreg, train, None, "ewc", k=6, **run)
     # trak's target='self' still builds failure features (it crashed in torch.cat)

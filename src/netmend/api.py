@@ -160,6 +160,11 @@ class Identification:
         reads the training set and the failures as they are then: do not change them in
         place before (with a ``cache_dir``, a change is detected and refused).
         """
+        if self._failures == 0:
+            raise ValueError(
+                "this identification audited the training set without failures "
+                "(failures=None): it has no per-failure scores"
+            )
         if self._per_failure is None:
             raise ValueError(f"method {self.method!r} gives no per-failure scores")
         if callable(self._per_failure):
@@ -747,11 +752,15 @@ def _checked_scores(raw: np.ndarray, n: int, method: str, l2: float | str) -> np
             "per training example",
         )
     if not np.isfinite(scores).all():
+        bad = np.flatnonzero(~np.isfinite(scores))
+        shown = ", ".join(map(str, bad[:5].tolist())) + (" ..." if bad.size > 5 else "")
         raise _broken(
             "identification method",
             method,
-            f"method {method!r} produced non-finite scores; increase l2 (now {l2}) or check the "
-            "model's outputs for overflow",
+            f"method {method!r} produced non-finite scores for {bad.size} training example(s) "
+            f"({shown}): check the model's outputs there for NaN or overflow (netmend.evaluate "
+            "on those examples names them)"
+            + (f", or increase l2 (now {l2})" if method not in IGNORES_L2 else ""),
         )
     if n > 1 and float(scores.max()) == float(scores.min()):
         raise ValueError(
@@ -1302,8 +1311,11 @@ def with_controls(
         )
     _check_split(model, X, split, dev)
     truth_idx = None
+    if not isinstance(k_oracles, bool):
+        raise TypeError(f"k_oracles must be True or False; got {k_oracles!r}")
     if truth is not None:  # said as truth: the messages about "causes" named treat()'s flags
-        if np.asarray(truth).size == 0:
+        t = np.asarray(truth.cpu() if isinstance(truth, torch.Tensor) else truth)
+        if t.size == 0 or (t.dtype == bool and not t.any()):
             raise ValueError(
                 "truth is empty: it is the ground-truth corrupted set for the oracle-causes "
                 "control; pass truth=None when none is known"

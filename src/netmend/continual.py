@@ -61,7 +61,7 @@ from netmend.data import distributed
 from netmend.data.checks import DataLike, as_tensors, check_labels, resolve_device, rows_in
 from netmend.data.source import DataSource, as_source
 from netmend.data.task import Task, overrides
-from netmend.data.validate import check_causes, number_option
+from netmend.data.validate import _integer, check_causes, number_option
 from netmend.identification import k_rules
 from netmend.identification.base import (
     CULPRITS_PER_FAILURE,
@@ -271,8 +271,11 @@ class Repairer:
         if guard_data is not None:
             gX, gy = as_tensors(guard_data, "guard_data", task=self.task)
             self._guard_data = (_as_dtype(gX, param_dtype(self._work)), gy)
-        if pad_id is not None and (isinstance(pad_id, bool) or not isinstance(pad_id, int)):
-            raise TypeError(f"pad_id must be an integer token id; got {pad_id!r}")
+        if pad_id is not None:
+            pid = _integer(pad_id)
+            if pid is None or pid < 0:
+                raise TypeError(f"pad_id must be a token id (an integer >= 0); got {pad_id!r}")
+            pad_id = pid
         self.pad_id = pad_id
         self.treat, self.k, self.seed, self.l2 = treat, k, seed, l2
         self.train_config = train_config or TrainConfig()

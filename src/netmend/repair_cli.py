@@ -504,6 +504,12 @@ def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str)
         )
     except ValueError as exc:
         hint = ""
+        short = re.search(r"has (\d+) ids but the training sequences are padded to (\d+)", str(exc))
+        if like is None and short:  # the training file itself: --length is the short one
+            raise BadInput(
+                f"--length {short[2]} is shorter than the longest sequence of --train {path} "
+                f"({short[1]} ids): pass --length {short[1]} or more, or leave it out"
+            ) from exc
         if like is None and args.classes is not None and "are not" in str(exc):
             hint = (
                 f" (the classes are the lines of --classes {args.classes}: list every class "
@@ -910,7 +916,20 @@ def _run(args: argparse.Namespace, hold: contextlib.ExitStack, read: dict[str, I
                 f"{previous['settings']['identify'] if previous else '?'}"
             )
         t0 = time.perf_counter()
-        rep = Repairer.load(state_dir, model, (train.X, train.y), **repairer_kw)
+        try:
+            rep = Repairer.load(state_dir, model, (train.X, train.y), **repairer_kw)
+        except ValueError as exc:
+            was = ((previous or {}).get("settings") or {}).get("length", "unset")
+            if "other train" in str(exc) and was != "unset" and was != args.length:
+                first = f"--length {was}" if was is not None else "the longest training sequence"
+                again = f"pass --length {was}" if was is not None else "leave --length out"
+                raise ValueError(  # the training set differs only in its padded width
+                    f"{exc} (the first run padded the token ids to {first}, this one to "
+                    f"{'--length ' + str(args.length) if args.length else 'another width'}: a "
+                    f"continual run keeps its training set, so {again}; failures longer than "
+                    "that need a new run with a larger --length)"
+                ) from None
+            raise
         # the state a round ahead of summary.json, on this batch: saved, then interrupted
         ahead = len(rep.history) == len((previous or {}).get("observed_failures", [])) + 1
         finishing = ahead and rep.last_round_was((fails.X, fails.y))
@@ -1157,6 +1176,7 @@ def _run(args: argparse.Namespace, hold: contextlib.ExitStack, read: dict[str, I
         "test": args.test,
         "guard_data": args.guard_data,
         "classes": args.classes,
+        "length": args.length,  # JSONL token ids' width: a resume needs the same
         "failure_indices": args.failure_indices,
         "identify": args.identify,
         "import": list(getattr(args, "plugins", [])) or None,  # a resume needs them again

@@ -7,6 +7,7 @@ do, never ``assert``.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -34,10 +35,14 @@ def _raised_by_lookup(exc: BaseException) -> bool:
     return False
 
 
+_ID_RANGE = re.compile(r"not in the valid range|Expected idx >= 0 && idx < num_embeddings")
+
+
 @contextmanager
 def ids_in_range() -> Iterator[None]:
-    """Report an Embedding's out-of-range id as bad input (``ValueError``), not torch's bare
-    ``IndexError: index out of range in self`` from deep inside a pass.
+    """Report an Embedding's (or EmbeddingBag's) out-of-range id as bad input (``ValueError``),
+    not torch's bare ``IndexError: index out of range in self`` (an EmbeddingBag's
+    ``RuntimeError``) from deep inside a pass.
 
     Only the model's first example is tried before the passes, so an id >= an Embedding's
     ``num_embeddings`` (or a negative one) anywhere else in the training set or the failures
@@ -46,7 +51,11 @@ def ids_in_range() -> Iterator[None]:
     """
     try:
         yield
-    except IndexError as exc:
+    except (IndexError, RuntimeError) as exc:
+        # an EmbeddingBag raises RuntimeError ("... not in the valid range [0, 10)",
+        # "embedding_bag: Expected idx >= 0 ..."): only an id out of range is bad input
+        if isinstance(exc, RuntimeError) and not _ID_RANGE.search(str(exc)):
+            raise
         if not _raised_by_lookup(exc):
             raise
         raise ValueError(
