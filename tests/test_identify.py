@@ -816,3 +816,11 @@ def test_auto_k_says_a_methods_warning_once_not_once_per_half(blobs, blobs_logre
     fits = [str(w.message) for w in got if "the fit stopped" in str(w.message)]
     assert len(fits) == 2, fits  # the full fit's, and one for the six halves
     assert fits[1].endswith("(on 6 of the automatic K's 6 half-failure refits)")
+
+
+def test_a_fraction_that_rounds_to_no_causes_says_so(blobs, blobs_logreg):
+    """k=1e-9 selected nothing, and the caller was not told."""
+    with pytest.warns(UserWarning, match="k=1e-09 of 126 training examples rounds to 0 causes"):
+        r = netmend.identify(blobs_logreg, (blobs.X, blobs.y), None, "loss", k=1e-9, **RUN)
+    assert r.causes.size == 0
+    assert select(np.arange(10.0), 0.1).size == 1  # a fraction that gives one: no word

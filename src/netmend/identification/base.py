@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from netmend._registry import Registry
+from netmend._warnings import warn
 from netmend.curvature import (
     Curvature,
     fisher_diag_sum,
@@ -286,7 +287,12 @@ def select(scores: np.ndarray, k: int | float | str | None) -> np.ndarray:
     if isinstance(k, float) and not isinstance(k, bool):
         if not 0 < k < 1:
             raise ValueError(f"a fractional k must lie in (0, 1); got {k}")
-        k = int(round(k * len(scores)))
+        frac, k = k, int(round(k * len(scores)))
+        if k == 0 and len(scores):  # a fraction below 1/(2N): nothing, and no word
+            warn(
+                f"k={frac:g} of {len(scores)} training examples rounds to 0 causes: nothing is "
+                "selected. Pass a larger fraction, or a count (k=10)"
+            )
     if isinstance(k, (int, np.integer)) and not isinstance(k, bool):
         if k < 0:
             raise ValueError(f"k must be >= 0; got {k}")
