@@ -40,9 +40,9 @@ from netmend.evaluation.controls import (
     class_accuracies,
     class_share,
     diagnosis_gain,
+    oracles_of_k,
     recipe_loss,
     run_controls,
-    truth_ranked,
 )
 from netmend.evaluation.controls import repaired as pareto_repaired
 from netmend.identification import k_rules
@@ -1378,14 +1378,10 @@ def with_controls(
         oracle_at_k=k_oracles and truth_idx is not None and len(result.causes) > 0,
     )
     controls = ctl.as_dict()
-    if (
-        ctl.oracle_at_k is not None and truth_idx is not None
-    ):  # the repair's ranking, corrupted only
-        ranked = truth_ranked(truth_idx, result.scores, ctl.k)
-        figures = measure(treat_with(ranked))
-        controls["oracle_ranked"] = {**figures, "causes": ranked.tolist()}
-        for name, fig in (("oracle_at_k", ctl.oracle_at_k), ("oracle_ranked", figures)):
-            controls[name]["gain"] = diagnosis_gain(fig, ctl)  # over random-K, as the repair's
+    if ctl.oracle_at_k is not None and truth_idx is not None:
+        controls.update(
+            oracles_of_k(ctl, ctl.oracle_at_k, truth_idx, result.scores, treat_with, measure)
+        )
     if ctl.finetune_only is not None:  # the same check as netmend repair's
         lost = recipe_loss(
             ctl.original.get("test_acc"),

@@ -393,6 +393,42 @@ def repaired(
     return Verdict(not reasons, heldout_gain, floor, worst, worst_class, tuple(reasons))
 
 
+def oracles_of_k(
+    ctl: Controls,
+    oracle_at_k: Mapping[str, Any],
+    truth: np.ndarray,
+    scores: np.ndarray | torch.Tensor,
+    treat: TreatFn,
+    measure: Measure,
+    causes: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """The two oracles of the pipeline's own K, each with its gain over ``ctl``'s random-K.
+
+    ``oracle-at-K`` was run by :func:`run_controls` (it depends on K alone, so pipelines of
+    one K share it); ``oracle-ranked`` is run here, since it depends on the pipeline's scores.
+
+    Args:
+        ctl: the pipeline's controls (its K and random-K draws).
+        oracle_at_k: ``ctl``'s ``oracle-at-K`` figures (with their ``causes``).
+        truth: ground-truth corrupted training indices.
+        scores: ``[N]`` the pipeline's cause scores (:func:`truth_ranked`).
+        treat, measure: as for :func:`run_controls`.
+        causes: keep each oracle's cause indices in its record.
+
+    Returns:
+        ``{"oracle_at_k": {...}, "oracle_ranked": {...}}``: figures, ``causes`` (if asked
+        for) and ``gain`` (:func:`diagnosis_gain`).
+    """
+    ranked = truth_ranked(truth, scores, ctl.k)
+    rows = {"oracle_at_k": dict(oracle_at_k), "oracle_ranked": {**measure(treat(ranked))}}
+    rows["oracle_ranked"]["causes"] = ranked
+    out = {}
+    for name, fig in rows.items():
+        kept = _public(fig) if causes else {n: v for n, v in fig.items() if n != "causes"}
+        out[name] = {**kept, "gain": diagnosis_gain(fig, ctl)}
+    return out
+
+
 def _distinct(a: float, b: float) -> tuple[str, str]:
     """``a`` and ``b`` with the fewest decimals (2 to 6) that tell them apart: at two, a
     verdict once read "96.38% below the floor 96.38%"."""

@@ -57,8 +57,8 @@ from netmend.evaluation.controls import (
     class_accuracies,
     diagnosis_gain,
     mean_se,
+    oracles_of_k,
     run_controls,
-    truth_ranked,
 )
 from netmend.evaluation.controls import repaired as repaired_verdict
 from netmend.lab.corrupt import (
@@ -788,13 +788,9 @@ def run_suite(
             "random_k": {n: v for n, v in rk.items() if n != "runs"},
         }
         if oracle is not None:  # how a diagnosis of perfect precision at this K does
-            ranked = truth_ranked(truth, ident.scores, k)  # and with this pipeline's ranking
-            controls["oracle_at_k"] = {
-                **{n: v for n, v in oracle.items() if n != "causes"},
-                "gain": diagnosis_gain(oracle, ctl),
-            }
-            tr = measure(treat_fn(ranked))
-            controls["oracle_ranked"] = {**tr, "gain": diagnosis_gain(tr, ctl)}
+            controls.update(
+                oracles_of_k(ctl, oracle, truth, ident.scores, treat_fn, measure, causes=False)
+            )
         return {
             "controls": {**controls, "seconds": time.perf_counter() - t},
             "gain": diagnosis_gain(figures, ctl),
