@@ -388,8 +388,9 @@ class Repairer:
 
     def _check_batch(self, failures: DataLike) -> tuple[torch.Tensor, torch.Tensor]:
         Xb, yb = self._read_batch(failures)
-        if len(self._failures_y) and Xb.shape[1:] != self._failures_X.shape[1:]:
-            Xb = self._widths(Xb, self._failures_X)[0]  # refused here without a pad_id
+        # token ids of another width than the stored failures': both padded to one (refused
+        # here without a pad_id); the stored ones are widened in place only as the round ends
+        Xb, stored = self._widths(Xb, self._failures_X)
         rows = _with_labels(Xb, yb)
         first = np.unique(rows.numpy(), axis=0, return_index=True)[1]
         if first.size < len(yb):  # a repeat within the batch would count twice as well
@@ -399,8 +400,7 @@ class Repairer:
             )
             keep = torch.from_numpy(np.sort(first))
             Xb, yb = Xb[keep], yb[keep]
-        Xw, Fw = self._widths(Xb, self._failures_X)
-        seen = rows_in(_with_labels(Xw, yb), _with_labels(Fw, self._failures_y))
+        seen = rows_in(_with_labels(Xb, yb), _with_labels(stored, self._failures_y))
         if seen.all():
             raise ValueError(
                 f"all {len(yb)} failures of this batch were observed in earlier rounds; pass "
