@@ -219,6 +219,13 @@ def test_bad_items_are_refused_clearly(blobs):
         with pytest.raises(ValueError, match="failures: example 70 has no label"):
             as_source(data, "failures")
 
+    def unnamed(items: list) -> tuple:  # a collate_fn that maps labels 2 to None itself
+        return torch.stack([x for x, _ in items]), [None if int(y) == 2 else y for _, y in items]
+
+    first_2 = int(np.flatnonzero(blobs.y.numpy() == 2)[0])
+    with pytest.raises(ValueError, match=f"train: examples {first_2}, .* have no label"):
+        as_source(DataLoader(Counting(blobs.X, blobs.y), collate_fn=unnamed), "train")
+
     def broken(items: list) -> tuple:
         raise KeyError("input_ids")
 

@@ -606,12 +606,17 @@ def _check_item_labels(items: list[Any], task: Task, name: str, start: int) -> N
             if key is not None and item[key] is None:
                 missing.append(start + t)
     if missing:
-        at = ", ".join(map(str, missing[:5])) + (" ..." if len(missing) > 5 else "")
-        raise ValueError(
-            f"{name}: example{'s' if len(missing) > 1 else ''} {at} "
-            f"{'have' if len(missing) > 1 else 'has'} no label (None): every example needs "
-            "its class index; leave the unlabelled ones out"
-        )
+        raise _no_label(name, missing)
+
+
+def _no_label(name: str, indices: list[int]) -> ValueError:
+    """The refusal of examples without a label, by index."""
+    at = ", ".join(map(str, indices[:5])) + (" ..." if len(indices) > 5 else "")
+    return ValueError(
+        f"{name}: example{'s' if len(indices) > 1 else ''} {at} "
+        f"{'have' if len(indices) > 1 else 'has'} no label (None): every example needs its "
+        "class index; leave the unlabelled ones out"
+    )
 
 
 def _label_pass(reader: _DatasetReader, name: str, batch_size: int) -> torch.Tensor:
@@ -645,13 +650,8 @@ def _label_pass(reader: _DatasetReader, name: str, batch_size: int) -> torch.Ten
             ) from exc
         try:
             x, y = reader.task.inputs_and_labels(batch)
-        except MissingLabel as exc:
-            at = ", ".join(str(i + p) for p in exc.positions[:5])
-            raise ValueError(
-                f"{name}: example{'s' if len(exc.positions) > 1 else ''} {at} "
-                f"{'have' if len(exc.positions) > 1 else 'has'} no label (None): every example "
-                "needs its class index; leave the unlabelled ones out"
-            ) from None
+        except MissingLabel as exc:  # None labels the user's collate_fn made
+            raise _no_label(name, [i + p for p in exc.positions]) from None
         if i == 0:
             reader.head = items[:PROBE_ROWS]
         y = check_label_values(_to_tensor(y, name), name)
