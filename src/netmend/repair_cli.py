@@ -23,7 +23,6 @@ import math
 import os
 import pickle
 import platform
-import re
 import shutil
 import sys
 import time
@@ -41,7 +40,7 @@ from netmend._version import __version__
 from netmend.continual import STATE_FILE, Repairer
 from netmend.data import distributed
 from netmend.data.checks import check_labels, resolve_device, rows_in
-from netmend.data.files import FileData, load_data, load_indices
+from netmend.data.files import FileData, SequenceTooLong, load_data, load_indices
 from netmend.data.source import as_source
 from netmend.data.validate import check_seed
 from netmend.evaluation import split_failures
@@ -504,21 +503,19 @@ def _load(path: str, args: argparse.Namespace, like: FileData | None, what: str)
         )
     except ValueError as exc:
         hint = ""
-        short = re.search(r"has (\d+) ids but the training sequences are padded to (\d+)", str(exc))
-        if like is None and short:  # the training file itself: --length is the short one
+        if like is None and isinstance(exc, SequenceTooLong):  # --length is the short one
             raise BadInput(
-                f"--length {short[2]} is shorter than the longest sequence of --train {path} "
-                f"({short[1]} ids): pass --length {short[1]} or more, or leave it out"
+                f"--length {exc.width} is shorter than the longest sequence of --train {path} "
+                f"({exc.longest} ids): pass --length {exc.longest} or more, or leave it out"
             ) from exc
         if like is None and args.classes is not None and "are not" in str(exc):
             hint = (
                 f" (the classes are the lines of --classes {args.classes}: list every class "
                 "name there, in the model's output order)"
             )
-        longer = re.search(r"a sequence has (\d+) ids but the training sequences", str(exc))
-        if longer and like is not None:
+        if isinstance(exc, SequenceTooLong):  # a file other than --train
             hint = (
-                f" (pass --length {longer[1]} or more to pad every file's sequences to one "
+                f" (pass --length {exc.longest} or more to pad every file's sequences to one "
                 "length; netmend gives every file the training set's width)"
             )
         raise BadInput(f"--{what}: {exc}{hint}") from exc

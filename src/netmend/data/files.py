@@ -233,6 +233,22 @@ def load_csv(
     return FileData(torch.from_numpy(values), y, "tabular", names, features, source=str(p))
 
 
+class SequenceTooLong(ValueError):
+    """A JSONL file holds a sequence longer than the width it is to be padded to.
+
+    Attributes:
+        longest: the file's longest sequence, in ids.
+        width: the width asked for (``length``).
+    """
+
+    def __init__(self, path: Path, longest: int, width: int) -> None:
+        self.longest, self.width = longest, width
+        super().__init__(
+            f"{path}: a sequence has {longest} ids but the training sequences are padded to "
+            f"{width}; truncate it or pad the training set to the same length"
+        )
+
+
 def load_jsonl(
     path: str | os.PathLike[str],
     *,
@@ -271,10 +287,7 @@ def load_jsonl(
     longest = max(len(s) for s in seqs)
     width = longest if length is None else length
     if width < longest:
-        raise ValueError(
-            f"{p}: a sequence has {longest} ids but the training sequences are padded to "
-            f"{width}; truncate it or pad the training set to the same length"
-        )
+        raise SequenceTooLong(p, longest, width)
     X = torch.full((len(seqs), max(width, 1)), pad_id, dtype=torch.int64)
     for r, s in enumerate(seqs):
         X[r, : len(s)] = torch.tensor(s, dtype=torch.int64)
