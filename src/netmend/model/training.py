@@ -287,9 +287,9 @@ def _per_batch(
     for i in range(0, n, batch_size):
         x = match_dtype(X[i : i + batch_size], dtype).to(device)
         logit = task.forward(model, x)
-        z = logit.detach()  # -inf masks a class (argmax and softmax take it); NaN, +inf or a
-        bad = z.isnan() | (z == torch.inf) | (z == -torch.inf).all(1, keepdim=True)  # row of -inf
-        if bool(bad.any()):  # do not
+        # -inf masks a class (argmax and softmax take it); NaN, +inf or a row of -inf do not
+        bad = logit.isnan() | (logit == torch.inf) | (logit == -torch.inf).all(1, keepdim=True)
+        if bool(bad.any()):
             check_finite_outputs(bad, None, offset=i)
         z = read(logit).cpu()
         if out is None:  # one buffer, no list of chunks
