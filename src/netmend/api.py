@@ -423,7 +423,7 @@ def check_ranks_agree(
     model: nn.Module,
     X: DataSource,
     seed: int,
-    failures: DataSource | None = None,
+    failures: DataSource | tuple[torch.Tensor, torch.Tensor] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
 ) -> None:
     """Under ``torchrun``, refuse ranks that hold other inputs (nothing in one process).
@@ -436,7 +436,8 @@ def check_ranks_agree(
     Args:
         what: the step checked, for the message.
         model: the model (its parameters and buffers are compared).
-        X, failures: the training set and the failures (sizes and content hashes).
+        X, failures: the training set and the failures (sizes and content hashes; a pair of
+            tensors is made a source only under torchrun).
         seed: the run's seed.
         cache_dir: the run's cache folder: the same folder (a shared file system) with the
             same files on every rank.
@@ -453,6 +454,8 @@ def check_ranks_agree(
         "seed": seed,
     }
     if failures is not None:
+        if not isinstance(failures, DataSource):
+            failures = as_source(failures, "failures")
         values["failures"] = len(failures)
         values["failures (content hash)"] = failures.fingerprint()
     if cache_dir is not None:

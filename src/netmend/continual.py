@@ -416,7 +416,7 @@ class Repairer:
             Xb, yb = Xb[keep], yb[keep]
         check_failures(self._work, Xb, yb, self.device, 1024, self.task)
         api.check_ranks_agree(  # under torchrun: the same batch on every rank
-            "Repairer.observe", self._work, self._X, self.seed, as_source((Xb, yb), "failures")
+            "Repairer.observe", self._work, self._X, self.seed, (Xb, yb)
         )
         return Xb, yb
 
