@@ -92,21 +92,22 @@ def test_shapley_on_raw_integer_inputs(task, method):
     np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5, atol=1e-7)
 
 
+class BagOfWords(torch.nn.Module):
+    """An ``nn.EmbeddingBag`` classifier over int64 token ids (refuses them cast to floats)."""
+
+    def __init__(self, vocab: int = 20, classes: int = 3) -> None:
+        super().__init__()
+        self.emb = torch.nn.EmbeddingBag(vocab, 4, mode="mean")
+        self.out = torch.nn.Linear(4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            raise TypeError("token ids were cast to floats")
+        return self.out(self.emb(x))
+
+
 def test_token_ids_reach_an_embedding_model_as_integers():
     """An ``nn.EmbeddingBag`` classifier over int64 token ids: netmend never casts them."""
-    from torch import nn
-
-    class BagOfWords(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.emb = nn.EmbeddingBag(20, 4, mode="mean")
-            self.out = nn.Linear(4, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.is_floating_point():
-                raise TypeError("token ids were cast to floats")
-            return self.out(self.emb(x))
-
     g = torch.Generator().manual_seed(3)
     X = torch.randint(0, 20, (60, 5), generator=g)
     y = (X[:, 0] % 3).long()
@@ -166,3 +167,14 @@ def test_a_token_id_out_of_vocabulary_is_bad_input_not_an_index_error():
     Xp[50, 0] = -1.0
     with pytest.raises(IndexError, match="a negative first feature"):
         netmend.evaluate(Picky().eval(), (Xp, torch.zeros(80, dtype=torch.long)), device="cpu")
+
+
+def test_an_embedding_bags_out_of_range_id_is_bad_input():
+    """An Embedding's out-of-range id was named; an EmbeddingBag's came out as torch's raw
+    RuntimeError."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randint(0, 10, (40, 5), generator=g)
+    y = torch.randint(0, 2, (40,), generator=g)
+    X[30, 2] = 12  # past the 10-id vocabulary, not in the first example the probe tries
+    with pytest.raises(ValueError, match="an input id is out of range for an Embedding"):
+        netmend.identify(BagOfWords(10, 2).eval(), (X, y), None, "loss", k=3, **RUN)

@@ -508,24 +508,3 @@ def test_repair_says_a_class_emptying_selection_once(blobs, blobs_logreg):
                        train_config=TrainConfig(epochs=1, batch_size=32), **RUN)  # fmt: skip
     said = [w for w in got if "most of a class's training examples" in str(w.message)]
     assert len(said) == 1, [str(w.message) for w in said]
-
-
-def test_an_embedding_bags_out_of_range_id_is_bad_input():
-    """An Embedding's out-of-range id was named; an EmbeddingBag's came out as torch's raw
-    RuntimeError."""
-
-    class Bag(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.bag = nn.EmbeddingBag(10, 4, mode="mean")
-            self.out = nn.Linear(4, 2)
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.out(self.bag(ids))
-
-    g = torch.Generator().manual_seed(0)
-    X = torch.randint(0, 10, (40, 5), generator=g)
-    y = torch.randint(0, 2, (40,), generator=g)
-    X[30, 2] = 12  # past the 10-id vocabulary, not in the first example the probe tries
-    with pytest.raises(ValueError, match="an input id is out of range for an Embedding"):
-        netmend.identify(Bag().eval(), (X, y), None, "loss", k=3, **RUN)
